@@ -1,0 +1,1 @@
+"""Prefect flows and tasks that orchestrate the nanopipe stages."""

@@ -1,0 +1,258 @@
+"""
+Runtime helpers shared by every stage: base directory, device autodetection, DDP from torchrun's
+environment, rank-0 logging, seeding, atomic writes, optional wandb.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("nanopipe")
+
+
+def setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# -----------------------------------------------------------------------------
+# Base directory
+
+def get_base_dir() -> Path:
+    """NANOPIPE_HOME, default ~/.cache/nanopipe: data shards, tokenizers, checkpoints, artifacts."""
+    env = os.environ.get("NANOPIPE_HOME")
+    if env:
+        base = Path(env).expanduser()
+    else:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        base = Path(cache) / "nanopipe"
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+# -----------------------------------------------------------------------------
+# Distributed runtime
+
+def is_ddp_requested() -> bool:
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def get_dist_info() -> tuple[bool, int, int, int]:
+    """(is_ddp, rank, local_rank, world_size) from torchrun's environment."""
+    if is_ddp_requested():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def autodetect_device_type() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str, device_type: str) -> torch.dtype:
+    """'' means bfloat16 where the hardware does it fast (CUDA with bf16 support), else float32."""
+    if dtype == "bfloat16":
+        return torch.bfloat16
+    if dtype == "float32":
+        return torch.float32
+    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class Runtime:
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    device_type: str
+    dtype: torch.dtype
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def compute_init(device_type: str = "", dtype: str = "", seed: int = 42) -> Runtime:
+    """Pick the device, join the process group if launched by torchrun, seed everything."""
+    device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device_type=cuda but no CUDA device is visible (check CUDA_VISIBLE_DEVICES)")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("--device_type=mps but MPS is not available on this machine")
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device(device_type)
+    if ddp and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+        dist.barrier()
+    seed_everything(seed)
+    return Runtime(ddp, rank, local_rank, world_size, device, device_type, resolve_dtype(dtype, device_type))
+
+
+def compute_cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print() on rank 0 only, flushed so that a parent streaming our stdout sees it at once."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Atomic writes: write beside the target, fsync, rename. A crash leaves the old file or none.
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success it is renamed onto `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def atomic_write_json(target: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_torch_save(obj: Any, target: str | os.PathLike) -> None:
+    with atomic_path(target) as tmp:
+        torch.save(obj, tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory under a temporary name, then rename it into place as a whole.
+
+    If `target` exists and overwrite is False, FileExistsError is raised before anything is written.
+    With overwrite, the old directory is swapped out and removed only after the new one is in place.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists (refusing to overwrite it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# Optional wandb
+
+class DummyWandb:
+    """Stands in for a wandb run when wandb is disabled or not installed."""
+
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def init_wandb(run: str, project: str, config: dict, master: bool):
+    if run == "dummy" or not master:
+        return DummyWandb()
+    try:
+        import wandb
+    except ImportError:
+        print0(f"wandb is not installed: run '{run}' is not logged (pip install 'nanopipe[wandb]')")
+        return DummyWandb()
+    return wandb.init(project=project, name=run, config=config)
+
+
+# -----------------------------------------------------------------------------
+# Progress lines: a stage prints them on rank 0; the orchestrator parses them from the log stream.
+
+PROGRESS_PREFIX = "@@nanopipe-progress "
+
+
+def report_progress(**metrics: Any) -> None:
+    """Print one machine-readable progress line, e.g. report_progress(step=10, total=100, loss=3.2)."""
+    print0(PROGRESS_PREFIX + json.dumps(metrics, sort_keys=True, default=float))
+
+
+def parse_progress(line: str) -> dict | None:
+    """The metrics dict of a progress line, or None for any other line."""
+    if not line.startswith(PROGRESS_PREFIX):
+        return None
+    try:
+        return json.loads(line[len(PROGRESS_PREFIX):])
+    except json.JSONDecodeError:
+        return None
+
+
+def write_metrics(out_dir: str | os.PathLike, metrics: dict) -> None:
+    """Every stage ends by writing metrics.json into its output directory (rank 0, atomically)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        atomic_write_json(Path(out_dir) / "metrics.json", metrics)
