@@ -66,7 +66,7 @@ class TokenizerNotFoundError(FileNotFoundError):
 
 
 def _how_to_train(tokenizer_dir: Path) -> str:
-    return f"train one with: python -m nanopipe.stages.tok_train --tokenizer_dir={tokenizer_dir}"
+    return f"train one with: python -m nanopipe.stages.tok_train --out_dir={tokenizer_dir}"
 
 
 # -----------------------------------------------------------------------------
@@ -133,8 +133,13 @@ class Tokenizer:
 
     # --- persistence ------------------------------------------------------
 
-    def save(self, tokenizer_dir: str | os.PathLike, overwrite: bool = True) -> Path:
-        """Write the tokenizer directory atomically: a crash leaves the previous one (or none), never half."""
+    def save(self, tokenizer_dir: str | os.PathLike, overwrite: bool = True,
+             extra_json: dict[str, object] | None = None) -> Path:
+        """Write the tokenizer directory atomically: a crash leaves the previous one (or none), never half.
+
+        extra_json: more files to write inside it in the same atomic step, {file name: JSON-able object}
+        (the training stage puts its metrics.json there, so the directory and its metrics appear together).
+        """
         tokenizer_dir = Path(tokenizer_dir)
         ranks_blob = dump_ranks(self.mergeable_ranks)
         meta = {
@@ -151,7 +156,10 @@ class Tokenizer:
             (tmp / RANKS_FILE).write_bytes(ranks_blob)
             torch.save(self.token_byte_lengths(), tmp / TOKEN_BYTES_FILE)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            for name in (RANKS_FILE, TOKEN_BYTES_FILE, META_FILE):
+            for name, obj in (extra_json or {}).items():
+                assert name not in (RANKS_FILE, TOKEN_BYTES_FILE, META_FILE), f"{name} would clobber the tokenizer"
+                (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+            for name in (RANKS_FILE, TOKEN_BYTES_FILE, META_FILE, *(extra_json or {})):
                 with open(tmp / name, "rb") as f:
                     os.fsync(f.fileno())
         return tokenizer_dir

@@ -244,3 +244,11 @@ def test_corrupt_ranks_file_is_detected(tok, tmp_path):
     (out / META_FILE).write_text("{not json")
     with pytest.raises(TokenizerNotFoundError, match=f"{META_FILE} is not valid JSON"):
         get_tokenizer(out)
+
+
+def test_extra_json_lands_in_the_same_atomic_directory(tok, tmp_path):
+    out = tok.save(tmp_path / "tok", extra_json={"metrics.json": {"vocab_size": tok.get_vocab_size()}})
+    assert json.loads((out / "metrics.json").read_text()) == {"vocab_size": tok.get_vocab_size()}
+    with pytest.raises(AssertionError, match="clobber"):
+        tok.save(tmp_path / "tok2", extra_json={RANKS_FILE: {}})
+    assert not (tmp_path / "tok2").exists()
