@@ -1,0 +1,396 @@
+"""
+The GPT of nanopipe, a decoder-only Transformer in the nanochat family:
+
+- rotary position embeddings (no learned positions), QK-norm, parameter-free RMSNorm, no biases
+- ReLU² MLP of width 4x, untied token embedding and LM head, logits soft-capped at ±15
+- optional grouped-query attention (n_kv_head < n_head)
+- F.scaled_dot_product_attention (flash kernels where available), with a KV cache for decoding
+
+Build it on the meta device so that a large model is allocated once, then initialise in place:
+
+    config = build_model_config(depth=4, aspect_ratio=64, head_dim=64, max_seq_len=256, vocab_size=512)
+    model = GPT.create(config, device="cpu")          # meta -> to_empty -> init_weights
+    loss = model(idx, targets)                        # idx, targets: (B, T) int64, -1 = ignored
+    adamw, muon = model.setup_optimizers(unembedding_lr=0.004, embedding_lr=0.3, matrix_lr=0.02)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanopipe.common import print0
+from nanopipe.optim import DistAdamW, DistMuon, Muon, is_distributed
+
+LOGIT_SOFTCAP = 15.0  # logits = 15 * tanh(logits / 15)
+ROTARY_BASE = 10_000
+ROTARY_OVERCOMPUTE = 10  # rotary tables cover 10x the training context (generation may run past it)
+REFERENCE_MODEL_DIM = 768  # the AdamW learning rates were tuned at this width
+
+
+@dataclass
+class GPTConfig:
+    """Architecture of a GPT. Saved as a dict in every checkpoint's meta.json (`model_config`)."""
+
+    sequence_len: int = 1024  # training context length in tokens
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
+    n_embd: int = 768
+
+    def __post_init__(self) -> None:
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"GPTConfig: head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.n_kv_head > self.n_head or self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"GPTConfig: n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def build_model_config(depth: int, aspect_ratio: int, head_dim: int, max_seq_len: int, vocab_size: int,
+                       n_kv_head: int | None = None) -> GPTConfig:
+    """The whole architecture from one dial: width = depth * aspect_ratio rounded up to a multiple of
+    head_dim, heads = width / head_dim. n_kv_head defaults to n_head (plain multi-head attention)."""
+    for flag, value in (("--depth", depth), ("--aspect_ratio", aspect_ratio), ("--head_dim", head_dim),
+                        ("--max_seq_len", max_seq_len), ("vocab_size", vocab_size)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+    model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
+    n_head = model_dim // head_dim
+    return GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                     n_kv_head=n_head if n_kv_head is None else n_kv_head, n_embd=model_dim)
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm over the last dimension, without a learnable gain."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: int = ROTARY_BASE,
+                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (1, seq_len, 1, head_dim // 2), float32."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head's channels by a position-dependent angle. x: (B, T, H, D)."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, laid out (layer, B, H_kv, T, D).
+
+    The model writes into it during forward; the position advances once the last layer has written.
+    It grows by itself when decoding runs past `seq_len`.
+    """
+
+    def __init__(self, batch_size: int, num_heads: int, seq_len: int, head_dim: int, num_layers: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.batch_size, self.n_heads, self.head_dim, self.n_layers = batch_size, num_heads, head_dim, num_layers
+        shape = (num_layers, batch_size, num_heads, seq_len, head_dim)
+        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k_cache.size(3)
+
+    def get_pos(self) -> int:
+        return self.pos
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def _grow(self, needed: int) -> None:
+        new_len = -(-(needed + 1024) // 1024) * 1024  # headroom, rounded up to a multiple of 1024
+        extra = list(self.k_cache.shape)
+        extra[3] = new_len - self.max_seq_len
+        pad = self.k_cache.new_zeros(extra)
+        self.k_cache = torch.cat([self.k_cache, pad], dim=3)
+        self.v_cache = torch.cat([self.v_cache, pad], dim=3)
+
+    def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (B, H_kv, T_new, D) of one layer; return that layer's keys and values so far."""
+        assert k.size(0) == self.batch_size, f"batch {k.size(0)} does not match the cache's {self.batch_size}"
+        t0, t1 = self.pos, self.pos + k.size(2)
+        if t1 > self.max_seq_len:
+            self._grow(t1)
+        self.k_cache[layer_idx, :, :, t0:t1] = k
+        self.v_cache[layer_idx, :, :, t0:t1] = v
+        if layer_idx == self.n_layers - 1:
+            self.pos = t1
+        return self.k_cache[layer_idx, :, :, :t1], self.v_cache[layer_idx, :, :, :t1]
+
+    def prefill(self, other: "KVCache") -> None:
+        """Copy another cache's contents into this empty one, broadcasting batch 1 to this batch size
+        (one prompt prefilled once, then decoded as num_samples rows)."""
+        assert self.pos == 0, f"prefill needs an empty cache, this one is at position {self.pos}"
+        assert (self.n_layers, self.n_heads, self.head_dim) == (other.n_layers, other.n_heads, other.head_dim), (
+            f"cache shapes differ: layers/heads/head_dim {(self.n_layers, self.n_heads, self.head_dim)} "
+            f"vs {(other.n_layers, other.n_heads, other.head_dim)}")
+        assert other.batch_size in (1, self.batch_size), (
+            f"cannot broadcast a batch of {other.batch_size} to {self.batch_size}")
+        n = other.pos
+        if n > self.max_seq_len:
+            self._grow(n)
+        self.k_cache[:, :, :, :n] = other.k_cache[:, :, :, :n]
+        self.v_cache[:, :, :, :n] = other.v_cache[:, :, :, :n]
+        self.pos = n
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
+    """Attention of Tq new queries over Tk cached keys, the queries being the last Tq positions."""
+    Tq, Tk = q.size(2), k.size(2)
+    if Tq == Tk:  # prefill of an empty cache: plain causal attention
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+    if Tq == 1:  # one new token sees everything before it
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=enable_gqa)
+    # Several new tokens: each sees the whole prefix plus the new tokens up to itself. (SDPA's is_causal
+    # aligns the triangle to the top-left corner, which would hide the prefix, hence an explicit mask.)
+    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos_sin, kv_cache: KVCache | None):
+        B, T, C = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        cos, sin = (t.to(q.dtype) for t in cos_sin)  # tables are float32; match bf16 under autocast
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        enable_gqa = self.n_kv_head != self.n_head
+        if kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+        else:
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+            y = cached_attention(q, k.to(q.dtype), v.to(q.dtype), enable_gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos_sin, kv_cache):
+        x = x + self.attn(norm(x), cos_sin, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+class GPT(nn.Module):
+    """Construct under `torch.device("meta")`, then `to_empty(device=...)` and `init_weights()`:
+    __init__ only declares shapes, all values are written by init_weights (see `GPT.create`)."""
+
+    def __init__(self, config: GPTConfig, pad_vocab_size_to: int = 64):
+        super().__init__()
+        self.config = config
+        # The embedding tables are padded (multiple of 64: tensor-core friendly, and shards evenly across
+        # ranks in DistAdamW); the padding rows are never looked up and their logits are cut off.
+        self.padded_vocab_size = -(-config.vocab_size // pad_vocab_size_to) * pad_vocab_size_to
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(self.padded_vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, self.padded_vocab_size, bias=False)
+        self.rotary_seq_len = config.sequence_len * ROTARY_OVERCOMPUTE
+        cos, sin = rotary_tables(self.rotary_seq_len, config.head_dim, device=self.lm_head.weight.device)
+        self.register_buffer("cos", cos, persistent=False)  # recomputed, never checkpointed
+        self.register_buffer("sin", sin, persistent=False)
+
+    @classmethod
+    def create(cls, config: GPTConfig, device: torch.device | str) -> "GPT":
+        """Declare on the meta device, allocate once on `device`, initialise in place."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.init_weights()
+        return model
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """nanochat's scheme: embedding N(0, 1); LM head N(0, 0.001); q/k/v and MLP-in uniform with
+        std 1/sqrt(n_embd); both output projections zero, so every block starts as the identity."""
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        bound = math.sqrt(3.0 / self.config.n_embd)  # uniform(-b, b) has std b / sqrt(3)
+        for block in self.transformer.h:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(linear.weight, -bound, bound)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        cos, sin = rotary_tables(self.rotary_seq_len, self.config.head_dim, device=self.lm_head.weight.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        # On CUDA the token embedding lives in bf16 (half the memory for it and its AdamW state); the
+        # optimizer copes fine with it, as in nanochat.
+        if self.transformer.wte.weight.device.type == "cuda":
+            self.transformer.wte.to(dtype=torch.bfloat16)
+
+    def get_device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    # --- sizes and cost ---------------------------------------------------------------------------
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def num_scaling_params(self) -> int:
+        """Parameters counted for scaling laws (tokens = ratio * this): all of them, embeddings
+        included, following Chinchilla as nanochat does."""
+        return self.num_params()
+
+    def param_counts(self) -> dict[str, int]:
+        """Breakdown for logging."""
+        counts = {
+            "wte": self.transformer.wte.weight.numel(),
+            "lm_head": self.lm_head.weight.numel(),
+            "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
+        }
+        counts["total"] = sum(counts.values())
+        assert counts["total"] == self.num_params(), f"parameter groups {counts} miss some parameters"
+        return counts
+
+    def estimate_flops(self) -> int:
+        """Training FLOPs per token (forward + backward): 6 per matmul weight (the embedding is a lookup,
+        not a matmul) plus 12 * layers * heads * head_dim * seq_len for the attention scores and their
+        product with the values (PaLM paper, appendix B: https://arxiv.org/abs/2204.02311)."""
+        matmul_params = self.num_params() - self.transformer.wte.weight.numel()
+        c = self.config
+        return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+
+    # --- optimisation -----------------------------------------------------------------------------
+
+    def setup_optimizers(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
+                         weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.8, 0.95)) -> list:
+        """[AdamW for embedding and LM head, Muon for every transformer matrix]. The AdamW rates scale
+        as 1/sqrt(width / 768); weight decay applies to the AdamW parameters only. Under
+        torch.distributed with several ranks the returned optimizers average the gradients themselves
+        (do not also wrap the model in DDP). Every param group records its `initial_lr`."""
+        matrix_params = list(self.transformer.h.parameters())
+        embedding_params = list(self.transformer.wte.parameters())
+        lm_head_params = list(self.lm_head.parameters())
+        assert len(matrix_params) + len(embedding_params) + len(lm_head_params) == len(list(self.parameters()))
+        dmodel_lr_scale = (self.config.n_embd / REFERENCE_MODEL_DIM) ** -0.5
+        print0(f"AdamW learning rates scaled by (n_embd / {REFERENCE_MODEL_DIM})^-0.5 = {dmodel_lr_scale:.6f}")
+        adam_groups = [
+            dict(params=lm_head_params, lr=unembedding_lr * dmodel_lr_scale),
+            dict(params=embedding_params, lr=embedding_lr * dmodel_lr_scale),
+        ]
+        adam_kwargs = dict(betas=adam_betas, eps=1e-10, weight_decay=weight_decay)
+        if is_distributed():
+            adamw = DistAdamW(adam_groups, **adam_kwargs)
+            muon = DistMuon(matrix_params, lr=matrix_lr, momentum=0.95)
+        else:
+            fused = self.get_device().type in ("cuda", "cpu")
+            adamw = torch.optim.AdamW(adam_groups, fused=fused, **adam_kwargs)
+            muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95)
+        optimizers = [adamw, muon]
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"]
+        return optimizers
+
+    # --- forward and sampling ---------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                loss_reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, vocab_size) float32 when targets is None, else the float32 cross-entropy
+        (targets == -1 ignored; loss_reduction='none' gives a flat (B*T,) vector with 0 at ignored
+        positions). With a kv_cache, idx holds the tokens after the cache's current position."""
+        B, T = idx.size()
+        T0 = 0 if kv_cache is None else kv_cache.get_pos()
+        assert T0 + T <= self.cos.size(1), (
+            f"position {T0 + T} is past the rotary tables ({self.cos.size(1)} = {ROTARY_OVERCOMPUTE} x sequence_len)")
+        cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+
+        x = self.transformer.wte(idx)
+        if x.dtype != self.lm_head.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lm_head.weight.dtype)  # bf16 embedding used outside autocast
+        x = norm(x)
+        for block in self.transformer.h:
+            x = block(x, cos_sin, kv_cache)
+        x = norm(x)
+
+        logits = self.lm_head(x)
+        if self.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., :self.config.vocab_size]
+        logits = logits.float()
+        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+
+    @torch.inference_mode()
+    def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int = 42) -> Iterator[int]:
+        """Sample a continuation of one prompt token by token, re-running the whole sequence each time
+        (simple and cache-free; the chat engine is the fast path). temperature 0 means greedy."""
+        assert isinstance(tokens, list) and tokens, "tokens must be a non-empty list of ints"
+        assert temperature >= 0.0, f"temperature must be >= 0, got {temperature}"
+        device = self.get_device()
+        rng = None
+        if temperature > 0:
+            rng = torch.Generator(device=device)
+            rng.manual_seed(seed)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids)[:, -1, :]
+            if top_k is not None and top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=rng)
+            else:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+            yield next_id.item()
