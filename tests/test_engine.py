@@ -1,0 +1,226 @@
+"""The inference engine: KV-cache decoding equals cache-free decoding, sampling, stop rules, per-sample
+budgets, calculator tool use with forced (mask 0) output, and the calculator's whitelist."""
+
+import pytest
+import torch
+
+from nanopipe.engine import (CalculatorError, Engine, evaluate_expression, format_number, sample_next_token,
+                             use_calculator)
+from nanopipe.gpt import GPT, build_model_config
+from nanopipe.tokenizer import Tokenizer
+
+TEXT = [
+    "The quick brown fox jumps over the lazy dog. Twelve times three is 36, and 7 plus 5 is 12. " * 8,
+    "hello world, how are you today? I count the letters in strawberry: s t r a w b e r r y. " * 8,
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train_from_iterator(TEXT, vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """depth 2, width 64, with weights scaled up so that greedy choices are far from ties."""
+    torch.manual_seed(0)
+    config = build_model_config(depth=2, aspect_ratio=32, head_dim=32, max_seq_len=128,
+                                vocab_size=tokenizer.get_vocab_size())
+    gpt = GPT.create(config, "cpu").eval()
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.normal_(0.0, 0.5)
+    return gpt
+
+
+def naive_greedy(model, prompt, max_tokens, stop_ids):
+    """Reference decoding: re-run the whole sequence every step, no cache."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = model(torch.tensor([ids]))[0, -1]
+            token = int(logits.argmax())
+            ids.append(token)
+            if token in stop_ids:
+                break
+    return ids[len(prompt):]
+
+
+def test_greedy_with_cache_equals_without_cache(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    stop_ids = {engine.assistant_end, engine.bos}
+    for text in ("hello world", "The quick brown fox", "7 plus 5 is"):
+        prompt = tokenizer.encode(text, prepend="<|bos|>")
+        reference = naive_greedy(model, prompt, 40, stop_ids)
+        assert len(reference) >= 10, "the fixture model stops too early to compare anything"
+        streamed = [column[0] for column, _ in engine.generate(prompt, max_tokens=40, temperature=0.0)]
+        assert streamed == reference
+        results, masks = engine.generate_batch(prompt, num_samples=3, max_tokens=40, temperature=0.0)
+        expected = prompt + [t for t in reference if t not in stop_ids]
+        assert results == [expected] * 3
+        assert masks == [[0] * len(prompt) + [1] * (len(expected) - len(prompt))] * 3
+        # the model's own cache-free sampler agrees too
+        assert list(model.generate(prompt, max_tokens=len(reference), temperature=0.0)) == reference
+
+
+def test_cached_logits_match_full_forward(model, tokenizer):
+    """Prefill + token-by-token decode gives the same logits as one full forward (not only the argmax)."""
+    engine = Engine(model, tokenizer)
+    ids = tokenizer.encode("hello world, how are you today?", prepend="<|bos|>")
+    with torch.no_grad():
+        full = model(torch.tensor([ids]))[0]
+        cache = engine._new_cache(1, 4, torch.device("cpu"))  # too short on purpose: the cache grows
+        step_logits = [model(torch.tensor([ids[:5]]), kv_cache=cache)[0]]
+        for token in ids[5:]:
+            step_logits.append(model(torch.tensor([[token]]), kv_cache=cache)[0])
+    torch.testing.assert_close(torch.cat(step_logits), full, rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_diverges_across_samples_and_is_reproducible(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    prompt = tokenizer.encode("hello", prepend="<|bos|>")
+    kwargs = dict(num_samples=6, max_tokens=16, temperature=1.5)
+    first, masks = engine.generate_batch(prompt, seed=1, **kwargs)
+    again, _ = engine.generate_batch(prompt, seed=1, **kwargs)
+    other, _ = engine.generate_batch(prompt, seed=2, **kwargs)
+    assert first == again, "the same seed must reproduce the same samples"
+    assert len({tuple(r) for r in first}) > 1, "samples of one prompt should differ under temperature 1.5"
+    assert first != other, "a different seed should give different samples"
+    assert all(r[:len(prompt)] == prompt for r in first)
+    assert all(len(m) == len(r) for m, r in zip(masks, first))
+
+
+def test_top_k_one_is_greedy():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    rng = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next_token(logits, rng, temperature=1.0, top_k=1), logits.argmax(-1, keepdim=True))
+    assert torch.equal(sample_next_token(logits, None, temperature=0.0), logits.argmax(-1, keepdim=True))
+    top3 = torch.topk(logits, 3).indices
+    for _ in range(20):
+        picked = sample_next_token(logits, rng, temperature=2.0, top_k=3)
+        assert bool((picked == top3).any(dim=1).all()), "top-k sampling picked a token outside the top k"
+
+
+# -----------------------------------------------------------------------------
+# A scripted model: the real GPT runs (so the KV cache advances as in real decoding), but the next token
+# is chosen by a policy over what each row has seen so far.
+
+class ScriptedModel(torch.nn.Module):
+    def __init__(self, gpt, policy):
+        super().__init__()
+        self.gpt, self.policy = gpt, policy
+        self.config, self.lm_head = gpt.config, gpt.lm_head
+        self.histories: list[list[int]] = []
+
+    def get_device(self):
+        return self.gpt.get_device()
+
+    def forward(self, idx, kv_cache=None):
+        start = kv_cache.get_pos() if kv_cache is not None else 0
+        logits = self.gpt(idx, kv_cache=kv_cache)
+        if start == 0:
+            self.histories = [row.tolist() for row in idx]
+        else:
+            if len(self.histories) == 1 < idx.size(0):  # prefill batch 1 -> num_samples rows
+                self.histories = [list(self.histories[0]) for _ in range(idx.size(0))]
+            for history, row in zip(self.histories, idx.tolist()):
+                history.extend(row)
+        scripted = torch.full_like(logits, -1e4)
+        for i, history in enumerate(self.histories):
+            scripted[i, -1, self.policy(i, history)] = 0.0
+        return scripted
+
+
+def test_tool_call_output_is_forced_with_mask_zero(model, tokenizer):
+    engine = Engine(ScriptedModel(model, None), tokenizer)
+    prompt = tokenizer.encode("what is twelve times three?", prepend="<|bos|>")
+    call = [engine.python_start, *tokenizer.encode("12*3"), engine.python_end]
+    wrong = tokenizer.encode("9")[0]
+    tail = [*tokenizer.encode(" is the answer"), engine.assistant_end]
+
+    def policy(row, history):
+        generated = history[len(prompt):]
+        if engine.python_end not in generated:
+            return call[len(generated)]
+        if engine.output_end not in generated:
+            return wrong  # the model would write a wrong result: the engine must override it
+        return tail[len(generated) - generated.index(engine.output_end) - 1]
+
+    engine.model.policy = policy
+    results, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=64, temperature=1.0)
+    forced = [engine.output_start, *tokenizer.encode("36"), engine.output_end]
+    expected = prompt + call + forced + tail[:-1]
+    assert results == [expected, expected]
+    expected_mask = [0] * len(prompt) + [1] * len(call) + [0] * len(forced) + [1] * (len(tail) - 1)
+    assert masks == [expected_mask, expected_mask]
+    assert tokenizer.decode(results[0][len(prompt):]).count("<|output_start|>36<|output_end|>") == 1
+
+
+def test_unsupported_python_is_not_answered(model, tokenizer):
+    """A python block the calculator refuses gets no forced output: the model keeps writing freely."""
+    engine = Engine(ScriptedModel(model, None), tokenizer)
+    prompt = tokenizer.encode("hi", prepend="<|bos|>")
+    script = [engine.python_start, *tokenizer.encode("__import__('os')"), engine.python_end,
+              *tokenizer.encode("ok"), engine.assistant_end]
+    engine.model.policy = lambda row, history: script[len(history) - len(prompt)]
+    results, masks = engine.generate_batch(prompt, max_tokens=64, temperature=0.0)
+    assert results[0] == prompt + script[:-1]
+    assert masks[0] == [0] * len(prompt) + [1] * (len(script) - 1)
+
+
+def test_stop_tokens_and_per_sample_budgets(model, tokenizer):
+    engine = Engine(ScriptedModel(model, None), tokenizer)
+    prompt = tokenizer.encode("count", prepend="<|bos|>")
+    letter = tokenizer.encode("a")[0]
+    # row 0 never stops by itself; row 1 says <|bos|> after 2 tokens; row 2 ends its turn after 4
+    stops = {1: (2, engine.bos), 2: (4, engine.assistant_end)}
+
+    def policy(row, history):
+        n = len(history) - len(prompt)
+        if row in stops and n == stops[row][0]:
+            return stops[row][1]
+        return letter
+
+    engine.model.policy = policy
+    columns = list(engine.generate(prompt, num_samples=3, max_tokens=[7, 9, 9], temperature=0.0))
+    assert len(columns) == 7, "decoding stops once every row has finished"
+    assert [column[1] for column, _ in columns[:3]] == [letter, letter, engine.bos]
+    assert [column[1] for column, _ in columns[3:]] == [engine.assistant_end] * 4, "a finished row pads"
+    assert [mask[1] for _, mask in columns[3:]] == [0] * 4, "padding after a row finished is not sampled"
+    results, masks = engine.generate_batch(prompt, num_samples=3, max_tokens=[7, 9, 9], temperature=0.0)
+    assert [len(r) - len(prompt) for r in results] == [7, 2, 4]
+    assert all(set(r[len(prompt):]) == {letter} for r in results)
+    assert [len(m) for m in masks] == [len(r) for r in results]
+    assert engine.generate_batch(prompt, num_samples=2, max_tokens=0)[0] == [prompt, prompt]
+
+
+# -----------------------------------------------------------------------------
+# Calculator
+
+@pytest.mark.parametrize("expr, value", [
+    ("12*3", "36"), ("48/2", "24"), ("10/4", "2.5"), ("7//2", "3"), ("7 % 3", "1"), ("-(2+3)*4", "-20"),
+    ("2**10", "1024"), ("2**-1", "0.5"), ("0.1+0.2", "0.3"), ("1,200/3", "400"), ("1/3", "0.333333"),
+    ("'strawberry'.count('r')", "3"), ('"banana".count("an")', "2"), ("  3 + 4  ", "7"),
+])
+def test_calculator_evaluates_arithmetic_and_count(expr, value):
+    assert use_calculator(expr) == value
+
+
+@pytest.mark.parametrize("expr", [
+    "__import__('os').system('true')", "import os", "(1).__class__", "'a'.upper()", "'a'.count", "x + 1",
+    "'abc'.count('a', 1)", "str(1)", "open('f')", "[1, 2]", "lambda: 1", "1 if 1 else 2", "2**100000",
+    "9**9**9", "10.0**400", "2.0**1e10", "1/0", "5 % 0", "'a' * 10", "'a' + 'b'", "True + 1", "-'a'",
+    "(-8) ** 0.5", "1" * 400 + "*" + "1" * 400, "1 < 2", "(" * 600 + "1" + ")" * 600, "'a'.count('a')" * 80,
+    "", "1;2", "globals()",
+])
+def test_calculator_rejects_everything_else(expr):
+    assert use_calculator(expr) is None
+    with pytest.raises(CalculatorError):
+        evaluate_expression(expr)
+
+
+def test_calculator_formats_numbers_like_the_training_data():
+    assert format_number(24.0) == "24"
+    assert format_number(2.5) == "2.5"
+    assert format_number(10 ** 20) == str(10 ** 20)
+    assert format_number(1e300) == "1e+300"
