@@ -95,13 +95,14 @@ def test_unknown_reference_encoding_is_a_flag_error(capsys):
 # -----------------------------------------------------------------------------
 # End to end, as a user runs it: builtin corpus, everything under NANOPIPE_HOME
 
-def test_tok_train_then_tok_eval_end_to_end(home, builtin_corpus, tmp_path):
+def test_tok_train_then_tok_eval_end_to_end(home, builtin_corpus, tmp_path_factory):
     shutil.copytree(builtin_corpus, home / "base_data" / "builtin")
-    env = offline_env(home, tmp_path / "empty-tiktoken-cache")
+    env = offline_env(home, tmp_path_factory.mktemp("empty-tiktoken-cache"))
+    workdir = tmp_path_factory.mktemp("cwd")
     train = subprocess.run(
         [sys.executable, "-m", "nanopipe.stages.tok_train", "--vocab_size=512", "--max_chars=300_000",
          "--log-every-chars", "100000", "--data_source=builtin"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        capture_output=True, text=True, env=env, cwd=workdir, timeout=120)
     assert train.returncode == 0, train.stderr
 
     progress = [p for p in map(parse_progress, train.stdout.splitlines()) if p]
@@ -119,7 +120,7 @@ def test_tok_train_then_tok_eval_end_to_end(home, builtin_corpus, tmp_path):
     assert sorted(p.name for p in home.iterdir()) == ["base_data", "tokenizer"]  # no temporary leftovers
 
     evaluation = subprocess.run([sys.executable, "-m", "nanopipe.stages.tok_eval", "--data_source=builtin"],
-                                capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+                                capture_output=True, text=True, env=env, cwd=workdir, timeout=120)
     assert evaluation.returncode == 0, evaluation.stderr
     assert "note: skipping the GPT-2 comparison" in evaluation.stdout
     assert "not in the tiktoken cache" in evaluation.stdout

@@ -14,10 +14,6 @@ import nanopipe.tokenizer as tokmod
 from nanopipe.tokenizer import (META_FILE, RANKS_FILE, SPECIAL_TOKENS, SPLIT_PATTERN, TOKEN_BYTES_FILE, Tokenizer,
                                 TokenizerNotFoundError, get_token_bytes, get_tokenizer)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
-
-
 def stdlib_corpus() -> list[str]:
     """Real text available on any machine: the source of a few standard-library modules."""
     import argparse as m1, json.decoder as m2, textwrap as m3
@@ -30,10 +26,11 @@ def tok() -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def shakespeare() -> str:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"shared corpus not found at {SHAKESPEARE} (the ../shared folder beside the repo)")
-    return SHAKESPEARE.read_text(encoding="utf-8")
+def shakespeare(shared_dir) -> str:
+    path = shared_dir / "data" / "tinyshakespeare.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} not found in the shared test data")
+    return path.read_text(encoding="utf-8")
 
 
 # -----------------------------------------------------------------------------
