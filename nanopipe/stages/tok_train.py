@@ -1,9 +1,9 @@
 """
 Train the byte-level BPE tokenizer (rustbpe) on the training shards; write the tokenizer directory.
 
-Run alone (defaults: FineWeb-style shards under NANOPIPE_HOME, output NANOPIPE_HOME/tokenizer):
-    python -m nanopipe.stages.tok_train --max_chars=2_000_000_000 --vocab_size=32768
-    python -m nanopipe.stages.tok_train --data_source=builtin --vocab_size=4096   # offline corpus
+Run alone (text from --data_source, default the builtin offline corpus; output NANOPIPE_HOME/tokenizer):
+    python -m nanopipe.stages.tok_train --vocab_size=4096
+    python -m nanopipe.stages.tok_train --data_source=local --data_dir=DIR --max_chars=2_000_000_000 --vocab_size=32768
 Under torchrun (training is single-process: rank 0 trains, the other ranks exit at once with status 0):
     torchrun --standalone --nproc_per_node=8 -m nanopipe.stages.tok_train --vocab_size=32768
 
