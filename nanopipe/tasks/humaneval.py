@@ -1,0 +1,84 @@
+"""
+HumanEval: 164 Python programming problems (https://huggingface.co/datasets/openai/openai_humaneval).
+
+A row is {"task_id", "prompt", "canonical_solution", "test", "entry_point"}: the prompt is a function
+signature with its docstring, the test defines check(candidate). The user message is the prompt, the
+reference answer the prompt completed by the canonical solution. A completion passes when the program
+"imports of the prompt + the completion's code + the test + check(entry_point)" runs cleanly in the
+sandbox of nanopipe.execution.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from nanopipe.tasks.base import Task
+from nanopipe.tasks.sources import load_rows, require_keys
+
+HF_REPO = "openai/openai_humaneval"
+HF_SUBSET = "openai_humaneval"
+_CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)\n?```", re.DOTALL)
+
+
+def extract_imports(prompt: str) -> str:
+    """The import lines at the top of a prompt (comments and blank lines skipped), so that a completion
+    that restates only the function still has them."""
+    imports = []
+    for line in prompt.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("import ", "from ")):
+            imports.append(stripped)
+        elif stripped and not stripped.startswith("#"):
+            break
+    return "\n".join(imports)
+
+
+def extract_program(completion: str) -> str:
+    """The code of a completion: its first fenced code block if it has one, else all of it."""
+    match = _CODE_BLOCK.search(completion)
+    return (match.group(1) if match else completion).strip("\n")
+
+
+def build_program(conversation: dict, completion: str) -> str:
+    """The program whose clean exit means the completion passes the problem's tests."""
+    prompt = conversation["messages"][0]["content"]
+    return "\n\n".join([extract_imports(prompt), extract_program(completion), conversation["test"],
+                        f"check({conversation['entry_point']})\n"])
+
+
+class HumanEval(Task):
+    """HumanEval from the hub or local files; evaluate() runs the tests in a sandboxed subprocess."""
+
+    eval_type = "generative"
+
+    def __init__(self, split: str = "test", data_path: str | Path | None = None, shuffle_seed: int | None = 42,
+                 timeout_s: float = 5.0, max_memory_bytes: int = 256 * 1024 * 1024, **slicing: int | None):
+        super().__init__(**slicing)
+        if split != "test":
+            raise ValueError(f"HumanEval has only the 'test' split, got {split!r}")
+        self.timeout_s, self.max_memory_bytes = timeout_s, max_memory_bytes
+        self.rows = load_rows(HF_REPO, HF_SUBSET, split, data_path, shuffle_seed)
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> dict:
+        keys = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+        row = require_keys(self.rows[index], keys, self.rows, index)
+        return {
+            "messages": [
+                {"role": "user", "content": row["prompt"]},
+                {"role": "assistant", "content": row["prompt"] + row["canonical_solution"]},
+            ],
+            "task_id": row["task_id"],
+            "entry_point": row["entry_point"],
+            "test": row["test"],
+        }
+
+    def evaluate(self, conversation: dict, completion: str) -> int:
+        from nanopipe.execution import execute_code  # imported here: only HumanEval needs the sandbox
+
+        program = build_program(conversation, completion)
+        result = execute_code(program, timeout=self.timeout_s, max_memory_bytes=self.max_memory_bytes)
+        return int(result.success)

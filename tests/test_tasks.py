@@ -1,0 +1,677 @@
+"""Tasks: every loader on local files in the real schemas, the hub path through a local HTTP endpoint,
+GSM8K tool-call parsing on the real data, evaluation and rewards, synthetic determinism, mixtures."""
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import urllib.parse
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nanopipe.chat_format import normalize_messages
+from nanopipe.tasks import (ARC, GSM8K, MMLU, OFFLINE_EVAL_TASKS, TASK_NAMES, ArithmeticProblems, CustomJSON,
+                            HumanEval, IdentityChat, MultipleChoiceQuiz, SimpleSpelling, SmolTalk, SpellingBee,
+                            Task, TaskDataError, TaskMixture, TaskSequence, build_task, builtin_chat_mixture,
+                            builtin_chat_tasks)
+from nanopipe.tasks.base import is_held_out
+from nanopipe.tasks.gsm8k import extract_final_answer, parse_calculator_annotations, reference_answer
+from nanopipe.tasks.humaneval import build_program, extract_imports, extract_program
+from nanopipe.tasks.spelling import builtin_words, load_words
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gsm8k_dir() -> Path:
+    """The real GSM8K in ../shared/data/gsm8k beside the repo (skipped where that folder is absent)."""
+    path = REPO_ROOT.parent / "shared" / "data" / "gsm8k"
+    if not (path / "test.jsonl").is_file():
+        pytest.skip(f"shared GSM8K not found at {path} (the ../shared folder beside the repo)")
+    return path
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_parquet(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+# Rows in the real schemas of the hub datasets (contents written for these tests).
+MMLU_ROWS = [
+    {"question": "What is 2 + 3?", "subject": "elementary_mathematics", "choices": ["4", "5", "6", "7"], "answer": 1},
+    {"question": "Which gas do plants take in?", "subject": "high_school_biology",
+     "choices": ["Oxygen", "Helium", "Carbon dioxide", "Neon"], "answer": 2},
+    {"question": "A byte has how many bits?", "subject": "computer_security", "choices": ["8", "4", "16", "2"],
+     "answer": 0},
+]
+ARC_ROWS = [
+    {"id": "Q1", "question": "Which is a liquid at room temperature?",
+     "choices": {"text": ["ice", "water", "steam", "iron"], "label": ["A", "B", "C", "D"]}, "answerKey": "B"},
+    {"id": "Q2", "question": "What do roots take up?",
+     "choices": {"text": ["light", "water", "sound"], "label": ["1", "2", "3"]}, "answerKey": "2"},
+]
+SMOLTALK_ROWS = [
+    {"messages": [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello!"}], "source": "test"},
+    {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                  {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}], "source": "test"},
+]
+HUMANEVAL_ROWS = [
+    {"task_id": "Test/0", "prompt": "from typing import List\n\n\ndef total(xs: List[int]) -> int:\n"
+                                    "    \"\"\"Sum of xs.\n    >>> total([1, 2])\n    3\n    \"\"\"\n",
+     "canonical_solution": "    return sum(xs)\n",
+     "test": "def check(candidate):\n    assert candidate([1, 2]) == 3\n    assert candidate([]) == 0\n",
+     "entry_point": "total"},
+]
+
+
+# -----------------------------------------------------------------------------
+# GSM8K on the real data
+
+def test_gsm8k_real_rows_parse_into_tool_calls(gsm8k_dir):
+    for split, expected in (("train", 7473), ("test", 1319)):
+        rows = [json.loads(line) for line in (gsm8k_dir / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert len(rows) == expected
+        for row in rows:
+            parts = parse_calculator_annotations(row["answer"])
+            # the parts put back together give the original solution, annotation for annotation
+            rebuilt, i = "", 0
+            while i < len(parts):
+                if parts[i]["type"] == "python":
+                    assert parts[i + 1]["type"] == "python_output"
+                    rebuilt += f"<<{parts[i]['text']}={parts[i + 1]['text']}>>"
+                    i += 2
+                else:
+                    rebuilt += parts[i]["text"]
+                    i += 1
+            assert rebuilt == row["answer"]
+            assert parts[-1]["type"] == "text" and "####" in parts[-1]["text"]
+            assert all(p["text"] for p in parts if p["type"] != "python_output")
+
+
+def test_gsm8k_task_from_local_files(gsm8k_dir):
+    task = GSM8K(split="test", data_path=gsm8k_dir)
+    assert len(task) == 1319 and task.eval_type == "generative"
+    unshuffled = GSM8K(split="test", data_path=gsm8k_dir, shuffle_seed=None)
+    first = json.loads((gsm8k_dir / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    conversation = unshuffled[0]
+    assert conversation["messages"][0] == {"role": "user", "content": first["question"]}
+    assert conversation["messages"][1]["content"][:4] == [
+        {"type": "text", "text": "Janet sells 16 - 3 - 4 = "}, {"type": "python", "text": "16-3-4"},
+        {"type": "python_output", "text": "9"}, {"type": "text", "text": "9 duck eggs a day.\nShe makes 9 * 2 = $"}]
+    # shuffling is a fixed permutation of the same rows
+    again = GSM8K(split="test", data_path=gsm8k_dir / "test.jsonl")
+    assert [task[i] for i in range(5)] == [again[i] for i in range(5)] != [unshuffled[i] for i in range(5)]
+    assert sorted(json.dumps(task[i]) for i in range(len(task))) == \
+        sorted(json.dumps(unshuffled[i]) for i in range(len(unshuffled)))
+
+
+def test_gsm8k_evaluate_and_reward(gsm8k_dir):
+    task = GSM8K(split="train", data_path=gsm8k_dir, stop=200)
+    for conversation in task:
+        answer = reference_answer(conversation)
+        assert answer is not None and re.fullmatch(r"-?[0-9.]+", answer)
+        assert task.evaluate(conversation, f"some work\n#### {answer}") == 1
+        assert task.reward(conversation, f"#### {answer}") == 1.0
+        assert task.evaluate(conversation, f"#### {int(float(answer)) + 1}") == 0
+        assert task.reward(conversation, "I don't know") == 0.0
+    conversation = {"messages": [{"role": "user", "content": "q"},
+                                 {"role": "assistant", "content": [{"type": "text", "text": "x\n#### 1,200"}]}]}
+    assert task.evaluate(conversation, "#### 1200") == 1
+    assert task.evaluate(conversation, "#### 1,200.00") == 1
+    assert task.evaluate(conversation, "#### 120") == 0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("#### 18", "18"), ("so\n#### -3", "-3"), ("#### 1,000", "1000"), ("#### 2.5", "2.5"), ("#### 7.", "7"),
+    ("####42", "42"), ("no marker 42", None), ("#### abc", None), ("#### 1\n#### 2", "1"),
+])
+def test_extract_final_answer(text, expected):
+    assert extract_final_answer(text) == expected
+
+
+def test_gsm8k_rejects_bad_arguments_and_rows(tmp_path):
+    with pytest.raises(ValueError, match="split must be one of train, test"):
+        GSM8K(split="validation", data_path=tmp_path)
+    bad = write_jsonl(tmp_path / "test.jsonl", [{"question": "q", "answer": "#### 1"}, {"question": "q2"}])
+    task = GSM8K(split="test", data_path=tmp_path, shuffle_seed=None)
+    assert task[0]["messages"][0]["content"] == "q"
+    with pytest.raises(TaskDataError, match=re.escape(f"{bad} line 2: missing field(s) ['answer']")):
+        task[1]
+    bad.write_text('{"question": "q", "answer": "#### 1"}\n{not json\n', encoding="utf-8")
+    with pytest.raises(TaskDataError, match=re.escape(f"{bad} line 2: invalid JSON")):
+        GSM8K(split="test", data_path=tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# Local loaders in the real schemas
+
+def test_mmlu_local_parquet_in_hub_layout(tmp_path):
+    write_parquet(tmp_path / "all" / "test-00000-of-00001.parquet", MMLU_ROWS)
+    write_parquet(tmp_path / "all" / "auxiliary_train-00000-of-00001.parquet", MMLU_ROWS[:2])
+    task = MMLU("all", "test", data_path=tmp_path, shuffle_seed=None)
+    assert len(task) == 3 and task.eval_type == "categorical" and task.chance_accuracy == 0.25
+    conversation = task[1]
+    assert conversation["letters"] == ("A", "B", "C", "D") and conversation["subject"] == "high_school_biology"
+    assert conversation["messages"][1] == {"role": "assistant", "content": "C"}
+    assert "- Carbon dioxide=C\n" in conversation["messages"][0]["content"]
+    assert task.evaluate(conversation, "C") == 1 and task.evaluate(conversation, " C\n") == 1
+    assert task.evaluate(conversation, "A") == 0 and task.reward(conversation, "B") == 0.0
+    assert len(MMLU("all", "auxiliary_train", data_path=tmp_path)) == 2
+
+
+def test_mmlu_auxiliary_train_unwraps_the_hub_nesting(tmp_path):
+    write_jsonl(tmp_path / "auxiliary_train" / "train.jsonl", [{"train": row} for row in MMLU_ROWS])
+    task = MMLU("auxiliary_train", "train", data_path=tmp_path, shuffle_seed=None)
+    assert [c["messages"][1]["content"] for c in task] == ["B", "C", "A"]
+    with pytest.raises(ValueError, match="has splits train"):
+        MMLU("auxiliary_train", "test", data_path=tmp_path)
+
+
+def test_mmlu_bad_answer_names_the_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "test.jsonl", [MMLU_ROWS[0], dict(MMLU_ROWS[1], answer=7)])
+    task = MMLU("all", "test", data_path=path, shuffle_seed=None)
+    with pytest.raises(TaskDataError, match=re.escape(f"{path} line 2: MMLU rows need 4 choices")):
+        task[1]
+
+
+def test_arc_local_jsonl_keeps_its_labels(tmp_path):
+    write_jsonl(tmp_path / "ARC-Challenge" / "validation.jsonl", ARC_ROWS)
+    task = ARC("ARC-Challenge", "validation", data_path=tmp_path, shuffle_seed=None)
+    assert len(task) == 2 and task.name == "ARC-Challenge"
+    numeric = task[1]
+    assert numeric["letters"] == ("1", "2", "3") and numeric["messages"][1]["content"] == "2"
+    assert numeric["messages"][0]["content"].splitlines()[1:4] == ["- light=1", "- water=2", "- sound=3"]
+    assert task.evaluate(numeric, "2") == 1 and task.evaluate(numeric, "B") == 0
+    bad = write_jsonl(tmp_path / "bad" / "test.jsonl", [dict(ARC_ROWS[0], answerKey="E")])
+    with pytest.raises(TaskDataError, match=re.escape(f"{bad} line 1: answerKey 'E'")):
+        ARC("ARC-Easy", "test", data_path=bad)[0]
+
+
+def test_smoltalk_local_parquet(tmp_path):
+    write_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", SMOLTALK_ROWS)
+    task = SmolTalk("train", data_path=tmp_path, shuffle_seed=None)
+    assert len(task) == 2 and task.eval_type is None
+    assert task[0]["messages"][0] == {"role": "system", "content": "You are helpful."}
+    assert normalize_messages(task[0])[0]["content"] == "You are helpful.\n\nHi"
+    assert len(task[1]["messages"]) == 4
+    with pytest.raises(TypeError, match="training data only"):
+        task.evaluate(task[0], "Hello!")
+    bad = write_parquet(tmp_path / "bad" / "test-00000-of-00001.parquet", [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "source": "x"}])
+    with pytest.raises(TaskDataError, match=re.escape(f"{bad} row 0: message 1: role 'user'")):
+        SmolTalk("test", data_path=tmp_path / "bad")[0]
+
+
+def test_humaneval_local_rows_and_program(tmp_path):
+    write_jsonl(tmp_path / "openai_humaneval" / "test.jsonl", HUMANEVAL_ROWS)
+    task = HumanEval(data_path=tmp_path)
+    conversation = task[0]
+    assert conversation["entry_point"] == "total" and conversation["task_id"] == "Test/0"
+    assert conversation["messages"][1]["content"].endswith("    return sum(xs)\n")
+    assert extract_imports(HUMANEVAL_ROWS[0]["prompt"]) == "from typing import List"
+    fenced = "Here you go:\n```python\ndef total(xs):\n    return sum(xs)\n```\nDone."
+    assert extract_program(fenced) == "def total(xs):\n    return sum(xs)"
+    program = build_program(conversation, fenced)
+    assert program.startswith("from typing import List\n\ndef total(xs):") and program.endswith("check(total)\n")
+    # the reference solution itself passes the tests when executed by plain Python
+    reference = build_program(conversation, conversation["messages"][1]["content"])
+    assert subprocess.run([sys.executable, "-c", reference], timeout=30).returncode == 0
+    with pytest.raises(ValueError, match="only the 'test' split"):
+        HumanEval(split="train", data_path=tmp_path)
+
+
+def test_humaneval_evaluate_runs_the_sandbox(tmp_path):
+    pytest.importorskip("nanopipe.execution", reason="the code sandbox (nanopipe/execution.py) is not available")
+    write_jsonl(tmp_path / "test.jsonl", HUMANEVAL_ROWS)
+    task = HumanEval(data_path=tmp_path / "test.jsonl", timeout_s=1.5)
+    conversation = task[0]
+    assert task.evaluate(conversation, "```python\ndef total(xs):\n    return sum(xs)\n```") == 1
+    assert task.evaluate(conversation, "def total(xs):\n    return 0\n") == 0
+    assert task.reward(conversation, "def total(xs):\n    while True: pass\n") == 0.0
+
+
+def test_local_path_errors_name_what_was_tried(tmp_path):
+    with pytest.raises(TaskDataError, match="does not exist"):
+        GSM8K(split="test", data_path=tmp_path / "nope")
+    (tmp_path / "main").mkdir()
+    with pytest.raises(TaskDataError, match=r"no files for split 'test'.*test\.jsonl"):
+        GSM8K(split="test", data_path=tmp_path)
+    csv = tmp_path / "rows.csv"
+    csv.write_text("question,answer\n")
+    with pytest.raises(TaskDataError, match="unsupported task file type"):
+        GSM8K(split="test", data_path=csv)
+
+
+# -----------------------------------------------------------------------------
+# CustomJSON
+
+def test_customjson_reads_lists_and_objects(tmp_path):
+    path = tmp_path / "identity.jsonl"
+    path.write_text(
+        json.dumps([{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "nanopipe"}])
+        + "\n\n"
+        + json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                      "tag": "greeting"}) + "\n", encoding="utf-8")
+    task = CustomJSON(path)
+    assert len(task) == 2 and task[1]["tag"] == "greeting"
+    assert task[0]["messages"][1]["content"] == "nanopipe"
+    task[0]["messages"].clear()  # callers get copies
+    assert len(task[0]["messages"]) == 2
+
+
+@pytest.mark.parametrize("line, needle", [
+    ('[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]', "line 2: message 1: role 'user'"),
+    ('[{"role": "user", "content": ""}, {"role": "assistant", "content": "b"}]', "line 2: message 0 (user): empty"),
+    ('[{"role": "user", "content": "a"}]', "line 2: a training conversation needs at least one assistant reply"),
+    ('[{"role": "user", "content": "a"}, {"role": "assistant"}]', "line 2: message 1: must be a dict with 'role'"),
+    ('{"conversation": []}', "line 2: an object line needs a 'messages' list"),
+    ('"just text"', "line 2: expected a list of messages"),
+    ('[{"role": "user", "content": "a"', "line 2: invalid JSON"),
+])
+def test_customjson_errors_name_file_and_line(tmp_path, line, needle):
+    path = tmp_path / "conv.jsonl"
+    good = '[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]'
+    path.write_text(good + "\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(TaskDataError) as info:
+        CustomJSON(path)
+    assert str(info.value).startswith(str(path)) and needle in str(info.value)
+
+
+def test_customjson_missing_or_empty_file(tmp_path):
+    with pytest.raises(TaskDataError, match="does not exist"):
+        CustomJSON(tmp_path / "none.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(TaskDataError, match="no conversations"):
+        CustomJSON(tmp_path / "empty.jsonl")
+
+
+# -----------------------------------------------------------------------------
+# The hub path, for real, against a local HTTP endpoint that speaks the hub's protocol
+
+class FakeHub(BaseHTTPRequestHandler):
+    """Serves `root/<owner>/<name>/...` as dataset repos: repo info, tree listings and file downloads."""
+
+    root: Path
+    commit = "c0ffee" + "0" * 34
+    requests: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code, body=b"", content_type="application/json", headers=()):
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in headers:
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, obj, code=200):
+        self._send(code, json.dumps(obj).encode())
+
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        url = urllib.parse.urlparse(self.path)
+        parts = [urllib.parse.unquote(p) for p in url.path.strip("/").split("/")]
+        type(self).requests.append(url.path)
+        if parts[:2] == ["api", "datasets"] and len(parts) >= 4:
+            repo, rest = self.root / parts[2] / parts[3], parts[4:]
+            if not repo.is_dir():
+                return self._json({"error": "Repository not found"}, 404)
+            if not rest or rest[0] == "revision":
+                files = sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
+                return self._json({"id": f"{parts[2]}/{parts[3]}", "sha": self.commit, "private": False,
+                                   "gated": False, "disabled": False, "tags": [],
+                                   "siblings": [{"rfilename": f} for f in files]})
+            if rest[0] == "tree":
+                folder = repo.joinpath(*rest[2:])
+                if not folder.is_dir():
+                    return self._json({"error": "Entry not found"}, 404)
+                recursive = urllib.parse.parse_qs(url.query).get("recursive") == ["true"]
+                entries = []
+                for p in sorted(folder.rglob("*") if recursive else folder.iterdir()):
+                    rel = p.relative_to(repo).as_posix()
+                    if p.is_dir():
+                        entries.append({"type": "directory", "path": rel, "oid": "0" * 40})
+                    else:
+                        entries.append({"type": "file", "path": rel, "size": p.stat().st_size,
+                                        "oid": hashlib.sha1(p.read_bytes()).hexdigest()})
+                return self._json(entries)
+        if parts[0] == "datasets" and len(parts) >= 6 and parts[3] == "resolve":
+            path = self.root.joinpath(parts[1], parts[2], *parts[5:])
+            if path.is_file():
+                data = path.read_bytes()
+                return self._send(200, data, "application/octet-stream",
+                                  [("ETag", f'"{hashlib.sha1(data).hexdigest()}"'), ("X-Repo-Commit", self.commit)])
+            return self._send(404, headers=[("X-Error-Code", "EntryNotFound")])
+        return self._json({"error": "not found"}, 404)
+
+
+def hub_readme(configs) -> str:
+    """The dataset card front matter that maps configs and splits to files, as the real repos have it."""
+    lines = ["---", "configs:"]
+    for name, splits in configs.items():
+        lines += [f"- config_name: {name}", "  data_files:"]
+        lines += [f"  - split: {split}\n    path: {path}" for split, path in splits.items()]
+    return "\n".join(lines + ["---", ""])
+
+
+@pytest.fixture
+def fake_hub(tmp_path):
+    root = tmp_path / "hub"
+    repos = {
+        "openai/gsm8k": ({"main": {"train": "main/train-*", "test": "main/test-*"}}, {
+            "main/train-00000-of-00001.parquet": [{"question": "Add 2 and 2.", "answer": "2+2=<<2+2=4>>4\n#### 4"}],
+            "main/test-00000-of-00001.parquet": [{"question": "Double 5.", "answer": "2*5=<<2*5=10>>10\n#### 10"}]}),
+        "cais/mmlu": ({"all": {"test": "all/test-*", "auxiliary_train": "all/auxiliary_train-*"},
+                       "auxiliary_train": {"train": "auxiliary_train/train-*"}}, {
+            "all/test-00000-of-00001.parquet": MMLU_ROWS,
+            "all/auxiliary_train-00000-of-00001.parquet": MMLU_ROWS[:1],
+            "auxiliary_train/train-00000-of-00001.parquet": [{"train": row} for row in MMLU_ROWS[:2]]}),
+        "allenai/ai2_arc": ({"ARC-Easy": {"test": "ARC-Easy/test-*"}, "ARC-Challenge": {"test": "ARC-Challenge/test-*"}}, {
+            "ARC-Easy/test-00000-of-00001.parquet": ARC_ROWS[:1],
+            "ARC-Challenge/test-00000-of-00001.parquet": ARC_ROWS[1:]}),
+        "HuggingFaceTB/smol-smoltalk": ({"default": {"train": "data/train-*", "test": "data/test-*"}}, {
+            "data/train-00000-of-00001.parquet": SMOLTALK_ROWS,
+            "data/test-00000-of-00001.parquet": SMOLTALK_ROWS[1:]}),
+        "openai/openai_humaneval": ({"openai_humaneval": {"test": "openai_humaneval/test-*"}}, {
+            "openai_humaneval/test-00000-of-00001.parquet": HUMANEVAL_ROWS}),
+    }
+    for repo, (configs, files) in repos.items():
+        (root / repo).mkdir(parents=True)
+        (root / repo / "README.md").write_text(hub_readme(configs), encoding="utf-8")
+        for name, rows in files.items():
+            write_parquet(root / repo / name, rows)
+    handler = type("Hub", (FakeHub,), {"root": root, "requests": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    server.shutdown()
+    server.server_close()
+
+
+HUB_SCRIPT = """
+import json
+from nanopipe.tasks import ARC, GSM8K, MMLU, HumanEval, SmolTalk, TaskDataError
+tasks = [GSM8K("main", "train"), GSM8K("main", "test"), MMLU("all", "test", shuffle_seed=None),
+         MMLU("all", "auxiliary_train"), MMLU("auxiliary_train", "train", shuffle_seed=None), ARC("ARC-Easy", "test"),
+         ARC("ARC-Challenge", "test"), SmolTalk("train", shuffle_seed=None), SmolTalk("test"), HumanEval()]
+try:
+    GSM8K("socratic", "test")  # a config this hub does not have
+    error = None
+except TaskDataError as e:
+    error = str(e)
+print(json.dumps({"tasks": [[len(t), t[0]] for t in tasks], "error": error}))
+"""
+
+
+def test_hub_path_through_a_local_endpoint(fake_hub, tmp_path):
+    endpoint, handler = fake_hub
+    # a child process, because huggingface_hub and datasets read their environment at import time
+    env = dict(os.environ, HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1",
+               PYTHONPATH=str(REPO_ROOT))
+    env.pop("HF_TOKEN", None)
+    result = subprocess.run([sys.executable, "-c", HUB_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [n for n, _ in loaded["tasks"]] == [1, 1, 3, 1, 2, 1, 1, 2, 1, 1]
+    gsm_train, gsm_test, mmlu, _, aux, easy, challenge, smol, _, humaneval = [c for _, c in loaded["tasks"]]
+    assert gsm_train["messages"][1]["content"][1] == {"type": "python", "text": "2+2"}
+    assert gsm_test["messages"][0]["content"] == "Double 5."
+    assert mmlu["messages"][1]["content"] == "B" and aux["messages"][1]["content"] == "B"
+    assert easy["messages"][1]["content"] == "B" and challenge["letters"] == ["1", "2", "3"]
+    assert smol["messages"][0]["role"] == "system" and humaneval["entry_point"] == "total"
+    assert any(path.endswith("main/test-00000-of-00001.parquet") for path in handler.requests)
+    # a failure says what was asked for and how to work offline
+    assert "could not load openai/gsm8k (socratic, split test)" in loaded["error"]
+    assert "data_path=" in loaded["error"]
+
+
+# -----------------------------------------------------------------------------
+# Synthetic spelling tasks
+
+@pytest.fixture(scope="module")
+def words() -> list[str]:
+    return list(builtin_words())
+
+
+def test_builtin_words_are_offline_and_plentiful(words):
+    assert len(words) >= 1000 and words == sorted(set(words))
+    assert all(re.fullmatch(r"[a-z]{3,16}", w) for w in words)
+
+
+def test_spelling_tasks_are_deterministic_per_seed(words):
+    for cls in (SimpleSpelling, SpellingBee):
+        a, b = cls(size=50, seed=7, words=words), cls(size=50, seed=7, words=words)
+        c = cls(size=50, seed=8, words=words)
+        assert list(a) == list(b) and list(a) != list(c)
+        assert len(a) == 50 and a.eval_type == "generative"
+
+
+def test_spelling_train_and_test_words_are_disjoint(words):
+    def used(task):
+        return {re.search(r"'([a-z]+)'\.count", task[i]["messages"][1]["content"][2]["text"]).group(1)
+                for i in range(len(task))}
+    train, test = used(SpellingBee(300, "train", words=words)), used(SpellingBee(300, "test", words=words))
+    assert train and test and not train & test
+    assert SpellingBee(5, "val", words=words)[0] == SpellingBee(5, "test", words=words)[0]
+
+
+def test_spelling_bee_solution_is_consistent(words):
+    task = SpellingBee(size=200, seed=1, words=words)
+    zero_counts = 0
+    for conversation in task:
+        parts = conversation["messages"][1]["content"]
+        assert [p["type"] for p in parts] == ["text", "text", "python", "python_output", "text"]
+        call, output = parts[2]["text"], parts[3]["text"]
+        word, letter = re.fullmatch(r"'([a-z]+)'\.count\('([a-z])'\)", call).groups()
+        assert output == str(word.count(letter))
+        assert parts[4]["text"].endswith(f"#### {output}")
+        assert f"{word}:{','.join(word)}" in parts[0]["text"]
+        assert task.evaluate(conversation, f"#### {output}") == 1
+        assert task.reward(conversation, f"#### {int(output) + 1}") == 0.0
+        zero_counts += output == "0"
+    assert 0 < zero_counts < 60  # some questions ask for a letter the word does not have
+
+
+def test_simple_spelling_evaluate(words):
+    task = SimpleSpelling(size=20, words=words)
+    conversation = task[3]
+    word = conversation["messages"][1]["content"].split(":")[0]
+    assert word in conversation["messages"][0]["content"]
+    assert task.evaluate(conversation, f"{word}:{','.join(word)}\n") == 1
+    assert task.evaluate(conversation, f"{word}:{','.join(reversed(word))}") == (word == word[::-1])
+
+
+def test_word_list_files(tmp_path):
+    path = tmp_path / "words.txt"
+    path.write_text("apple\n\nbanana\ncherry\n", encoding="utf-8")
+    assert load_words(path) == ["apple", "banana", "cherry"]
+    path.write_text("apple\nbad word\n", encoding="utf-8")
+    with pytest.raises(TaskDataError, match=re.escape(f"{path} line 2: expected one word per line")):
+        load_words(path)
+    with pytest.raises(TaskDataError, match="does not exist"):
+        load_words(tmp_path / "missing.txt")
+    many = tmp_path / "many.txt"
+    many.write_text("\n".join(f"word{chr(97 + i % 26)}{i}" for i in range(200)), encoding="utf-8")
+    task = SimpleSpelling(size=10, split="test", words=many)
+    assert all(task[i]["messages"][1]["content"].startswith("word") for i in range(10))
+    train_word = next(w for w in ("apple", "banana", "cherry", "grape", "lemon") if not is_held_out(w))
+    with pytest.raises(TaskDataError, match="no test words among the 1 given"):
+        SpellingBee(size=3, split="test", words=[train_word])
+
+
+# -----------------------------------------------------------------------------
+# Builtin generated tasks and mixture
+
+def eval_calculator(expr: str) -> str:
+    """What the calculator shows for a GSM8K-style expression (the test's own oracle)."""
+    value = eval(expr, {"__builtins__": {}})  # trusted: expressions generated by our own code
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def test_arithmetic_problems_have_gsm8k_format_and_correct_tool_calls():
+    task = ArithmeticProblems(size=300, seed=5)
+    kinds = set()
+    for i in range(len(task)):
+        row = task.get_row(i)
+        assert re.search(r"\n#### -?\d+$", row["answer"]) and "<<" in row["answer"]
+        for expr, result in re.findall(r"<<([^=<>]+)=([^<>]+)>>", row["answer"]):
+            assert eval_calculator(expr) == result, (expr, result)
+        conversation = task[i]
+        last_output = [p for p in conversation["messages"][1]["content"] if p["type"] == "python_output"][-1]["text"]
+        assert reference_answer(conversation) == last_output  # the final answer is the last computation
+        assert task.evaluate(conversation, f"#### {last_output}") == 1 and task.evaluate(conversation, "#### -1") == 0
+        kinds.add(row["question"].split()[1])
+    assert len(kinds) > 5
+
+
+def test_multiple_choice_quiz_has_mmlu_format():
+    task = MultipleChoiceQuiz(size=200, seed=5)
+    answers = Counter()
+    for i in range(len(task)):
+        row = task.get_row(i)
+        assert set(row) == {"question", "subject", "choices", "answer"} and len(set(row["choices"])) == 4
+        conversation = task[i]
+        letter = "ABCD"[row["answer"]]
+        assert conversation["messages"][1]["content"] == letter and conversation["letters"] == ("A", "B", "C", "D")
+        assert f"- {row['choices'][row['answer']]}={letter}\n" in conversation["messages"][0]["content"]
+        assert task.evaluate(conversation, letter) == 1 and task.evaluate(conversation, "ABCD"[row["answer"] - 1]) == 0
+        answers[letter] += 1
+    assert min(answers.values()) > 25  # the right answer is spread over all letters
+
+
+def test_identity_chat_talks_about_nanopipe():
+    task = IdentityChat(size=100, seed=0)
+    assert task.eval_type is None
+    text = " ".join(m["content"] for c in task for m in c["messages"])
+    assert "nanopipe" in text
+    for conversation in task:
+        normalize_messages(conversation)
+        assert conversation["messages"][-1]["role"] == "assistant"
+
+
+def test_builtin_generators_are_deterministic_and_splits_disjoint():
+    def keys(task):
+        return {json.dumps(c, sort_keys=True) for c in task}
+    for cls in (IdentityChat, ArithmeticProblems, MultipleChoiceQuiz):
+        train, again = cls(size=300, split="train", seed=1), cls(size=300, split="train", seed=1)
+        assert list(train) == list(again) and list(train) != list(cls(size=300, split="train", seed=2))
+        val = cls(size=100, split="val", seed=1)
+        assert not keys(train) & keys(val), cls.__name__
+        other_seed_val = cls(size=100, split="val", seed=9)
+        assert not keys(train) & keys(other_seed_val), cls.__name__
+
+
+def test_builtin_mixture_is_deterministic_and_upweights_identity():
+    tasks = builtin_chat_tasks("train", seed=3, size=40)
+    assert tasks[0] is tasks[1] and len(tasks) == 6
+    mixture = builtin_chat_mixture("train", seed=3, size=40)
+    assert len(mixture) == 240
+    assert list(mixture) == list(builtin_chat_mixture("train", seed=3, size=40))
+    assert [mixture[i] for i in range(20)] != [builtin_chat_mixture("train", seed=4, size=40)[i] for i in range(20)]
+    counts = Counter(json.dumps(mixture[i], sort_keys=True) for i in range(len(mixture)))
+    identity = {json.dumps(c, sort_keys=True) for c in IdentityChat(40, "train", 3)}
+    assert sum(counts[k] for k in identity) == 80  # listed twice, seen twice
+    train_keys = set(counts)
+    assert not train_keys & {json.dumps(c, sort_keys=True) for c in builtin_chat_mixture("val", seed=3, size=40)}
+
+
+# -----------------------------------------------------------------------------
+# Slicing, mixtures, sequences, the registry
+
+class Numbers(Task):
+    eval_type = "generative"
+
+    def __init__(self, n, tag="n", **slicing):
+        super().__init__(**slicing)
+        self.n, self.tag = n, tag
+
+    def num_examples(self):
+        return self.n
+
+    def get_example(self, index):
+        return {"messages": [{"role": "user", "content": f"{self.tag}{index}"},
+                             {"role": "assistant", "content": str(index)}]}
+
+    def evaluate(self, conversation, completion):
+        return int(completion == conversation["messages"][1]["content"])
+
+
+def contents(task):
+    return [c["messages"][0]["content"] for c in task]
+
+
+def test_slicing_follows_python_semantics():
+    task = Numbers(20)
+    reference = [f"n{i}" for i in range(20)]
+    for s in (slice(2, 10, 3), slice(None, None, 5), slice(-5, None), slice(15, 100), slice(None, None, -1),
+              slice(10, 2, -2)):
+        assert contents(task[s]) == reference[s]
+    assert contents(task[5:15][::2][1:]) == reference[5:15][::2][1:]
+    assert contents(Numbers(20, start=3, stop=12, step=4)) == reference[3:12:4]
+    assert task[-1]["messages"][0]["content"] == "n19"
+    with pytest.raises(IndexError, match="out of range for 20"):
+        task[20]
+    with pytest.raises(TypeError, match="integers or slices"):
+        task["3"]
+    import torch
+    assert task[torch.tensor(4)] == task[4]
+    view = task[::2]
+    assert view.eval_type == "generative" and view.evaluate(view[1], "2") == 1 and view.reward(view[1], "3") == 0.0
+    with pytest.raises(ValueError, match="step"):
+        Numbers(5, step=0)
+
+
+def test_task_mixture_is_a_deterministic_shuffle():
+    a, b = Numbers(30, "a"), Numbers(10, "b")
+    mixture = TaskMixture([a, b, b], seed=1)
+    assert len(mixture) == 50
+    assert sorted(contents(mixture)) == sorted(contents(a) + contents(b) * 2)
+    assert contents(mixture) == contents(TaskMixture([a, b, b], seed=1))
+    assert contents(mixture) != contents(TaskMixture([a, b, b], seed=2))
+    assert contents(mixture) != sorted(contents(mixture))  # actually mixed
+    first_half = contents(mixture[:25])
+    assert any(x.startswith("a") for x in first_half) and any(x.startswith("b") for x in first_half)
+    task, local = mixture.locate(0)
+    assert task[local] == mixture[0]
+    with pytest.raises(TypeError, match="training data only"):
+        mixture.evaluate(mixture[0], "0")
+
+
+def test_task_sequence_keeps_order():
+    sequence = TaskSequence([Numbers(3, "a"), Numbers(2, "b")])
+    assert contents(sequence) == ["a0", "a1", "a2", "b0", "b1"]
+    assert contents(sequence[1:4]) == ["a1", "a2", "b0"]
+
+
+def test_build_task_registry(words):
+    with pytest.raises(ValueError, match="unknown task 'Nope'; valid: ARC-Easy"):
+        build_task("Nope")
+    for name in OFFLINE_EVAL_TASKS:
+        task = build_task(name, "test", size=5)
+        assert name in TASK_NAMES and len(task) == 5 and task.eval_type in ("categorical", "generative")
+    assert build_task("MultipleChoice", "test", size=5).chance_accuracy == 0.25
