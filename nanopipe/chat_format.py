@@ -13,10 +13,12 @@ A conversation is a dict with a "messages" list (tasks may add keys of their own
             {"type": "text", "text": "#### 3"}]},
     ]}
 
-Rendered, with the special tokens of nanopipe.tokenizer:
+Rendered with the special tokens of nanopipe.tokenizer, it is one string (wrapped here at the "+"):
 
-    <|bos|><|user_start|>How many r in strawberry?<|user_end|><|assistant_start|>Let me count.
+    <|bos|><|user_start|>How many r in strawberry?<|user_end|><|assistant_start|>Let me count. +
     <|python_start|>'strawberry'.count('r')<|python_end|><|output_start|>3<|output_end|>#### 3<|assistant_end|>
+
+(a leading system message becomes "<system text>\n\n" at the start of the first user message).
 
 The training mask is 1 exactly on what the assistant writes at inference time: its text, its python calls
 with their delimiters, and <|assistant_end|>. <|assistant_start|> is 0 because the prompt supplies it; user

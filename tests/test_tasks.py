@@ -25,7 +25,7 @@ from nanopipe.tasks import (ARC, GSM8K, MMLU, OFFLINE_EVAL_TASKS, TASK_NAMES, Ar
 from nanopipe.tasks.base import is_held_out
 from nanopipe.tasks.gsm8k import extract_final_answer, parse_calculator_annotations, reference_answer
 from nanopipe.tasks.humaneval import build_program, extract_imports, extract_program
-from nanopipe.tasks.spelling import builtin_words, load_words
+from nanopipe.tasks.spelling import builtin_words, download_word_list, load_words, read_word_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -522,6 +522,35 @@ def test_word_list_files(tmp_path):
     train_word = next(w for w in ("apple", "banana", "cherry", "grape", "lemon") if not is_held_out(w))
     with pytest.raises(TaskDataError, match="no test words among the 1 given"):
         SpellingBee(size=3, split="test", words=[train_word])
+
+
+def test_word_list_download_is_cached_in_nanopipe_home(tmp_path, monkeypatch):
+    served = []
+
+    class Words(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            served.append(self.path)
+            body = b"alpha\nbravo\ncharlie\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Words)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("NANOPIPE_HOME", str(tmp_path))
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/lists/words_alpha.txt"
+        path = download_word_list(url)
+        assert path == tmp_path / "words" / "words_alpha.txt"
+        assert read_word_file(download_word_list(url)) == ["alpha", "bravo", "charlie"]
+        assert served == ["/lists/words_alpha.txt"]  # the second call used the cached file
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # -----------------------------------------------------------------------------

@@ -21,8 +21,7 @@ import random
 import zlib
 from typing import Any, ClassVar, Iterator, Sequence
 
-EVAL_TYPES = ("categorical", "generative")
-
+from nanopipe.chat_format import ConversationError, normalize_messages
 
 class TaskDataError(ValueError):
     """A task's source data is missing or malformed. The message names the file (and line) or hub dataset."""
@@ -210,8 +209,6 @@ def score_letter(conversation: dict, completion: str) -> int:
 
 def checked_conversation(messages: Any, where: str, **extra: Any) -> dict:
     """{"messages": messages, **extra} after validating its shape; errors name `where` (file and line)."""
-    from nanopipe.chat_format import ConversationError, normalize_messages
-
     conversation = {"messages": messages, **extra}
     try:
         normalized = normalize_messages(conversation)
