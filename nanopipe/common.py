@@ -192,6 +192,10 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
         raise FileExistsError(f"{target} already exists (refusing to overwrite it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # mkdtemp makes the directory owner-only; the finished one gets the usual umask-derived mode
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
         old = None
