@@ -75,15 +75,3 @@ def test_digest_ignores_run_name_but_not_semantics():
     c = build_config(DemoConfig, {"lr": 0.03})
     assert config_digest(a) == config_digest(b) != config_digest(c)
 
-
-def test_atomic_directory_has_umask_permissions(tmp_path):
-    import os
-    from nanopipe.common import atomic_directory
-    umask = os.umask(0o022)
-    try:
-        with atomic_directory(tmp_path / "out") as d:
-            (d / "f").write_text("x")
-    finally:
-        os.umask(umask)
-    assert (tmp_path / "out" / "f").read_text() == "x"
-    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
