@@ -11,6 +11,15 @@ from nanopipe.optim import Muon
 VOCAB = 300  # not a multiple of 64: exercises the padded embedding tables
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU they lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_config(**overrides) -> GPTConfig:
     kwargs = dict(sequence_len=64, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=4, n_embd=64)
     kwargs.update(overrides)
@@ -218,3 +227,44 @@ def test_generate_greedy_follows_argmax_and_sampling_is_seeded():
     assert a == b and all(0 <= t < VOCAB for t in a)
     top1 = list(model.generate(prompt, max_tokens=6, temperature=1.0, top_k=1, seed=4))
     assert top1 == greedy  # top_k=1 leaves only the argmax
+
+
+# -----------------------------------------------------------------------------
+# Mixed precision
+
+def test_bf16_embedding_outside_autocast_runs_in_float32():
+    model = randomized_model(tiny_config(), seed=3)
+    idx = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        reference = model(idx)
+        model.transformer.wte.to(dtype=torch.bfloat16)  # what init_weights does on CUDA
+        logits = model(idx)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, reference, atol=0.5, rtol=0.05)  # only the embedding was rounded
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_training_step_and_cached_decoding():
+    torch.manual_seed(0)
+    model = GPT.create(tiny_config(n_kv_head=2), "cuda")
+    assert model.transformer.wte.weight.dtype == torch.bfloat16
+    optimizers = model.setup_optimizers()
+    data = torch.randint(0, VOCAB, (4, 33), device="cuda")
+    losses = []
+    for _ in range(10):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(data[:, :-1], data[:, 1:])
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0, losses
+    cfg = model.config
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        full = model(data[:, :20])
+        cache = KVCache(4, cfg.n_kv_head, 20, cfg.head_dim, cfg.n_layer, device="cuda", dtype=torch.bfloat16)
+        cached = torch.cat([model(data[:, :12], kv_cache=cache)] +
+                           [model(data[:, t:t + 1], kv_cache=cache) for t in range(12, 20)], dim=1)
+    torch.testing.assert_close(cached, full, atol=0.1, rtol=0.05)
