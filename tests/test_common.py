@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from nanopipe.common import (atomic_directory, atomic_write_json, atomic_write_text, get_base_dir,
+from nanopipe.common import (atomic_directory, atomic_path, atomic_write_json, atomic_write_text, get_base_dir,
                              parse_progress, report_progress)
 
 
@@ -37,8 +37,10 @@ def test_failed_atomic_directory_leaves_nothing_and_keeps_old(tmp_path):
 def test_failed_atomic_file_write_keeps_old_content(tmp_path):
     target = tmp_path / "m.json"
     atomic_write_json(target, {"a": 1})
-    with pytest.raises(TypeError):
-        atomic_write_text(target, 123)  # fails before the rename
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"half": ')
+            raise RuntimeError("crash mid-write")
     assert target.read_text().strip().startswith("{")
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
