@@ -1,0 +1,205 @@
+"""
+Checkpoints: one directory per model, one set of files per saved step.
+
+    <ckpt_dir>/model_{step:06d}.pt            model state_dict (rank 0)
+    <ckpt_dir>/optim_{step:06d}_rank{r}.pt    optimizer state of rank r (every rank: optimizer state is sharded)
+    <ckpt_dir>/meta_{step:06d}.json           model_config, tokenizer_dir, step, user_config, loader_state,
+                                              loop_state, val_bpb ... (rank 0, written last)
+
+Every file is written atomically (temporary name, fsync, rename), and the meta file goes last: a step
+whose meta exists has a complete model file. `find_last_step(dir, world_size=W)` also requires the W
+optimizer files, which is what a resume needs.
+
+    model, tokenizer, meta = load_model("base", device, phase="eval")            # NANOPIPE_HOME layout
+    model, tokenizer, meta = load_model("base", device, "eval", checkpoint_dir=d) # explicit directory
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanopipe.common import atomic_torch_save, atomic_write_json, get_base_dir, print0
+from nanopipe.gpt import GPT, GPTConfig
+from nanopipe.tokenizer import get_tokenizer
+
+# source -> directory under NANOPIPE_HOME holding one sub-directory per model tag
+CHECKPOINT_DIRS = {
+    "base": "base_checkpoints",
+    "mid": "mid_checkpoints",
+    "sft": "chatsft_checkpoints",
+    "rl": "chatrl_checkpoints",
+}
+
+_META_RE = re.compile(r"^meta_(\d+)\.json$")
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint (directory, step or file) is missing or unreadable. The message names the directory."""
+
+
+def model_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
+    return Path(ckpt_dir) / f"model_{step:06d}.pt"
+
+
+def meta_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
+    return Path(ckpt_dir) / f"meta_{step:06d}.json"
+
+
+def optim_path(ckpt_dir: str | os.PathLike, step: int, rank: int) -> Path:
+    return Path(ckpt_dir) / f"optim_{step:06d}_rank{rank}.pt"
+
+
+# -----------------------------------------------------------------------------
+# Save / load
+
+def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model_state: dict | None, optim_state: dict | None,
+                    meta: dict, rank: int = 0) -> Path:
+    """Write this rank's part of checkpoint `step`. Call it on every rank that holds optimizer state.
+
+    Rank 0 writes the model and then the meta (the meta last, so it marks a complete model file); every
+    rank writes its own optimizer file when optim_state is given.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if optim_state is not None:
+        atomic_torch_save(optim_state, optim_path(ckpt_dir, step, rank))
+    if rank == 0:
+        assert model_state is not None, "rank 0 must pass the model state"
+        atomic_torch_save(model_state, model_path(ckpt_dir, step))
+        atomic_write_json(meta_path(ckpt_dir, step), {**meta, "step": step})
+        print0(f"Saved checkpoint step {step} to {ckpt_dir}")
+    return ckpt_dir
+
+
+def list_steps(ckpt_dir: str | os.PathLike) -> list[int]:
+    """Steps with a meta file and a model file, ascending."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    steps = []
+    for name in os.listdir(ckpt_dir):
+        match = _META_RE.match(name)
+        if match and model_path(ckpt_dir, int(match.group(1))).is_file():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def find_last_step(ckpt_dir: str | os.PathLike, world_size: int | None = None) -> int:
+    """The highest complete step; with world_size, only steps that also have all its optimizer files."""
+    ckpt_dir = Path(ckpt_dir)
+    steps = list_steps(ckpt_dir)
+    if world_size is not None:
+        steps = [s for s in steps if all(optim_path(ckpt_dir, s, r).is_file() for r in range(world_size))]
+    if not steps:
+        what = f" with optimizer files for {world_size} rank(s)" if world_size is not None else ""
+        raise CheckpointError(f"no complete checkpoint{what} in {ckpt_dir}")
+    return steps[-1]
+
+
+def _torch_load(path: Path, device: torch.device | str, ckpt_dir: Path, step: int) -> Any:
+    if not path.is_file():
+        available = list_steps(ckpt_dir)
+        raise CheckpointError(f"checkpoint step {step} in {ckpt_dir} has no {path.name} "
+                              f"(complete steps there: {available or 'none'})")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which one
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike, step: int, device: torch.device | str,
+                    load_optimizer: bool = False, rank: int = 0) -> tuple[dict, dict | None, dict]:
+    """(model_state, optimizer_state of `rank` or None, meta) of checkpoint `step`."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
+    mpath = meta_path(ckpt_dir, step)
+    if not mpath.is_file():
+        raise CheckpointError(f"no checkpoint for step {step} in {ckpt_dir} "
+                              f"(complete steps there: {list_steps(ckpt_dir) or 'none'})")
+    try:
+        meta = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{mpath} is not valid JSON: {err}") from err
+    model_state = _torch_load(model_path(ckpt_dir, step), device, ckpt_dir, step)
+    optim_state = _torch_load(optim_path(ckpt_dir, step, rank), device, ckpt_dir, step) if load_optimizer else None
+    return model_state, optim_state, meta
+
+
+# -----------------------------------------------------------------------------
+# Building a model from a checkpoint
+
+def clean_model_state(model_state: dict, device: torch.device) -> dict:
+    """Strip torch.compile's `_orig_mod.` prefix; bf16 -> fp32 on CPU/MPS, where bf16 matmuls are slow."""
+    cleaned = {}
+    for key, value in model_state.items():
+        if device.type in ("cpu", "mps") and value.dtype == torch.bfloat16:
+            value = value.float()
+        cleaned[key.removeprefix("_orig_mod.")] = value
+    return cleaned
+
+
+def build_model(ckpt_dir: str | os.PathLike, step: int, device: torch.device | str, phase: str,
+                tokenizer_dir: str | os.PathLike | None = None):
+    """(model, tokenizer, meta) from checkpoint `step`: an uncompiled GPT, in eval or train mode.
+
+    The tokenizer comes from `tokenizer_dir` if given, else from the directory recorded in the meta.
+    """
+    assert phase in ("train", "eval"), f"phase must be 'train' or 'eval', got {phase!r}"
+    device = torch.device(device)
+    model_state, _, meta = load_checkpoint(ckpt_dir, step, device)
+    if "model_config" not in meta:
+        raise CheckpointError(f"{meta_path(ckpt_dir, step)} has no model_config: not a nanopipe model checkpoint")
+    config = GPTConfig(**meta["model_config"])
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # also fills buffers that are not in the state dict (rotary tables)
+    model.load_state_dict(clean_model_state(model_state, device), strict=True, assign=True)
+    model.train(phase == "train")
+    tok_dir = tokenizer_dir if tokenizer_dir is not None else meta.get("tokenizer_dir")
+    tokenizer = get_tokenizer(tok_dir)
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise CheckpointError(f"tokenizer {tok_dir} has {tokenizer.get_vocab_size()} tokens but the model in "
+                              f"{ckpt_dir} was trained with vocab_size={config.vocab_size}: wrong tokenizer")
+    return model, tokenizer, meta
+
+
+def find_largest_model(root: str | os.PathLike) -> str:
+    """The model tag to load by default under `root`: the deepest d<N>, else the most recently written."""
+    root = Path(root)
+    tags = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
+    if not tags:
+        raise CheckpointError(f"no model checkpoints under {root}")
+    depths = [(int(m.group(1)), tag) for tag in tags if (m := re.fullmatch(r"d(\d+)", tag))]
+    if depths:
+        return max(depths)[1]
+    return max(tags, key=lambda tag: (root / tag).stat().st_mtime)
+
+
+def resolve_checkpoint_dir(source: str, model_tag: str | None = None,
+                           checkpoint_dir: str | os.PathLike | None = None) -> Path:
+    """The checkpoint directory of a source stage: explicit, or NANOPIPE_HOME/<source dir>/<tag>."""
+    if checkpoint_dir is not None:
+        return Path(checkpoint_dir)
+    if source not in CHECKPOINT_DIRS:
+        raise ValueError(f"unknown checkpoint source {source!r}; valid: {', '.join(CHECKPOINT_DIRS)}")
+    root = get_base_dir() / CHECKPOINT_DIRS[source]
+    return root / (model_tag if model_tag is not None else find_largest_model(root))
+
+
+def load_model(source: str, device: torch.device | str, phase: str, model_tag: str | None = None,
+               step: int | None = None, checkpoint_dir: str | os.PathLike | None = None,
+               tokenizer_dir: str | os.PathLike | None = None):
+    """(model, tokenizer, meta) of a stage's checkpoint: the largest model and last step unless given."""
+    ckpt_dir = resolve_checkpoint_dir(source, model_tag, checkpoint_dir)
+    if step is None:
+        step = find_last_step(ckpt_dir)
+    print0(f"Loading model from {ckpt_dir} step {step}")
+    return build_model(ckpt_dir, step, device, phase, tokenizer_dir=tokenizer_dir)
