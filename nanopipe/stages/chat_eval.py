@@ -1,0 +1,282 @@
+"""
+Evaluate a chat model on ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval and SpellingBee, and compute
+ChatCORE: the mean over tasks of accuracy centred on the task's chance level, (acc - chance) / (1 - chance),
+so 0 is random guessing and 1 is perfect. Multiple-choice tasks are scored from the logits of the answer
+letters (batched, no sampling); generative tasks by sampling completions and checking them exactly (GSM8K
+final answer, HumanEval tests in a sandbox, SpellingBee count); with --num_samples=k a problem passes if
+any of its k samples does.
+
+Run alone (tasks download from the Hugging Face hub unless given a local --<task>_path):
+    python -m nanopipe.stages.chat_eval --source=sft --task=ARC-Easy,GSM8K --max_problems=200
+    python -m nanopipe.stages.chat_eval --checkpoint_dir=<dir> --task=Arithmetic,MultipleChoice,SpellingBee
+    python -m nanopipe.stages.chat_eval --source=sft --task=GSM8K --gsm8k_path=<dir or .jsonl> --num_samples=4 \\
+        --temperature=1.0
+Under torchrun (problems are split across ranks, the counts are summed):
+    torchrun --standalone --nproc_per_node=8 -m nanopipe.stages.chat_eval -- --source=sft
+
+The builtin tasks Arithmetic (GSM8K format) and MultipleChoice (MMLU format) are generated offline, for the
+demo and CI. metrics.json goes to --out_dir (default NANOPIPE_HOME/chat_eval/<source>-<model tag>).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import Field, field_validator
+
+from nanopipe.chat_format import render_for_completion
+from nanopipe.checkpoint import CheckpointError, load_model, resolve_checkpoint_dir
+from nanopipe.common import (compute_cleanup, compute_init, get_base_dir, print0, report_progress,
+                             write_metrics)
+from nanopipe.config import ConfigError, DownstreamConfig, parse_cli
+from nanopipe.engine import Engine
+from nanopipe.tasks import TaskDataError, build_task
+from nanopipe.tokenizer import TokenizerNotFoundError
+
+CHATCORE_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
+OFFLINE_TASKS = ("Arithmetic", "MultipleChoice")  # builtin stand-ins for GSM8K and MMLU, generated locally
+EVAL_TASKS = CHATCORE_TASKS + OFFLINE_TASKS
+SYNTHETIC_TASKS = ("SpellingBee",) + OFFLINE_TASKS
+EvalTaskName = Literal["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "Arithmetic",
+                       "MultipleChoice"]
+
+# config field holding the local data of each task (None: the task's hub dataset / builtin word list)
+DATA_PATH_FIELDS = {"ARC-Easy": "arc_easy_path", "ARC-Challenge": "arc_challenge_path", "MMLU": "mmlu_path",
+                    "GSM8K": "gsm8k_path", "HumanEval": "humaneval_path", "SpellingBee": "spelling_words_path"}
+
+
+class ChatEvalConfig(DownstreamConfig):
+    """Flags of the chat evaluation stage."""
+
+    source: Literal["base", "mid", "sft", "rl"] = Field("sft", description="which stage's checkpoints to load")
+    task: list[EvalTaskName] = Field(
+        list(CHATCORE_TASKS), min_length=1,
+        description=f"tasks to evaluate, comma-separated, from: {', '.join(EVAL_TASKS)}")
+    batch_size: int = Field(8, ge=1, description="problems per forward pass on multiple-choice tasks")
+    max_problems: int | None = Field(None, ge=1, description="evaluate at most this many problems per task "
+                                                            "(none: all)")
+    num_samples: int = Field(1, ge=1, le=1024, description="completions sampled per generative problem "
+                                                           "(a problem passes if any one does: pass@k)")
+    temperature: float = Field(0.0, ge=0.0, description="sampling temperature on generative tasks; 0 is greedy")
+    top_k: int | None = Field(50, ge=1, description="sample among the k most likely tokens (none, 0 or -1: all)")
+    max_new_tokens: int = Field(512, ge=1, description="tokens generated at most per completion")
+    synthetic_size: int = Field(256, ge=1, description="problems generated for SpellingBee, Arithmetic and "
+                                                       "MultipleChoice")
+    arc_easy_path: str | None = Field(None, description="local ARC-Easy data, file or directory (none: the hub)")
+    arc_challenge_path: str | None = Field(None, description="local ARC-Challenge data (none: the hub)")
+    mmlu_path: str | None = Field(None, description="local MMLU 'all' data, file or directory (none: the hub)")
+    gsm8k_path: str | None = Field(None, description="local GSM8K data, file or directory (none: the hub)")
+    humaneval_path: str | None = Field(None, description="local HumanEval data, file or directory (none: the hub)")
+    spelling_words_path: str | None = Field(None, description="word list for SpellingBee, one word per line "
+                                                              "(none: the builtin list)")
+    tokenizer_dir: str | None = Field(None, description="tokenizer to use (default: the one the checkpoint records)")
+    out_dir: str | None = Field(None, description="where metrics.json goes "
+                                                  "(default: NANOPIPE_HOME/chat_eval/<source>-<model tag>)")
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _top_k_disabled(cls, value):
+        return None if value in (0, -1, "0", "-1") else value
+
+
+# -----------------------------------------------------------------------------
+# Evaluation loops. Each returns (passed, total) over the problems of this rank; the caller sums ranks.
+
+def letter_token_ids(tokenizer, letters, cache: dict) -> list[int]:
+    ids = []
+    for letter in letters:
+        if letter not in cache:
+            encoded = tokenizer.encode(letter)
+            if len(encoded) != 1:
+                raise ValueError(f"answer letter {letter!r} encodes to {len(encoded)} tokens {encoded}; "
+                                 "multiple-choice scoring needs one token per letter")
+            cache[letter] = encoded[0]
+        ids.append(cache[letter])
+    return ids
+
+
+@torch.no_grad()
+def evaluate_categorical(task, model, tokenizer, num_problems: int, batch_size: int, rank: int = 0,
+                         world_size: int = 1, on_progress=None) -> tuple[int, int]:
+    """Multiple choice: the predicted answer is the letter whose token has the highest logit right after
+    <|assistant_start|>, among the problem's letters only. Batches of prompts are right-padded with <|bos|>
+    (causal attention: padding after a prompt cannot change its logits)."""
+    device = model.get_device()
+    pad = tokenizer.get_bos_token_id()
+    letter_cache: dict = {}
+    passed = total = 0
+    num_batches = math.ceil(num_problems / batch_size)
+    for b in range(rank, num_batches, world_size):
+        conversations = [task[i] for i in range(b * batch_size, min((b + 1) * batch_size, num_problems))]
+        prompts = [render_for_completion(tokenizer, c) for c in conversations]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
+        logits = model(ids)  # (B, T, V)
+        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            letters = conversation["letters"]
+            choice_logits = logits[row, len(prompt) - 1, letter_token_ids(tokenizer, letters, letter_cache)]
+            predicted = letters[int(choice_logits.argmax())]
+            passed += int(task.evaluate(conversation, predicted))
+            total += 1
+        if on_progress is not None:
+            on_progress(total)
+    return passed, total
+
+
+def evaluate_generative(task, engine: Engine, tokenizer, num_problems: int, num_samples: int, max_new_tokens: int,
+                        temperature: float, top_k: int | None, seed: int, rank: int = 0, world_size: int = 1,
+                        on_progress=None) -> tuple[int, int]:
+    """Sample completions per problem and check them exactly; a problem passes if any sample passes.
+    Problem i is sampled with seed + i, so results do not depend on how problems are split across ranks."""
+    passed = total = 0
+    for i in range(rank, num_problems, world_size):
+        conversation = task[i]
+        prompt = render_for_completion(tokenizer, conversation)
+        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k, seed=seed + i)
+        completions = [tokenizer.decode(tokens[len(prompt):]) for tokens in results]
+        passed += int(any(task.evaluate(conversation, completion) for completion in completions))
+        total += 1
+        if on_progress is not None:
+            on_progress(total)
+    return passed, total
+
+
+def sum_across_ranks(counts: tuple[int, int], device: torch.device, world_size: int) -> tuple[int, int]:
+    if world_size == 1:
+        return counts
+    tensor = torch.tensor(counts, dtype=torch.long, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return int(tensor[0]), int(tensor[1])
+
+
+def chatcore(accuracies: dict[str, float], chance: dict[str, float]) -> float:
+    """Mean of (accuracy - chance) / (1 - chance) over the given tasks."""
+    assert accuracies, "ChatCORE needs at least one task"
+    return sum((acc - chance[name]) / (1.0 - chance[name]) for name, acc in accuracies.items()) / len(accuracies)
+
+
+# -----------------------------------------------------------------------------
+# The stage
+
+def task_data_path(name: str, cfg: ChatEvalConfig) -> Path | None:
+    """The local data of a task, checked to exist (None: the hub / builtin words)."""
+    field = DATA_PATH_FIELDS.get(name)
+    value = getattr(cfg, field) if field else None
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ConfigError(f"--{field}: {value} does not exist")
+    return path
+
+
+def load_eval_task(name: str, cfg: ChatEvalConfig):
+    kwargs = {"size": cfg.synthetic_size} if name in SYNTHETIC_TASKS else {}
+    task = build_task(name, split="test", data_path=task_data_path(name, cfg), **kwargs)
+    if task.eval_type not in ("categorical", "generative"):
+        raise ConfigError(f"--task: {name} has no evaluation (eval_type={task.eval_type!r})")
+    return task
+
+
+def default_out_dir(cfg: ChatEvalConfig, ckpt_dir: Path) -> Path:
+    return get_base_dir() / "chat_eval" / f"{cfg.source}-{ckpt_dir.name}"
+
+
+def run(cfg: ChatEvalConfig) -> dict:
+    for name in cfg.task:  # a bad data path fails before anything heavy is loaded
+        task_data_path(name, cfg)
+    ckpt_dir = resolve_checkpoint_dir(cfg.source, cfg.model_tag, cfg.checkpoint_dir)
+    out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else default_out_dir(cfg, ckpt_dir)
+    rt = compute_init(cfg.device_type, cfg.dtype, cfg.seed)
+    try:
+        model, tokenizer, meta = load_model(cfg.source, rt.device, phase="eval", model_tag=cfg.model_tag,
+                                            step=cfg.model_step, checkpoint_dir=ckpt_dir,
+                                            tokenizer_dir=cfg.tokenizer_dir)
+        autocast = (torch.amp.autocast(device_type=rt.device_type, dtype=torch.bfloat16)
+                    if rt.dtype == torch.bfloat16 else contextlib.nullcontext())
+        with autocast:
+            results = evaluate_tasks(cfg, model, tokenizer, rt)
+    finally:
+        compute_cleanup()
+
+    accuracies = {name: r["accuracy"] for name, r in results.items()}
+    chance = {name: r["chance_accuracy"] for name, r in results.items()}
+    metrics = {
+        "checkpoint_dir": str(ckpt_dir),
+        "step": meta.get("step"),
+        "source": cfg.source,
+        "world_size": rt.world_size,
+        "tasks": results,
+        "accuracy": accuracies,
+        "chatcore": chatcore(accuracies, chance),
+        "chatcore_tasks": list(accuracies),
+        # nanochat reports ChatCORE only over its six tasks; True when all six are in this one
+        "chatcore_complete": all(name in accuracies for name in CHATCORE_TASKS),
+    }
+    print0("-" * 60)
+    for name, r in results.items():
+        print0(f"{name:<16} accuracy {100 * r['accuracy']:6.2f}%  ({r['passed']}/{r['total']}, "
+               f"chance {100 * r['chance_accuracy']:.0f}%, {r['problems_per_second']:.2f} problems/s)")
+    print0(f"ChatCORE over {', '.join(accuracies)}: {metrics['chatcore']:.4f}")
+    write_metrics(out_dir, metrics)
+    print0(f"wrote {out_dir / 'metrics.json'}")
+    return metrics
+
+
+def evaluate_tasks(cfg: ChatEvalConfig, model, tokenizer, rt) -> dict[str, dict]:
+    engine = Engine(model, tokenizer)
+    results = {}
+    names = list(dict.fromkeys(cfg.task))
+    for task_index, name in enumerate(names):
+        task = load_eval_task(name, cfg)
+        num_problems = len(task) if cfg.max_problems is None else min(len(task), cfg.max_problems)
+        print0(f"[{task_index + 1}/{len(names)}] {name}: {num_problems} problems ({task.eval_type})")
+
+        def on_progress(done_here: int, name=name, num_problems=num_problems) -> None:
+            # rank 0's count times the world size approximates the overall progress
+            report_progress(step=min(done_here * rt.world_size, num_problems), total=num_problems, task=name)
+
+        start = time.perf_counter()
+        if task.eval_type == "categorical":
+            counts = evaluate_categorical(task, model, tokenizer, num_problems, cfg.batch_size, rt.rank,
+                                          rt.world_size, on_progress)
+        else:
+            counts = evaluate_generative(task, engine, tokenizer, num_problems, cfg.num_samples, cfg.max_new_tokens,
+                                         cfg.temperature, cfg.top_k, cfg.seed, rt.rank, rt.world_size, on_progress)
+        passed, total = sum_across_ranks(counts, rt.device, rt.world_size)
+        seconds = time.perf_counter() - start
+        assert total == num_problems, f"{name}: ranks evaluated {total} problems, expected {num_problems}"
+        accuracy = passed / total if total else 0.0
+        chance = float(task.chance_accuracy)
+        results[name] = {
+            "eval_type": task.eval_type, "passed": passed, "total": total, "accuracy": accuracy,
+            "chance_accuracy": chance, "centered_accuracy": (accuracy - chance) / (1.0 - chance),
+            "seconds": seconds, "problems_per_second": total / seconds if seconds > 0 else 0.0,
+        }
+        print0(f"{name}: {passed}/{total} = {100 * accuracy:.2f}%")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    prog = "python -m nanopipe.stages.chat_eval"
+    cfg = parse_cli(ChatEvalConfig, argv, prog=prog)
+    try:
+        return run(cfg)
+    except ConfigError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    except (CheckpointError, TokenizerNotFoundError, TaskDataError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
