@@ -1,0 +1,74 @@
+"""
+`PipelineConfig`: the one parameter of `full_pipeline`, rendered by the Prefect UI as a form.
+
+It holds one sub-config per stage (the stage's own pydantic model, so the form shows the same fields,
+bounds and help as `python -m nanopipe.stages.<stage> --help`), the data source shared by every stage that
+reads text, the resources torchrun gets, and what to recompute.
+
+Partial parameters stay valid: every field has a default, and `preset` lays a named preset under whatever
+is given, so `{"preset": "demo-cpu", "tok_train": {"vocab_size": 1024}}` changes one value of the preset.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from flows.launcher import Resources
+from flows.presets import PRESETS, deep_merge, preset_values
+from flows.stages import STEP_NAMES, Step
+from nanopipe.config import NanoConfig, build_config
+from nanopipe.dataset import DataFlags
+from nanopipe.stages.tok_eval import TokEvalConfig
+from nanopipe.stages.tok_train import TokTrainConfig
+
+StageName = Literal[tuple(STEP_NAMES)]  # type: ignore[valid-type]
+PresetName = Literal[tuple(PRESETS)]    # type: ignore[valid-type]
+
+
+class DataSource(DataFlags):
+    """Where the pretraining text comes from; applied to every stage that reads text."""
+
+
+class PipelineConfig(BaseModel):
+    """Everything one pipeline run needs. Unset fields take the preset's value, then the stage default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: PresetName | None = Field(None, description="start from this preset; the fields you give override it")
+    data: DataSource = Field(default_factory=DataSource, description="data source for every stage that reads text")
+    tok_train: TokTrainConfig = Field(default_factory=TokTrainConfig, description="tokenizer training")
+    tok_eval: TokEvalConfig = Field(default_factory=TokEvalConfig, description="tokenizer evaluation")
+    run_rl: bool = Field(False, description="also run the (optional) reinforcement-learning stage")
+    recompute_from: StageName | None = Field(
+        None, description="recompute this stage and everything after it even when cached artifacts verify")
+    resources: Resources = Field(default_factory=Resources, description="torchrun layout, env, timeout, retries")
+    stage_resources: dict[StageName, Resources] = Field(
+        default_factory=dict, description="per-stage replacements of `resources`, by stage name")
+    result_storage: str | None = Field(
+        None, description="where Prefect persists task results (the cache records): a directory, or a "
+        "Prefect storage block slug such as 's3-bucket/nanopipe' for multi-node; none = NANOPIPE_HOME/results")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data):
+        if isinstance(data, dict) and data.get("preset"):
+            return deep_merge(preset_values(data["preset"]), data)
+        return data
+
+    def stage_config(self, step: Step, wired: dict | None = None) -> NanoConfig:
+        """The step's config with the shared data source, its fixed values and `wired` paths applied."""
+        cfg = getattr(self, step.config_field)
+        values = cfg.model_dump()
+        data = self.data.model_dump()
+        values.update({k: v for k, v in data.items() if k in type(cfg).model_fields})
+        values.update(step.fixed)
+        values.update(wired or {})
+        return build_config(type(cfg), values)
+
+    def resources_for(self, step: Step) -> Resources:
+        return self.stage_resources.get(step.name, self.resources)
+
+    def enabled(self, step: Step) -> bool:
+        return step.when is None or bool(getattr(self, step.when))

@@ -1,0 +1,319 @@
+"""
+Launch one stage as a child process tree and never lose track of it.
+
+    cmd = stage_command("nanopipe.stages.base_train", ["--depth=4"], Resources(nproc_per_node=2))
+    result = launch(cmd, log_path=artifact_dir / "stage.log", on_line=logger.info)
+    if result.returncode != 0:
+        raise failure_from(result, stage="base_train")
+
+The child runs in its own session (so a Ctrl-C or a Prefect cancel of the parent's group does not half-kill
+it) with a parent-death signal (so a SIGKILLed parent takes it down). torchrun starts its workers in
+sessions of their own, so the group alone cannot find them: every process of a launch carries a marker in
+its environment, and cleanup kills whatever still carries it. Prefect-free on purpose: the tasks in
+flows/tasks.py pass in the logger and the progress callback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from nanopipe.common import parse_progress
+
+LAUNCH_ENV = "NANOPIPE_LAUNCH_ID"   # every process of one launch inherits this marker
+TAIL_LINES = 60
+
+
+class Resources(BaseModel):
+    """Where and how a stage runs: torchrun's process layout, extra environment, limits, retries."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    nproc_per_node: int = Field(1, ge=1, le=64, description="processes (usually GPUs) per node for torchrun")
+    nnodes: int = Field(1, ge=1, le=1024, description="number of nodes; above 1, every node runs the same "
+                        "command against rdzv_endpoint")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous for multi-node "
+                                      "runs; none means a standalone single-node run")
+    rdzv_id: str = Field("nanopipe", description="rendezvous id shared by the nodes of one multi-node run")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for the stage")
+    timeout_minutes: float | None = Field(None, gt=0, description="wall-clock limit per attempt; none = no "
+                                          "limit (a timeout is treated as a hang and retried)")
+    retries: int = Field(2, ge=0, le=20, description="retries of a stage after a retryable failure (killed, "
+                         "lost node, collective/network timeout); OOM, NaN loss and bad config never retry")
+    retry_delay_seconds: float = Field(30.0, ge=0, description="pause before a retry")
+
+    @model_validator(mode="after")
+    def _multinode_needs_endpoint(self):
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"nnodes={self.nnodes} needs rdzv_endpoint=host:port (the rendezvous of the nodes)")
+        return self
+
+
+def stage_command(module: str, args: list[str], resources: Resources, distributed: bool = True) -> list[str]:
+    """The command line of one stage: torchrun for distributed stages, plain `python -m` otherwise.
+
+    torchrun is invoked as `python -m torch.distributed.run` so it is the same interpreter (and virtualenv)
+    as ours, whatever `torchrun` happens to be first on PATH.
+    """
+    if not distributed:
+        return [sys.executable, "-m", module, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={resources.nproc_per_node}"]
+    if resources.nnodes == 1 and resources.rdzv_endpoint is None:
+        cmd.append("--standalone")   # c10d rendezvous on a free local port: concurrent runs never collide
+    else:
+        cmd += [f"--nnodes={resources.nnodes}", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={resources.rdzv_endpoint}", f"--rdzv_id={resources.rdzv_id}"]
+    return cmd + ["-m", module, "--", *args]
+
+
+# -----------------------------------------------------------------------------
+# Process tree handling
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """preexec_fn: ask the kernel to SIGTERM the child when the launching thread dies.
+
+    SIGTERM rather than SIGKILL so torchrun gets the chance to stop its own workers.
+    """
+    def preexec() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:   # the parent died before prctl took effect
+            os._exit(1)
+    return preexec
+
+
+def marked_pids(launch_id: str) -> list[int]:
+    """Pids of live processes whose environment carries this launch's marker (scans /proc)."""
+    needle = f"{LAUNCH_ENV}={launch_id}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:   # gone, or not ours to read
+            continue
+    return [p for p in pids if not _is_zombie(p)]
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _signal_all(proc: subprocess.Popen, launch_id: str, sig: int) -> None:
+    if proc.returncode is None:   # once reaped, its pid (and group id) may belong to someone else
+        with _suppress_lookup():
+            os.killpg(proc.pid, sig)
+    for pid in marked_pids(launch_id):
+        with _suppress_lookup():
+            os.kill(pid, sig)
+
+
+class _suppress_lookup:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return exc_type in (ProcessLookupError, PermissionError)
+
+
+def kill_tree(proc: subprocess.Popen, launch_id: str, grace_seconds: float = 10.0) -> None:
+    """SIGTERM the launch (torchrun forwards it to its workers), then SIGKILL whatever is left."""
+    if proc.poll() is None or marked_pids(launch_id):
+        _signal_all(proc, launch_id, signal.SIGTERM)
+        deadline = time.monotonic() + grace_seconds
+        while time.monotonic() < deadline and (proc.poll() is None or marked_pids(launch_id)):
+            time.sleep(0.05)
+    _signal_all(proc, launch_id, signal.SIGKILL)
+    with _suppress_lookup():
+        proc.wait(timeout=grace_seconds)
+    deadline = time.monotonic() + grace_seconds
+    while marked_pids(launch_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+# -----------------------------------------------------------------------------
+# Launch and stream
+
+@dataclass
+class LaunchResult:
+    command: list[str]
+    returncode: int
+    seconds: float
+    timed_out: bool
+    tail: list[str]
+    log_path: Path
+    last_progress: dict = field(default_factory=dict)
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    """Reader thread: raw lines from the child's stdout into the queue; None marks the end."""
+    for raw in iter(stream.readline, b""):
+        lines.put(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+    lines.put(None)
+
+
+def launch(cmd: list[str], *, log_path: str | os.PathLike, env: dict[str, str] | None = None,
+           on_line: Callable[[str], None] | None = None, on_progress: Callable[[dict], None] | None = None,
+           timeout_seconds: float | None = None, cwd: str | os.PathLike | None = None,
+           grace_seconds: float = 10.0) -> LaunchResult:
+    """Run `cmd` to completion, streaming every line to `on_line` and to `log_path` (appended).
+
+    Progress lines are parsed and handed to `on_progress`. The whole process tree is killed on return,
+    on timeout and on any exception in the caller's thread (KeyboardInterrupt, Prefect's termination
+    signal), so nothing outlives the launch.
+    """
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    launch_id = uuid.uuid4().hex
+    child_env = {**os.environ, **(env or {}), LAUNCH_ENV: launch_id, "PYTHONUNBUFFERED": "1"}
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    last_progress: dict = {}
+    start = time.monotonic()
+    deadline = start + timeout_seconds if timeout_seconds else None
+    timed_out = False
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=child_env, cwd=cwd, start_new_session=True,
+                                preexec_fn=_die_with_parent(os.getpid()))
+        lines: queue.Queue = queue.Queue()
+        reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True, name="stage-stdout")
+        reader.start()
+        try:
+            exited_at = None
+            while True:
+                try:
+                    line = lines.get(timeout=0.2)
+                except queue.Empty:
+                    if exited_at is None and proc.poll() is not None:
+                        # torchrun is gone but a stray worker may still hold the pipe open: end it
+                        exited_at = time.monotonic()
+                        kill_tree(proc, launch_id, grace_seconds=1.0)
+                    if exited_at is not None and time.monotonic() - exited_at > grace_seconds:
+                        break   # something unmarked holds the pipe; the exit code is what counts
+                    if deadline is not None and time.monotonic() > deadline:
+                        timed_out = True
+                        break
+                    continue
+                if line is None:
+                    break
+                log.write(line + "\n")
+                if lines.empty():   # flush at every pause, so `tail -f` on the log follows along
+                    log.flush()
+                tail.append(line)
+                if on_line is not None:
+                    on_line(line)
+                progress = parse_progress(line)
+                if progress is not None:
+                    last_progress = progress
+                    if on_progress is not None:
+                        on_progress(progress)
+        finally:
+            kill_tree(proc, launch_id, grace_seconds=grace_seconds)
+            reader.join(timeout=5)
+            proc.stdout.close()
+            log.flush()
+        returncode = proc.returncode
+        seconds = time.monotonic() - start
+        end_note = f"timed out (limit {timeout_seconds:.0f} s)" if timed_out else f"exit code {returncode}"
+        log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {end_note} after {seconds:.1f} s\n")
+    return LaunchResult(cmd, returncode, seconds, timed_out, list(tail), log_path, last_progress)
+
+
+# -----------------------------------------------------------------------------
+# Failure classification: what a retry can fix, and what it cannot
+
+EXIT_CONFIG_ERROR = 2   # parse_cli and every stage's validation
+EXIT_NAN_LOSS = 3       # base_train (and later training stages) when the loss is not finite
+
+_OOM = re.compile(r"CUDA out of memory|OutOfMemoryError|torch\.OutOfMemoryError|\bMemoryError\b|"
+                  r"can't allocate memory|Cannot allocate memory|HIP out of memory", re.I)
+_NETWORK = re.compile(r"NCCL (error|WARN|timeout)|nccl\w*Error|collective operation timeout|Watchdog caught|"
+                      r"DistNetworkError|DistStoreError|DistBackendError|Rendezvous\w*Error|"
+                      r"Connection reset by peer|Connection refused|Connection closed by peer|Broken pipe|"
+                      r"Socket Timeout|TimeoutError|timed out|connectFullMesh|No route to host|"
+                      r"Network is unreachable", re.I)
+_ROOT_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)")
+
+
+class StageFailed(RuntimeError):
+    """A stage process failed. `retryable` says whether running it again can help."""
+
+    def __init__(self, message: str, kind: str = "error", retryable: bool = False, returncode: int | None = None,
+                 log_path: str | None = None):
+        super().__init__(message)
+        self.kind, self.retryable, self.returncode, self.log_path = kind, retryable, returncode, log_path
+
+    def __reduce__(self):   # picklable with its attributes (Prefect stores the exception in the state)
+        return (type(self), (self.args[0], self.kind, self.retryable, self.returncode, self.log_path))
+
+
+def root_exit_code(returncode: int, tail: list[str]) -> int:
+    """The exit code of the worker that failed first: torchrun itself just exits 1 and reports it."""
+    text = "\n".join(tail)
+    root = text.rfind("Root Cause")
+    match = _ROOT_EXIT.search(text, root if root >= 0 else 0)
+    return int(match.group(1)) if match else returncode
+
+
+def classify(result: LaunchResult) -> tuple[str, bool, str]:
+    """(kind, retryable, reason) of a failed launch."""
+    code = root_exit_code(result.returncode, result.tail)
+    text = "\n".join(result.tail)
+    if result.timed_out:
+        return "timeout", True, "no exit before the stage timeout (a hang, e.g. a stuck collective)"
+    if code == EXIT_CONFIG_ERROR:
+        return "config", False, "the stage rejected its configuration (exit code 2)"
+    if code == EXIT_NAN_LOSS:
+        return "nan", False, "the loss became NaN/inf (exit code 3); lower the learning rate or check the data"
+    if _OOM.search(text):
+        return "oom", False, "out of memory: lower device_batch_size (gradient accumulation keeps the total batch)"
+    if code < 0 or result.returncode < 0 or code in (128 + signal.SIGKILL, 128 + signal.SIGTERM):
+        signum = -code if code < 0 else (-result.returncode if result.returncode < 0 else code - 128)
+        return "killed", True, f"killed by signal {_signal_name(signum)}"
+    if _NETWORK.search(text):
+        return "network", True, "a collective, rendezvous or network error (lost node or timeout)"
+    return "error", False, f"exit code {code}"
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+def failure_from(result: LaunchResult, stage: str) -> StageFailed:
+    kind, retryable, reason = classify(result)
+    advice = "will be retried" if retryable else "not retried"
+    tail = "\n".join(result.tail[-25:])
+    message = (f"stage {stage} failed: {reason} [{kind}, {advice}]; full log: {result.log_path}\n"
+               f"--- last lines ---\n{tail}")
+    return StageFailed(message, kind=kind, retryable=retryable, returncode=result.returncode,
+                       log_path=str(result.log_path))

@@ -1,0 +1,52 @@
+"""
+The pipeline's steps, in order. A stage joins the pipeline with its config field on `PipelineConfig`
+(flows/config.py) and one `Step(...)` line here.
+
+A step names the stage module it launches, which config fields the orchestrator wires to upstream
+artifacts (field -> (upstream step, path inside that artifact)), and where in its own artifact directory
+the stage writes (`out_dir`). Several steps may launch the same module (e.g. one evaluation per phase).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+def _tag_field(template: str) -> Callable[[Any], str]:
+    """A readable directory tag from config values, e.g. 'd{depth}' -> 'd12'."""
+    return lambda cfg: template.format(**cfg.model_dump())
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str                                   # unique step name: artifact subdirectory, task name
+    module: str                                 # python -m <module>
+    config_field: str                           # PipelineConfig attribute holding its config
+    inputs: dict[str, tuple[str, str]] = field(default_factory=dict)   # config field -> (step, subpath)
+    output: str = "out"                         # subdirectory of the artifact passed as --out_dir
+    distributed: bool = True                    # launched with torchrun (else plain python -m)
+    resume_flag: tuple[str, str] | None = None  # (flag, value) that resumes from its checkpoints in output
+    checkpoint_glob: str = "model_*.pt"         # what counts as "a checkpoint exists" for resume
+    dry_run_flag: str | None = None             # flag for the preflight check (shapes, memory), if any
+    tag: Callable[[Any], str] = lambda cfg: "run"
+    fixed: dict[str, Any] = field(default_factory=dict)   # values this step always sets on its config
+    when: str | None = None                     # PipelineConfig bool field that enables the step
+    key_metrics: tuple[str, ...] = ()           # shown in the summary table (all scalars if empty)
+
+
+STEPS: list[Step] = [
+    Step("tok_train", "nanopipe.stages.tok_train", "tok_train", output="tokenizer", distributed=False,
+         tag=_tag_field("v{vocab_size}"), key_metrics=("vocab_size", "train_chars", "val_bytes_per_token")),
+    Step("tok_eval", "nanopipe.stages.tok_eval", "tok_eval", inputs={"tokenizer_dir": ("tok_train", "tokenizer")},
+         distributed=False, key_metrics=("val_bytes_per_token",)),
+]
+
+STEP_NAMES = [s.name for s in STEPS]
+
+
+def get_step(name: str) -> Step:
+    for step in STEPS:
+        if step.name == name:
+            return step
+    raise KeyError(f"unknown stage {name!r}; the pipeline's stages are: {', '.join(STEP_NAMES)}")

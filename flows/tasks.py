@@ -1,0 +1,136 @@
+"""
+The Prefect task that runs one stage: lock its artifact directory, launch the stage (torchrun for the
+distributed ones), stream its output into the run's logs and progress, write the manifest, return a ref.
+
+Caching is keyed on the artifact's content hash (no flow-run id in it, so a new run of the same config
+hits), results persist under NANOPIPE_HOME (or the configured storage), and the call site refreshes the
+cache whenever the artifact on disk no longer verifies. Retries happen only for failures a retry can fix,
+and a retry of a checkpointing stage resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.runtime import flow_run, task_run
+
+from flows.artifacts import (ArtifactRef, artifact_lock, discard, read_manifest, ref_from_manifest, verify,
+                             write_manifest)
+from flows.launcher import StageFailed, failure_from, launch
+from flows.plan import StagePlan
+from nanopipe.common import get_base_dir
+
+LOG_FILE = "stage.log"
+
+
+@dataclass
+class ArtifactCachePolicy(CachePolicy):
+    """Cache key = the artifact's content hash (stage, config digest, upstream hashes, code version)."""
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        plan = inputs["plan"]
+        plan = plan if isinstance(plan, StagePlan) else StagePlan.model_validate(plan)
+        return f"nanopipe-{plan.step}-{plan.hash}"
+
+
+def retry_if_retryable(task, task_run, state) -> bool:
+    """Prefect's retry_condition_fn: retry only a StageFailed that says a retry can help."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            state.result(raise_on_failure=True)
+        except BaseException as err:  # the state's own exception, re-raised to be inspected
+            exc = err
+    return isinstance(exc, StageFailed) and exc.retryable
+
+
+def result_storage(spec: str | None):
+    """None -> NANOPIPE_HOME/results; an absolute/relative path -> that directory; 'type/name' -> a block."""
+    if spec is None:
+        return get_base_dir() / "results"
+    if spec.startswith(("/", ".", "~")) or "/" not in spec:
+        return Path(spec).expanduser().resolve()
+    return spec   # a storage block document slug, e.g. "s3-bucket/nanopipe-results"
+
+
+# -----------------------------------------------------------------------------
+
+class _Progress:
+    """Mirrors the stage's progress lines into a Prefect progress artifact, at most every few seconds."""
+
+    def __init__(self, step: str, every_seconds: float = 3.0):
+        self.step, self.every, self.last = step, every_seconds, 0.0
+        self.artifact_id = create_progress_artifact(0.0, description=f"{step} progress")
+
+    def __call__(self, progress: dict) -> None:
+        step, total = progress.get("step"), progress.get("total")
+        now = time.monotonic()
+        if not step or not total or now - self.last < self.every:
+            return
+        self.last = now
+        extras = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in progress.items() if k not in ("step", "total"))
+        update_progress_artifact(self.artifact_id, min(100.0, 100.0 * step / total),
+                                 description=f"{self.step}: {step}/{total} {extras}".strip())
+
+
+def _prepare(plan: StagePlan, logger) -> list[str]:
+    """Make the artifact directory ready to (re)run into; returns extra flags (resume)."""
+    directory, out = Path(plan.artifact_dir), Path(plan.out_dir)
+    if read_manifest(directory) is not None:
+        # a manifest that does not verify: the directory is damaged, nothing in it can be trusted
+        logger.warning(f"{directory}: {verify(directory, plan.hash).reason}; recomputing from scratch")
+        discard(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpoints = sorted(out.glob(plan.checkpoint_glob)) if out.is_dir() else []
+    if plan.resume_flag and checkpoints:
+        flag, value = plan.resume_flag
+        logger.info(f"resuming {plan.step} from its checkpoints in {out} (last: {checkpoints[-1].name})")
+        return [f"--{flag}={value}"]
+    if out.exists():   # leftovers of an interrupted run of a stage that cannot resume
+        shutil.rmtree(out)
+    return []
+
+
+@task(cache_policy=ArtifactCachePolicy(), persist_result=True, retry_condition_fn=retry_if_retryable,
+      task_run_name="{plan.step}:{plan.tag}-{plan.hash}")
+def run_stage(plan: StagePlan) -> ArtifactRef:
+    """Produce one stage's artifact (or find it already produced by a concurrent run)."""
+    logger = get_run_logger()
+    directory = Path(plan.artifact_dir)
+    with artifact_lock(directory, on_wait=logger.info):
+        if verify(directory, plan.hash):
+            logger.info(f"{plan.step}: {directory} is already complete (produced by another run)")
+            return ref_from_manifest(directory)
+        extra = _prepare(plan, logger)
+        cmd = plan.command(extra)
+        logger.info(f"{plan.step} attempt {task_run.run_count}: {' '.join(cmd)}")
+        started = time.time()
+        result = launch(cmd, log_path=directory / LOG_FILE, env=plan.resources.env, on_line=logger.info,
+                        on_progress=_Progress(plan.step),
+                        timeout_seconds=plan.resources.timeout_minutes * 60 if plan.resources.timeout_minutes else None)
+        if result.returncode != 0 or result.timed_out:
+            raise failure_from(result, plan.step)
+        metrics_path = Path(plan.out_dir) / "metrics.json"
+        if not metrics_path.is_file():
+            raise StageFailed(f"stage {plan.step} exited 0 but wrote no {metrics_path}; log: {result.log_path}",
+                              kind="incomplete", retryable=False)
+        metrics = json.loads(metrics_path.read_text())
+        timings = {"started": started, "finished": time.time(), "seconds": round(result.seconds, 3),
+                   "attempt": task_run.run_count}
+        write_manifest(directory, stage=plan.step, digest=plan.hash, config=plan.config, upstream=plan.upstream,
+                       metrics=metrics, timings=timings,
+                       extra={"command": cmd, "flow_run_id": flow_run.id, "task_run_id": task_run.id})
+        logger.info(f"{plan.step}: done in {result.seconds:.1f} s -> {directory}")
+        return ArtifactRef(stage=plan.step, hash=plan.hash, path=str(directory), metrics=metrics,
+                           seconds=round(result.seconds, 3))

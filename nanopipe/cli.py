@@ -1,0 +1,248 @@
+"""
+The `nanopipe` command.
+
+    nanopipe run --preset demo-cpu                               # the whole pipeline as a Prefect flow
+    nanopipe run --preset d12 --base_train.num_iterations=100 --resources.nproc_per_node=4
+    nanopipe run --preset demo-cpu --recompute_from=base_train   # redo base_train and what follows
+    nanopipe stage tok_train --preset demo-cpu --vocab_size=1024 # one stage as its own flow
+    nanopipe status --preset demo-cpu                            # which artifacts exist and verify
+    nanopipe data builtin                                        # = python -m nanopipe.dataset builtin
+    nanopipe presets                                             # the presets and what they set
+
+Overrides address `PipelineConfig` fields with dots (`--tok_train.vocab_size=1024`, `--resources.env.X=1`);
+`nanopipe stage` also takes the stage's own flags undotted. `--home DIR` sets NANOPIPE_HOME. Without
+PREFECT_API_URL the flow runs against Prefect's embedded temporary server: no server to start first.
+
+The library (nanopipe/) never imports Prefect; this module only does so inside the commands that need it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import typing
+from typing import Any
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+class UsageError(ValueError):
+    """A bad command line: the message names the flag and what is valid."""
+
+
+# -----------------------------------------------------------------------------
+# Dotted overrides -> nested dict, coerced by the pydantic field types
+
+def _model_class(annotation: Any):
+    from pydantic import BaseModel
+    from nanopipe.config import _unwrap_optional
+    inner, _ = _unwrap_optional(annotation)
+    return inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
+
+
+def _coerce(field, raw: str) -> Any:
+    from nanopipe.config import _coerce_cli_value, _unwrap_optional
+    inner, _ = _unwrap_optional(field.annotation)
+    if typing.get_origin(inner) is dict or (raw[:1] in "[{" and typing.get_origin(inner) in (list, tuple)):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"expected JSON for this field, got {raw!r}: {err}") from None
+    return _coerce_cli_value(field, raw)
+
+
+def set_override(values: dict, model: type, path: list[str], raw: str, flag: str) -> None:
+    """Put `raw` at `path` inside `values`, converting it with the type of the field it lands on."""
+    name = path[0].replace("-", "_")
+    fields = model.model_fields
+    if name not in fields:
+        raise UsageError(f"unknown flag {flag}: {model.__name__} has no field {name!r} "
+                         f"(fields: {', '.join(fields)})")
+    field = fields[name]
+    if len(path) == 1:
+        values[name] = _coerce(field, raw)
+        return
+    sub = _model_class(field.annotation)
+    from nanopipe.config import _unwrap_optional
+    inner, _ = _unwrap_optional(field.annotation)
+    if sub is not None:
+        set_override(values.setdefault(name, {}), sub, path[1:], raw, flag)
+    elif typing.get_origin(inner) is dict and len(path) == 2:
+        value_type = typing.get_args(inner)[1] if typing.get_args(inner) else str
+        target = values.setdefault(name, {})
+        sub = _model_class(value_type)
+        target[path[1]] = raw if sub is None else json.loads(raw)
+    elif typing.get_origin(inner) is dict and len(path) > 2 and _model_class(typing.get_args(inner)[1]):
+        set_override(values.setdefault(name, {}).setdefault(path[1], {}), _model_class(typing.get_args(inner)[1]),
+                     path[2:], raw, flag)
+    else:
+        raise UsageError(f"{flag}: {name} is a plain value, it has no sub-field {'.'.join(path[1:])!r}")
+
+
+def split_flags(argv: list[str]) -> list[tuple[str, str]]:
+    """`--a=b`, `--a b` and bare `--flag` (true) into (name, raw value) pairs, in order."""
+    pairs, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if not token.startswith("--") or token == "--":
+            raise UsageError(f"unexpected argument {token!r}: options look like --name=value")
+        key, has_value, value = token[2:].partition("=")
+        if not has_value:
+            if i < len(argv) and not argv[i].startswith("--"):
+                value, i = argv[i], i + 1
+            else:
+                value = "true"
+        pairs.append((key, value))
+    return pairs
+
+
+def build_pipeline_config(pairs: list[tuple[str, str]], stage=None):
+    """PipelineConfig from --preset, --home and overrides; with `stage`, undotted flags may be the stage's."""
+    from pydantic import ValidationError
+    from flows.config import PipelineConfig
+    values: dict = {}
+    for key, raw in pairs:
+        if key == "home":
+            os.environ["NANOPIPE_HOME"] = os.path.abspath(os.path.expanduser(raw))
+            continue
+        path = key.split(".")
+        if stage is not None and len(path) == 1:
+            stage_cls = PipelineConfig.model_fields[stage.config_field].annotation
+            if path[0].replace("-", "_") in stage_cls.model_fields:
+                path = [stage.config_field, *path]
+        set_override(values, PipelineConfig, path, raw, f"--{key}")
+    try:
+        return PipelineConfig.model_validate(values)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            problems.append(f"--{loc}: {e['msg']} (got {e.get('input')!r})" if loc else e["msg"])
+        raise UsageError("; ".join(problems)) from None
+
+
+# -----------------------------------------------------------------------------
+# Commands
+
+def _prefect_defaults() -> None:
+    # The embedded server can take a while to come up on a busy machine; and never phone home.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def cmd_run(argv: list[str]) -> int:
+    config = build_pipeline_config(split_flags(argv))
+    _prefect_defaults()
+    from flows.pipeline import full_pipeline
+    state = full_pipeline(config, return_state=True)
+    return _report(state)
+
+
+def cmd_stage(argv: list[str]) -> int:
+    from flows.stages import STEP_NAMES, get_step
+    if not argv or argv[0].startswith("-"):
+        raise UsageError(f"usage: nanopipe stage NAME [--preset P] [flags]; NAME is one of {', '.join(STEP_NAMES)}")
+    try:
+        step = get_step(argv[0])
+    except KeyError as err:
+        raise UsageError(err.args[0]) from None
+    config = build_pipeline_config(split_flags(argv[1:]), stage=step)
+    _prefect_defaults()
+    from flows.pipeline import stage_flow
+    state = stage_flow(step.name, config, return_state=True)
+    return _report(state)
+
+
+def _report(state) -> int:
+    if state.is_completed():
+        print(f"nanopipe: {state.name}")
+        return 0
+    print(f"nanopipe: the run ended {state.name}: {state.message}", file=sys.stderr)
+    return 1
+
+
+def cmd_status(argv: list[str]) -> int:
+    import fcntl
+    from pathlib import Path
+    from flows.artifacts import read_manifest, verify
+    from flows.plan import plan_pipeline
+    pairs = split_flags(argv)
+    as_json = any(k == "json" for k, _ in pairs)
+    config = build_pipeline_config([(k, v) for k, v in pairs if k != "json"])
+    rows = []
+    for plan in plan_pipeline(config):
+        directory = Path(plan.artifact_dir)
+        check = verify(directory, plan.hash)
+        checkpoints = len(list(Path(plan.out_dir).glob(plan.checkpoint_glob))) if Path(plan.out_dir).is_dir() else 0
+        if check:
+            state = "complete"
+        elif read_manifest(directory) is not None:
+            state = f"corrupted: {check.reason}"
+        elif directory.exists():
+            state = "incomplete" + (f" ({checkpoints} checkpoints to resume from)" if checkpoints else "")
+        else:
+            state = "absent"
+        lock = directory.with_name(f".{directory.name}.lock")
+        if lock.exists():
+            with open(lock) as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    state = f"running ({handle.read().strip()})"
+        metrics = (read_manifest(directory) or {}).get("metrics", {}) if check else {}
+        rows.append({"stage": plan.step, "state": state, "artifact": str(directory),
+                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        width = max(len(r["stage"]) for r in rows)
+        for r in rows:
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
+            print(f"{r['stage']:<{width}}  {r['state']}\n{'':<{width}}  {r['artifact']}" + (f"\n{'':<{width}}  {shown}" if shown else ""))
+    return 0 if all(r["state"] == "complete" for r in rows) else 3
+
+
+def cmd_presets(argv: list[str]) -> int:
+    from flows import presets
+    print(presets.__doc__.strip().split("\n\n", 1)[1])
+    if argv:
+        name = argv[0]
+        print(json.dumps(presets.preset_values(name), indent=2))
+    return 0
+
+
+def cmd_data(argv: list[str]) -> int:
+    from nanopipe.dataset import main as data_main
+    data_main(argv, prog="nanopipe data")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status, "presets": cmd_presets, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        raise SystemExit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"nanopipe: error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}\n{USAGE}",
+              file=sys.stderr)
+        raise SystemExit(2)
+    if command != "data" and rest and rest[0] in ("-h", "--help"):
+        print(USAGE)
+        raise SystemExit(0)
+    try:
+        code = COMMANDS[command](rest)
+    except UsageError as err:
+        print(f"nanopipe {command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()
