@@ -1,0 +1,200 @@
+"""
+Evaluate a base model checkpoint: CORE metric, train/val bits per byte, and samples.
+
+Run alone (the last checkpoint of the largest base model under NANOPIPE_HOME, or an explicit one):
+
+    python -m nanopipe.stages.base_eval
+    python -m nanopipe.stages.base_eval --checkpoint_dir=DIR --model_step=2000 --eval=core,bpb \
+        --max_per_task=100 --split_tokens=524288 --device_batch_size=8
+
+Under torchrun (CORE examples and bpb batches are split across the ranks):
+
+    torchrun --standalone --nproc_per_node=8 -m nanopipe.stages.base_eval --device_batch_size=16
+
+CORE needs DCLM's eval bundle at --eval_bundle_dir (default NANOPIPE_HOME/eval_bundle: core.yaml,
+eval_meta_data.csv, eval_data/); without it CORE is skipped with a warning, nothing is downloaded.
+Results: metrics.json and core.csv in --out_dir (default NANOPIPE_HOME/base_eval/<tag>_<step>).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+from pydantic import Field, field_validator
+
+from nanopipe.checkpoint import load_model, resolve_checkpoint_dir
+from nanopipe.common import (atomic_write_text, compute_cleanup, compute_init, get_base_dir, print0,
+                             report_progress, write_metrics)
+from nanopipe.config import ConfigError, DownstreamConfig, parse_cli
+from nanopipe.core_eval import bundle_missing_message, evaluate_core, find_eval_bundle
+from nanopipe.dataloader import BestFitLoader
+from nanopipe.dataset import DataFlags, ensure_shards
+from nanopipe.loss_eval import evaluate_bpb
+from nanopipe.tokenizer import get_token_bytes
+
+PROG = "python -m nanopipe.stages.base_eval"
+EVAL_MODES = ("core", "bpb", "sample")
+SAMPLE_PROMPTS = [
+    "The capital of Italy is",
+    "Water freezes at a temperature of",
+    "The opposite of up is",
+    "Monday, Tuesday, Wednesday,",
+    "The largest planet in the solar system is",
+    "If 2*x + 4 = 10, then x is",
+    "My favourite food is",
+]
+
+
+class BaseEvalConfig(DownstreamConfig, DataFlags):
+    """Flags of base model evaluation."""
+
+    eval: str = Field("core,bpb,sample", description="comma-separated evaluations: core, bpb, sample")
+    max_per_task: int | None = Field(None, ge=1, description="examples per CORE task (-1/none: all)")
+    device_batch_size: int = Field(32, ge=1, description="sequences per device per bpb batch")
+    split_tokens: int = Field(20 * 524288, ge=1, description="tokens per split (train, val) for bits per byte")
+    eval_bundle_dir: str | None = Field(None, description="CORE eval bundle (default: NANOPIPE_HOME/eval_bundle)")
+    tokenizer_dir: str | None = Field(None, description="tokenizer directory (default: the one the checkpoint names)")
+    out_dir: str | None = Field(None, description="where metrics.json and core.csv go "
+                                                  "(default: NANOPIPE_HOME/base_eval/<tag>_<step>)")
+
+    @field_validator("max_per_task", mode="before")
+    @classmethod
+    def _minus_one_is_all(cls, value):
+        return None if value in (-1, "-1") else value
+
+    @field_validator("eval")
+    @classmethod
+    def _known_modes(cls, value):
+        modes = [m.strip() for m in value.split(",") if m.strip()]
+        unknown = [m for m in modes if m not in EVAL_MODES]
+        if unknown or not modes:
+            raise ValueError(f"unknown evaluation(s) {unknown or value!r}; choose from {', '.join(EVAL_MODES)}")
+        return ",".join(modes)
+
+
+# -----------------------------------------------------------------------------
+# Pieces shared with base_train
+
+def generate_samples(model, tokenizer, prompts: list[str], max_tokens: int = 16, temperature: float = 0.0,
+                     num_samples: int = 1, seed: int = 42) -> list[str]:
+    """Continuations of each prompt (greedy at temperature 0), decoded with the prompt in front.
+
+    Uses the KV-cache engine when nanopipe.engine is installed, else the model's own cache-free loop.
+    """
+    try:
+        from nanopipe.engine import Engine
+    except ModuleNotFoundError as err:
+        if err.name != "nanopipe.engine":
+            raise
+        Engine = None
+    out = []
+    for prompt in prompts:
+        tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        if Engine is not None:
+            rows, _ = Engine(model, tokenizer).generate_batch(tokens, num_samples=num_samples, max_tokens=max_tokens,
+                                                              temperature=temperature, seed=seed)
+            completions = [row[len(tokens):] for row in rows]
+        else:
+            completions = [list(model.generate(tokens, max_tokens=max_tokens, temperature=temperature, seed=seed + i))
+                           for i in range(num_samples)]
+        out += [prompt + tokenizer.decode(c) for c in completions]
+    return out
+
+
+def evaluate_split_bpb(model, tokenizer, files: list[Path], batch_size: int, seq_len: int, tokens: int, rt,
+                       token_bytes, autocast_ctx) -> float:
+    """Bits per byte over `tokens` tokens of `files` (rounded down to whole batches across the ranks)."""
+    per_step = batch_size * seq_len * rt.world_size
+    steps = tokens // per_step
+    if steps == 0:
+        raise ConfigError(f"{tokens} evaluation tokens are less than one batch across the ranks "
+                          f"(batch {batch_size} x sequence {seq_len} x {rt.world_size} ranks = {per_step})")
+    with BestFitLoader(tokenizer, files, batch_size, seq_len, device=rt.device, rank=rt.rank,
+                       world_size=rt.world_size) as loader, autocast_ctx:
+        return evaluate_bpb(model, loader, steps, token_bytes)
+
+
+def core_csv(results: dict) -> str:
+    lines = [f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}"]
+    for label, accuracy in results["results"].items():
+        lines.append(f"{label:<35}, {accuracy:<10.6f}, {results['centered_results'][label]:<10.6f}")
+    lines.append(f"{'CORE':<35}, {'':<10}, {results['core_metric']:<10.6f}")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+
+def run(cfg: BaseEvalConfig) -> dict:
+    rt = compute_init(cfg.device_type, cfg.dtype, cfg.seed)
+    try:
+        return evaluate(cfg, rt)
+    finally:
+        compute_cleanup()
+
+
+def evaluate(cfg: BaseEvalConfig, rt) -> dict:
+    modes = cfg.eval.split(",")
+    ckpt_dir = resolve_checkpoint_dir(cfg.source, cfg.model_tag, cfg.checkpoint_dir)
+    model, tokenizer, meta = load_model(cfg.source, rt.device, phase="eval", step=cfg.model_step,
+                                        checkpoint_dir=ckpt_dir, tokenizer_dir=cfg.tokenizer_dir)
+    step = meta["step"]
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else get_base_dir() / "base_eval" / f"{ckpt_dir.name}_{step:06d}"
+    autocast_ctx = (torch.amp.autocast(device_type=rt.device_type, dtype=torch.bfloat16)
+                    if rt.dtype == torch.bfloat16 else contextlib.nullcontext())
+    metrics: dict = {"checkpoint_dir": str(ckpt_dir), "step": step, "evaluations": modes}
+    print0(f"Evaluating {ckpt_dir} step {step}: {', '.join(modes)}")
+
+    if "sample" in modes:
+        samples, unconditioned = [], []
+        if rt.master:
+            with autocast_ctx:
+                samples = generate_samples(model, tokenizer, SAMPLE_PROMPTS)
+                unconditioned = generate_samples(model, tokenizer, [""], max_tokens=64, temperature=1.0,
+                                                 num_samples=4, seed=cfg.seed)
+            for text in samples + unconditioned:
+                print0(f"  sample: {text!r}")
+        metrics.update(samples=samples, unconditioned_samples=unconditioned)
+
+    if "bpb" in modes:
+        shards = ensure_shards(cfg)
+        token_bytes = get_token_bytes(cfg.tokenizer_dir or meta.get("tokenizer_dir"), device=rt.device)
+        seq_len = meta["model_config"]["sequence_len"]
+        for split, files in (("train", shards.train), ("val", [shards.val])):
+            bpb = evaluate_split_bpb(model, tokenizer, files, cfg.device_batch_size, seq_len, cfg.split_tokens, rt,
+                                     token_bytes, autocast_ctx)
+            metrics[f"{split}_bpb"] = bpb
+            print0(f"{split} bpb: {bpb:.6f}")
+        report_progress(step=step, total=step, val_bpb=metrics["val_bpb"])
+
+    if "core" in modes:
+        bundle_dir = find_eval_bundle(cfg.eval_bundle_dir)
+        if bundle_dir is None:
+            print0(bundle_missing_message(cfg.eval_bundle_dir))
+            metrics["core_metric"] = None
+        else:
+            core = evaluate_core(model, tokenizer, rt.device, bundle_dir, cfg.max_per_task, autocast_ctx)
+            metrics.update(core_metric=core["core_metric"], core_results=core["results"],
+                           core_centered_results=core["centered_results"])
+            print0(f"CORE metric: {core['core_metric']:.4f}")
+            if rt.master:
+                atomic_write_text(out_dir / "core.csv", core_csv(core))
+
+    write_metrics(out_dir, metrics)
+    print0(f"Wrote {out_dir / 'metrics.json'}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(BaseEvalConfig, argv, prog=PROG)
+    try:
+        run(cfg)
+    except ConfigError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,605 @@
+"""
+Base pretraining: train a GPT from scratch on the pretraining shards, with Muon + AdamW.
+
+Run alone (a tiny CPU run, then a real one):
+
+    python -m nanopipe.stages.base_train --depth=4 --max_seq_len=256 --device_batch_size=8 \
+        --total_batch_size=8192 --num_iterations=100 --eval_every=50 --eval_tokens=65536 \
+        --core_metric_every=-1 --sample_every=-1
+    python -m nanopipe.stages.base_train --depth=20 --dry_run      # shapes, FLOPs, memory; no training
+
+Under torchrun (one process per GPU; on CPU the gloo backend):
+
+    torchrun --standalone --nproc_per_node=8 -m nanopipe.stages.base_train --depth=20
+
+Resume after a crash with --resume_from_step=latest (or a step number): model, optimizer, data loader
+position and loop state are restored exactly, so the run continues as if it had never stopped.
+Checkpoints and metrics.json go to --out_dir (default NANOPIPE_HOME/base_checkpoints/<model_tag>).
+Exit codes: 2 for a bad flag, 3 when the loss stops being finite (a retry cannot fix either).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import Field, field_validator, model_validator
+
+from nanopipe.checkpoint import (CheckpointError, find_last_step, list_steps, load_checkpoint, meta_path,
+                                 save_checkpoint)
+from nanopipe.common import (Runtime, atomic_write_json, compute_cleanup, compute_init, get_base_dir, get_dist_info,
+                             init_wandb, print0, report_progress, write_metrics)
+from nanopipe.config import CommonConfig, ConfigError, parse_cli
+from nanopipe.core_eval import bundle_missing_message, evaluate_core, find_eval_bundle
+from nanopipe.dataloader import BestFitLoader
+from nanopipe.dataset import DataFlags, ensure_shards
+from nanopipe.stages.base_eval import SAMPLE_PROMPTS, evaluate_split_bpb, generate_samples
+from nanopipe.gpt import GPT, GPTConfig, build_model_config
+from nanopipe.optim import batch_lr_scale, lr_multiplier, muon_momentum
+from nanopipe.tokenizer import default_tokenizer_dir, get_token_bytes, get_tokenizer
+
+PROG = "python -m nanopipe.stages.base_train"
+EXIT_NON_FINITE_LOSS = 3
+REFERENCE_BATCH_TOKENS = 2**19      # the learning rates were tuned at this batch size
+DRY_RUN_DEFAULT_VOCAB = 32768       # tok_train's default, for a dry run before the tokenizer exists
+PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2.25e15, "A100": 312e12,
+                   "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+DEFAULT_PEAK_FLOPS = 989e12         # H100 bf16 dense, for GPUs not in the table
+EMA_BETA = 0.9                      # smoothing of the logged training loss
+UNTIMED_STEPS = 10                  # the first steps (compilation, warm-up) are left out of the timings
+
+
+def _minus_one_is_none(value):
+    return None if value in (-1, -1.0, "-1", "-1.0") else value
+
+
+class BaseTrainConfig(CommonConfig, DataFlags):
+    """Flags of base pretraining (defaults: nanochat's speedrun d20)."""
+
+    # --- model --------------------------------------------------------------
+    depth: int = Field(20, ge=1, le=1024, description="number of Transformer layers; sets the whole model size")
+    aspect_ratio: int = Field(64, ge=1, description="model width = depth * aspect_ratio, rounded up to head_dim")
+    head_dim: int = Field(128, ge=2, description="channels per attention head (even, for rotary embeddings)")
+    max_seq_len: int = Field(2048, ge=2, description="context length in tokens")
+    # --- training horizon: exactly one is used, in this order ------------------
+    num_iterations: int | None = Field(None, ge=1, description="optimizer steps (-1/none: derive from the next two)")
+    target_flops: float | None = Field(None, gt=0, description="train for this many FLOPs (-1/none: disabled)")
+    target_param_data_ratio: float | None = Field(
+        20, gt=0, description="train for ratio * parameters tokens (Chinchilla: 20; -1/none: disabled)")
+    # --- optimisation -------------------------------------------------------
+    device_batch_size: int = Field(32, ge=1, description="sequences per device per micro-step (lower it on OOM)")
+    total_batch_size: int = Field(524288, ge=1, description="tokens per optimizer step, all ranks and micro-steps")
+    embedding_lr: float = Field(0.3, gt=0, description="AdamW learning rate of the token embedding")
+    unembedding_lr: float = Field(0.004, gt=0, description="AdamW learning rate of the LM head")
+    matrix_lr: float = Field(0.02, gt=0, description="Muon learning rate of the Transformer matrices")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (embedding and LM head)")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="fraction of the steps with linear LR warm-up")
+    warmdown_ratio: float = Field(0.4, ge=0, le=1, description="fraction of the steps with linear LR decay at the end")
+    final_lr_frac: float = Field(0.0, ge=0, le=1, description="LR at the end of the decay, as a fraction of the peak")
+    # --- evaluation and checkpoints (none of these change the trained weights) --------------------
+    eval_every: int | None = Field(250, ge=1, description="val bits-per-byte every N steps and at the end (-1: only at the end)")
+    eval_tokens: int = Field(20 * 524288, ge=1, description="validation tokens per val bpb evaluation")
+    core_metric_every: int | None = Field(2000, ge=1, description="CORE metric every N steps and at the end (-1: never)")
+    core_metric_max_per_task: int | None = Field(500, ge=1, description="examples per CORE task (-1: all)")
+    sample_every: int | None = Field(2000, ge=1, description="print samples every N steps and at the end (-1: never)")
+    save_every: int | None = Field(None, ge=1, description="checkpoint every N steps (-1/none: only at the end)")
+    resume_from_step: int | Literal["latest"] | None = Field(
+        None, description="resume from this checkpoint step, or 'latest' (starts fresh if there is none)")
+    # --- paths --------------------------------------------------------------
+    model_tag: str | None = Field(None, description="checkpoint directory name (default: d<depth>)")
+    tokenizer_dir: str | None = Field(None, description="tokenizer directory (default: NANOPIPE_HOME/tokenizer)")
+    out_dir: str | None = Field(
+        None, description="where checkpoints and metrics.json go (default: NANOPIPE_HOME/base_checkpoints/<model_tag>)")
+    checkpoint_dir: str | None = Field(None, description="checkpoint directory, if not out_dir")
+    eval_bundle_dir: str | None = Field(None, description="CORE eval bundle (default: NANOPIPE_HOME/eval_bundle)")
+    dry_run: bool = Field(False, description="print the model shape, FLOPs, steps and memory estimate, then exit")
+
+    NON_SEMANTIC = tuple(dict.fromkeys(
+        CommonConfig.NON_SEMANTIC + getattr(DataFlags, "NON_SEMANTIC", ()) + (
+            "eval_every", "eval_tokens", "core_metric_every", "core_metric_max_per_task", "sample_every",
+            "save_every", "resume_from_step", "model_tag", "checkpoint_dir", "eval_bundle_dir", "dry_run")))
+
+    @field_validator("num_iterations", "target_flops", "target_param_data_ratio", "eval_every",
+                     "core_metric_every", "core_metric_max_per_task", "sample_every", "save_every", mode="before")
+    @classmethod
+    def _minus_one_disables(cls, value):
+        return _minus_one_is_none(value)
+
+    @field_validator("resume_from_step", mode="before")
+    @classmethod
+    def _resume_step(cls, value):
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if value in ("", "none", "null", "-1"):
+                return None
+            if value.lstrip("+").isdigit():
+                return int(value)
+        if value == -1:
+            return None
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be a step >= 0, 'latest', or -1/none")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.num_iterations is None and self.target_flops is None and self.target_param_data_ratio is None:
+            raise ValueError("no training horizon: set --num_iterations, --target_flops or --target_param_data_ratio")
+        if self.head_dim % 2:
+            raise ValueError(f"--head_dim={self.head_dim} must be even (rotary embeddings rotate channel pairs)")
+        if self.warmup_ratio + self.warmdown_ratio > 1:
+            raise ValueError(f"--warmup_ratio ({self.warmup_ratio}) + --warmdown_ratio ({self.warmdown_ratio}) > 1")
+        check_batch_sizes(self, world_size=1)
+        return self
+
+
+# -----------------------------------------------------------------------------
+# Derived quantities
+
+def check_batch_sizes(cfg: BaseTrainConfig, world_size: int) -> int:
+    """Gradient accumulation steps; a ConfigError suggesting valid values if the sizes do not divide."""
+    tokens_per_micro = cfg.device_batch_size * cfg.max_seq_len * world_size
+    if cfg.total_batch_size % tokens_per_micro:
+        lower = cfg.total_batch_size // tokens_per_micro * tokens_per_micro
+        totals = [v for v in (lower, lower + tokens_per_micro) if v > 0]
+        rows = cfg.total_batch_size // (cfg.max_seq_len * world_size) if cfg.total_batch_size % (
+            cfg.max_seq_len * world_size) == 0 else 0
+        batches = [b for b in range(1, min(rows, 4 * cfg.device_batch_size) + 1) if rows % b == 0][-4:] if rows else []
+        hint = f"--total_batch_size={' or '.join(map(str, totals))}"
+        if batches:
+            hint += f", or --device_batch_size={' or '.join(map(str, batches))}"
+        raise ConfigError(
+            f"--total_batch_size={cfg.total_batch_size} is not a multiple of --device_batch_size "
+            f"({cfg.device_batch_size}) x --max_seq_len ({cfg.max_seq_len}) x world size ({world_size}) = "
+            f"{tokens_per_micro} tokens per micro-step; try {hint}")
+    eval_micro = cfg.device_batch_size * cfg.max_seq_len * world_size
+    if cfg.eval_tokens < eval_micro:
+        raise ConfigError(f"--eval_tokens={cfg.eval_tokens} is less than one evaluation batch "
+                          f"(device_batch_size x max_seq_len x world size = {eval_micro}); raise it")
+    return cfg.total_batch_size // tokens_per_micro
+
+
+def horizon(cfg: BaseTrainConfig, flops_per_token: int, num_params: int) -> tuple[int, str]:
+    """(num_iterations, how it was chosen): --num_iterations > --target_flops > --target_param_data_ratio."""
+    if cfg.num_iterations is not None:
+        return cfg.num_iterations, "--num_iterations"
+    if cfg.target_flops is not None:
+        steps = round(cfg.target_flops / (flops_per_token * cfg.total_batch_size))
+        return max(1, steps), f"--target_flops={cfg.target_flops:g}"
+    steps = int(cfg.target_param_data_ratio * num_params) // cfg.total_batch_size
+    return max(1, steps), f"--target_param_data_ratio={cfg.target_param_data_ratio:g}"
+
+
+def estimate_peak_memory(config: GPTConfig, device_batch_size: int, world_size: int, cuda: bool) -> dict[str, int]:
+    """Rough peak memory per device, in bytes, by part.
+
+    Weights, gradients and optimizer state are exact counts (fp32, except the bf16 token embedding on
+    CUDA; AdamW and Muon state sharded over the ranks). Activations are a model: about 32 bytes per
+    channel per token per layer with bf16 autocast, flash attention and torch.compile's fusion (which
+    puts nanochat's d20 at batch 32 x 2048 inside an 80 GB H100), about 100 in eager float32; logits
+    take 4 bytes per entry with bf16 + fused cross-entropy, 16 in eager float32.
+    """
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    padded_V = -(-V // 64) * 64
+    wte = lm_head = padded_V * C
+    matrices = L * (2 * C * C + 2 * C * (config.n_kv_head * config.head_dim) + 8 * C * C)
+    wte_bytes = 2 if cuda else 4
+    weights = wte * wte_bytes + (lm_head + matrices) * 4
+    grads = weights
+    adam_state = 2 * (wte * wte_bytes + lm_head * 4) // world_size
+    muon_state = matrices * 4 // world_size
+    tokens = device_batch_size * config.sequence_len
+    activations = (32 if cuda else 100) * C * L * tokens
+    logits = (4 if cuda else 16) * V * tokens
+    parts = dict(weights=weights, gradients=grads, optimizer=adam_state + muon_state,
+                 activations=activations, logits=logits)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def peak_flops(device_type: str) -> float | None:
+    if device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_FLOPS_BF16.items() if key in name), DEFAULT_PEAK_FLOPS)
+
+
+def peak_memory_mib(device_type: str) -> float:
+    """Peak allocated device memory on CUDA, peak resident set size of the process elsewhere."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kib / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite. A retry would hit it again: fix the config instead."""
+
+
+# -----------------------------------------------------------------------------
+# Paths
+
+def resolve_paths(cfg: BaseTrainConfig) -> tuple[Path, Path, Path]:
+    """(tokenizer_dir, checkpoint_dir, out_dir)."""
+    tokenizer_dir = Path(cfg.tokenizer_dir).expanduser() if cfg.tokenizer_dir else default_tokenizer_dir()
+    model_tag = cfg.model_tag or f"d{cfg.depth}"
+    out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else get_base_dir() / "base_checkpoints" / model_tag
+    ckpt_dir = Path(cfg.checkpoint_dir).expanduser() if cfg.checkpoint_dir else out_dir
+    return tokenizer_dir.resolve(), ckpt_dir, out_dir
+
+
+def resolve_resume_step(cfg: BaseTrainConfig, ckpt_dir: Path, world_size: int) -> int | None:
+    if cfg.resume_from_step is None:
+        return None
+    if cfg.resume_from_step == "latest":
+        try:
+            return find_last_step(ckpt_dir, world_size=world_size)
+        except CheckpointError:
+            print0(f"--resume_from_step=latest: no complete checkpoint in {ckpt_dir} yet, starting from scratch")
+            return None
+    return cfg.resume_from_step
+
+
+# -----------------------------------------------------------------------------
+# Dry run
+
+def describe_run(cfg: BaseTrainConfig, model_config: GPTConfig, world_size: int, device_type: str) -> dict:
+    with torch.device("meta"):
+        model = GPT(model_config)
+    num_params, flops_per_token = model.num_params(), model.estimate_flops()
+    num_iterations, how = horizon(cfg, flops_per_token, model.num_scaling_params())
+    grad_accum = check_batch_sizes(cfg, world_size)
+    memory = estimate_peak_memory(model_config, cfg.device_batch_size, world_size, cuda=device_type == "cuda")
+    total_tokens = cfg.total_batch_size * num_iterations
+    return {
+        "model_config": model_config.__dict__ | {"head_dim": model_config.head_dim},
+        "num_params": num_params,
+        "param_counts": model.param_counts(),
+        "flops_per_token": flops_per_token,
+        "num_iterations": num_iterations,
+        "horizon_from": how,
+        "total_tokens": total_tokens,
+        "tokens_per_param": total_tokens / model.num_scaling_params(),
+        "total_flops": flops_per_token * total_tokens,
+        "world_size": world_size,
+        "grad_accum_steps": grad_accum,
+        "estimated_peak_memory_bytes": memory,
+    }
+
+
+def print_description(info: dict) -> None:
+    c = info["model_config"]
+    print0(f"Model: {c['n_layer']} layers, width {c['n_embd']}, {c['n_head']} heads of {c['head_dim']} "
+           f"({c['n_kv_head']} kv heads), context {c['sequence_len']}, vocab {c['vocab_size']:,}")
+    for name, count in info["param_counts"].items():
+        print0(f"  parameters {name:<22}: {count:,}")
+    print0(f"FLOPs per token (fwd+bwd): {info['flops_per_token']:.4e}")
+    print0(f"Iterations: {info['num_iterations']:,} (from {info['horizon_from']}); tokens: {info['total_tokens']:,} "
+           f"({info['tokens_per_param']:.2f} per parameter); total FLOPs {info['total_flops']:.4e}")
+    print0(f"World size {info['world_size']}, gradient accumulation steps: {info['grad_accum_steps']}")
+    mem = info["estimated_peak_memory_bytes"]
+    parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in mem.items() if k != "total")
+    print0(f"Estimated peak memory per device: {mem['total'] / 2**30:.2f} GiB ({parts} GiB; a rough model)")
+
+
+# -----------------------------------------------------------------------------
+# Distributed helpers
+
+def gather_loader_state(state: dict, rt: Runtime) -> dict:
+    """Every rank's loader state, for the meta file (rank 0 writes it)."""
+    states = [state]
+    if rt.world_size > 1:
+        states = [None] * rt.world_size
+        dist.all_gather_object(states, state)
+    return {"world_size": rt.world_size, "ranks": states}
+
+
+def mean_across_ranks(value: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    if rt.world_size > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value = value / rt.world_size
+    return value
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.world_size > 1:
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# The stage
+
+def run(cfg: BaseTrainConfig) -> dict:
+    _, _, _, world_size = get_dist_info()
+    check_batch_sizes(cfg, world_size)  # before any work: a bad batch size fails in a second
+    tokenizer_dir, ckpt_dir, out_dir = resolve_paths(cfg)
+
+    if cfg.dry_run:
+        device_type = cfg.device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            vocab_size = get_tokenizer(tokenizer_dir).get_vocab_size()
+        except FileNotFoundError:
+            vocab_size = DRY_RUN_DEFAULT_VOCAB
+            print0(f"dry run: no tokenizer at {tokenizer_dir} yet; assuming vocab_size={vocab_size}")
+        model_config = build_model_config(cfg.depth, cfg.aspect_ratio, cfg.head_dim, cfg.max_seq_len, vocab_size)
+        info = describe_run(cfg, model_config, world_size, device_type)
+        print_description(info)
+        return {"dry_run": True, **info}
+
+    rt = compute_init(cfg.device_type, cfg.dtype, cfg.seed)
+    try:
+        return train(cfg, rt, tokenizer_dir, ckpt_dir, out_dir)
+    finally:
+        compute_cleanup()
+
+
+def train(cfg: BaseTrainConfig, rt: Runtime, tokenizer_dir: Path, ckpt_dir: Path, out_dir: Path) -> dict:
+    cuda = rt.device_type == "cuda"
+    wandb_run = init_wandb(cfg.run, "nanopipe", cfg.model_dump(mode="json"), rt.master)
+    autocast_ctx = (torch.amp.autocast(device_type=rt.device_type, dtype=torch.bfloat16)
+                    if rt.dtype == torch.bfloat16 else contextlib.nullcontext())
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+    print0(f"Device: {rt.device} ({rt.world_size} process(es)), compute dtype {rt.dtype}")
+
+    # --- data and tokenizer ------------------------------------------------
+    tokenizer = get_tokenizer(tokenizer_dir)
+    token_bytes = get_token_bytes(tokenizer_dir, device=rt.device)
+    shards = ensure_shards(cfg)
+    print0(f"Data: {len(shards.train)} training shard(s) in {shards.data_dir}, validation {shards.val.name}")
+    bundle_dir = find_eval_bundle(cfg.eval_bundle_dir)
+    if cfg.core_metric_every is not None and bundle_dir is None:
+        print0(bundle_missing_message(cfg.eval_bundle_dir))
+
+    # --- model -------------------------------------------------------------
+    model_config = build_model_config(cfg.depth, cfg.aspect_ratio, cfg.head_dim, cfg.max_seq_len,
+                                      tokenizer.get_vocab_size())
+    info = describe_run(cfg, model_config, rt.world_size, rt.device_type)
+    print_description(info)
+    num_iterations, grad_accum = info["num_iterations"], info["grad_accum_steps"]
+    flops_per_token = info["flops_per_token"]
+    orig_model = GPT.create(model_config, device=rt.device)
+    resume_step = resolve_resume_step(cfg, ckpt_dir, rt.world_size)
+    meta = None
+    if resume_step is not None:
+        model_state, optim_state, meta = load_checkpoint(ckpt_dir, resume_step, rt.device, load_optimizer=True,
+                                                         rank=rt.rank)
+        if meta.get("model_config") != model_config.__dict__:
+            raise ConfigError(f"checkpoint step {resume_step} in {ckpt_dir} is a different model "
+                              f"({meta.get('model_config')}) from these flags ({model_config.__dict__})")
+        orig_model.load_state_dict(model_state, strict=True, assign=True)
+        del model_state
+        print0(f"Resuming from step {resume_step} of {ckpt_dir}")
+    model = torch.compile(orig_model, dynamic=False) if cuda else orig_model
+
+    # --- optimizers: LRs scale as sqrt(batch / 2^19) -------------------------
+    lr_scale = batch_lr_scale(cfg.total_batch_size, REFERENCE_BATCH_TOKENS)
+    if lr_scale != 1.0:
+        print0(f"Learning rates x {lr_scale:.4f} for a batch of {cfg.total_batch_size:,} tokens "
+               f"(reference {REFERENCE_BATCH_TOKENS:,})")
+    optimizers = orig_model.setup_optimizers(
+        unembedding_lr=cfg.unembedding_lr * lr_scale, embedding_lr=cfg.embedding_lr * lr_scale,
+        matrix_lr=cfg.matrix_lr * lr_scale, weight_decay=cfg.weight_decay)
+    adamw, muon = optimizers
+    if meta is not None:
+        for opt, state in zip(optimizers, optim_state):
+            opt.load_state_dict(state)
+        del optim_state
+
+    # --- data loaders ------------------------------------------------------
+    loader_state = None
+    if meta is not None:
+        saved = meta["loader_state"]
+        if saved["world_size"] != rt.world_size:
+            raise ConfigError(f"checkpoint step {resume_step} in {ckpt_dir} was written by {saved['world_size']} "
+                              f"process(es); resume it with the same number (this run has {rt.world_size})")
+        loader_state = saved["ranks"][rt.rank]
+    train_loader = BestFitLoader(tokenizer, shards.train, cfg.device_batch_size, cfg.max_seq_len, device=rt.device,
+                                 rank=rt.rank, world_size=rt.world_size, resume_state=loader_state)
+    step_loader_state = train_loader.state_dict()   # where the batches of the current step begin
+    x, y = next(train_loader)
+
+    # --- loop state ----------------------------------------------------------
+    loop = {"smooth_train_loss": 0.0, "total_training_time": 0.0, "timed_steps": 0, "min_val_bpb": float("inf"),
+            "val_bpb": None, "core_metric": None}
+    step = 0
+    if meta is not None:
+        step = meta["step"]
+        loop.update(meta["loop_state"])
+    user_config = cfg.model_dump(mode="json")
+    gpu_peak = peak_flops(rt.device_type)
+    mfu = None
+    samples: list[str] = []
+
+    def checkpoint_meta() -> dict:
+        return {
+            "model_config": model_config.__dict__,
+            "tokenizer_dir": str(tokenizer_dir),
+            "user_config": user_config,
+            "val_bpb": loop["val_bpb"],
+            "core_metric": loop["core_metric"],
+            "num_iterations": num_iterations,
+            "device_batch_size": cfg.device_batch_size,
+            "max_seq_len": cfg.max_seq_len,
+            "total_batch_size": cfg.total_batch_size,
+            "data_fingerprint": shards.fingerprint(),
+            "loader_state": gather_loader_state(step_loader_state, rt),
+            "loop_state": dict(loop),
+        }
+
+    def save(at_step: int) -> None:
+        meta_now = checkpoint_meta()  # collective (loader states): every rank builds it
+        save_checkpoint(ckpt_dir, at_step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers],
+                        meta_now, rank=rt.rank)
+        barrier(rt)  # every rank's optimizer file is on disk before anyone moves on
+
+    def run_evaluations(at_step: int, last: bool) -> None:
+        nonlocal samples
+        if last or (cfg.eval_every is not None and at_step % cfg.eval_every == 0):
+            model.eval()
+            loop["val_bpb"] = evaluate_split_bpb(model, tokenizer, [shards.val], cfg.device_batch_size,
+                                                 cfg.max_seq_len, cfg.eval_tokens, rt, token_bytes, autocast_ctx)
+            loop["min_val_bpb"] = min(loop["min_val_bpb"], loop["val_bpb"])
+            print0(f"Step {at_step:05d} | val bpb: {loop['val_bpb']:.6f}")
+            report_progress(step=at_step, total=num_iterations, val_bpb=loop["val_bpb"])
+            wandb_run.log({"step": at_step, "val/bpb": loop["val_bpb"]})
+            model.train()
+        if (bundle_dir is not None and cfg.core_metric_every is not None
+                and (last or (at_step > 0 and at_step % cfg.core_metric_every == 0))):
+            orig_model.eval()  # uncompiled: the prompts change shape all the time
+            core = evaluate_core(orig_model, tokenizer, rt.device, bundle_dir, cfg.core_metric_max_per_task,
+                                 autocast_ctx)
+            loop["core_metric"] = core["core_metric"]
+            print0(f"Step {at_step:05d} | CORE metric: {core['core_metric']:.4f}")
+            wandb_run.log({"step": at_step, "core_metric": core["core_metric"]})
+            orig_model.train()
+        if (rt.master and cfg.sample_every is not None
+                and (last or (at_step > 0 and at_step % cfg.sample_every == 0))):
+            orig_model.eval()
+            with autocast_ctx:
+                samples = generate_samples(orig_model, tokenizer, SAMPLE_PROMPTS)
+            for sample in samples:
+                print0(f"  sample: {sample!r}")
+            orig_model.train()
+
+    # --- the loop ----------------------------------------------------------
+    print0(f"Training {num_iterations:,} steps of {cfg.total_batch_size:,} tokens from step {step}")
+    gc_frozen = False
+    try:
+        while True:
+            last_step = step == num_iterations
+            if last_step:
+                # weights first: an evaluation that crashes or runs out of memory cannot lose them
+                if not (step == resume_step and meta_path(ckpt_dir, step).is_file()):
+                    save(step)
+                run_evaluations(step, last=True)
+                break
+            run_evaluations(step, last=False)
+            if cfg.save_every is not None and step > 0 and step != resume_step and step % cfg.save_every == 0:
+                save(step)
+
+            # --- one optimizer step over grad_accum micro-batches -------------
+            synchronize()
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=rt.device)
+            for micro_step in range(grad_accum):
+                with autocast_ctx:
+                    loss = model(x, y)
+                loss_sum += loss.detach()
+                (loss / grad_accum).backward()  # .backward() sums gradients: average over micro-steps
+                if micro_step == grad_accum - 1:
+                    step_loader_state = train_loader.state_dict()
+                x, y = next(train_loader)  # the next batch is copied over while the device still computes
+            lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * lrm
+            momentum = muon_momentum(step)
+            for group in muon.param_groups:
+                group["momentum"] = momentum
+            for opt in optimizers:
+                opt.step()
+            orig_model.zero_grad(set_to_none=True)
+            train_loss = mean_across_ranks(loss_sum / grad_accum, rt).item()
+            synchronize()
+            dt = time.perf_counter() - t0
+
+            if not math.isfinite(train_loss):
+                raise NonFiniteLossError(
+                    f"training loss is {train_loss} at step {step}: the run diverged. Lower the learning rates "
+                    f"(--matrix_lr, --embedding_lr, --unembedding_lr) or check the data; the last checkpoint "
+                    f"in {ckpt_dir} is intact")
+
+            # --- logging --------------------------------------------------------
+            loop["smooth_train_loss"] = EMA_BETA * loop["smooth_train_loss"] + (1 - EMA_BETA) * train_loss
+            smooth = loop["smooth_train_loss"] / (1 - EMA_BETA ** (step + 1))
+            if step >= UNTIMED_STEPS:
+                loop["total_training_time"] += dt
+                loop["timed_steps"] += 1
+            tok_per_sec = cfg.total_batch_size / dt
+            line = (f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {smooth:.6f} "
+                    f"(this step {train_loss:.6f}) | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f}")
+            if gpu_peak is not None:
+                mfu = 100 * flops_per_token * cfg.total_batch_size / dt / (gpu_peak * rt.world_size)
+                line += f" | mfu: {mfu:.2f}%"
+            if loop["timed_steps"]:
+                eta = (num_iterations - step - 1) * loop["total_training_time"] / loop["timed_steps"]
+                line += f" | eta: {eta / 60:.1f}m"
+            line += f" | epoch: {train_loader.epoch} | mem: {peak_memory_mib(rt.device_type):,.0f}MiB"
+            print0(line)
+            report_progress(step=step + 1, total=num_iterations, loss=smooth)
+            if step % 100 == 0:
+                wandb_run.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/dt": dt,
+                               "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/epoch": train_loader.epoch})
+            step += 1
+            if not gc_frozen:
+                # Python's cyclic GC scans the long-lived setup objects again and again for nothing; freeze
+                # them once after the first step and collect by hand every few thousand steps instead
+                gc.collect()
+                gc.freeze()
+                gc.disable()
+                gc_frozen = True
+            elif step % 5000 == 0:
+                gc.collect()
+    finally:
+        train_loader.close()
+        if gc_frozen:
+            gc.enable()
+            gc.unfreeze()
+
+    # --- wrap up -----------------------------------------------------------
+    if rt.master:
+        final_meta_path = meta_path(ckpt_dir, step)
+        final_meta = json.loads(final_meta_path.read_text(encoding="utf-8"))
+        final_meta["val_bpb"], final_meta["core_metric"] = loop["val_bpb"], loop["core_metric"]
+        atomic_write_json(final_meta_path, final_meta)   # the final evaluations' results, now known
+    timed = loop["timed_steps"]
+    metrics = {
+        "step": step,
+        "num_iterations": num_iterations,
+        "val_bpb": loop["val_bpb"],
+        "min_val_bpb": loop["min_val_bpb"] if loop["val_bpb"] is not None else None,
+        "core_metric": loop["core_metric"],
+        "train_loss": loop["smooth_train_loss"] / (1 - EMA_BETA ** step) if step else None,
+        "num_params": info["num_params"],
+        "flops_per_token": flops_per_token,
+        "total_tokens": cfg.total_batch_size * num_iterations,
+        "total_training_time_s": loop["total_training_time"],
+        "tokens_per_sec": cfg.total_batch_size * timed / loop["total_training_time"] if timed else None,
+        "mfu_percent": mfu,
+        "peak_memory_mib": peak_memory_mib(rt.device_type),
+        "world_size": rt.world_size,
+        "checkpoint_dir": str(ckpt_dir),
+        "samples": samples,
+    }
+    print0(f"Peak memory: {metrics['peak_memory_mib']:,.0f} MiB | training time: "
+           f"{loop['total_training_time'] / 60:.2f}m | final val bpb: {loop['val_bpb']} | min val bpb: "
+           f"{metrics['min_val_bpb']}")
+    write_metrics(out_dir, metrics)
+    wandb_run.finish()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # less fragmentation on CUDA
+    cfg = parse_cli(BaseTrainConfig, argv, prog=PROG)
+    try:
+        run(cfg)
+    except ConfigError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    except NonFiniteLossError as err:
+        print(f"{PROG}: NonFiniteLossError: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_NON_FINITE_LOSS)
+
+
+if __name__ == "__main__":
+    main()
