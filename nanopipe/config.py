@@ -229,8 +229,16 @@ def to_cli_args(cfg: NanoConfig) -> list[str]:
     return args
 
 
+def non_semantic_fields(cls: type[NanoConfig]) -> set[str]:
+    """NON_SEMANTIC of the class and of every base (mixins included), so no subclass can hide a base's."""
+    names = set()
+    for klass in cls.__mro__:
+        names.update(klass.__dict__.get("NON_SEMANTIC", ()))
+    return names & set(cls.model_fields)
+
+
 def config_digest(cfg: NanoConfig, length: int = 16) -> str:
     """Stable hash of the fields that change what a stage computes (NON_SEMANTIC fields excluded)."""
-    payload = cfg.model_dump(mode="json", exclude=set(type(cfg).NON_SEMANTIC) & set(type(cfg).model_fields))
+    payload = cfg.model_dump(mode="json", exclude=non_semantic_fields(type(cfg)))
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:length]

@@ -75,3 +75,18 @@ def test_digest_ignores_run_name_but_not_semantics():
     c = build_config(DemoConfig, {"lr": 0.03})
     assert config_digest(a) == config_digest(b) != config_digest(c)
 
+
+
+def test_non_semantic_fields_of_every_base_are_honoured():
+    from nanopipe.config import NanoConfig, non_semantic_fields
+
+    class Mixin(NanoConfig):
+        NON_SEMANTIC = ("log_every",)
+        log_every: int = 10
+
+    class Stage(CommonConfig, Mixin):
+        steps: int = 5
+
+    assert non_semantic_fields(Stage) == {"run", "log_every"}
+    a, b = Stage(log_every=1), Stage(log_every=2)
+    assert config_digest(a) == config_digest(b) != config_digest(Stage(steps=6))
