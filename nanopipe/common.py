@@ -1,6 +1,9 @@
 """
 Runtime helpers shared by every stage: base directory, device autodetection, DDP from torchrun's
 environment, rank-0 logging, seeding, atomic writes, optional wandb.
+
+torch is imported inside the functions that need it, so light commands (`nanopipe data ...`, `--help`)
+start without paying for it.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("nanopipe")
 
@@ -58,6 +61,7 @@ def get_dist_info() -> tuple[bool, int, int, int]:
 
 
 def autodetect_device_type() -> str:
+    import torch
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -67,6 +71,7 @@ def autodetect_device_type() -> str:
 
 def resolve_dtype(dtype: str, device_type: str) -> torch.dtype:
     """'' means bfloat16 where the hardware does it fast (CUDA with bf16 support), else float32."""
+    import torch
     if dtype == "bfloat16":
         return torch.bfloat16
     if dtype == "float32":
@@ -93,6 +98,8 @@ class Runtime:
 
 def compute_init(device_type: str = "", dtype: str = "", seed: int = 42) -> Runtime:
     """Pick the device, join the process group if launched by torchrun, seed everything."""
+    import torch
+    import torch.distributed as dist
     device_type = device_type or autodetect_device_type()
     if device_type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device_type=cuda but no CUDA device is visible (check CUDA_VISIBLE_DEVICES)")
@@ -115,11 +122,13 @@ def compute_init(device_type: str = "", dtype: str = "", seed: int = 42) -> Runt
 
 
 def compute_cleanup() -> None:
+    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:
+    import torch
     random.seed(seed)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
@@ -176,6 +185,7 @@ def atomic_write_json(target: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, target: str | os.PathLike) -> None:
+    import torch
     with atomic_path(target) as tmp:
         torch.save(obj, tmp)
 
