@@ -181,14 +181,15 @@ def test_resume_gives_the_same_loss_trace_as_one_straight_run(inputs, tmp_path, 
     assert meta_a["val_bpb"] == a["val_bpb"] and meta_a["loader_state"]["world_size"] == 1
 
 
-def test_final_checkpoint_is_written_before_the_final_evaluation(inputs, tmp_path, monkeypatch, one_thread):
+def test_final_checkpoint_is_written_before_the_final_evaluation(inputs, tmp_path, monkeypatch, capsys, one_thread):
     def crash(*args, **kwargs):
         raise RuntimeError("evaluation blew up")
 
     monkeypatch.setattr(base_train, "evaluate_split_bpb", crash)
     out = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="evaluation blew up"):
-        base_train.main(flags(inputs, out, num_iterations=3))  # eval_every=-1: only the final evaluation
+    with pytest.raises(RuntimeError, match="evaluation blew up"):  # eval_every=-1: only the final evaluation
+        base_train.main(flags(inputs, out, num_iterations=3, resume_from_step="latest"))
+    assert "--resume_from_step=latest: no complete checkpoint" in capsys.readouterr().out  # so it started fresh
     assert find_last_step(out, world_size=1) == 3 and optim_path(out, 3, 0).is_file()
     assert not (out / "metrics.json").exists()
 

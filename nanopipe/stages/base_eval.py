@@ -32,6 +32,7 @@ from nanopipe.config import ConfigError, DownstreamConfig, parse_cli
 from nanopipe.core_eval import bundle_missing_message, evaluate_core, find_eval_bundle
 from nanopipe.dataloader import BestFitLoader
 from nanopipe.dataset import DataFlags, ensure_shards
+from nanopipe.engine import Engine
 from nanopipe.loss_eval import evaluate_bpb
 from nanopipe.tokenizer import get_token_bytes
 
@@ -80,27 +81,14 @@ class BaseEvalConfig(DownstreamConfig, DataFlags):
 
 def generate_samples(model, tokenizer, prompts: list[str], max_tokens: int = 16, temperature: float = 0.0,
                      num_samples: int = 1, seed: int = 42) -> list[str]:
-    """Continuations of each prompt (greedy at temperature 0), decoded with the prompt in front.
-
-    Uses the KV-cache engine when nanopipe.engine is installed, else the model's own cache-free loop.
-    """
-    try:
-        from nanopipe.engine import Engine
-    except ModuleNotFoundError as err:
-        if err.name != "nanopipe.engine":
-            raise
-        Engine = None
+    """Continuations of each prompt (greedy at temperature 0) from the KV-cache engine, prompt in front."""
+    engine = Engine(model, tokenizer)
     out = []
     for prompt in prompts:
         tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-        if Engine is not None:
-            rows, _ = Engine(model, tokenizer).generate_batch(tokens, num_samples=num_samples, max_tokens=max_tokens,
-                                                              temperature=temperature, seed=seed)
-            completions = [row[len(tokens):] for row in rows]
-        else:
-            completions = [list(model.generate(tokens, max_tokens=max_tokens, temperature=temperature, seed=seed + i))
-                           for i in range(num_samples)]
-        out += [prompt + tokenizer.decode(c) for c in completions]
+        rows, _ = engine.generate_batch(tokens, num_samples=num_samples, max_tokens=max_tokens,
+                                        temperature=temperature, seed=seed)
+        out += [prompt + tokenizer.decode(row[len(tokens):]) for row in rows]
     return out
 
 

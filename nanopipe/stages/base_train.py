@@ -29,23 +29,22 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from pydantic import Field, field_validator, model_validator
 
-from nanopipe.checkpoint import (CheckpointError, find_last_step, list_steps, load_checkpoint, meta_path,
-                                 save_checkpoint)
+from nanopipe.checkpoint import CheckpointError, find_last_step, load_checkpoint, meta_path, save_checkpoint
 from nanopipe.common import (Runtime, atomic_write_json, compute_cleanup, compute_init, get_base_dir, get_dist_info,
                              init_wandb, print0, report_progress, write_metrics)
 from nanopipe.config import CommonConfig, ConfigError, parse_cli
 from nanopipe.core_eval import bundle_missing_message, evaluate_core, find_eval_bundle
 from nanopipe.dataloader import BestFitLoader
 from nanopipe.dataset import DataFlags, ensure_shards
-from nanopipe.stages.base_eval import SAMPLE_PROMPTS, evaluate_split_bpb, generate_samples
 from nanopipe.gpt import GPT, GPTConfig, build_model_config
 from nanopipe.optim import batch_lr_scale, lr_multiplier, muon_momentum
+from nanopipe.stages.base_eval import SAMPLE_PROMPTS, evaluate_split_bpb, generate_samples
 from nanopipe.tokenizer import default_tokenizer_dir, get_token_bytes, get_tokenizer
 
 PROG = "python -m nanopipe.stages.base_train"
@@ -103,6 +102,8 @@ class BaseTrainConfig(CommonConfig, DataFlags):
     checkpoint_dir: str | None = Field(None, description="checkpoint directory, if not out_dir")
     eval_bundle_dir: str | None = Field(None, description="CORE eval bundle (default: NANOPIPE_HOME/eval_bundle)")
     dry_run: bool = Field(False, description="print the model shape, FLOPs, steps and memory estimate, then exit")
+    compile: bool | None = Field(None, description="torch.compile the model (default: on CUDA only; on CPU it "
+                                                   "needs a C++ compiler and minutes of compilation)")
 
     NON_SEMANTIC = tuple(dict.fromkeys(
         CommonConfig.NON_SEMANTIC + getattr(DataFlags, "NON_SEMANTIC", ()) + (
@@ -337,255 +338,304 @@ def run(cfg: BaseTrainConfig) -> dict:
 
     rt = compute_init(cfg.device_type, cfg.dtype, cfg.seed)
     try:
-        return train(cfg, rt, tokenizer_dir, ckpt_dir, out_dir)
+        trainer = Trainer(cfg, rt, tokenizer_dir, ckpt_dir, out_dir)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+        return trainer.finish()
     finally:
         compute_cleanup()
 
 
-def train(cfg: BaseTrainConfig, rt: Runtime, tokenizer_dir: Path, ckpt_dir: Path, out_dir: Path) -> dict:
-    cuda = rt.device_type == "cuda"
-    wandb_run = init_wandb(cfg.run, "nanopipe", cfg.model_dump(mode="json"), rt.master)
-    autocast_ctx = (torch.amp.autocast(device_type=rt.device_type, dtype=torch.bfloat16)
-                    if rt.dtype == torch.bfloat16 else contextlib.nullcontext())
-    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
-    print0(f"Device: {rt.device} ({rt.world_size} process(es)), compute dtype {rt.dtype}")
+class Trainer:
+    """One base-training run: __init__ builds (or restores) everything, fit() runs the loop to the end.
 
-    # --- data and tokenizer ------------------------------------------------
-    tokenizer = get_tokenizer(tokenizer_dir)
-    token_bytes = get_token_bytes(tokenizer_dir, device=rt.device)
-    shards = ensure_shards(cfg)
-    print0(f"Data: {len(shards.train)} training shard(s) in {shards.data_dir}, validation {shards.val.name}")
-    bundle_dir = find_eval_bundle(cfg.eval_bundle_dir)
-    if cfg.core_metric_every is not None and bundle_dir is None:
-        print0(bundle_missing_message(cfg.eval_bundle_dir))
+    The loop runs steps 0..num_iterations-1; at step == num_iterations it saves, evaluates and stops.
+    `loop` is all the state besides the step that a checkpoint carries to resume exactly.
+    """
 
-    # --- model -------------------------------------------------------------
-    model_config = build_model_config(cfg.depth, cfg.aspect_ratio, cfg.head_dim, cfg.max_seq_len,
-                                      tokenizer.get_vocab_size())
-    info = describe_run(cfg, model_config, rt.world_size, rt.device_type)
-    print_description(info)
-    num_iterations, grad_accum = info["num_iterations"], info["grad_accum_steps"]
-    flops_per_token = info["flops_per_token"]
-    orig_model = GPT.create(model_config, device=rt.device)
-    resume_step = resolve_resume_step(cfg, ckpt_dir, rt.world_size)
-    meta = None
-    if resume_step is not None:
-        model_state, optim_state, meta = load_checkpoint(ckpt_dir, resume_step, rt.device, load_optimizer=True,
-                                                         rank=rt.rank)
-        if meta.get("model_config") != model_config.__dict__:
-            raise ConfigError(f"checkpoint step {resume_step} in {ckpt_dir} is a different model "
-                              f"({meta.get('model_config')}) from these flags ({model_config.__dict__})")
-        orig_model.load_state_dict(model_state, strict=True, assign=True)
-        del model_state
-        print0(f"Resuming from step {resume_step} of {ckpt_dir}")
-    model = torch.compile(orig_model, dynamic=False) if cuda else orig_model
+    def __init__(self, cfg: BaseTrainConfig, rt: Runtime, tokenizer_dir: Path, ckpt_dir: Path, out_dir: Path):
+        self.cfg, self.rt = cfg, rt
+        self.tokenizer_dir, self.ckpt_dir, self.out_dir = tokenizer_dir, ckpt_dir, out_dir
+        self.wandb = init_wandb(cfg.run, "nanopipe", cfg.model_dump(mode="json"), rt.master)
+        self.autocast = (torch.amp.autocast(device_type=rt.device_type, dtype=torch.bfloat16)
+                         if rt.dtype == torch.bfloat16 else contextlib.nullcontext())
+        self.synchronize = torch.cuda.synchronize if rt.device_type == "cuda" else (lambda: None)
+        self.gpu_peak_flops = peak_flops(rt.device_type)
+        print0(f"Device: {rt.device} ({rt.world_size} process(es)), compute dtype {rt.dtype}")
 
-    # --- optimizers: LRs scale as sqrt(batch / 2^19) -------------------------
-    lr_scale = batch_lr_scale(cfg.total_batch_size, REFERENCE_BATCH_TOKENS)
-    if lr_scale != 1.0:
-        print0(f"Learning rates x {lr_scale:.4f} for a batch of {cfg.total_batch_size:,} tokens "
-               f"(reference {REFERENCE_BATCH_TOKENS:,})")
-    optimizers = orig_model.setup_optimizers(
-        unembedding_lr=cfg.unembedding_lr * lr_scale, embedding_lr=cfg.embedding_lr * lr_scale,
-        matrix_lr=cfg.matrix_lr * lr_scale, weight_decay=cfg.weight_decay)
-    adamw, muon = optimizers
-    if meta is not None:
-        for opt, state in zip(optimizers, optim_state):
-            opt.load_state_dict(state)
-        del optim_state
+        self.tokenizer = get_tokenizer(tokenizer_dir)
+        self.token_bytes = get_token_bytes(tokenizer_dir, device=rt.device)
+        self.shards = ensure_shards(cfg)
+        print0(f"Data: {len(self.shards.train)} training shard(s) in {self.shards.data_dir}, "
+               f"validation {self.shards.val.name}")
+        self.bundle_dir = find_eval_bundle(cfg.eval_bundle_dir)
+        if cfg.core_metric_every is not None and self.bundle_dir is None:
+            print0(bundle_missing_message(cfg.eval_bundle_dir))
 
-    # --- data loaders ------------------------------------------------------
-    loader_state = None
-    if meta is not None:
+        self.model_config = build_model_config(cfg.depth, cfg.aspect_ratio, cfg.head_dim, cfg.max_seq_len,
+                                               self.tokenizer.get_vocab_size())
+        self.info = describe_run(cfg, self.model_config, rt.world_size, rt.device_type)
+        print_description(self.info)
+        self.num_iterations, self.grad_accum = self.info["num_iterations"], self.info["grad_accum_steps"]
+
+        self.resume_step = resolve_resume_step(cfg, ckpt_dir, rt.world_size)
+        checkpoint = self._load_checkpoint() if self.resume_step is not None else None
+        self._build_model(checkpoint)
+        self._build_optimizers(checkpoint)
+        self._build_train_loader(checkpoint)
+        self.step = checkpoint[2]["step"] if checkpoint else 0
+        self.loop = {"smooth_train_loss": 0.0, "total_training_time": 0.0, "timed_steps": 0,
+                     "min_val_bpb": float("inf"), "val_bpb": None, "core_metric": None}
+        if checkpoint:
+            self.loop.update(checkpoint[2]["loop_state"])
+        self.samples: list[str] = []
+        self.mfu = None
+
+    # --- setup --------------------------------------------------------------
+
+    def _load_checkpoint(self) -> tuple:
+        model_state, optim_state, meta = load_checkpoint(self.ckpt_dir, self.resume_step, self.rt.device,
+                                                         load_optimizer=True, rank=self.rt.rank)
+        if meta.get("model_config") != self.model_config.__dict__:
+            raise ConfigError(f"checkpoint step {self.resume_step} in {self.ckpt_dir} is a different model "
+                              f"({meta.get('model_config')}) from these flags ({self.model_config.__dict__})")
         saved = meta["loader_state"]
-        if saved["world_size"] != rt.world_size:
-            raise ConfigError(f"checkpoint step {resume_step} in {ckpt_dir} was written by {saved['world_size']} "
-                              f"process(es); resume it with the same number (this run has {rt.world_size})")
-        loader_state = saved["ranks"][rt.rank]
-    train_loader = BestFitLoader(tokenizer, shards.train, cfg.device_batch_size, cfg.max_seq_len, device=rt.device,
-                                 rank=rt.rank, world_size=rt.world_size, resume_state=loader_state)
-    step_loader_state = train_loader.state_dict()   # where the batches of the current step begin
-    x, y = next(train_loader)
+        if saved["world_size"] != self.rt.world_size:
+            raise ConfigError(f"checkpoint step {self.resume_step} in {self.ckpt_dir} was written by "
+                              f"{saved['world_size']} process(es); resume it with the same number "
+                              f"(this run has {self.rt.world_size})")
+        print0(f"Resuming from step {self.resume_step} of {self.ckpt_dir}")
+        return model_state, optim_state, meta
 
-    # --- loop state ----------------------------------------------------------
-    loop = {"smooth_train_loss": 0.0, "total_training_time": 0.0, "timed_steps": 0, "min_val_bpb": float("inf"),
-            "val_bpb": None, "core_metric": None}
-    step = 0
-    if meta is not None:
-        step = meta["step"]
-        loop.update(meta["loop_state"])
-    user_config = cfg.model_dump(mode="json")
-    gpu_peak = peak_flops(rt.device_type)
-    mfu = None
-    samples: list[str] = []
+    def _build_model(self, checkpoint) -> None:
+        self.orig_model = GPT.create(self.model_config, device=self.rt.device)
+        if checkpoint:
+            self.orig_model.load_state_dict(checkpoint[0], strict=True, assign=True)
+        use_compile = self.cfg.compile if self.cfg.compile is not None else self.rt.device_type == "cuda"
+        # the training inputs never change shape; evaluation and sampling use the uncompiled module
+        self.model = torch.compile(self.orig_model, dynamic=False) if use_compile else self.orig_model
 
-    def checkpoint_meta() -> dict:
+    def _build_optimizers(self, checkpoint) -> None:
+        cfg = self.cfg
+        lr_scale = batch_lr_scale(cfg.total_batch_size, REFERENCE_BATCH_TOKENS)  # sqrt(B / 2^19)
+        if lr_scale != 1.0:
+            print0(f"Learning rates x {lr_scale:.4f} for a batch of {cfg.total_batch_size:,} tokens "
+                   f"(reference {REFERENCE_BATCH_TOKENS:,})")
+        self.optimizers = self.orig_model.setup_optimizers(
+            unembedding_lr=cfg.unembedding_lr * lr_scale, embedding_lr=cfg.embedding_lr * lr_scale,
+            matrix_lr=cfg.matrix_lr * lr_scale, weight_decay=cfg.weight_decay)
+        self.muon = self.optimizers[1]
+        if checkpoint:
+            for opt, state in zip(self.optimizers, checkpoint[1]):
+                opt.load_state_dict(state)
+
+    def _build_train_loader(self, checkpoint) -> None:
+        state = checkpoint[2]["loader_state"]["ranks"][self.rt.rank] if checkpoint else None
+        self.train_loader = BestFitLoader(self.tokenizer, self.shards.train, self.cfg.device_batch_size,
+                                          self.cfg.max_seq_len, device=self.rt.device, rank=self.rt.rank,
+                                          world_size=self.rt.world_size, resume_state=state)
+        self.step_loader_state = self.train_loader.state_dict()  # where the current step's batches begin
+        self.batch = next(self.train_loader)
+
+    # --- checkpoints ----------------------------------------------------------
+
+    def checkpoint_meta(self) -> dict:
+        """Everything a resume needs; a collective under torchrun (it gathers every rank's loader state)."""
+        cfg = self.cfg
         return {
-            "model_config": model_config.__dict__,
-            "tokenizer_dir": str(tokenizer_dir),
-            "user_config": user_config,
-            "val_bpb": loop["val_bpb"],
-            "core_metric": loop["core_metric"],
-            "num_iterations": num_iterations,
+            "model_config": self.model_config.__dict__,
+            "tokenizer_dir": str(self.tokenizer_dir),
+            "user_config": cfg.model_dump(mode="json"),
+            "val_bpb": self.loop["val_bpb"],
+            "core_metric": self.loop["core_metric"],
+            "num_iterations": self.num_iterations,
             "device_batch_size": cfg.device_batch_size,
             "max_seq_len": cfg.max_seq_len,
             "total_batch_size": cfg.total_batch_size,
-            "data_fingerprint": shards.fingerprint(),
-            "loader_state": gather_loader_state(step_loader_state, rt),
-            "loop_state": dict(loop),
+            "data_fingerprint": self.shards.fingerprint(),
+            "loader_state": gather_loader_state(self.step_loader_state, self.rt),
+            "loop_state": dict(self.loop),
         }
 
-    def save(at_step: int) -> None:
-        meta_now = checkpoint_meta()  # collective (loader states): every rank builds it
-        save_checkpoint(ckpt_dir, at_step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers],
-                        meta_now, rank=rt.rank)
-        barrier(rt)  # every rank's optimizer file is on disk before anyone moves on
+    def save(self) -> None:
+        meta = self.checkpoint_meta()
+        save_checkpoint(self.ckpt_dir, self.step, self.orig_model.state_dict(),
+                        [opt.state_dict() for opt in self.optimizers], meta, rank=self.rt.rank)
+        barrier(self.rt)  # every rank's optimizer file is on disk before anyone moves on
 
-    def run_evaluations(at_step: int, last: bool) -> None:
-        nonlocal samples
-        if last or (cfg.eval_every is not None and at_step % cfg.eval_every == 0):
-            model.eval()
-            loop["val_bpb"] = evaluate_split_bpb(model, tokenizer, [shards.val], cfg.device_batch_size,
-                                                 cfg.max_seq_len, cfg.eval_tokens, rt, token_bytes, autocast_ctx)
-            loop["min_val_bpb"] = min(loop["min_val_bpb"], loop["val_bpb"])
-            print0(f"Step {at_step:05d} | val bpb: {loop['val_bpb']:.6f}")
-            report_progress(step=at_step, total=num_iterations, val_bpb=loop["val_bpb"])
-            wandb_run.log({"step": at_step, "val/bpb": loop["val_bpb"]})
-            model.train()
-        if (bundle_dir is not None and cfg.core_metric_every is not None
-                and (last or (at_step > 0 and at_step % cfg.core_metric_every == 0))):
-            orig_model.eval()  # uncompiled: the prompts change shape all the time
-            core = evaluate_core(orig_model, tokenizer, rt.device, bundle_dir, cfg.core_metric_max_per_task,
-                                 autocast_ctx)
-            loop["core_metric"] = core["core_metric"]
-            print0(f"Step {at_step:05d} | CORE metric: {core['core_metric']:.4f}")
-            wandb_run.log({"step": at_step, "core_metric": core["core_metric"]})
-            orig_model.train()
-        if (rt.master and cfg.sample_every is not None
-                and (last or (at_step > 0 and at_step % cfg.sample_every == 0))):
-            orig_model.eval()
-            with autocast_ctx:
-                samples = generate_samples(orig_model, tokenizer, SAMPLE_PROMPTS)
-            for sample in samples:
+    # --- evaluations ------------------------------------------------------------
+
+    def due(self, every: int | None, last: bool, at_zero: bool = False) -> bool:
+        if every is None:
+            return False
+        return last or (at_zero or self.step > 0) and self.step % every == 0
+
+    def evaluate(self, last: bool) -> None:
+        cfg, step = self.cfg, self.step
+        if last or self.due(cfg.eval_every, last, at_zero=True):
+            self.model.eval()
+            bpb = evaluate_split_bpb(self.model, self.tokenizer, [self.shards.val], cfg.device_batch_size,
+                                     cfg.max_seq_len, cfg.eval_tokens, self.rt, self.token_bytes, self.autocast)
+            self.model.train()
+            self.loop["val_bpb"], self.loop["min_val_bpb"] = bpb, min(self.loop["min_val_bpb"], bpb)
+            print0(f"Step {step:05d} | val bpb: {bpb:.6f}")
+            report_progress(step=step, total=self.num_iterations, val_bpb=bpb)
+            self.wandb.log({"step": step, "val/bpb": bpb})
+        if self.bundle_dir is not None and self.due(cfg.core_metric_every, last):
+            self.orig_model.eval()  # uncompiled: the prompts change shape all the time
+            core = evaluate_core(self.orig_model, self.tokenizer, self.rt.device, self.bundle_dir,
+                                 cfg.core_metric_max_per_task, self.autocast)
+            self.orig_model.train()
+            self.loop["core_metric"] = core["core_metric"]
+            print0(f"Step {step:05d} | CORE metric: {core['core_metric']:.4f}")
+            self.wandb.log({"step": step, "core_metric": core["core_metric"]})
+        if self.rt.master and self.due(cfg.sample_every, last):
+            self.orig_model.eval()
+            with self.autocast:
+                self.samples = generate_samples(self.orig_model, self.tokenizer, SAMPLE_PROMPTS)
+            self.orig_model.train()
+            for sample in self.samples:
                 print0(f"  sample: {sample!r}")
-            orig_model.train()
 
-    # --- the loop ----------------------------------------------------------
-    print0(f"Training {num_iterations:,} steps of {cfg.total_batch_size:,} tokens from step {step}")
-    gc_frozen = False
+    # --- training -----------------------------------------------------------
+
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step over grad_accum micro-batches: (mean loss over ranks, lr multiplier, seconds)."""
+        self.synchronize()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.rt.device)
+        for micro_step in range(self.grad_accum):
+            inputs, targets = self.batch
+            with self.autocast:
+                loss = self.model(inputs, targets)
+            loss_sum += loss.detach()
+            (loss / self.grad_accum).backward()  # .backward() sums gradients: average over the micro-steps
+            if micro_step == self.grad_accum - 1:
+                self.step_loader_state = self.train_loader.state_dict()
+            self.batch = next(self.train_loader)  # copied to the device while it still computes
+        cfg = self.cfg
+        lrm = lr_multiplier(self.step, self.num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        momentum = muon_momentum(self.step)
+        for group in self.muon.param_groups:
+            group["momentum"] = momentum
+        for opt in self.optimizers:
+            opt.step()  # under torchrun the optimizers average the gradients across ranks themselves
+        self.orig_model.zero_grad(set_to_none=True)
+        loss = mean_across_ranks(loss_sum / self.grad_accum, self.rt).item()
+        self.synchronize()
+        return loss, lrm, time.perf_counter() - t0
+
+    def log_step(self, loss: float, lrm: float, dt: float) -> None:
+        cfg, step, loop = self.cfg, self.step, self.loop
+        loop["smooth_train_loss"] = EMA_BETA * loop["smooth_train_loss"] + (1 - EMA_BETA) * loss
+        smooth = loop["smooth_train_loss"] / (1 - EMA_BETA ** (step + 1))  # debiased EMA
+        if step >= UNTIMED_STEPS:
+            loop["total_training_time"] += dt
+            loop["timed_steps"] += 1
+        tok_per_sec = cfg.total_batch_size / dt
+        line = (f"step {step:05d}/{self.num_iterations:05d} ({100 * step / self.num_iterations:.2f}%) | loss: "
+                f"{smooth:.6f} (this step {loss:.6f}) | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
+                f"tok/sec: {tok_per_sec:,.0f}")
+        if self.gpu_peak_flops is not None:
+            self.mfu = 100 * self.info["flops_per_token"] * tok_per_sec / (self.gpu_peak_flops * self.rt.world_size)
+            line += f" | mfu: {self.mfu:.2f}%"
+        if loop["timed_steps"]:
+            eta = (self.num_iterations - step - 1) * loop["total_training_time"] / loop["timed_steps"]
+            line += f" | eta: {eta / 60:.1f}m"
+        line += f" | epoch: {self.train_loader.epoch} | mem: {peak_memory_mib(self.rt.device_type):,.0f}MiB"
+        print0(line)
+        report_progress(step=step + 1, total=self.num_iterations, loss=smooth)
+        if step % 100 == 0:
+            self.wandb.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/dt": dt,
+                            "train/tok_per_sec": tok_per_sec, "train/mfu": self.mfu,
+                            "train/epoch": self.train_loader.epoch})
+
+    def fit(self) -> None:
+        print0(f"Training {self.num_iterations:,} steps of {self.cfg.total_batch_size:,} tokens from step {self.step}")
+        save_every = self.cfg.save_every
+        with gc_frozen_after_first_step() as after_step:
+            while self.step < self.num_iterations:
+                self.evaluate(last=False)
+                if self.due(save_every, last=False) and self.step != self.resume_step:
+                    self.save()
+                loss, lrm, dt = self.train_step()
+                if not math.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"training loss is {loss} at step {self.step}: the run diverged. Lower the learning rates "
+                        f"(--matrix_lr, --embedding_lr, --unembedding_lr) or check the data; the last checkpoint "
+                        f"in {self.ckpt_dir} is intact")
+                self.log_step(loss, lrm, dt)
+                self.step += 1
+                after_step(self.step)
+        # the weights first: an evaluation that crashes or runs out of memory cannot lose them
+        if not (self.step == self.resume_step and meta_path(self.ckpt_dir, self.step).is_file()):
+            self.save()
+        self.evaluate(last=True)
+
+    def close(self) -> None:
+        self.train_loader.close()
+
+    def finish(self) -> dict:
+        """Complete the final meta with the final evaluations, write metrics.json, return the metrics."""
+        loop, cfg = self.loop, self.cfg
+        if self.rt.master:
+            path = meta_path(self.ckpt_dir, self.step)
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            meta["val_bpb"], meta["core_metric"] = loop["val_bpb"], loop["core_metric"]
+            atomic_write_json(path, meta)
+        timed = loop["timed_steps"]
+        metrics = {
+            "step": self.step,
+            "num_iterations": self.num_iterations,
+            "val_bpb": loop["val_bpb"],
+            "min_val_bpb": loop["min_val_bpb"] if loop["val_bpb"] is not None else None,
+            "core_metric": loop["core_metric"],
+            "train_loss": loop["smooth_train_loss"] / (1 - EMA_BETA ** self.step) if self.step else None,
+            "num_params": self.info["num_params"],
+            "flops_per_token": self.info["flops_per_token"],
+            "total_tokens": cfg.total_batch_size * self.num_iterations,
+            "total_training_time_s": loop["total_training_time"],
+            "tokens_per_sec": cfg.total_batch_size * timed / loop["total_training_time"] if timed else None,
+            "mfu_percent": self.mfu,
+            "peak_memory_mib": peak_memory_mib(self.rt.device_type),
+            "world_size": self.rt.world_size,
+            "checkpoint_dir": str(self.ckpt_dir),
+            "samples": self.samples,
+        }
+        print0(f"Peak memory: {metrics['peak_memory_mib']:,.0f} MiB | training time: "
+               f"{loop['total_training_time'] / 60:.2f}m | final val bpb: {loop['val_bpb']} | min val bpb: "
+               f"{metrics['min_val_bpb']}")
+        write_metrics(self.out_dir, metrics)
+        self.wandb.finish()
+        return metrics
+
+
+@contextlib.contextmanager
+def gc_frozen_after_first_step():
+    """Python's cyclic GC keeps rescanning the long-lived setup objects for nothing: after the first step,
+    freeze them and collect by hand every 5000 steps instead. Restored on exit."""
+    state = {"frozen": False}
+
+    def after_step(step: int) -> None:
+        if not state["frozen"]:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+            state["frozen"] = True
+        elif step % 5000 == 0:
+            gc.collect()
+
     try:
-        while True:
-            last_step = step == num_iterations
-            if last_step:
-                # weights first: an evaluation that crashes or runs out of memory cannot lose them
-                if not (step == resume_step and meta_path(ckpt_dir, step).is_file()):
-                    save(step)
-                run_evaluations(step, last=True)
-                break
-            run_evaluations(step, last=False)
-            if cfg.save_every is not None and step > 0 and step != resume_step and step % cfg.save_every == 0:
-                save(step)
-
-            # --- one optimizer step over grad_accum micro-batches -------------
-            synchronize()
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=rt.device)
-            for micro_step in range(grad_accum):
-                with autocast_ctx:
-                    loss = model(x, y)
-                loss_sum += loss.detach()
-                (loss / grad_accum).backward()  # .backward() sums gradients: average over micro-steps
-                if micro_step == grad_accum - 1:
-                    step_loader_state = train_loader.state_dict()
-                x, y = next(train_loader)  # the next batch is copied over while the device still computes
-            lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = group["initial_lr"] * lrm
-            momentum = muon_momentum(step)
-            for group in muon.param_groups:
-                group["momentum"] = momentum
-            for opt in optimizers:
-                opt.step()
-            orig_model.zero_grad(set_to_none=True)
-            train_loss = mean_across_ranks(loss_sum / grad_accum, rt).item()
-            synchronize()
-            dt = time.perf_counter() - t0
-
-            if not math.isfinite(train_loss):
-                raise NonFiniteLossError(
-                    f"training loss is {train_loss} at step {step}: the run diverged. Lower the learning rates "
-                    f"(--matrix_lr, --embedding_lr, --unembedding_lr) or check the data; the last checkpoint "
-                    f"in {ckpt_dir} is intact")
-
-            # --- logging --------------------------------------------------------
-            loop["smooth_train_loss"] = EMA_BETA * loop["smooth_train_loss"] + (1 - EMA_BETA) * train_loss
-            smooth = loop["smooth_train_loss"] / (1 - EMA_BETA ** (step + 1))
-            if step >= UNTIMED_STEPS:
-                loop["total_training_time"] += dt
-                loop["timed_steps"] += 1
-            tok_per_sec = cfg.total_batch_size / dt
-            line = (f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {smooth:.6f} "
-                    f"(this step {train_loss:.6f}) | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f}")
-            if gpu_peak is not None:
-                mfu = 100 * flops_per_token * cfg.total_batch_size / dt / (gpu_peak * rt.world_size)
-                line += f" | mfu: {mfu:.2f}%"
-            if loop["timed_steps"]:
-                eta = (num_iterations - step - 1) * loop["total_training_time"] / loop["timed_steps"]
-                line += f" | eta: {eta / 60:.1f}m"
-            line += f" | epoch: {train_loader.epoch} | mem: {peak_memory_mib(rt.device_type):,.0f}MiB"
-            print0(line)
-            report_progress(step=step + 1, total=num_iterations, loss=smooth)
-            if step % 100 == 0:
-                wandb_run.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/dt": dt,
-                               "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/epoch": train_loader.epoch})
-            step += 1
-            if not gc_frozen:
-                # Python's cyclic GC scans the long-lived setup objects again and again for nothing; freeze
-                # them once after the first step and collect by hand every few thousand steps instead
-                gc.collect()
-                gc.freeze()
-                gc.disable()
-                gc_frozen = True
-            elif step % 5000 == 0:
-                gc.collect()
+        yield after_step
     finally:
-        train_loader.close()
-        if gc_frozen:
+        if state["frozen"]:
             gc.enable()
             gc.unfreeze()
-
-    # --- wrap up -----------------------------------------------------------
-    if rt.master:
-        final_meta_path = meta_path(ckpt_dir, step)
-        final_meta = json.loads(final_meta_path.read_text(encoding="utf-8"))
-        final_meta["val_bpb"], final_meta["core_metric"] = loop["val_bpb"], loop["core_metric"]
-        atomic_write_json(final_meta_path, final_meta)   # the final evaluations' results, now known
-    timed = loop["timed_steps"]
-    metrics = {
-        "step": step,
-        "num_iterations": num_iterations,
-        "val_bpb": loop["val_bpb"],
-        "min_val_bpb": loop["min_val_bpb"] if loop["val_bpb"] is not None else None,
-        "core_metric": loop["core_metric"],
-        "train_loss": loop["smooth_train_loss"] / (1 - EMA_BETA ** step) if step else None,
-        "num_params": info["num_params"],
-        "flops_per_token": flops_per_token,
-        "total_tokens": cfg.total_batch_size * num_iterations,
-        "total_training_time_s": loop["total_training_time"],
-        "tokens_per_sec": cfg.total_batch_size * timed / loop["total_training_time"] if timed else None,
-        "mfu_percent": mfu,
-        "peak_memory_mib": peak_memory_mib(rt.device_type),
-        "world_size": rt.world_size,
-        "checkpoint_dir": str(ckpt_dir),
-        "samples": samples,
-    }
-    print0(f"Peak memory: {metrics['peak_memory_mib']:,.0f} MiB | training time: "
-           f"{loop['total_training_time'] / 60:.2f}m | final val bpb: {loop['val_bpb']} | min val bpb: "
-           f"{metrics['min_val_bpb']}")
-    write_metrics(out_dir, metrics)
-    wandb_run.finish()
-    return metrics
 
 
 def main(argv: list[str] | None = None) -> None:
