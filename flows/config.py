@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from flows.launcher import Resources
 from flows.presets import PRESETS, deep_merge, preset_values
 from flows.stages import STEP_NAMES, Step
 from nanopipe.config import NanoConfig, build_config
 from nanopipe.dataset import DataFlags
+from nanopipe.stages.base_eval import BaseEvalConfig
+from nanopipe.stages.base_train import BaseTrainConfig
 from nanopipe.stages.tok_eval import TokEvalConfig
 from nanopipe.stages.tok_train import TokTrainConfig
 
@@ -27,8 +29,14 @@ StageName = Literal[tuple(STEP_NAMES)]  # type: ignore[valid-type]
 PresetName = Literal[tuple(PRESETS)]    # type: ignore[valid-type]
 
 
-class DataSource(DataFlags):
-    """Where the pretraining text comes from; applied to every stage that reads text."""
+# How many shards a stage reads stays per stage (the tokenizer needs a few, pretraining hundreds: as in
+# nanochat's `-n 8` then `-n 370`), so growing the pretraining data never retrains the tokenizer.
+PER_STAGE_DATA_FIELDS = ("num_shards",)
+
+DataSource = create_model(
+    "DataSource", __base__=NanoConfig, __doc__="Where the pretraining text comes from, for every stage that reads text.",
+    **{name: (info.annotation, info) for name, info in DataFlags.model_fields.items()
+       if name not in PER_STAGE_DATA_FIELDS})
 
 
 class PipelineConfig(BaseModel):
@@ -40,7 +48,10 @@ class PipelineConfig(BaseModel):
     data: DataSource = Field(default_factory=DataSource, description="data source for every stage that reads text")
     tok_train: TokTrainConfig = Field(default_factory=TokTrainConfig, description="tokenizer training")
     tok_eval: TokEvalConfig = Field(default_factory=TokEvalConfig, description="tokenizer evaluation")
+    base_train: BaseTrainConfig = Field(default_factory=BaseTrainConfig, description="base pretraining")
+    base_eval: BaseEvalConfig = Field(default_factory=BaseEvalConfig, description="base model evaluation")
     run_rl: bool = Field(False, description="also run the (optional) reinforcement-learning stage")
+    stop_after: StageName | None = Field(None, description="end the run after this stage (none: run them all)")
     recompute_from: StageName | None = Field(
         None, description="recompute this stage and everything after it even when cached artifacts verify")
     resources: Resources = Field(default_factory=Resources, description="torchrun layout, env, timeout, retries")

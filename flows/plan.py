@@ -9,9 +9,11 @@ seconds instead of after hours of pretraining.
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
+import importlib
+import io
 import os
-import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from flows.artifacts import artifact_dir, artifact_hash, code_version, read_mani
 from flows.config import PipelineConfig
 from flows.launcher import Resources, stage_command
 from flows.stages import STEP_NAMES, STEPS, Step, get_step
-from nanopipe.config import ConfigError, config_digest, to_cli_args
+from nanopipe.config import ConfigError, build_config, config_digest, to_cli_args
 from nanopipe.common import get_base_dir
 
 
@@ -57,9 +59,10 @@ def plan_pipeline(config: PipelineConfig, home: str | os.PathLike | None = None)
     code = code_version()
     plans: dict[str, StagePlan] = {}
     for step in STEPS:
-        if not config.enabled(step):
-            continue
-        plans[step.name] = plan_step(config, step, plans, code, home)
+        if config.enabled(step):
+            plans[step.name] = plan_step(config, step, plans, code, home)
+        if step.name == config.stop_after:
+            break
     return list(plans.values())
 
 
@@ -109,32 +112,59 @@ def steps_from(plans: list[StagePlan], name: str | None) -> set[str]:
 # -----------------------------------------------------------------------------
 # Preflight: each training stage's own dry run (shapes, batch arithmetic, memory estimate)
 
-def dry_run_command(plan: StagePlan) -> list[str]:
-    return stage_command(plan.module, [*plan.args, f"--{plan.dry_run_flag}=true"], plan.resources, distributed=False)
+_ENV_LOCK = threading.Lock()
 
 
-def _dry_run(plan: StagePlan, timeout_seconds: float) -> tuple[str, int, str]:
-    env = {**os.environ, **plan.resources.env, "PYTHONUNBUFFERED": "1"}
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def dry_run_env(plan: StagePlan) -> dict[str, str]:
+    # torchrun's variables without torchrun: the stage sees the world size it will train with (so the
+    # batch arithmetic is checked for it) while a dry run never joins a process group
+    world_size = plan.resources.nproc_per_node * plan.resources.nnodes
+    return {**plan.resources.env, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size)}
+
+
+def dry_run(plan: StagePlan) -> str:
+    """Run the stage's own dry run (`run(cfg)` with its dry-run flag) here, in-process: the stage module is
+    already imported for its config, so the check costs milliseconds instead of a new interpreter.
+    Returns what it printed; raises PlanError naming the stage."""
+    module = importlib.import_module(plan.module)
+    config_class = PipelineConfig.model_fields[get_step(plan.step).config_field].annotation
+    out = io.StringIO()
     try:
-        proc = subprocess.run(dry_run_command(plan), capture_output=True, text=True, env=env,
-                              timeout=timeout_seconds, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return plan.step, -1, f"dry run did not finish in {timeout_seconds:.0f} s"
-    return plan.step, proc.returncode, (proc.stdout + proc.stderr)
+        cfg = build_config(config_class, {**plan.config, plan.dry_run_flag: True})
+        with _environment(dry_run_env(plan)), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            module.run(cfg)
+    except (Exception, SystemExit) as err:   # any failure of the check is the answer: report it, with output
+        tail = "\n".join(out.getvalue().strip().splitlines()[-15:])
+        raise PlanError(f"stage {plan.step}: dry run failed: {type(err).__name__}: {err}\n{tail}".rstrip()) from None
+    return out.getvalue()
 
 
-def preflight(plans: list[StagePlan], timeout_seconds: float = 300.0, log=print) -> None:
-    """Run the dry-run check of every plan that has one, in parallel; raise naming each failing stage."""
-    checks = [p for p in plans if p.dry_run_flag]
-    if not checks:
-        return
+def preflight(plans: list[StagePlan], log=print) -> None:
+    """Dry-run every plan that has a dry-run flag; raise naming each failing stage (all of them)."""
     failures = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, len(checks))) as pool:
-        for step, code, output in pool.map(lambda p: _dry_run(p, timeout_seconds), checks):
-            if code != 0:
-                tail = "\n".join(output.strip().splitlines()[-15:])
-                failures.append(f"stage {step}: dry run failed (exit code {code}):\n{tail}")
-            else:
-                log(f"preflight {step}: ok\n" + "\n".join(output.strip().splitlines()[-12:]))
+    for plan in plans:
+        if not plan.dry_run_flag:
+            continue
+        try:
+            output = dry_run(plan)
+        except PlanError as err:
+            failures.append(str(err))
+            continue
+        log(f"preflight {plan.step}: ok\n" + "\n".join(output.strip().splitlines()[-12:]))
     if failures:
         raise PlanError("preflight failed before any stage ran:\n" + "\n\n".join(failures))

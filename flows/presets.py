@@ -10,6 +10,9 @@ deployment's `{"config": {"preset": NAME, ...}}` both start here; given values w
     mem-40gb      speedrun-d20 on 40 GB GPUs: device batch 16 (gradient accumulation keeps the total batch)
     mem-24gb      24 GB GPUs: depth 16, device batch 8
     single-gpu    one GPU: depth 12, device batch 4
+
+The GPU presets read FineWeb-Edu shards through huggingface-hub (`data.data_source=hf`): the tokenizer
+the first 8 shards, pretraining as many as its token budget needs.
 """
 
 from __future__ import annotations
@@ -20,25 +23,41 @@ from typing import Any
 _GPU_NODE = {"resources": {"nproc_per_node": 8, "env": {"OMP_NUM_THREADS": "1"}, "retries": 2,
                            "retry_delay_seconds": 60}}
 
-_SPEEDRUN: dict[str, Any] = {
-    **_GPU_NODE,
-    "data": {"data_source": "hf"},
-    "tok_train": {"max_chars": 2_000_000_000, "vocab_size": 32768},
-}
+
+def _gpu_run(depth: int, device_batch_size: int, base_shards: int, **resources) -> dict[str, Any]:
+    """A FineWeb-Edu run on GPUs in nanochat's shape: the tokenizer on ~2B chars of 8 shards, the model
+    trained for 20 tokens per parameter, evaluated on CORE and bits per byte."""
+    return {
+        "resources": {**_GPU_NODE["resources"], **resources},
+        "data": {"data_source": "hf"},
+        "tok_train": {"max_chars": 2_000_000_000, "vocab_size": 32768, "num_shards": 8},
+        "base_train": {"depth": depth, "device_batch_size": device_batch_size, "target_param_data_ratio": 20,
+                       "num_shards": base_shards},
+        "base_eval": {"device_batch_size": device_batch_size},
+    }
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo-cpu": {
         "data": {"data_source": "builtin"},
-        "resources": {"nproc_per_node": 1, "retries": 1, "retry_delay_seconds": 1},
+        "resources": {"nproc_per_node": 1, "retries": 1, "retry_delay_seconds": 1, "env": {"OMP_NUM_THREADS": "2"}},
         "tok_train": {"max_chars": 3_000_000, "vocab_size": 2048, "device_type": "cpu"},
         "tok_eval": {"val_chars": 200_000, "references": [], "device_type": "cpu"},
+        "base_train": {"device_type": "cpu", "depth": 4, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 256,
+                       "device_batch_size": 8, "total_batch_size": 4096, "num_iterations": 40, "eval_every": 20,
+                       "eval_tokens": 16384, "core_metric_every": None, "sample_every": None, "save_every": 10},
+        "base_eval": {"device_type": "cpu", "eval": "bpb,sample", "device_batch_size": 8, "split_tokens": 16384},
     },
-    "d12": {**_SPEEDRUN, "tok_train": {"max_chars": 1_000_000_000, "vocab_size": 32768}},
-    "speedrun-d20": _SPEEDRUN,
-    "d26": {**_SPEEDRUN, "tok_train": {"max_chars": 4_000_000_000, "vocab_size": 32768}},
-    "mem-40gb": _SPEEDRUN,
-    "mem-24gb": _SPEEDRUN,
-    "single-gpu": {**_SPEEDRUN, "resources": {"nproc_per_node": 1, "retries": 2, "retry_delay_seconds": 60}},
+    # depth 12, ~135M parameters: a couple of hours' worth of nanochat-style training on one 8-GPU node
+    "d12": _gpu_run(12, 32, base_shards=80),
+    # nanochat's speedrun: d20 (561M parameters), 8xH100, ~4 h; 370 shards cover 11.2B tokens plus cropping
+    "speedrun-d20": _gpu_run(20, 32, base_shards=370),
+    # d26 on 8xH100: batch 16 per device fits 80 GB, gradient accumulation keeps the 524,288-token batch
+    "d26": _gpu_run(26, 16, base_shards=450),
+    # the seed's memory-constrained settings
+    "mem-40gb": _gpu_run(20, 16, base_shards=370),                       # A100 40 GB class
+    "mem-24gb": _gpu_run(16, 8, base_shards=160),                        # 24 GB consumer GPUs
+    "single-gpu": _gpu_run(12, 4, base_shards=80, nproc_per_node=1),    # one GPU of >= 24 GB
 }
 
 

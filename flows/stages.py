@@ -39,7 +39,13 @@ STEPS: list[Step] = [
     Step("tok_train", "nanopipe.stages.tok_train", "tok_train", output="tokenizer", distributed=False,
          tag=_tag_field("v{vocab_size}"), key_metrics=("vocab_size", "train_chars", "val_bytes_per_token")),
     Step("tok_eval", "nanopipe.stages.tok_eval", "tok_eval", inputs={"tokenizer_dir": ("tok_train", "tokenizer")},
-         distributed=False, key_metrics=("val_bytes_per_token",)),
+         distributed=False, tag=lambda cfg: "eval", key_metrics=("val_bytes_per_token",)),
+    Step("base_train", "nanopipe.stages.base_train", "base_train", inputs={"tokenizer_dir": ("tok_train", "tokenizer")},
+         output="checkpoints", resume_flag=("resume_from_step", "latest"), dry_run_flag="dry_run",
+         tag=_tag_field("d{depth}"), key_metrics=("val_bpb", "core_metric", "train_loss", "num_params", "tokens_per_sec")),
+    Step("base_eval", "nanopipe.stages.base_eval", "base_eval",
+         inputs={"checkpoint_dir": ("base_train", "checkpoints"), "tokenizer_dir": ("tok_train", "tokenizer")},
+         fixed={"source": "base"}, tag=lambda cfg: "eval", key_metrics=("core_metric", "val_bpb", "train_bpb")),
 ]
 
 STEP_NAMES = [s.name for s in STEPS]

@@ -1,0 +1,259 @@
+"""The pipeline as Prefect flows on a tiny CPU config: end to end, cached re-runs, kills and resume,
+damaged artifacts, preflight, concurrency. Against a temporary Prefect server (prefect_test_harness)."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.artifacts import read_manifest, verify
+from flows.config import PipelineConfig
+from flows.pipeline import full_pipeline, stage_flow
+from flows.plan import plan_pipeline
+from flows.presets import deep_merge
+from flows.tasks import LOG_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH_HEADER = " $ "   # each attempt writes one "# <time> $ <command>" line into stage.log
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_backend():
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """One builtin corpus for every test of the module (materialised by the first stage that reads it)."""
+    return tmp_path_factory.mktemp("data") / "builtin"
+
+
+@pytest.fixture(scope="module")
+def shared_home(tmp_path_factory):
+    """A NANOPIPE_HOME kept across the kill tests, so they share one trained tokenizer."""
+    return tmp_path_factory.mktemp("shared-home")
+
+
+@pytest.fixture
+def kill_home(shared_home, monkeypatch) -> Path:
+    monkeypatch.setenv("NANOPIPE_HOME", str(shared_home))
+    return shared_home
+
+
+def tiny(data_dir: Path, **overrides) -> dict:
+    """The demo-cpu preset, shrunk: a depth-2, width-64 model on 64-token sequences, vocab 512."""
+    values = {
+        "preset": "demo-cpu",
+        "data": {"data_source": "builtin", "data_dir": str(data_dir)},
+        "resources": {"retries": 0, "retry_delay_seconds": 0, "env": {"OMP_NUM_THREADS": "1"}},
+        "tok_train": {"max_chars": 300_000, "vocab_size": 512},
+        "tok_eval": {"val_chars": 20_000},
+        "base_train": {"depth": 2, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 64, "device_batch_size": 4,
+                       "total_batch_size": 256, "num_iterations": 12, "eval_every": None, "eval_tokens": 512,
+                       "save_every": 6},
+        "base_eval": {"eval": "bpb", "device_batch_size": 4, "split_tokens": 512},
+    }
+    return deep_merge(values, overrides)
+
+
+def plans_of(values: dict) -> dict:
+    return {p.step: p for p in plan_pipeline(PipelineConfig.model_validate(values))}
+
+
+def run(values: dict):
+    """Run full_pipeline; (final state, {step: task run state name}, wall seconds)."""
+    started = time.monotonic()
+    state = full_pipeline(values, return_state=True)
+    return state, task_states(state.state_details.flow_run_id), time.monotonic() - started
+
+
+def task_states(flow_run_id: UUID) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.split(":")[0]: r.state.name for r in runs}
+
+
+def artifacts_of(flow_run_id: UUID) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+
+
+def launches(artifact_dir: str) -> int:
+    log = Path(artifact_dir) / LOG_FILE
+    return sum(1 for line in log.read_text().splitlines() if line.startswith("# ") and LAUNCH_HEADER in line)
+
+
+def kill_torchrun_after_checkpoint(out_dir: str, timeout: float = 180) -> threading.Thread:
+    """SIGKILL the torchrun launcher writing into `out_dir` as soon as its first checkpoint is complete."""
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if list(Path(out_dir).glob("meta_*.json")):
+                for entry in os.listdir("/proc"):
+                    try:
+                        cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                    except (OSError, ValueError):
+                        continue
+                    if b"torch.distributed.run" in cmdline and out_dir.encode() in cmdline:
+                        os.kill(int(entry), signal.SIGKILL)
+                        return
+            time.sleep(0.02)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+# -----------------------------------------------------------------------------
+
+def test_end_to_end_then_everything_cached(home, data_dir):
+    values = tiny(data_dir)
+    state, states, first_seconds = run(values)
+    assert state.is_completed(), state.message
+    assert states == {"tok_train": "Completed", "tok_eval": "Completed", "base_train": "Completed",
+                      "base_eval": "Completed"}
+    plans = plans_of(values)
+    for plan in plans.values():
+        assert verify(plan.artifact_dir, plan.hash), plan.step
+        assert Path(plan.artifact_dir).parent.parent == home / "artifacts"
+    base = read_manifest(plans["base_train"].artifact_dir)
+    assert base["upstream"]["tokenizer_dir"]["hash"] == plans["tok_train"].hash
+    assert base["metrics"]["step"] == 12 and base["metrics"]["val_bpb"] > 0
+    assert "out/../" not in str(base["files"]) and "checkpoints/model_000012.pt" in base["files"]
+    log = (Path(plans["base_train"].artifact_dir) / LOG_FILE).read_text()
+    assert "step 00011/00012" in log and "@@nanopipe-progress" in log
+    kinds = {(a.type, a.key) for a in artifacts_of(state.state_details.flow_run_id)}
+    assert ("markdown", "nanopipe-summary") in kinds and ("table", "nanopipe-metrics") in kinds
+    assert any(kind == "progress" for kind, _ in kinds)
+
+    state, states, second_seconds = run(values)
+    assert state.is_completed()
+    assert set(states.values()) == {"Cached"}, states
+    assert second_seconds < first_seconds / 3
+    assert all(launches(p.artifact_dir) == 1 for p in plans.values())
+    refs = state.result()
+    assert refs["base_train"].metrics["step"] == 12 and refs["base_train"].path == plans["base_train"].artifact_dir
+
+
+def test_killed_stage_is_retried_and_resumes_from_its_checkpoint(kill_home, data_dir):
+    values = tiny(data_dir, resources={"retries": 1}, base_train={"num_iterations": 150, "save_every": 10},
+                  stop_after="base_train")
+    plan = plans_of(values)["base_train"]
+    killer = kill_torchrun_after_checkpoint(plan.out_dir)
+    state, states, _ = run(values)
+    killer.join()
+    assert state.is_completed(), state.message
+    assert states["base_train"] == "Completed"
+    manifest = read_manifest(plan.artifact_dir)
+    assert manifest["timings"]["attempt"] == 2 and manifest["metrics"]["step"] == 150
+    log = (Path(plan.artifact_dir) / LOG_FILE).read_text()
+    assert launches(plan.artifact_dir) == 2
+    assert "--resume_from_step=latest" in log.split(LAUNCH_HEADER)[-1].splitlines()[0]
+    assert "Resuming from step" in log
+    assert f"exit code {-signal.SIGKILL}" in log
+
+
+def test_a_failed_run_rerun_executes_no_upstream_stage(kill_home, data_dir):
+    values = tiny(data_dir, base_train={"num_iterations": 140, "save_every": 10}, stop_after="base_train")
+    plans = plans_of(values)
+    killer = kill_torchrun_after_checkpoint(plans["base_train"].out_dir)
+    state, states, _ = run(values)
+    killer.join()
+    assert state.is_failed()
+    assert states["base_train"] == "Failed" and {states["tok_train"], states["tok_eval"]} <= {"Completed", "Cached"}
+    assert "SIGKILL" in state.message or "SIGKILL" in str(state.result(raise_on_failure=False))
+    assert not verify(plans["base_train"].artifact_dir)
+
+    state, states, _ = run(values)
+    assert state.is_completed(), state.message
+    assert states == {"tok_train": "Cached", "tok_eval": "Cached", "base_train": "Completed"}
+    assert launches(plans["tok_train"].artifact_dir) == 1
+    assert "Resuming from step" in (Path(plans["base_train"].artifact_dir) / LOG_FILE).read_text()
+
+
+def test_damaged_or_deleted_artifacts_are_recomputed(home, data_dir):
+    values = tiny(data_dir, stop_after="tok_eval")
+    plans = plans_of(values)
+    assert run(values)[0].is_completed()
+
+    metrics = Path(plans["tok_eval"].out_dir) / "metrics.json"
+    metrics.write_text(metrics.read_text() + " ")
+    state, states, _ = run(values)
+    assert states == {"tok_train": "Cached", "tok_eval": "Completed"}
+    assert verify(plans["tok_eval"].artifact_dir, plans["tok_eval"].hash)
+
+    subprocess.run(["rm", "-rf", plans["tok_train"].artifact_dir], check=True)
+    state, states, _ = run(values)
+    assert state.is_completed()
+    # same inputs, same address: the recomputed tokenizer lands where it was, the eval stays valid
+    assert states == {"tok_train": "Completed", "tok_eval": "Cached"}
+    assert verify(plans["tok_train"].artifact_dir, plans["tok_train"].hash)
+
+
+def test_recompute_from_forces_that_stage_and_later_ones(home, data_dir):
+    values = tiny(data_dir, stop_after="tok_eval")
+    assert run(values)[0].is_completed()
+    state, states, _ = run({**values, "recompute_from": "tok_eval"})
+    assert state.is_completed()
+    assert states == {"tok_train": "Cached", "tok_eval": "Completed"}
+    assert launches(plans_of(values)["tok_eval"].artifact_dir) == 1   # discarded, then produced afresh
+
+
+def test_bad_late_stage_setting_fails_before_any_stage_runs(home, data_dir):
+    # 256 tokens per step do not split over 3 processes x 4 sequences x 64 tokens: only the dry run knows
+    values = tiny(data_dir, resources={"nproc_per_node": 3})
+    started = time.monotonic()
+    state, states, _ = run(values)
+    assert state.is_failed() and time.monotonic() - started < 60
+    assert "preflight" in state.message and "--total_batch_size" in state.message
+    assert states == {} and not (home / "artifacts").exists()
+
+    state = full_pipeline(tiny(data_dir, base_eval={"eval": "nope"}), return_state=True)
+    assert state.is_failed() and "nope" in state.message
+
+
+def test_concurrent_runs_of_one_config_produce_it_once(home, data_dir):
+    values = tiny(data_dir, stop_after="tok_train")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(run(values))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r[0].is_completed() for r in results] == [True, True]
+    plan = plans_of(values)["tok_train"]
+    assert launches(plan.artifact_dir) == 1 and verify(plan.artifact_dir, plan.hash)
+
+
+def test_a_single_stage_flow_needs_its_inputs(home, data_dir):
+    values = tiny(data_dir)
+    state = stage_flow("tok_eval", values, return_state=True)
+    assert state.is_failed() and "tok_train" in state.message and "run those stages first" in state.message
+    assert stage_flow("tok_train", values, return_state=True).is_completed()
+    ref = stage_flow("tok_eval", values)
+    assert ref.stage == "tok_eval" and verify(ref.path, ref.hash)
+
+
+def test_the_cli_runs_the_pipeline(home, data_dir):
+    from prefect.settings import PREFECT_API_URL
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    args = ["--preset=demo-cpu", f"--home={home}", f"--data.data_dir={data_dir}", "--stop_after=tok_train",
+            "--tok_train.max_chars=300000", "--tok_train.vocab_size=512", "--resources.env.OMP_NUM_THREADS=1"]
+    out = subprocess.run([sys.executable, "-m", "nanopipe.cli", "run", *args], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "nanopipe: Completed" in out.stdout
+    status = subprocess.run([sys.executable, "-m", "nanopipe.cli", "status", *args, "--json"], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert '"state": "complete"' in status.stdout and "tok_train" in status.stdout
