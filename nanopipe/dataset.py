@@ -424,11 +424,14 @@ def write_split_shards(documents: Iterable[tuple[str, str]], out_dir: Path, val_
 # -----------------------------------------------------------------------------
 # builtin: the documentation that ships with Python
 
-BUILTIN_VERSION = 1  # bump when the corpus recipe changes
+BUILTIN_VERSION = 2  # bump when the corpus recipe changes
 BUILTIN_VAL_FRACTION = 0.05
 BUILTIN_ROW_GROUP_DOCS = 16
 BUILTIN_SHARD_CHARS = 500_000
-BUILTIN_DOC_CHARS = 12_000  # long modules are cut into documents of about this size, at docstring boundaries
+# Long topics and modules are cut into documents of at most about this size, at paragraph/docstring
+# boundaries: web-text sized documents, so the best-fit packer fills short rows (CPU presets use 256-token
+# rows, ~800 characters) from whole documents instead of cropping one long document per row.
+BUILTIN_DOC_CHARS = 2_000
 # stdlib folders without prose: test suites, generated codecs, the pydoc topics (read through their table)
 _SKIP_DIRS = {"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages", "encodings",
               "pydoc_data"}
@@ -441,9 +444,10 @@ def _pydoc_topic_documents() -> Iterator[tuple[str, str]]:
         print0("builtin corpus: pydoc_data is not installed, using the standard library docstrings only")
         return
     for name in sorted(topics):
-        text = topics[name].strip()
-        if len(text) >= 200:
-            yield f"pydoc-topic:{name}", text
+        for text in split_text_documents(topics[name].strip(), BUILTIN_DOC_CHARS):
+            if len(text) >= 200:
+                # the key is the topic, so all parts of one topic land in the same split
+                yield f"pydoc-topic:{name}", text
 
 
 def _docstring_sections(tree: ast.Module, module: str) -> list[str]:
