@@ -3,8 +3,8 @@ Content-addressed stage outputs: `NANOPIPE_HOME/artifacts/<stage>/<tag>-<hash>/`
 
 The hash covers everything that decides what a stage computes: the stage name, its config digest
 (`nanopipe.config.config_digest`, which leaves out logging names and output paths), the hashes of the
-artifacts it reads, and the code version (package version + a hash of the nanopipe/ sources). Same inputs,
-same directory; any change, a new one.
+artifacts it reads, and the code version (package version + a hash of the stage module and every nanopipe
+module it imports). Same inputs, same directory; any change, a new one.
 
 A directory is complete only when its `manifest.json` (written last, atomically) verifies: every listed
 file present with the recorded size and sha256. Anything else is a leftover of an interrupted run: its
@@ -13,6 +13,7 @@ checkpoints may be resumed from, its other contents are never returned as a resu
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
 import functools
@@ -49,26 +50,81 @@ def _sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def source_hash(package_dir: Path | None = None) -> str:
-    """sha256 over the relative paths and bytes of every .py file of the nanopipe package."""
-    root = Path(package_dir or Path(nanopipe.__file__).parent)
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        if "__pycache__" in path.parts:
+def _module_file(name: str, root: Path, package: str) -> Path | None:
+    """The source file of `package.a.b` under `root` (the package directory), if it is one of ours."""
+    parts = name.split(".")
+    if parts[0] != package:
+        return None
+    base = root.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_names(path: Path, root: Path, package: str) -> set[str]:
+    """Every module name an `import` / `from ... import` anywhere in the file can refer to (functions too)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    here = [package, *path.relative_to(root).with_suffix("").parts][:-1]   # the module's package
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[: len(here) - (node.level - 1)] + ([node.module] if node.module else [])
+                module = ".".join(base)
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)   # `from pkg import submodule`
+    return names
+
+
+def module_closure(module: str, root: Path | None = None, package: str = "nanopipe") -> list[Path]:
+    """The source files a module runs: itself, every package module it imports (transitively, wherever
+    the import statement is), and the `__init__.py` of each package on the way."""
+    root = Path(root or Path(nanopipe.__file__).parent)
+    start = _module_file(module, root, package)
+    assert start is not None, f"{module} is not a module of {package} under {root}"
+    seen: set[Path] = set()
+    todo = [start]
+    while todo:
+        path = todo.pop()
+        if path in seen:
             continue
+        seen.add(path)
+        for parent in path.relative_to(root).parents:   # package __init__ files run on import too
+            init = root / parent / "__init__.py"
+            if init.is_file() and init not in seen:
+                todo.append(init)
+        for name in _imported_names(path, root, package):
+            found = _module_file(name, root, package)
+            if found is not None and found not in seen:
+                todo.append(found)
+    return sorted(seen)
+
+
+def source_hash(files: list[Path], root: Path) -> str:
+    """sha256 over the relative paths and bytes of the given source files."""
+    digest = hashlib.sha256()
+    for path in sorted(files):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()[:HASH_CHARS]
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """What the key calls "code version": `<package version>+<source hash>`.
+@functools.lru_cache(maxsize=None)
+def code_version(module: str) -> str:
+    """What the key calls "code version" for a stage module: `<package version>+<hash of its sources>`,
+    where its sources are the module and every nanopipe module it imports. A change to the model code
+    thus recomputes training but not the tokenizer.
 
     Computed once per process: the code a process plans with stays the code it hashed, even if files
     change underneath it (a later run in a new process picks the change up).
     """
-    return f"{nanopipe.__version__}+{source_hash()}"
+    root = Path(nanopipe.__file__).parent
+    return f"{nanopipe.__version__}+{source_hash(module_closure(module, root), root)}"
 
 
 def artifact_hash(stage: str, config_digest: str, upstream: dict[str, str], code: str) -> str:
@@ -143,7 +199,7 @@ def versions() -> dict[str, str]:
         prefect_version = prefect.__version__
     except ImportError:
         prefect_version = "absent"
-    return {"nanopipe": nanopipe.__version__, "code": code_version(), "python": platform.python_version(),
+    return {"nanopipe": nanopipe.__version__, "python": platform.python_version(),
             "torch": torch.__version__, "prefect": prefect_version, "pydantic": pydantic.__version__,
             "host": socket.gethostname()}
 

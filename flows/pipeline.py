@@ -109,7 +109,12 @@ def run_steps(plans: list[StagePlan], config: PipelineConfig, title: str) -> dic
     outcomes: list[StepOutcome] = []
     try:
         for plan in plans:
-            outcome = execute(plan, force=plan.step in force, storage=storage, logger=logger)
+            started = time.monotonic()
+            try:
+                outcome = execute(plan, force=plan.step in force, storage=storage, logger=logger)
+            except BaseException:   # cancelled or killed mid-stage: say so in the summary, then go on unwinding
+                outcomes.append(StepOutcome(plan, "Interrupted", time.monotonic() - started))
+                raise
             outcomes.append(outcome)
             if outcome.exception is not None:
                 raise outcome.exception

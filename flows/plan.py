@@ -34,6 +34,7 @@ class StagePlan(BaseModel):
     module: str
     tag: str
     hash: str = Field(description="content address of the step's artifact")
+    code_version: str = Field(description="package version + hash of the stage module and what it imports")
     artifact_dir: str
     out_dir: str = Field(description="the stage's --out_dir inside the artifact directory")
     config: dict[str, Any] = Field(description="the stage config as launched (inputs and out_dir wired)")
@@ -56,11 +57,10 @@ class PlanError(ValueError):
 def plan_pipeline(config: PipelineConfig, home: str | os.PathLike | None = None) -> list[StagePlan]:
     """Resolve every enabled step of the pipeline, in order."""
     home = Path(home) if home else get_base_dir()
-    code = code_version()
     plans: dict[str, StagePlan] = {}
     for step in STEPS:
         if config.enabled(step):
-            plans[step.name] = plan_step(config, step, plans, code, home)
+            plans[step.name] = plan_step(config, step, plans, code_version(step.module), home)
         if step.name == config.stop_after:
             break
     return list(plans.values())
@@ -83,7 +83,8 @@ def plan_step(config: PipelineConfig, step: Step, upstream_plans: dict[str, Stag
     except ConfigError as err:
         raise PlanError(f"stage {step.name}: {err}") from None
     return StagePlan(
-        step=step.name, module=step.module, tag=step.tag(semantic), hash=digest, artifact_dir=str(directory),
+        step=step.name, module=step.module, tag=step.tag(semantic), hash=digest, code_version=code,
+        artifact_dir=str(directory),
         out_dir=wired["out_dir"], config=cfg.model_dump(mode="json"), args=to_cli_args(cfg),
         upstream={f: {"step": p.step, "hash": p.hash, "path": p.artifact_dir} for f, p in upstream.items()},
         resources=config.resources_for(step), distributed=step.distributed, resume_flag=step.resume_flag,

@@ -40,7 +40,8 @@ def _gpu_run(depth: int, device_batch_size: int, base_shards: int, **resources) 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo-cpu": {
         "data": {"data_source": "builtin"},
-        "resources": {"nproc_per_node": 1, "retries": 1, "retry_delay_seconds": 1, "env": {"OMP_NUM_THREADS": "2"}},
+        # two single-threaded processes (torchrun + gloo DDP) beat one two-threaded one on a 2-core CPU
+        "resources": {"nproc_per_node": 2, "retries": 1, "retry_delay_seconds": 1, "env": {"OMP_NUM_THREADS": "1"}},
         "tok_train": {"max_chars": 3_000_000, "vocab_size": 2048, "device_type": "cpu"},
         "tok_eval": {"val_chars": 200_000, "references": [], "device_type": "cpu"},
         "base_train": {"device_type": "cpu", "depth": 4, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 256,
@@ -65,7 +66,7 @@ def deep_merge(base: dict, override: dict) -> dict:
     """`override` laid over `base`, recursing into dicts that are present in both."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("env",):
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

@@ -130,7 +130,8 @@ def run_stage(plan: StagePlan) -> ArtifactRef:
                    "attempt": task_run.run_count}
         write_manifest(directory, stage=plan.step, digest=plan.hash, config=plan.config, upstream=plan.upstream,
                        metrics=metrics, timings=timings,
-                       extra={"command": cmd, "flow_run_id": flow_run.id, "task_run_id": task_run.id})
+                       extra={"command": cmd, "code_version": plan.code_version, "flow_run_id": flow_run.id,
+                              "task_run_id": task_run.id})
         logger.info(f"{plan.step}: done in {result.seconds:.1f} s -> {directory}")
         return ArtifactRef(stage=plan.step, hash=plan.hash, path=str(directory), metrics=metrics,
                            seconds=round(result.seconds, 3))

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flows.artifacts import (artifact_dir, artifact_hash, artifact_lock, code_version, discard, read_manifest,
-                             ref_from_manifest, source_hash, verify, write_manifest)
+from flows.artifacts import (artifact_dir, artifact_hash, artifact_lock, code_version, discard, module_closure,
+                             read_manifest, ref_from_manifest, source_hash, verify, write_manifest)
 from flows.config import PipelineConfig
 from flows.plan import plan_pipeline
 
@@ -35,24 +35,54 @@ def test_any_change_gives_a_new_hash(base, other):
         assert artifact_hash(*base) != artifact_hash(*other)
 
 
-def test_source_hash_follows_every_source_file(tmp_path):
-    pkg = tmp_path / "pkg"
-    (pkg / "stages").mkdir(parents=True)
-    (pkg / "a.py").write_text("x = 1\n")
-    (pkg / "stages" / "b.py").write_text("y = 2\n")
-    first = source_hash(pkg)
-    assert source_hash(pkg) == first
-    (pkg / "stages" / "b.py").write_text("y = 3\n")
-    assert source_hash(pkg) != first
-    (pkg / "stages" / "b.py").write_text("y = 2\n")
-    assert source_hash(pkg) == first
-    (pkg / "stages" / "b.py").rename(pkg / "stages" / "c.py")   # same bytes, other file name
-    assert source_hash(pkg) != first
+def _package(tmp_path: Path) -> Path:
+    """pkg/{__init__,common,model,unrelated}.py and pkg/stages/{__init__,train,tok}.py with varied imports."""
+    root = tmp_path / "pkg"
+    (root / "stages").mkdir(parents=True)
+    files = {
+        "__init__.py": "__version__ = '1'\n",
+        "common.py": "import os\n",
+        "model.py": "from pkg.common import os\n",
+        "unrelated.py": "x = 1\n",
+        "stages/__init__.py": "",
+        "stages/tok.py": "from pkg import common\n",
+        "stages/train.py": "from .. import model\ndef f():\n    import pkg.stages.tok\n",
+    }
+    for rel, text in files.items():
+        (root / rel).write_text(text)
+    return root
+
+
+def _closure(root, module):
+    return sorted(p.relative_to(root).as_posix() for p in module_closure(module, root, package="pkg"))
+
+
+def test_a_stage_hashes_the_modules_it_imports_and_no_others(tmp_path):
+    root = _package(tmp_path)
+    assert _closure(root, "pkg.stages.tok") == ["__init__.py", "common.py", "stages/__init__.py", "stages/tok.py"]
+    # relative imports, imports inside functions, and what those import in turn
+    assert _closure(root, "pkg.stages.train") == ["__init__.py", "common.py", "model.py", "stages/__init__.py",
+                                                  "stages/tok.py", "stages/train.py"]
+
+
+def test_source_hash_follows_the_sources_it_covers(tmp_path):
+    root = _package(tmp_path)
+    tok = lambda: source_hash(module_closure("pkg.stages.tok", root, package="pkg"), root)
+    train = lambda: source_hash(module_closure("pkg.stages.train", root, package="pkg"), root)
+    first_tok, first_train = tok(), train()
+    assert (tok(), train()) == (first_tok, first_train)
+    (root / "unrelated.py").write_text("x = 2\n")
+    assert (tok(), train()) == (first_tok, first_train)
+    (root / "model.py").write_text("from pkg.common import os  # changed\n")
+    assert tok() == first_tok and train() != first_train
+    (root / "common.py").write_text("import sys\n")
+    assert tok() != first_tok
 
 
 def test_code_version_names_the_package_version():
     import nanopipe
-    assert code_version().startswith(nanopipe.__version__ + "+")
+    version = code_version("nanopipe.stages.tok_train")
+    assert version.startswith(nanopipe.__version__ + "+") and version != code_version("nanopipe.stages.base_train")
 
 
 # -----------------------------------------------------------------------------
@@ -124,7 +154,7 @@ def test_a_written_manifest_verifies_and_lists_files(tmp_path):
     assert set(manifest["files"]) == {"out/model_000010.pt", "out/metrics.json", "stage.log"}
     assert manifest["files"]["out/model_000010.pt"]["bytes"] == 700
     assert len(manifest["files"]["stage.log"]["sha256"]) == 64
-    assert {"torch", "prefect", "code", "python"} <= set(manifest["versions"])
+    assert {"torch", "prefect", "nanopipe", "python"} <= set(manifest["versions"])
     ref = ref_from_manifest(directory)
     assert (ref.hash, ref.metrics, ref.seconds) == ("0123456789abcdef", {"val_bpb": 1.5}, 2.5)
 

@@ -55,7 +55,7 @@ def tiny(data_dir: Path, **overrides) -> dict:
     values = {
         "preset": "demo-cpu",
         "data": {"data_source": "builtin", "data_dir": str(data_dir)},
-        "resources": {"retries": 0, "retry_delay_seconds": 0, "env": {"OMP_NUM_THREADS": "1"}},
+        "resources": {"nproc_per_node": 1, "retries": 0, "retry_delay_seconds": 0, "env": {"OMP_NUM_THREADS": "1"}},
         "tok_train": {"max_chars": 300_000, "vocab_size": 512},
         "tok_eval": {"val_chars": 20_000},
         "base_train": {"depth": 2, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 64, "device_batch_size": 4,

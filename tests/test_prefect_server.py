@@ -1,0 +1,101 @@
+"""Integration against a real `prefect server start` on 127.0.0.1: `prefect deploy --all` from prefect.yaml,
+a process worker on the `nanopipe` pool runs the full-pipeline deployment, and cancelling a run mid-stage
+leaves no process behind."""
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+from flows.artifacts import verify
+from tests.test_flows_server_support import POOL, TINY, prefect_stack, wait_for_state
+
+EXPECTED_DEPLOYMENTS = {"full-pipeline/full-pipeline", "full-pipeline/nightly", "stage/stage-tok-train",
+                        "stage/stage-tok-eval", "stage/stage-base-train", "stage/stage-base-eval"}
+
+
+@pytest.fixture(scope="module")
+def stack():
+    return prefect_stack()
+
+
+def processes_of_flow_run(flow_run_id: str) -> list[int]:
+    """Pids (not zombies) whose environment names this flow run: its process, torchrun, the workers."""
+    needle = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if needle in environ.split(b"\0") and state != b"Z":
+            pids.append(int(entry))
+    return pids
+
+
+def run_deployment(stack, name: str, parameters: dict, watch: bool) -> tuple[str, str]:
+    args = ["deployment", "run", name, "--params", json.dumps(parameters)]
+    if watch:
+        args += ["--watch", "--watch-timeout", "400"]
+    done = stack.prefect(*args, timeout=450)
+    match = re.search(r"UUID: ([0-9a-f-]{36})", done.stdout)
+    assert match, f"no flow run id in the output:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return match.group(1), done.stdout + done.stderr
+
+
+def test_prefect_yaml_deploys_every_deployment_to_the_pool(stack):
+    from prefect.client.orchestration import SyncPrefectClient
+    with SyncPrefectClient(stack.api_url) as client:
+        deployments = client.read_deployments()
+        flows = {f.id: f.name for f in client.read_flows()}
+        names = {f"{flows[d.flow_id]}/{d.name}" for d in deployments}
+        assert EXPECTED_DEPLOYMENTS <= names
+        assert {d.work_pool_name for d in deployments} == {POOL}
+        nightly = client.read_deployment_by_name("full-pipeline/nightly")
+        assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+        scheduled = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id])))
+        assert scheduled and all(r.state.name == "Scheduled" for r in scheduled)   # pre-created nightly runs
+        manual = client.read_deployment_by_name("full-pipeline/full-pipeline")
+        assert manual.parameters == {"config": {"preset": "demo-cpu"}} and not manual.schedules
+        schema = manual.parameter_openapi_schema
+        assert "PipelineConfig" in json.dumps(schema) and "recompute_from" in json.dumps(schema)
+
+
+def test_a_worker_runs_the_full_pipeline_deployment(stack):
+    flow_run_id, output = run_deployment(stack, "full-pipeline/full-pipeline", {"config": TINY}, watch=True)
+    state = wait_for_state(stack, flow_run_id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, timeout=60)
+    assert state.type.value == "COMPLETED", f"{state.name}: {state.message}\n{output[-3000:]}\n{stack.log('worker.log')}"
+    tokenizers = list((stack.nanopipe_home / "artifacts" / "tok_train").glob("v512-*"))
+    assert len(tokenizers) == 1 and verify(tokenizers[0])
+    assert (tokenizers[0] / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_cancelling_a_run_mid_stage_leaves_no_process(stack):
+    config = {**TINY, "stop_after": "base_train",
+              "base_train": {"depth": 2, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 64,
+                             "device_batch_size": 4, "total_batch_size": 256, "num_iterations": 100_000,
+                             "eval_every": None, "eval_tokens": 512}}
+    flow_run_id, _ = run_deployment(stack, "full-pipeline/full-pipeline", {"config": config}, watch=False)
+    deadline = time.monotonic() + 240
+    training = []
+    while time.monotonic() < deadline and len(training) < 2:   # torchrun and its worker are up
+        training = [p for p in processes_of_flow_run(flow_run_id)
+                    if b"nanopipe.stages.base_train" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        time.sleep(0.2)
+    assert len(training) >= 2, f"base_train never started; worker log:\n{stack.log('worker.log')}"
+
+    done = stack.prefect("flow-run", "cancel", flow_run_id)
+    assert done.returncode == 0, done.stdout + done.stderr
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and processes_of_flow_run(flow_run_id):
+        time.sleep(0.2)
+    assert processes_of_flow_run(flow_run_id) == [], "processes survived the cancellation"
+    state = wait_for_state(stack, flow_run_id, {"CANCELLED"}, timeout=90)
+    assert state.name == "Cancelled"
