@@ -46,8 +46,9 @@ class StagePlan(BaseModel):
     checkpoint_glob: str = "model_*.pt"
     dry_run_flag: str | None = None
 
-    def command(self, extra_args: list[str] = ()) -> list[str]:
-        return stage_command(self.module, [*self.args, *extra_args], self.resources, self.distributed)
+    def command(self) -> list[str]:
+        """The launch command; identical on every node and every attempt (resuming is the stage's job)."""
+        return stage_command(self.module, self.args, self.resources, self.distributed)
 
 
 class PlanError(ValueError):
@@ -79,6 +80,8 @@ def plan_step(config: PipelineConfig, step: Step, upstream_plans: dict[str, Stag
         directory = artifact_dir(step.name, step.tag(semantic), digest, home)
         wired = {f: str(Path(upstream[f].artifact_dir) / sub) for f, (_, sub) in step.inputs.items()}
         wired["out_dir"] = str(directory / step.output)
+        if step.resume_flag:
+            wired[step.resume_flag[0]] = step.resume_flag[1]
         cfg = config.stage_config(step, wired=wired)
     except ConfigError as err:
         raise PlanError(f"stage {step.name}: {err}") from None

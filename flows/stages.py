@@ -26,7 +26,8 @@ class Step:
     inputs: dict[str, tuple[str, str]] = field(default_factory=dict)   # config field -> (step, subpath)
     output: str = "out"                         # subdirectory of the artifact passed as --out_dir
     distributed: bool = True                    # launched with torchrun (else plain python -m)
-    resume_flag: tuple[str, str] | None = None  # (flag, value) that resumes from its checkpoints in output
+    resume_flag: tuple[str, str] | None = None  # (flag, value) always passed: resume from the checkpoints in
+                                                # output if any (so every node gets the same command)
     checkpoint_glob: str = "model_*.pt"         # what counts as "a checkpoint exists" for resume
     dry_run_flag: str | None = None             # flag for the preflight check (shapes, memory), if any
     tag: Callable[[Any], str] = lambda cfg: "run"

@@ -84,22 +84,20 @@ class _Progress:
                                  description=f"{self.step}: {step}/{total} {extras}".strip())
 
 
-def _prepare(plan: StagePlan, logger) -> list[str]:
-    """Make the artifact directory ready to (re)run into; returns extra flags (resume)."""
+def _prepare(plan: StagePlan, logger) -> None:
+    """Make the artifact directory ready to (re)run into."""
     directory, out = Path(plan.artifact_dir), Path(plan.out_dir)
     if read_manifest(directory) is not None:
         # a manifest that does not verify: the directory is damaged, nothing in it can be trusted
         logger.warning(f"{directory}: {verify(directory, plan.hash).reason}; recomputing from scratch")
         discard(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    checkpoints = sorted(out.glob(plan.checkpoint_glob)) if out.is_dir() else []
-    if plan.resume_flag and checkpoints:
-        flag, value = plan.resume_flag
-        logger.info(f"resuming {plan.step} from its checkpoints in {out} (last: {checkpoints[-1].name})")
-        return [f"--{flag}={value}"]
-    if out.exists():   # leftovers of an interrupted run of a stage that cannot resume
+    if plan.resume_flag:
+        checkpoints = sorted(out.glob(plan.checkpoint_glob)) if out.is_dir() else []
+        if checkpoints:
+            logger.info(f"{plan.step} will resume from its checkpoints in {out} (last: {checkpoints[-1].name})")
+    elif out.exists():   # leftovers of an interrupted run of a stage that cannot resume
         shutil.rmtree(out)
-    return []
 
 
 @task(cache_policy=ArtifactCachePolicy(), persist_result=True, retry_condition_fn=retry_if_retryable,
@@ -112,8 +110,8 @@ def run_stage(plan: StagePlan) -> ArtifactRef:
         if verify(directory, plan.hash):
             logger.info(f"{plan.step}: {directory} is already complete (produced by another run)")
             return ref_from_manifest(directory)
-        extra = _prepare(plan, logger)
-        cmd = plan.command(extra)
+        _prepare(plan, logger)
+        cmd = plan.command()
         logger.info(f"{plan.step} attempt {task_run.run_count}: {' '.join(cmd)}")
         started = time.time()
         result = launch(cmd, log_path=directory / LOG_FILE, env=plan.resources.env, on_line=logger.info,

@@ -6,11 +6,12 @@ The `nanopipe` command.
     nanopipe run --preset demo-cpu --recompute_from=base_train   # redo base_train and what follows
     nanopipe stage tok_train --preset demo-cpu --vocab_size=1024 # one stage as its own flow
     nanopipe status --preset demo-cpu                            # which artifacts exist and verify
+    nanopipe command base_train --preset d12 [--exec]            # a stage's exact launch command
     nanopipe data builtin                                        # = python -m nanopipe.dataset builtin
     nanopipe presets                                             # the presets and what they set
 
 Overrides address `PipelineConfig` fields with dots (`--tok_train.vocab_size=1024`, `--resources.env.X=1`);
-`nanopipe stage` also takes the stage's own flags undotted. `--home DIR` sets NANOPIPE_HOME. Without
+`nanopipe stage` and `nanopipe command` also take the stage's own flags undotted. `--home DIR` sets NANOPIPE_HOME. Without
 PREFECT_API_URL the flow runs against Prefect's embedded temporary server: no server to start first.
 
 The library (nanopipe/) never imports Prefect; this module only does so inside the commands that need it.
@@ -141,18 +142,43 @@ def cmd_run(argv: list[str]) -> int:
 
 
 def cmd_stage(argv: list[str]) -> int:
-    from flows.stages import STEP_NAMES, get_step
-    if not argv or argv[0].startswith("-"):
-        raise UsageError(f"usage: nanopipe stage NAME [--preset P] [flags]; NAME is one of {', '.join(STEP_NAMES)}")
-    try:
-        step = get_step(argv[0])
-    except KeyError as err:
-        raise UsageError(err.args[0]) from None
+    step = _stage_argument(argv, "nanopipe stage NAME [--preset P] [flags]")
     config = build_pipeline_config(split_flags(argv[1:]), stage=step)
     _prefect_defaults()
     from flows.pipeline import stage_flow
     state = stage_flow(step.name, config, return_state=True)
     return _report(state)
+
+
+def _stage_argument(argv: list[str], usage: str):
+    from flows.stages import STEP_NAMES, get_step
+    if not argv or argv[0].startswith("-"):
+        raise UsageError(f"usage: {usage}; NAME is one of {', '.join(STEP_NAMES)}")
+    try:
+        return get_step(argv[0])
+    except KeyError as err:
+        raise UsageError(err.args[0]) from None
+
+
+def cmd_command(argv: list[str]) -> int:
+    """Print (or, with --exec, become) one stage's launch command for a config, exactly as the flow runs it.
+
+    On a multi-node run the flow launches torchrun on its own node; every other node runs this with
+    --exec and the same flags, and torchrun's rendezvous joins them."""
+    import shlex
+    from flows.plan import plan_pipeline
+    step = _stage_argument(argv, "nanopipe command NAME [--preset P] [flags] [--exec]")
+    pairs = split_flags(argv[1:])
+    execute = any(k == "exec" and v.lower() in ("1", "true", "yes") for k, v in pairs)
+    config = build_pipeline_config([(k, v) for k, v in pairs if k != "exec"], stage=step)
+    if step.when:
+        config = config.model_copy(update={step.when: True})
+    plan = next(p for p in plan_pipeline(config.model_copy(update={"stop_after": None})) if p.step == step.name)
+    cmd, env = plan.command(), plan.resources.env
+    if execute:
+        os.execve(cmd[0], cmd, {**os.environ, **env, "PYTHONUNBUFFERED": "1"})
+    print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd)]))
+    return 0
 
 
 def _report(state) -> int:
@@ -220,7 +246,8 @@ def cmd_data(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status, "presets": cmd_presets, "data": cmd_data}
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status, "command": cmd_command, "presets": cmd_presets,
+            "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> None:

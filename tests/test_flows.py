@@ -158,7 +158,9 @@ def test_killed_stage_is_retried_and_resumes_from_its_checkpoint(kill_home, data
     assert manifest["timings"]["attempt"] == 2 and manifest["metrics"]["step"] == 150
     log = (Path(plan.artifact_dir) / LOG_FILE).read_text()
     assert launches(plan.artifact_dir) == 2
-    assert "--resume_from_step=latest" in log.split(LAUNCH_HEADER)[-1].splitlines()[0]
+    commands = [line.split(LAUNCH_HEADER, 1)[1] for line in log.splitlines() if line.startswith("# ")
+                and LAUNCH_HEADER in line]
+    assert len(commands) == 2 and commands[0] == commands[1] and "--resume_from_step=latest" in commands[0]
     assert "Resuming from step" in log
     assert f"exit code {-signal.SIGKILL}" in log
 

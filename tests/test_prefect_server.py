@@ -99,3 +99,37 @@ def test_cancelling_a_run_mid_stage_leaves_no_process(stack):
     assert processes_of_flow_run(flow_run_id) == [], "processes survived the cancellation"
     state = wait_for_state(stack, flow_run_id, {"CANCELLED"}, timeout=90)
     assert state.name == "Cancelled"
+
+
+def test_retrying_a_failed_run_reruns_only_the_failed_stage_from_its_checkpoint(stack):
+    from flows.config import PipelineConfig
+    from flows.plan import plan_pipeline
+    config = {**TINY, "stop_after": "base_train",
+              "base_train": {"depth": 2, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 64,
+                             "device_batch_size": 4, "total_batch_size": 256, "num_iterations": 150,
+                             "eval_every": None, "eval_tokens": 512, "save_every": 10}}
+    plans = {p.step: p for p in plan_pipeline(PipelineConfig.model_validate(config), home=stack.nanopipe_home)}
+    out_dir = plans["base_train"].out_dir
+    flow_run_id, _ = run_deployment(stack, "full-pipeline/full-pipeline", {"config": config}, watch=False)
+    deadline = time.monotonic() + 240
+    killed = False
+    while time.monotonic() < deadline and not killed:   # SIGKILL torchrun once a checkpoint is complete
+        if list(Path(out_dir).glob("meta_*.json")):
+            for pid in processes_of_flow_run(flow_run_id):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"torch.distributed.run" in cmdline and out_dir.encode() in cmdline:
+                    os.kill(pid, 9)
+                    killed = True
+        time.sleep(0.05)
+    assert killed, f"base_train never checkpointed; worker log:\n{stack.log('worker.log')}"
+    state = wait_for_state(stack, flow_run_id, {"FAILED", "COMPLETED", "CRASHED"}, timeout=120)
+    assert state.type.value == "FAILED", state.name
+
+    done = stack.prefect("flow-run", "retry", flow_run_id)
+    assert done.returncode == 0, done.stdout + done.stderr
+    state = wait_for_state(stack, flow_run_id, {"COMPLETED", "FAILED", "CRASHED"}, timeout=300)
+    assert state.type.value == "COMPLETED", f"{state.name}: {state.message}\n{stack.log('worker.log')}"
+    log = (Path(plans["base_train"].artifact_dir) / "stage.log").read_text()
+    assert log.count(" $ ") == 2 and "Resuming from step" in log
+    assert verify(plans["base_train"].artifact_dir, plans["base_train"].hash)
+    assert (Path(plans["tok_train"].artifact_dir) / "stage.log").read_text().count(" $ ") == 1

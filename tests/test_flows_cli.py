@@ -1,0 +1,135 @@
+"""The `nanopipe` command's parsing and status view, presets, and the deployments as data (no server)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.artifacts import write_manifest
+from flows.config import PipelineConfig
+from flows.plan import plan_pipeline
+from flows.presets import PRESETS
+from flows.stages import STEP_NAMES
+from nanopipe.cli import UsageError, build_pipeline_config, main, split_flags
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config_from(*argv, stage=None):
+    return build_pipeline_config(split_flags(list(argv)), stage=stage)
+
+
+def test_dotted_overrides_reach_nested_fields_with_their_types():
+    cfg = config_from("--preset=demo-cpu", "--base_train.num_iterations", "7", "--tok_train.vocab-size=1024",
+                      "--resources.env.NCCL_DEBUG=INFO", "--run_rl", "--recompute_from=base_train",
+                      "--tok_eval.references=gpt2,cl100k_base", "--resources.timeout_minutes=1e1")
+    assert cfg.base_train.num_iterations == 7 and cfg.tok_train.vocab_size == 1024
+    assert cfg.resources.env == {"OMP_NUM_THREADS": "1", "NCCL_DEBUG": "INFO"}   # merged into the preset's
+    assert cfg.run_rl is True and cfg.recompute_from == "base_train" and cfg.resources.timeout_minutes == 10
+    assert cfg.tok_eval.references == ["gpt2", "cl100k_base"]
+    assert cfg.base_train.depth == 4   # the preset's value where nothing was given
+
+
+def test_stage_flags_may_be_given_undotted_for_a_single_stage():
+    from flows.stages import get_step
+    cfg = config_from("--preset=demo-cpu", "--depth=6", "--resources.nproc_per_node=1",
+                      stage=get_step("base_train"))
+    assert cfg.base_train.depth == 6 and cfg.resources.nproc_per_node == 1
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--tok_train.vocab_size=3"], "--tok_train.vocab_size"),
+    (["--tok_trian.vocab_size=3"], "no field 'tok_trian'"),
+    (["--preset=nope"], "unknown preset 'nope'"),
+    (["--run_rl.x=1"], "has no sub-field"),
+    (["--recompute_from=nowhere"], "--recompute_from"),
+    (["--resources.nnodes=2"], "rdzv_endpoint"),
+    (["positional"], "unexpected argument"),
+])
+def test_bad_overrides_name_the_flag(argv, needle):
+    with pytest.raises(UsageError, match=needle):
+        config_from(*argv)
+
+
+def test_the_command_exits_2_with_the_reason(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["status", "--base_train.depth=0"])
+    assert exc.value.code == 2 and "--base_train.depth" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["launch"])
+    assert exc.value.code == 2 and "unknown command 'launch'" in capsys.readouterr().err
+
+
+def test_status_tells_complete_corrupted_incomplete_and_absent(home, capsys):
+    args = ["--preset=demo-cpu", f"--home={home}"]
+    plans = {p.step: p for p in plan_pipeline(config_from(*args), home=home)}
+    tok = Path(plans["tok_train"].artifact_dir)
+    (tok / "tokenizer").mkdir(parents=True)
+    (tok / "tokenizer" / "metrics.json").write_text('{"vocab_size": 2048}')
+    write_manifest(tok, stage="tok_train", digest=plans["tok_train"].hash, config={}, upstream={},
+                   metrics={"vocab_size": 2048}, timings={})
+    ev = Path(plans["tok_eval"].artifact_dir)
+    (ev / "out").mkdir(parents=True)
+    (ev / "out" / "metrics.json").write_text("{}")
+    write_manifest(ev, stage="tok_eval", digest=plans["tok_eval"].hash, config={}, upstream={}, metrics={},
+                   timings={})
+    (ev / "out" / "metrics.json").write_text("[]")   # same size, other bytes
+    ckpts = Path(plans["base_train"].out_dir)
+    ckpts.mkdir(parents=True)
+    for step in (10, 20):
+        (ckpts / f"model_{step:06d}.pt").write_bytes(b"w")
+
+    with pytest.raises(SystemExit) as exc:
+        main(["status", *args, "--json"])
+    assert exc.value.code == 3   # not everything is complete
+    rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["tok_train"]["state"] == "complete" and rows["tok_train"]["metrics"] == {"vocab_size": 2048}
+    assert rows["tok_eval"]["state"].startswith("corrupted") and "sha256" in rows["tok_eval"]["state"]
+    assert rows["base_train"]["state"] == "incomplete (2 checkpoints to resume from)"
+    assert rows["base_eval"]["state"] == "absent"
+
+
+def test_command_prints_the_exact_launch_line(home, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["command", "base_train", "--preset=d12", f"--home={home}", "--resources.nnodes=2",
+              "--resources.rdzv_endpoint=node0:29400", "--depth=8"])
+    assert exc.value.code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("OMP_NUM_THREADS=1 ") and "-m torch.distributed.run --nproc_per_node=8 --nnodes=2" in line
+    assert "--rdzv_endpoint=node0:29400" in line and "--depth=8" in line and "--resume_from_step=latest" in line
+    assert f"--out_dir={home}/artifacts/base_train/d8-" in line
+
+
+def test_every_preset_plans_and_validates(tmp_path):
+    for name in PRESETS:
+        plans = plan_pipeline(PipelineConfig(preset=name), home=tmp_path)
+        assert [p.step for p in plans] == STEP_NAMES[:len(plans)] and len(plans) >= 4, name
+
+
+def test_presets_carry_the_memory_constrained_settings():
+    bt = {name: PipelineConfig(preset=name).base_train for name in PRESETS}
+    assert (bt["speedrun-d20"].depth, bt["speedrun-d20"].device_batch_size) == (20, 32)
+    assert (bt["mem-40gb"].depth, bt["mem-40gb"].device_batch_size) == (20, 16)
+    assert (bt["mem-24gb"].depth, bt["mem-24gb"].device_batch_size) == (16, 8)
+    assert (bt["single-gpu"].depth, bt["single-gpu"].device_batch_size) == (12, 4)
+    assert PipelineConfig(preset="single-gpu").resources.nproc_per_node == 1
+    assert (bt["d26"].depth, bt["d12"].depth) == (26, 12)
+
+
+def test_deployments_are_valid_data():
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    names = set()
+    for deployment in spec["deployments"]:
+        names.add(deployment["name"])
+        assert deployment["work_pool"]["name"] == "nanopipe"
+        path, func = deployment["entrypoint"].split(":")
+        assert (REPO / path).is_file() and func in (REPO / path).read_text()
+        params = deployment["parameters"]
+        PipelineConfig.model_validate(params["config"])
+        if func == "stage_flow":
+            assert params["stage"] in STEP_NAMES and deployment["name"] == "stage-" + params["stage"].replace("_", "-")
+    assert {"full-pipeline", "nightly"} <= names
+    assert {f"stage-{s.replace('_', '-')}" for s in STEP_NAMES} <= names   # one per stage of the pipeline
+    for path in sorted((REPO / "deployments" / "params").glob("*.json")):
+        PipelineConfig.model_validate(json.loads(path.read_text())["config"])
