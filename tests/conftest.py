@@ -21,3 +21,15 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point NANOPIPE_HOME at this test's tmp_path, so nothing touches the user's real home."""
     monkeypatch.setenv("NANOPIPE_HOME", str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a busy 2-core machine: one intra-op torch thread is much faster than two fighting
+    (a millisecond forward pass can otherwise take seconds). Modules that want it for every test say
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

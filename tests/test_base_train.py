@@ -34,15 +34,6 @@ def inputs(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models on a busy 2-core machine: one intra-op thread is much faster than two fighting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def flags(inputs: Path, out_dir: Path, **overrides) -> list[str]:
     return tiny_model_flags(tokenizer_dir=inputs / "tokenizer", data_dir=inputs / "data", out_dir=out_dir,
                             device_type="cpu", **overrides)

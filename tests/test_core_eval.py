@@ -174,15 +174,6 @@ def checkpoint(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models on a busy 2-core machine: one intra-op thread is much faster than two fighting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_base_eval_stage_reports_core_bpb_and_samples(checkpoint, tmp_path, one_thread):
     out = tmp_path / "eval"
     base_eval.main([f"--checkpoint_dir={checkpoint / 'ckpt'}", f"--eval_bundle_dir={EVAL_BUNDLE}",
