@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -30,7 +29,7 @@ from flows.tasks import result_storage, run_stage
 @dataclass
 class StepOutcome:
     plan: StagePlan
-    status: str                         # Cached, Completed, Failed, Not run
+    status: str                         # Cached, Completed, Failed, Interrupted, Not run
     seconds: float = 0.0                # wall time in this flow run
     ref: ArtifactRef | None = None
     error: str = ""
@@ -121,7 +120,10 @@ def run_steps(plans: list[StagePlan], config: PipelineConfig, title: str) -> dic
             if outcome.ref is None:
                 raise RuntimeError(f"stage {plan.step} ended {outcome.status}: {outcome.error}")
     finally:
-        print(publish_summary(outcomes, plans, title))
+        try:
+            print(publish_summary(outcomes, plans, title))
+        except Exception as err:   # never let the report hide why the run ended
+            logger.warning(f"could not publish the run summary: {type(err).__name__}: {err}")
     return {o.plan.step: o.ref for o in outcomes}
 
 
@@ -136,8 +138,7 @@ def full_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Artifa
 def stage_flow(stage: StageName, config: PipelineConfig = PipelineConfig()) -> ArtifactRef:
     """One stage as its own flow. Its inputs must already exist (run the upstream stages first)."""
     step = get_step(stage)
-    if step.when and not getattr(config, step.when):
-        config = config.model_copy(update={step.when: True})
+    config = config.model_copy(update={"stop_after": None, **({step.when: True} if step.when else {})})
     plans = {p.step: p for p in plan_pipeline(config)}
     plan = plans[stage]
     missing = [f"{up['step']} ({up['path']})" for up in plan.upstream.values() if not is_complete(plans[up["step"]])]

@@ -83,6 +83,9 @@ class _Progress:
         update_progress_artifact(self.artifact_id, min(100.0, 100.0 * step / total),
                                  description=f"{self.step}: {step}/{total} {extras}".strip())
 
+    def finish(self) -> None:
+        update_progress_artifact(self.artifact_id, 100.0, description=f"{self.step}: done")
+
 
 def _prepare(plan: StagePlan, logger) -> None:
     """Make the artifact directory ready to (re)run into."""
@@ -114,8 +117,9 @@ def run_stage(plan: StagePlan) -> ArtifactRef:
         cmd = plan.command()
         logger.info(f"{plan.step} attempt {task_run.run_count}: {' '.join(cmd)}")
         started = time.time()
+        progress = _Progress(plan.step)
         result = launch(cmd, log_path=directory / LOG_FILE, env=plan.resources.env, on_line=logger.info,
-                        on_progress=_Progress(plan.step),
+                        on_progress=progress,
                         timeout_seconds=plan.resources.timeout_minutes * 60 if plan.resources.timeout_minutes else None)
         if result.returncode != 0 or result.timed_out:
             raise failure_from(result, plan.step)
@@ -130,6 +134,7 @@ def run_stage(plan: StagePlan) -> ArtifactRef:
                        metrics=metrics, timings=timings,
                        extra={"command": cmd, "code_version": plan.code_version, "flow_run_id": flow_run.id,
                               "task_run_id": task_run.id})
+        progress.finish()
         logger.info(f"{plan.step}: done in {result.seconds:.1f} s -> {directory}")
         return ArtifactRef(stage=plan.step, hash=plan.hash, path=str(directory), metrics=metrics,
                            seconds=round(result.seconds, 3))

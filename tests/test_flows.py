@@ -259,3 +259,13 @@ def test_the_cli_runs_the_pipeline(home, data_dir):
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     assert '"state": "complete"' in status.stdout and "tok_train" in status.stdout
+
+
+def test_a_failure_a_retry_cannot_fix_is_not_retried(home, data_dir, tmp_path):
+    missing = tmp_path / "no-such-shards"
+    values = tiny(data_dir, stop_after="tok_train", resources={"retries": 3, "retry_delay_seconds": 0},
+                  data={"data_source": "local", "data_dir": str(missing)})
+    state, states, _ = run(values)
+    assert state.is_failed() and states == {"tok_train": "Failed"}
+    assert "not retried" in state.message and str(missing) in state.message   # the stage's own reason
+    assert launches(plans_of(values)["tok_train"].artifact_dir) == 1
