@@ -7,13 +7,15 @@ reads text, the resources torchrun gets, and what to recompute.
 
 Partial parameters stay valid: every field has a default, and `preset` lays a named preset under whatever
 is given, so `{"preset": "demo-cpu", "tok_train": {"vocab_size": 1024}}` changes one value of the preset.
+In the Prefect UI's form the same holds: the fields you leave empty come from the preset (see `form`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, model_validator
 
 from flows.launcher import Resources
 from flows.presets import PRESETS, deep_merge, preset_values
@@ -39,22 +41,37 @@ DataSource = create_model(
        if name not in PER_STAGE_DATA_FIELDS})
 
 
+def form(cls: type[BaseModel]):
+    """`cls` as a Prefect UI form that submits only the fields someone fills in.
+
+    The UI pre-fills every field that has a default in the JSON schema and then submits all of them, which
+    would replace the preset's values with the stage defaults. Without defaults in the schema, untouched
+    fields stay out of the submitted parameters and the preset supplies them; the default is shown in the
+    field's description instead."""
+    schema = cls.model_json_schema()
+    for prop in schema.get("properties", {}).values():
+        if "default" in prop:
+            default = json.dumps(prop.pop("default"))
+            prop["description"] = f"{prop.get('description', '')} (default {default}, or the preset's)".strip()
+    return Annotated[cls, WithJsonSchema(schema)]
+
+
 class PipelineConfig(BaseModel):
     """Everything one pipeline run needs. Unset fields take the preset's value, then the stage default."""
 
     model_config = ConfigDict(extra="forbid")
 
     preset: PresetName | None = Field(None, description="start from this preset; the fields you give override it")
-    data: DataSource = Field(default_factory=DataSource, description="data source for every stage that reads text")
-    tok_train: TokTrainConfig = Field(default_factory=TokTrainConfig, description="tokenizer training")
-    tok_eval: TokEvalConfig = Field(default_factory=TokEvalConfig, description="tokenizer evaluation")
-    base_train: BaseTrainConfig = Field(default_factory=BaseTrainConfig, description="base pretraining")
-    base_eval: BaseEvalConfig = Field(default_factory=BaseEvalConfig, description="base model evaluation")
+    data: form(DataSource) = Field(default_factory=DataSource, description="data source for every stage that reads text")
+    tok_train: form(TokTrainConfig) = Field(default_factory=TokTrainConfig, description="tokenizer training")
+    tok_eval: form(TokEvalConfig) = Field(default_factory=TokEvalConfig, description="tokenizer evaluation")
+    base_train: form(BaseTrainConfig) = Field(default_factory=BaseTrainConfig, description="base pretraining")
+    base_eval: form(BaseEvalConfig) = Field(default_factory=BaseEvalConfig, description="base model evaluation")
     run_rl: bool = Field(False, description="also run the (optional) reinforcement-learning stage")
     stop_after: StageName | None = Field(None, description="end the run after this stage (none: run them all)")
     recompute_from: StageName | None = Field(
         None, description="recompute this stage and everything after it even when cached artifacts verify")
-    resources: Resources = Field(default_factory=Resources, description="torchrun layout, env, timeout, retries")
+    resources: form(Resources) = Field(default_factory=Resources, description="torchrun layout, env, timeout, retries")
     stage_resources: dict[StageName, Resources] = Field(
         default_factory=dict, description="per-stage replacements of `resources`, by stage name")
     result_storage: str | None = Field(

@@ -135,7 +135,7 @@ def full_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Artifa
 
 
 @flow(name="stage", flow_run_name="{stage}", log_prints=True)
-def stage_flow(stage: StageName, config: PipelineConfig = PipelineConfig()) -> ArtifactRef:
+def stage_flow(stage: StageName, config: PipelineConfig) -> ArtifactRef:
     """One stage as its own flow. Its inputs must already exist (run the upstream stages first)."""
     step = get_step(stage)
     config = config.model_copy(update={"stop_after": None, **({step.when: True} if step.when else {})})

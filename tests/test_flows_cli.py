@@ -133,3 +133,17 @@ def test_deployments_are_valid_data():
     assert {f"stage-{s.replace('_', '-')}" for s in STEP_NAMES} <= names   # one per stage of the pipeline
     for path in sorted((REPO / "deployments" / "params").glob("*.json")):
         PipelineConfig.model_validate(json.loads(path.read_text())["config"])
+
+
+def test_the_ui_form_submits_only_what_is_filled_in_so_the_preset_stands():
+    schema = PipelineConfig.model_json_schema()["properties"]
+    for section in ("data", "tok_train", "tok_eval", "base_train", "base_eval", "resources"):
+        fields = schema[section]["properties"]
+        assert fields and not [f for f, s in fields.items() if "default" in s], section
+        assert "(default " in fields[next(iter(fields))]["description"]
+    # what the form sends when one field was changed: the top-level scalars, the preset, one nested value
+    submitted = {"preset": "demo-cpu", "run_rl": False, "stop_after": None, "recompute_from": None,
+                 "result_storage": None, "resources": {}, "base_train": {"num_iterations": 7}}
+    expected = PipelineConfig(preset="demo-cpu")
+    expected.base_train.num_iterations = 7
+    assert PipelineConfig.model_validate(submitted) == expected

@@ -45,10 +45,11 @@ def test_quick_run_from_the_ui_completes(stack):
         try:
             page = browser.new_page()
             page.set_default_timeout(60_000)
-            page.goto(f"{stack.ui_url}/v2/deployments/deployment/{deployment.id}")
+            page.goto(f"{stack.ui_url}/v2/deployments/deployment/{deployment.id}", wait_until="networkidle")
             page.get_by_role("button", name="Run", exact=True).click()
-            page.get_by_role("menuitem", name="Quick run").click()
-            page.wait_for_timeout(1000)   # let the request leave the page before the browser closes
+            with page.expect_response(lambda r: "create_flow_run" in r.url) as created:
+                page.get_by_role("menuitem", name="Quick run").click()
+            assert created.value.status == 201, created.value.text()
         finally:
             browser.close()
 
@@ -62,3 +63,38 @@ def test_quick_run_from_the_ui_completes(stack):
     assert new[0].parameters == {"config": TINY}
     state = wait_for_state(stack, str(new[0].id), {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, timeout=300)
     assert state.type.value == "COMPLETED", f"{state.name}: {state.message}\n{stack.log('worker.log')}"
+
+
+def test_an_untouched_custom_run_form_runs_the_deployment_config(stack):
+    """The form leaves fields it has no value for out of the parameters, so the preset still fills them."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from flows.config import PipelineConfig
+    with SyncPrefectClient(stack.api_url) as client:
+        deployment = client.read_deployment_by_name("full-pipeline/full-pipeline")
+        before = {r.id for r in deployment_runs(client, deployment.id)}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(f"{stack.ui_url}/v2/deployments/deployment/{deployment.id}", wait_until="networkidle")
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_role("menuitem", name="Custom run").click()
+            page.wait_for_url("**/run**")
+            page.wait_for_load_state("networkidle")   # the form is built from the deployment's schema
+            with page.expect_response(lambda r: "create_flow_run" in r.url) as created:
+                page.get_by_role("button", name="Submit").click()
+            assert created.value.status == 201, created.value.text()
+            with SyncPrefectClient(stack.api_url) as client:
+                deadline = time.monotonic() + 60
+                new = []
+                while time.monotonic() < deadline and not new:
+                    new = [r for r in deployment_runs(client, deployment.id) if r.id not in before]
+                    time.sleep(0.5)
+        finally:
+            browser.close()
+    assert len(new) == 1, "submitting the Custom run form created no flow run"
+    submitted = PipelineConfig.model_validate(new[0].parameters["config"])
+    assert submitted == PipelineConfig.model_validate(deployment.parameters["config"])
+    state = wait_for_state(stack, str(new[0].id), {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, timeout=300)
+    assert state.type.value == "COMPLETED", f"{state.name}: {state.message}"
