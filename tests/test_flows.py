@@ -146,7 +146,7 @@ def test_end_to_end_then_everything_cached(home, data_dir):
 
 
 def test_killed_stage_is_retried_and_resumes_from_its_checkpoint(kill_home, data_dir):
-    values = tiny(data_dir, resources={"retries": 1}, base_train={"num_iterations": 150, "save_every": 10},
+    values = tiny(data_dir, resources={"retries": 1}, base_train={"num_iterations": 80, "save_every": 10},
                   stop_after="base_train")
     plan = plans_of(values)["base_train"]
     killer = kill_torchrun_after_checkpoint(plan.out_dir)
@@ -155,7 +155,7 @@ def test_killed_stage_is_retried_and_resumes_from_its_checkpoint(kill_home, data
     assert state.is_completed(), state.message
     assert states["base_train"] == "Completed"
     manifest = read_manifest(plan.artifact_dir)
-    assert manifest["timings"]["attempt"] == 2 and manifest["metrics"]["step"] == 150
+    assert manifest["timings"]["attempt"] == 2 and manifest["metrics"]["step"] == 80
     log = (Path(plan.artifact_dir) / LOG_FILE).read_text()
     assert launches(plan.artifact_dir) == 2
     commands = [line.split(LAUNCH_HEADER, 1)[1] for line in log.splitlines() if line.startswith("# ")
@@ -166,7 +166,7 @@ def test_killed_stage_is_retried_and_resumes_from_its_checkpoint(kill_home, data
 
 
 def test_a_failed_run_rerun_executes_no_upstream_stage(kill_home, data_dir):
-    values = tiny(data_dir, base_train={"num_iterations": 140, "save_every": 10}, stop_after="base_train")
+    values = tiny(data_dir, base_train={"num_iterations": 70, "save_every": 10}, stop_after="base_train")
     plans = plans_of(values)
     killer = kill_torchrun_after_checkpoint(plans["base_train"].out_dir)
     state, states, _ = run(values)

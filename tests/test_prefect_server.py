@@ -106,7 +106,7 @@ def test_retrying_a_failed_run_reruns_only_the_failed_stage_from_its_checkpoint(
     from flows.plan import plan_pipeline
     config = {**TINY, "stop_after": "base_train",
               "base_train": {"depth": 2, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 64,
-                             "device_batch_size": 4, "total_batch_size": 256, "num_iterations": 150,
+                             "device_batch_size": 4, "total_batch_size": 256, "num_iterations": 80,
                              "eval_every": None, "eval_tokens": 512, "save_every": 10}}
     plans = {p.step: p for p in plan_pipeline(PipelineConfig.model_validate(config), home=stack.nanopipe_home)}
     out_dir = plans["base_train"].out_dir
