@@ -1,6 +1,14 @@
 """
 The pipeline's steps, in order. A stage joins the pipeline with its config field on `PipelineConfig`
-(flows/config.py) and one `Step(...)` line here.
+(flows/config.py) and one `Step(...)` line here (plus, as data, a `stage-<name>` deployment in
+prefect.yaml). For example, mid-training would join as
+
+    Step("mid_train", "nanopipe.stages.mid_train", "mid_train",
+         inputs={"checkpoint_dir": ("base_train", "checkpoints"), "tokenizer_dir": ("tok_train", "tokenizer")},
+         output="checkpoints", resume_flag=("resume_from_step", "latest"), dry_run_flag="dry_run",
+         tag=_tag_field("d{depth}"))
+
+with whatever its config calls those fields; an optional stage names its switch with `when="run_rl"`.
 
 A step names the stage module it launches, which config fields the orchestrator wires to upstream
 artifacts (field -> (upstream step, path inside that artifact)), and where in its own artifact directory
