@@ -107,6 +107,10 @@ def _start() -> PrefectStack:
         "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # SQLite under a busy 2-core machine: a write can wait for the lock longer than the defaults
+        # (10 s / 5 s), and the server then answers 503 to the UI's create_flow_run
+        "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
+        "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
         "NANOPIPE_HOME": str(root / "nanopipe-home"),
