@@ -111,6 +111,7 @@ def _start() -> PrefectStack:
         # (10 s / 5 s), and the server then answers 503 to the UI's create_flow_run
         "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
         "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30",
+        "PREFECT_API_LOG_RETRYABLE_ERRORS": "true",  # say in server.log why a request got a 503
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
         "NANOPIPE_HOME": str(root / "nanopipe-home"),
