@@ -11,7 +11,10 @@ same shards (its last shard is its validation split, so ours is copied there las
 (a pickled tiktoken encoding, nanochat's format), so both loaders pack identical batches.
 
 Printed figures: tokens/s (median over the steps after --warmup_steps), validation bits per byte at every
-evaluated step (same steps = same tokens), wall time, and the ratios. Nothing is asserted about speed.
+evaluated step (same steps = same tokens), the first step's time (compilation, where there is any), wall time,
+the load average around each run, and the ratios. Nothing is asserted about speed. On a shared machine use
+--repeats: the sides run in alternating order (ours, nanochat, nanochat, ours, ...) so that a drift in the
+machine's load hits both alike, and the medians over the repeats are compared.
 nanochat's base_train imports wandb at the top even with --run=dummy; if wandb is not installed a module
 that refuses to be used is put on nanochat's path for the run (and the output says so).
 """
@@ -39,9 +42,9 @@ sys.path.insert(0, str(REPO))
 from nanopipe.dataset import ensure_builtin, iter_documents, prepare_shards, select_shards  # noqa: E402
 from nanopipe.tokenizer import Tokenizer  # noqa: E402
 
-OUR_STEP = re.compile(r"^step (\d+)/\d+ .*?\| tok/sec: ([\d,]+)", re.M)
+OUR_STEP = re.compile(r"^step (\d+)/\d+ .*?\| dt: ([\d.]+)ms \| tok/sec: ([\d,]+)", re.M)
 OUR_VAL = re.compile(r"^Step (\d+) \| val bpb: ([\d.]+)", re.M)
-NANOCHAT_STEP = re.compile(r"^step (\d+)/\d+ .*?\| tok/sec: ([\d,]+)", re.M)
+NANOCHAT_STEP = re.compile(r"^step (\d+)/\d+ .*?\| dt: ([\d.]+)ms \| tok/sec: ([\d,]+)", re.M)
 NANOCHAT_VAL = re.compile(r"^Step (\d+) \| Validation bpb: ([\d.]+)", re.M)
 WANDB_REFUSAL = '''"""Put here by nanopipe's benchmark: nanochat imports wandb even when it does not log (--run=dummy)."""
 def init(*args, **kwargs):
@@ -63,6 +66,7 @@ def parse_args():
     p.add_argument("--eval_tokens", type=int, default=16384)
     p.add_argument("--warmup_steps", type=int, default=5, help="steps left out of the tokens/s median")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for both runs")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each side, in alternating order")
     p.add_argument("--also_compiled", action="store_true",
                    help="also run ours with --compile=true (nanochat compiles on CPU too; ours does not by default)")
     p.add_argument("--workdir", type=str, default=None, help="kept afterwards if given (default: a temp dir)")
@@ -96,24 +100,63 @@ def shared_flags(args) -> dict:
                 final_lr_frac=0.0, core_metric_every=-1, sample_every=-1, device_type="cpu")
 
 
-def run_logged(cmd: list[str], env: dict, cwd: Path, log: Path) -> tuple[str, float]:
+STEP_LINE_START = re.compile(r"^step (\d+)/")
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a running process, all its threads; None where /proc is not available."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (name) ": state is fields[0], utime fields[11]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_logged(cmd: list[str], env: dict, cwd: Path, log: Path) -> dict:
+    """Run a training command, reading its log as it comes: stdout, wall seconds, the 1-minute load average
+    before and after, and the CPU seconds the process spent between one step line and the next. Unlike the
+    wall time a step logs, its CPU time hardly moves when other work competes for the cores."""
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    lines, cpu_per_step, last_cpu = [], {}, None
+    with open(log.with_suffix(".stderr"), "w+") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=dict(env, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                                stderr=err, text=True)
+        for line in proc.stdout:
+            lines.append(line)
+            match = STEP_LINE_START.match(line)
+            if match:
+                cpu = process_cpu_seconds(proc.pid)
+                if cpu is not None and last_cpu is not None:
+                    cpu_per_step[int(match.group(1))] = cpu - last_cpu
+                last_cpu = cpu
+        proc.wait()
+        err.seek(0)
+        stderr = err.read()
     seconds = time.perf_counter() - t0
-    log.write_text(result.stdout + "\n--- stderr ---\n" + result.stderr)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} ... failed with exit code {result.returncode}; log: {log}\n"
-                         f"{result.stderr[-2000:]}")
-    return result.stdout, seconds
+    stdout = "".join(lines)
+    log.write_text(stdout + "\n--- stderr ---\n" + stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed with exit code {proc.returncode}; log: {log}\n"
+                         f"{stderr[-2000:]}")
+    return {"stdout": stdout, "seconds": seconds, "load": (load_before, os.getloadavg()[0]),
+            "cpu_per_step": cpu_per_step}
 
 
-def summarise(name: str, stdout: str, step_re: re.Pattern, val_re: re.Pattern, seconds: float, warmup: int,
-              args) -> dict:
-    tok_s = [float(t.replace(",", "")) for s, t in step_re.findall(stdout) if int(s) >= warmup]
+def summarise(name: str, run: dict, step_re: re.Pattern, val_re: re.Pattern, warmup: int, args) -> dict:
+    steps = [(int(s), float(dt), float(t.replace(",", ""))) for s, dt, t in step_re.findall(run["stdout"])]
+    tok_s = [t for s, _, t in steps if s >= warmup]
+    # step N's CPU time is measured from step N-1's line: it includes any evaluation at the start of step N
+    # (those few steps are outliers the median ignores)
+    cpu = [seconds for s, seconds in run["cpu_per_step"].items() if s >= warmup and seconds > 0]
     return {"name": name, "tok_per_sec": statistics.median(tok_s) if tok_s else float("nan"),
-            "val_bpb": {int(s): float(v) for s, v in val_re.findall(stdout)}, "wall_s": seconds,
+            "tok_per_cpu_sec": args.total_batch_size / statistics.median(cpu) if cpu else float("nan"),
+            "val_bpb": {int(s): float(v) for s, v in val_re.findall(run["stdout"])}, "wall_s": run["seconds"],
+            # the first step carries torch.compile's compilation where the model is compiled
+            "first_step_s": steps[0][1] / 1000 if steps else float("nan"), "load": run["load"],
             # everything included: start-up, compilation, evaluations
-            "end_to_end_tok_per_sec": args.steps * args.total_batch_size / seconds}
+            "end_to_end_tok_per_sec": args.steps * args.total_batch_size / run["seconds"]}
 
 
 # -----------------------------------------------------------------------------
@@ -126,8 +169,8 @@ def run_ours(args, work: Path, data_dir: Path, tok_dir: Path, compiled: bool = F
     env = dict(os.environ, NANOPIPE_HOME=str(work / "nanopipe_home"), OMP_NUM_THREADS=str(args.threads),
                PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "nanopipe.stages.base_train", *[f"--{k}={v}" for k, v in flags.items()]]
-    stdout, seconds = run_logged(cmd, env, REPO, work / f"{name}.log")
-    return summarise(name, stdout, OUR_STEP, OUR_VAL, seconds, args.warmup_steps, args)
+    run = run_logged(cmd, env, REPO, work / f"{name}.log")
+    return summarise(name, run, OUR_STEP, OUR_VAL, args.warmup_steps, args)
 
 
 def nanochat_home(work: Path, data_dir: Path, tok_dir: Path, tok: Tokenizer) -> Path:
@@ -166,7 +209,8 @@ def nanochat_flags(nanochat_dir: Path, env: dict, wanted: dict) -> list[str]:
     return out
 
 
-def run_nanochat(args, work: Path, nanochat_dir: Path, data_dir: Path, tok_dir: Path, tok: Tokenizer) -> dict:
+def nanochat_runner(args, work: Path, nanochat_dir: Path, data_dir: Path, tok_dir: Path, tok: Tokenizer):
+    """Prepare nanochat's home, environment and flags once; return a function that does one run."""
     home = nanochat_home(work, data_dir, tok_dir, tok)
     path = [str(nanochat_dir)]
     try:
@@ -181,27 +225,53 @@ def run_nanochat(args, work: Path, nanochat_dir: Path, data_dir: Path, tok_dir: 
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(home), OMP_NUM_THREADS=str(args.threads),
                PYTHONPATH=os.pathsep.join(path))
     flags = nanochat_flags(nanochat_dir, env, shared_flags(args))
-    stdout, seconds = run_logged([sys.executable, "-m", "scripts.base_train", *flags], env, nanochat_dir,
-                                 work / "nanochat.log")
-    return summarise("nanochat", stdout, NANOCHAT_STEP, NANOCHAT_VAL, seconds, args.warmup_steps, args)
+
+    def run_nanochat() -> dict:
+        run = run_logged([sys.executable, "-m", "scripts.base_train", *flags], env, nanochat_dir,
+                         work / "nanochat.log")
+        return summarise("nanochat", run, NANOCHAT_STEP, NANOCHAT_VAL, args.warmup_steps, args)
+
+    return run_nanochat
 
 
 # -----------------------------------------------------------------------------
 
-def report(results: list[dict]) -> None:
+def combine(runs: list[dict]) -> dict:
+    """One side over its repeats: medians of the per-run figures (val bpb is deterministic: the first run's)."""
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    return {"name": runs[0]["name"], "runs": runs, "tok_per_sec": med("tok_per_sec"),
+            "tok_per_cpu_sec": med("tok_per_cpu_sec"),
+            "end_to_end_tok_per_sec": med("end_to_end_tok_per_sec"), "wall_s": med("wall_s"),
+            "first_step_s": med("first_step_s"), "val_bpb": runs[0]["val_bpb"],
+            "bpb_repeatable": all(r["val_bpb"] == runs[0]["val_bpb"] for r in runs)}
+
+
+def report(sides: list[dict]) -> None:
     print()
-    print(f"{'':<18}{'tok/s median':>14}{'tok/s e2e':>11}{'wall s':>9}   val bpb by step")
-    for r in results:
-        bpbs = "  ".join(f"{s}:{v:.4f}" for s, v in sorted(r["val_bpb"].items()))
-        print(f"{r['name']:<18}{r['tok_per_sec']:>14,.0f}{r['end_to_end_tok_per_sec']:>11,.0f}{r['wall_s']:>9.1f}   "
-              f"{bpbs}")
-    ref = next((r for r in results if r["name"] == "nanochat"), None)
+    print(f"{'':<18}{'tok/s median':>14}{'tok/CPU-s':>11}{'tok/s e2e':>11}{'step 0 s':>10}{'wall s':>9}   "
+          f"val bpb by step")
+    for side in sides:
+        bpbs = "  ".join(f"{s}:{v:.4f}" for s, v in sorted(side["val_bpb"].items()))
+        print(f"{side['name']:<18}{side['tok_per_sec']:>14,.0f}{side['tok_per_cpu_sec']:>11,.0f}"
+              f"{side['end_to_end_tok_per_sec']:>11,.0f}{side['first_step_s']:>10.2f}{side['wall_s']:>9.1f}   {bpbs}")
+        if len(side["runs"]) > 1:
+            each = ", ".join(f"{r['tok_per_sec']:,.0f} / {r['tok_per_cpu_sec']:,.0f} (load {r['load'][0]:.1f}-"
+                             f"{r['load'][1]:.1f})" for r in side["runs"])
+            print(f"{'':<18}runs: {each}" + ("" if side["bpb_repeatable"] else "  [val bpb differs between runs]"))
+        else:
+            print(f"{'':<18}load average {side['runs'][0]['load'][0]:.1f} -> {side['runs'][0]['load'][1]:.1f}")
+    print("\n(tok/s median: steps after the warm-up, then the median over the repeats; tok/CPU-s: the same per "
+          "CPU-second of the process, steadier than wall time on a busy machine; e2e: all tokens / wall time, start-up, "
+          "compilation and evaluations included; step 0: the first step, with any compilation)")
+    ref = next((side for side in sides if side["name"] == "nanochat"), None)
     if ref is None:
         return
-    print("\n(tok/s median: steps after the warm-up; e2e: all tokens / wall time, start-up and compilation included)")
-    for ours in (r for r in results if r is not ref):
+    for ours in (side for side in sides if side is not ref):
+        pairs = [a["tok_per_sec"] / b["tok_per_sec"] for a, b in zip(ours["runs"], ref["runs"])]
         print(f"{ours['name']} / nanochat: tokens/s median {ours['tok_per_sec'] / ref['tok_per_sec']:.3f}, "
-              f"end to end {ours['end_to_end_tok_per_sec'] / ref['end_to_end_tok_per_sec']:.3f} (target >= 1.0)")
+              f"per CPU-second {ours['tok_per_cpu_sec'] / ref['tok_per_cpu_sec']:.3f}, "
+              f"end to end {ours['end_to_end_tok_per_sec'] / ref['end_to_end_tok_per_sec']:.3f} (target >= 1.0)"
+              + (f"; run by run {', '.join(f'{p:.3f}' for p in pairs)}" if len(pairs) > 1 else ""))
         for step in sorted(set(ours["val_bpb"]) & set(ref["val_bpb"])):
             a, b = ours["val_bpb"][step], ref["val_bpb"][step]
             print(f"  val bpb at step {step}: {a:.4f} vs {b:.4f} (ratio {a / b:.4f}, target <= 1.0)")
@@ -211,19 +281,29 @@ def main() -> None:
     args = parse_args()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_base_train_"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), workdir {work}")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPU(s), workdir {work}")
     print(f"config: depth {args.depth}, aspect {args.aspect_ratio}, head_dim {args.head_dim}, seq {args.max_seq_len}, "
-          f"batch {args.device_batch_size} x {args.total_batch_size} tokens, {args.steps} steps, vocab {args.vocab_size}")
+          f"batch {args.device_batch_size} x {args.total_batch_size} tokens, {args.steps} steps, vocab {args.vocab_size}, "
+          f"{args.repeats} repeat(s)")
     data_dir, tok_dir, tok = prepare_inputs(work, args.vocab_size)
-    results = [run_ours(args, work, data_dir, tok_dir)]
+    sides = {"nanopipe": lambda: run_ours(args, work, data_dir, tok_dir)}
     if args.also_compiled:
-        results.append(run_ours(args, work, data_dir, tok_dir, compiled=True))
+        sides["nanopipe+compile"] = lambda: run_ours(args, work, data_dir, tok_dir, compiled=True)
     nanochat_dir = os.environ.get("NANOCHAT_DIR")
     if nanochat_dir:
-        results.append(run_nanochat(args, work, Path(nanochat_dir).resolve(), data_dir, tok_dir, tok))
+        sides["nanochat"] = nanochat_runner(args, work, Path(nanochat_dir).resolve(), data_dir, tok_dir, tok)
     else:
         print("NANOCHAT_DIR is not set: our side only")
-    report(results)
+    runs: dict[str, list[dict]] = {name: [] for name in sides}
+    for repeat in range(args.repeats):
+        order = list(sides) if repeat % 2 == 0 else list(sides)[::-1]
+        for name in order:
+            result = sides[name]()
+            runs[name].append(result)
+            print(f"  repeat {repeat + 1}/{args.repeats} {name}: {result['tok_per_sec']:,.0f} tok/s, "
+                  f"{result['tok_per_cpu_sec']:,.0f} tok/CPU-s "
+                  f"(load {result['load'][0]:.1f} -> {result['load'][1]:.1f})", flush=True)
+    report([combine(r) for r in runs.values()])
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

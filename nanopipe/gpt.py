@@ -78,8 +78,17 @@ def build_model_config(depth: int, aspect_ratio: int, head_dim: int, max_seq_len
 # -----------------------------------------------------------------------------
 # Building blocks
 
+def use_fused_cpu_kernels(x: torch.Tensor) -> bool:
+    """True for float32 CPU tensors in eager mode: there the hand-fused autograd functions below replace chains
+    of small ATen ops (each allocating and re-reading its operands, and each a node for autograd). Under
+    torch.compile, and on CUDA, the plain ops are used and the compiler does the fusing."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+
+
 def norm(x: torch.Tensor) -> torch.Tensor:
     """RMSNorm over the last dimension, without a learnable gain."""
+    if use_fused_cpu_kernels(x):
+        return RMSNormFunction.apply(x)
     return F.rms_norm(x, (x.size(-1),))
 
 
@@ -93,9 +102,187 @@ def rotary_tables(seq_len: int, head_dim: int, base: int = ROTARY_BASE,
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of each head's channels by a position-dependent angle. x: (B, T, H, D)."""
+    if use_fused_cpu_kernels(x) and cos.dtype == x.dtype:
+        return RotaryFunction.apply(x, cos, sin)
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+SMALL_ATTENTION_MAX_LEN = 256  # CPU training contexts up to this length use SmallCausalAttentionFunction
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
+    """Causal self-attention over (B, H, T, D) queries, keys and values."""
+    B, H, T, D = q.shape
+    if use_fused_cpu_kernels(q) and not enable_gqa and T <= SMALL_ATTENTION_MAX_LEN:
+        y = SmallCausalAttentionFunction.apply(q.reshape(B * H, T, D), k.reshape(B * H, T, D), v.reshape(B * H, T, D))
+        return y.view(B, H, T, D)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    if use_fused_cpu_kernels(x):
+        return ReluSquaredFunction.apply(x)
+    return F.relu(x).square()
+
+
+def softcapped_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             reduction: str) -> torch.Tensor:
+    """Cross-entropy of the LM head's soft-capped logits, LOGIT_SOFTCAP * tanh(x W^T / LOGIT_SOFTCAP), in float32,
+    targets == -1 ignored. x: (N, C), weight: (V, C), targets: (N,). reduction 'mean' (over the counted
+    targets), 'sum' or 'none' ((N,), 0 where ignored), as F.cross_entropy."""
+    assert reduction in ("mean", "sum", "none"), f"loss_reduction must be mean, sum or none, got {reduction!r}"
+    if use_fused_cpu_kernels(x) and weight.dtype == x.dtype:
+        return LinearSoftcapCrossEntropyFunction.apply(x, weight, targets, LOGIT_SOFTCAP, reduction)
+    logits = F.linear(x, weight).float()
+    logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+    return F.cross_entropy(logits, targets, ignore_index=-1, reduction=reduction)
+
+
+# -----------------------------------------------------------------------------
+# Hand-fused CPU kernels: the same arithmetic as the plain ops above, with fewer passes over memory, fewer
+# temporaries and one autograd node each (a CPU step of a small model is dominated by such overheads once
+# the matmuls run at full speed). Each backward runs once (no retain_graph double backward).
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = x * r, r = rsqrt(mean(x^2) + eps) with F.rms_norm's default eps; dx = r * (g - y * mean(g * y))."""
+
+    @staticmethod
+    def forward(ctx, x):
+        eps = torch.finfo(x.dtype).eps
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps).rsqrt_()
+        y = x * r
+        ctx.save_for_backward(y, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, r = ctx.saved_tensors
+        dot = torch.linalg.vecdot(g, y, dim=-1).unsqueeze_(-1)
+        return torch.addcmul(g, y, dot, value=-1.0 / y.size(-1)).mul_(r)
+
+
+def _rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float,
+                   heads_major: bool = False) -> torch.Tensor:
+    """[x1 cos + s x2 sin, x2 cos - s x1 sin] for sign s, written straight into one output (no cat).
+    x: (B, T, H, D). With heads_major the output is a (B, T, H, D) view of (B, H, T, D) memory, the layout
+    attention wants, so that the later transpose costs no copy."""
+    half = x.size(-1) // 2
+    if heads_major:
+        B, T, H, D = x.shape
+        out = torch.empty(B, H, T, D, dtype=x.dtype, device=x.device).transpose(1, 2)
+    else:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=sign)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=-sign)
+    return out
+
+
+class RotaryFunction(torch.autograd.Function):
+    """The rotation is orthogonal, so its backward is the inverse rotation: the same with -sin. The output is
+    laid out heads-major (see _rotate_halves; the QK-norm after it keeps that layout), the gradient
+    token-major like the projection that produced x."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate_halves(x, cos, sin, 1.0, heads_major=x.ndim == 4)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return _rotate_halves(g, cos, sin, -1.0), None, None
+
+
+class SmallCausalAttentionFunction(torch.autograd.Function):
+    """Causal softmax attention for short contexts, with the (T, T) scores materialised: a handful of
+    batched GEMMs over all heads at once, which on CPU beats the flash kernel's many small blocks while T is
+    small (the scores of all heads then take B * H * T^2 floats). q, k, v: (N, T, D) for N = batch * heads.
+
+        forward:  S = mask + scale q k^T (one GEMM, mask -inf above the diagonal), P = softmax(S), O = P v
+        backward: dV = P^T dO, dS = softmax'(P, dO v^T), dQ = scale dS k, dK = scale dS^T q
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        T, scale = q.size(1), q.size(2) ** -0.5
+        mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+        p = torch.baddbmm(mask, q, k.mT, alpha=scale).softmax(dim=-1)
+        ctx.save_for_backward(q, k, v, p)
+        return torch.bmm(p, v)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, p = ctx.saved_tensors
+        scale = q.size(2) ** -0.5
+        dv = torch.bmm(p.mT, do)
+        dp = torch.bmm(do, v.mT)
+        ds = dp.sub_(torch.linalg.vecdot(dp, p, dim=-1).unsqueeze_(-1)).mul_(p)  # P * (dP - rowsum(dP * P))
+        dq = torch.baddbmm(q.new_zeros(()), ds, k, beta=0.0, alpha=scale)
+        dk = torch.baddbmm(q.new_zeros(()), ds.mT, q, beta=0.0, alpha=scale)
+        return dq, dk, dv
+
+
+class ReluSquaredFunction(torch.autograd.Function):
+    """y = relu(x)^2, dx = 2 relu(x) g (one pass: addcmul onto a broadcast zero)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = torch.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, g):
+        (r,) = ctx.saved_tensors
+        return torch.addcmul(r.new_zeros(()), g, r, value=2.0)
+
+
+class LinearSoftcapCrossEntropyFunction(torch.autograd.Function):
+    """The LM head and the cross-entropy of its soft-capped logits cap * tanh(z / cap), z = x W^T, rewritten
+    around q = sigmoid(-2z / cap) (so tanh(z / cap) = 1 - 2q):
+
+        capped logit - cap = -2 cap q, in [-2 cap, 0]: exp never overflows, no max pass is needed
+        loss = log(sum_v exp(-2 cap q_v)) + 2 cap q_target
+        d loss / dz = (softmax - onehot) * (1 - tanh^2) = (softmax - onehot) * 4 q (1 - q)
+
+    The projection is inside so that its GEMM writes -2z / cap straight into a buffer this function owns.
+    Forward keeps two (N, V) buffers (q and the exponentials) and the backward reuses them in place, where
+    the plain ops would allocate and traverse about a dozen."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, cap: float, reduction: str):
+        q = torch.addmm(x.new_zeros(()), x, weight.t(), beta=0.0, alpha=-2.0 / cap).sigmoid_()
+        e = torch.mul(q, -2.0 * cap).exp_()
+        sum_e = e.sum(dim=-1)
+        valid = targets != -1
+        safe_targets = torch.where(valid, targets, 0).unsqueeze_(1)
+        losses = q.gather(1, safe_targets).squeeze_(1).mul_(2.0 * cap).add_(sum_e.log()).mul_(valid)
+        ctx.save_for_backward(x, weight, q, e, sum_e, valid, safe_targets)
+        ctx.reduction, ctx.used = reduction, False
+        if reduction == "none":
+            return losses
+        total = losses.sum()
+        return total / valid.sum() if reduction == "mean" else total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        assert not ctx.used, "LinearSoftcapCrossEntropyFunction reuses its buffers: backward runs once (no retain_graph)"
+        ctx.used = True
+        x, weight, q, e, sum_e, valid, safe_targets = ctx.saved_tensors
+        row_grad = grad * valid  # (N,): the incoming gradient of each row's loss, 0 where ignored
+        if ctx.reduction == "mean":
+            row_grad = row_grad / valid.sum()
+        row_grad = row_grad.mul_(4.0)  # the 4 of 4 q (1 - q)
+        dz = e.mul_((row_grad / sum_e).unsqueeze_(1))  # 4 g softmax
+        dz.scatter_add_(1, safe_targets, row_grad.neg().unsqueeze_(1))  # 4 g (softmax - onehot)
+        dz.mul_(q.addcmul_(q, q, value=-1.0))  # times q (1 - q): the gradient of the loss w.r.t. z
+        dx = dz @ weight if ctx.needs_input_grad[0] else None
+        dweight = dz.t() @ x if ctx.needs_input_grad[1] else None
+        return dx, dweight, None, None, None
 
 
 class KVCache:
@@ -193,7 +380,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         enable_gqa = self.n_kv_head != self.n_head
         if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+            y = causal_attention(q, k, v, enable_gqa)
         else:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
             y = cached_attention(q, k.to(q.dtype), v.to(q.dtype), enable_gqa)
@@ -208,7 +395,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(relu_squared(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -359,15 +546,14 @@ class GPT(nn.Module):
             x = block(x, cos_sin, kv_cache)
         x = norm(x)
 
+        if targets is not None:  # the padding rows of the LM head are never scored
+            weight = self.lm_head.weight[:self.config.vocab_size]
+            return softcapped_cross_entropy(x.reshape(B * T, -1), weight, targets.reshape(-1), loss_reduction)
         logits = self.lm_head(x)
         if self.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., :self.config.vocab_size]
         logits = logits.float()
-        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+        return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
 
     @torch.inference_mode()
     def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0, top_k: int | None = None,

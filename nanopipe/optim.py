@@ -75,15 +75,21 @@ def newton_schulz(G: Tensor, steps: int = 5) -> Tensor:
     assert G.ndim >= 2, f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}"
     a, b, c = NS_COEFFS
     X = G.bfloat16() if G.is_cuda else G.float()
-    tall = G.size(-2) > G.size(-1)
+    batch_shape = X.shape[:-2]
+    X = X.reshape(-1, *X.shape[-2:])  # (n, rows, cols): baddbmm wants exactly one batch dim
+    tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the wide orientation: X @ X^T is then the smaller Gram matrix
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # Frobenius >= spectral norm, so ||X||_2 <= 1
     for _ in range(steps):
+        # X <- a X + (b A + c A^2) X with A = X X^T: both sums are done by the GEMMs themselves
+        # (beta * input + alpha * product) instead of separate scaling and addition passes
         A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
-    return X.mT if tall else X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    if tall:
+        X = X.mT
+    return X.reshape(*batch_shape, *X.shape[-2:])
 
 
 _compiled_newton_schulz = None
