@@ -3,8 +3,15 @@ Training-step throughput of nanopipe's GPT (forward + backward + AdamW and Muon 
 when NANOCHAT_DIR points at a nanochat checkout, of nanochat's GPT at the same configuration on the same
 tokens, side by side. Prints figures; asserts nothing.
 
-    python bench/bench_model.py --depth=4 --seq_len=256 --batch_size=8 --steps=20
-    NANOCHAT_DIR=/path/to/nanochat python bench/bench_model.py --depth=4
+    python bench/bench_model.py --depth=4 --seq_len=128 --batch_size=8 --steps=30
+    NANOCHAT_DIR=/path/to/nanochat python bench/bench_model.py --depth=4 --threads=1
+
+Both models live in one process and their steps alternate (ours, nanochat, nanochat, ours, ...), so that
+the load of a shared machine hits both alike; each step's wall time and the CPU time of the thread that runs
+it are recorded, and the medians and 10th percentiles compared (CPU time barely moves with competing load).
+nanochat's model is torch.compile'd as its base_train does (--nanochat_compile=false for eager); ours runs
+eager, as our base_train does on CPU (--compile for compiled). On CPU the process keeps freed memory as our
+base_train does (glibc tuning), which helps both sides.
 """
 
 from __future__ import annotations
@@ -12,12 +19,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 
 import torch
 
 from nanopipe.gpt import GPT, build_model_config
+from nanopipe.stages.base_train import keep_freed_memory_for_reuse
 
 
 def parse_args() -> argparse.Namespace:
@@ -32,26 +41,48 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup_steps", type=int, default=3, help="untimed steps first (compilation, caches)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our model too")
+    parser.add_argument("--nanochat_compile", default="true", choices=["true", "false"],
+                        help="torch.compile nanochat's model, as its base_train does")
     return parser.parse_args()
 
 
-def time_training(model, optimizers, batches, warmup_steps: int, device: torch.device) -> tuple[float, float]:
-    """(seconds per timed step, loss of the last step)."""
+def make_stepper(model, optimizers, device: torch.device):
+    """A function that runs one training step on (x, y) and returns the loss tensor."""
     use_autocast = device.type == "cuda"
-    loss = None
-    for i, (x, y) in enumerate(batches):
-        if i == warmup_steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+
+    def step(x, y):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
             loss = model(x, y)
         loss.backward()
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-    last = loss.item()  # also waits for the device
-    return (time.perf_counter() - t0) / (len(batches) - warmup_steps), last
+        return loss
+
+    return step
+
+
+def run_alternating(steppers: dict, batches: list, warmup_steps: int, device: torch.device) -> dict:
+    """{name: {"wall": [s], "cpu": [s], "loss": last loss}} over the timed steps, sides alternating."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    results = {name: {"wall": [], "cpu": [], "loss": None} for name in steppers}
+    names = list(steppers)
+    for i, (x, y) in enumerate(batches):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            sync()
+            wall, cpu = time.perf_counter(), time.thread_time()
+            loss = steppers[name](x, y)
+            results[name]["loss"] = loss.item()  # also waits for the device
+            if i >= warmup_steps:
+                results[name]["wall"].append(time.perf_counter() - wall)
+                results[name]["cpu"].append(time.thread_time() - cpu)
+    return results
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def nanopipe_model(args, device):
@@ -87,6 +118,8 @@ def main() -> None:
     device = torch.device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        keep_freed_memory_for_reuse()
     steps = args.warmup_steps + args.steps
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, args.vocab_size, (steps, args.batch_size, args.seq_len + 1), generator=g).to(device)
@@ -97,20 +130,27 @@ def main() -> None:
     print(f"config: {config}  params: {model.num_params():,}  FLOPs/token: {model.estimate_flops():,}")
     print(f"device: {device}  threads: {torch.get_num_threads()}  tokens/step: {tokens_per_step}  "
           f"timed steps: {args.steps} (+{args.warmup_steps} warm-up)  ln(vocab): {math.log(args.vocab_size):.3f}")
-    results = {"nanopipe": time_training(model, optimizers, batches, args.warmup_steps, device)}
-    del model, optimizers
+    steppers = {"nanopipe": make_stepper(torch.compile(model, dynamic=False) if args.compile else model,
+                                         optimizers, device)}
     nanochat_dir = os.environ.get("NANOCHAT_DIR")
     if nanochat_dir:
-        model, optimizers = nanochat_model(nanochat_dir, config, device)
-        results["nanochat"] = time_training(model, optimizers, batches, args.warmup_steps, device)
+        nc_model, nc_optimizers = nanochat_model(nanochat_dir, config, device)
+        compiled = args.nanochat_compile == "true"
+        steppers["nanochat"] = make_stepper(torch.compile(nc_model, dynamic=False) if compiled else nc_model,
+                                            nc_optimizers, device)
     else:
         print("NANOCHAT_DIR is not set: nanochat's side is skipped")
-    for name, (seconds, loss) in results.items():
-        print(f"{name:>9}: {seconds * 1000:8.1f} ms/step  {tokens_per_step / seconds:10,.0f} tok/s  "
-              f"loss after {steps} steps: {loss:.4f}")
+    results = run_alternating(steppers, batches, args.warmup_steps, device)
+    for name, r in results.items():
+        wall, cpu = statistics.median(r["wall"]), statistics.median(r["cpu"])
+        print(f"{name:>9}: {wall * 1000:8.1f} ms/step wall ({tokens_per_step / wall:8,.0f} tok/s), CPU median "
+              f"{cpu * 1000:7.1f} ms, p10 {percentile(r['cpu'], 0.1) * 1000:7.1f} ms; loss after {steps} steps: "
+              f"{r['loss']:.4f}")
     if len(results) == 2:
-        ratio = results["nanochat"][0] / results["nanopipe"][0]
-        print(f"tokens/s ratio nanopipe / nanochat: {ratio:.3f}")
+        ours, ref = results["nanopipe"], results["nanochat"]
+        print(f"tokens/s ratio nanopipe / nanochat: wall {statistics.median(ref['wall']) / statistics.median(ours['wall']):.3f}, "
+              f"CPU median {statistics.median(ref['cpu']) / statistics.median(ours['cpu']):.3f}, "
+              f"CPU p10 {percentile(ref['cpu'], 0.1) / percentile(ours['cpu'], 0.1):.3f}")
 
 
 if __name__ == "__main__":

@@ -79,10 +79,12 @@ def build_model_config(depth: int, aspect_ratio: int, head_dim: int, max_seq_len
 # Building blocks
 
 def use_fused_cpu_kernels(x: torch.Tensor) -> bool:
-    """True for float32 CPU tensors in eager mode: there the hand-fused autograd functions below replace chains
-    of small ATen ops (each allocating and re-reading its operands, and each a node for autograd). Under
-    torch.compile, and on CUDA, the plain ops are used and the compiler does the fusing."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+    """True for float32 CPU tensors in eager mode without autocast: there the hand-fused autograd functions below
+    replace chains of small ATen ops (each allocating and re-reading its operands, and each a node for
+    autograd). Under torch.compile, under autocast and on CUDA, the plain ops are used (and the compiler, where
+    there is one, does the fusing)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling())
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -119,12 +121,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_g
         y = SmallCausalAttentionFunction.apply(q.reshape(B * H, T, D), k.reshape(B * H, T, D), v.reshape(B * H, T, D))
         return y.view(B, H, T, D)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
-
-
-def relu_squared(x: torch.Tensor) -> torch.Tensor:
-    if use_fused_cpu_kernels(x):
-        return ReluSquaredFunction.apply(x)
-    return F.relu(x).square()
 
 
 def softcapped_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -225,19 +221,47 @@ class SmallCausalAttentionFunction(torch.autograd.Function):
         return dq, dk, dv
 
 
-class ReluSquaredFunction(torch.autograd.Function):
-    """y = relu(x)^2, dx = 2 relu(x) g (one pass: addcmul onto a broadcast zero)."""
+class SharedInputLinearsFunction(torch.autograd.Function):
+    """Several linear maps of one input, (x W_1^T, x W_2^T, ...), x: (N, C). The backward accumulates the input's
+    gradient through the GEMMs themselves (beta = 1) instead of allocating one term per map and summing."""
 
     @staticmethod
-    def forward(ctx, x):
-        r = torch.relu(x)
-        ctx.save_for_backward(r)
-        return r * r
+    def forward(ctx, x, *weights):
+        ctx.save_for_backward(x, *weights)
+        return tuple(torch.mm(x, w.t()) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        dx = None
+        if ctx.needs_input_grad[0]:
+            for g, w in zip(grads, weights):
+                dx = torch.mm(g, w) if dx is None else dx.addmm_(g, w)
+        dws = [g.t() @ x if needed else None for g, needed in zip(grads, ctx.needs_input_grad[1:])]
+        return (dx, *dws)
+
+
+class MLPFunction(torch.autograd.Function):
+    """The whole MLP, y = relu(x W_fc^T)^2 W_proj^T, as one function: the ReLU runs in place on the first GEMM's
+    output, the backward multiplies in place into the GEMM output it owns, and the factor 2 of d(r^2)/dr
+    rides on the last two GEMMs (alpha = 2) instead of costing a pass. x: (N, C)."""
+
+    @staticmethod
+    def forward(ctx, x, w_fc, w_proj):
+        r = torch.mm(x, w_fc.t()).relu_()
+        h = r * r
+        ctx.save_for_backward(x, w_fc, w_proj, r, h)
+        return torch.mm(h, w_proj.t())
 
     @staticmethod
     def backward(ctx, g):
-        (r,) = ctx.saved_tensors
-        return torch.addcmul(r.new_zeros(()), g, r, value=2.0)
+        x, w_fc, w_proj, r, h = ctx.saved_tensors
+        dw_proj = g.t() @ h if ctx.needs_input_grad[2] else None
+        dr_half = torch.mm(g, w_proj).mul_(r)  # dL/dh * r; dL/d(pre-ReLU) is twice this (0 where r = 0)
+        zero = x.new_zeros(())
+        dx = torch.addmm(zero, dr_half, w_fc, beta=0.0, alpha=2.0) if ctx.needs_input_grad[0] else None
+        dw_fc = torch.addmm(zero, dr_half.t(), x, beta=0.0, alpha=2.0) if ctx.needs_input_grad[1] else None
+        return dx, dw_fc, dw_proj
 
 
 class LinearSoftcapCrossEntropyFunction(torch.autograd.Function):
@@ -372,9 +396,14 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos_sin, kv_cache: KVCache | None):
         B, T, C = x.size()
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if use_fused_cpu_kernels(x):
+            q, k, v = SharedInputLinearsFunction.apply(x.reshape(B * T, C), self.c_q.weight, self.c_k.weight,
+                                                       self.c_v.weight)
+        else:
+            q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = (t.to(q.dtype) for t in cos_sin)  # tables are float32; match bf16 under autocast
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
@@ -395,7 +424,10 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(relu_squared(self.c_fc(x)))
+        if use_fused_cpu_kernels(x):
+            y = MLPFunction.apply(x.reshape(-1, x.size(-1)), self.c_fc.weight, self.c_proj.weight)
+            return y.view(*x.shape[:-1], y.size(-1))
+        return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
 class Block(nn.Module):
