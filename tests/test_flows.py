@@ -251,11 +251,11 @@ def test_the_cli_runs_the_pipeline(home, data_dir):
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     args = ["--preset=demo-cpu", f"--home={home}", f"--data.data_dir={data_dir}", "--stop_after=tok_train",
             "--tok_train.max_chars=300000", "--tok_train.vocab_size=512", "--resources.env.OMP_NUM_THREADS=1"]
-    out = subprocess.run([sys.executable, "-m", "nanopipe.cli", "run", *args], env=env, cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "nanopipe: Completed" in out.stdout
-    status = subprocess.run([sys.executable, "-m", "nanopipe.cli", "status", *args, "--json"], env=env, cwd=REPO,
+    status = subprocess.run([sys.executable, "-m", "flows.cli", "status", *args, "--json"], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     assert '"state": "complete"' in status.stdout and "tok_train" in status.stdout

@@ -11,7 +11,7 @@ from flows.config import PipelineConfig
 from flows.plan import plan_pipeline
 from flows.presets import PRESETS
 from flows.stages import STEP_NAMES
-from nanopipe.cli import UsageError, build_pipeline_config, main, split_flags
+from flows.cli import UsageError, build_pipeline_config, main, split_flags
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ Overrides address `PipelineConfig` fields with dots (`--tok_train.vocab_size=102
 `nanopipe stage` and `nanopipe command` also take the stage's own flags undotted. `--home DIR` sets NANOPIPE_HOME. Without
 PREFECT_API_URL the flow runs against Prefect's embedded temporary server: no server to start first.
 
-The library (nanopipe/) never imports Prefect; this module only does so inside the commands that need it.
+This module lives in flows/ because it drives flows; it imports Prefect only inside the commands that run one.
 """
 
 from __future__ import annotations
