@@ -14,83 +14,31 @@ its valid range, before any work starts. The same model is the Prefect parameter
 
 from __future__ import annotations
 
-import hashlib
-import json
+import ast
+import importlib.util
 import sys
+from pathlib import Path
 import types
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
 
-class ConfigError(ValueError):
-    """A stage was given a bad flag or value. The message names the flag and the valid choices."""
+from nanopipe.configs.base import (CommonConfig, ConfigError, DownstreamConfig, NanoConfig,  # noqa: F401
+                                   build_config, config_digest, describe_range, non_semantic_fields,
+                                   unwrap_optional as _unwrap_optional, validation_error_message)
 
 
-class NanoConfig(BaseModel):
-    """Base of every config: unknown keys are an error, assignments are validated too."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    # Fields that never change what a stage computes (logging, output locations). They are left out
-    # of the cache key; subclasses extend this tuple.
-    NON_SEMANTIC: typing.ClassVar[tuple[str, ...]] = ("run", "out_dir")
-
-
-class CommonConfig(NanoConfig):
-    """Flags shared by every training stage."""
-
-    run: str = Field("dummy", description="wandb run name; 'dummy' disables wandb logging")
-    device_type: Literal["", "cuda", "cpu", "mps"] = Field(
-        "", description="device to run on; empty autodetects (cuda > mps > cpu)")
-    dtype: Literal["", "bfloat16", "float32"] = Field(
-        "", description="compute dtype; empty means bfloat16 where the hardware supports it, else float32")
-    seed: int = Field(42, ge=0, description="random seed")
-
-
-class DownstreamConfig(CommonConfig):
-    """Flags of stages that start from an earlier stage's checkpoint."""
-
-    source: Literal["base", "mid", "sft", "rl"] = Field("base", description="which stage's checkpoints to load")
-    model_tag: str | None = Field(None, description="model tag to load (default: the largest model of the source)")
-    model_step: int | None = Field(None, ge=0, description="checkpoint step to load (default: the last one)")
-    checkpoint_dir: str | None = Field(
-        None, description="explicit checkpoint directory to load from (overrides source/model_tag)")
-
-
-# -----------------------------------------------------------------------------
-# Introspection helpers
-
-def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
-    """Return (inner type, is_optional) for `X | None` / Optional[X]."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(annotation)) == 2:
-            return args[0], True
-    return annotation, False
-
-
-def describe_range(field: FieldInfo) -> str:
-    """Human-readable valid range/choices of a field, e.g. 'an integer >= 1' or one of ['a', 'b']."""
-    inner, optional = _unwrap_optional(field.annotation)
-    if typing.get_origin(inner) is Literal:
-        text = "one of " + ", ".join(repr(c) for c in typing.get_args(inner))
-    else:
-        name = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
-            inner, getattr(inner, "__name__", str(inner)))
-        bounds = []
-        for meta in field.metadata:
-            for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-                value = getattr(meta, attr, None)
-                if value is not None:
-                    bounds.append(f"{sym} {value}")
-        text = name + (" " + " and ".join(bounds) if bounds else "")
-    if optional:
-        text += " (or none)"
-    return text
+def stage_docstring(cls: type) -> str | None:
+    """The docstring of the stage a config in nanopipe.configs belongs to, read without importing the stage."""
+    package, _, name = cls.__module__.rpartition(".")
+    if package != "nanopipe.configs":
+        return None
+    spec = importlib.util.find_spec(f"nanopipe.stages.{name}")
+    if spec is None or not spec.origin:
+        return None
+    return ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8")))
 
 
 def flag_name(field_name: str) -> str:
@@ -128,7 +76,7 @@ def _coerce_cli_value(field: FieldInfo, raw: str) -> Any:
 # CLI parsing
 
 def format_help(cls: type[NanoConfig], prog: str) -> str:
-    doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip()
+    doc = (stage_docstring(cls) or sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip()
     lines = [f"usage: {prog} [--flag=value ...]", ""]
     if doc:
         lines += [doc, ""]
@@ -176,25 +124,8 @@ def _split_argv(cls: type[NanoConfig], argv: list[str], short_aliases: dict[str,
     return raw
 
 
-def validation_error_message(cls: type[NanoConfig], err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = e["loc"][0] if e["loc"] else None
-        if isinstance(loc, str) and loc in cls.model_fields:
-            field = cls.model_fields[loc]
-            got = e.get("input")
-            parts.append(f"{flag_name(loc)}: {e['msg']} (got {got!r}; valid: {describe_range(field)})")
-        else:
-            parts.append(f"{cls.__name__}: {e['msg']}")
-    return "; ".join(parts)
 
 
-def build_config(cls: type[NanoConfig], values: dict[str, Any]):
-    """Validate a dict into a config, turning pydantic's errors into one ConfigError naming each flag."""
-    try:
-        return cls.model_validate(values)
-    except ValidationError as err:
-        raise ConfigError(validation_error_message(cls, err)) from None
 
 
 def parse_cli(cls: type[NanoConfig], argv: list[str] | None = None, prog: str | None = None,
@@ -229,16 +160,4 @@ def to_cli_args(cfg: NanoConfig) -> list[str]:
     return args
 
 
-def non_semantic_fields(cls: type[NanoConfig]) -> set[str]:
-    """NON_SEMANTIC of the class and of every base (mixins included), so no subclass can hide a base's."""
-    names = set()
-    for klass in cls.__mro__:
-        names.update(klass.__dict__.get("NON_SEMANTIC", ()))
-    return names & set(cls.model_fields)
 
-
-def config_digest(cfg: NanoConfig, length: int = 16) -> str:
-    """Stable hash of the fields that change what a stage computes (NON_SEMANTIC fields excluded)."""
-    payload = cfg.model_dump(mode="json", exclude=non_semantic_fields(type(cfg)))
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:length]

@@ -49,12 +49,13 @@ from pydantic import Field, field_validator
 
 from nanopipe.common import atomic_directory, atomic_write_json, get_base_dir, print0
 from nanopipe.config import ConfigError, NanoConfig, parse_cli
+from nanopipe.configs.base import Off
+from nanopipe.configs.data import DEFAULT_HF_REPO, HF_REPO_PATTERN, DataFlags, bare_parquet_name
+from nanopipe.exit_codes import StageError
 
 # -----------------------------------------------------------------------------
 # Constants
 
-# nanochat's pretraining data: FineWeb-Edu 100BT, reshuffled into shard_00000..shard_01822.parquet.
-DEFAULT_HF_REPO = "karpathy/fineweb-edu-100b-shuffle"
 # Validation shards pinned by name for the repos we know (the last shard of each, as in nanochat).
 KNOWN_HF_VAL_SHARDS = {
     "karpathy/fineweb-edu-100b-shuffle": "shard_01822.parquet",
@@ -65,49 +66,12 @@ MANIFEST_NAME = "manifest.json"  # written last into directories that `builtin` 
 TEXT_COLUMN = "text"
 
 
-class DataError(ValueError):
+class DataError(StageError, ValueError):
     """A shard, input file or data directory is missing, empty or malformed. The message names the file."""
 
 
 # -----------------------------------------------------------------------------
-# Config mixin
-
-def _minus_one_is_none(value):
-    """The CLI's -1 (nanochat's spelling of "all") is None inside configs."""
-    return None if value in (-1, "-1") else value
-
-
-def _bare_parquet_name(value: str | None) -> str | None:
-    if value is not None and (Path(value).name != value or not value.endswith(".parquet")):
-        raise ValueError("must be a bare file name ending in .parquet, e.g. shard_01822.parquet")
-    return value
-
-
-class DataFlags(NanoConfig):
-    """Where a stage's pretraining text comes from. Mixed into stage configs: `class X(CommonConfig, DataFlags)`.
-
-    Every field is part of the cache key, `data_dir` included: for `local` the directory *is* the data,
-    and a spurious cache miss (same shards under another path) costs a recompute, while a spurious hit
-    would silently train on other text. `ShardSet.fingerprint()` identifies the shard contents.
-    """
-
-    data_source: Literal["builtin", "local", "hf"] = Field(
-        "builtin", description="where the text comes from: builtin (offline corpus), local (parquet dir), hf (hub)")
-    data_dir: str | None = Field(
-        None, description="directory of parquet shards (default: NANOPIPE_HOME/base_data/<source>)")
-    hf_repo_id: str = Field(
-        DEFAULT_HF_REPO, pattern=r"^[\w.-]+/[\w.-]+$",
-        description="Hugging Face dataset repo of the hf source (owner/name)")
-    num_shards: int | None = Field(
-        None, ge=1, description="training shards to use, the first N by name; none or -1 = all present "
-                                "(for hf: N are downloaded if missing)")
-    val_shard: str | None = Field(
-        None, description="file name of the pinned validation shard (default: val.parquet; for hf the "
-                          "repo's known last shard)")
-
-    _all_shards = field_validator("num_shards", mode="before")(_minus_one_is_none)
-    _val_name = field_validator("val_shard")(_bare_parquet_name)
-
+# Shard sets
 
 @dataclass
 class ShardSet:
@@ -983,9 +947,9 @@ class PrepareCommand(NanoConfig):
 class DownloadCommand(NanoConfig):
     """Download the first N training shards of a Hugging Face dataset repo plus its pinned validation shard."""
 
-    num_shards: int | None = Field(8, ge=1, description="training shards to download, the first N by name; "
+    num_shards: Off[int] = Field(8, ge=1, description="training shards to download, the first N by name; "
                                                         "-1 = all of them")
-    hf_repo_id: str = Field(DEFAULT_HF_REPO, pattern=r"^[\w.-]+/[\w.-]+$", description="dataset repo (owner/name)")
+    hf_repo_id: str = Field(DEFAULT_HF_REPO, pattern=HF_REPO_PATTERN, description="dataset repo (owner/name)")
     val_shard: str | None = Field(None, description="file name of the pinned validation shard (default: the "
                                                     "repo's known last shard)")
     data_dir: str | None = Field(None, description="where the shards go (default: NANOPIPE_HOME/base_data/hf/"
@@ -995,8 +959,7 @@ class DownloadCommand(NanoConfig):
     max_attempts: int = Field(5, ge=1, le=20, description="tries per file before giving up")
     backoff_s: float = Field(2.0, ge=0, le=600, description="seconds before the first retry; doubles each time")
 
-    _all_shards = field_validator("num_shards", mode="before")(_minus_one_is_none)
-    _val_name = field_validator("val_shard")(_bare_parquet_name)
+    _val_name = field_validator("val_shard")(bare_parquet_name)
 
 
 class InfoCommand(DataFlags):

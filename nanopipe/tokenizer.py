@@ -34,19 +34,8 @@ import tiktoken
 import torch
 
 from nanopipe.common import atomic_directory, get_base_dir
+from nanopipe.vocab import BOS_TOKEN, MIN_VOCAB_SIZE, SPECIAL_TOKENS  # noqa: F401 - part of this API
 
-SPECIAL_TOKENS = [
-    "<|bos|>",              # starts every document; documents are delimited by it
-    "<|user_start|>",       # the rest structure conversations (chat fine-tuning) ...
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|python_start|>",     # ... and tool use: the assistant writes python between these,
-    "<|python_end|>",
-    "<|output_start|>",     # and the tool's output comes back between these
-    "<|output_end|>",
-]
-BOS_TOKEN = "<|bos|>"
 
 # GPT-4's (cl100k) split regex, except numbers split into runs of at most 2 digits instead of 3:
 # nanochat measured 2 to compress best at a 32K vocab (fewer tokens spent on number chunks).
@@ -58,7 +47,6 @@ META_FILE = "tokenizer.json"
 TOKEN_BYTES_FILE = "token_bytes.pt"
 FORMAT_NAME = "nanopipe-bpe"
 FORMAT_VERSION = 1
-MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 
 class TokenizerNotFoundError(FileNotFoundError):

@@ -90,3 +90,35 @@ def test_non_semantic_fields_of_every_base_are_honoured():
     assert non_semantic_fields(Stage) == {"run", "log_every"}
     a, b = Stage(log_every=1), Stage(log_every=2)
     assert config_digest(a) == config_digest(b) != config_digest(Stage(steps=6))
+
+
+# -----------------------------------------------------------------------------
+# The config package is torch-free, and the library never imports the orchestration
+
+def test_configs_import_without_torch():
+    import nanopipe.configs
+    modules = [f"nanopipe.configs.{name}" for name in nanopipe.configs.STAGE_CONFIGS] + [
+        "nanopipe.configs", "nanopipe.configs.base", "nanopipe.configs.data", "nanopipe.exit_codes"]
+    code = "; ".join(f"import {m}" for m in modules) + "; import sys; assert 'torch' not in sys.modules, " \
+        "sorted(m for m in sys.modules if m.startswith('nanopipe'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_every_stage_has_one_config_class():
+    from nanopipe.configs import STAGE_CONFIGS, config_class
+    from nanopipe.configs.base import NanoConfig
+    assert {"tok_train", "tok_eval", "base_train", "base_eval", "chat_eval", "chat_cli"} <= set(STAGE_CONFIGS)
+    for name, cls in STAGE_CONFIGS.items():
+        assert issubclass(cls, NanoConfig) and config_class(name) is cls
+    with pytest.raises(KeyError, match="unknown stage"):
+        config_class("nope")
+
+
+def test_library_never_imports_prefect_or_flows():
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "nanopipe"
+    pattern = re.compile(r"^\s*(import|from)\s+(prefect|flows)\b", re.M)
+    offenders = [str(p.relative_to(root.parent)) for p in root.rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []

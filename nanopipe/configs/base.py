@@ -1,3 +1,199 @@
-"""Base classes of the stage configs (moving here from nanopipe.config)."""
+"""
+Base classes of the stage configs, and what every config shares: validation into one error that names each
+flag and its valid range, the `Off[...]` type for "-1 or none means off", and the cache-key digest.
 
-from nanopipe.config import CommonConfig, ConfigError, DownstreamConfig, NanoConfig  # noqa: F401
+One pydantic model per stage is the single source of truth for its flags, defaults, bounds and help; the
+command line (`nanopipe.configs.flags`), the Prefect parameter form and the cache key all come from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import types
+import typing
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
+
+from nanopipe.exit_codes import BadInputError
+
+
+class ConfigError(BadInputError, ValueError):
+    """A stage was given a bad flag or value. The message names the flag and the valid choices."""
+
+
+def _minus_one_is_none(value: Any) -> Any:
+    """The CLI's -1 (nanochat's spelling of "disabled" / "all") is None inside configs."""
+    if isinstance(value, str) and value.strip().lower() in ("-1", "-1.0", "none", "null"):
+        return None
+    return None if value is not None and not isinstance(value, bool) and value == -1 else value
+
+
+class _Off:
+    """`Off[int]` is `int | None` where -1 (or "none") also means None: off, disabled, all."""
+
+    def __class_getitem__(cls, item):
+        return Annotated[item | None, BeforeValidator(_minus_one_is_none)]
+
+
+Off = _Off
+
+
+class NanoConfig(BaseModel):
+    """Base of every config: unknown keys are an error, assignments are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Fields that never change what a stage computes (logging, output locations). They are left out
+    # of the cache key; subclasses extend this tuple.
+    NON_SEMANTIC: typing.ClassVar[tuple[str, ...]] = ("run", "out_dir")
+
+
+class CommonConfig(NanoConfig):
+    """Flags shared by every training stage."""
+
+    run: str = Field("dummy", description="wandb run name; 'dummy' disables wandb logging")
+    device_type: Literal["", "cuda", "cpu", "mps"] = Field(
+        "", description="device to run on; empty autodetects (cuda > mps > cpu)")
+    dtype: Literal["", "bfloat16", "float32"] = Field(
+        "", description="compute dtype; empty means bfloat16 where the hardware supports it, else float32")
+    seed: int = Field(42, ge=0, description="random seed")
+
+
+CheckpointSource = Literal["base", "mid", "sft", "rl"]
+
+
+class DownstreamConfig(CommonConfig):
+    """Flags of stages that start from an earlier stage's checkpoint."""
+
+    source: CheckpointSource = Field("base", description="which stage's checkpoints to load")
+    model_tag: str | None = Field(None, description="model tag to load (default: the largest model of the source)")
+    model_step: int | None = Field(None, ge=0, description="checkpoint step to load (default: the last one)")
+    checkpoint_dir: str | None = Field(
+        None, description="explicit checkpoint directory to load from (overrides source/model_tag)")
+
+
+def model_tag_for_depth(depth: int) -> str:
+    """The default model tag of a GPT of this depth: checkpoint directory and artifact names ('d12')."""
+    return f"d{depth}"
+
+
+# -----------------------------------------------------------------------------
+# Introspection: what a field accepts, in words
+
+def unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    """(inner type, is_optional) for `X | None` / Optional[X]; Annotated wrappers are looked through."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(annotation)) == 2:
+            return args[0], True
+    return annotation, False
+
+
+def is_off_field(field: FieldInfo) -> bool:
+    return any(getattr(m, "func", None) is _minus_one_is_none for m in field.metadata)
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return " or ".join(repr(c) for c in typing.get_args(annotation))
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def describe_range(field: FieldInfo) -> str:
+    """Human-readable valid range/choices of a field, e.g. 'an integer >= 1' or one of ['a', 'b']."""
+    inner, optional = unwrap_optional(field.annotation)
+    if typing.get_origin(inner) is Literal:
+        text = "one of " + ", ".join(repr(c) for c in typing.get_args(inner))
+    else:
+        members = typing.get_args(inner) if typing.get_origin(inner) in (typing.Union, types.UnionType) else (inner,)
+        name = " or ".join(_type_name(t) for t in members if t is not type(None))
+        bounds = []
+        for meta in field.metadata:
+            for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+                value = getattr(meta, attr, None)
+                if value is not None:
+                    bounds.append(f"{sym} {value}")
+        text = name + (" " + " and ".join(bounds) if bounds else "")
+    if is_off_field(field):
+        text += " (or -1/none: off)"
+    elif optional:
+        text += " (or none)"
+    return text
+
+
+def model_class(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (`M`, `M | None`), else None."""
+    inner, _ = unwrap_optional(annotation)
+    return inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
+
+
+def dict_value_model(annotation: Any) -> type[BaseModel] | None:
+    """M for `dict[K, M]` (a dict of models, addressed key by key), else None."""
+    inner, _ = unwrap_optional(annotation)
+    args = typing.get_args(inner)
+    return model_class(args[1]) if typing.get_origin(inner) is dict and len(args) == 2 else None
+
+
+def field_at(cls: type[BaseModel], loc: tuple) -> tuple[FieldInfo | None, str]:
+    """(field, its dotted path) that a pydantic error location points at, through nested models and dicts
+    of models; (None, "") when the location names no field (a model-level error)."""
+    field, path, model, keyed = None, [], cls, None
+    for part in loc:
+        if keyed is not None and isinstance(part, str):  # the key of a dict of models
+            path.append(part)
+            model, keyed = keyed, None
+        elif model is not None and isinstance(part, str) and part in model.model_fields:
+            field = model.model_fields[part]
+            path.append(part)
+            model, keyed = model_class(field.annotation), dict_value_model(field.annotation)
+        else:
+            break  # a list index, a union member or a dict key inside a leaf field
+    return field, ".".join(path)
+
+
+# -----------------------------------------------------------------------------
+# Validation with errors that name the flag
+
+def validation_error_message(cls: type[BaseModel], err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        field, path = field_at(cls, tuple(e["loc"]))
+        if field is not None:
+            flag = "--" + path
+            parts.append(f"{flag}: {e['msg']} (got {e.get('input')!r}; valid: {describe_range(field)})")
+        else:
+            parts.append(f"{cls.__name__}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def build_config(cls: type[BaseModel], values: dict[str, Any]):
+    """Validate a dict into a config, turning pydantic's errors into one ConfigError naming each flag."""
+    try:
+        return cls.model_validate(values)
+    except ValidationError as err:
+        raise ConfigError(validation_error_message(cls, err)) from None
+
+
+# -----------------------------------------------------------------------------
+# The cache key
+
+def non_semantic_fields(cls: type[NanoConfig]) -> set[str]:
+    """NON_SEMANTIC of the class and of every base (mixins included), so no subclass can hide a base's."""
+    names = set()
+    for klass in cls.__mro__:
+        names.update(klass.__dict__.get("NON_SEMANTIC", ()))
+    return names & set(cls.model_fields)
+
+
+def config_digest(cfg: NanoConfig, length: int = 16) -> str:
+    """Stable hash of the fields that change what a stage computes (NON_SEMANTIC fields excluded)."""
+    payload = cfg.model_dump(mode="json", exclude=non_semantic_fields(type(cfg)))
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]

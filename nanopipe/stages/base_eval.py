@@ -23,21 +23,20 @@ import sys
 from pathlib import Path
 
 import torch
-from pydantic import Field, field_validator
 
 from nanopipe.checkpoint import load_model, resolve_checkpoint_dir
 from nanopipe.common import (atomic_write_text, compute_cleanup, compute_init, get_base_dir, print0,
                              report_progress, write_metrics)
-from nanopipe.config import ConfigError, DownstreamConfig, parse_cli
+from nanopipe.config import ConfigError, parse_cli
+from nanopipe.configs.base_eval import BaseEvalConfig
 from nanopipe.core_eval import bundle_missing_message, evaluate_core, find_eval_bundle
 from nanopipe.dataloader import BestFitLoader
-from nanopipe.dataset import DataFlags, ensure_shards
+from nanopipe.dataset import ensure_shards
 from nanopipe.engine import Engine
 from nanopipe.loss_eval import evaluate_bpb
 from nanopipe.tokenizer import get_token_bytes
 
 PROG = "python -m nanopipe.stages.base_eval"
-EVAL_MODES = ("core", "bpb", "sample")
 SAMPLE_PROMPTS = [
     "The capital of Italy is",
     "Water freezes at a temperature of",
@@ -47,33 +46,6 @@ SAMPLE_PROMPTS = [
     "If 2*x + 4 = 10, then x is",
     "My favourite food is",
 ]
-
-
-class BaseEvalConfig(DownstreamConfig, DataFlags):
-    """Flags of base model evaluation."""
-
-    eval: str = Field("core,bpb,sample", description="comma-separated evaluations: core, bpb, sample")
-    max_per_task: int | None = Field(None, ge=1, description="examples per CORE task (-1/none: all)")
-    device_batch_size: int = Field(32, ge=1, description="sequences per device per bpb batch")
-    split_tokens: int = Field(20 * 524288, ge=1, description="tokens per split (train, val) for bits per byte")
-    eval_bundle_dir: str | None = Field(None, description="CORE eval bundle (default: NANOPIPE_HOME/eval_bundle)")
-    tokenizer_dir: str | None = Field(None, description="tokenizer directory (default: the one the checkpoint names)")
-    out_dir: str | None = Field(None, description="where metrics.json and core.csv go "
-                                                  "(default: NANOPIPE_HOME/base_eval/<tag>_<step>)")
-
-    @field_validator("max_per_task", mode="before")
-    @classmethod
-    def _minus_one_is_all(cls, value):
-        return None if value in (-1, "-1") else value
-
-    @field_validator("eval")
-    @classmethod
-    def _known_modes(cls, value):
-        modes = [m.strip() for m in value.split(",") if m.strip()]
-        unknown = [m for m in modes if m not in EVAL_MODES]
-        if unknown or not modes:
-            raise ValueError(f"unknown evaluation(s) {unknown or value!r}; choose from {', '.join(EVAL_MODES)}")
-        return ",".join(modes)
 
 
 # -----------------------------------------------------------------------------

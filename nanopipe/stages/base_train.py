@@ -30,19 +30,18 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import Field, field_validator, model_validator
 
 from nanopipe.checkpoint import CheckpointError, find_last_step, load_checkpoint, meta_path, save_checkpoint
 from nanopipe.common import (Runtime, atomic_write_json, compute_cleanup, compute_init, get_base_dir, get_dist_info,
                              init_wandb, print0, report_progress, write_metrics)
-from nanopipe.config import CommonConfig, ConfigError, parse_cli
+from nanopipe.config import ConfigError, parse_cli
+from nanopipe.configs.base_train import BaseTrainConfig, check_batch_sizes
 from nanopipe.core_eval import bundle_missing_message, evaluate_core, find_eval_bundle
 from nanopipe.dataloader import BestFitLoader
-from nanopipe.dataset import DataFlags, ensure_shards
+from nanopipe.dataset import ensure_shards
 from nanopipe.gpt import GPT, GPTConfig, build_model_config
 from nanopipe.optim import batch_lr_scale, lr_multiplier, muon_momentum
 from nanopipe.stages.base_eval import SAMPLE_PROMPTS, evaluate_split_bpb, generate_samples
@@ -59,116 +58,8 @@ EMA_BETA = 0.9                      # smoothing of the logged training loss
 UNTIMED_STEPS = 10                  # the first steps (compilation, warm-up) are left out of the timings
 
 
-def _minus_one_is_none(value):
-    return None if value in (-1, -1.0, "-1", "-1.0") else value
-
-
-class BaseTrainConfig(CommonConfig, DataFlags):
-    """Flags of base pretraining (defaults: nanochat's speedrun d20)."""
-
-    # --- model --------------------------------------------------------------
-    depth: int = Field(20, ge=1, le=1024, description="number of Transformer layers; sets the whole model size")
-    aspect_ratio: int = Field(64, ge=1, description="model width = depth * aspect_ratio, rounded up to head_dim")
-    head_dim: int = Field(128, ge=2, description="channels per attention head (even, for rotary embeddings)")
-    max_seq_len: int = Field(2048, ge=2, description="context length in tokens")
-    # --- training horizon: exactly one is used, in this order ------------------
-    num_iterations: int | None = Field(None, ge=1, description="optimizer steps (-1/none: derive from the next two)")
-    target_flops: float | None = Field(None, gt=0, description="train for this many FLOPs (-1/none: disabled)")
-    target_param_data_ratio: float | None = Field(
-        20, gt=0, description="train for ratio * parameters tokens (Chinchilla: 20; -1/none: disabled)")
-    # --- optimisation -------------------------------------------------------
-    device_batch_size: int = Field(32, ge=1, description="sequences per device per micro-step (lower it on OOM)")
-    total_batch_size: int = Field(524288, ge=1, description="tokens per optimizer step, all ranks and micro-steps")
-    embedding_lr: float = Field(0.3, gt=0, description="AdamW learning rate of the token embedding")
-    unembedding_lr: float = Field(0.004, gt=0, description="AdamW learning rate of the LM head")
-    matrix_lr: float = Field(0.02, gt=0, description="Muon learning rate of the Transformer matrices")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (embedding and LM head)")
-    warmup_ratio: float = Field(0.0, ge=0, le=1, description="fraction of the steps with linear LR warm-up")
-    warmdown_ratio: float = Field(0.4, ge=0, le=1, description="fraction of the steps with linear LR decay at the end")
-    final_lr_frac: float = Field(0.0, ge=0, le=1, description="LR at the end of the decay, as a fraction of the peak")
-    # --- evaluation and checkpoints (none of these change the trained weights) --------------------
-    eval_every: int | None = Field(250, ge=1, description="val bits-per-byte every N steps and at the end (-1: only at the end)")
-    eval_tokens: int = Field(20 * 524288, ge=1, description="validation tokens per val bpb evaluation")
-    core_metric_every: int | None = Field(2000, ge=1, description="CORE metric every N steps and at the end (-1: never)")
-    core_metric_max_per_task: int | None = Field(500, ge=1, description="examples per CORE task (-1: all)")
-    sample_every: int | None = Field(2000, ge=1, description="print samples every N steps and at the end (-1: never)")
-    save_every: int | None = Field(None, ge=1, description="checkpoint every N steps (-1/none: only at the end)")
-    resume_from_step: int | Literal["latest"] | None = Field(
-        None, description="resume from this checkpoint step, or 'latest' (starts fresh if there is none)")
-    # --- paths --------------------------------------------------------------
-    model_tag: str | None = Field(None, description="checkpoint directory name (default: d<depth>)")
-    tokenizer_dir: str | None = Field(None, description="tokenizer directory (default: NANOPIPE_HOME/tokenizer)")
-    out_dir: str | None = Field(
-        None, description="where checkpoints and metrics.json go (default: NANOPIPE_HOME/base_checkpoints/<model_tag>)")
-    checkpoint_dir: str | None = Field(None, description="checkpoint directory, if not out_dir")
-    eval_bundle_dir: str | None = Field(None, description="CORE eval bundle (default: NANOPIPE_HOME/eval_bundle)")
-    dry_run: bool = Field(False, description="print the model shape, FLOPs, steps and memory estimate, then exit")
-    compile: bool | None = Field(None, description="torch.compile the model (default: on CUDA only; on CPU it "
-                                                   "needs a C++ compiler and minutes of compilation)")
-
-    NON_SEMANTIC = tuple(dict.fromkeys(
-        CommonConfig.NON_SEMANTIC + getattr(DataFlags, "NON_SEMANTIC", ()) + (
-            "eval_every", "eval_tokens", "core_metric_every", "core_metric_max_per_task", "sample_every",
-            "save_every", "resume_from_step", "model_tag", "checkpoint_dir", "eval_bundle_dir", "dry_run")))
-
-    @field_validator("num_iterations", "target_flops", "target_param_data_ratio", "eval_every",
-                     "core_metric_every", "core_metric_max_per_task", "sample_every", "save_every", mode="before")
-    @classmethod
-    def _minus_one_disables(cls, value):
-        return _minus_one_is_none(value)
-
-    @field_validator("resume_from_step", mode="before")
-    @classmethod
-    def _resume_step(cls, value):
-        if isinstance(value, str):
-            value = value.strip().lower()
-            if value in ("", "none", "null", "-1"):
-                return None
-            if value.lstrip("+").isdigit():
-                return int(value)
-        if value == -1:
-            return None
-        if isinstance(value, int) and value < 0:
-            raise ValueError("must be a step >= 0, 'latest', or -1/none")
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.num_iterations is None and self.target_flops is None and self.target_param_data_ratio is None:
-            raise ValueError("no training horizon: set --num_iterations, --target_flops or --target_param_data_ratio")
-        if self.head_dim % 2:
-            raise ValueError(f"--head_dim={self.head_dim} must be even (rotary embeddings rotate channel pairs)")
-        if self.warmup_ratio + self.warmdown_ratio > 1:
-            raise ValueError(f"--warmup_ratio ({self.warmup_ratio}) + --warmdown_ratio ({self.warmdown_ratio}) > 1")
-        check_batch_sizes(self, world_size=1)
-        return self
-
-
 # -----------------------------------------------------------------------------
 # Derived quantities
-
-def check_batch_sizes(cfg: BaseTrainConfig, world_size: int) -> int:
-    """Gradient accumulation steps; a ConfigError suggesting valid values if the sizes do not divide."""
-    tokens_per_micro = cfg.device_batch_size * cfg.max_seq_len * world_size
-    if cfg.total_batch_size % tokens_per_micro:
-        lower = cfg.total_batch_size // tokens_per_micro * tokens_per_micro
-        totals = [v for v in (lower, lower + tokens_per_micro) if v > 0]
-        rows = cfg.total_batch_size // (cfg.max_seq_len * world_size) if cfg.total_batch_size % (
-            cfg.max_seq_len * world_size) == 0 else 0
-        batches = [b for b in range(1, min(rows, 4 * cfg.device_batch_size) + 1) if rows % b == 0][-4:] if rows else []
-        hint = f"--total_batch_size={' or '.join(map(str, totals))}"
-        if batches:
-            hint += f", or --device_batch_size={' or '.join(map(str, batches))}"
-        raise ConfigError(
-            f"--total_batch_size={cfg.total_batch_size} is not a multiple of --device_batch_size "
-            f"({cfg.device_batch_size}) x --max_seq_len ({cfg.max_seq_len}) x world size ({world_size}) = "
-            f"{tokens_per_micro} tokens per micro-step; try {hint}")
-    eval_micro = cfg.device_batch_size * cfg.max_seq_len * world_size
-    if cfg.eval_tokens < eval_micro:
-        raise ConfigError(f"--eval_tokens={cfg.eval_tokens} is less than one evaluation batch "
-                          f"(device_batch_size x max_seq_len x world size = {eval_micro}); raise it")
-    return cfg.total_batch_size // tokens_per_micro
-
 
 def horizon(cfg: BaseTrainConfig, flops_per_token: int, num_params: int) -> tuple[int, str]:
     """(num_iterations, how it was chosen): --num_iterations > --target_flops > --target_param_data_ratio."""

@@ -18,37 +18,17 @@ import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
-from pydantic import Field, field_validator
 
 from nanopipe.chat_format import render_for_completion
 from nanopipe.checkpoint import CheckpointError, load_model
 from nanopipe.common import compute_cleanup, compute_init, print0, write_metrics
-from nanopipe.config import ConfigError, DownstreamConfig, parse_cli
+from nanopipe.config import ConfigError, parse_cli
+from nanopipe.configs.chat_cli import SHORT_FLAGS, ChatCliConfig
 from nanopipe.engine import Engine
 from nanopipe.tokenizer import TokenizerNotFoundError
-
-SHORT_FLAGS = {"-p": "prompt", "-t": "temperature", "-k": "top_k", "-i": "source"}
-
-
-class ChatCliConfig(DownstreamConfig):
-    """Flags of the terminal chat."""
-
-    source: Literal["base", "mid", "sft", "rl"] = Field("sft", description="which stage's checkpoints to load")
-    prompt: str | None = Field(None, min_length=1, description="one-shot mode (-p): answer this prompt, print it and exit")
-    temperature: float = Field(0.6, ge=0.0, description="sampling temperature (-t); 0 is greedy")
-    top_k: int | None = Field(50, ge=1, description="sample among the k most likely tokens (-k; none, 0 or -1: all)")
-    max_new_tokens: int = Field(256, ge=1, description="tokens generated at most per answer")
-    tokenizer_dir: str | None = Field(None, description="tokenizer to use (default: the one the checkpoint records)")
-    out_dir: str | None = Field(None, description="write the transcript to <out_dir>/metrics.json (none: write nothing)")
-
-    @field_validator("top_k", mode="before")
-    @classmethod
-    def _top_k_disabled(cls, value):
-        return None if value in (0, -1, "0", "-1") else value
-
 
 # -----------------------------------------------------------------------------
 # A conversation with the model

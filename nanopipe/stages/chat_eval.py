@@ -25,66 +25,19 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import Field, field_validator
 
 from nanopipe.chat_format import render_for_completion
 from nanopipe.checkpoint import CheckpointError, load_model, resolve_checkpoint_dir
 from nanopipe.common import (compute_cleanup, compute_init, get_base_dir, print0, report_progress,
                              write_metrics)
-from nanopipe.config import ConfigError, DownstreamConfig, parse_cli
+from nanopipe.config import ConfigError, parse_cli
+from nanopipe.configs.chat_eval import CHATCORE_TASKS, DATA_PATH_FIELDS, SYNTHETIC_TASKS, ChatEvalConfig
 from nanopipe.engine import Engine
 from nanopipe.tasks import TaskDataError, build_task
 from nanopipe.tokenizer import TokenizerNotFoundError
-
-CHATCORE_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
-OFFLINE_TASKS = ("Arithmetic", "MultipleChoice")  # builtin stand-ins for GSM8K and MMLU, generated locally
-EVAL_TASKS = CHATCORE_TASKS + OFFLINE_TASKS
-SYNTHETIC_TASKS = ("SpellingBee",) + OFFLINE_TASKS
-EvalTaskName = Literal["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "Arithmetic",
-                       "MultipleChoice"]
-
-# config field holding the local data of each task (None: the task's hub dataset / builtin word list)
-DATA_PATH_FIELDS = {"ARC-Easy": "arc_easy_path", "ARC-Challenge": "arc_challenge_path", "MMLU": "mmlu_path",
-                    "GSM8K": "gsm8k_path", "HumanEval": "humaneval_path", "SpellingBee": "spelling_words_path"}
-
-
-class ChatEvalConfig(DownstreamConfig):
-    """Flags of the chat evaluation stage."""
-
-    source: Literal["base", "mid", "sft", "rl"] = Field("sft", description="which stage's checkpoints to load")
-    task: list[EvalTaskName] = Field(
-        list(CHATCORE_TASKS), min_length=1,
-        description=f"tasks to evaluate, comma-separated, from: {', '.join(EVAL_TASKS)}")
-    batch_size: int = Field(8, ge=1, description="problems per forward pass on multiple-choice tasks")
-    max_problems: int | None = Field(None, ge=1, description="evaluate at most this many problems per task "
-                                                            "(none: all)")
-    num_samples: int = Field(1, ge=1, le=1024, description="completions sampled per generative problem "
-                                                           "(a problem passes if any one does: pass@k)")
-    temperature: float = Field(0.0, ge=0.0, description="sampling temperature on generative tasks; 0 is greedy")
-    top_k: int | None = Field(50, ge=1, description="sample among the k most likely tokens (none, 0 or -1: all)")
-    max_new_tokens: int = Field(512, ge=1, description="tokens generated at most per completion")
-    synthetic_size: int = Field(256, ge=1, description="problems generated for SpellingBee, Arithmetic and "
-                                                       "MultipleChoice")
-    arc_easy_path: str | None = Field(None, description="local ARC-Easy data, file or directory (none: the hub)")
-    arc_challenge_path: str | None = Field(None, description="local ARC-Challenge data (none: the hub)")
-    mmlu_path: str | None = Field(None, description="local MMLU 'all' data, file or directory (none: the hub)")
-    gsm8k_path: str | None = Field(None, description="local GSM8K data, file or directory (none: the hub)")
-    humaneval_path: str | None = Field(None, description="local HumanEval data, file or directory (none: the hub)")
-    spelling_words_path: str | None = Field(None, description="word list for SpellingBee, one word per line "
-                                                              "(none: the builtin list)")
-    tokenizer_dir: str | None = Field(None, description="tokenizer to use (default: the one the checkpoint records)")
-    out_dir: str | None = Field(None, description="where metrics.json goes "
-                                                  "(default: NANOPIPE_HOME/chat_eval/<source>-<model tag>)")
-
-    @field_validator("top_k", mode="before")
-    @classmethod
-    def _top_k_disabled(cls, value):
-        return None if value in (0, -1, "0", "-1") else value
-
 
 # -----------------------------------------------------------------------------
 # Evaluation loops. Each returns (passed, total) over the problems of this rank; the caller sums ranks.

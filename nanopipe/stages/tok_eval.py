@@ -23,11 +23,11 @@ from pathlib import Path
 
 import tiktoken
 import tiktoken.load
-from pydantic import Field, field_validator
 
 from nanopipe.common import get_base_dir, get_dist_info, print0, report_progress, write_metrics
-from nanopipe.config import CommonConfig, ConfigError, parse_cli
-from nanopipe.dataset import DataError, DataFlags, ensure_shards, iter_documents
+from nanopipe.config import ConfigError, parse_cli
+from nanopipe.configs.tok_eval import TokEvalConfig
+from nanopipe.dataset import DataError, ensure_shards, iter_documents
 from nanopipe.tokenizer import TokenizerNotFoundError, get_tokenizer
 
 # Fixed texts of different kinds, written for this project, so runs stay comparable over time.
@@ -69,30 +69,6 @@ SAMPLE_TEXTS = {
         "Η βιβλιοθήκη κλείνει νωρίτερα σήμερα."),
 }
 REFERENCE_LABELS = {"gpt2": "GPT-2", "r50k_base": "GPT-3", "cl100k_base": "GPT-4", "o200k_base": "GPT-4o"}
-
-
-class TokEvalConfig(CommonConfig, DataFlags):
-    """Flags of the tokenizer evaluation stage."""
-
-    tokenizer_dir: str | None = Field(None, description="tokenizer to evaluate (default: NANOPIPE_HOME/tokenizer)")
-    out_dir: str | None = Field(None, description="where metrics.json goes (default: NANOPIPE_HOME/tok_eval)")
-    val_chars: int = Field(10_000_000, ge=1, description="characters of the validation shard to measure on")
-    references: list[str] = Field(["gpt2", "cl100k_base"],
-                                  description="tiktoken encodings to compare with, comma-separated (empty: none)")
-    allow_download: bool = Field(False, description="let tiktoken download a reference missing from its cache")
-    download_timeout_s: float = Field(30.0, gt=0, description="seconds to wait for one reference download")
-
-    NON_SEMANTIC = tuple(dict.fromkeys(
-        CommonConfig.NON_SEMANTIC + getattr(DataFlags, "NON_SEMANTIC", ()) + ("download_timeout_s",)))
-
-    @field_validator("references")
-    @classmethod
-    def _known_encodings(cls, names: list[str]) -> list[str]:
-        valid = tiktoken.list_encoding_names()
-        unknown = [n for n in names if n not in valid]
-        if unknown:
-            raise ValueError(f"unknown tiktoken encoding(s) {unknown}; valid: {', '.join(valid)}")
-        return names
 
 
 # -----------------------------------------------------------------------------

@@ -18,36 +18,15 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from pydantic import Field, field_validator
-
 from nanopipe.common import get_dist_info, get_base_dir, print0, report_progress
-from nanopipe.config import CommonConfig, ConfigError, parse_cli
-from nanopipe.dataset import DataError, DataFlags, ensure_shards, iter_documents
-from nanopipe.tokenizer import MIN_VOCAB_SIZE, Tokenizer
+from nanopipe.config import ConfigError, parse_cli
+from nanopipe.configs.tok_train import TokTrainConfig
+from nanopipe.dataset import DataError, ensure_shards, iter_documents
+from nanopipe.tokenizer import Tokenizer
 
 # A fixed mixed-script text: the trained tokenizer must give it back unchanged.
 ROUND_TRIP_PROBE = ("Tokenizers, tested: 'don't', 3.14159, 1,000,000; tabs\tand\nnewlines.\n"
                     "Ünïcödé, 日本語, Русский, العربية, 한국어, emoji 🚀 and <|bos|> as plain text.")
-
-
-class TokTrainConfig(CommonConfig, DataFlags):
-    """Flags of the tokenizer training stage."""
-
-    max_chars: int = Field(10_000_000_000, ge=1, description="stop reading the train shards after this many characters")
-    doc_cap: int | None = Field(10_000, ge=1, description="crop each document to this many characters (-1: no crop)")
-    vocab_size: int = Field(32768, ge=MIN_VOCAB_SIZE, le=1 << 20,
-                            description="vocabulary size: 256 byte tokens + learned merges + 9 special tokens")
-    out_dir: str | None = Field(None, description="tokenizer directory to write (default: NANOPIPE_HOME/tokenizer)")
-    val_chars: int = Field(10_000_000, ge=1, description="characters of the validation shard to measure compression on")
-    log_every_chars: int = Field(100_000_000, ge=1, description="print a progress line every this many characters read")
-
-    NON_SEMANTIC = tuple(dict.fromkeys(
-        CommonConfig.NON_SEMANTIC + getattr(DataFlags, "NON_SEMANTIC", ()) + ("val_chars", "log_every_chars")))
-
-    @field_validator("doc_cap", mode="before")
-    @classmethod
-    def _minus_one_disables(cls, value):
-        return None if value in (-1, "-1") else value
 
 
 def tokenizer_out_dir(cfg: TokTrainConfig) -> Path:
