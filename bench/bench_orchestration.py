@@ -40,7 +40,7 @@ def run_bare(values: dict, home: Path) -> tuple[float, dict[str, float]]:
         with open(Path(plan.artifact_dir) / "bare.log", "w") as log:
             subprocess.run(plan.command(), env={**os.environ, **plan.resources.env}, stdout=log,
                            stderr=subprocess.STDOUT, check=True)
-        per_stage[plan.step] = time.perf_counter() - t0
+        per_stage[plan.stage] = time.perf_counter() - t0
     return time.perf_counter() - started, per_stage
 
 

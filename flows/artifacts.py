@@ -3,8 +3,10 @@ Content-addressed stage outputs: `NANOPIPE_HOME/artifacts/<stage>/<tag>-<hash>/`
 
 The hash covers everything that decides what a stage computes: the stage name, its config digest
 (`nanopipe.config.config_digest`, which leaves out logging names and output paths), the hashes of the
-artifacts it reads, and the code version (package version + a hash of the stage module and every nanopipe
-module it imports). Same inputs, same directory; any change, a new one.
+artifacts it reads, and the code version: the package version plus a hash of the modules the stage declares
+as deciding its result (`Stage.code` in flows/stages.py), with comments, docstrings and log messages left
+out. Same inputs, same directory; any change, a new one. The manifest records each module's hash, so
+`nanopipe status` can say which config field, module or upstream artifact made a stage rerun.
 
 A directory is complete only when its `manifest.json` (written last, atomically) verifies: every listed
 file present with the recorded size and sha256. Anything else is a leftover of an interrupted run: its
@@ -15,8 +17,8 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import fcntl
 import functools
+import importlib.metadata
 import hashlib
 import json
 import os
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from filelock import FileLock, Timeout
 from pydantic import BaseModel, Field
 
 import nanopipe
@@ -50,81 +53,79 @@ def _sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _module_file(name: str, root: Path, package: str) -> Path | None:
-    """The source file of `package.a.b` under `root` (the package directory), if it is one of ours."""
-    parts = name.split(".")
-    if parts[0] != package:
-        return None
-    base = root.joinpath(*parts[1:])
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
+# -----------------------------------------------------------------------------
+# Code versions: each stage declares the modules that determine its result (flows/stages.py)
+
+# Calls whose arguments are messages for a person: editing them never changes what a stage computes.
+MESSAGE_CALLS = frozenset({"print", "print0", "log", "log0", "log_step", "debug", "info", "warning", "warn",
+                           "error", "exception"})
 
 
-def _imported_names(path: Path, root: Path, package: str) -> set[str]:
-    """Every module name an `import` / `from ... import` anywhere in the file can refer to (functions too)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    here = [package, *path.relative_to(root).with_suffix("").parts][:-1]   # the module's package
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = here[: len(here) - (node.level - 1)] + ([node.module] if node.module else [])
-                module = ".".join(base)
-            else:
-                module = node.module or ""
-            names.add(module)
-            names.update(f"{module}.{alias.name}" for alias in node.names)   # `from pkg import submodule`
-    return names
+class _Normalizer(ast.NodeTransformer):
+    """Drops docstrings and the arguments of message calls, so comments, docs and log lines don't count."""
+
+    def _strip_docstring(self, node):
+        self.generic_visit(node)
+        body = node.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+        return node
+
+    visit_Module = visit_ClassDef = visit_FunctionDef = visit_AsyncFunctionDef = _strip_docstring
+
+    def visit_Call(self, node: ast.Call):
+        self.generic_visit(node)
+        func = node.func
+        name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+        if name in MESSAGE_CALLS:
+            node.args, node.keywords = [], []
+        return node
 
 
-def module_closure(module: str, root: Path | None = None, package: str = "nanopipe") -> list[Path]:
-    """The source files a module runs: itself, every package module it imports (transitively, wherever
-    the import statement is), and the `__init__.py` of each package on the way."""
+def normalized_source(path: Path) -> str:
+    """The module's syntax tree without comments, docstrings and log-message arguments."""
+    tree = _Normalizer().visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+    return ast.dump(tree, annotate_fields=False, include_attributes=False)
+
+
+def module_files(module: str, root: Path | None = None, package: str = "nanopipe") -> list[Path]:
+    """The source files of a declared module: `pkg.a.b` is pkg/a/b.py, or every file of the package pkg/a/b/."""
     root = Path(root or Path(nanopipe.__file__).parent)
-    start = _module_file(module, root, package)
-    assert start is not None, f"{module} is not a module of {package} under {root}"
-    seen: set[Path] = set()
-    todo = [start]
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for parent in path.relative_to(root).parents:   # package __init__ files run on import too
-            init = root / parent / "__init__.py"
-            if init.is_file() and init not in seen:
-                todo.append(init)
-        for name in _imported_names(path, root, package):
-            found = _module_file(name, root, package)
-            if found is not None and found not in seen:
-                todo.append(found)
-    return sorted(seen)
+    parts = module.split(".")
+    if parts[0] != package:
+        raise ValueError(f"{module} is not a module of {package}")
+    base = root.joinpath(*parts[1:])
+    if base.with_suffix(".py").is_file():
+        return [base.with_suffix(".py")]
+    if (base / "__init__.py").is_file():
+        return sorted(base.rglob("*.py"))
+    raise ValueError(f"{module}: no such module or package under {root} (see the stage's `code` in flows/stages.py)")
 
 
-def source_hash(files: list[Path], root: Path) -> str:
-    """sha256 over the relative paths and bytes of the given source files."""
-    digest = hashlib.sha256()
-    for path in sorted(files):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()[:HASH_CHARS]
+def module_hashes(modules: tuple[str, ...] | list[str], root: Path | None = None,
+                  package: str = "nanopipe") -> dict[str, str]:
+    """{module: hash of its normalized source}, the record that lets `nanopipe status` say which one changed."""
+    hashes = {}
+    for module in sorted(set(modules)):
+        digest = hashlib.sha256()
+        for path in module_files(module, root, package):
+            digest.update(path.name.encode() + b"\0" + normalized_source(path).encode() + b"\0")
+        hashes[module] = digest.hexdigest()[:HASH_CHARS]
+    return hashes
 
 
 @functools.lru_cache(maxsize=None)
-def code_version(module: str) -> str:
-    """What the key calls "code version" for a stage module: `<package version>+<hash of its sources>`,
-    where its sources are the module and every nanopipe module it imports. A change to the model code
-    thus recomputes training but not the tokenizer.
+def code_hashes(modules: tuple[str, ...]) -> dict[str, str]:
+    """module_hashes of nanopipe's own modules, computed once per process: the code a process plans with
+    stays the code it hashed, even if files change underneath it (a new process picks the change up)."""
+    return module_hashes(modules)
 
-    Computed once per process: the code a process plans with stays the code it hashed, even if files
-    change underneath it (a later run in a new process picks the change up).
-    """
-    root = Path(nanopipe.__file__).parent
-    return f"{nanopipe.__version__}+{source_hash(module_closure(module, root), root)}"
+
+def code_version(modules: tuple[str, ...]) -> str:
+    """`<package version>+<hash of the declared modules>`: bumping the package version recomputes everything."""
+    blob = json.dumps(code_hashes(tuple(modules)), sort_keys=True).encode()
+    return f"{nanopipe.__version__}+{hashlib.sha256(blob).hexdigest()[:HASH_CHARS]}"
 
 
 def artifact_hash(stage: str, config_digest: str, upstream: dict[str, str], code: str) -> str:
@@ -192,16 +193,15 @@ def write_manifest(directory: str | os.PathLike, *, stage: str, digest: str, con
 
 
 def versions() -> dict[str, str]:
-    import torch
-    import pydantic
-    try:
-        import prefect
-        prefect_version = prefect.__version__
-    except ImportError:
-        prefect_version = "absent"
-    return {"nanopipe": nanopipe.__version__, "python": platform.python_version(),
-            "torch": torch.__version__, "prefect": prefect_version, "pydantic": pydantic.__version__,
-            "host": socket.gethostname()}
+    """Versions of what produced an artifact, read from package metadata (importing torch here would cost
+    the flow process seconds and memory it never needs)."""
+    def installed(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "absent"
+    return {"nanopipe": nanopipe.__version__, "python": platform.python_version(), "torch": installed("torch"),
+            "prefect": installed("prefect"), "pydantic": installed("pydantic"), "host": socket.gethostname()}
 
 
 def read_manifest(directory: str | os.PathLike) -> dict | None:
@@ -265,32 +265,51 @@ def discard(directory: str | os.PathLike) -> None:
 # -----------------------------------------------------------------------------
 # One writer per artifact directory
 
+def _lock_paths(directory: Path) -> tuple[Path, Path]:
+    return directory.with_name(f".{directory.name}.lock"), directory.with_name(f".{directory.name}.holder")
+
+
 @contextlib.contextmanager
 def artifact_lock(directory: str | os.PathLike, on_wait=None) -> Iterator[None]:
-    """Exclusive lock (flock) on `<parent>/.<name>.lock` for the life of the block.
+    """Exclusive lock on `<parent>/.<name>.lock` for the life of the block (filelock: flock underneath).
 
     A second run of the same config waits here, then finds the manifest the first one wrote. The kernel
-    releases the lock when the holder dies, however it dies, so a crash never leaves a stale lock.
+    releases the lock when the holder dies, however it dies, so a crash never leaves a stale lock. Who
+    holds it is written beside it (`.<name>.holder`) for the waiting run and `nanopipe status`.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = directory.with_name(f".{directory.name}.lock")
-    with open(lock_path, "a+") as handle:
+    lock_path, holder_path = _lock_paths(directory)
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if on_wait is not None:
+            on_wait(f"{directory.name} is being produced by {lock_holder(directory) or 'another process'}; "
+                    "waiting for it")
+        lock.acquire()
+    try:
+        holder_path.write_text(f"pid {os.getpid()} on {socket.gethostname()} since "
+                               f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            holder_path.unlink()
+        lock.release()
+
+
+def lock_holder(directory: str | os.PathLike) -> str | None:
+    """Who is producing the artifact right now ("pid N on host since ..."), or None when nobody is."""
+    lock_path, holder_path = _lock_paths(Path(directory))
+    if not lock_path.exists():
+        return None
+    probe = FileLock(lock_path)
+    try:
+        probe.acquire(timeout=0)
+    except Timeout:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            if on_wait is not None:
-                on_wait(f"{directory.name} is being produced by {holder}; waiting for it")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.seek(0)
-            handle.truncate()
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            return holder_path.read_text().strip() or "another process"
+        except OSError:
+            return "another process"
+    probe.release()
+    return None

@@ -142,20 +142,20 @@ def cmd_run(argv: list[str]) -> int:
 
 
 def cmd_stage(argv: list[str]) -> int:
-    step = _stage_argument(argv, "nanopipe stage NAME [--preset P] [flags]")
-    config = build_pipeline_config(split_flags(argv[1:]), stage=step)
+    stage = _stage_argument(argv, "nanopipe stage NAME [--preset P] [flags]")
+    config = build_pipeline_config(split_flags(argv[1:]), stage=stage)
     _prefect_defaults()
     from flows.pipeline import stage_flow
-    state = stage_flow(step.name, config, return_state=True)
+    state = stage_flow(stage.name, config, return_state=True)
     return _report(state)
 
 
 def _stage_argument(argv: list[str], usage: str):
-    from flows.stages import STEP_NAMES, get_step
+    from flows.stages import STAGE_NAMES, get_stage
     if not argv or argv[0].startswith("-"):
-        raise UsageError(f"usage: {usage}; NAME is one of {', '.join(STEP_NAMES)}")
+        raise UsageError(f"usage: {usage}; NAME is one of {', '.join(STAGE_NAMES)}")
     try:
-        return get_step(argv[0])
+        return get_stage(argv[0])
     except KeyError as err:
         raise UsageError(err.args[0]) from None
 
@@ -167,13 +167,13 @@ def cmd_command(argv: list[str]) -> int:
     --exec and the same flags, and torchrun's rendezvous joins them."""
     import shlex
     from flows.plan import plan_pipeline
-    step = _stage_argument(argv, "nanopipe command NAME [--preset P] [flags] [--exec]")
+    stage = _stage_argument(argv, "nanopipe command NAME [--preset P] [flags] [--exec]")
     pairs = split_flags(argv[1:])
     execute = any(k == "exec" and v.lower() in ("1", "true", "yes") for k, v in pairs)
-    config = build_pipeline_config([(k, v) for k, v in pairs if k != "exec"], stage=step)
-    if step.when:
-        config = config.model_copy(update={step.when: True})
-    plan = next(p for p in plan_pipeline(config.model_copy(update={"stop_after": None})) if p.step == step.name)
+    config = build_pipeline_config([(k, v) for k, v in pairs if k != "exec"], stage=stage)
+    if stage.when:
+        config = config.model_copy(update={stage.when: True})
+    plan = next(p for p in plan_pipeline(config.model_copy(update={"stop_after": None})) if p.stage == stage.name)
     cmd, env = plan.command(), plan.resources.env
     if execute:
         os.execve(cmd[0], cmd, {**os.environ, **env, "PYTHONUNBUFFERED": "1"})
@@ -190,10 +190,10 @@ def _report(state) -> int:
 
 
 def cmd_status(argv: list[str]) -> int:
-    import fcntl
+    """Which artifacts of a config exist and verify, what is running, and why a stage would run again."""
     from pathlib import Path
-    from flows.artifacts import read_manifest, verify
-    from flows.plan import plan_pipeline
+    from flows.artifacts import lock_holder, read_manifest, verify
+    from flows.plan import plan_pipeline, rerun_reasons
     pairs = split_flags(argv)
     as_json = any(k == "json" for k, _ in pairs)
     config = build_pipeline_config([(k, v) for k, v in pairs if k != "json"])
@@ -210,16 +210,12 @@ def cmd_status(argv: list[str]) -> int:
             state = "incomplete" + (f" ({checkpoints} checkpoints to resume from)" if checkpoints else "")
         else:
             state = "absent"
-        lock = directory.with_name(f".{directory.name}.lock")
-        if lock.exists():
-            with open(lock) as handle:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    fcntl.flock(handle, fcntl.LOCK_UN)
-                except BlockingIOError:
-                    state = f"running ({handle.read().strip()})"
+        holder = lock_holder(directory)
+        if holder:
+            state = f"running ({holder})"
         metrics = (read_manifest(directory) or {}).get("metrics", {}) if check else {}
-        rows.append({"stage": plan.step, "state": state, "artifact": str(directory),
+        rows.append({"stage": plan.stage, "state": state, "artifact": str(directory),
+                     "why": [] if check else rerun_reasons(plan),
                      "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -227,7 +223,11 @@ def cmd_status(argv: list[str]) -> int:
         width = max(len(r["stage"]) for r in rows)
         for r in rows:
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
-            print(f"{r['stage']:<{width}}  {r['state']}\n{'':<{width}}  {r['artifact']}" + (f"\n{'':<{width}}  {shown}" if shown else ""))
+            print(f"{r['stage']:<{width}}  {r['state']}\n{'':<{width}}  {r['artifact']}")
+            if r["why"]:
+                print(f"{'':<{width}}  will run: {'; '.join(r['why'])}")
+            if shown:
+                print(f"{'':<{width}}  {shown}")
     return 0 if all(r["state"] == "complete" for r in rows) else 3
 
 

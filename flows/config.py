@@ -19,15 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model,
 
 from flows.launcher import Resources
 from flows.presets import PRESETS, deep_merge, preset_values
-from flows.stages import STEP_NAMES, Step
-from nanopipe.config import NanoConfig, build_config
-from nanopipe.dataset import DataFlags
-from nanopipe.stages.base_eval import BaseEvalConfig
-from nanopipe.stages.base_train import BaseTrainConfig
-from nanopipe.stages.tok_eval import TokEvalConfig
-from nanopipe.stages.tok_train import TokTrainConfig
+from flows.stages import STAGE_NAMES, Stage
+from nanopipe.configs import (BaseEvalConfig, BaseTrainConfig, DataFlags, NanoConfig, TokEvalConfig, TokTrainConfig,
+                              build_config)
 
-StageName = Literal[tuple(STEP_NAMES)]  # type: ignore[valid-type]
+StageName = Literal[tuple(STAGE_NAMES)]  # type: ignore[valid-type]
 PresetName = Literal[tuple(PRESETS)]    # type: ignore[valid-type]
 
 
@@ -85,18 +81,18 @@ class PipelineConfig(BaseModel):
             return deep_merge(preset_values(data["preset"]), data)
         return data
 
-    def stage_config(self, step: Step, wired: dict | None = None) -> NanoConfig:
-        """The step's config with the shared data source, its fixed values and `wired` paths applied."""
-        cfg = getattr(self, step.config_field)
+    def stage_config(self, stage: Stage, wired: dict | None = None) -> NanoConfig:
+        """The stage's config with the shared data source, its fixed values and `wired` paths applied."""
+        cfg = getattr(self, stage.config_field)
         values = cfg.model_dump()
         data = self.data.model_dump()
         values.update({k: v for k, v in data.items() if k in type(cfg).model_fields})
-        values.update(step.fixed)
+        values.update(stage.fixed)
         values.update(wired or {})
         return build_config(type(cfg), values)
 
-    def resources_for(self, step: Step) -> Resources:
-        return self.stage_resources.get(step.name, self.resources)
+    def resources_for(self, stage: Stage) -> Resources:
+        return self.stage_resources.get(stage.name, self.resources)
 
-    def enabled(self, step: Step) -> bool:
-        return step.when is None or bool(getattr(self, step.when))
+    def enabled(self, stage: Stage) -> bool:
+        return stage.when is None or bool(getattr(self, stage.when))

@@ -10,7 +10,7 @@ The child runs in its own session (so a Ctrl-C or a Prefect cancel of the parent
 it) with a parent-death signal (so a SIGKILLed parent takes it down). torchrun starts its workers in
 sessions of their own, so the group alone cannot find them: every process of a launch carries a marker in
 its environment, and cleanup kills whatever still carries it. Prefect-free on purpose: the tasks in
-flows/tasks.py pass in the logger and the progress callback.
+flows/stage_task.py pass in the logger and the progress callback.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Callable
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nanopipe.common import parse_progress
+from nanopipe.exit_codes import ExitCode
 
 LAUNCH_ENV = "NANOPIPE_LAUNCH_ID"   # every process of one launch inherits this marker
 TAIL_LINES = 60
@@ -249,9 +250,6 @@ def launch(cmd: list[str], *, log_path: str | os.PathLike, env: dict[str, str] |
 # -----------------------------------------------------------------------------
 # Failure classification: what a retry can fix, and what it cannot
 
-EXIT_CONFIG_ERROR = 2   # parse_cli and every stage's validation
-EXIT_NAN_LOSS = 3       # base_train (and later training stages) when the loss is not finite
-
 _OOM = re.compile(r"CUDA out of memory|OutOfMemoryError|torch\.OutOfMemoryError|\bMemoryError\b|"
                   r"can't allocate memory|Cannot allocate memory|HIP out of memory", re.I)
 _NETWORK = re.compile(r"NCCL (error|WARN|timeout)|nccl\w*Error|collective operation timeout|Watchdog caught|"
@@ -288,9 +286,9 @@ def classify(result: LaunchResult) -> tuple[str, bool, str]:
     text = "\n".join(result.tail)
     if result.timed_out:
         return "timeout", True, "no exit before the stage timeout (a hang, e.g. a stuck collective)"
-    if code == EXIT_CONFIG_ERROR:
-        return "config", False, "the stage rejected its configuration (exit code 2)"
-    if code == EXIT_NAN_LOSS:
+    if code == ExitCode.BAD_INPUT:
+        return "config", False, "the stage rejected a flag or its value (exit code 2)"
+    if code == ExitCode.DIVERGED:
         return "nan", False, "the loss became NaN/inf (exit code 3); lower the learning rate or check the data"
     if _OOM.search(text):
         return "oom", False, "out of memory: lower device_batch_size (gradient accumulation keeps the total batch)"

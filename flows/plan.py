@@ -1,45 +1,47 @@
 """
-Plan a pipeline run before anything runs: every step's full config, content hash and artifact directory.
+Plan a pipeline run before anything runs: every stage's full config, content hash and artifact directory.
 
-Hashes depend only on configs and upstream hashes, never on upstream outputs, so the whole plan (and
-`nanopipe status`) is known up front. Planning validates every stage's config; `preflight` then runs the
-dry-run check of each training stage that is about to execute, so a bad late-stage setting fails in
-seconds instead of after hours of pretraining.
+Hashes depend only on configs, declared code and upstream hashes, never on upstream outputs, so the whole
+plan (and `nanopipe status`) is known up front. Planning validates every stage's config; `preflight` then
+runs the dry run of each training stage that is about to execute, so a bad late-stage setting fails in
+seconds instead of after hours of pretraining. `rerun_reasons` says why a stage will run again.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import io
 import os
-import threading
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from flows.artifacts import artifact_dir, artifact_hash, code_version, read_manifest, verify
+from flows.artifacts import (MANIFEST, artifact_dir, artifact_hash, code_hashes, code_version, read_manifest,
+                             verify)
 from flows.config import PipelineConfig
-from flows.launcher import Resources, stage_command
-from flows.stages import STEP_NAMES, STEPS, Step, get_step
-from nanopipe.config import ConfigError, build_config, config_digest, to_cli_args
+from flows.launcher import Resources, launch, stage_command
+from flows.stages import STAGE_NAMES, STAGES, Stage, get_stage
+from nanopipe.config import to_cli_args
+from nanopipe.configs import ConfigError, config_digest, non_semantic_fields
 from nanopipe.common import get_base_dir
 
 
 class StagePlan(BaseModel):
-    """One step, fully resolved: what to launch, with which flags, writing where."""
+    """One stage, fully resolved: what to launch, with which flags, writing where."""
 
-    step: str
+    stage: str
     module: str
     tag: str
-    hash: str = Field(description="content address of the step's artifact")
-    code_version: str = Field(description="package version + hash of the stage module and what it imports")
+    hash: str = Field(description="content address of the stage's artifact")
+    code_version: str = Field(description="package version + hash of the modules the stage declares")
+    code: dict[str, str] = Field(default_factory=dict, description="declared module -> hash of its source")
     artifact_dir: str
     out_dir: str = Field(description="the stage's --out_dir inside the artifact directory")
     config: dict[str, Any] = Field(description="the stage config as launched (inputs and out_dir wired)")
+    semantic_config: dict[str, Any] = Field(default_factory=dict, description="the fields in the hash")
     args: list[str] = Field(description="command-line flags reproducing `config`")
-    upstream: dict[str, dict[str, str]] = Field(default_factory=dict, description="input field -> step, hash, path")
+    upstream: dict[str, dict[str, str]] = Field(default_factory=dict, description="input field -> stage, hash, path")
     resources: Resources
     distributed: bool
     resume_flag: tuple[str, str] | None = None
@@ -56,42 +58,44 @@ class PlanError(ValueError):
 
 
 def plan_pipeline(config: PipelineConfig, home: str | os.PathLike | None = None) -> list[StagePlan]:
-    """Resolve every enabled step of the pipeline, in order."""
+    """Resolve every enabled stage of the pipeline, in order."""
     home = Path(home) if home else get_base_dir()
     plans: dict[str, StagePlan] = {}
-    for step in STEPS:
-        if config.enabled(step):
-            plans[step.name] = plan_step(config, step, plans, code_version(step.module), home)
-        if step.name == config.stop_after:
+    for stage in STAGES:
+        if config.enabled(stage):
+            plans[stage.name] = plan_stage(config, stage, plans, home)
+        if stage.name == config.stop_after:
             break
     return list(plans.values())
 
 
-def plan_step(config: PipelineConfig, step: Step, upstream_plans: dict[str, StagePlan], code: str,
-              home: Path) -> StagePlan:
-    missing = [up for up, _ in step.inputs.values() if up not in upstream_plans]
+def plan_stage(config: PipelineConfig, stage: Stage, upstream_plans: dict[str, StagePlan], home: Path) -> StagePlan:
+    missing = [up for up, _ in stage.inputs.values() if up not in upstream_plans]
     if missing:
-        raise PlanError(f"stage {step.name} reads from {', '.join(missing)}, which this pipeline does not run")
+        raise PlanError(f"stage {stage.name} reads from {', '.join(missing)}, which this pipeline does not run")
+    code = code_version(stage.code)
     try:
         # the digest sees the config as the user gave it: wired inputs are covered by the upstream hashes
-        semantic = config.stage_config(step, wired={f: None for f in step.inputs})
-        upstream = {f: upstream_plans[up] for f, (up, _) in step.inputs.items()}
-        digest = artifact_hash(step.name, config_digest(semantic), {f: p.hash for f, p in upstream.items()}, code)
-        directory = artifact_dir(step.name, step.tag(semantic), digest, home)
-        wired = {f: str(Path(upstream[f].artifact_dir) / sub) for f, (_, sub) in step.inputs.items()}
-        wired["out_dir"] = str(directory / step.output)
-        if step.resume_flag:
-            wired[step.resume_flag[0]] = step.resume_flag[1]
-        cfg = config.stage_config(step, wired=wired)
+        semantic = config.stage_config(stage, wired={f: None for f in stage.inputs})
+        upstream = {f: upstream_plans[up] for f, (up, _) in stage.inputs.items()}
+        digest = artifact_hash(stage.name, config_digest(semantic), {f: p.hash for f, p in upstream.items()}, code)
+        directory = artifact_dir(stage.name, stage.tag(semantic), digest, home)
+        wired = {f: str(Path(upstream[f].artifact_dir) / sub) for f, (_, sub) in stage.inputs.items()}
+        wired["out_dir"] = str(directory / stage.output)
+        if stage.resume_flag:
+            wired[stage.resume_flag[0]] = stage.resume_flag[1]
+        cfg = config.stage_config(stage, wired=wired)
     except ConfigError as err:
-        raise PlanError(f"stage {step.name}: {err}") from None
+        raise PlanError(f"stage {stage.name}: {err}") from None
     return StagePlan(
-        step=step.name, module=step.module, tag=step.tag(semantic), hash=digest, code_version=code,
-        artifact_dir=str(directory),
-        out_dir=wired["out_dir"], config=cfg.model_dump(mode="json"), args=to_cli_args(cfg),
-        upstream={f: {"step": p.step, "hash": p.hash, "path": p.artifact_dir} for f, p in upstream.items()},
-        resources=config.resources_for(step), distributed=step.distributed, resume_flag=step.resume_flag,
-        checkpoint_glob=step.checkpoint_glob, dry_run_flag=step.dry_run_flag)
+        stage=stage.name, module=stage.module, tag=stage.tag(semantic), hash=digest, code_version=code,
+        code=code_hashes(stage.code), artifact_dir=str(directory), out_dir=wired["out_dir"],
+        config=cfg.model_dump(mode="json"),
+        semantic_config=semantic.model_dump(mode="json", exclude=non_semantic_fields(type(semantic))),
+        args=to_cli_args(cfg),
+        upstream={f: {"stage": p.stage, "hash": p.hash, "path": p.artifact_dir} for f, p in upstream.items()},
+        resources=config.resources_for(stage), distributed=stage.distributed, resume_flag=stage.resume_flag,
+        checkpoint_glob=stage.checkpoint_glob, dry_run_flag=stage.dry_run_flag)
 
 
 def is_complete(plan: StagePlan) -> bool:
@@ -104,71 +108,103 @@ def produced_by(plan: StagePlan) -> str | None:
     return manifest.get("flow_run_id")
 
 
-def steps_from(plans: list[StagePlan], name: str | None) -> set[str]:
-    """The planned steps at or after `name` in pipeline order (none for None)."""
+def stages_from(plans: list[StagePlan], name: str | None) -> set[str]:
+    """The planned stages at or after `name` in pipeline order (none for None)."""
     if name is None:
         return set()
-    get_step(name)   # a clear error for an unknown name
-    first = STEP_NAMES.index(name)
-    return {p.step for p in plans if STEP_NAMES.index(p.step) >= first}
+    get_stage(name)   # a clear error for an unknown name
+    first = STAGE_NAMES.index(name)
+    return {p.stage for p in plans if STAGE_NAMES.index(p.stage) >= first}
 
 
 # -----------------------------------------------------------------------------
-# Preflight: each training stage's own dry run (shapes, batch arithmetic, memory estimate)
+# Why a stage will run again: compare the plan with the newest complete artifact of the same stage
 
-_ENV_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    with _ENV_LOCK:
-        saved = {k: os.environ.get(k) for k in values}
-        os.environ.update(values)
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+def _latest_manifest(plan: StagePlan) -> dict | None:
+    """The most recently written manifest of another artifact of this stage (any tag), if any."""
+    stage_dir = Path(plan.artifact_dir).parent   # artifacts/<stage>/
+    candidates = [m for m in stage_dir.glob(f"*/{MANIFEST}") if m.parent != Path(plan.artifact_dir)]
+    for path in sorted(candidates, key=lambda m: m.stat().st_mtime, reverse=True):
+        manifest = read_manifest(path.parent)
+        if manifest and manifest.get("stage") == plan.stage:
+            return manifest
+    return None
 
 
-def dry_run_env(plan: StagePlan) -> dict[str, str]:
-    # torchrun's variables without torchrun: the stage sees the world size it will train with (so the
-    # batch arithmetic is checked for it) while a dry run never joins a process group
+def _changed(before: dict, after: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(before) | set(after))
+    return [f"{prefix}{k}" for k in keys if before.get(k) != after.get(k)]
+
+
+def rerun_reasons(plan: StagePlan) -> list[str]:
+    """Why this stage's artifact is not the last one produced for the stage, e.g.
+    ["config field depth changed (4 -> 6)", "code of nanopipe.gpt changed", "upstream tok_train changed"].
+    Empty when nothing was produced before or nothing can be told apart."""
+    previous = _latest_manifest(plan)
+    if previous is None:
+        return ["never produced before"]
+    reasons = []
+    old_config = previous.get("semantic_config")
+    if isinstance(old_config, dict):
+        for name in _changed(old_config, plan.semantic_config):
+            reasons.append(f"config field {name} changed ({old_config.get(name)!r} -> {plan.semantic_config.get(name)!r})")
+    old_code = previous.get("code")
+    if isinstance(old_code, dict):
+        reasons += [f"code of {m} changed" for m in _changed(old_code, plan.code)]
+    elif previous.get("code_version") != plan.code_version:
+        reasons.append("code changed")
+    old_upstream = {k: v.get("hash") for k, v in (previous.get("upstream") or {}).items()}
+    for role in _changed(old_upstream, {k: v["hash"] for k, v in plan.upstream.items()}):
+        reasons.append(f"upstream {plan.upstream.get(role, {}).get('stage', role)} changed")
+    return reasons or ["same inputs as the last artifact of this stage, which was deleted, damaged or unfinished"]
+
+
+# -----------------------------------------------------------------------------
+# Preflight: each training stage's own dry run (shapes, batch arithmetic, memory estimate), in a subprocess
+
+def dry_run_command(plan: StagePlan) -> tuple[list[str], dict[str, str]]:
+    """`python -m <stage> <flags> --dry_run` and its environment: torchrun's variables without torchrun,
+    so the stage checks its batch arithmetic for the world size it will train with, and never joins a
+    process group."""
     world_size = plan.resources.nproc_per_node * plan.resources.nnodes
-    return {**plan.resources.env, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size)}
+    env = {**plan.resources.env, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size),
+           "LOCAL_WORLD_SIZE": str(plan.resources.nproc_per_node)}
+    return stage_command(plan.module, [*plan.args, f"--{plan.dry_run_flag}=true"], plan.resources,
+                         distributed=False), env
 
 
-def dry_run(plan: StagePlan) -> str:
-    """Run the stage's own dry run (`run(cfg)` with its dry-run flag) here, in-process: the stage module is
-    already imported for its config, so the check costs milliseconds instead of a new interpreter.
-    Returns what it printed; raises PlanError naming the stage."""
-    module = importlib.import_module(plan.module)
-    config_class = PipelineConfig.model_fields[get_step(plan.step).config_field].annotation
-    out = io.StringIO()
-    try:
-        cfg = build_config(config_class, {**plan.config, plan.dry_run_flag: True})
-        with _environment(dry_run_env(plan)), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            module.run(cfg)
-    except (Exception, SystemExit) as err:   # any failure of the check is the answer: report it, with output
-        tail = "\n".join(out.getvalue().strip().splitlines()[-15:])
-        raise PlanError(f"stage {plan.step}: dry run failed: {type(err).__name__}: {err}\n{tail}".rstrip()) from None
-    return out.getvalue()
+def dry_run(plan: StagePlan, timeout_seconds: float = 600) -> str:
+    """Run the stage's own dry run through the launcher (same process-tree handling as a real launch).
+    Returns what it printed; raises PlanError naming the stage and quoting the end of its output."""
+    cmd, env = dry_run_command(plan)
+    with tempfile.TemporaryDirectory(prefix=f"nanopipe-preflight-{plan.stage}-") as tmp:
+        result = launch(cmd, log_path=Path(tmp) / "dry_run.log", env=env, timeout_seconds=timeout_seconds)
+        output = "\n".join(result.tail)
+    if result.returncode != 0 or result.timed_out:
+        why = "timed out" if result.timed_out else f"exit code {result.returncode}"
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        raise PlanError(f"stage {plan.stage}: dry run failed ({why}):\n{tail}".rstrip())
+    return output
 
 
-def preflight(plans: list[StagePlan], log=print) -> None:
-    """Dry-run every plan that has a dry-run flag; raise naming each failing stage (all of them)."""
-    failures = []
+def preflight(plans: list[StagePlan], ready: set[str], log=print) -> None:
+    """Dry-run every plan that has a dry-run flag and whose inputs exist (`ready`: stages whose artifacts
+    are complete), all at once; raise naming each failing stage. A stage whose inputs this very run will
+    produce checks its config now and its inputs when it starts."""
+    runnable = [p for p in plans if p.dry_run_flag and all(up["stage"] in ready for up in p.upstream.values())]
     for plan in plans:
-        if not plan.dry_run_flag:
-            continue
-        try:
-            output = dry_run(plan)
-        except PlanError as err:
-            failures.append(str(err))
-            continue
-        log(f"preflight {plan.step}: ok\n" + "\n".join(output.strip().splitlines()[-12:]))
+        if plan.dry_run_flag and plan not in runnable:
+            log(f"preflight {plan.stage}: config ok; its inputs come from this run, so it checks them at start")
+    failures, outputs = [], {}
+    with ThreadPoolExecutor(max_workers=max(1, len(runnable))) as pool:
+        futures = {pool.submit(dry_run, plan): plan for plan in runnable}
+        for future, plan in futures.items():
+            try:
+                outputs[plan.stage] = future.result()
+            except PlanError as err:
+                failures.append(str(err))
+    for plan in runnable:
+        if plan.stage in outputs:
+            log(f"preflight {plan.stage}: ok\n" + "\n".join(outputs[plan.stage].strip().splitlines()[-12:]))
     if failures:
         raise PlanError("preflight failed before any stage ran:\n" + "\n\n".join(failures))

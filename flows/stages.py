@@ -1,18 +1,14 @@
 """
-The pipeline's steps, in order. A stage joins the pipeline with its config field on `PipelineConfig`
-(flows/config.py) and one `Step(...)` line here (plus, as data, a `stage-<name>` deployment in
-prefect.yaml). For example, mid-training would join as
+The pipeline's stages, in order: one `Stage(...)` row each. A stage joins the pipeline with its config field
+on `PipelineConfig` (flows/config.py), one row here, and, as data, a `stage-<name>` deployment in prefect.yaml.
 
-    Step("mid_train", "nanopipe.stages.mid_train", "mid_train",
-         inputs={"checkpoint_dir": ("base_train", "checkpoints"), "tokenizer_dir": ("tok_train", "tokenizer")},
-         output="checkpoints", resume_flag=("resume_from_step", "latest"), dry_run_flag="dry_run",
-         tag=_tag_field("d{depth}"))
-
-with whatever its config calls those fields; an optional stage names its switch with `when="run_rl"`.
-
-A step names the stage module it launches, which config fields the orchestrator wires to upstream
-artifacts (field -> (upstream step, path inside that artifact)), and where in its own artifact directory
-the stage writes (`out_dir`). Several steps may launch the same module (e.g. one evaluation per phase).
+A row names the module it launches, which config fields the orchestrator wires to upstream artifacts
+(field -> (upstream stage, path inside that artifact)), where in its own artifact directory the module
+writes (`out_dir`), and `code`: the modules whose source decides what the stage produces. Only those are in
+the artifact's hash (with comments, docstrings and log messages left out), so editing a log line, a sample
+prompt or an evaluation elsewhere leaves a trained model Cached, while editing the model or the optimizer
+retrains it. Review `code` when a stage starts to depend on another module. Several rows may launch the
+same module (e.g. one chat evaluation per phase).
 """
 
 from __future__ import annotations
@@ -27,11 +23,12 @@ def _tag_field(template: str) -> Callable[[Any], str]:
 
 
 @dataclass(frozen=True)
-class Step:
-    name: str                                   # unique step name: artifact subdirectory, task name
+class Stage:
+    name: str                                   # unique stage name: artifact subdirectory, task name
     module: str                                 # python -m <module>
     config_field: str                           # PipelineConfig attribute holding its config
-    inputs: dict[str, tuple[str, str]] = field(default_factory=dict)   # config field -> (step, subpath)
+    code: tuple[str, ...]                       # nanopipe modules (or packages) that decide its output
+    inputs: dict[str, tuple[str, str]] = field(default_factory=dict)   # config field -> (stage, subpath)
     output: str = "out"                         # subdirectory of the artifact passed as --out_dir
     distributed: bool = True                    # launched with torchrun (else plain python -m)
     resume_flag: tuple[str, str] | None = None  # (flag, value) always passed: resume from the checkpoints in
@@ -39,29 +36,45 @@ class Step:
     checkpoint_glob: str = "model_*.pt"         # what counts as "a checkpoint exists" for resume
     dry_run_flag: str | None = None             # flag for the preflight check (shapes, memory), if any
     tag: Callable[[Any], str] = lambda cfg: "run"
-    fixed: dict[str, Any] = field(default_factory=dict)   # values this step always sets on its config
-    when: str | None = None                     # PipelineConfig bool field that enables the step
+    fixed: dict[str, Any] = field(default_factory=dict)   # values this stage always sets on its config
+    when: str | None = None                     # PipelineConfig bool field that enables the stage
     key_metrics: tuple[str, ...] = ()           # shown in the summary table (all scalars if empty)
 
 
-STEPS: list[Step] = [
-    Step("tok_train", "nanopipe.stages.tok_train", "tok_train", output="tokenizer", distributed=False,
-         tag=_tag_field("v{vocab_size}"), key_metrics=("vocab_size", "train_chars", "val_bytes_per_token")),
-    Step("tok_eval", "nanopipe.stages.tok_eval", "tok_eval", inputs={"tokenizer_dir": ("tok_train", "tokenizer")},
-         distributed=False, tag=lambda cfg: "eval", key_metrics=("val_bytes_per_token",)),
-    Step("base_train", "nanopipe.stages.base_train", "base_train", inputs={"tokenizer_dir": ("tok_train", "tokenizer")},
-         output="checkpoints", resume_flag=("resume_from_step", "latest"), dry_run_flag="dry_run",
-         tag=_tag_field("d{depth}"), key_metrics=("val_bpb", "core_metric", "train_loss", "num_params", "tokens_per_sec")),
-    Step("base_eval", "nanopipe.stages.base_eval", "base_eval",
-         inputs={"checkpoint_dir": ("base_train", "checkpoints"), "tokenizer_dir": ("tok_train", "tokenizer")},
-         fixed={"source": "base"}, tag=lambda cfg: "eval", key_metrics=("core_metric", "val_bpb", "train_bpb")),
+# What decides the output of each kind of stage. The stage's own module and config model are always in.
+_TOKENIZER = ("nanopipe.tokenizer", "nanopipe.dataset")
+_MODEL = ("nanopipe.gpt", "nanopipe.optim", "nanopipe.checkpoint", "nanopipe.tokenizer")
+_TRAINING = _MODEL + ("nanopipe.dataloader", "nanopipe.dataset", "nanopipe.loss_eval")
+
+
+def _code(stage_module: str, *modules: str) -> tuple[str, ...]:
+    name = stage_module.rsplit(".", 1)[1]
+    return tuple(dict.fromkeys((stage_module, f"nanopipe.configs.{name}", *modules)))
+
+
+STAGES: list[Stage] = [
+    Stage("tok_train", "nanopipe.stages.tok_train", "tok_train", _code("nanopipe.stages.tok_train", *_TOKENIZER),
+          output="tokenizer", distributed=False, tag=_tag_field("v{vocab_size}"),
+          key_metrics=("vocab_size", "train_chars", "val_bytes_per_token")),
+    Stage("tok_eval", "nanopipe.stages.tok_eval", "tok_eval", _code("nanopipe.stages.tok_eval", *_TOKENIZER),
+          inputs={"tokenizer_dir": ("tok_train", "tokenizer")}, distributed=False, tag=lambda cfg: "eval",
+          key_metrics=("val_bytes_per_token",)),
+    Stage("base_train", "nanopipe.stages.base_train", "base_train", _code("nanopipe.stages.base_train", *_TRAINING),
+          inputs={"tokenizer_dir": ("tok_train", "tokenizer")}, output="checkpoints",
+          resume_flag=("resume_from_step", "latest"), dry_run_flag="dry_run", tag=_tag_field("d{depth}"),
+          key_metrics=("val_bpb", "core_metric", "train_loss", "num_params", "tokens_per_sec")),
+    Stage("base_eval", "nanopipe.stages.base_eval", "base_eval",
+          _code("nanopipe.stages.base_eval", *_MODEL, "nanopipe.core_eval", "nanopipe.loss_eval",
+                "nanopipe.dataloader", "nanopipe.dataset", "nanopipe.engine"),
+          inputs={"checkpoint_dir": ("base_train", "checkpoints"), "tokenizer_dir": ("tok_train", "tokenizer")},
+          fixed={"source": "base"}, tag=lambda cfg: "eval", key_metrics=("core_metric", "val_bpb", "train_bpb")),
 ]
 
-STEP_NAMES = [s.name for s in STEPS]
+STAGE_NAMES = [s.name for s in STAGES]
 
 
-def get_step(name: str) -> Step:
-    for step in STEPS:
-        if step.name == name:
-            return step
-    raise KeyError(f"unknown stage {name!r}; the pipeline's stages are: {', '.join(STEP_NAMES)}")
+def get_stage(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise KeyError(f"unknown stage {name!r}; the pipeline's stages are: {', '.join(STAGE_NAMES)}")

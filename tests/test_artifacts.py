@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing
+import shutil
 import time
 from pathlib import Path
 
@@ -9,10 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flows.artifacts import (artifact_dir, artifact_hash, artifact_lock, code_version, discard, module_closure,
-                             read_manifest, ref_from_manifest, source_hash, verify, write_manifest)
+from flows.artifacts import (artifact_dir, artifact_hash, artifact_lock, code_version, discard, module_hashes,
+                             normalized_source, read_manifest, ref_from_manifest, verify, write_manifest)
 from flows.config import PipelineConfig
 from flows.plan import plan_pipeline
+from flows.stages import STAGES, get_stage
 
 hashes = st.text(alphabet="0123456789abcdef", min_size=16, max_size=16)
 upstreams = st.dictionaries(st.sampled_from(["tokenizer_dir", "checkpoint_dir", "eval_dir"]), hashes, max_size=3)
@@ -35,54 +37,68 @@ def test_any_change_gives_a_new_hash(base, other):
         assert artifact_hash(*base) != artifact_hash(*other)
 
 
-def _package(tmp_path: Path) -> Path:
-    """pkg/{__init__,common,model,unrelated}.py and pkg/stages/{__init__,train,tok}.py with varied imports."""
-    root = tmp_path / "pkg"
-    (root / "stages").mkdir(parents=True)
-    files = {
-        "__init__.py": "__version__ = '1'\n",
-        "common.py": "import os\n",
-        "model.py": "from pkg.common import os\n",
-        "unrelated.py": "x = 1\n",
-        "stages/__init__.py": "",
-        "stages/tok.py": "from pkg import common\n",
-        "stages/train.py": "from .. import model\ndef f():\n    import pkg.stages.tok\n",
-    }
-    for rel, text in files.items():
-        (root / rel).write_text(text)
+def _copy_of_nanopipe(tmp_path: Path) -> Path:
+    import nanopipe
+    root = tmp_path / "nanopipe"
+    shutil.copytree(Path(nanopipe.__file__).parent, root, ignore=shutil.ignore_patterns("__pycache__"))
     return root
 
 
-def _closure(root, module):
-    return sorted(p.relative_to(root).as_posix() for p in module_closure(module, root, package="pkg"))
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
 
 
-def test_a_stage_hashes_the_modules_it_imports_and_no_others(tmp_path):
-    root = _package(tmp_path)
-    assert _closure(root, "pkg.stages.tok") == ["__init__.py", "common.py", "stages/__init__.py", "stages/tok.py"]
-    # relative imports, imports inside functions, and what those import in turn
-    assert _closure(root, "pkg.stages.train") == ["__init__.py", "common.py", "model.py", "stages/__init__.py",
-                                                  "stages/tok.py", "stages/train.py"]
+def test_comments_docstrings_and_log_messages_do_not_count(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text('"""doc"""\nimport os\n\ndef f(x):\n    """what f does"""\n    print0(f"x is {x}")  # say it\n'
+                      '    logger.info("done")\n    return x + 1\n')
+    first = normalized_source(module)
+    _edit(module, "what f does", "what f really does")
+    _edit(module, "x is {x}", "the value of x: {x}")
+    _edit(module, "# say it", "# tell the user")
+    _edit(module, '"done"', '"finished"')
+    assert normalized_source(module) == first
+    _edit(module, "x + 1", "x + 2")
+    assert normalized_source(module) != first
 
 
-def test_source_hash_follows_the_sources_it_covers(tmp_path):
-    root = _package(tmp_path)
-    tok = lambda: source_hash(module_closure("pkg.stages.tok", root, package="pkg"), root)
-    train = lambda: source_hash(module_closure("pkg.stages.train", root, package="pkg"), root)
-    first_tok, first_train = tok(), train()
-    assert (tok(), train()) == (first_tok, first_train)
-    (root / "unrelated.py").write_text("x = 2\n")
-    assert (tok(), train()) == (first_tok, first_train)
-    (root / "model.py").write_text("from pkg.common import os  # changed\n")
-    assert tok() == first_tok and train() != first_train
-    (root / "common.py").write_text("import sys\n")
-    assert tok() != first_tok
+def test_a_trained_model_ignores_log_lines_and_eval_prompts_but_not_model_code(tmp_path):
+    """Issue: editing a log line or a sample prompt must not retrain; editing the model or optimizer must."""
+    root = _copy_of_nanopipe(tmp_path)
+    code = get_stage("base_train").code
+    hashes = lambda: module_hashes(code, root)
+    first = hashes()
+    stage = root / "stages" / "base_train.py"
+    text = stage.read_text()
+    line = next(l for l in text.splitlines() if "print0(f\"" in l)
+    stage.write_text(text.replace(line, line.replace('print0(f"', 'print0(f"[edited] '), 1))
+    for path in root.rglob("*.py"):          # the sample prompts, wherever they live, are not base_train's code
+        if "SAMPLE_PROMPTS = " in path.read_text():
+            _edit(path, "SAMPLE_PROMPTS = ", "SAMPLE_PROMPTS = ['An edited prompt'] + ")
+            break
+    else:
+        raise AssertionError("no SAMPLE_PROMPTS found")
+    assert hashes() == first
+    _edit(root / "gpt.py", "import ", "import math as _unused\nimport ")
+    after_gpt = hashes()
+    assert after_gpt["nanopipe.gpt"] != first["nanopipe.gpt"]
+    assert {m for m in first if first[m] != after_gpt[m]} == {"nanopipe.gpt"}
+    _edit(root / "optim.py", "import ", "import math as _unused\nimport ")
+    assert hashes()["nanopipe.optim"] != first["nanopipe.optim"]
+
+
+def test_every_stage_declares_modules_that_exist_and_its_own():
+    for stage in STAGES:
+        assert stage.module in stage.code
+        assert module_hashes(stage.code), stage.name   # raises for a module that does not exist
 
 
 def test_code_version_names_the_package_version():
     import nanopipe
-    version = code_version("nanopipe.stages.tok_train")
-    assert version.startswith(nanopipe.__version__ + "+") and version != code_version("nanopipe.stages.base_train")
+    version = code_version(get_stage("tok_train").code)
+    assert version.startswith(nanopipe.__version__ + "+") and version != code_version(get_stage("base_train").code)
 
 
 # -----------------------------------------------------------------------------
@@ -90,7 +106,7 @@ def test_code_version_names_the_package_version():
 
 def _plans(home, **overrides):
     values = {"preset": "demo-cpu", **overrides}
-    return {p.step: p for p in plan_pipeline(PipelineConfig.model_validate(values), home=home)}
+    return {p.stage: p for p in plan_pipeline(PipelineConfig.model_validate(values), home=home)}
 
 
 def test_planning_is_deterministic_and_home_only_moves_the_directory(tmp_path):
@@ -223,3 +239,34 @@ def test_a_dead_holder_releases_the_lock(tmp_path):
     with artifact_lock(directory):
         pass
     assert time.monotonic() - started < 5
+
+
+# -----------------------------------------------------------------------------
+# Why a stage will run again
+
+def _produced(plan) -> None:
+    """Record `plan` as produced: its directory with a manifest like the stage task writes."""
+    Path(plan.out_dir).mkdir(parents=True, exist_ok=True)
+    Path(plan.out_dir, "metrics.json").write_text("{}")
+    write_manifest(plan.artifact_dir, stage=plan.stage, digest=plan.hash, config=plan.config, upstream=plan.upstream,
+                   metrics={}, timings={}, extra={"code": plan.code, "code_version": plan.code_version,
+                                                  "semantic_config": plan.semantic_config})
+
+
+def test_status_says_which_config_field_code_module_or_upstream_changed(tmp_path):
+    from flows.plan import rerun_reasons
+    before = _plans(tmp_path)
+    assert rerun_reasons(before["base_train"]) == ["never produced before"]
+    for plan in before.values():
+        _produced(plan)
+    deeper = _plans(tmp_path, base_train={"depth": 6})["base_train"]
+    assert rerun_reasons(deeper) == ["config field depth changed (4 -> 6)"]
+    new_vocab = _plans(tmp_path, tok_train={"vocab_size": 1024})
+    assert rerun_reasons(new_vocab["tok_train"]) == ["config field vocab_size changed (2048 -> 1024)"]
+    assert rerun_reasons(new_vocab["base_train"]) == ["upstream tok_train changed"]
+    # a manifest written by other code: its module hashes differ from today's
+    manifest_path = Path(before["base_train"].artifact_dir) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["code"]["nanopipe.gpt"] = "0" * 16
+    manifest_path.write_text(json.dumps(manifest))
+    assert "code of nanopipe.gpt changed" in rerun_reasons(deeper)

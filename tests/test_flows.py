@@ -20,7 +20,7 @@ from flows.config import PipelineConfig
 from flows.pipeline import full_pipeline, stage_flow
 from flows.plan import plan_pipeline
 from flows.presets import deep_merge
-from flows.tasks import LOG_FILE
+from flows.stage_task import LOG_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_HEADER = " $ "   # each attempt writes one "# <time> $ <command>" line into stage.log
@@ -67,7 +67,7 @@ def tiny(data_dir: Path, **overrides) -> dict:
 
 
 def plans_of(values: dict) -> dict:
-    return {p.step: p for p in plan_pipeline(PipelineConfig.model_validate(values))}
+    return {p.stage: p for p in plan_pipeline(PipelineConfig.model_validate(values))}
 
 
 def run(values: dict):
@@ -81,6 +81,16 @@ def task_states(flow_run_id: UUID) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     return {r.name.split(":")[0]: r.state.name for r in runs}
+
+
+def edges(flow_run_id: UUID) -> dict[str, set[str]]:
+    """{stage: upstream stages of its `upstream` parameter}, as the Prefect server recorded the task runs'
+    inputs (what the UI draws as the run's graph)."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    name_of = {r.id: r.name for r in runs}
+    return {r.name: {name_of.get(i.id, "?") for i in r.task_inputs.get("upstream", [])
+                     if getattr(i, "input_type", "") == "task_run"} for r in runs}
 
 
 def artifacts_of(flow_run_id: UUID) -> list:
@@ -124,7 +134,7 @@ def test_end_to_end_then_everything_cached(home, data_dir):
                       "base_eval": "Completed"}
     plans = plans_of(values)
     for plan in plans.values():
-        assert verify(plan.artifact_dir, plan.hash), plan.step
+        assert verify(plan.artifact_dir, plan.hash), plan.stage
         assert Path(plan.artifact_dir).parent.parent == home / "artifacts"
     base = read_manifest(plans["base_train"].artifact_dir)
     assert base["upstream"]["tokenizer_dir"]["hash"] == plans["tok_train"].hash
@@ -136,9 +146,15 @@ def test_end_to_end_then_everything_cached(home, data_dir):
     assert ("markdown", "nanopipe-summary") in kinds and ("table", "nanopipe-metrics") in kinds
     assert any(kind == "progress" for kind, _ in kinds)
 
+    linked = edges(state.state_details.flow_run_id)
+    assert linked == {"tok_train": set(), "tok_eval": {"tok_train"}, "base_train": {"tok_train"},
+                      "base_eval": {"tok_train", "base_train"}}, linked
+
     state, states, second_seconds = run(values)
     assert state.is_completed()
     assert set(states.values()) == {"Cached"}, states
+    # a fully cached run shows the same graph: the edges link this run's (Cached) task runs
+    assert edges(state.state_details.flow_run_id) == linked
     assert second_seconds < first_seconds / 3
     assert all(launches(p.artifact_dir) == 1 for p in plans.values())
     refs = state.result()
@@ -179,6 +195,8 @@ def test_a_failed_run_rerun_executes_no_upstream_stage(kill_home, data_dir):
     state, states, _ = run(values)
     assert state.is_completed(), state.message
     assert states == {"tok_train": "Cached", "tok_eval": "Cached", "base_train": "Completed"}
+    # the resumed stage is linked to the Cached tokenizer it reads
+    assert edges(state.state_details.flow_run_id)["base_train"] == {"tok_train"}
     assert launches(plans["tok_train"].artifact_dir) == 1
     assert "Resuming from step" in (Path(plans["base_train"].artifact_dir) / LOG_FILE).read_text()
 

@@ -10,7 +10,7 @@ from flows.artifacts import write_manifest
 from flows.config import PipelineConfig
 from flows.plan import plan_pipeline
 from flows.presets import PRESETS
-from flows.stages import STEP_NAMES
+from flows.stages import STAGE_NAMES
 from flows.cli import UsageError, build_pipeline_config, main, split_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,9 +32,9 @@ def test_dotted_overrides_reach_nested_fields_with_their_types():
 
 
 def test_stage_flags_may_be_given_undotted_for_a_single_stage():
-    from flows.stages import get_step
+    from flows.stages import get_stage
     cfg = config_from("--preset=demo-cpu", "--depth=6", "--resources.nproc_per_node=1",
-                      stage=get_step("base_train"))
+                      stage=get_stage("base_train"))
     assert cfg.base_train.depth == 6 and cfg.resources.nproc_per_node == 1
 
 
@@ -63,7 +63,7 @@ def test_the_command_exits_2_with_the_reason(capsys):
 
 def test_status_tells_complete_corrupted_incomplete_and_absent(home, capsys):
     args = ["--preset=demo-cpu", f"--home={home}"]
-    plans = {p.step: p for p in plan_pipeline(config_from(*args), home=home)}
+    plans = {p.stage: p for p in plan_pipeline(config_from(*args), home=home)}
     tok = Path(plans["tok_train"].artifact_dir)
     (tok / "tokenizer").mkdir(parents=True)
     (tok / "tokenizer" / "metrics.json").write_text('{"vocab_size": 2048}')
@@ -104,7 +104,7 @@ def test_command_prints_the_exact_launch_line(home, capsys):
 def test_every_preset_plans_and_validates(tmp_path):
     for name in PRESETS:
         plans = plan_pipeline(PipelineConfig(preset=name), home=tmp_path)
-        assert [p.step for p in plans] == STEP_NAMES[:len(plans)] and len(plans) >= 4, name
+        assert [p.stage for p in plans] == STAGE_NAMES[:len(plans)] and len(plans) >= 4, name
 
 
 def test_presets_carry_the_memory_constrained_settings():
@@ -128,9 +128,9 @@ def test_deployments_are_valid_data():
         params = deployment["parameters"]
         PipelineConfig.model_validate(params["config"])
         if func == "stage_flow":
-            assert params["stage"] in STEP_NAMES and deployment["name"] == "stage-" + params["stage"].replace("_", "-")
+            assert params["stage"] in STAGE_NAMES and deployment["name"] == "stage-" + params["stage"].replace("_", "-")
     assert {"full-pipeline", "nightly"} <= names
-    assert {f"stage-{s.replace('_', '-')}" for s in STEP_NAMES} <= names   # one per stage of the pipeline
+    assert {f"stage-{s.replace('_', '-')}" for s in STAGE_NAMES} <= names   # one per stage of the pipeline
     for path in sorted((REPO / "deployments" / "params").glob("*.json")):
         PipelineConfig.model_validate(json.loads(path.read_text())["config"])
 

@@ -108,7 +108,7 @@ def test_retrying_a_failed_run_reruns_only_the_failed_stage_from_its_checkpoint(
               "base_train": {"depth": 2, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 64,
                              "device_batch_size": 4, "total_batch_size": 256, "num_iterations": 80,
                              "eval_every": None, "eval_tokens": 512, "save_every": 10}}
-    plans = {p.step: p for p in plan_pipeline(PipelineConfig.model_validate(config), home=stack.nanopipe_home)}
+    plans = {p.stage: p for p in plan_pipeline(PipelineConfig.model_validate(config), home=stack.nanopipe_home)}
     out_dir = plans["base_train"].out_dir
     flow_run_id, _ = run_deployment(stack, "full-pipeline/full-pipeline", {"config": config}, watch=False)
     deadline = time.monotonic() + 240

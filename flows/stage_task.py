@@ -2,6 +2,10 @@
 The Prefect task that runs one stage: lock its artifact directory, launch the stage (torchrun for the
 distributed ones), stream its output into the run's logs and progress, write the manifest, return a ref.
 
+The task takes the upstream stages' references as a parameter (`upstream`, the upstream task runs' states),
+so Prefect records a real edge from each upstream task run, whether it ran or came back Cached: the run's
+graph shows what was reused and what ran again.
+
 Caching is keyed on the artifact's content hash (no flow-run id in it, so a new run of the same config
 hits), results persist under NANOPIPE_HOME (or the configured storage), and the call site refreshes the
 cache whenever the artifact on disk no longer verifies. Retries happen only for failures a retry can fix,
@@ -40,7 +44,11 @@ class ArtifactCachePolicy(CachePolicy):
                     **kwargs: Any) -> str | None:
         plan = inputs["plan"]
         plan = plan if isinstance(plan, StagePlan) else StagePlan.model_validate(plan)
-        return f"nanopipe-{plan.step}-{plan.hash}"
+        return cache_key(plan)
+
+
+def cache_key(plan: StagePlan) -> str:
+    return f"nanopipe-{plan.stage}-{plan.hash}"
 
 
 def retry_if_retryable(task, task_run, state) -> bool:
@@ -68,9 +76,9 @@ def result_storage(spec: str | None):
 class _Progress:
     """Mirrors the stage's progress lines into a Prefect progress artifact, at most every few seconds."""
 
-    def __init__(self, step: str, every_seconds: float = 3.0):
-        self.step, self.every, self.last = step, every_seconds, 0.0
-        self.artifact_id = create_progress_artifact(0.0, description=f"{step} progress")
+    def __init__(self, stage: str, every_seconds: float = 3.0):
+        self.stage, self.every, self.last = stage, every_seconds, 0.0
+        self.artifact_id = create_progress_artifact(0.0, description=f"{stage} progress")
 
     def __call__(self, progress: dict) -> None:
         step, total = progress.get("step"), progress.get("total")
@@ -81,10 +89,10 @@ class _Progress:
         extras = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in progress.items() if k not in ("step", "total"))
         update_progress_artifact(self.artifact_id, min(100.0, 100.0 * step / total),
-                                 description=f"{self.step}: {step}/{total} {extras}".strip())
+                                 description=f"{self.stage}: {step}/{total} {extras}".strip())
 
     def finish(self) -> None:
-        update_progress_artifact(self.artifact_id, 100.0, description=f"{self.step}: done")
+        update_progress_artifact(self.artifact_id, 100.0, description=f"{self.stage}: done")
 
 
 def _prepare(plan: StagePlan, logger) -> None:
@@ -98,43 +106,61 @@ def _prepare(plan: StagePlan, logger) -> None:
     if plan.resume_flag:
         checkpoints = sorted(out.glob(plan.checkpoint_glob)) if out.is_dir() else []
         if checkpoints:
-            logger.info(f"{plan.step} will resume from its checkpoints in {out} (last: {checkpoints[-1].name})")
+            logger.info(f"{plan.stage} will resume from its checkpoints in {out} (last: {checkpoints[-1].name})")
     elif out.exists():   # leftovers of an interrupted run of a stage that cannot resume
         shutil.rmtree(out)
 
 
+def _produced_meanwhile(plan: StagePlan) -> bool:
+    """Did a concurrent run finish this artifact while we waited for its lock? (Verified only when a
+    manifest with our hash appeared, so the usual path costs no second checksum pass.)"""
+    manifest = read_manifest(plan.artifact_dir)
+    return bool(manifest and manifest.get("hash") == plan.hash and verify(plan.artifact_dir, plan.hash))
+
+
 @task(cache_policy=ArtifactCachePolicy(), persist_result=True, retry_condition_fn=retry_if_retryable,
-      task_run_name="{plan.step}:{plan.tag}-{plan.hash}")
-def run_stage(plan: StagePlan) -> ArtifactRef:
-    """Produce one stage's artifact (or find it already produced by a concurrent run)."""
+      task_run_name="{plan.stage}")
+def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, verified: bool = False) -> ArtifactRef:
+    """Produce one stage's artifact (or find it already produced by a concurrent run).
+
+    `upstream` maps each input field to the reference its upstream stage returned; `verified` says the
+    flow already checked this artifact on disk in this run (then a cache miss only re-reads its manifest)."""
     logger = get_run_logger()
     directory = Path(plan.artifact_dir)
+    for role, ref in (upstream or {}).items():
+        expected = plan.upstream.get(role, {}).get("hash")
+        if ref.hash != expected:
+            raise StageFailed(f"stage {plan.stage}: input {role} is {ref.path} (hash {ref.hash}), but the plan "
+                              f"expects hash {expected}", kind="plan", retryable=False)
+    if verified:
+        return ref_from_manifest(directory)
     with artifact_lock(directory, on_wait=logger.info):
-        if verify(directory, plan.hash):
-            logger.info(f"{plan.step}: {directory} is already complete (produced by another run)")
+        if _produced_meanwhile(plan):
+            logger.info(f"{plan.stage}: {directory} is already complete (produced by another run)")
             return ref_from_manifest(directory)
         _prepare(plan, logger)
         cmd = plan.command()
-        logger.info(f"{plan.step} attempt {task_run.run_count}: {' '.join(cmd)}")
+        logger.info(f"{plan.stage} attempt {task_run.run_count}: {' '.join(cmd)}")
         started = time.time()
-        progress = _Progress(plan.step)
+        progress = _Progress(plan.stage)
         result = launch(cmd, log_path=directory / LOG_FILE, env=plan.resources.env, on_line=logger.info,
                         on_progress=progress,
                         timeout_seconds=plan.resources.timeout_minutes * 60 if plan.resources.timeout_minutes else None)
         if result.returncode != 0 or result.timed_out:
-            raise failure_from(result, plan.step)
+            raise failure_from(result, plan.stage)
         metrics_path = Path(plan.out_dir) / "metrics.json"
         if not metrics_path.is_file():
-            raise StageFailed(f"stage {plan.step} exited 0 but wrote no {metrics_path}; log: {result.log_path}",
+            raise StageFailed(f"stage {plan.stage} exited 0 but wrote no {metrics_path}; log: {result.log_path}",
                               kind="incomplete", retryable=False)
         metrics = json.loads(metrics_path.read_text())
         timings = {"started": started, "finished": time.time(), "seconds": round(result.seconds, 3),
                    "attempt": task_run.run_count}
-        write_manifest(directory, stage=plan.step, digest=plan.hash, config=plan.config, upstream=plan.upstream,
+        write_manifest(directory, stage=plan.stage, digest=plan.hash, config=plan.config, upstream=plan.upstream,
                        metrics=metrics, timings=timings,
-                       extra={"command": cmd, "code_version": plan.code_version, "flow_run_id": flow_run.id,
+                       extra={"command": cmd, "code_version": plan.code_version, "code": plan.code,
+                              "semantic_config": plan.semantic_config, "flow_run_id": flow_run.id,
                               "task_run_id": task_run.id})
         progress.finish()
-        logger.info(f"{plan.step}: done in {result.seconds:.1f} s -> {directory}")
-        return ArtifactRef(stage=plan.step, hash=plan.hash, path=str(directory), metrics=metrics,
+        logger.info(f"{plan.stage}: done in {result.seconds:.1f} s -> {directory}")
+        return ArtifactRef(stage=plan.stage, hash=plan.hash, path=str(directory), metrics=metrics,
                            seconds=round(result.seconds, 3))
