@@ -1,0 +1,585 @@
+"""
+What the chat training stages (mid_train, chat_sft, chat_rl) share: the source checkpoint they start from,
+their optimizers, their two batch layouts (each with an exact-resume state), the chat loss evaluation and
+the resumable random state.
+
+    src = find_source(cfg.source, cfg.model_tag, cfg.model_step, cfg.checkpoint_dir, cfg.tokenizer_dir)
+    model, tokenizer = load_source_model(src, device)          # vocab checked against the tokenizer
+    optimizers = setup_chat_optimizers(model, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02,
+                                       weight_decay=0.0, init_lr_frac=1.0)
+    set_lr_multiplier(optimizers, 0.5)
+
+    loader = PackedChatLoader(tokenizer, mixture, batch_size=32, seq_len=2048, rank=r, world_size=W)
+    inputs, targets = next(loader)    # whole conversations best-fit packed into BOS-aligned rows; pads -1
+    batcher = PaddedChatBatcher(tokenizer, mixture, batch_size=4, max_tokens=2048, rank=r, world_size=W)
+    inputs, targets = next(batcher)   # one conversation per row, targets only on the assistant's tokens
+    state = loader.state_dict(); PackedChatLoader(..., resume_state=state)   # continues exactly
+
+find_source raises SourceCheckpointError (a ConfigError: exit code 2) naming the path and what is wrong,
+without loading any weights, so a stage fails before it trains or joins a process group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from nanopipe.chat_format import render_conversation
+from nanopipe.checkpoint import (CHECKPOINT_DIRS, CheckpointError, build_model, find_last_step, meta_path,
+                                 resolve_checkpoint_dir)
+from nanopipe.configs.base import ConfigError
+from nanopipe.gpt import GPT, GPTConfig
+from nanopipe.tokenizer import TokenizerNotFoundError, get_tokenizer
+
+LOADER_STATE_VERSION = 1
+
+
+class SourceCheckpointError(ConfigError):
+    """The source checkpoint is missing, unreadable or does not match the tokenizer. One line, naming the path.
+    `missing` is True when there is no checkpoint at all (a planning dry run may go on without one)."""
+
+    def __init__(self, message: str, missing: bool = False):
+        super().__init__(message)
+        self.missing = missing
+
+
+# -----------------------------------------------------------------------------
+# The source checkpoint
+
+@dataclass(frozen=True)
+class SourceCheckpoint:
+    """A checked source checkpoint: where it is, which step, its meta, and the tokenizer that matches it."""
+
+    ckpt_dir: Path
+    step: int
+    meta: dict
+    tokenizer_dir: Path
+    model_config: GPTConfig
+
+    def describe(self) -> dict:
+        return {"checkpoint_dir": str(self.ckpt_dir), "step": self.step, "tokenizer_dir": str(self.tokenizer_dir),
+                "model_config": dict(self.model_config.__dict__)}
+
+
+def find_source(source: str, model_tag: str | None = None, model_step: int | None = None,
+                checkpoint_dir: str | None = None, tokenizer_dir: str | None = None) -> SourceCheckpoint:
+    """Locate a source checkpoint and check it against its tokenizer, reading only JSON and the tokenizer.
+
+    The tokenizer is `tokenizer_dir` when given, else the one the checkpoint's meta records.
+    """
+    try:
+        ckpt_dir = Path(resolve_checkpoint_dir(source, model_tag, checkpoint_dir))
+    except CheckpointError as err:  # no model tag under NANOPIPE_HOME/<source dir>
+        raise SourceCheckpointError(f"source checkpoint ({source}): {err}", missing=True) from None
+    if not ckpt_dir.is_dir():
+        raise SourceCheckpointError(f"source checkpoint directory {ckpt_dir} does not exist", missing=True)
+    try:
+        step = find_last_step(ckpt_dir) if model_step is None else model_step
+    except CheckpointError:
+        raise SourceCheckpointError(f"source checkpoint directory {ckpt_dir} holds no complete checkpoint",
+                                    missing=True) from None
+    path = meta_path(ckpt_dir, step)
+    if not path.is_file():
+        raise SourceCheckpointError(f"source checkpoint {path} does not exist (--model_step={step})", missing=True)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        model_config = GPTConfig(**meta["model_config"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+        raise SourceCheckpointError(f"source checkpoint {path} is not a nanopipe model checkpoint "
+                                    f"({type(err).__name__}: {err})") from None
+    tok_dir = tokenizer_dir or meta.get("tokenizer_dir")
+    if not tok_dir:
+        raise SourceCheckpointError(f"source checkpoint {path} records no tokenizer_dir; pass --tokenizer_dir")
+    tok_dir = Path(tok_dir).expanduser()
+    try:
+        vocab_size = get_tokenizer(tok_dir).get_vocab_size()
+    except TokenizerNotFoundError as err:
+        raise SourceCheckpointError(f"tokenizer of source checkpoint {ckpt_dir}: {err}") from None
+    if vocab_size != model_config.vocab_size:
+        raise SourceCheckpointError(
+            f"source checkpoint {ckpt_dir} step {step} has vocab_size={model_config.vocab_size} but tokenizer "
+            f"{tok_dir} has {vocab_size} tokens: they do not belong together")
+    return SourceCheckpoint(Path(ckpt_dir), step, meta, tok_dir, model_config)
+
+
+def load_source_model(src: SourceCheckpoint, device: torch.device | str, phase: str = "train"):
+    """(model, tokenizer) of a checked source checkpoint; the model is an uncompiled GPT on `device`."""
+    try:
+        model, tokenizer, _ = build_model(src.ckpt_dir, src.step, device, phase, tokenizer_dir=src.tokenizer_dir)
+    except CheckpointError as err:
+        raise SourceCheckpointError(f"source checkpoint {src.ckpt_dir}: {err}") from None
+    return model, tokenizer
+
+
+def load_source(cfg, device: torch.device | str, phase: str = "train"):
+    """(model, tokenizer, SourceCheckpoint) from a DownstreamConfig-style config (source, model_tag, model_step,
+    checkpoint_dir, and tokenizer_dir when it has one)."""
+    src = find_source(cfg.source, cfg.model_tag, cfg.model_step, cfg.checkpoint_dir,
+                      getattr(cfg, "tokenizer_dir", None))
+    model, tokenizer = load_source_model(src, device, phase)
+    return model, tokenizer, src
+
+
+def output_dir(stage_source: str, src: SourceCheckpoint, out_dir: str | None) -> Path:
+    """--out_dir, else NANOPIPE_HOME/<stage's checkpoint dir>/<the source's model tag>."""
+    from nanopipe.common import get_base_dir
+    if out_dir:
+        return Path(out_dir).expanduser()
+    return get_base_dir() / CHECKPOINT_DIRS[stage_source] / src.ckpt_dir.name
+
+
+# -----------------------------------------------------------------------------
+# Optimizers
+
+def setup_chat_optimizers(model: GPT, *, embedding_lr: float, unembedding_lr: float, matrix_lr: float,
+                          weight_decay: float, init_lr_frac: float = 1.0, lr_scale: float = 1.0) -> list:
+    """A fresh [AdamW (embedding, head), Muon (matrices)] pair as base_train builds it, every learning rate
+    times lr_scale * init_lr_frac; `initial_lr` of each group is that starting rate."""
+    scale = lr_scale * init_lr_frac
+    optimizers = model.setup_optimizers(unembedding_lr=unembedding_lr * scale, embedding_lr=embedding_lr * scale,
+                                        matrix_lr=matrix_lr * scale, weight_decay=weight_decay)
+    return optimizers
+
+
+def set_lr_multiplier(optimizers: Sequence[torch.optim.Optimizer], multiplier: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+
+
+def set_muon_momentum(optimizers: Sequence[torch.optim.Optimizer], momentum: float) -> None:
+    """Muon is the second optimizer of setup_chat_optimizers."""
+    for group in optimizers[1].param_groups:
+        group["momentum"] = momentum
+
+
+# -----------------------------------------------------------------------------
+# Random state (nothing in these loops draws random numbers today; a checkpoint keeps it anyway, so that a
+# stage that starts sampling, e.g. RL, resumes exactly too)
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+# -----------------------------------------------------------------------------
+# The rank's view of a dataset: positions 0, 1, 2, ... are examples rank, rank + W, rank + 2W, ..., wrapping
+# around at the end (the next pass). A position is all the loaders need to resume.
+
+class RankStride:
+    def __init__(self, dataset_len: int, rank: int, world_size: int):
+        assert 0 <= rank < world_size, f"rank {rank} is not in [0, {world_size})"
+        self.per_pass = len(range(rank, dataset_len, world_size))
+        if self.per_pass == 0:
+            raise ValueError(f"rank {rank} of {world_size} gets no examples from a dataset of {dataset_len}: "
+                             f"use fewer processes or more data")
+        self.rank, self.world_size = rank, world_size
+
+    def index(self, position: int) -> int:
+        return self.rank + (position % self.per_pass) * self.world_size
+
+    def epoch(self, position: int) -> int:
+        """1-based pass over the data that `position` belongs to."""
+        return position // self.per_pass + 1
+
+
+def _check_state(state: dict, kind: str, rank: int, world_size: int, dataset_len: int) -> None:
+    if state.get("version") != LOADER_STATE_VERSION or state.get("kind") != kind:
+        raise ValueError(f"loader state {state.get('kind')!r} v{state.get('version')!r} is not a {kind} "
+                         f"state v{LOADER_STATE_VERSION}")
+    if (state["rank"], state["world_size"]) != (rank, world_size):
+        raise ValueError(f"loader state was saved by rank {state['rank']} of {state['world_size']}, this is rank "
+                         f"{rank} of {world_size}: resume with the same number of processes")
+    if state["dataset_len"] != dataset_len:
+        raise ValueError(f"loader state is for a mixture of {state['dataset_len']} examples, this one has "
+                         f"{dataset_len}: the training data changed since the checkpoint")
+
+
+def _to_device(inputs: torch.Tensor, targets: torch.Tensor, device: torch.device):
+    if device.type == "cuda":
+        return (inputs.pin_memory().to(device, non_blocking=True), targets.pin_memory().to(device, non_blocking=True))
+    return inputs.to(device), targets.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Mid-training batches: whole conversations best-fit packed into BOS-aligned rows
+
+class PackedChatLoader:
+    """Infinite iterator of (inputs, targets) int64 [B, T]: every row holds T+1 tokens of whole conversations.
+
+    Conversations (each begins with <|bos|>) wait in a buffer of `buffer_size`; a row is filled with the
+    longest one that still fits entirely, again and again. When none fits, the rest of the row is padding
+    (<|bos|> inputs, -1 targets) instead of a cropped conversation, so no conversation that fits in a row is
+    ever cut. Only a conversation longer than a whole row is cropped (to T+1 tokens, counted in `cropped`).
+    Every token of a conversation is a target (mid-training learns the format, not just the answers).
+
+    state_dict() is the resume point after the last batch returned: the rank's read position and the
+    dataset indices waiting in the buffer, in order (they are re-rendered on resume: rendering is
+    deterministic). `consumed` counts the conversations this rank has placed in rows.
+    """
+
+    def __init__(self, tokenizer, dataset, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                 device: str | torch.device = "cpu", buffer_size: int = 100, resume_state: dict | None = None):
+        assert batch_size >= 1 and seq_len >= 1 and buffer_size >= 1, (batch_size, seq_len, buffer_size)
+        self.tokenizer, self.dataset = tokenizer, dataset
+        self.B, self.T = batch_size, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.buffer_size = buffer_size
+        self.bos = tokenizer.get_bos_token_id()
+        self.stride = RankStride(len(dataset), rank, world_size)
+        self.position = 0                              # next read position of this rank
+        self.buffer: list[tuple[int, list[int]]] = []  # (dataset index, token ids), in arrival order
+        self.consumed = self.cropped = self.pad_tokens = self.rows = 0
+        if resume_state is not None:
+            self._restore(resume_state)
+
+    def _render(self, index: int) -> list[int]:
+        ids, _ = render_conversation(self.tokenizer, self.dataset[index], max_tokens=None)
+        if len(ids) > self.T + 1:
+            self.cropped += 1
+            ids = ids[:self.T + 1]
+        return ids
+
+    def _refill(self) -> None:
+        while len(self.buffer) < self.buffer_size:
+            index = self.stride.index(self.position)
+            self.buffer.append((index, self._render(index)))
+            self.position += 1
+
+    def _take_best_fit(self, space: int) -> list[int] | None:
+        best = -1
+        for i, (_, ids) in enumerate(self.buffer):  # the longest that fits; the earliest among equals
+            if len(ids) <= space and (best < 0 or len(ids) > len(self.buffer[best][1])):
+                best = i
+        if best < 0:
+            return None
+        self.consumed += 1
+        return self.buffer.pop(best)[1]
+
+    def _row(self) -> tuple[list[int], int]:
+        """One row of T+1 tokens and the length of its content (the rest is padding)."""
+        capacity, row = self.T + 1, []
+        while len(row) < capacity:
+            self._refill()
+            ids = self._take_best_fit(capacity - len(row))
+            if ids is None:
+                break
+            row.extend(ids)
+        content = len(row)
+        assert content > 0, f"no conversation fits an empty row of {capacity} tokens (they are cropped to it)"
+        self.pad_tokens += capacity - content
+        return row + [self.bos] * (capacity - content), content
+
+    def __iter__(self) -> "PackedChatLoader":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, contents = zip(*(self._row() for _ in range(self.B)))
+        self.rows += self.B
+        batch = torch.tensor(rows, dtype=torch.long)
+        inputs, targets = batch[:, :-1].clone(), batch[:, 1:].clone()
+        for i, content in enumerate(contents):
+            targets[i, content - 1:] = -1  # predicting padding teaches nothing
+        return _to_device(inputs, targets, self.device)
+
+    @property
+    def epoch(self) -> int:
+        """1-based pass over this rank's share of the data, by conversations placed in rows."""
+        return self.consumed // self.stride.per_pass + 1
+
+    def state_dict(self) -> dict:
+        return {"version": LOADER_STATE_VERSION, "kind": "packed", "rank": self.rank, "world_size": self.world_size,
+                "dataset_len": len(self.dataset), "position": self.position,
+                "buffer": [index for index, _ in self.buffer], "consumed": self.consumed, "cropped": self.cropped,
+                "pad_tokens": self.pad_tokens, "rows": self.rows}
+
+    def _restore(self, state: dict) -> None:
+        _check_state(state, "packed", self.rank, self.world_size, len(self.dataset))
+        cropped = state["cropped"]
+        self.buffer = [(index, self._render(index)) for index in state["buffer"]]
+        self.position, self.consumed, self.cropped = state["position"], state["consumed"], cropped
+        self.pad_tokens, self.rows = state["pad_tokens"], state["rows"]
+
+    def pad_fraction(self) -> float:
+        return self.pad_tokens / (self.rows * (self.T + 1)) if self.rows else 0.0
+
+
+# -----------------------------------------------------------------------------
+# SFT batches: one conversation per row, padded to the longest of the micro-batch
+
+class PaddedChatBatcher:
+    """Infinite iterator of (inputs, targets) int64 [B, L], L = the longest conversation of the batch minus 1.
+
+    Conversations are rendered (cut to max_tokens); targets are the next tokens where the assistant wrote
+    them (render mask 1) and -1 everywhere else, padding included (inputs are padded with
+    <|assistant_end|>, which the loss never sees). state_dict() is the read position after the last batch.
+    """
+
+    def __init__(self, tokenizer, dataset, batch_size: int, max_tokens: int, rank: int = 0, world_size: int = 1,
+                 device: str | torch.device = "cpu", resume_state: dict | None = None):
+        assert batch_size >= 1 and max_tokens >= 2, (batch_size, max_tokens)
+        self.tokenizer, self.dataset = tokenizer, dataset
+        self.B, self.max_tokens = batch_size, max_tokens
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.pad = tokenizer.encode_special("<|assistant_end|>")
+        self.stride = RankStride(len(dataset), rank, world_size)
+        self.position = 0
+        if resume_state is not None:
+            _check_state(resume_state, "padded", rank, world_size, len(dataset))
+            self.position = resume_state["position"]
+
+    def __iter__(self) -> "PaddedChatBatcher":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rendered = []
+        for _ in range(self.B):
+            rendered.append(render_conversation(self.tokenizer, self.dataset[self.stride.index(self.position)],
+                                                max_tokens=self.max_tokens))
+            self.position += 1
+        return _to_device(*collate_supervised(rendered, self.pad), self.device)
+
+    @property
+    def epoch(self) -> int:
+        return self.stride.epoch(max(0, self.position - 1))
+
+    def state_dict(self) -> dict:
+        return {"version": LOADER_STATE_VERSION, "kind": "padded", "rank": self.rank, "world_size": self.world_size,
+                "dataset_len": len(self.dataset), "position": self.position}
+
+
+def collate_supervised(rendered: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) [B, L] of rendered (ids, mask) pairs: targets -1 where the mask is 0 and on padding."""
+    width = max(len(ids) for ids, _ in rendered) - 1
+    assert width >= 1, "every conversation renders to at least two tokens"
+    inputs = torch.full((len(rendered), width), pad, dtype=torch.long)
+    targets = torch.full((len(rendered), width), -1, dtype=torch.long)
+    for row, (ids, mask) in enumerate(rendered):
+        n = len(ids) - 1
+        ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask[1:], dtype=torch.bool)
+        inputs[row, :n] = ids_t[:-1]
+        targets[row, :n] = torch.where(mask_t, ids_t[1:], -1)
+    return inputs, targets
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+@torch.no_grad()
+def evaluate_chat_loss(model, batches: Iterator, steps: int, token_bytes: torch.Tensor) -> dict:
+    """Mean loss in nats per target token (targets -1 ignored) and bits per byte (special tokens, which have no
+    bytes, left out of bpb only) over `steps` batches, summed over every rank."""
+    assert steps >= 1, f"evaluate_chat_loss needs at least one step, got {steps}"
+    device = token_bytes.device
+    acc = torch.float32 if device.type == "mps" else torch.float64
+    sums = torch.zeros(4, dtype=acc, device=device)  # nats (all targets), targets, nats (with bytes), bytes
+    for _ in range(steps):
+        inputs, targets = next(batches)
+        losses = model(inputs, targets, loss_reduction="none").reshape(-1).to(acc)
+        targets = targets.reshape(-1)
+        valid = targets >= 0
+        nbytes = torch.where(valid, token_bytes[targets.clamp(min=0)], 0)
+        counted = nbytes > 0
+        sums += torch.stack([torch.where(valid, losses, 0.0).sum(), valid.sum().to(acc),
+                             torch.where(counted, losses, 0.0).sum(), nbytes.sum().to(acc)])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    nats, count, byte_nats, nbytes = sums.tolist()
+    return {"loss": nats / count if count else float("nan"),
+            "bpb": byte_nats / (math.log(2) * nbytes) if nbytes else float("nan"),
+            "tokens": int(count)}
+
+
+def sum_across_ranks(values: Sequence[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def supervised_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the supervised targets; 0 (with a gradient of 0) when a batch has none."""
+    count = (targets >= 0).sum()
+    return model(inputs, targets, loss_reduction="sum") / count.clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# A resumable chat training run: what mid_train and chat_sft share around their own loops
+
+def resolve_resume_step(resume_from_step, out_dir: Path, world_size: int) -> int | None:
+    """--resume_from_step: a step, or 'latest' (None, with a log line, when out_dir holds no complete one)."""
+    from nanopipe.common import print0
+    if resume_from_step is None:
+        return None
+    if resume_from_step == "latest":
+        try:
+            return find_last_step(out_dir, world_size=world_size)
+        except CheckpointError:
+            print0(f"--resume_from_step=latest: no complete checkpoint in {out_dir} yet, starting from the source")
+            return None
+    return resume_from_step
+
+
+class ChatTrainerBase:
+    """Model, optimizers and checkpoints of a chat training run. A fresh run starts from the source checkpoint
+    with fresh optimizers; a resumed one restores model, optimizers (one file per rank), random state, the
+    subclass's loader state and `loop` from its own checkpoint in out_dir.
+
+    Subclasses set `stage` ('mid' or 'sft'), build their loaders in `build_loaders(states)` and put every value
+    besides the step that a resume needs into `self.loop`.
+    """
+
+    stage = ""
+
+    def __init__(self, cfg, rt, src: SourceCheckpoint, out_dir: Path, lr_scale: float = 1.0):
+        from nanopipe.checkpoint import load_checkpoint
+        from nanopipe.common import print0
+        self.cfg, self.rt, self.src, self.out_dir = cfg, rt, src, out_dir
+        self.resume_step = resolve_resume_step(cfg.resume_from_step, out_dir, rt.world_size)
+        ckpt = None
+        if self.resume_step is not None:
+            _, optim_state, meta = load_checkpoint(out_dir, self.resume_step, rt.device, load_optimizer=True,
+                                                  rank=rt.rank)
+            states = meta["loader_state"]
+            if states["world_size"] != rt.world_size:
+                raise ConfigError(f"checkpoint step {self.resume_step} in {out_dir} was written by "
+                                  f"{states['world_size']} process(es); resume it with the same number "
+                                  f"(this run has {rt.world_size})")
+            ckpt = (optim_state, meta)
+            print0(f"Resuming from step {self.resume_step} of {out_dir}")
+        model_dir, model_step = (out_dir, self.resume_step) if ckpt else (src.ckpt_dir, src.step)
+        self.orig_model, self.tokenizer, _ = build_model(model_dir, model_step, rt.device, "train",
+                                                         tokenizer_dir=src.tokenizer_dir)
+        self.optimizers = setup_chat_optimizers(
+            self.orig_model, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
+            matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay, init_lr_frac=cfg.init_lr_frac, lr_scale=lr_scale)
+        self.step = 0
+        self.loop: dict = {}
+        loader_state = None
+        if ckpt:
+            optim_state, meta = ckpt
+            for opt, state in zip(self.optimizers, optim_state["optimizers"]):
+                opt.load_state_dict(state)
+            self.step = meta["step"]
+            self.loop.update(meta["loop_state"])
+            loader_state = meta["loader_state"]["ranks"][rt.rank]
+            restore_rng_state(optim_state["rng"])
+        self.loader_state_at_start = loader_state
+
+    # --- checkpoints -----------------------------------------------------------
+
+    def checkpoint_meta(self, loader_state: dict) -> dict:
+        """Everything a resume and a downstream stage need; a collective under torchrun."""
+        from nanopipe.training import gather_loader_state
+        return {
+            "model_config": dict(self.orig_model.config.__dict__),
+            "tokenizer_dir": str(self.src.tokenizer_dir),
+            "source": self.src.describe(),
+            "stage": self.stage,
+            "user_config": self.cfg.model_dump(mode="json"),
+            "loader_state": gather_loader_state(loader_state, self.rt),
+            "loop_state": dict(self.loop),
+        }
+
+    def save(self, loader_state: dict, extra_meta: dict | None = None) -> None:
+        from nanopipe.checkpoint import save_checkpoint
+        from nanopipe.training import barrier
+        meta = {**self.checkpoint_meta(loader_state), **(extra_meta or {})}
+        optim_state = {"optimizers": [opt.state_dict() for opt in self.optimizers], "rng": rng_state()}
+        save_checkpoint(self.out_dir, self.step, self.orig_model.state_dict(), optim_state, meta, rank=self.rt.rank)
+        barrier(self.rt)  # every rank's optimizer file is on disk before anyone moves on
+
+    def final_save_needed(self) -> bool:
+        """False when the run resumed at its very end (the final checkpoint is already there)."""
+        return not (self.step == self.resume_step and meta_path(self.out_dir, self.step).is_file())
+
+    def complete_final_meta(self, values: dict) -> None:
+        """Add the final evaluations to the final checkpoint's meta (rank 0), after the weights were saved."""
+        from nanopipe.common import atomic_write_json
+        if self.rt.master:
+            path = meta_path(self.out_dir, self.step)
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            meta.update(values)
+            atomic_write_json(path, meta)
+
+    def due(self, every: int | None, at_zero: bool = True) -> bool:
+        return every is not None and (at_zero or self.step > 0) and self.step % every == 0
+
+    def step_optimizers(self, lrm: float, muon_momentum: float | None = None) -> None:
+        set_lr_multiplier(self.optimizers, lrm)
+        if muon_momentum is not None:
+            set_muon_momentum(self.optimizers, muon_momentum)
+        for opt in self.optimizers:
+            opt.step()  # under torchrun the optimizers average the gradients across ranks themselves
+        self.orig_model.zero_grad(set_to_none=True)
+
+
+# -----------------------------------------------------------------------------
+# Dry runs: the model a stage would train, without loading it or joining a process group
+
+DRY_RUN_DEFAULT_VOCAB = 32768  # tok_train's default, when neither the source nor a tokenizer exists yet
+
+
+def planned_model(cfg) -> tuple[GPTConfig, str]:
+    """(model config, where it came from): the source checkpoint's, or, when there is none yet (a planning
+    dry run before the upstream stages ran), the shape of --depth/--aspect_ratio/--head_dim."""
+    from nanopipe.gpt import build_model_config
+    try:
+        src = find_source(cfg.source, cfg.model_tag, cfg.model_step, cfg.checkpoint_dir, cfg.tokenizer_dir)
+        return src.model_config, f"source checkpoint {src.ckpt_dir} step {src.step}"
+    except SourceCheckpointError as err:
+        if not err.missing:
+            raise
+        vocab, vocab_from = DRY_RUN_DEFAULT_VOCAB, "assumed"
+        if cfg.tokenizer_dir:
+            try:
+                vocab, vocab_from = get_tokenizer(cfg.tokenizer_dir).get_vocab_size(), str(cfg.tokenizer_dir)
+            except TokenizerNotFoundError:
+                pass
+        config = build_model_config(cfg.depth, cfg.aspect_ratio, cfg.head_dim, 2048, vocab)
+        return config, (f"no source checkpoint yet ({err}); assuming --depth={cfg.depth} "
+                        f"--aspect_ratio={cfg.aspect_ratio} --head_dim={cfg.head_dim}, vocab {vocab:,} ({vocab_from})")
+
+
+def model_plan(config: GPTConfig, row_tokens: int, rows_per_device: int, world_size: int, cuda: bool) -> dict:
+    """Parameters, training FLOPs per token and the peak-memory estimate of base_train's model for it."""
+    import dataclasses
+
+    from nanopipe.training import estimate_peak_memory
+    with torch.device("meta"):
+        model = GPT(config)
+    sized = dataclasses.replace(config, sequence_len=row_tokens)  # the memory model reads rows from sequence_len
+    return {"model_config": dict(config.__dict__), "num_params": model.num_params(),
+            "param_counts": model.param_counts(), "flops_per_token": model.estimate_flops(),
+            "estimated_peak_memory_bytes": estimate_peak_memory(sized, rows_per_device, world_size, cuda)}
+
+
+def print_plan(plan: dict, model_from: str) -> None:
+    from nanopipe.common import print0
+    c = plan["model_config"]
+    print0(f"Model ({model_from}): {c['n_layer']} layers, width {c['n_embd']}, {c['n_head']} heads, "
+           f"context {c['sequence_len']}, vocab {c['vocab_size']:,}")
+    for name, count in plan["param_counts"].items():
+        print0(f"  parameters {name:<22}: {count:,}")
+    mem = plan["estimated_peak_memory_bytes"]
+    parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in mem.items() if k != "total")
+    print0(f"Estimated peak memory per device: {mem['total'] / 2**30:.2f} GiB ({parts} GiB; a rough model)")

@@ -1,0 +1,90 @@
+"""Flags shared by the chat training stages (mid_train, chat_sft): optimiser, checkpoints, and where the
+chat datasets come from. Pure pydantic, no torch: the flow imports these to plan runs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from nanopipe.configs.base import DownstreamConfig
+
+ChatSource = Literal["base", "mid"]
+
+
+def minus_one_is_none(value):
+    """The seed's `-1` for "disabled" on the command line; None inside the code."""
+    return None if value in (-1, -1.0, "-1", "-1.0") else value
+
+
+def parse_resume_step(value):
+    """--resume_from_step: a step >= 0, 'latest', or none/-1."""
+    if isinstance(value, str):
+        value = value.strip().lower()
+        if value in ("", "none", "null", "-1"):
+            return None
+        if value.lstrip("+").isdigit():
+            return int(value)
+    if value == -1:
+        return None
+    if isinstance(value, int) and value < 0:
+        raise ValueError("must be a step >= 0, 'latest', or -1/none")
+    return value
+
+
+class ChatDataFlags(DownstreamConfig):
+    """Where the chat mixtures come from. Every real dataset loads from the Hugging Face hub through
+    `datasets` unless a local copy is given (a file, or a directory in the hub's layout)."""
+
+    mixture: Literal["seed", "builtin"] = Field(
+        "seed", description="training mixture: 'seed' (nanochat's, real datasets from the hub or local paths) or "
+                            "'builtin' (offline generated chats for demo/CI; plus GSM8K when --gsm8k_path is given)")
+    identity_path: str | None = Field(
+        None, description="JSONL of identity conversations (none: nanopipe's builtin offline identity set)")
+    smoltalk_path: str | None = Field(None, description="local SmolTalk data, file or directory (none: the hub)")
+    mmlu_path: str | None = Field(None, description="local MMLU 'all' data with auxiliary_train and test splits "
+                                                    "(none: the hub)")
+    gsm8k_path: str | None = Field(None, description="local GSM8K data, file or directory (none: the hub)")
+    arc_easy_path: str | None = Field(None, description="local ARC-Easy data, file or directory (none: the hub)")
+    arc_challenge_path: str | None = Field(None, description="local ARC-Challenge data (none: the hub)")
+    spelling_words: str = Field(
+        "builtin", description="word list of the spelling tasks: 'builtin' (offline), 'download' (the public "
+                               "370K-word English list, cached under NANOPIPE_HOME/words) or a file")
+    builtin_size: int = Field(1000, ge=1, description="examples per builtin task in --mixture=builtin "
+                                                      "(identity counts twice)")
+
+    NON_SEMANTIC = ("run", "out_dir")
+
+
+class ChatTrainFlags(ChatDataFlags):
+    """Optimiser, checkpoint and path flags of a chat training stage."""
+
+    embedding_lr: float = Field(0.2, gt=0, description="AdamW learning rate of the token embedding")
+    unembedding_lr: float = Field(0.004, gt=0, description="AdamW learning rate of the LM head")
+    matrix_lr: float = Field(0.02, gt=0, description="Muon learning rate of the Transformer matrices")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (embedding and LM head)")
+    save_every: int | None = Field(None, ge=1, description="checkpoint every N steps (-1/none: only at the end)")
+    resume_from_step: int | Literal["latest"] | None = Field(
+        None, description="resume from this checkpoint step in --out_dir, or 'latest' (starts fresh if none)")
+    tokenizer_dir: str | None = Field(
+        None, description="tokenizer directory (default: the one the source checkpoint records)")
+    out_dir: str | None = Field(None, description="where checkpoints and metrics.json go "
+                                                  "(default: NANOPIPE_HOME/<stage dir>/<source model tag>)")
+    dry_run: bool = Field(False, description="print parameters, steps, tokens and a memory estimate, then exit")
+    # the shape a dry run assumes when the source checkpoint does not exist yet (a planning run before base_train)
+    depth: int = Field(20, ge=1, description="dry run only, when the source checkpoint does not exist yet: the depth "
+                                             "to assume (a real run takes the shape from the checkpoint)")
+    aspect_ratio: int = Field(64, ge=1, description="dry run only, without a source checkpoint: width / depth")
+    head_dim: int = Field(128, ge=2, description="dry run only, without a source checkpoint: channels per head")
+
+    NON_SEMANTIC = ("save_every", "resume_from_step", "dry_run", "depth", "aspect_ratio", "head_dim")
+
+    @field_validator("save_every", mode="before")
+    @classmethod
+    def _minus_one_disables(cls, value):
+        return minus_one_is_none(value)
+
+    @field_validator("resume_from_step", mode="before")
+    @classmethod
+    def _resume_step(cls, value):
+        return parse_resume_step(value)

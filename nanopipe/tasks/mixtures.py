@@ -1,0 +1,193 @@
+"""
+The training and validation mixtures of the chat stages, as recipes over nanopipe.tasks.
+
+    mixtures = mid_mixtures(cfg)        # cfg: a MidTrainConfig (or anything with the ChatDataFlags fields)
+    mixtures.train, mixtures.val        # TaskMixture: deterministic shuffles of whole conversations
+    mixtures.describe()                 # {"train": {"SmolTalk": 460341, ...}, "identity": "...", ...}
+
+--mixture=seed is nanochat's recipe on the real datasets (hub by default, local copies with --<task>_path);
+--mixture=builtin is the offline demo/CI recipe: the generated chats of nanopipe.tasks.builtin, plus GSM8K
+when --gsm8k_path is given. Every dataset is opened here, before any training: one that cannot be loaded
+raises DatasetUnavailableError naming it and the flag that gives a local copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from nanopipe.tasks.arc import ARC
+from nanopipe.tasks.base import Task, TaskDataError, TaskMixture
+from nanopipe.tasks.builtin import ArithmeticProblems, IdentityChat, MultipleChoiceQuiz, builtin_chat_tasks
+from nanopipe.tasks.customjson import CustomJSON
+from nanopipe.tasks.gsm8k import GSM8K
+from nanopipe.tasks.mmlu import MMLU
+from nanopipe.tasks.smoltalk import SmolTalk
+from nanopipe.tasks.spelling import SimpleSpelling, SpellingBee, load_words
+
+BUILTIN_IDENTITY = "builtin offline identity set (nanopipe.tasks.builtin.IdentityChat)"
+SFT_DATA_SEED_OFFSET = 1000  # builtin SFT examples are drawn with another seed than mid-training's
+
+
+class DatasetUnavailableError(TaskDataError):
+    """A dataset of a mixture cannot be loaded; the message names it and the flag for a local copy."""
+
+
+@dataclass
+class ChatMixtures:
+    """What a chat stage trains and validates on, and how each part was sourced."""
+
+    train: TaskMixture
+    val: TaskMixture
+    parts: dict[str, dict[str, int]] = field(default_factory=dict)   # split -> {name: examples}
+    identity: str = BUILTIN_IDENTITY
+    eval_tasks: dict[str, Task] = field(default_factory=dict)       # multiple-choice metrics (SFT)
+
+    def describe(self) -> dict[str, Any]:
+        return {"parts": self.parts, "train_examples": len(self.train), "val_examples": len(self.val),
+                "identity": self.identity, "eval_tasks": {k: len(v) for k, v in self.eval_tasks.items()}}
+
+
+def _open(name: str, flag: str | None, build: Callable[[], Task]) -> Task:
+    """Build one dataset, turning a load failure into an error that names the dataset and its flag."""
+    try:
+        return build()
+    except TaskDataError as err:
+        hint = f"; give a local copy with {flag}=PATH" if flag else ""
+        raise DatasetUnavailableError(f"dataset {name} is not available: {err}{hint}") from err
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value).expanduser() if value else None
+
+
+def _identity(cfg) -> tuple[Task, str]:
+    if cfg.identity_path:
+        task = _open("identity conversations", "--identity_path",
+                     lambda: CustomJSON(cfg.identity_path))
+        return task, f"{Path(cfg.identity_path).expanduser()} ({len(task)} conversations)"
+    return IdentityChat(1000, "train", cfg.seed), BUILTIN_IDENTITY
+
+
+def _words(cfg) -> list[str]:
+    source = cfg.spelling_words
+    return _open(f"spelling word list ({source})", "--spelling_words",
+                 lambda: _load_words_or_data_error(source))
+
+
+def _load_words_or_data_error(source: str) -> list[str]:
+    try:
+        return load_words(source)
+    except OSError as err:  # a failed download of the public list
+        raise TaskDataError(f"cannot read the word list {source!r}: {err}") from err
+
+
+def _gsm8k(cfg, split: str, **slicing) -> Task:
+    return _open(f"GSM8K ({split})", "--gsm8k_path", lambda: GSM8K("main", split, _path(cfg.gsm8k_path), **slicing))
+
+
+def _mixture(parts: list[tuple[str, Task]], seed: int) -> tuple[TaskMixture, dict[str, int]]:
+    counts: dict[str, int] = {}
+    for name, task in parts:
+        counts[name] = counts.get(name, 0) + len(task)
+    return TaskMixture([task for _, task in parts], seed=seed), counts
+
+
+# -----------------------------------------------------------------------------
+# Mid-training
+
+def mid_mixtures(cfg) -> ChatMixtures:
+    """nanochat's mid-training mixture (seed) or the offline one (builtin)."""
+    identity, identity_label = _identity(cfg)
+    if cfg.mixture == "builtin":
+        train_parts = _builtin_parts(cfg, "train", cfg.builtin_size, cfg.seed,
+                                     identity if cfg.identity_path else None)
+        val_parts = _builtin_parts(cfg, "test", max(1, cfg.builtin_size // 10), cfg.seed, None)
+        if cfg.gsm8k_path:
+            train_parts.append(("GSM8K", _gsm8k(cfg, "train")))
+            val_parts.append(("GSM8K", _gsm8k(cfg, "test", stop=100)))
+    else:
+        words = _words(cfg)
+        train_parts = [
+            ("SmolTalk", _open("SmolTalk (train)", "--smoltalk_path",
+                               lambda: SmolTalk("train", _path(cfg.smoltalk_path)))),       # 460K conversations
+            ("MMLU auxiliary_train", _open("MMLU (auxiliary_train)", "--mmlu_path",
+                                           lambda: MMLU("all", "auxiliary_train", _path(cfg.mmlu_path)))),  # 100K
+            ("GSM8K", _gsm8k(cfg, "train")),                                                  # 8K, calculator calls
+            ("identity", identity), ("identity", identity),                                  # 1K, twice
+            ("SimpleSpelling", SimpleSpelling(200_000, "train", cfg.seed, words=words)),
+            ("SpellingBee", SpellingBee(80_000, "train", cfg.seed, words=words)),
+        ]
+        val_parts = [
+            ("SmolTalk", _open("SmolTalk (test)", "--smoltalk_path",
+                               lambda: SmolTalk("test", _path(cfg.smoltalk_path)))),        # 24K
+            # slices sized to keep the validation mixture in the training mixture's proportions
+            ("MMLU", _open("MMLU (test)", "--mmlu_path", lambda: MMLU("all", "test", _path(cfg.mmlu_path), stop=5200))),
+            ("GSM8K", _gsm8k(cfg, "test", stop=420)),
+        ]
+    train, train_counts = _mixture(train_parts, cfg.seed)
+    val, val_counts = _mixture(val_parts, cfg.seed)
+    return ChatMixtures(train, val, {"train": train_counts, "val": val_counts}, identity_label)
+
+
+def _builtin_parts(cfg, split: str, size: int, seed: int, identity: Task | None) -> list[tuple[str, Task]]:
+    """The builtin chat tasks; identity twice (the given task, or the builtin one of this split)."""
+    tasks = builtin_chat_tasks(split, seed, size)
+    names = ["identity", "identity", "Arithmetic", "MultipleChoice", "SimpleSpelling", "SpellingBee"]
+    assert len(tasks) == len(names), f"builtin_chat_tasks returned {len(tasks)} tasks, expected {len(names)}"
+    if identity is not None:
+        tasks[0] = tasks[1] = identity
+    if cfg.spelling_words != "builtin":
+        words = _words(cfg)
+        tasks[4], tasks[5] = SimpleSpelling(size, split, seed, words=words), SpellingBee(size, split, seed, words=words)
+    return list(zip(names, tasks))
+
+
+# -----------------------------------------------------------------------------
+# Supervised fine-tuning
+
+def sft_mixtures(cfg) -> ChatMixtures:
+    """nanochat's SFT mixture (seed) or the offline one (builtin), plus the multiple-choice metric tasks."""
+    identity, identity_label = _identity(cfg)
+    if cfg.mixture == "builtin":
+        seed, size = cfg.seed + SFT_DATA_SEED_OFFSET, cfg.builtin_size
+        if not cfg.identity_path:
+            identity = IdentityChat(size, "train", seed)
+        words = _words(cfg)
+        train_parts = [
+            ("identity", identity),
+            ("Arithmetic", ArithmeticProblems(size, "train", seed)),
+            ("MultipleChoice", MultipleChoiceQuiz(size, "train", seed)),
+            ("SimpleSpelling", SimpleSpelling(max(1, size * 3 // 10), "train", seed, words=words)),
+            ("SpellingBee", SpellingBee(max(1, size * 3 // 10), "train", seed, words=words)),
+        ]
+        val_parts = _builtin_parts(cfg, "test", max(1, size // 10), cfg.seed, None)
+        if cfg.gsm8k_path:
+            train_parts.append(("GSM8K", _gsm8k(cfg, "train")))
+            val_parts.append(("GSM8K", _gsm8k(cfg, "test", stop=100)))
+        eval_tasks = {"MultipleChoice": MultipleChoiceQuiz(256, "test", cfg.seed)}
+    else:
+        words = _words(cfg)
+        train_parts = [
+            ("ARC-Easy", _open("ARC-Easy (train)", "--arc_easy_path",
+                               lambda: ARC("ARC-Easy", "train", _path(cfg.arc_easy_path)))),          # 2.3K
+            ("ARC-Challenge", _open("ARC-Challenge (train)", "--arc_challenge_path",
+                                    lambda: ARC("ARC-Challenge", "train", _path(cfg.arc_challenge_path)))),  # 1.1K
+            ("GSM8K", _gsm8k(cfg, "train")),                                                             # 8K
+            ("SmolTalk", _open("SmolTalk (train)", "--smoltalk_path",
+                               lambda: SmolTalk("train", _path(cfg.smoltalk_path), stop=10_000))),         # 10K
+            ("identity", identity),                                                                      # 1K
+            ("SimpleSpelling", SimpleSpelling(300, "train", cfg.seed, words=words)),
+            ("SpellingBee", SpellingBee(300, "train", cfg.seed, words=words)),
+        ]
+        val_parts = [("SmolTalk", _open("SmolTalk (test)", "--smoltalk_path",
+                                        lambda: SmolTalk("test", _path(cfg.smoltalk_path))))]
+        eval_tasks = {
+            "MMLU": _open("MMLU (test)", "--mmlu_path", lambda: MMLU("all", "test", _path(cfg.mmlu_path))),
+            "ARC-Easy": _open("ARC-Easy (test)", "--arc_easy_path",
+                              lambda: ARC("ARC-Easy", "test", _path(cfg.arc_easy_path))),
+        }
+    train, train_counts = _mixture(train_parts, cfg.seed)
+    val, val_counts = _mixture(val_parts, cfg.seed)
+    return ChatMixtures(train, val, {"train": train_counts, "val": val_counts}, identity_label, eval_tasks)

@@ -1,0 +1,309 @@
+"""mid_train on CPU: seed flags, best-fit packing that never crops a conversation that fits, loader resume,
+clear failures before training (source checkpoint, vocab, datasets), dry run without a process group, one
+pass with exact resume, the final checkpoint before the final evaluation, and two ranks under torchrun
+resuming to the same weights as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanopipe.chat_format import render_conversation
+from nanopipe.chat_train import PackedChatLoader, RankStride
+from nanopipe.checkpoint import list_steps, load_checkpoint, load_model, optim_path
+from nanopipe.config import ConfigError, build_config, parse_cli
+from nanopipe.configs.mid_train import MidTrainConfig
+from nanopipe.stages import mid_train
+from nanopipe.tasks import TaskMixture, builtin_chat_mixture
+from nanopipe.tasks.mixtures import mid_mixtures
+from tests.chat_fixtures import build_chat_tokenizer, tiny_chat_flags, write_base_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+STEP_LINE = re.compile(r"^step (\d+) \| progress +([\d.]+)% \| loss: ([\d.]+) \(this step ([\d.]+)\)", re.M)
+# a tiny run: 4 rows of 128 tokens per micro-step, 2 micro-steps per step; learning rates high enough that the
+# loss moves visibly in a few steps (the batch-size scaling divides them by sqrt(2^19 / 1024) ~ 23)
+TINY = dict(max_seq_len=128, device_batch_size=4, total_batch_size=1024, eval_every=-1, eval_tokens=1024,
+            builtin_size=12, matrix_lr=0.3, embedding_lr=3, unembedding_lr=0.06)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mid")
+    tokenizer = build_chat_tokenizer(root / "tokenizer")
+    write_base_checkpoint(root / "base" / "d2", root / "tokenizer", tokenizer.get_vocab_size())
+    return {"root": root, "tokenizer": tokenizer, "base": root / "base" / "d2"}
+
+
+def flags(inputs, out_dir: Path, **overrides) -> list[str]:
+    return tiny_chat_flags(inputs["base"], out_dir, **{**TINY, **overrides})
+
+
+def step_losses(text: str) -> dict[int, tuple[float, float, float]]:
+    """{step: (progress %, smoothed loss, this step's loss)} from the log lines."""
+    return {int(s): (float(p), float(a), float(b)) for s, p, a, b in STEP_LINE.findall(text)}
+
+
+def subprocess_env(home: Path, **extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", NANOPIPE_HOME=str(home), PYTHONPATH=str(REPO), **extra)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        env.pop(key, None)
+    return {**env, **extra}
+
+
+# -----------------------------------------------------------------------------
+# Flags
+
+def test_defaults_are_the_seeds():
+    cfg = build_config(MidTrainConfig, {})
+    assert (cfg.device_batch_size, cfg.total_batch_size, cfg.max_seq_len, cfg.init_lr_frac) == (32, 524288, 2048, 1.0)
+    assert (cfg.embedding_lr, cfg.unembedding_lr, cfg.matrix_lr, cfg.weight_decay) == (0.2, 0.004, 0.02, 0.0)
+    assert (cfg.eval_every, cfg.eval_tokens, cfg.num_iterations, cfg.save_every) == (150, 20 * 524288, None, None)
+    assert (cfg.source, cfg.mixture, cfg.resume_from_step, cfg.dry_run) == ("base", "seed", None, False)
+
+
+def test_both_spellings_minus_one_and_bad_batch_sizes():
+    a = parse_cli(MidTrainConfig, ["--num_iterations=-1", "--eval-every", "-1", "--resume_from_step=latest"])
+    b = parse_cli(MidTrainConfig, ["--num-iterations", "-1", "--eval_every=-1", "--resume-from-step", "latest"])
+    assert a == b and (a.num_iterations, a.eval_every, a.resume_from_step) == (None, None, "latest")
+    with pytest.raises(ConfigError, match=r"--total_batch_size=100000 is not a multiple of .* = 65536 tokens "
+                                          r"per micro-step; try --total_batch_size=65536 or 131072"):
+        build_config(MidTrainConfig, {"total_batch_size": 100_000})
+    with pytest.raises(ConfigError, match="--source"):
+        build_config(MidTrainConfig, {"source": "sft"})
+
+
+def test_config_module_does_not_import_torch():
+    code = "import sys, nanopipe.configs.mid_train, nanopipe.configs.chat_sft; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+# -----------------------------------------------------------------------------
+# Packing
+
+def unpack_rows(inputs: torch.Tensor, targets: torch.Tensor, bos: int) -> list[tuple[list[list[int]], int]]:
+    """Each row as (its conversations, padding length), from inputs and targets alone."""
+    rows = []
+    for x, y in zip(inputs.tolist(), targets.tolist()):
+        full = x + [y[-1] if y[-1] >= 0 else bos]  # the last token, or padding
+        content = next((i + 1 for i, t in enumerate(y) if t == -1), len(full))
+        assert all(t == -1 for t in y[content - 1:]) and all(t == bos for t in full[content:])
+        assert full[0] == bos, "every row starts at a conversation boundary"
+        starts = [i for i in range(content) if full[i] == bos]
+        convs = [full[a:b] for a, b in zip(starts, starts[1:] + [content])]
+        rows.append((convs, len(full) - content))
+    return rows
+
+
+def test_best_fit_packing_never_crops_a_conversation_that_fits(inputs):
+    tok = inputs["tokenizer"]
+    data = builtin_chat_mixture("train", seed=3, size=40)
+    seq_len = 192
+    rendered = {tuple(render_conversation(tok, data[i], max_tokens=None)[0]) for i in range(len(data))}
+    loader = PackedChatLoader(tok, data, batch_size=4, seq_len=seq_len, buffer_size=16)
+    whole = cropped = padded_rows = 0
+    for _ in range(12):
+        inputs_, targets = next(loader)
+        assert inputs_.shape == targets.shape == (4, seq_len)
+        for convs, pad in unpack_rows(inputs_, targets, tok.get_bos_token_id()):
+            padded_rows += pad > 0
+            for conv in convs:
+                if tuple(conv) in rendered:
+                    whole += 1
+                else:  # only a conversation longer than a row may be cut, and then it fills the row alone
+                    assert len(convs) == 1 and pad == 0 and len(conv) == seq_len + 1
+                    assert any(r[:seq_len + 1] == tuple(conv) for r in rendered if len(r) > seq_len + 1)
+                    cropped += 1
+    assert whole > 30 and padded_rows > 0 and cropped > 0
+    assert cropped == loader.cropped - sum(len(ids) > seq_len + 1 for _, ids in loader.buffer)
+    # every token of a packed conversation is a target (mid-training learns the whole format)
+    assert loader.pad_fraction() < 0.5
+
+
+def test_packed_loader_resumes_exactly_and_ranks_read_disjoint_examples(inputs):
+    tok = inputs["tokenizer"]
+    data = builtin_chat_mixture("train", seed=3, size=20)
+    loader = PackedChatLoader(tok, data, batch_size=2, seq_len=64, buffer_size=8)
+    for _ in range(5):
+        next(loader)
+    state = json.loads(json.dumps(loader.state_dict()))  # it goes through the meta JSON
+    expected = [next(loader) for _ in range(4)]
+    resumed = PackedChatLoader(tok, data, batch_size=2, seq_len=64, buffer_size=8, resume_state=state)
+    for (x, y), (rx, ry) in zip(expected, (next(resumed) for _ in range(4))):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    assert resumed.consumed == loader.consumed
+    with pytest.raises(ValueError, match="rank 0 of 1, this is rank 1 of 2"):
+        PackedChatLoader(tok, data, batch_size=2, seq_len=64, rank=1, world_size=2, resume_state=state)
+    strides = [RankStride(len(data), r, 2) for r in range(2)]
+    seen = [{s.index(p) for p in range(s.per_pass)} for s in strides]
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(len(data)))
+
+
+def test_real_gsm8k_joins_the_builtin_mixture_with_calculator_calls(shared_dir, inputs):
+    gsm8k = shared_dir / "data" / "gsm8k"
+    cfg = build_config(MidTrainConfig, {"mixture": "builtin", "builtin_size": 10, "gsm8k_path": str(gsm8k)})
+    mixtures = mid_mixtures(cfg)
+    assert mixtures.parts["train"]["GSM8K"] > 7000 and mixtures.parts["val"]["GSM8K"] == 100
+    assert mixtures.parts["train"]["identity"] == 20 and "builtin offline identity" in mixtures.identity
+    tok = inputs["tokenizer"]
+    python_start = tok.encode_special("<|python_start|>")
+    gsm = next(mixtures.train[i] for i in range(len(mixtures.train))
+               if isinstance(mixtures.train[i]["messages"][-1]["content"], list)
+               and "####" in mixtures.train[i]["messages"][-1]["content"][-1]["text"]
+               and len(mixtures.train[i]["messages"][-1]["content"]) > 2)
+    assert python_start in render_conversation(tok, gsm)[0]
+
+
+# -----------------------------------------------------------------------------
+# Failures before training
+
+def test_missing_source_checkpoint_exits_2_with_one_line(inputs, tmp_path, home, capsys):
+    with pytest.raises(SystemExit) as exc:
+        mid_train.main(tiny_chat_flags(tmp_path / "nowhere", tmp_path / "out"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path / "nowhere") in err and "does not exist" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocab_mismatch_exits_2_naming_both(inputs, tmp_path, home, capsys):
+    write_base_checkpoint(tmp_path / "other", inputs["root"] / "tokenizer", vocab_size=600)
+    with pytest.raises(SystemExit) as exc:
+        mid_train.main(tiny_chat_flags(tmp_path / "other", tmp_path / "out"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert re.search(rf"{re.escape(str(tmp_path / 'other'))} step 10 has vocab_size=600 but tokenizer "
+                     rf".*tokenizer has 512 tokens", err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_local_dataset_names_itself_and_its_flag(inputs, tmp_path, home, capsys):
+    with pytest.raises(SystemExit) as exc:
+        mid_train.main(tiny_chat_flags(inputs["base"], tmp_path / "out", gsm8k_path=tmp_path / "no_gsm8k"))
+    assert exc.value.code == mid_train.EXIT_DATA_UNAVAILABLE
+    err = capsys.readouterr().err
+    assert "dataset GSM8K (train) is not available" in err and "--gsm8k_path=PATH" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_datasets_unavailable_offline_fail_before_training(inputs, tmp_path):
+    env = subprocess_env(tmp_path, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run([sys.executable, "-m", "nanopipe.stages.mid_train",
+                             *tiny_chat_flags(inputs["base"], tmp_path / "out", mixture="seed")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "dataset SmolTalk (train) is not available" in result.stderr and "--smoltalk_path=PATH" in result.stderr
+    assert "step 0" not in result.stdout and not (tmp_path / "out").exists()
+
+
+def test_dry_run_needs_no_process_group(inputs, tmp_path):
+    env = subprocess_env(tmp_path, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")  # as the flow runs it: no torchrun
+    result = subprocess.run([sys.executable, "-m", "nanopipe.stages.mid_train", "--dry_run",
+                             *flags(inputs, tmp_path / "out", total_batch_size=2048)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert re.search(r"Model \(source checkpoint .*d2 step 10\): 2 layers, width 64", out)
+    assert re.search(r"parameters total\s+: [\d,]+", out) and "Estimated peak memory per device" in out
+    assert re.search(r"Iterations: \d+ \(about one pass over 72 conversations", out)
+    assert "World size 2, gradient accumulation steps: 2" in out
+    assert not (tmp_path / "out").exists()
+    # planning before base_train has run: the shape comes from the flags
+    info = mid_train.run(build_config(MidTrainConfig, {"dry_run": True, "checkpoint_dir": str(tmp_path / "none"),
+                                                       "depth": 12, "num_iterations": 10}))
+    assert info["model_config"]["n_embd"] == 768 and info["total_tokens"] == 10 * 524288
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def test_one_pass_learns_and_resume_is_exact(inputs, tmp_path, home, capsys):
+    straight = tmp_path / "straight"
+    metrics = mid_train.main(flags(inputs, straight, save_every=3, eval_every=3))
+    log = capsys.readouterr().out
+    losses = step_losses(log)
+    last = max(losses)
+    assert sorted(losses) == list(range(1, last + 1)) and last >= 6
+    assert losses[last][0] >= 100.0 > losses[last - 1][0]  # one pass over the mixture, then stop
+    assert losses[last][2] < losses[1][2] - 0.3
+    assert "identity conversations: builtin offline identity set" in log
+    written = json.loads((straight / "metrics.json").read_text())
+    assert written["step"] == last and written["val_loss"] == pytest.approx(metrics["val_loss"])
+    assert written["progress"] >= 1.0 and "builtin offline identity" in written["identity"]
+    assert written["data"]["parts"]["train"]["identity"] == 24 and written["total_tokens"] == last * 1024
+    assert list_steps(straight)[-1] == last and 3 in list_steps(straight)
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for path in straight.glob("*_000003*"):
+        shutil.copy(path, resumed)
+    mid_train.main(flags(inputs, resumed, save_every=3, eval_every=3, resume_from_step="latest"))
+    log = capsys.readouterr().out
+    assert "Resuming from step 3" in log
+    again = step_losses(log)
+    assert sorted(again) == list(range(4, last + 1))
+    for step, values in again.items():
+        assert values == pytest.approx(losses[step], rel=1e-5), step  # progress, EMA and raw loss
+    a, _, meta = load_checkpoint(straight, last, "cpu")
+    b, _, _ = load_checkpoint(resumed, last, "cpu")
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=1e-5, atol=1e-7)
+    assert json.loads((resumed / "metrics.json").read_text())["val_loss"] == pytest.approx(written["val_loss"])
+    assert meta["val_loss"] == written["val_loss"] and meta["stage"] == "mid"
+    # a downstream stage loads it like any other checkpoint
+    model, tokenizer, _ = load_model("mid", "cpu", "eval", checkpoint_dir=straight)
+    assert tokenizer.get_vocab_size() == model.config.vocab_size == 512
+
+
+def test_final_checkpoint_is_written_before_the_final_evaluation(inputs, tmp_path, home, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("evaluation blew up")
+
+    monkeypatch.setattr(mid_train, "evaluate_chat_loss", crash)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="evaluation blew up"):
+        mid_train.main(flags(inputs, out, num_iterations=2))
+    assert list_steps(out) == [2] and optim_path(out, 2, 0).is_file()
+    assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_resume_to_the_same_weights(inputs, tmp_path):
+    """Two gloo ranks: 4 steps straight (checkpoint at 2) vs. resuming from that checkpoint in a fresh directory."""
+    env = subprocess_env(tmp_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "nanopipe.stages.mid_train"]
+    common = dict(num_iterations=4, save_every=2, eval_every=2)
+    one = subprocess.run([*command, *flags(inputs, tmp_path / "straight", **common)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert optim_path(tmp_path / "straight", 2, 1).is_file()
+    (tmp_path / "resumed").mkdir()
+    for path in (tmp_path / "straight").glob("*_000002*"):
+        shutil.copy(path, tmp_path / "resumed")
+    two = subprocess.run([*command, *flags(inputs, tmp_path / "resumed", resume_from_step="latest", **common)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "Resuming from step 2" in two.stdout
+    straight, resumed = step_losses(one.stdout), step_losses(two.stdout)
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5), step
+    a, _, _ = load_checkpoint(tmp_path / "straight", 4, "cpu")
+    b, _, meta = load_checkpoint(tmp_path / "resumed", 4, "cpu")
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=1e-5, atol=1e-7)
+    assert [s["rank"] for s in meta["loader_state"]["ranks"]] == [0, 1]
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "resumed"))
+    assert m2["val_loss"] == pytest.approx(m1["val_loss"], rel=1e-5) and m2["world_size"] == 2
