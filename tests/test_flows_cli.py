@@ -1,6 +1,8 @@
 """The `nanopipe` command's parsing and status view, presets, and the deployments as data (no server)."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ from flows.plan import plan_pipeline
 from flows.presets import PRESETS
 from flows.stages import STAGE_NAMES
 from flows.cli import UsageError, build_pipeline_config, main, split_flags
+
+REPO = Path(__file__).resolve().parents[1]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,3 +151,14 @@ def test_the_ui_form_submits_only_what_is_filled_in_so_the_preset_stands():
     expected = PipelineConfig(preset="demo-cpu")
     expected.base_train.num_iterations = 7
     assert PipelineConfig.model_validate(submitted) == expected
+
+
+def test_the_flow_process_plans_without_importing_torch(tmp_path):
+    """The flow (and a worker running it) stays light: planning the demo pipeline imports no torch."""
+    code = ("import sys; import flows.pipeline, flows.cli; from flows.config import PipelineConfig; "
+            "from flows.plan import plan_pipeline; "
+            f"plans = plan_pipeline(PipelineConfig(preset='demo-cpu'), home={str(tmp_path)!r}); "
+            "assert len(plans) >= 4; "
+            "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
