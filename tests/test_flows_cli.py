@@ -17,7 +17,6 @@ from flows.cli import UsageError, build_pipeline_config, main, split_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def config_from(*argv, stage=None):
