@@ -18,7 +18,6 @@ from flows.cli import UsageError, build_pipeline_config, main, split_flags
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 def config_from(*argv, stage=None):
     return build_pipeline_config(split_flags(list(argv)), stage=stage)
 
