@@ -1,0 +1,295 @@
+"""
+Supervised fine-tuning: train a mid-trained (or base) model on whole example conversations, one per row,
+with the loss on the assistant's tokens only.
+
+Run alone (offline demo size on CPU, then nanochat's run on the real datasets):
+
+    python -m nanopipe.stages.chat_sft --mixture=builtin --device_type=cpu --device_batch_size=8 \
+        --target_examples_per_step=16 --eval_every=-1 --eval_steps=8 --eval_metrics_every=-1
+    python -m nanopipe.stages.chat_sft --dry_run                  # parameters, steps, memory
+
+Under torchrun (one process per GPU; on CPU the gloo backend):
+
+    torchrun --standalone --nproc_per_node=8 -m nanopipe.stages.chat_sft
+
+The model starts from the last mid-training checkpoint (--source=mid; base also works) with fresh
+optimizers at --init_lr_frac of the learning rates, decayed linearly to 0. The mixture (--mixture=seed) is
+nanochat's: ARC-Easy and ARC-Challenge train, GSM8K train, the first 10K SmolTalk conversations, identity
+conversations (--identity_path; without one, a builtin offline set), SimpleSpelling and SpellingBee. Every
+--eval_every steps: the assistant-only loss on SmolTalk test; every --eval_metrics_every steps:
+multiple-choice accuracy on MMLU and ARC-Easy (offline: the builtin MultipleChoice task).
+
+Resume with --resume_from_step=latest (or a step). Checkpoints and metrics.json go to --out_dir (default
+NANOPIPE_HOME/chatsft_checkpoints/<source model tag>); the final checkpoint is written before the final
+evaluations. Exit codes: 2 bad flag or source checkpoint, 3 non-finite loss, 1 a dataset that cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nanopipe.chat_train import (ChatTrainerBase, PaddedChatBatcher, evaluate_chat_loss, find_source, model_plan,
+                                 output_dir, planned_model, print_plan, sum_across_ranks, supervised_loss)
+from nanopipe.common import (Runtime, compute_cleanup, compute_init, get_dist_info, init_wandb, print0,
+                             report_progress, write_metrics)
+from nanopipe.config import parse_cli
+from nanopipe.configs.base import ConfigError
+from nanopipe.configs.chat_sft import ChatSFTConfig, check_sft_batch_sizes
+from nanopipe.training import (NonFiniteLossError, gc_frozen_after_first_step, keep_freed_memory_for_reuse,
+                               mean_across_ranks, peak_memory_mib)
+from nanopipe.chat_scoring import evaluate_categorical
+from nanopipe.tasks.base import TaskDataError
+from nanopipe.tasks.mixtures import ChatMixtures, sft_mixtures
+
+PROG = "python -m nanopipe.stages.chat_sft"
+EXIT_NON_FINITE_LOSS = 3
+EXIT_DATA_UNAVAILABLE = 1
+# conversations in the seed mixture, from the hub datasets' sizes (a dry run plans with these, offline)
+SEED_MIXTURE_EXAMPLES = 2251 + 1119 + 7473 + 10_000 + 1000 + 300 + 300
+
+
+def lr_multiplier(step: int, num_iterations: int) -> float:
+    """Linear decay from 1 at the first step to 0 at the end."""
+    return 1.0 - step / num_iterations
+
+
+def plan_iterations(cfg: ChatSFTConfig, num_examples: int) -> int:
+    if cfg.num_iterations is not None:
+        return cfg.num_iterations
+    return max(1, cfg.num_epochs * num_examples // cfg.target_examples_per_step)
+
+
+# -----------------------------------------------------------------------------
+# Dry run
+
+def dry_run(cfg: ChatSFTConfig, world_size: int) -> dict:
+    device_type = cfg.device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    model_config, model_from = planned_model(cfg)
+    # rows are padded to the longest conversation of the micro-batch: at most the model's context
+    plan = model_plan(model_config, model_config.sequence_len, cfg.device_batch_size, world_size,
+                      device_type == "cuda")
+    print_plan(plan, model_from)
+    grad_accum = check_sft_batch_sizes(cfg, world_size)
+    if cfg.mixture == "builtin":
+        examples, how = len(sft_mixtures(cfg).train), "builtin mixture"
+    else:
+        examples, how = SEED_MIXTURE_EXAMPLES, "seed mixture, hub dataset sizes"
+    num_iterations = plan_iterations(cfg, examples)
+    max_tokens = num_iterations * cfg.target_examples_per_step * model_config.sequence_len
+    print0(f"Iterations: {num_iterations:,} ({cfg.num_epochs} epoch(s) of {examples:,} conversations, {how}, "
+           f"{cfg.target_examples_per_step} per step)" if cfg.num_iterations is None else
+           f"Iterations: {num_iterations:,} (--num_iterations)")
+    print0(f"Tokens: at most {max_tokens:,} (rows padded to at most {model_config.sequence_len} tokens)")
+    print0(f"World size {world_size}, gradient accumulation steps: {grad_accum}")
+    return {"dry_run": True, **plan, "num_iterations": num_iterations, "train_examples": examples,
+            "max_tokens": max_tokens, "grad_accum_steps": grad_accum, "world_size": world_size}
+
+
+# -----------------------------------------------------------------------------
+# The stage
+
+def run(cfg: ChatSFTConfig) -> dict:
+    _, _, _, world_size = get_dist_info()
+    check_sft_batch_sizes(cfg, world_size)  # before any work
+    if cfg.dry_run:
+        return dry_run(cfg, world_size)
+    src = find_source(cfg.source, cfg.model_tag, cfg.model_step, cfg.checkpoint_dir, cfg.tokenizer_dir)
+    out_dir = output_dir("sft", src, cfg.out_dir)
+    mixtures = sft_mixtures(cfg)  # every dataset is opened before training starts
+    rt = compute_init(cfg.device_type, cfg.dtype, cfg.seed)
+    if rt.device_type == "cpu":
+        keep_freed_memory_for_reuse()
+    try:
+        trainer = SFTTrainer(cfg, rt, src, out_dir, mixtures)
+        trainer.fit()
+        return trainer.finish()
+    finally:
+        compute_cleanup()
+
+
+class SFTTrainer(ChatTrainerBase):
+    """One fine-tuning run: steps 0..num_iterations-1, then save and the final evaluations."""
+
+    stage = "sft"
+
+    def __init__(self, cfg: ChatSFTConfig, rt: Runtime, src, out_dir: Path, mixtures: ChatMixtures):
+        super().__init__(cfg, rt, src, out_dir)
+        self.mixtures = mixtures
+        self.wandb = init_wandb(cfg.run, "nanopipe-sft", cfg.model_dump(mode="json"), rt.master)
+        self.autocast = (torch.amp.autocast(device_type=rt.device_type, dtype=torch.bfloat16)
+                         if rt.dtype == torch.bfloat16 else contextlib.nullcontext())
+        self.synchronize = torch.cuda.synchronize if rt.device_type == "cuda" else (lambda: None)
+        self.token_bytes = self._token_bytes()
+        self.grad_accum = check_sft_batch_sizes(cfg, rt.world_size)
+        self.num_iterations = plan_iterations(cfg, len(mixtures.train))
+        self.max_tokens = self.orig_model.config.sequence_len  # conversations are cut to the model's context
+        # variable shapes (one conversation per row, padded per micro-batch): no torch.compile
+        self.model = self.orig_model
+        self.train_loader = PaddedChatBatcher(self.tokenizer, mixtures.train, cfg.device_batch_size, self.max_tokens,
+                                              rt.rank, rt.world_size, rt.device,
+                                              resume_state=self.loader_state_at_start)
+        defaults = {"smooth_train_loss": 0.0, "total_training_time": 0.0, "timed_steps": 0, "val_loss": None,
+                    "val_bpb": None, "accuracy": {}, "supervised_tokens": 0}
+        self.loop = {**defaults, **self.loop}
+        print0(f"Device: {rt.device} ({rt.world_size} process(es)), compute dtype {rt.dtype}")
+        print0(f"Source: {src.ckpt_dir} step {src.step}; output: {out_dir}")
+        print0(f"Training mixture ({cfg.mixture}): {len(mixtures.train):,} conversations "
+               f"({', '.join(f'{k} {v:,}' for k, v in mixtures.parts['train'].items())}); identity "
+               f"conversations: {mixtures.identity}")
+        print0(f"Training {self.num_iterations:,} steps of {cfg.target_examples_per_step} conversations "
+               f"({self.grad_accum} micro-steps of {cfg.device_batch_size} per rank) from step {self.step}")
+
+    def _token_bytes(self) -> torch.Tensor:
+        from nanopipe.tokenizer import get_token_bytes
+        return get_token_bytes(self.src.tokenizer_dir, device=self.rt.device)
+
+    # --- the loop ------------------------------------------------------------
+
+    def fit(self) -> None:
+        cfg = self.cfg
+        with gc_frozen_after_first_step() as after_step:
+            while self.step < self.num_iterations:
+                if self.due(cfg.eval_every):
+                    self.evaluate_loss()
+                if self.due(cfg.eval_metrics_every, at_zero=False):
+                    self.evaluate_accuracy()
+                if self.due(cfg.save_every, at_zero=False) and self.step != self.resume_step:
+                    self.save(self.train_loader.state_dict())
+                loss, lrm, tokens, dt = self.train_step()
+                if not math.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"training loss is {loss} at step {self.step}: the run diverged. Lower --init_lr_frac or "
+                        f"check the data; the last checkpoint in {self.out_dir} is intact")
+                self.log_step(loss, lrm, tokens, dt)
+                self.step += 1
+                after_step(self.step)
+        if self.final_save_needed():  # the weights first, then the final evaluations
+            self.save(self.train_loader.state_dict())
+        self.evaluate_loss()
+        self.evaluate_accuracy()
+
+    def train_step(self) -> tuple[float, float, int, float]:
+        """(mean loss over micro-steps and ranks, lr multiplier, supervised tokens of all ranks, seconds)."""
+        self.synchronize()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.rt.device)
+        tokens = torch.zeros((), dtype=torch.long, device=self.rt.device)
+        for _ in range(self.grad_accum):
+            inputs, targets = next(self.train_loader)
+            with self.autocast:
+                loss = supervised_loss(self.model, inputs, targets)
+            loss_sum += loss.detach()
+            tokens += (targets >= 0).sum()
+            (loss / self.grad_accum).backward()
+        lrm = lr_multiplier(self.step, self.num_iterations)
+        self.step_optimizers(lrm)
+        loss = mean_across_ranks(loss_sum / self.grad_accum, self.rt).item()
+        total_tokens = int(sum_across_ranks([tokens.item()], self.rt.device)[0])
+        self.synchronize()
+        return loss, lrm, total_tokens, time.perf_counter() - t0
+
+    def log_step(self, loss: float, lrm: float, tokens: int, dt: float) -> None:
+        loop, step = self.loop, self.step
+        loop["smooth_train_loss"] = 0.9 * loop["smooth_train_loss"] + 0.1 * loss
+        smooth = loop["smooth_train_loss"] / (1 - 0.9 ** (step + 1))
+        loop["supervised_tokens"] += tokens
+        if step >= 10:
+            loop["total_training_time"] += dt
+            loop["timed_steps"] += 1
+        print0(f"step {step:05d}/{self.num_iterations:05d} | loss: {smooth:.6f} (this step {loss:.6f}) | "
+               f"lrm: {lrm:.4f} | supervised tokens: {tokens:,} | dt: {dt * 1000:.2f}ms | "
+               f"epoch: {self.train_loader.epoch} | mem: {peak_memory_mib(self.rt.device_type):,.0f}MiB")
+        report_progress(step=step + 1, total=self.num_iterations, loss=smooth)
+        if step % 10 == 0:
+            self.wandb.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/tokens": tokens})
+
+    def evaluate_loss(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        batches = PaddedChatBatcher(self.tokenizer, self.mixtures.val, cfg.device_batch_size, self.max_tokens,
+                                    rt.rank, rt.world_size, rt.device)
+        self.model.eval()
+        with self.autocast:
+            result = evaluate_chat_loss(self.model, batches, cfg.eval_steps, self.token_bytes)
+        self.model.train()
+        self.loop["val_loss"], self.loop["val_bpb"] = result["loss"], result["bpb"]
+        print0(f"Step {self.step:05d} | val loss (assistant tokens): {result['loss']:.6f} | bpb {result['bpb']:.6f} "
+               f"({result['tokens']:,} tokens)")
+        report_progress(step=self.step, val_loss=result["loss"])
+        self.wandb.log({"step": self.step, "val/loss": result["loss"], "val/bpb": result["bpb"]})
+
+    def evaluate_accuracy(self) -> None:
+        """Multiple-choice accuracy on the metric tasks, with chat_eval's own scoring."""
+        cfg, rt = self.cfg, self.rt
+        self.model.eval()
+        accuracy = {}
+        for name, task in self.mixtures.eval_tasks.items():
+            num_problems = min(len(task), cfg.eval_metrics_max_problems)
+            with self.autocast:
+                counts = evaluate_categorical(task, self.model, self.tokenizer, num_problems,
+                                              2 * cfg.device_batch_size, rt.rank, rt.world_size)
+            passed, total = sum_across_ranks(counts, rt.device)
+            accuracy[name] = passed / total
+        self.model.train()
+        self.loop["accuracy"] = accuracy
+        print0(f"Step {self.step:05d} | " + ", ".join(f"{k} accuracy: {v:.4f}" for k, v in accuracy.items()))
+        self.wandb.log({"step": self.step, **{f"accuracy/{k}": v for k, v in accuracy.items()}})
+
+    # --- the end --------------------------------------------------------------
+
+    def finish(self) -> dict:
+        loop, cfg = self.loop, self.cfg
+        self.complete_final_meta({"val_loss": loop["val_loss"], "val_bpb": loop["val_bpb"],
+                                  "accuracy": loop["accuracy"]})
+        metrics = {
+            "step": self.step,
+            "num_iterations": self.num_iterations,
+            "val_loss": loop["val_loss"],
+            "val_bpb": loop["val_bpb"],
+            "accuracy": loop["accuracy"],
+            "train_loss": loop["smooth_train_loss"] / (1 - 0.9 ** self.step) if self.step else None,
+            "examples_per_step": cfg.target_examples_per_step,
+            "train_examples": len(self.mixtures.train),
+            "supervised_tokens": loop["supervised_tokens"],
+            "epochs": self.step * cfg.target_examples_per_step / len(self.mixtures.train),
+            "num_params": self.orig_model.num_params(),
+            "mixture": cfg.mixture,
+            "identity": self.mixtures.identity,
+            "data": self.mixtures.describe(),
+            "source": self.src.describe(),
+            "total_training_time_s": loop["total_training_time"],
+            "peak_memory_mib": peak_memory_mib(self.rt.device_type),
+            "world_size": self.rt.world_size,
+            "checkpoint_dir": str(self.out_dir),
+        }
+        accuracies = ", ".join(f"{k} {v:.4f}" for k, v in loop["accuracy"].items())
+        print0(f"SFT done: {self.step} steps | final val loss {loop['val_loss']:.6f} | accuracy: {accuracies}")
+        write_metrics(self.out_dir, metrics)
+        self.wandb.finish()
+        return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+    cfg = parse_cli(ChatSFTConfig, argv, prog=PROG)
+    try:
+        return run(cfg)
+    except ConfigError as err:  # bad flags and a missing or mismatched source checkpoint
+        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    except TaskDataError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_DATA_UNAVAILABLE)
+    except NonFiniteLossError as err:
+        print(f"{PROG}: NonFiniteLossError: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_NON_FINITE_LOSS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""chat_sft on CPU: seed flags, assistant-only targets with per-micro-batch padding, batcher resume, failures
+before training, dry run without a process group, learning with exact resume, multiple-choice accuracy equal
+to chat_eval's, the final checkpoint before the final evaluations, and two ranks under torchrun resuming to
+the same weights as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from nanopipe.chat_format import render_conversation
+from nanopipe.chat_train import PaddedChatBatcher
+from nanopipe.checkpoint import list_steps, load_checkpoint, load_model, optim_path
+from nanopipe.config import ConfigError, build_config
+from nanopipe.configs.chat_sft import ChatSFTConfig
+from nanopipe.stages import chat_eval, chat_sft
+from nanopipe.tasks import TaskMixture, builtin_chat_mixture
+from nanopipe.tasks.builtin import ArithmeticProblems
+from tests.chat_fixtures import build_chat_tokenizer, tiny_chat_flags, write_base_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+STEP_LINE = re.compile(r"^step (\d+)/\d+ \| loss: ([\d.]+) \(this step ([\d.]+)\)", re.M)
+TINY = dict(source="base", builtin_size=16, device_batch_size=4, target_examples_per_step=8, init_lr_frac=1.0,
+            eval_every=-1, eval_steps=4, eval_metrics_every=-1, eval_metrics_max_problems=24)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    tokenizer = build_chat_tokenizer(root / "tokenizer")
+    write_base_checkpoint(root / "base" / "d2", root / "tokenizer", tokenizer.get_vocab_size())
+    return {"root": root, "tokenizer": tokenizer, "base": root / "base" / "d2"}
+
+
+def flags(inputs, out_dir: Path, **overrides) -> list[str]:
+    return tiny_chat_flags(inputs["base"], out_dir, **{**TINY, **overrides})
+
+
+def step_losses(text: str) -> dict[int, tuple[float, float]]:
+    return {int(s): (float(a), float(b)) for s, a, b in STEP_LINE.findall(text)}
+
+
+# -----------------------------------------------------------------------------
+# Flags
+
+def test_defaults_are_the_seeds():
+    cfg = build_config(ChatSFTConfig, {})
+    assert (cfg.num_epochs, cfg.num_iterations, cfg.device_batch_size, cfg.target_examples_per_step) == (1, None, 4, 32)
+    assert (cfg.embedding_lr, cfg.unembedding_lr, cfg.matrix_lr, cfg.init_lr_frac) == (0.2, 0.004, 0.02, 0.02)
+    assert (cfg.eval_every, cfg.eval_steps, cfg.eval_metrics_every, cfg.eval_metrics_max_problems) == (100, 100, 200, 1024)
+    assert (cfg.source, cfg.mixture, cfg.weight_decay, cfg.save_every) == ("mid", "seed", 0.0, None)
+    assert build_config(ChatSFTConfig, {"source": "base"}).source == "base"
+    with pytest.raises(ConfigError, match=r"--target_examples_per_step=30 is not a multiple of --device_batch_size "
+                                          r"\(4\) x world size \(1\) = 4; try --target_examples_per_step=28 or 32"):
+        build_config(ChatSFTConfig, {"target_examples_per_step": 30})
+
+
+# -----------------------------------------------------------------------------
+# Batches
+
+def test_targets_are_the_assistant_tokens_only_and_padding_is_ignored(inputs):
+    tok = inputs["tokenizer"]
+    data = TaskMixture([ArithmeticProblems(6, "train", 1), *builtin_chat_mixture("train", 1, 6).tasks], seed=1)
+    batcher = PaddedChatBatcher(tok, data, batch_size=4, max_tokens=128)
+    pad = tok.encode_special("<|assistant_end|>")
+    output_start = tok.encode_special("<|output_start|>")
+    position = 0
+    for _ in range(4):
+        inputs_, targets = next(batcher)
+        rendered = [render_conversation(tok, data[position + i], max_tokens=128) for i in range(4)]
+        position += 4
+        assert inputs_.shape[1] == max(len(ids) for ids, _ in rendered) - 1  # padded to the longest of this batch
+        for row, (ids, mask) in enumerate(rendered):
+            n = len(ids) - 1
+            assert inputs_[row, :n].tolist() == ids[:-1] and (inputs_[row, n:] == pad).all()
+            expected = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+            assert targets[row, :n].tolist() == expected and (targets[row, n:] == -1).all()
+            assert targets[row, :n].ge(0).any()  # the answer is supervised
+            if output_start in ids:  # tool output comes from the calculator, never a target
+                assert output_start not in targets[row].tolist() and ids.index(output_start) > 0
+
+
+def test_batcher_resumes_exactly_and_ranks_split_the_data(inputs):
+    tok = inputs["tokenizer"]
+    data = builtin_chat_mixture("train", seed=2, size=3)  # 18 conversations: the loader wraps into epoch 2
+    batcher = PaddedChatBatcher(tok, data, batch_size=4, max_tokens=96)
+    for _ in range(3):
+        next(batcher)
+    state = json.loads(json.dumps(batcher.state_dict()))
+    expected = [next(batcher) for _ in range(3)]
+    assert batcher.epoch == 2
+    resumed = PaddedChatBatcher(tok, data, batch_size=4, max_tokens=96, resume_state=state)
+    for (x, y), (rx, ry) in zip(expected, (next(resumed) for _ in range(3))):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    firsts = [next(PaddedChatBatcher(tok, data, 1, 96, rank=r, world_size=2))[0][0].tolist() for r in range(2)]
+    assert firsts[0] != firsts[1]
+
+
+# -----------------------------------------------------------------------------
+# Failures before training, dry run
+
+def test_missing_or_mismatched_source_exits_2_with_one_line(inputs, tmp_path, home, capsys):
+    with pytest.raises(SystemExit) as exc:
+        chat_sft.main(flags(inputs, tmp_path / "out", checkpoint_dir=tmp_path / "nowhere"))
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1
+    assert f"source checkpoint directory {tmp_path / 'nowhere'} does not exist" in err
+    write_base_checkpoint(tmp_path / "other", inputs["root"] / "tokenizer", vocab_size=640)
+    with pytest.raises(SystemExit) as exc:
+        chat_sft.main(flags(inputs, tmp_path / "out", checkpoint_dir=tmp_path / "other"))
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1
+    assert "has vocab_size=640 but tokenizer" in err and "has 512 tokens" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_plans_without_a_process_group(inputs, tmp_path, home, monkeypatch, capsys):
+    for key, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(key, value)
+    info = chat_sft.main(flags(inputs, tmp_path / "out", dry_run=True))
+    out = capsys.readouterr().out
+    assert not dist.is_initialized() and not (tmp_path / "out").exists()
+    assert info["train_examples"] == 16 * 3 + 2 * (16 * 3 // 10)  # identity, arithmetic, MC + 2 spelling tasks
+    assert info["num_iterations"] == info["train_examples"] // 8 and info["grad_accum_steps"] == 1
+    assert re.search(r"parameters total\s+: [\d,]+", out) and "Estimated peak memory per device" in out
+    assert f"Iterations: {info['num_iterations']} (1 epoch(s) of 56 conversations" in out and "Tokens: at most" in out
+    seed = chat_sft.run(build_config(ChatSFTConfig, {"dry_run": True, "checkpoint_dir": str(tmp_path / "none")}))
+    assert seed["num_iterations"] == 22443 // 32 and seed["model_config"]["n_layer"] == 20
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def test_sft_learns_resumes_exactly_and_reports_chat_eval_accuracy(inputs, tmp_path, home, capsys):
+    straight = tmp_path / "straight"
+    metrics = chat_sft.main(flags(inputs, straight, num_iterations=8, save_every=4, eval_every=4,
+                                  eval_metrics_every=4))
+    log = capsys.readouterr().out
+    losses = step_losses(log)
+    assert sorted(losses) == list(range(8)) and losses[7][0] < losses[0][0] - 0.2
+    assert "val loss (assistant tokens)" in log and "MultipleChoice accuracy" in log
+    written = json.loads((straight / "metrics.json").read_text())
+    assert written["val_loss"] == pytest.approx(metrics["val_loss"]) and written["step"] == 8
+    assert set(written["accuracy"]) == {"MultipleChoice"} and "builtin offline identity" in written["identity"]
+    assert list_steps(straight) == [4, 8]
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for path in straight.glob("*_000004*"):
+        shutil.copy(path, resumed)
+    again = chat_sft.main(flags(inputs, resumed, num_iterations=8, save_every=4, eval_every=4, eval_metrics_every=4,
+                                resume_from_step="latest"))
+    log = capsys.readouterr().out
+    assert "Resuming from step 4" in log
+    resumed_losses = step_losses(log)
+    assert sorted(resumed_losses) == [4, 5, 6, 7]
+    for step, values in resumed_losses.items():
+        assert values == pytest.approx(losses[step], rel=1e-5), step
+    a, _, meta = load_checkpoint(straight, 8, "cpu")
+    b, _, _ = load_checkpoint(resumed, 8, "cpu")
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=1e-5, atol=1e-7)
+    assert again["val_loss"] == pytest.approx(written["val_loss"], rel=1e-5)
+    assert again["accuracy"] == written["accuracy"] and meta["accuracy"] == written["accuracy"]
+
+    # the accuracy is chat_eval's, on the same problems
+    model, _, _ = load_model("sft", "cpu", "eval", checkpoint_dir=straight)
+    evaluated = chat_eval.main([f"--checkpoint_dir={straight}", "--device_type=cpu", "--task=MultipleChoice",
+                                "--max_problems=24", "--synthetic_size=256", f"--out_dir={tmp_path / 'eval'}"])
+    assert evaluated["accuracy"]["MultipleChoice"] == pytest.approx(written["accuracy"]["MultipleChoice"])
+
+
+def test_final_checkpoint_is_written_before_the_final_evaluations(inputs, tmp_path, home, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("evaluation blew up")
+
+    monkeypatch.setattr(chat_sft, "evaluate_chat_loss", crash)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="evaluation blew up"):
+        chat_sft.main(flags(inputs, out, num_iterations=2))
+    assert list_steps(out) == [2] and optim_path(out, 2, 0).is_file() and not (out / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_resume_to_the_same_weights(inputs, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", NANOPIPE_HOME=str(tmp_path), PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "nanopipe.stages.chat_sft"]
+    common = dict(num_iterations=4, save_every=2, eval_every=2, eval_metrics_every=4)
+    one = subprocess.run([*command, *flags(inputs, tmp_path / "straight", **common)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert optim_path(tmp_path / "straight", 2, 1).is_file()
+    (tmp_path / "resumed").mkdir()
+    for path in (tmp_path / "straight").glob("*_000002*"):
+        shutil.copy(path, tmp_path / "resumed")
+    two = subprocess.run([*command, *flags(inputs, tmp_path / "resumed", resume_from_step="latest", **common)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    straight, resumed = step_losses(one.stdout), step_losses(two.stdout)
+    assert sorted(resumed) == [2, 3]
+    for step in (2, 3):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5), step
+    a, _, _ = load_checkpoint(tmp_path / "straight", 4, "cpu")
+    b, _, _ = load_checkpoint(tmp_path / "resumed", 4, "cpu")
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=1e-5, atol=1e-7)
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "resumed"))
+    assert m2["world_size"] == 2 and m2["val_loss"] == pytest.approx(m1["val_loss"], rel=1e-5)
+    assert m2["accuracy"] == m1["accuracy"]
