@@ -19,7 +19,7 @@ import torch
 from nanopipe.chat_format import conversation_text
 from nanopipe.engine import Engine
 from nanopipe.gpt import GPT, build_model_config
-from nanopipe.stages.chat_eval import evaluate_categorical, evaluate_generative
+from nanopipe.chat_scoring import evaluate_categorical, evaluate_generative
 from nanopipe.tasks import build_task, builtin_chat_mixture
 from nanopipe.tokenizer import Tokenizer
 

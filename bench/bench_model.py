@@ -26,7 +26,7 @@ import time
 import torch
 
 from nanopipe.gpt import GPT, build_model_config
-from nanopipe.stages.base_train import keep_freed_memory_for_reuse
+from nanopipe.training import keep_freed_memory_for_reuse
 
 
 def parse_args() -> argparse.Namespace:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from nanopipe.common import atomic_torch_save, atomic_write_json, get_base_dir, print0
+from nanopipe.exit_codes import StageError
 from nanopipe.gpt import GPT, GPTConfig
 from nanopipe.tokenizer import get_tokenizer
 
@@ -39,7 +40,7 @@ CHECKPOINT_DIRS = {
 _META_RE = re.compile(r"^meta_(\d+)\.json$")
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(StageError, FileNotFoundError):
     """A checkpoint (directory, step or file) is missing or unreadable. The message names the directory."""
 
 

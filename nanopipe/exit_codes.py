@@ -12,8 +12,8 @@ import enum
 
 class ExitCode(enum.IntEnum):
     OK = 0
-    FAILED = 1      # anything else: a bug, a failed download, ... (a traceback or one line)
-    BAD_INPUT = 2   # a bad flag, or a bad input the flags name (checkpoint, tokenizer, task data): fix the input
+    FAILED = 1      # anything else: a missing or bad input file (one line naming it), a failed download, a bug
+    BAD_INPUT = 2   # a bad flag or value, before any work started: fix the command line
     DIVERGED = 3    # the training loss stopped being finite: lower the learning rate or check the data
 
 
@@ -21,9 +21,3 @@ class StageError(Exception):
     """An error a stage reports as one line naming the input and the fix, then exits with `exit_code`."""
 
     exit_code: ExitCode = ExitCode.FAILED
-
-
-class BadInputError(StageError):
-    """A flag or an input file/directory is wrong; running again without changing it cannot help."""
-
-    exit_code = ExitCode.BAD_INPUT

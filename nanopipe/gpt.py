@@ -25,7 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanopipe.common import print0
+from nanopipe.configs.base_train import BaseTrainConfig
+from nanopipe.configs.tok_train import DEFAULT_VOCAB_SIZE
 from nanopipe.optim import DistAdamW, DistMuon, Muon, is_distributed
+from nanopipe.vocab import VOCAB_PAD_MULTIPLE, padded_vocab_size
 
 LOGIT_SOFTCAP = 15.0  # logits = 15 * tanh(logits / 15)
 ROTARY_BASE = 10_000
@@ -33,16 +36,26 @@ ROTARY_OVERCOMPUTE = 10  # rotary tables cover 10x the training context (generat
 REFERENCE_MODEL_DIM = 768  # the AdamW learning rates were tuned at this width
 
 
+def model_width(depth: int, aspect_ratio: int, head_dim: int) -> int:
+    """Channels of the residual stream: depth * aspect_ratio, rounded up to a multiple of head_dim."""
+    return math.ceil(depth * aspect_ratio / head_dim) * head_dim
+
+
+_DEFAULT_RUN = BaseTrainConfig()
+_DEFAULT_WIDTH = model_width(_DEFAULT_RUN.depth, _DEFAULT_RUN.aspect_ratio, _DEFAULT_RUN.head_dim)
+
+
 @dataclass
 class GPTConfig:
     """Architecture of a GPT. Saved as a dict in every checkpoint's meta.json (`model_config`)."""
 
-    sequence_len: int = 1024  # training context length in tokens
-    vocab_size: int = 50304
-    n_layer: int = 12
-    n_head: int = 6  # query heads
-    n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
-    n_embd: int = 768
+    # defaults: the architecture base_train's defaults build (nanochat's d20 at tok_train's vocabulary)
+    sequence_len: int = _DEFAULT_RUN.max_seq_len  # training context length in tokens
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    n_layer: int = _DEFAULT_RUN.depth
+    n_head: int = _DEFAULT_WIDTH // _DEFAULT_RUN.head_dim  # query heads
+    n_kv_head: int = _DEFAULT_WIDTH // _DEFAULT_RUN.head_dim  # key/value heads (GQA when fewer than n_head)
+    n_embd: int = _DEFAULT_WIDTH
 
     def __post_init__(self) -> None:
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -69,7 +82,7 @@ def build_model_config(depth: int, aspect_ratio: int, head_dim: int, max_seq_len
                         ("--max_seq_len", max_seq_len), ("vocab_size", vocab_size)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{flag} must be a positive integer, got {value!r}")
-    model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
+    model_dim = model_width(depth, aspect_ratio, head_dim)
     n_head = model_dim // head_dim
     return GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
                      n_kv_head=n_head if n_kv_head is None else n_kv_head, n_embd=model_dim)
@@ -448,12 +461,12 @@ class GPT(nn.Module):
     """Construct under `torch.device("meta")`, then `to_empty(device=...)` and `init_weights()`:
     __init__ only declares shapes, all values are written by init_weights (see `GPT.create`)."""
 
-    def __init__(self, config: GPTConfig, pad_vocab_size_to: int = 64):
+    def __init__(self, config: GPTConfig, pad_vocab_size_to: int = VOCAB_PAD_MULTIPLE):
         super().__init__()
         self.config = config
-        # The embedding tables are padded (multiple of 64: tensor-core friendly, and shards evenly across
+        # The embedding tables are padded (multiple of VOCAB_PAD_MULTIPLE: tensor-core friendly, and shards evenly across
         # ranks in DistAdamW); the padding rows are never looked up and their logits are cut off.
-        self.padded_vocab_size = -(-config.vocab_size // pad_vocab_size_to) * pad_vocab_size_to
+        self.padded_vocab_size = padded_vocab_size(config.vocab_size, pad_vocab_size_to)
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(self.padded_vocab_size, config.n_embd),
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
@@ -527,8 +540,9 @@ class GPT(nn.Module):
 
     # --- optimisation -----------------------------------------------------------------------------
 
-    def setup_optimizers(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
-                         weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.8, 0.95)) -> list:
+    def setup_optimizers(self, unembedding_lr: float = _DEFAULT_RUN.unembedding_lr,
+                         embedding_lr: float = _DEFAULT_RUN.embedding_lr, matrix_lr: float = _DEFAULT_RUN.matrix_lr,
+                         weight_decay: float = _DEFAULT_RUN.weight_decay, adam_betas: tuple[float, float] = (0.8, 0.95)) -> list:
         """[AdamW for embedding and LM head, Muon for every transformer matrix]. The AdamW rates scale
         as 1/sqrt(width / 768); weight decay applies to the AdamW parameters only. Under
         torch.distributed with several ranks the returned optimizers average the gradients themselves

@@ -9,10 +9,14 @@ and ignored targets (-1) count neither loss nor bytes.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Iterable
 
 import torch
 import torch.distributed as dist
+
+from nanopipe.configs.base import ConfigError
+from nanopipe.dataloader import BestFitLoader
 
 
 @torch.no_grad()
@@ -45,3 +49,16 @@ def evaluate_bpb(model, batches: Iterable, steps: int, token_bytes: torch.Tensor
     if nbytes == 0:
         return float("inf")
     return nats / (math.log(2) * nbytes)
+
+
+def evaluate_split_bpb(model, tokenizer, files: list[Path], batch_size: int, seq_len: int, tokens: int, rt,
+                       token_bytes, autocast_ctx) -> float:
+    """Bits per byte over `tokens` tokens of `files` (rounded down to whole batches across the ranks)."""
+    per_step = batch_size * seq_len * rt.world_size
+    steps = tokens // per_step
+    if steps == 0:
+        raise ConfigError(f"{tokens} evaluation tokens are less than one batch across the ranks "
+                          f"(batch {batch_size} x sequence {seq_len} x {rt.world_size} ranks = {per_step})")
+    with BestFitLoader(tokenizer, files, batch_size, seq_len, device=rt.device, rank=rt.rank,
+                       world_size=rt.world_size) as loader, autocast_ctx:
+        return evaluate_bpb(model, loader, steps, token_bytes)

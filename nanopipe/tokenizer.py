@@ -34,6 +34,7 @@ import tiktoken
 import torch
 
 from nanopipe.common import atomic_directory, get_base_dir
+from nanopipe.exit_codes import StageError
 from nanopipe.vocab import BOS_TOKEN, MIN_VOCAB_SIZE, SPECIAL_TOKENS  # noqa: F401 - part of this API
 
 
@@ -49,7 +50,7 @@ FORMAT_NAME = "nanopipe-bpe"
 FORMAT_VERSION = 1
 
 
-class TokenizerNotFoundError(FileNotFoundError):
+class TokenizerNotFoundError(StageError, FileNotFoundError):
     """A tokenizer directory is missing, incomplete or corrupt. The message names the directory."""
 
 

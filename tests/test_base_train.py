@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from nanopipe.checkpoint import find_last_step, list_steps, load_checkpoint, meta_path, optim_path
-from nanopipe.config import ConfigError, build_config
+from nanopipe.configs.base import ConfigError, build_config
+from nanopipe.configs.base_train import BaseTrainConfig
 from nanopipe.stages import base_train
-from nanopipe.stages.base_train import BaseTrainConfig
+from nanopipe.exit_codes import ExitCode
 from tests.fixtures.tiny_corpus import (EVAL_BUNDLE, build_shards, build_tokenizer, equal_length_documents,
                                         tiny_model_flags, write_shard)
 
@@ -65,7 +66,7 @@ def test_defaults_are_the_seeds():
 
 
 def test_minus_one_means_disabled_and_latest_is_accepted():
-    from nanopipe.config import parse_cli
+    from nanopipe.configs.flags import parse_config as parse_cli
     cfg = parse_cli(BaseTrainConfig, ["--num_iterations=-1", "--save_every=-1", "--target_param_data_ratio=-1",
                                       "--target_flops=1e18", "--resume_from_step=latest", "--eval_every=-1"])
     assert (cfg.num_iterations, cfg.save_every, cfg.target_param_data_ratio, cfg.eval_every) == (None,) * 4
@@ -192,7 +193,7 @@ def test_non_finite_loss_fails_fast_with_exit_code_3(inputs, tmp_path, monkeypat
     with pytest.raises(SystemExit) as exc:
         base_train.main(flags(inputs, out, num_iterations=6, save_every=2, core_metric_every=2,
                               eval_bundle_dir=tmp_path / "no_bundle"))
-    assert exc.value.code == base_train.EXIT_NON_FINITE_LOSS == 3
+    assert exc.value.code == ExitCode.DIVERGED == 3
     captured = capsys.readouterr()
     assert "WARNING: no CORE eval bundle" in captured.out
     assert re.search(r"NonFiniteLossError: training loss is nan at step 3", captured.err)

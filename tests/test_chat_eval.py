@@ -19,7 +19,9 @@ from nanopipe.engine import Engine
 from nanopipe.gpt import GPT, build_model_config
 from nanopipe.stages import chat_cli, chat_eval
 from nanopipe.stages.chat_cli import ChatSession, interactive
-from nanopipe.stages.chat_eval import CHATCORE_TASKS, chatcore, evaluate_categorical, evaluate_generative
+from nanopipe.configs.chat_eval import CHATCORE_TASKS, ChatEvalConfig
+from nanopipe.configs.flags import parse_config
+from nanopipe.chat_scoring import chatcore, evaluate_categorical, evaluate_generative
 from nanopipe.tasks import build_task
 from nanopipe.tasks.gsm8k import reference_answer
 from nanopipe.tokenizer import Tokenizer
@@ -217,9 +219,9 @@ def test_bad_flags_fail_before_any_work(argv, needle, capsys, home):
 
 
 def test_top_k_accepts_the_disabled_spellings():
-    assert chat_eval.parse_cli(chat_eval.ChatEvalConfig, ["--top_k=-1"]).top_k is None
-    assert chat_eval.parse_cli(chat_eval.ChatEvalConfig, ["--top_k=none"]).top_k is None
-    assert chat_eval.parse_cli(chat_eval.ChatEvalConfig, ["--top_k=5"]).top_k == 5
+    assert parse_config(ChatEvalConfig, ["--top_k=-1"]).top_k is None
+    assert parse_config(ChatEvalConfig, ["--top_k=none"]).top_k is None
+    assert parse_config(ChatEvalConfig, ["--top_k=5"]).top_k == 5
 
 
 def test_real_gsm8k_rows_evaluate(checkpoint, shared_dir, tmp_path, home):
@@ -306,6 +308,6 @@ def test_interactive_loop_clears_and_quits(checkpoint, monkeypatch, capsys):
 
 
 def test_chat_cli_flags():
-    cfg = chat_cli.parse_cli(chat_cli.ChatCliConfig, ["-p", "hi", "-t", "0", "-k", "-1"],
-                             short_aliases=chat_cli.SHORT_FLAGS)
+    cfg = parse_config(chat_cli.ChatCliConfig, ["-p", "hi", "-t", "0", "-k", "-1"],
+                       short_aliases=chat_cli.SHORT_FLAGS)
     assert (cfg.prompt, cfg.temperature, cfg.top_k, cfg.source) == ("hi", 0.0, None, "sft")

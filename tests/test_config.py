@@ -7,8 +7,8 @@ from typing import Literal
 import pytest
 from pydantic import Field
 
-from nanopipe.config import (CommonConfig, ConfigError, build_config, config_digest, format_help, parse_cli,
-                             to_cli_args)
+from nanopipe.configs.base import CommonConfig, ConfigError, NanoConfig, build_config, config_digest
+from nanopipe.configs.flags import format_help, parse_config as parse_cli, to_cli_args
 
 
 class DemoConfig(CommonConfig):
@@ -59,7 +59,7 @@ def test_help_lists_every_flag_with_default():
 
 
 def test_help_exits_zero_from_a_real_process():
-    code = "from tests.test_config import DemoConfig; from nanopipe.config import parse_cli; parse_cli(DemoConfig)"
+    code = "from tests.test_config import DemoConfig; from nanopipe.configs.flags import parse_config; parse_config(DemoConfig)"
     out = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--max_chars" in out.stdout
 
@@ -78,7 +78,7 @@ def test_digest_ignores_run_name_but_not_semantics():
 
 
 def test_non_semantic_fields_of_every_base_are_honoured():
-    from nanopipe.config import NanoConfig, non_semantic_fields
+    from nanopipe.configs.base import non_semantic_fields
 
     class Mixin(NanoConfig):
         NON_SEMANTIC = ("log_every",)
@@ -122,3 +122,67 @@ def test_library_never_imports_prefect_or_flows():
     pattern = re.compile(r"^\s*(import|from)\s+(prefect|flows)\b", re.M)
     offenders = [str(p.relative_to(root.parent)) for p in root.rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_no_stage_imports_another_stage():
+    import re
+    from pathlib import Path
+    stages = Path(__file__).resolve().parents[1] / "nanopipe" / "stages"
+    pattern = re.compile(r"^\s*(from\s+nanopipe\.stages(\.\w+)?\s+import|import\s+nanopipe\.stages\.)", re.M)
+    assert [p.name for p in stages.glob("*.py") if pattern.search(p.read_text())] == []
+
+
+# -----------------------------------------------------------------------------
+# parse_flags on a nested model (what the pipeline command parses)
+
+class _Resources(NanoConfig):
+    nproc_per_node: int = Field(1, ge=1, description="processes")
+    env: dict[str, str] = Field(default_factory=dict, description="environment")
+
+
+class _Pipeline(NanoConfig):
+    demo: DemoConfig = Field(default_factory=DemoConfig)
+    resources: _Resources = Field(default_factory=_Resources)
+    per_stage: dict[str, _Resources] = Field(default_factory=dict)
+    tags: list[str] = Field(default_factory=list)
+
+
+def test_parse_flags_nested_dotted_and_both_spellings():
+    from nanopipe.configs.flags import parse_flags
+    values = parse_flags(_Pipeline, ["--demo.max_chars=1e9", "--demo.vocab-size", "10_000", "--demo.flag",
+                                     "--resources.env.A=1", "--resources.env", "B=2", "--per_stage.x.nproc_per_node=2",
+                                     "--tags", "a", "b,c"], prog="demo")
+    assert values == {"demo": {"max_chars": 10**9, "vocab_size": "10000", "flag": True},
+                      "resources": {"env": {"A": "1", "B": "2"}}, "per_stage": {"x": {"nproc_per_node": "2"}},
+                      "tags": ["a", "b", "c"]}
+    cfg = build_config(_Pipeline, values)
+    assert cfg.demo.vocab_size == 10000 and cfg.per_stage["x"].nproc_per_node == 2
+
+
+def test_parse_flags_bare_prefix_and_extra_flags():
+    from nanopipe.configs.flags import parse_flags
+    values = parse_flags(_Pipeline, ["--vocab_size=512", "--home", "/tmp/x", "--json"], prog="demo",
+                         bare_prefix="demo", extra_flags={"home": "home directory", "json": "print JSON"})
+    assert values == {"demo": {"vocab_size": "512"}, "home": "/tmp/x", "json": "true"}
+
+
+def test_nested_errors_name_the_dotted_flag():
+    from nanopipe.configs.flags import parse_flags
+    with pytest.raises(ConfigError, match=r"--demo\.vocab_size: .*>= 265"):
+        build_config(_Pipeline, parse_flags(_Pipeline, ["--demo.vocab_size=3"], prog="demo"))
+    with pytest.raises(ConfigError, match=r"--per_stage\.x\.nproc_per_node: .*>= 1"):
+        build_config(_Pipeline, parse_flags(_Pipeline, ["--per_stage.x.nproc_per_node=0"], prog="demo"))
+    with pytest.raises(ConfigError, match="unknown flag --demo.nope"):
+        parse_flags(_Pipeline, ["--demo.nope=1"], prog="demo")
+
+
+def test_off_means_minus_one_or_none():
+    from nanopipe.configs.base import Off
+
+    class Cfg(CommonConfig):
+        every: Off[int] = Field(5, ge=1, description="how often")
+
+    assert parse_cli(Cfg, ["--every=-1"]).every is None and parse_cli(Cfg, ["--every", "none"]).every is None
+    assert parse_cli(Cfg, ["--every", "7"]).every == 7
+    with pytest.raises(ConfigError, match=r"--every.*>= 1 \(or -1/none: off\)"):
+        build_config(Cfg, {"every": 0})

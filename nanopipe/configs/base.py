@@ -17,11 +17,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
-from nanopipe.exit_codes import BadInputError
+from nanopipe.exit_codes import ExitCode, StageError
 
 
-class ConfigError(BadInputError, ValueError):
+class ConfigError(StageError, ValueError):
     """A stage was given a bad flag or value. The message names the flag and the valid choices."""
+
+    exit_code = ExitCode.BAD_INPUT
 
 
 def _minus_one_is_none(value: Any) -> Any:

@@ -19,7 +19,6 @@ Results: metrics.json and core.csv in --out_dir (default NANOPIPE_HOME/base_eval
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 
 import torch
@@ -27,55 +26,19 @@ import torch
 from nanopipe.checkpoint import load_model, resolve_checkpoint_dir
 from nanopipe.common import (atomic_write_text, compute_cleanup, compute_init, get_base_dir, print0,
                              report_progress, write_metrics)
-from nanopipe.config import ConfigError, parse_cli
+from nanopipe.configs.flags import stage_main
 from nanopipe.configs.base_eval import BaseEvalConfig
 from nanopipe.core_eval import bundle_missing_message, evaluate_core, find_eval_bundle
-from nanopipe.dataloader import BestFitLoader
 from nanopipe.dataset import ensure_shards
-from nanopipe.engine import Engine
-from nanopipe.loss_eval import evaluate_bpb
+from nanopipe.loss_eval import evaluate_split_bpb
+from nanopipe.sampling import SAMPLE_PROMPTS, generate_samples
 from nanopipe.tokenizer import get_token_bytes
 
 PROG = "python -m nanopipe.stages.base_eval"
-SAMPLE_PROMPTS = [
-    "The capital of Italy is",
-    "Water freezes at a temperature of",
-    "The opposite of up is",
-    "Monday, Tuesday, Wednesday,",
-    "The largest planet in the solar system is",
-    "If 2*x + 4 = 10, then x is",
-    "My favourite food is",
-]
 
 
 # -----------------------------------------------------------------------------
-# Pieces shared with base_train
-
-def generate_samples(model, tokenizer, prompts: list[str], max_tokens: int = 16, temperature: float = 0.0,
-                     num_samples: int = 1, seed: int = 42) -> list[str]:
-    """Continuations of each prompt (greedy at temperature 0) from the KV-cache engine, prompt in front."""
-    engine = Engine(model, tokenizer)
-    out = []
-    for prompt in prompts:
-        tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-        rows, _ = engine.generate_batch(tokens, num_samples=num_samples, max_tokens=max_tokens,
-                                        temperature=temperature, seed=seed)
-        out += [prompt + tokenizer.decode(row[len(tokens):]) for row in rows]
-    return out
-
-
-def evaluate_split_bpb(model, tokenizer, files: list[Path], batch_size: int, seq_len: int, tokens: int, rt,
-                       token_bytes, autocast_ctx) -> float:
-    """Bits per byte over `tokens` tokens of `files` (rounded down to whole batches across the ranks)."""
-    per_step = batch_size * seq_len * rt.world_size
-    steps = tokens // per_step
-    if steps == 0:
-        raise ConfigError(f"{tokens} evaluation tokens are less than one batch across the ranks "
-                          f"(batch {batch_size} x sequence {seq_len} x {rt.world_size} ranks = {per_step})")
-    with BestFitLoader(tokenizer, files, batch_size, seq_len, device=rt.device, rank=rt.rank,
-                       world_size=rt.world_size) as loader, autocast_ctx:
-        return evaluate_bpb(model, loader, steps, token_bytes)
-
+# Results
 
 def core_csv(results: dict) -> str:
     lines = [f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}"]
@@ -148,12 +111,7 @@ def evaluate(cfg: BaseEvalConfig, rt) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_cli(BaseEvalConfig, argv, prog=PROG)
-    try:
-        run(cfg)
-    except ConfigError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+    return stage_main(BaseEvalConfig, run, argv, prog=PROG)
 
 
 if __name__ == "__main__":

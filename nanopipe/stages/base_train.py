@@ -21,39 +21,36 @@ Exit codes: 2 for a bad flag, 3 when the loss stops being finite (a retry cannot
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import json
 import math
 import os
-import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from nanopipe.checkpoint import CheckpointError, find_last_step, load_checkpoint, meta_path, save_checkpoint
 from nanopipe.common import (Runtime, atomic_write_json, compute_cleanup, compute_init, get_base_dir, get_dist_info,
                              init_wandb, print0, report_progress, write_metrics)
-from nanopipe.config import ConfigError, parse_cli
+from nanopipe.config import ConfigError
+from nanopipe.configs.base import model_tag_for_depth
 from nanopipe.configs.base_train import BaseTrainConfig, check_batch_sizes
+from nanopipe.configs.flags import stage_main
+from nanopipe.configs.tok_train import DEFAULT_VOCAB_SIZE
 from nanopipe.core_eval import bundle_missing_message, evaluate_core, find_eval_bundle
 from nanopipe.dataloader import BestFitLoader
 from nanopipe.dataset import ensure_shards
 from nanopipe.gpt import GPT, GPTConfig, build_model_config
+from nanopipe.loss_eval import evaluate_split_bpb
 from nanopipe.optim import batch_lr_scale, lr_multiplier, muon_momentum
-from nanopipe.stages.base_eval import SAMPLE_PROMPTS, evaluate_split_bpb, generate_samples
+from nanopipe.sampling import SAMPLE_PROMPTS, generate_samples
 from nanopipe.tokenizer import default_tokenizer_dir, get_token_bytes, get_tokenizer
+from nanopipe.training import (NonFiniteLossError, barrier, estimate_peak_memory, gather_loader_state,
+                               gc_frozen_after_first_step, keep_freed_memory_for_reuse, mean_across_ranks,
+                               peak_flops, peak_memory_mib)
 
 PROG = "python -m nanopipe.stages.base_train"
-EXIT_NON_FINITE_LOSS = 3
 REFERENCE_BATCH_TOKENS = 2**19      # the learning rates were tuned at this batch size
-DRY_RUN_DEFAULT_VOCAB = 32768       # tok_train's default, for a dry run before the tokenizer exists
-PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2.25e15, "A100": 312e12,
-                   "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
-DEFAULT_PEAK_FLOPS = 989e12         # H100 bf16 dense, for GPUs not in the table
 EMA_BETA = 0.9                      # smoothing of the logged training loss
 UNTIMED_STEPS = 10                  # the first steps (compilation, warm-up) are left out of the timings
 
@@ -72,67 +69,7 @@ def horizon(cfg: BaseTrainConfig, flops_per_token: int, num_params: int) -> tupl
     return max(1, steps), f"--target_param_data_ratio={cfg.target_param_data_ratio:g}"
 
 
-def estimate_peak_memory(config: GPTConfig, device_batch_size: int, world_size: int, cuda: bool) -> dict[str, int]:
-    """Rough peak memory per device, in bytes, by part.
 
-    Weights, gradients and optimizer state are exact counts (fp32, except the bf16 token embedding on
-    CUDA; AdamW and Muon state sharded over the ranks). Activations are a model: about 32 bytes per
-    channel per token per layer with bf16 autocast, flash attention and torch.compile's fusion (which
-    puts nanochat's d20 at batch 32 x 2048 inside an 80 GB H100), about 100 in eager float32; logits
-    take 4 bytes per entry with bf16 + fused cross-entropy, 16 in eager float32.
-    """
-    C, L, V = config.n_embd, config.n_layer, config.vocab_size
-    padded_V = -(-V // 64) * 64
-    wte = lm_head = padded_V * C
-    matrices = L * (2 * C * C + 2 * C * (config.n_kv_head * config.head_dim) + 8 * C * C)
-    wte_bytes = 2 if cuda else 4
-    weights = wte * wte_bytes + (lm_head + matrices) * 4
-    grads = weights
-    adam_state = 2 * (wte * wte_bytes + lm_head * 4) // world_size
-    muon_state = matrices * 4 // world_size
-    tokens = device_batch_size * config.sequence_len
-    activations = (32 if cuda else 100) * C * L * tokens
-    logits = (4 if cuda else 16) * V * tokens
-    parts = dict(weights=weights, gradients=grads, optimizer=adam_state + muon_state,
-                 activations=activations, logits=logits)
-    parts["total"] = sum(parts.values())
-    return parts
-
-
-def peak_flops(device_type: str) -> float | None:
-    if device_type != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_FLOPS_BF16.items() if key in name), DEFAULT_PEAK_FLOPS)
-
-
-def peak_memory_mib(device_type: str) -> float:
-    """Peak allocated device memory on CUDA, peak resident set size of the process elsewhere."""
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss_kib / (2**20 if sys.platform == "darwin" else 2**10)
-
-
-def keep_freed_memory_for_reuse() -> None:
-    """On CPU, every step frees and re-allocates the same activation and logit buffers. By default glibc hands
-    large freed blocks (above its mmap threshold) and a grown heap top (above its trim threshold) back to the
-    kernel, so the next step page-faults them in again: thousands of faults and tens of ms per step for a tiny
-    model. Keep them in the process instead. The resident size then stays at its peak, which the training
-    loop reaches every step anyway. Nothing happens where the C library is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # no glibc (musl, ...): its allocator behaves differently anyway
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h parameter numbers
-    mallopt(m_mmap_threshold, 32 * 2**20)  # the largest value glibc accepts for it
-    mallopt(m_trim_threshold, 2**31 - 1)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite. A retry would hit it again: fix the config instead."""
 
 
 # -----------------------------------------------------------------------------
@@ -141,7 +78,7 @@ class NonFiniteLossError(RuntimeError):
 def resolve_paths(cfg: BaseTrainConfig) -> tuple[Path, Path, Path]:
     """(tokenizer_dir, checkpoint_dir, out_dir)."""
     tokenizer_dir = Path(cfg.tokenizer_dir).expanduser() if cfg.tokenizer_dir else default_tokenizer_dir()
-    model_tag = cfg.model_tag or f"d{cfg.depth}"
+    model_tag = cfg.model_tag or model_tag_for_depth(cfg.depth)
     out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else get_base_dir() / "base_checkpoints" / model_tag
     ckpt_dir = Path(cfg.checkpoint_dir).expanduser() if cfg.checkpoint_dir else out_dir
     return tokenizer_dir.resolve(), ckpt_dir, out_dir
@@ -202,30 +139,6 @@ def print_description(info: dict) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Distributed helpers
-
-def gather_loader_state(state: dict, rt: Runtime) -> dict:
-    """Every rank's loader state, for the meta file (rank 0 writes it)."""
-    states = [state]
-    if rt.world_size > 1:
-        states = [None] * rt.world_size
-        dist.all_gather_object(states, state)
-    return {"world_size": rt.world_size, "ranks": states}
-
-
-def mean_across_ranks(value: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    if rt.world_size > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value = value / rt.world_size
-    return value
-
-
-def barrier(rt: Runtime) -> None:
-    if rt.world_size > 1:
-        dist.barrier()
-
-
-# -----------------------------------------------------------------------------
 # The stage
 
 def run(cfg: BaseTrainConfig) -> dict:
@@ -238,7 +151,7 @@ def run(cfg: BaseTrainConfig) -> dict:
         try:
             vocab_size = get_tokenizer(tokenizer_dir).get_vocab_size()
         except FileNotFoundError:
-            vocab_size = DRY_RUN_DEFAULT_VOCAB
+            vocab_size = DEFAULT_VOCAB_SIZE  # tok_train's default, for a dry run before the tokenizer exists
             print0(f"dry run: no tokenizer at {tokenizer_dir} yet; assuming vocab_size={vocab_size}")
         model_config = build_model_config(cfg.depth, cfg.aspect_ratio, cfg.head_dim, cfg.max_seq_len, vocab_size)
         info = describe_run(cfg, model_config, world_size, device_type)
@@ -526,40 +439,9 @@ class Trainer:
         return metrics
 
 
-@contextlib.contextmanager
-def gc_frozen_after_first_step():
-    """Python's cyclic GC keeps rescanning the long-lived setup objects for nothing: after the first step,
-    freeze them and collect by hand every 5000 steps instead. Restored on exit."""
-    state = {"frozen": False}
-
-    def after_step(step: int) -> None:
-        if not state["frozen"]:
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-            state["frozen"] = True
-        elif step % 5000 == 0:
-            gc.collect()
-
-    try:
-        yield after_step
-    finally:
-        if state["frozen"]:
-            gc.enable()
-            gc.unfreeze()
-
-
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # less fragmentation on CUDA
-    cfg = parse_cli(BaseTrainConfig, argv, prog=PROG)
-    try:
-        run(cfg)
-    except ConfigError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
-    except NonFiniteLossError as err:
-        print(f"{PROG}: NonFiniteLossError: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_NON_FINITE_LOSS)
+    return stage_main(BaseTrainConfig, run, argv, prog=PROG)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,13 @@ from typing import Callable
 import torch
 
 from nanopipe.chat_format import render_for_completion
-from nanopipe.checkpoint import CheckpointError, load_model
+from nanopipe.checkpoint import load_model
 from nanopipe.common import compute_cleanup, compute_init, print0, write_metrics
-from nanopipe.config import ConfigError, parse_cli
+from nanopipe.configs.flags import stage_main
 from nanopipe.configs.chat_cli import SHORT_FLAGS, ChatCliConfig
 from nanopipe.engine import Engine
-from nanopipe.tokenizer import TokenizerNotFoundError
+
+PROG = "python -m nanopipe.stages.chat_cli"
 
 # -----------------------------------------------------------------------------
 # A conversation with the model
@@ -166,16 +167,7 @@ def run(cfg: ChatCliConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    prog = "python -m nanopipe.stages.chat_cli"
-    cfg = parse_cli(ChatCliConfig, argv, prog=prog, short_aliases=SHORT_FLAGS)
-    try:
-        return run(cfg)
-    except ConfigError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(2)
-    except (CheckpointError, TokenizerNotFoundError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(1)
+    return stage_main(ChatCliConfig, run, argv, prog=PROG, short_aliases=SHORT_FLAGS)
 
 
 if __name__ == "__main__":

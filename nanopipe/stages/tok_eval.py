@@ -25,10 +25,12 @@ import tiktoken
 import tiktoken.load
 
 from nanopipe.common import get_base_dir, get_dist_info, print0, report_progress, write_metrics
-from nanopipe.config import ConfigError, parse_cli
+from nanopipe.configs.flags import stage_main
 from nanopipe.configs.tok_eval import TokEvalConfig
-from nanopipe.dataset import DataError, ensure_shards, iter_documents
-from nanopipe.tokenizer import TokenizerNotFoundError, get_tokenizer
+from nanopipe.dataset import ensure_shards, iter_documents
+from nanopipe.tokenizer import get_tokenizer
+
+PROG = "python -m nanopipe.stages.tok_eval"
 
 # Fixed texts of different kinds, written for this project, so runs stay comparable over time.
 SAMPLE_TEXTS = {
@@ -181,16 +183,7 @@ def run(cfg: TokEvalConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    prog = "python -m nanopipe.stages.tok_eval"
-    cfg = parse_cli(TokEvalConfig, argv, prog=prog)
-    try:
-        return run(cfg)
-    except ConfigError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(2)
-    except (TokenizerNotFoundError, DataError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(1)
+    return stage_main(TokEvalConfig, run, argv, prog=PROG)
 
 
 if __name__ == "__main__":

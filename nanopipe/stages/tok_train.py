@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from nanopipe.common import get_dist_info, get_base_dir, print0, report_progress
-from nanopipe.config import ConfigError, parse_cli
+from nanopipe.configs.flags import stage_main
 from nanopipe.configs.tok_train import TokTrainConfig
-from nanopipe.dataset import DataError, ensure_shards, iter_documents
+from nanopipe.dataset import ensure_shards, iter_documents
 from nanopipe.tokenizer import Tokenizer
+
+PROG = "python -m nanopipe.stages.tok_train"
 
 # A fixed mixed-script text: the trained tokenizer must give it back unchanged.
 ROUND_TRIP_PROBE = ("Tokenizers, tested: 'don't', 3.14159, 1,000,000; tabs\tand\nnewlines.\n"
@@ -120,16 +122,7 @@ def run(cfg: TokTrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    prog = "python -m nanopipe.stages.tok_train"
-    cfg = parse_cli(TokTrainConfig, argv, prog=prog)
-    try:
-        return run(cfg)
-    except ConfigError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(2)
-    except DataError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(1)
+    return stage_main(TokTrainConfig, run, argv, prog=PROG)
 
 
 if __name__ == "__main__":

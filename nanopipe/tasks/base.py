@@ -22,8 +22,9 @@ import zlib
 from typing import Any, ClassVar, Iterator, Sequence
 
 from nanopipe.chat_format import ConversationError, normalize_messages
+from nanopipe.exit_codes import StageError
 
-class TaskDataError(ValueError):
+class TaskDataError(StageError, ValueError):
     """A task's source data is missing or malformed. The message names the file (and line) or hub dataset."""
 
 
