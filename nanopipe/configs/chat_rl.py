@@ -1,0 +1,118 @@
+"""The config of the chat_rl stage (reinforcement learning on GSM8K). Importable without torch: the flow
+process plans runs with it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from nanopipe.configs.base import ConfigError, DownstreamConfig
+
+RL_TASKS = ("gsm8k", "builtin-arithmetic")
+GSM8K_TRAIN_QUESTIONS = 7473   # openai/gsm8k main/train: lets a dry run count steps without the data
+
+
+def _minus_one_is_none(value):
+    return None if value in (-1, -1.0, "-1", "-1.0") else value
+
+
+class ChatRLConfig(DownstreamConfig):
+    """Flags of chat_rl (defaults: nanochat's GSM8K RL recipe)."""
+
+    source: Literal["base", "mid", "sft"] = Field("sft", description="which stage's checkpoints to start from")
+    # --- task ---------------------------------------------------------------
+    task: Literal["gsm8k", "builtin-arithmetic"] = Field(
+        "gsm8k", description="training and evaluation problems: GSM8K (hub or --gsm8k_path), or the offline "
+                             "builtin arithmetic word problems in GSM8K format")
+    gsm8k_path: str | None = Field(None, description="local GSM8K data, directory or .jsonl (none: the hub)")
+    synthetic_size: int = Field(1000, ge=1, description="training problems generated for builtin-arithmetic")
+    # --- horizon ------------------------------------------------------------
+    num_epochs: int = Field(1, ge=1, description="passes over the training questions")
+    num_iterations: int | None = Field(
+        None, ge=1, description="optimizer steps (-1/none: num_epochs * training questions // examples_per_step)")
+    # --- rollouts -----------------------------------------------------------
+    examples_per_step: int = Field(16, ge=1, description="questions per optimizer step, over all ranks")
+    num_samples: int = Field(16, ge=1, description="completions sampled per question (the group of the advantage)")
+    device_batch_size: int = Field(8, ge=1, description="sequences per forward pass, sampling and training "
+                                                        "(lower it on OOM); also k of the pass@k evaluation")
+    max_new_tokens: int = Field(256, ge=1, description="tokens generated at most per completion")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature of the rollouts and of pass@k")
+    top_k: int | None = Field(50, ge=1, description="sample among the k most likely tokens (none, 0 or -1: all)")
+    # --- optimisation -------------------------------------------------------
+    embedding_lr: float = Field(0.2, gt=0, description="AdamW learning rate of the token embedding")
+    unembedding_lr: float = Field(0.004, gt=0, description="AdamW learning rate of the LM head")
+    matrix_lr: float = Field(0.02, gt=0, description="Muon learning rate of the Transformer matrices")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of embedding and LM head")
+    init_lr_frac: float = Field(0.05, gt=0, le=1, description="learning rates start at this fraction of the "
+                                                              "above, then decay linearly to 0")
+    # --- evaluation, checkpoints --------------------------------------------
+    eval_every: int | None = Field(60, ge=1, description="pass@k on the test questions every N steps (and at "
+                                                         "the end; -1/none: at the end only)")
+    eval_examples: int = Field(400, ge=1, description="test questions of each pass@k evaluation")
+    save_every: int | None = Field(60, ge=1, description="checkpoint every N steps (and at the end; -1/none: "
+                                                         "at the end only)")
+    resume_from_step: int | Literal["latest"] | None = Field(
+        None, description="resume from this step of out_dir's checkpoints, or 'latest' (none: start fresh)")
+    # --- paths --------------------------------------------------------------
+    tokenizer_dir: str | None = Field(None, description="tokenizer (default: the one the source checkpoint records)")
+    out_dir: str | None = Field(None, description="where checkpoints and metrics.json go "
+                                                  "(default: NANOPIPE_HOME/chatrl_checkpoints/<source model tag>)")
+    dry_run: bool = Field(False, description="print parameters, steps, samples per step and a memory estimate, "
+                                             "then exit")
+    # the shape a dry run assumes when the source checkpoint does not exist yet (a planning run)
+    depth: int = Field(20, ge=1, description="dry run only, when the source checkpoint does not exist yet: the depth "
+                                             "to assume (a real run takes the shape from the checkpoint)")
+    aspect_ratio: int = Field(64, ge=1, description="dry run only, without a source checkpoint: width / depth")
+    head_dim: int = Field(128, ge=2, description="dry run only, without a source checkpoint: channels per head")
+
+    NON_SEMANTIC = ("eval_every", "eval_examples", "save_every", "resume_from_step", "dry_run", "model_tag",
+                    "checkpoint_dir", "depth", "aspect_ratio", "head_dim")
+
+    @field_validator("num_iterations", "eval_every", "save_every", mode="before")
+    @classmethod
+    def _minus_one_disables(cls, value):
+        return _minus_one_is_none(value)
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _top_k_disabled(cls, value):
+        return None if value in (0, -1, "0", "-1") else value
+
+    @field_validator("resume_from_step", mode="before")
+    @classmethod
+    def _resume_step(cls, value):
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if value in ("", "none", "null", "-1"):
+                return None
+            if value.lstrip("+").isdigit():
+                return int(value)
+        if value == -1:
+            return None
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be a step >= 0, 'latest', or -1/none")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.gsm8k_path is not None and self.task != "gsm8k":
+            raise ValueError(f"--gsm8k_path is only read with --task=gsm8k (this run has --task={self.task})")
+        return self
+
+
+def check_world_size(cfg: ChatRLConfig, world_size: int) -> int:
+    """Questions per rank per step; a ConfigError naming the flag when the ranks cannot share them evenly."""
+    if cfg.examples_per_step % world_size:
+        fits = [n for n in (cfg.examples_per_step // world_size * world_size,
+                            -(-cfg.examples_per_step // world_size) * world_size) if n > 0]
+        raise ConfigError(f"--examples_per_step={cfg.examples_per_step} does not split over {world_size} ranks; "
+                         f"try --examples_per_step={' or '.join(map(str, dict.fromkeys(fits)))}")
+    return cfg.examples_per_step // world_size
+
+
+def plan_iterations(cfg: ChatRLConfig, train_questions: int) -> int:
+    """Optimizer steps: --num_iterations, else num_epochs * train_questions // examples_per_step (>= 1)."""
+    if cfg.num_iterations is not None:
+        return cfg.num_iterations
+    return max(1, cfg.num_epochs * train_questions // cfg.examples_per_step)

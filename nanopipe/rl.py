@@ -1,0 +1,184 @@
+"""
+On-policy policy gradient for chat models, the pieces chat_rl is made of: sampling a group of completions
+per question (KV-cache engine, calculator tool), rewards, group-mean advantages, the masked token-level loss,
+and pass@k.
+
+    group = sample_group(engine, tokenizer, task, conversation, num_samples=16, device_batch_size=8,
+                         max_new_tokens=256, temperature=1.0, top_k=50, rng=random.Random(0))
+    advantages = group_advantages(group.rewards)                 # reward - the group's mean
+    inputs, targets = policy_batch(group.sequences, group.masks, pad_id)
+    loss = policy_loss_sum(model, inputs, targets, advantages) / num_sampled_tokens
+
+The recipe is nanochat's simplified GRPO, i.e. REINFORCE with a group baseline: no value network, no KL
+penalty to a reference model, no ratio clipping (the samples come from the current weights, so the ratio is
+1), advantages are reward - group mean (not divided by the group's standard deviation), and the loss is a
+token-level mean over the tokens the model sampled (DAPO, https://arxiv.org/abs/2503.14476): the prompt and
+the calculator's forced output tokens carry no loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from nanopipe.chat_format import render_for_completion
+
+
+# -----------------------------------------------------------------------------
+# Rollouts
+
+@dataclass
+class Group:
+    """num_samples completions of one question: sequences are prompt + completion token ids (the final
+    <|assistant_end|> left out), masks are 1 where the model sampled the token, 0 for prompt and tool output."""
+
+    prompt_len: int
+    sequences: list[list[int]] = field(default_factory=list)
+    masks: list[list[int]] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+
+    def sampled_tokens(self) -> int:
+        """Tokens that carry loss: those the model sampled (mask 1), over all completions."""
+        return sum(sum(mask) for mask in self.masks)
+
+
+def draw_seed(rng: random.Random) -> int:
+    """A seed for one generate call, from the rank's sampling generator (checkpointed for exact resume)."""
+    return rng.randrange(2**31)
+
+
+@torch.no_grad()
+def sample_group(engine, tokenizer, task, conversation: dict, num_samples: int, device_batch_size: int,
+                 max_new_tokens: int, temperature: float, top_k: int | None, rng: random.Random) -> Group:
+    """Sample num_samples completions of a question in batches of at most device_batch_size, and score them
+    with task.reward. Each batch gets its own seed from `rng`."""
+    prompt = render_for_completion(tokenizer, conversation)
+    group = Group(prompt_len=len(prompt))
+    remaining = num_samples
+    while remaining > 0:
+        batch = min(device_batch_size, remaining)
+        sequences, masks = engine.generate_batch(prompt, num_samples=batch, max_tokens=max_new_tokens,
+                                                 temperature=temperature, top_k=top_k, seed=draw_seed(rng))
+        group.sequences += sequences
+        group.masks += masks
+        remaining -= batch
+    for sequence in group.sequences:
+        completion = tokenizer.decode(sequence[group.prompt_len:])
+        group.rewards.append(float(task.reward(conversation, completion)))
+    return group
+
+
+# -----------------------------------------------------------------------------
+# Advantages and loss
+
+def group_advantages(rewards: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """reward - mean reward of the group (float32). All-equal rewards give all-zero advantages: no signal."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    assert rewards.ndim == 1 and rewards.numel() > 0, f"rewards must be a non-empty vector, got {tuple(rewards.shape)}"
+    return rewards - rewards.mean()
+
+
+def policy_batch(sequences: Sequence[list[int]], masks: Sequence[list[int]], pad_id: int,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (B, T-1) for the longest sequence's T: sequences right-padded with pad_id,
+    targets -1 (no loss) wherever the predicted token was not sampled by the model (prompt, tool output,
+    padding)."""
+    assert len(sequences) == len(masks) and sequences, f"{len(sequences)} sequences but {len(masks)} masks"
+    width = max(len(s) for s in sequences)
+    for s, m in zip(sequences, masks):
+        assert len(s) == len(m), f"a sequence of {len(s)} tokens has a mask of {len(m)}"
+    ids = torch.tensor([list(s) + [pad_id] * (width - len(s)) for s in sequences], dtype=torch.long)
+    mask = torch.tensor([list(m) + [0] * (width - len(m)) for m in masks], dtype=torch.long)
+    inputs, targets = ids[:, :-1], ids[:, 1:].clone()
+    targets[mask[:, 1:] == 0] = -1
+    return inputs.to(device), targets.to(device)
+
+
+def policy_loss_sum(model, inputs: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """-sum over scored tokens of advantage * log p(token): the policy-gradient loss before normalisation.
+    The model's cross-entropy is -log p with 0 at ignored targets (-1), so ignored tokens add nothing."""
+    nll = model(inputs, targets, loss_reduction="none").view_as(inputs)  # (B, T)
+    return (nll * advantages.to(nll.device, nll.dtype).unsqueeze(-1)).sum()
+
+
+def accumulate_policy_gradient(model, groups: Sequence[Group], pad_id: int, device_batch_size: int,
+                               total_sampled_tokens: float, world_size: int = 1,
+                               autocast=contextlib.nullcontext()) -> float:
+    """Backward of -sum(advantage * log p) over the sampled tokens of `groups`, divided by the sampled tokens
+    of the whole step (total_sampled_tokens, every rank's) and multiplied by world_size, because the
+    distributed optimizers average the ranks' gradients. Forward passes take device_batch_size sequences.
+    Groups whose rewards are all equal have zero advantages: they are skipped, as they add exactly nothing.
+    Every parameter ends with a gradient (zeros if none flowed), so all ranks step all parameters alike.
+    Returns this rank's share of the loss."""
+    scale = world_size / max(total_sampled_tokens, 1.0)
+    device = model.get_device()
+    loss_sum = 0.0
+    for group in groups:
+        advantages = group_advantages(group.rewards)
+        if not advantages.any():
+            continue
+        for b0 in range(0, len(group.sequences), device_batch_size):
+            b1 = b0 + device_batch_size
+            inputs, targets = policy_batch(group.sequences[b0:b1], group.masks[b0:b1], pad_id, device)
+            with autocast:
+                loss = policy_loss_sum(model, inputs, targets, advantages[b0:b1]) * scale
+            loss.backward()
+            loss_sum += loss.item()
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return loss_sum
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+def pass_at_k_counts(outcomes: Sequence[Sequence[bool]], k: int) -> list[int]:
+    """For j = 1..k, how many problems have a correct completion among their first j samples."""
+    for row in outcomes:
+        assert len(row) >= k, f"pass@{k} needs {k} samples per problem, got {len(row)}"
+    return [sum(any(row[:j]) for row in outcomes) for j in range(1, k + 1)]
+
+
+@torch.no_grad()
+def evaluate_pass_at_k(engine, tokenizer, task, num_problems: int, k: int, max_new_tokens: int,
+                       temperature: float, top_k: int | None, seed: int, rank: int = 0,
+                       world_size: int = 1) -> tuple[list[int], int]:
+    """(pass@1..k counts, problems) over this rank's share of the first num_problems problems. Problem i is
+    sampled with seed + i: the result does not depend on the ranks, nor on any generator state."""
+    outcomes = []
+    for i in range(rank, num_problems, world_size):
+        conversation = task[i]
+        prompt = render_for_completion(tokenizer, conversation)
+        sequences, _ = engine.generate_batch(prompt, num_samples=k, max_tokens=max_new_tokens,
+                                             temperature=temperature, top_k=top_k, seed=seed + i)
+        outcomes.append([bool(task.evaluate(conversation, tokenizer.decode(s[len(prompt):]))) for s in sequences])
+    return pass_at_k_counts(outcomes, k), len(outcomes)
+
+
+# -----------------------------------------------------------------------------
+# Which questions a rank samples at a step
+
+def step_questions(step: int, examples_per_step: int, num_questions: int, rank: int, world_size: int) -> list[int]:
+    """Task indices of this rank's questions at `step`: the step takes the next examples_per_step questions
+    in task order (cycling over epochs) and rank r takes every world_size-th of them, starting at r. A pure
+    function of the step, so a resumed run picks up exactly where the interrupted one was."""
+    assert examples_per_step % world_size == 0, f"{examples_per_step} questions do not split over {world_size} ranks"
+    first = step * examples_per_step
+    return [(first + i) % num_questions for i in range(rank, examples_per_step, world_size)]
+
+
+def rng_state_to_json(rng: random.Random) -> list:
+    version, internal, gauss_next = rng.getstate()
+    return [version, list(internal), gauss_next]
+
+
+def rng_from_json(state: list) -> random.Random:
+    rng = random.Random()
+    version, internal, gauss_next = state
+    rng.setstate((version, tuple(internal), gauss_next))
+    return rng

@@ -1,0 +1,448 @@
+"""chat_rl on CPU: GSM8K rewards on real rows, group-mean advantages, the loss mask (prompt, forced tool output
+and padding excluded) and its normalisation, pass@k, one real RL step that moves the weights, exact resume
+(one process, and two under torchrun), the dry run, and clear errors before any work.
+
+The policy is a tiny SFT-like model: depth 2, width 64, taught in a few seconds to answer a GSM8K question with
+`#### d` for a random digit d. On real GSM8K rows whose answer is one digit it is then right about one time
+in nine, so groups of samples have mixed rewards and the policy gradient is not zero."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanopipe.chat_format import render_conversation, render_for_completion
+from nanopipe.checkpoint import list_steps, load_checkpoint, meta_path, optim_path, save_checkpoint
+from nanopipe.config import ConfigError, build_config, parse_cli
+from nanopipe.configs.chat_rl import ChatRLConfig
+from nanopipe.engine import Engine
+from nanopipe.gpt import GPT, build_model_config
+from nanopipe.rl import (Group, accumulate_policy_gradient, group_advantages, pass_at_k_counts, policy_batch,
+                         step_questions)
+from nanopipe.stages import chat_rl
+from nanopipe.tasks import GSM8K
+from nanopipe.tokenizer import Tokenizer
+from tests.test_engine import ScriptedModel
+
+REPO = Path(__file__).resolve().parents[1]
+STEP_LINE = re.compile(r"^step (\d+)/\d+ .*\| reward: ([\d.]+) \| sequence length: ([\d.]+)", re.M)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def single_digit_rows(path: Path, count: int, tokenizer=None, max_tokens: int = 120) -> list[dict]:
+    """Real GSM8K rows whose final answer is one digit 1-9 (and, given a tokenizer, whose question is short)."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if re.search(r"#### [1-9]\s*$", row["answer"]) and (
+                tokenizer is None or len(tokenizer.encode(row["question"])) <= max_tokens):
+            rows.append(row)
+            if len(rows) == count:
+                break
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def sft_warmup(model, tokenizer, questions: list[str], steps: int, seed: int = 0) -> None:
+    """Teach the answer format: each question -> '#### d' for a random digit d (loss on the answer only)."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        batch = []
+        for question in rng.sample(questions, 8):
+            conversation = {"messages": [{"role": "user", "content": question},
+                                         {"role": "assistant", "content": f"#### {rng.randint(1, 9)}"}]}
+            batch.append(render_conversation(tokenizer, conversation))
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([i + [0] * (width - len(i)) for i, _ in batch])
+        mask = torch.tensor([m + [0] * (width - len(m)) for _, m in batch])
+        targets = ids[:, 1:].clone()
+        targets[mask[:, 1:] == 0] = -1
+        model(ids[:, :-1], targets).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, shared_dir):
+    """A tokenizer, a one-digit subset of real GSM8K (train and test), and an SFT-like checkpoint."""
+    root = tmp_path_factory.mktemp("chat_rl")
+    gsm8k = shared_dir / "data" / "gsm8k"
+    texts = [r["question"] + "\n" + r["answer"] for r in single_digit_rows(gsm8k / "train.jsonl", 200)]
+    tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=384)
+    tokenizer.save(root / "tokenizer")
+    train = single_digit_rows(gsm8k / "train.jsonl", 48, tokenizer)
+    test = single_digit_rows(gsm8k / "test.jsonl", 8, tokenizer)
+    write_jsonl(root / "gsm8k" / "train.jsonl", train)
+    write_jsonl(root / "gsm8k" / "test.jsonl", test)
+    torch.manual_seed(0)
+    config = build_model_config(depth=2, aspect_ratio=32, head_dim=32, max_seq_len=256,
+                                vocab_size=tokenizer.get_vocab_size())
+    model = GPT.create(config, "cpu")
+    threads = torch.get_num_threads()  # module fixtures run before the per-test one_thread fixture
+    torch.set_num_threads(1)
+    try:
+        sft_warmup(model, tokenizer, [r["question"] for r in train], steps=60)
+    finally:
+        torch.set_num_threads(threads)
+    meta = {"model_config": dataclasses.asdict(config), "tokenizer_dir": str(root / "tokenizer")}
+    save_checkpoint(root / "sft" / "d2", 60, model.state_dict(), None, meta)
+    return {"root": root, "ckpt": root / "sft" / "d2", "data": root / "gsm8k", "tokenizer": tokenizer,
+            "model": model.eval()}
+
+
+def rl_flags(tiny, out_dir: Path, **overrides) -> list[str]:
+    values = dict(checkpoint_dir=tiny["ckpt"], gsm8k_path=tiny["data"], out_dir=out_dir, device_type="cpu",
+                  num_iterations=2, examples_per_step=4, num_samples=8, device_batch_size=4, max_new_tokens=8,
+                  eval_every=-1, eval_examples=4, save_every=-1, init_lr_frac=1.0, matrix_lr=0.05)
+    values.update(overrides)
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
+def logged_steps(text: str) -> dict[int, tuple[float, float]]:
+    """{step: (mean reward, mean sequence length)} from the log lines."""
+    return {int(s): (float(r), float(n)) for s, r, n in STEP_LINE.findall(text)}
+
+
+def subprocess_env(home: Path, **extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", NANOPIPE_HOME=str(home), PYTHONPATH=str(REPO), **extra)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        env.pop(key, None)
+    return {**env, **extra}
+
+
+# -----------------------------------------------------------------------------
+# Flags
+
+def test_defaults_are_the_reference_recipe():
+    cfg = build_config(ChatRLConfig, {})
+    assert (cfg.source, cfg.task, cfg.num_epochs, cfg.num_iterations) == ("sft", "gsm8k", 1, None)
+    assert (cfg.examples_per_step, cfg.num_samples, cfg.device_batch_size) == (16, 16, 8)
+    assert (cfg.max_new_tokens, cfg.temperature, cfg.top_k) == (256, 1.0, 50)
+    assert (cfg.embedding_lr, cfg.unembedding_lr, cfg.matrix_lr, cfg.weight_decay) == (0.2, 0.004, 0.02, 0.0)
+    assert (cfg.init_lr_frac, cfg.eval_every, cfg.eval_examples, cfg.save_every) == (0.05, 60, 400, 60)
+    assert (cfg.resume_from_step, cfg.dry_run) == (None, False)
+
+
+def test_seed_and_kebab_spellings_and_disabled_values():
+    a = parse_cli(ChatRLConfig, ["--examples_per_step=4", "--num-samples", "8", "--top_k=0", "--eval_every=-1",
+                                 "--resume-from-step", "latest", "--task=builtin-arithmetic", "--source", "mid"])
+    assert (a.examples_per_step, a.num_samples, a.top_k, a.eval_every) == (4, 8, None, None)
+    assert (a.resume_from_step, a.task, a.source) == ("latest", "builtin-arithmetic", "mid")
+    assert parse_cli(ChatRLConfig, ["--resume_from_step=12"]).resume_from_step == 12
+    for bad, needle in (({"source": "rl"}, "--source"), ({"task": "MATH"}, "--task"),
+                        ({"num_samples": 0}, "--num_samples"), ({"temperature": 0}, "--temperature"),
+                        ({"task": "builtin-arithmetic", "gsm8k_path": "x"}, "--gsm8k_path is only read")):
+        with pytest.raises(ConfigError, match=needle):
+            build_config(ChatRLConfig, bad)
+
+
+def test_config_module_does_not_import_torch():
+    code = "import sys, nanopipe.configs.chat_rl; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+# -----------------------------------------------------------------------------
+# Rewards, advantages, loss mask, pass@k
+
+def test_reward_on_real_gsm8k_rows(shared_dir):
+    task = GSM8K("main", "test", shared_dir / "data" / "gsm8k" / "test.jsonl", shuffle_seed=None)
+    for index in range(5):
+        conversation = task[index]
+        answer = re.search(r"#### (.+)$", task.rows[index]["answer"]).group(1).strip()
+        assert task.reward(conversation, f"Let me think.\n#### {answer}") == 1.0
+        assert task.reward(conversation, f"#### {answer}.00") == 1.0   # numerically equal
+        assert task.reward(conversation, f"#### {int(answer.replace(',', '')) + 1}") == 0.0
+        assert task.reward(conversation, f"the answer is {answer}") == 0.0   # no '####': no reward
+    assert task.reward(task[0], "#### 1,000,000") in (0.0, 1.0)
+
+
+def test_advantage_is_reward_minus_the_group_mean():
+    torch.testing.assert_close(group_advantages([1.0, 0.0, 0.0, 1.0]), torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    torch.testing.assert_close(group_advantages([1.0, 0.0, 0.0, 0.0]), torch.tensor([0.75, -0.25, -0.25, -0.25]))
+    assert not group_advantages([1.0, 1.0, 1.0]).any() and not group_advantages([0.0, 0.0]).any()
+
+
+def test_loss_mask_leaves_out_prompt_forced_tool_output_and_padding(tiny):
+    """A scripted model calls the calculator: the engine forces the result (mask 0), and those tokens, the
+    prompt and the padding get target -1; exactly the tokens the model wrote are scored."""
+    tokenizer = tiny["tokenizer"]
+    engine = Engine(ScriptedModel(tiny["model"], None), tokenizer)
+    prompt = render_for_completion(tokenizer, {"messages": [{"role": "user", "content": "What is 6 times 7?"}]})
+    call = [engine.python_start, *tokenizer.encode("6*7"), engine.python_end]
+    tails = {0: tokenizer.encode("#### 42"), 1: tokenizer.encode("#### 4")}
+
+    def policy(row, history):
+        written = history[len(prompt):]
+        if engine.python_end not in written:
+            return call[len(written)]
+        if engine.output_end not in written:
+            return call[0]  # anything: the engine feeds the calculator's output instead
+        after = written[written.index(engine.output_end) + 1:]
+        tail = tails[row] + [engine.assistant_end]
+        return tail[min(len(after), len(tail) - 1)]  # a finished row is still asked; its answer is unused
+
+    engine.model.policy = policy
+    sequences, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=32, temperature=1.0)
+    forced = [engine.output_start, *tokenizer.encode("42"), engine.output_end]
+    assert sequences[0] == prompt + call + forced + tails[0]
+    assert masks[0] == [0] * len(prompt) + [1] * len(call) + [0] * len(forced) + [1] * len(tails[0])
+    pad = engine.assistant_end
+    inputs, targets = policy_batch(sequences, masks, pad_id=pad)
+    assert inputs.shape == targets.shape == (2, len(sequences[0]) - 1)
+    for row, (sequence, mask) in enumerate(zip(sequences, masks)):
+        scored = [t for t, m in zip(sequence[1:], mask[1:]) if m]
+        assert targets[row][targets[row] >= 0].tolist() == scored
+        assert len(scored) == len(call) + len(tails[row])  # the model's tokens and nothing else
+        assert all(t == -1 for t in targets[row, len(sequence) - 1:].tolist())  # padding of the shorter row
+        assert inputs[row, :len(sequence) - 1].tolist() == sequence[:-1]
+
+
+def _manual_loss(model, groups: list[Group], total_tokens: int) -> torch.Tensor:
+    """-sum(A * log p) over sampled tokens / total_tokens, from full log-softmaxes, one sequence at a time."""
+    loss = torch.zeros(())
+    for group in groups:
+        advantages = torch.tensor(group.rewards) - sum(group.rewards) / len(group.rewards)
+        for sequence, mask, advantage in zip(group.sequences, group.masks, advantages):
+            logits = model(torch.tensor([sequence[:-1]]))[0]
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            for t in range(1, len(sequence)):
+                if mask[t]:
+                    loss = loss - advantage * logp[t - 1, sequence[t]]
+    return loss / total_tokens
+
+
+def test_policy_gradient_is_the_token_mean_over_sampled_tokens(tiny):
+    """The accumulated gradient equals that of a hand-written loss over the masked tokens, normalised by
+    the sampled tokens of the whole step; a rank's share (world_size 2, twice the tokens) is the same."""
+    tokenizer = tiny["tokenizer"]
+    model = GPT.create(tiny["model"].config, "cpu")
+    model.load_state_dict(tiny["model"].state_dict())
+    prompt = tokenizer.encode("Ann has 3 apples.", prepend="<|bos|>")
+    rng = random.Random(1)
+
+    def group(rewards):
+        g = Group(prompt_len=len(prompt))
+        for reward in rewards:
+            completion = [rng.randrange(300) for _ in range(rng.randint(2, 7))]
+            forced = [0] * rng.randint(0, 2)  # some "tool output" inside the completion
+            cut = rng.randint(0, len(completion))
+            mask = [1] * cut + [0] * len(forced) + [1] * (len(completion) - cut)
+            completion = completion[:cut] + [rng.randrange(300) for _ in forced] + completion[cut:]
+            g.sequences.append(prompt + completion)
+            g.masks.append([0] * len(prompt) + mask)
+            g.rewards.append(reward)
+        return g
+
+    groups = [group([1.0, 0.0, 0.0]), group([0.0, 0.0, 0.0]), group([1.0, 1.0, 0.0])]
+    total = sum(g.sampled_tokens() for g in groups)
+    assert total == sum(sum(m[1:]) for g in groups for m in g.masks) > 0
+    expected = _manual_loss(model, groups, total)
+    expected.backward()
+    want = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    loss = accumulate_policy_gradient(model, groups, pad_id=0, device_batch_size=2, total_sampled_tokens=total)
+    assert loss == pytest.approx(expected.item(), rel=1e-4, abs=1e-7)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-7, msg=name)
+    model.zero_grad(set_to_none=True)
+    accumulate_policy_gradient(model, groups, pad_id=0, device_batch_size=5, total_sampled_tokens=2 * total,
+                               world_size=2)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-7, msg=name)
+
+    model.zero_grad(set_to_none=True)  # groups with equal rewards teach nothing, but every parameter steps
+    accumulate_policy_gradient(model, [groups[1]], pad_id=0, device_batch_size=2, total_sampled_tokens=total)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+def test_pass_at_k_and_question_assignment():
+    outcomes = [[False, True, False], [False, False, False], [True, True, True], [False, False, True]]
+    assert pass_at_k_counts(outcomes, 3) == [1, 2, 3]
+    assert pass_at_k_counts(outcomes, 1) == [1]
+    # the ranks split each step's questions between them; steps walk the task in order and wrap around
+    one = step_questions(3, 4, 10, rank=0, world_size=1)
+    assert one == [2, 3, 4, 5]
+    two = [step_questions(3, 4, 10, rank=r, world_size=2) for r in range(2)]
+    assert sorted(two[0] + two[1]) == one and two[0] == [2, 4]
+
+
+# -----------------------------------------------------------------------------
+# The stage
+
+def test_one_rl_step_learns_from_rewards_and_logs_them(tiny, tmp_path, capsys, home):
+    out = tmp_path / "rl"
+    metrics = chat_rl.main(rl_flags(tiny, out, num_iterations=1))
+    log = capsys.readouterr().out
+    steps = logged_steps(log)
+    assert list(steps) == [0]
+    reward, length = steps[0]
+    assert 0.0 < reward < 1.0, "the tiny model must be right sometimes, or the step has nothing to learn"
+    assert length > tiny["tokenizer"].encode("#### 1").__len__()
+    assert re.search(r"@@nanopipe-progress .*\"reward\"", log) and "pass@4:" in log
+    assert metrics["rewards"] == [pytest.approx(reward, abs=1e-4)] and metrics["reward"] == metrics["rewards"][0]
+    assert 0.0 <= metrics["pass@1"] <= metrics["pass@k"] <= 1.0 and metrics["k"] == 4
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["reward"] == metrics["reward"] and written["pass@k"] == metrics["pass@k"]
+    assert list_steps(out) == [1] and optim_path(out, 1, 0).is_file()
+    before = tiny["model"].state_dict()
+    after, _, meta = load_checkpoint(out, 1, "cpu")
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert changed, "an RL step with mixed rewards must change the weights"
+    assert meta["eval"]["pass@1"] == metrics["pass@1"] and meta["tokenizer_dir"] == str(tiny["root"] / "tokenizer")
+
+
+def test_resume_continues_exactly(tiny, tmp_path, capsys, home):
+    """4 steps straight (checkpoint at 2) vs. the step-2 checkpoint resumed in a fresh directory."""
+    common = dict(num_iterations=4, save_every=2, eval_every=2)
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    straight = chat_rl.main(rl_flags(tiny, straight_dir, **common))
+    straight_log = logged_steps(capsys.readouterr().out)
+    assert list_steps(straight_dir) == [2, 4] and len(straight["rewards"]) == 4
+    resumed_dir.mkdir()
+    for path in straight_dir.glob("*_000002*"):
+        shutil.copy(path, resumed_dir)
+    resumed = chat_rl.main(rl_flags(tiny, resumed_dir, resume_from_step="latest", **common))
+    log = capsys.readouterr().out
+    assert "Resuming from step 2" in log
+    resumed_log = logged_steps(log)
+    assert sorted(resumed_log) == [2, 3]
+    for step in (2, 3):
+        assert resumed_log[step] == straight_log[step]
+    assert resumed["rewards"] == straight["rewards"] and resumed["evals"] == straight["evals"]
+    a, _, _ = load_checkpoint(straight_dir, 4, "cpu")
+    b, _, _ = load_checkpoint(resumed_dir, 4, "cpu")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert any(0 < r < 1 for r in straight["rewards"])  # there was something to learn (the weights moved)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_resume_exactly(tiny, tmp_path):
+    """Two gloo ranks: 4 steps straight vs. stopped at the step-2 checkpoint and resumed; same rewards, same
+    weights, and every rank's sampling generator saved."""
+    common = dict(num_iterations=4, save_every=2, num_samples=4)
+    env = subprocess_env(tmp_path)
+
+    def torchrun(out: Path, **extra):
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "-m", "nanopipe.stages.chat_rl", *rl_flags(tiny, out, **common, **extra)],
+                                capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    straight_log = logged_steps(torchrun(tmp_path / "straight"))
+    assert sorted(straight_log) == [0, 1, 2, 3]
+    meta = json.loads(meta_path(tmp_path / "straight", 2).read_text())
+    ranks = meta["sampler_rng"]["ranks"]
+    assert meta["sampler_rng"]["world_size"] == 2 and ranks[0] != ranks[1]
+    assert optim_path(tmp_path / "straight", 2, 1).is_file()
+    (tmp_path / "resumed").mkdir()
+    for path in (tmp_path / "straight").glob("*_000002*"):
+        shutil.copy(path, tmp_path / "resumed")
+    resumed_out = torchrun(tmp_path / "resumed", resume_from_step="latest")
+    assert "Resuming from step 2" in resumed_out
+    resumed_log = logged_steps(resumed_out)
+    assert sorted(resumed_log) == [2, 3] and all(resumed_log[s] == straight_log[s] for s in (2, 3))
+    a, _, _ = load_checkpoint(tmp_path / "straight", 4, "cpu")
+    b, _, _ = load_checkpoint(tmp_path / "resumed", 4, "cpu")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "resumed"))
+    assert m1["rewards"] == m2["rewards"] and m1["world_size"] == 2 and any(0 < r < 1 for r in m1["rewards"])
+
+
+def test_builtin_arithmetic_runs_offline(tiny, tmp_path, capsys, home):
+    metrics = chat_rl.main(rl_flags(tiny, tmp_path / "out", task="builtin-arithmetic", gsm8k_path="none",
+                                    num_iterations=1, examples_per_step=2, num_samples=2, eval_examples=2))
+    assert metrics["task"] == "builtin-arithmetic" and len(metrics["rewards"]) == 1
+    assert metrics["evals"][-1]["problems"] == 2
+
+
+# -----------------------------------------------------------------------------
+# Dry run and errors
+
+def test_dry_run_plans_without_joining_a_process_group(tiny, tmp_path):
+    """The flow's preflight: plain python with torchrun's variables. Joining a group of 2 would hang."""
+    env = subprocess_env(tmp_path, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT="1")
+    result = subprocess.run([sys.executable, "-m", "nanopipe.stages.chat_rl", "--dry_run",
+                             f"--checkpoint_dir={tiny['ckpt']}", f"--out_dir={tmp_path / 'out'}"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Model: 2 layers, width 64" in out and re.search(r"parameters: [\d,]+", out)
+    assert "Steps: 467 over 7,473 training questions" in out   # GSM8K train / 16, counted without the data
+    assert "16 questions per step (8 per rank, 2 rank(s)); samples per step: 256" in out
+    assert re.search(r"Estimated peak memory per device: [\d.]+ GiB", out)
+    assert not (tmp_path / "out").exists()
+    bad = subprocess.run([sys.executable, "-m", "nanopipe.stages.chat_rl", "--dry_run", "--examples_per_step=3"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "--examples_per_step=3 does not split over 2 ranks" in bad.stderr
+
+
+def test_dry_run_before_the_source_exists_assumes_the_depth_hint(tmp_path, home, capsys):
+    info = chat_rl.run(build_config(ChatRLConfig, {"dry_run": True, "depth": 4, "task": "builtin-arithmetic",
+                                                   "examples_per_step": 8, "checkpoint_dir": str(tmp_path / "none")}))
+    assert "assuming --depth=4" in capsys.readouterr().out
+    assert info["model_config"]["n_layer"] == 4 and info["num_iterations"] == 1000 // 8
+    assert info["samples_per_step"] == 8 * 16 and info["estimated_peak_memory_bytes"]["kv_cache"] > 0
+
+
+def _fails_with(args: list[str], tmp_path: Path, code: int, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        chat_rl.main(args)
+    assert exc.value.code == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    return err
+
+
+def test_missing_source_checkpoint_exits_2_naming_the_path(tmp_path, home, capsys):
+    err = _fails_with(["--device_type=cpu", f"--checkpoint_dir={tmp_path / 'nowhere'}",
+                       f"--out_dir={tmp_path / 'out'}"], tmp_path, 2, capsys)
+    assert str(tmp_path / "nowhere") in err
+    err = _fails_with(["--device_type=cpu", "--source=mid", f"--out_dir={tmp_path / 'out'}"], tmp_path, 2, capsys)
+    assert str(home / "mid_checkpoints") in err
+
+
+def test_vocabulary_mismatch_exits_2_naming_both(tiny, tmp_path, home, capsys):
+    other = Tokenizer.train_from_iterator(["a small other tokenizer " * 20], vocab_size=300)
+    other.save(tmp_path / "other_tok")
+    err = _fails_with(rl_flags(tiny, tmp_path / "out", tokenizer_dir=tmp_path / "other_tok"), tmp_path, 2, capsys)
+    assert "vocabulary mismatch" in err and str(tmp_path / "other_tok") in err and str(tiny["ckpt"]) in err
+    assert f"has {other.get_vocab_size()} tokens" in err and "vocab_size=384" in err
+
+
+def test_gsm8k_unavailable_names_the_dataset_and_the_flag(tiny, tmp_path, home, capsys):
+    err = _fails_with(rl_flags(tiny, tmp_path / "out", gsm8k_path=tmp_path / "missing"), tmp_path, 2, capsys)
+    assert f"--gsm8k_path: {tmp_path / 'missing'} does not exist" in err
+    # the hub, offline (a fresh process: `datasets` reads these variables when first imported)
+    env = subprocess_env(tmp_path, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run([sys.executable, "-m", "nanopipe.stages.chat_rl",
+                             *rl_flags(tiny, tmp_path / "out", gsm8k_path="none")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 1 and not (tmp_path / "out").exists()
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "openai/gsm8k" in err and "--gsm8k_path" in err and "--task=builtin-arithmetic" in err
