@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 sys.path.insert(0, str(REPO))
 
-from nanopipe.dataset import ensure_builtin, iter_documents, prepare_shards, select_shards  # noqa: E402
+from nanopipe.data import ensure_builtin, iter_documents, prepare_shards, select_shards  # noqa: E402
 from nanopipe.tokenizer import Tokenizer  # noqa: E402
 
 OUR_STEP = re.compile(r"^step (\d+)/\d+ .*?\| dt: ([\d.]+)ms \| tok/sec: ([\d,]+)", re.M)

@@ -79,7 +79,7 @@ def main() -> None:
     t0 = time.perf_counter()
     import flows.pipeline  # noqa: F401  (imports torch and the stage modules, as a flow run does)
     import_seconds = time.perf_counter() - t0
-    from nanopipe.dataset import ensure_builtin
+    from nanopipe.data import ensure_builtin
     data_dir = ensure_builtin(workdir / "builtin")
     values = {"preset": args.preset, "data": {"data_source": "builtin", "data_dir": str(data_dir)}}
     t0 = time.perf_counter()

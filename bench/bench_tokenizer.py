@@ -6,7 +6,7 @@ Tokenizer throughput: BPE training speed (chars/s) and encode speed (tokens/s), 
 
 The corpus is fixed: ../shared/data/tinyshakespeare.txt (cut into 10,000-character documents, the
 tokenizer stage's default --doc_cap) when that folder exists, else the built-in offline corpus of
-nanopipe.dataset. Figures only: nothing here asserts a speed. Take the best of --repeats runs.
+nanopipe.data. Figures only: nothing here asserts a speed. Take the best of --repeats runs.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def load_corpus(max_chars: int) -> tuple[str, list[str]]:
     if SHAKESPEARE.is_file():
         text = SHAKESPEARE.read_text(encoding="utf-8")[:max_chars]
         return "tinyshakespeare", [text[i:i + DOC_CHARS] for i in range(0, len(text), DOC_CHARS)]
-    from nanopipe.dataset import DataFlags, ensure_shards, iter_documents
+    from nanopipe.data import DataFlags, ensure_shards, iter_documents
     with tempfile.TemporaryDirectory() as tmp:
         shards = ensure_shards(DataFlags(data_source="builtin", data_dir=os.path.join(tmp, "builtin")))
         docs = list(iter_documents(shards.train, max_chars=max_chars, doc_cap=DOC_CHARS))

@@ -22,12 +22,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanopipe import dataset
+from nanopipe.data import builtin
 from nanopipe.common import atomic_write_json
-from nanopipe.config import CommonConfig, ConfigError, build_config, config_digest, parse_cli
-from nanopipe.dataset import (MANIFEST_NAME, DataError, DataFlags, DownloadError, download_shards, ensure_builtin,
-                              ensure_shards, iter_documents, iter_row_groups, main, prepare_shards, read_json,
+from nanopipe.configs.base import CommonConfig, ConfigError, build_config, config_digest
+from nanopipe.configs.flags import parse_config as parse_cli
+from nanopipe.data import (MANIFEST_NAME, DataError, DataFlags, DownloadError, download_shards, ensure_builtin,
+                              ensure_shards, iter_documents, iter_row_groups, prepare_shards, read_json,
                               resolve_data_dir, select_shards, split_text_documents)
+from nanopipe.data.cli import main
 
 SCHEMA = pa.schema([("text", pa.string())])
 
@@ -60,7 +62,7 @@ class Stage(CommonConfig, DataFlags):
 def builtin_race(tmp_path_factory) -> tuple[Path, int]:
     """Two threads race to materialise the builtin corpus into one directory; (directory, builds run)."""
     target = tmp_path_factory.mktemp("home") / "base_data" / "builtin"
-    with mock.patch.object(dataset, "write_split_shards", wraps=dataset.write_split_shards) as build:
+    with mock.patch.object(builtin, "write_split_shards", wraps=builtin.write_split_shards) as build:
         with ThreadPoolExecutor(2) as pool:
             results = list(pool.map(lambda _: ensure_builtin(target), range(2)))
     assert results == [target, target]

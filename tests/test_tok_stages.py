@@ -18,7 +18,7 @@ from nanopipe.configs.base import build_config
 from nanopipe.configs.flags import format_help
 from nanopipe.configs.tok_eval import TokEvalConfig
 from nanopipe.configs.tok_train import TokTrainConfig
-from nanopipe.dataset import ensure_builtin
+from nanopipe.data import ensure_builtin
 from nanopipe.stages import tok_eval, tok_train
 from nanopipe.stages.tok_eval import load_reference
 from nanopipe.tokenizer import RANKS_FILE, get_token_bytes, get_tokenizer

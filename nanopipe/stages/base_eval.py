@@ -29,7 +29,7 @@ from nanopipe.common import (atomic_write_text, compute_cleanup, compute_init, g
 from nanopipe.configs.flags import stage_main
 from nanopipe.configs.base_eval import BaseEvalConfig
 from nanopipe.core_eval import bundle_missing_message, evaluate_core, find_eval_bundle
-from nanopipe.dataset import ensure_shards
+from nanopipe.data import ensure_shards
 from nanopipe.loss_eval import evaluate_split_bpb
 from nanopipe.sampling import SAMPLE_PROMPTS, generate_samples
 from nanopipe.tokenizer import get_token_bytes

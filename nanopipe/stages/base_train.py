@@ -39,7 +39,7 @@ from nanopipe.configs.flags import stage_main
 from nanopipe.configs.tok_train import DEFAULT_VOCAB_SIZE
 from nanopipe.core_eval import bundle_missing_message, evaluate_core, find_eval_bundle
 from nanopipe.dataloader import BestFitLoader
-from nanopipe.dataset import ensure_shards
+from nanopipe.data import ensure_shards
 from nanopipe.gpt import GPT, GPTConfig, build_model_config
 from nanopipe.loss_eval import evaluate_split_bpb
 from nanopipe.optim import batch_lr_scale, lr_multiplier, muon_momentum

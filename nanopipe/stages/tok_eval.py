@@ -27,7 +27,7 @@ import tiktoken.load
 from nanopipe.common import get_base_dir, get_dist_info, print0, report_progress, write_metrics
 from nanopipe.configs.flags import stage_main
 from nanopipe.configs.tok_eval import TokEvalConfig
-from nanopipe.dataset import ensure_shards, iter_documents
+from nanopipe.data import ensure_shards, iter_documents
 from nanopipe.tokenizer import get_tokenizer
 
 PROG = "python -m nanopipe.stages.tok_eval"

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 from nanopipe.common import get_dist_info, get_base_dir, print0, report_progress
 from nanopipe.configs.flags import stage_main
 from nanopipe.configs.tok_train import TokTrainConfig
-from nanopipe.dataset import ensure_shards, iter_documents
+from nanopipe.data import ensure_shards, iter_documents
 from nanopipe.tokenizer import Tokenizer
 
 PROG = "python -m nanopipe.stages.tok_train"

@@ -35,9 +35,9 @@ BUILTIN_WORD_COUNT = 2500
 
 
 def _builtin_texts() -> Iterator[str]:
-    """The documents of nanopipe.dataset's builtin corpus (Python's own documentation), in its fixed order."""
+    """The documents of nanopipe.data's builtin corpus (Python's own documentation), in its fixed order."""
     try:
-        from nanopipe.dataset import builtin_documents
+        from nanopipe.data import builtin_documents
     except ImportError:  # the corpus module is optional here: read the same pydoc topics directly
         import pydoc_data.topics
 

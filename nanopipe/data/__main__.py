@@ -1,0 +1,3 @@
+from nanopipe.data.cli import main
+
+main()

@@ -1,0 +1,320 @@
+"""Shards of a Hugging Face dataset repo, through huggingface-hub: listed, downloaded in parallel, resumed,
+retried and checked against the repo's sizes and hashes."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from nanopipe.common import atomic_write_json, print0
+from nanopipe.configs.data import DEFAULT_HF_REPO, DataFlags
+from nanopipe.data.shards import DataError, ShardSet, read_json, resolve_data_dir, resolve_val_shard, validate_shard
+
+# -----------------------------------------------------------------------------
+# hf: shards of a Hugging Face dataset repo, through huggingface-hub
+
+HF_SOURCE_NAME = "hf_source.json"  # the repo listing (commit, names, sizes, hashes) the shards came from
+
+
+class DownloadError(DataError):
+    """A shard could not be downloaded intact. The message names the file."""
+
+
+class _CorruptDownload(Exception):
+    """The bytes on disk are not the file the repo lists: start that file again from scratch."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str  # local file name: the repo path with "/" as "__" (shards live flat in one directory)
+    path: str  # path inside the repo
+    size: int
+    sha256: str | None = None  # LFS files (every real shard)
+    git_sha1: str | None = None  # small files kept in git: the blob id
+
+
+def hf_endpoint(endpoint: str | None = None) -> str:
+    """The hub to talk to: the argument, else $HF_ENDPOINT read now (not at import), else huggingface-hub's."""
+    from huggingface_hub import constants
+    return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level errors worth a retry, for whichever HTTP client huggingface-hub is built on."""
+    classes: list[type[BaseException]] = [OSError]  # HfHubHTTPError, ConnectionError and timeouts are OSErrors
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError")):
+        try:
+            classes.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(classes)
+
+
+def _http_status(err: BaseException) -> int | None:
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _retryable(err: BaseException) -> bool:
+    """Server errors, throttling and broken connections are worth another try; 4xx answers are not."""
+    status = _http_status(err)
+    return status is None or status >= 500 or status in (408, 429)
+
+
+def _backoff(attempt: int, backoff_s: float) -> float:
+    return backoff_s * 2 ** (attempt - 1) * random.uniform(1.0, 1.25)  # jitter: parallel workers spread out
+
+
+def list_hf_shards(repo_id: str, revision: str = "main", endpoint: str | None = None, max_attempts: int = 5,
+                   backoff_s: float = 2.0) -> tuple[str, dict[str, RemoteFile]]:
+    """(commit, {file name: RemoteFile}) of the parquet files of a dataset repo, sizes and hashes included."""
+    from huggingface_hub import HfApi
+    api = HfApi(endpoint=hf_endpoint(endpoint))
+    for attempt in range(1, max_attempts + 1):
+        try:
+            info = api.dataset_info(repo_id, revision=revision, files_metadata=True)
+            break
+        except _transient_errors() as err:
+            if not _retryable(err) or attempt == max_attempts:
+                raise DataError(f"cannot list hf dataset repo {repo_id}@{revision} at {hf_endpoint(endpoint)}: "
+                                f"{_one_line(err)}") from None
+            wait = _backoff(attempt, backoff_s)
+            print0(f"listing {repo_id}: attempt {attempt}/{max_attempts} failed ({_one_line(err)}); "
+                   f"retrying in {wait:.1f}s")
+            time.sleep(wait)
+    files = {}
+    for sibling in info.siblings or []:
+        if not sibling.rfilename.endswith(".parquet"):
+            continue
+        if sibling.size is None:
+            raise DataError(f"hf repo {repo_id}: the listing gives no size for {sibling.rfilename}")
+        name = sibling.rfilename.replace("/", "__")
+        files[name] = RemoteFile(name, sibling.rfilename, sibling.size, sibling.lfs.sha256 if sibling.lfs else None,
+                                 None if sibling.lfs else sibling.blob_id)
+    return info.sha, files
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
+class _DownloadProgress:
+    """Aggregate progress of parallel downloads as log lines: one per finished file, one every few seconds."""
+
+    def __init__(self, files: list[RemoteFile], interval_s: float = 5.0):
+        self.total_bytes, self.total_files = sum(f.size for f in files), len(files)
+        self.interval_s, self.files_done = interval_s, 0
+        self._on_disk: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._t0 = self._last_print = time.time()
+        self._start_bytes: int | None = None
+
+    def set(self, name: str, on_disk: int) -> None:
+        with self._lock:
+            self._on_disk[name] = on_disk
+
+    def add(self, name: str, n: int) -> None:
+        with self._lock:
+            self._on_disk[name] = self._on_disk.get(name, 0) + n
+            if time.time() - self._last_print >= self.interval_s:
+                self._last_print = time.time()
+                print0(self.line())
+
+    def file_done(self, file: RemoteFile) -> None:
+        with self._lock:
+            self._on_disk[file.name] = file.size
+            self.files_done += 1
+            print0(f"  [{self.files_done}/{self.total_files}] {file.name} ({file.size / 1e6:.1f} MB)")
+
+    def line(self) -> str:
+        done = sum(self._on_disk.values())
+        seconds = max(time.time() - self._t0, 1e-6)
+        return (f"download: {done / 1e6:.1f}/{self.total_bytes / 1e6:.1f} MB "
+                f"({100 * done / max(self.total_bytes, 1):.0f}%), {done / 1e6 / seconds:.1f} MB/s, "
+                f"{self.files_done}/{self.total_files} files")
+
+
+class _ProgressSink:
+    """Stands where huggingface-hub's http_get expects a tqdm bar; forwards byte counts to _DownloadProgress."""
+
+    def __init__(self, progress: _DownloadProgress, name: str, initial: int = 0, **_: object):
+        self.progress, self.name = progress, name
+        progress.set(name, initial)
+
+    def update(self, n: int = 1) -> None:
+        self.progress.add(self.name, n)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "_ProgressSink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _verify_download(path: Path, file: RemoteFile) -> None:
+    size = path.stat().st_size
+    if size != file.size:
+        raise _CorruptDownload(f"size mismatch: got {size} bytes, the repo lists {file.size}")
+    if file.sha256 or file.git_sha1:
+        digest = hashlib.sha256() if file.sha256 else hashlib.sha1(f"blob {size}\0".encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        expected = file.sha256 or file.git_sha1
+        if digest.hexdigest() != expected:
+            kind = "sha256" if file.sha256 else "git blob sha1"
+            raise _CorruptDownload(f"{kind} mismatch: got {digest.hexdigest()}, the repo lists {expected}")
+
+
+def _fetch_once(url: str, partial: Path, file: RemoteFile, progress: _DownloadProgress) -> None:
+    """One attempt: continue `partial` from where it stops (HTTP Range) until it has every byte."""
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+    have = partial.stat().st_size if partial.exists() else 0
+    if have > file.size:
+        partial.unlink()
+        have = 0
+    progress.set(file.name, have)
+    if have == file.size:
+        return  # complete already (the last run stopped before checking and renaming it)
+    with open(partial, "ab") as f:
+        # the size check is ours (against the repo listing, after the transfer), so none is passed here
+        http_get(url, f, resume_size=have, headers=build_hf_headers(), displayed_filename=file.name,
+                 tqdm_class=functools.partial(_ProgressSink, progress, file.name))
+
+
+def download_file(url: str, dest: Path, file: RemoteFile, progress: _DownloadProgress, max_attempts: int = 5,
+                  backoff_s: float = 2.0) -> None:
+    """Download one shard to `dest`: resumable, retried with exponential backoff, checked against the listing.
+
+    Bytes accumulate in a hidden `.NAME.partial` file that survives a crash, so the next run resumes it;
+    a file lock keeps two processes from writing the same shard; the checked file is renamed into place.
+    """
+    partial = dest.with_name(f".{dest.name}.partial")
+    with FileLock(str(dest.with_name(f".{dest.name}.lock"))):
+        if dest.is_file() and dest.stat().st_size == file.size:
+            progress.file_done(file)  # another process finished it while we waited
+            return
+        error: BaseException | None = None
+        for attempt in range(1, max_attempts + 1):
+            try:
+                _fetch_once(url, partial, file, progress)
+                _verify_download(partial, file)
+                os.replace(partial, dest)
+                progress.file_done(file)
+                return
+            except _CorruptDownload as err:
+                partial.unlink(missing_ok=True)
+                error = err
+            except _transient_errors() as err:
+                if _http_status(err) == 416:  # the partial file is longer than what the server has
+                    partial.unlink(missing_ok=True)
+                elif not _retryable(err):
+                    raise DownloadError(f"{file.name}: {_one_line(err)}") from None
+                error = err
+            if attempt < max_attempts:
+                wait = _backoff(attempt, backoff_s)
+                print0(f"  {file.name}: attempt {attempt}/{max_attempts} failed ({_one_line(error)}); "
+                       f"retrying in {wait:.2f}s")
+                time.sleep(wait)
+        raise DownloadError(f"{file.name}: download failed after {max_attempts} attempts: {_one_line(error)}")
+
+
+def download_shards(repo_id: str = DEFAULT_HF_REPO, data_dir: str | os.PathLike | None = None,
+                    num_shards: int | None = 8, val_shard: str | None = None, revision: str = "main",
+                    num_workers: int = 4, max_attempts: int = 5, backoff_s: float = 2.0,
+                    endpoint: str | None = None) -> ShardSet:
+    """Download the first `num_shards` training shards (None: all) of a dataset repo plus its pinned
+    validation shard, in parallel; files already complete on disk are kept."""
+    flags = DataFlags(data_source="hf", hf_repo_id=repo_id, val_shard=val_shard,
+                      data_dir=str(data_dir) if data_dir else None)
+    data_dir, val_shard = resolve_data_dir(flags), resolve_val_shard(flags)
+    from huggingface_hub import constants, hf_hub_url
+    if getattr(constants, "HF_HUB_OFFLINE", False):
+        raise DataError(f"HF_HUB_OFFLINE is set: cannot download {repo_id} shards into {data_dir}")
+    commit, remote = list_hf_shards(repo_id, revision, endpoint, max_attempts, backoff_s)
+    if val_shard not in remote:
+        examples = ", ".join(sorted(remote)[-3:]) or "none"
+        raise DataError(f"validation shard {val_shard} (--val_shard) is not in hf repo {repo_id}@{commit[:12]}: "
+                        f"{len(remote)} parquet files, the last ones {examples}")
+    train_names = sorted(n for n in remote if n != val_shard)
+    if num_shards is not None and num_shards > len(train_names):
+        print0(f"{repo_id} has {len(train_names)} training shards, fewer than the {num_shards} asked for")
+    train_names = train_names[:num_shards]
+    wanted = [remote[n] for n in train_names + [val_shard]]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # the listing goes down first: later runs can then check what is on disk without the network
+    atomic_write_json(data_dir / HF_SOURCE_NAME, {
+        "repo_id": repo_id, "revision": revision, "commit": commit, "val_shard": val_shard,
+        "files": {f.name: {"size": f.size, "sha256": f.sha256, "git_sha1": f.git_sha1} for f in remote.values()}})
+    todo = [f for f in wanted if not _complete(data_dir / f.name, f.size)]
+    progress = _DownloadProgress(todo)
+    print0(f"hf {repo_id}@{commit[:12]}: {len(train_names)} training shards + validation {val_shard}; "
+           f"{len(todo)} to download ({progress.total_bytes / 1e6:.1f} MB) with {num_workers} workers into {data_dir}")
+    endpoint = hf_endpoint(endpoint)
+    urls = [hf_hub_url(repo_id, f.path, repo_type="dataset", revision=commit, endpoint=endpoint) for f in todo]
+    for url in urls:  # never let a download wander off to another host than the one that listed the repo
+        if not url.startswith(endpoint + "/"):
+            raise DataError(f"download URL {url} is not on the hub endpoint {endpoint} (check HF_ENDPOINT)")
+    failures = []
+    with ThreadPoolExecutor(max_workers=num_workers) as pool:
+        futures = [pool.submit(download_file, url, data_dir / f.name, f, progress, max_attempts, backoff_s)
+                   for f, url in zip(todo, urls)]
+        for future in futures:
+            try:
+                future.result()
+            except DownloadError as err:
+                failures.append(str(err))
+    if failures:
+        raise DownloadError(f"{len(failures)} of {len(todo)} shards failed (the others are in {data_dir}, "
+                            f"run again to resume): " + "; ".join(failures))
+    if todo:
+        print0(progress.line())
+    shards = ShardSet(train=[data_dir / n for n in train_names], val=data_dir / val_shard, data_dir=data_dir)
+    for path in shards.train + [shards.val]:
+        validate_shard(path)
+    return shards
+
+
+def _complete(path: Path, size: int) -> bool:
+    return path.is_file() and path.stat().st_size == size
+
+
+def ensure_hf_shards(repo_id: str, data_dir: Path, num_shards: int | None, val_shard: str) -> ShardSet:
+    """hf shards for a stage: checked against the recorded repo listing offline, downloaded when missing.
+
+    With num_shards None, the training shards already complete on disk are used (at least one).
+    """
+    source = data_dir / HF_SOURCE_NAME
+    listing = read_json(source) if source.is_file() else {}
+    files = listing.get("files", {}) if listing.get("repo_id") == repo_id else {}
+    train_names = sorted(n for n in files if n != val_shard)
+    if num_shards is None:
+        train_names = [n for n in train_names if _complete(data_dir / n, files[n]["size"])]
+    else:
+        train_names = train_names[:num_shards]
+    ready = (val_shard in files and train_names and (num_shards is None or len(train_names) == num_shards)
+             and all(_complete(data_dir / n, files[n]["size"]) for n in train_names + [val_shard]))
+    if ready:
+        shards = ShardSet(train=[data_dir / n for n in train_names], val=data_dir / val_shard, data_dir=data_dir)
+        for path in shards.train + [shards.val]:
+            validate_shard(path)
+        return shards
+    if num_shards is None:
+        raise DataError(f"no complete shards of hf repo {repo_id} in {data_dir} (training shards and the "
+                        f"validation shard {val_shard}): pass --num_shards=N to download the first N, or run "
+                        f"`python -m nanopipe.data download -n N --hf_repo_id={repo_id}`")
+    return download_shards(repo_id, data_dir, num_shards, val_shard)
