@@ -63,7 +63,7 @@ def coerce_cli_value(field: FieldInfo, raw: str) -> Any:
         if inner is int and number.is_integer() and not cleaned.lstrip("+-").isdigit():
             return int(number)
         return cleaned
-    if typing.get_origin(inner) is dict or (raw[:1] in "[{" and typing.get_origin(inner) in (list, tuple)):
+    if typing.get_origin(inner) is dict or (raw[:1] in ("[", "{") and typing.get_origin(inner) in (list, tuple)):
         try:
             return json.loads(raw)
         except json.JSONDecodeError as err:
