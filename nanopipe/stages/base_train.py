@@ -32,7 +32,7 @@ import torch
 from nanopipe.checkpoint import CheckpointError, find_last_step, load_checkpoint, meta_path, save_checkpoint
 from nanopipe.common import (Runtime, atomic_write_json, compute_cleanup, compute_init, get_base_dir, get_dist_info,
                              init_wandb, print0, report_progress, write_metrics)
-from nanopipe.config import ConfigError
+from nanopipe.configs.base import ConfigError
 from nanopipe.configs.base import model_tag_for_depth
 from nanopipe.configs.base_train import BaseTrainConfig, check_batch_sizes
 from nanopipe.configs.flags import stage_main

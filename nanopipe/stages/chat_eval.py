@@ -31,7 +31,7 @@ from nanopipe.chat_scoring import chatcore, evaluate_categorical, evaluate_gener
 from nanopipe.checkpoint import load_model, resolve_checkpoint_dir
 from nanopipe.common import (compute_cleanup, compute_init, get_base_dir, print0, report_progress,
                              write_metrics)
-from nanopipe.config import ConfigError
+from nanopipe.configs.base import ConfigError
 from nanopipe.configs.flags import stage_main
 from nanopipe.configs.chat_eval import CHATCORE_TASKS, DATA_PATH_FIELDS, SYNTHETIC_TASKS, ChatEvalConfig
 from nanopipe.engine import Engine
