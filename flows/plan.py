@@ -22,7 +22,7 @@ from flows.artifacts import (MANIFEST, artifact_dir, artifact_hash, code_hashes,
 from flows.config import PipelineConfig
 from flows.launcher import Resources, launch, stage_command
 from flows.stages import STAGE_NAMES, STAGES, Stage, get_stage
-from nanopipe.config import to_cli_args
+from nanopipe.configs.flags import to_cli_args
 from nanopipe.configs import ConfigError, config_digest, non_semantic_fields
 from nanopipe.common import get_base_dir
 

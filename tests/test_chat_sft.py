@@ -20,7 +20,7 @@ import torch.distributed as dist
 from nanopipe.chat_format import render_conversation
 from nanopipe.chat_train import PaddedChatBatcher
 from nanopipe.checkpoint import list_steps, load_checkpoint, load_model, optim_path
-from nanopipe.config import ConfigError, build_config
+from nanopipe.configs.base import ConfigError, build_config
 from nanopipe.configs.chat_sft import ChatSFTConfig
 from nanopipe.stages import chat_eval, chat_sft
 from nanopipe.tasks import TaskMixture, builtin_chat_mixture

@@ -19,7 +19,8 @@ import torch
 from nanopipe.chat_format import render_conversation
 from nanopipe.chat_train import PackedChatLoader, RankStride
 from nanopipe.checkpoint import list_steps, load_checkpoint, load_model, optim_path
-from nanopipe.config import ConfigError, build_config, parse_cli
+from nanopipe.configs.base import ConfigError, build_config
+from nanopipe.configs.flags import parse_config as parse_cli
 from nanopipe.configs.mid_train import MidTrainConfig
 from nanopipe.stages import mid_train
 from nanopipe.tasks import TaskMixture, builtin_chat_mixture

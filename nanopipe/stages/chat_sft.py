@@ -39,7 +39,7 @@ from nanopipe.chat_train import (ChatTrainerBase, PaddedChatBatcher, evaluate_ch
                                  output_dir, planned_model, print_plan, sum_across_ranks, supervised_loss)
 from nanopipe.common import (Runtime, compute_cleanup, compute_init, get_dist_info, init_wandb, print0,
                              report_progress, write_metrics)
-from nanopipe.config import parse_cli
+from nanopipe.configs.flags import parse_config as parse_cli
 from nanopipe.configs.base import ConfigError
 from nanopipe.configs.chat_sft import ChatSFTConfig, check_sft_batch_sizes
 from nanopipe.training import (NonFiniteLossError, gc_frozen_after_first_step, keep_freed_memory_for_reuse,

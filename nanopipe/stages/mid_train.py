@@ -40,7 +40,7 @@ from nanopipe.chat_train import (ChatTrainerBase, PackedChatLoader, evaluate_cha
                                  output_dir, planned_model, print_plan, sum_across_ranks)
 from nanopipe.common import (Runtime, compute_cleanup, compute_init, get_dist_info, init_wandb, print0,
                              report_progress, write_metrics)
-from nanopipe.config import parse_cli
+from nanopipe.configs.flags import parse_config as parse_cli
 from nanopipe.configs.base import ConfigError
 from nanopipe.configs.mid_train import MidTrainConfig, check_mid_batch_sizes
 from nanopipe.optim import batch_lr_scale, muon_momentum
