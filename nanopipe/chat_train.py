@@ -539,13 +539,14 @@ class ChatTrainerBase:
 DRY_RUN_DEFAULT_VOCAB = 32768  # tok_train's default, when neither the source nor a tokenizer exists yet
 
 
-def planned_model(cfg) -> tuple[GPTConfig, str]:
-    """(model config, where it came from): the source checkpoint's, or, when there is none yet (a planning
-    dry run before the upstream stages ran), the shape of --depth/--aspect_ratio/--head_dim."""
+def planned_model(cfg) -> tuple[GPTConfig, str, SourceCheckpoint | None]:
+    """(model config, where it came from, the source checkpoint or None): the source checkpoint's model, or,
+    when there is none yet (a planning dry run before the upstream stages ran), the shape of
+    --depth/--aspect_ratio/--head_dim. A source that exists but does not match its tokenizer still fails."""
     from nanopipe.gpt import build_model_config
     try:
         src = find_source(cfg.source, cfg.model_tag, cfg.model_step, cfg.checkpoint_dir, cfg.tokenizer_dir)
-        return src.model_config, f"source checkpoint {src.ckpt_dir} step {src.step}"
+        return src.model_config, f"source checkpoint {src.ckpt_dir} step {src.step}", src
     except SourceCheckpointError as err:
         if not err.missing:
             raise
@@ -557,7 +558,8 @@ def planned_model(cfg) -> tuple[GPTConfig, str]:
                 pass
         config = build_model_config(cfg.depth, cfg.aspect_ratio, cfg.head_dim, 2048, vocab)
         return config, (f"no source checkpoint yet ({err}); assuming --depth={cfg.depth} "
-                        f"--aspect_ratio={cfg.aspect_ratio} --head_dim={cfg.head_dim}, vocab {vocab:,} ({vocab_from})")
+                        f"--aspect_ratio={cfg.aspect_ratio} --head_dim={cfg.head_dim}, vocab {vocab:,} "
+                        f"({vocab_from})"), None
 
 
 def model_plan(config: GPTConfig, row_tokens: int, rows_per_device: int, world_size: int, cuda: bool) -> dict:

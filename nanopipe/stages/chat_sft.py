@@ -71,7 +71,7 @@ def plan_iterations(cfg: ChatSFTConfig, num_examples: int) -> int:
 
 def dry_run(cfg: ChatSFTConfig, world_size: int) -> dict:
     device_type = cfg.device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-    model_config, model_from = planned_model(cfg)
+    model_config, model_from, _ = planned_model(cfg)
     # rows are padded to the longest conversation of the micro-batch: at most the model's context
     plan = model_plan(model_config, model_config.sequence_len, cfg.device_batch_size, world_size,
                       device_type == "cuda")

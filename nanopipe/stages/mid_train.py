@@ -83,7 +83,7 @@ def estimate_pass(mixtures: ChatMixtures, tokenizer, seq_len: int, sample: int =
 
 def dry_run(cfg: MidTrainConfig, world_size: int) -> dict:
     device_type = cfg.device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-    model_config, model_from = planned_model(cfg)
+    model_config, model_from, src = planned_model(cfg)
     plan = model_plan(model_config, cfg.max_seq_len, cfg.device_batch_size, world_size, device_type == "cuda")
     print_plan(plan, model_from)
     grad_accum = check_mid_batch_sizes(cfg, world_size)
@@ -92,8 +92,7 @@ def dry_run(cfg: MidTrainConfig, world_size: int) -> dict:
     if cfg.num_iterations is not None:
         info["total_tokens"] = cfg.num_iterations * cfg.total_batch_size
         how = "--num_iterations"
-    elif cfg.mixture == "builtin" and "source checkpoint" in model_from:
-        src = find_source(cfg.source, cfg.model_tag, cfg.model_step, cfg.checkpoint_dir, cfg.tokenizer_dir)
+    elif cfg.mixture == "builtin" and src is not None:  # the offline mixture is cheap to measure
         from nanopipe.tokenizer import get_tokenizer
         one_pass = estimate_pass(mid_mixtures(cfg), get_tokenizer(src.tokenizer_dir), cfg.max_seq_len)
         info["num_iterations"] = max(1, math.ceil(one_pass["tokens"] / cfg.total_batch_size))
