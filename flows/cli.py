@@ -7,7 +7,7 @@ The `nanopipe` command.
     nanopipe stage tok_train --preset demo-cpu --vocab_size=1024 # one stage as its own flow
     nanopipe status --preset demo-cpu                            # which artifacts exist and verify
     nanopipe command base_train --preset d12 [--exec]            # a stage's exact launch command
-    nanopipe data builtin                                        # = python -m nanopipe.dataset builtin
+    nanopipe data builtin                                        # = python -m nanopipe.data builtin
     nanopipe presets                                             # the presets and what they set
 
 Overrides address `PipelineConfig` fields with dots (`--tok_train.vocab_size=1024`, `--resources.env.X=1`);
@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import typing
 from typing import Any
 
 USAGE = __doc__.split("\n\n")[1]
@@ -32,96 +31,39 @@ class UsageError(ValueError):
     """A bad command line: the message names the flag and what is valid."""
 
 
-# -----------------------------------------------------------------------------
-# Dotted overrides -> nested dict, coerced by the pydantic field types
-
-def _model_class(annotation: Any):
-    from pydantic import BaseModel
-    from nanopipe.config import _unwrap_optional
-    inner, _ = _unwrap_optional(annotation)
-    return inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
+# Flags of the commands that are not fields of PipelineConfig
+EXTRA_FLAGS = {"home": "NANOPIPE_HOME for this command (where artifacts live)",
+               "json": "status: print JSON", "exec": "command: become the launch command instead of printing it"}
 
 
-def _coerce(field, raw: str) -> Any:
-    from nanopipe.config import _coerce_cli_value, _unwrap_optional
-    inner, _ = _unwrap_optional(field.annotation)
-    if typing.get_origin(inner) is dict or (raw[:1] in "[{" and typing.get_origin(inner) in (list, tuple)):
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"expected JSON for this field, got {raw!r}: {err}") from None
-    return _coerce_cli_value(field, raw)
+def parse_command(argv: list[str], stage=None, extra: tuple[str, ...] = ()) -> tuple[Any, dict[str, str]]:
+    """(PipelineConfig, extra flags) from --preset, dotted overrides of any field and the extra flags.
 
-
-def set_override(values: dict, model: type, path: list[str], raw: str, flag: str) -> None:
-    """Put `raw` at `path` inside `values`, converting it with the type of the field it lands on."""
-    name = path[0].replace("-", "_")
-    fields = model.model_fields
-    if name not in fields:
-        raise UsageError(f"unknown flag {flag}: {model.__name__} has no field {name!r} "
-                         f"(fields: {', '.join(fields)})")
-    field = fields[name]
-    if len(path) == 1:
-        values[name] = _coerce(field, raw)
-        return
-    sub = _model_class(field.annotation)
-    from nanopipe.config import _unwrap_optional
-    inner, _ = _unwrap_optional(field.annotation)
-    if sub is not None:
-        set_override(values.setdefault(name, {}), sub, path[1:], raw, flag)
-    elif typing.get_origin(inner) is dict and len(path) == 2:
-        value_type = typing.get_args(inner)[1] if typing.get_args(inner) else str
-        target = values.setdefault(name, {})
-        sub = _model_class(value_type)
-        target[path[1]] = raw if sub is None else json.loads(raw)
-    elif typing.get_origin(inner) is dict and len(path) > 2 and _model_class(typing.get_args(inner)[1]):
-        set_override(values.setdefault(name, {}).setdefault(path[1], {}), _model_class(typing.get_args(inner)[1]),
-                     path[2:], raw, flag)
-    else:
-        raise UsageError(f"{flag}: {name} is a plain value, it has no sub-field {'.'.join(path[1:])!r}")
-
-
-def split_flags(argv: list[str]) -> list[tuple[str, str]]:
-    """`--a=b`, `--a b` and bare `--flag` (true) into (name, raw value) pairs, in order."""
-    pairs, i = [], 0
-    while i < len(argv):
-        token = argv[i]
-        i += 1
-        if not token.startswith("--") or token == "--":
-            raise UsageError(f"unexpected argument {token!r}: options look like --name=value")
-        key, has_value, value = token[2:].partition("=")
-        if not has_value:
-            if i < len(argv) and not argv[i].startswith("--"):
-                value, i = argv[i], i + 1
-            else:
-                value = "true"
-        pairs.append((key, value))
-    return pairs
-
-
-def build_pipeline_config(pairs: list[tuple[str, str]], stage=None):
-    """PipelineConfig from --preset, --home and overrides; with `stage`, undotted flags may be the stage's."""
-    from pydantic import ValidationError
+    One parser for everything: nanopipe.configs.flags derives it from PipelineConfig, whose sub-models are
+    the stages' own configs; with `stage`, that stage's flags may also be given undotted."""
     from flows.config import PipelineConfig
-    values: dict = {}
-    for key, raw in pairs:
-        if key == "home":
-            os.environ["NANOPIPE_HOME"] = os.path.abspath(os.path.expanduser(raw))
-            continue
-        path = key.split(".")
-        if stage is not None and len(path) == 1:
-            stage_cls = PipelineConfig.model_fields[stage.config_field].annotation
-            if path[0].replace("-", "_") in stage_cls.model_fields:
-                path = [stage.config_field, *path]
-        set_override(values, PipelineConfig, path, raw, f"--{key}")
+    from nanopipe.configs.base import ConfigError, build_config
+    from nanopipe.configs.flags import parse_flags
+    names = ("home", *extra)
     try:
-        return PipelineConfig.model_validate(values)
-    except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"])
-            problems.append(f"--{loc}: {e['msg']} (got {e.get('input')!r})" if loc else e["msg"])
-        raise UsageError("; ".join(problems)) from None
+        values = parse_flags(PipelineConfig, argv, prog="nanopipe", bare_prefix=stage.config_field if stage else None,
+                             extra_flags={name: EXTRA_FLAGS[name] for name in names})
+        extras = {name: values.pop(name) for name in names if name in values}
+        config = build_config(PipelineConfig, values)
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+    if "home" in extras:
+        os.environ["NANOPIPE_HOME"] = os.path.abspath(os.path.expanduser(extras["home"]))
+    return config, extras
+
+
+def build_pipeline_config(argv: list[str], stage=None):
+    """PipelineConfig from a command line (see parse_command)."""
+    return parse_command(argv, stage)[0]
+
+
+def _true(value: str | None) -> bool:
+    return value is not None and value.lower() in ("1", "true", "yes", "on")
 
 
 # -----------------------------------------------------------------------------
@@ -134,7 +76,7 @@ def _prefect_defaults() -> None:
 
 
 def cmd_run(argv: list[str]) -> int:
-    config = build_pipeline_config(split_flags(argv))
+    config = build_pipeline_config(argv)
     _prefect_defaults()
     from flows.pipeline import full_pipeline
     state = full_pipeline(config, return_state=True)
@@ -143,7 +85,7 @@ def cmd_run(argv: list[str]) -> int:
 
 def cmd_stage(argv: list[str]) -> int:
     stage = _stage_argument(argv, "nanopipe stage NAME [--preset P] [flags]")
-    config = build_pipeline_config(split_flags(argv[1:]), stage=stage)
+    config = build_pipeline_config(argv[1:], stage=stage)
     _prefect_defaults()
     from flows.pipeline import stage_flow
     state = stage_flow(stage.name, config, return_state=True)
@@ -168,9 +110,8 @@ def cmd_command(argv: list[str]) -> int:
     import shlex
     from flows.plan import plan_pipeline
     stage = _stage_argument(argv, "nanopipe command NAME [--preset P] [flags] [--exec]")
-    pairs = split_flags(argv[1:])
-    execute = any(k == "exec" and v.lower() in ("1", "true", "yes") for k, v in pairs)
-    config = build_pipeline_config([(k, v) for k, v in pairs if k != "exec"], stage=stage)
+    config, extras = parse_command(argv[1:], stage, extra=("exec",))
+    execute = _true(extras.get("exec"))
     if stage.when:
         config = config.model_copy(update={stage.when: True})
     plan = next(p for p in plan_pipeline(config.model_copy(update={"stop_after": None})) if p.stage == stage.name)
@@ -194,9 +135,8 @@ def cmd_status(argv: list[str]) -> int:
     from pathlib import Path
     from flows.artifacts import lock_holder, read_manifest, verify
     from flows.plan import plan_pipeline, rerun_reasons
-    pairs = split_flags(argv)
-    as_json = any(k == "json" for k, _ in pairs)
-    config = build_pipeline_config([(k, v) for k, v in pairs if k != "json"])
+    config, extras = parse_command(argv, extra=("json",))
+    as_json = _true(extras.get("json"))
     rows = []
     for plan in plan_pipeline(config):
         directory = Path(plan.artifact_dir)
@@ -241,7 +181,7 @@ def cmd_presets(argv: list[str]) -> int:
 
 
 def cmd_data(argv: list[str]) -> int:
-    from nanopipe.dataset import main as data_main
+    from nanopipe.data.cli import main as data_main
     data_main(argv, prog="nanopipe data")
     return 0
 

@@ -22,6 +22,10 @@ from flows.presets import PRESETS, deep_merge, preset_values
 from flows.stages import STAGE_NAMES, Stage
 from nanopipe.configs import (BaseEvalConfig, BaseTrainConfig, DataFlags, NanoConfig, TokEvalConfig, TokTrainConfig,
                               build_config)
+from nanopipe.configs.chat_eval import ChatEvalConfig
+from nanopipe.configs.chat_rl import ChatRLConfig
+from nanopipe.configs.chat_sft import ChatSFTConfig
+from nanopipe.configs.mid_train import MidTrainConfig
 
 StageName = Literal[tuple(STAGE_NAMES)]  # type: ignore[valid-type]
 PresetName = Literal[tuple(PRESETS)]    # type: ignore[valid-type]
@@ -63,6 +67,12 @@ class PipelineConfig(BaseModel):
     tok_eval: form(TokEvalConfig) = Field(default_factory=TokEvalConfig, description="tokenizer evaluation")
     base_train: form(BaseTrainConfig) = Field(default_factory=BaseTrainConfig, description="base pretraining")
     base_eval: form(BaseEvalConfig) = Field(default_factory=BaseEvalConfig, description="base model evaluation")
+    mid_train: form(MidTrainConfig) = Field(default_factory=MidTrainConfig, description="mid-training")
+    chat_sft: form(ChatSFTConfig) = Field(default_factory=ChatSFTConfig, description="supervised fine-tuning")
+    chat_rl: form(ChatRLConfig) = Field(default_factory=ChatRLConfig, description="reinforcement learning on GSM8K "
+                                        "(runs when run_rl is set)")
+    chat_eval: form(ChatEvalConfig) = Field(default_factory=ChatEvalConfig, description="chat evaluation, run "
+                                            "after mid-training, SFT and RL")
     run_rl: bool = Field(False, description="also run the (optional) reinforcement-learning stage")
     stop_after: StageName | None = Field(None, description="end the run after this stage (none: run them all)")
     recompute_from: StageName | None = Field(
@@ -70,9 +80,6 @@ class PipelineConfig(BaseModel):
     resources: form(Resources) = Field(default_factory=Resources, description="torchrun layout, env, timeout, retries")
     stage_resources: dict[StageName, Resources] = Field(
         default_factory=dict, description="per-stage replacements of `resources`, by stage name")
-    result_storage: str | None = Field(
-        None, description="where Prefect persists task results (the cache records): a directory, or a "
-        "Prefect storage block slug such as 's3-bucket/nanopipe' for multi-node; none = NANOPIPE_HOME/results")
 
     @model_validator(mode="before")
     @classmethod

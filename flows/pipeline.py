@@ -23,8 +23,9 @@ from prefect.runtime import flow_run
 
 from flows.artifacts import ArtifactRef, artifact_lock, discard, ref_from_manifest
 from flows.config import PipelineConfig, StageName
-from flows.plan import PlanError, StagePlan, is_complete, plan_pipeline, preflight, produced_by, stages_from
-from flows.stage_task import result_storage, run_stage
+from flows.plan import (PlanError, StagePlan, is_complete, model_shape, plan_pipeline, preflight, produced_by,
+                        stages_from)
+from flows.stage_task import run_stage
 from flows.stages import get_stage
 
 
@@ -40,8 +41,7 @@ class StageOutcome:
     state: Any = None                   # the task run's final state: downstream stages link to it
 
 
-def execute(plan: StagePlan, *, force: bool, complete: bool, upstream: dict[str, Any], storage,
-            logger) -> StageOutcome:
+def execute(plan: StagePlan, *, force: bool, complete: bool, upstream: dict[str, Any], logger) -> StageOutcome:
     """Run one stage's task. `complete` is this run's verdict on the artifact on disk (a cache hit counts
     only if it verifies); `upstream` maps input fields to the upstream task runs' states."""
     if force:
@@ -50,7 +50,7 @@ def execute(plan: StagePlan, *, force: bool, complete: bool, upstream: dict[str,
             discard(plan.artifact_dir)
     stage_task = run_stage.with_options(
         name=plan.stage, retries=plan.resources.retries, retry_delay_seconds=plan.resources.retry_delay_seconds,
-        result_storage=storage, refresh_cache=not complete)
+        tags=[f"stage:{plan.stage}", f"artifact:{plan.hash}"])
     started = time.monotonic()
     state = stage_task(plan=plan, upstream=upstream, verified=complete, return_state=True)
     seconds = time.monotonic() - started
@@ -109,9 +109,7 @@ def run_stages(plans: list[StagePlan], config: PipelineConfig, title: str,
     for p in plans:
         state = "recompute" if p.stage in force else ("cached" if complete[p.stage] else "run")
         logger.info(f"plan: {p.stage:<10} {state:<9} {p.artifact_dir}")
-    preflight([p for p in plans if not complete[p.stage]], ready={s for s, ok in complete.items() if ok},
-              log=logger.info)
-    storage = result_storage(config.result_storage)
+    preflight([p for p in plans if not complete[p.stage]], shape=model_shape(plans), log=logger.info)
     states = dict(upstream_states or {})
     outcomes: list[StageOutcome] = []
     try:
@@ -120,7 +118,7 @@ def run_stages(plans: list[StagePlan], config: PipelineConfig, title: str,
             upstream = {role: states[up["stage"]] for role, up in plan.upstream.items() if up["stage"] in states}
             try:
                 outcome = execute(plan, force=plan.stage in force, complete=complete[plan.stage], upstream=upstream,
-                                  storage=storage, logger=logger)
+                                  logger=logger)
             except BaseException:   # cancelled or killed mid-stage: say so in the summary, then go on unwinding
                 outcomes.append(StageOutcome(plan, "Interrupted", time.monotonic() - started))
                 raise

@@ -162,21 +162,27 @@ def rerun_reasons(plan: StagePlan) -> list[str]:
 # -----------------------------------------------------------------------------
 # Preflight: each training stage's own dry run (shapes, batch arithmetic, memory estimate), in a subprocess
 
-def dry_run_command(plan: StagePlan) -> tuple[list[str], dict[str, str]]:
+# A chat stage's dry run before its source checkpoint exists assumes the model shape these flags give
+SHAPE_FIELDS = ("depth", "aspect_ratio", "head_dim")
+
+
+def dry_run_command(plan: StagePlan, shape: dict[str, Any] | None = None) -> tuple[list[str], dict[str, str]]:
     """`python -m <stage> <flags> --dry_run` and its environment: torchrun's variables without torchrun,
     so the stage checks its batch arithmetic for the world size it will train with, and never joins a
-    process group."""
+    process group. `shape` (the base model's depth, aspect ratio, head size) tells a stage whose source
+    checkpoint this run will produce what model to plan for."""
     world_size = plan.resources.nproc_per_node * plan.resources.nnodes
     env = {**plan.resources.env, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size),
            "LOCAL_WORLD_SIZE": str(plan.resources.nproc_per_node)}
-    return stage_command(plan.module, [*plan.args, f"--{plan.dry_run_flag}=true"], plan.resources,
+    hints = [f"--{k}={v}" for k, v in (shape or {}).items() if k in plan.config and k not in plan.semantic_config]
+    return stage_command(plan.module, [*plan.args, *hints, f"--{plan.dry_run_flag}=true"], plan.resources,
                          distributed=False), env
 
 
-def dry_run(plan: StagePlan, timeout_seconds: float = 600) -> str:
+def dry_run(plan: StagePlan, shape: dict[str, Any] | None = None, timeout_seconds: float = 600) -> str:
     """Run the stage's own dry run through the launcher (same process-tree handling as a real launch).
     Returns what it printed; raises PlanError naming the stage and quoting the end of its output."""
-    cmd, env = dry_run_command(plan)
+    cmd, env = dry_run_command(plan, shape)
     with tempfile.TemporaryDirectory(prefix=f"nanopipe-preflight-{plan.stage}-") as tmp:
         result = launch(cmd, log_path=Path(tmp) / "dry_run.log", env=env, timeout_seconds=timeout_seconds)
         output = "\n".join(result.tail)
@@ -187,17 +193,13 @@ def dry_run(plan: StagePlan, timeout_seconds: float = 600) -> str:
     return output
 
 
-def preflight(plans: list[StagePlan], ready: set[str], log=print) -> None:
-    """Dry-run every plan that has a dry-run flag and whose inputs exist (`ready`: stages whose artifacts
-    are complete), all at once; raise naming each failing stage. A stage whose inputs this very run will
-    produce checks its config now and its inputs when it starts."""
-    runnable = [p for p in plans if p.dry_run_flag and all(up["stage"] in ready for up in p.upstream.values())]
-    for plan in plans:
-        if plan.dry_run_flag and plan not in runnable:
-            log(f"preflight {plan.stage}: config ok; its inputs come from this run, so it checks them at start")
+def preflight(plans: list[StagePlan], shape: dict[str, Any] | None = None, log=print) -> None:
+    """Dry-run every plan that has a dry-run flag, all at once (a stage whose inputs this very run will
+    produce plans with `shape`); raise naming each failing stage, with the end of its output."""
+    runnable = [p for p in plans if p.dry_run_flag]
     failures, outputs = [], {}
     with ThreadPoolExecutor(max_workers=max(1, len(runnable))) as pool:
-        futures = {pool.submit(dry_run, plan): plan for plan in runnable}
+        futures = {pool.submit(dry_run, plan, shape): plan for plan in runnable}
         for future, plan in futures.items():
             try:
                 outputs[plan.stage] = future.result()
@@ -208,3 +210,9 @@ def preflight(plans: list[StagePlan], ready: set[str], log=print) -> None:
             log(f"preflight {plan.stage}: ok\n" + "\n".join(outputs[plan.stage].strip().splitlines()[-12:]))
     if failures:
         raise PlanError("preflight failed before any stage ran:\n" + "\n\n".join(failures))
+
+
+def model_shape(plans: list[StagePlan]) -> dict[str, Any]:
+    """The base model's shape flags, from the base_train plan when the pipeline has one."""
+    base = next((p for p in plans if p.stage == "base_train"), None)
+    return {k: base.config[k] for k in SHAPE_FIELDS if k in base.config} if base else {}

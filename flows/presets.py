@@ -3,7 +3,8 @@ Named starting points for `PipelineConfig`: partial nested dicts laid over the c
 the seed's defaults, i.e. the d20 speedrun's stage settings). `nanopipe run --preset NAME --a.b=c` and a
 deployment's `{"config": {"preset": NAME, ...}}` both start here; given values win.
 
-    demo-cpu      whole pipeline on a 2-core CPU in minutes, offline builtin data (the README's demo)
+    demo-cpu      whole pipeline on a 2-core CPU in minutes, offline builtin data (the README's demo);
+                  add run_rl=true for the RL stage on builtin arithmetic
     d12           a quick GPU model: depth 12 on one 8-GPU node
     speedrun-d20  nanochat's $100 speedrun: depth 20 on 8xH100, ~4 h
     d26           depth 26 on 8xH100 (device batch 16 to fit 80 GB)
@@ -34,6 +35,12 @@ def _gpu_run(depth: int, device_batch_size: int, base_shards: int, **resources) 
         "base_train": {"depth": depth, "device_batch_size": device_batch_size, "target_param_data_ratio": 20,
                        "num_shards": base_shards},
         "base_eval": {"device_batch_size": device_batch_size},
+        # mid-training packs rows like pretraining (same device batch); SFT pads whole conversations: a quarter
+        # of the rows per micro-step (the seed's 4 at 32); RL samples in batches of at most 8
+        "mid_train": {"device_batch_size": device_batch_size},
+        "chat_sft": {"device_batch_size": max(1, device_batch_size // 8)},
+        "chat_rl": {"device_batch_size": min(8, device_batch_size)},
+        "chat_eval": {"batch_size": min(8, device_batch_size)},
     }
 
 
@@ -48,6 +55,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "device_batch_size": 8, "total_batch_size": 4096, "num_iterations": 40, "eval_every": 20,
                        "eval_tokens": 16384, "core_metric_every": None, "sample_every": None, "save_every": 10},
         "base_eval": {"device_type": "cpu", "eval": "bpb,sample", "device_batch_size": 8, "split_tokens": 16384},
+        # the chat stages on the builtin offline chats (identity, spelling, GSM8K-style arithmetic with the
+        # calculator, MMLU-style quizzes), evaluated on the offline tasks
+        "mid_train": {"device_type": "cpu", "mixture": "builtin", "max_seq_len": 256, "device_batch_size": 8,
+                      "total_batch_size": 4096, "num_iterations": 100, "eval_every": None, "eval_tokens": 16384,
+                      "save_every": 20},
+        "chat_sft": {"device_type": "cpu", "mixture": "builtin", "device_batch_size": 4,
+                     "target_examples_per_step": 16, "num_iterations": 60, "eval_every": None, "eval_steps": 8,
+                     "eval_metrics_every": None, "eval_metrics_max_problems": 64, "save_every": 20},
+        "chat_rl": {"device_type": "cpu", "task": "builtin-arithmetic", "num_iterations": 20, "examples_per_step": 4,
+                    "num_samples": 4, "device_batch_size": 4, "max_new_tokens": 32, "eval_every": None,
+                    "eval_examples": 32, "save_every": 10},
+        "chat_eval": {"device_type": "cpu", "task": ["Arithmetic", "MultipleChoice", "SpellingBee"],
+                      "max_problems": 64, "synthetic_size": 64, "max_new_tokens": 48, "batch_size": 8},
     },
     # depth 12, ~135M parameters: a couple of hours' worth of nanochat-style training on one 8-GPU node
     "d12": _gpu_run(12, 32, base_shards=80),

@@ -6,10 +6,12 @@ The task takes the upstream stages' references as a parameter (`upstream`, the u
 so Prefect records a real edge from each upstream task run, whether it ran or came back Cached: the run's
 graph shows what was reused and what ran again.
 
-Caching is keyed on the artifact's content hash (no flow-run id in it, so a new run of the same config
-hits), results persist under NANOPIPE_HOME (or the configured storage), and the call site refreshes the
-cache whenever the artifact on disk no longer verifies. Retries happen only for failures a retry can fix,
-and a retry of a checkpointing stage resumes from its last checkpoint.
+The cache is the artifact itself: its directory is named by the content hash and it counts only while its
+manifest verifies. When the flow has verified it in this run, the task ends at once in a `Cached` state
+whose message names the hash. No task result is ever persisted: Prefect's result records are pickles, and
+a planted or stale record would run code or hide a damaged artifact, while the manifest is plain JSON that
+is checked file by file. Retries happen only for failures a retry can fix, and a retry of a checkpointing
+stage resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -17,37 +19,24 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import CachePolicy
-from prefect.context import TaskRunContext
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
+from prefect.states import Completed
 
 from flows.artifacts import (ArtifactRef, artifact_lock, discard, read_manifest, ref_from_manifest, verify,
                              write_manifest)
 from flows.launcher import StageFailed, failure_from, launch
 from flows.plan import StagePlan
-from nanopipe.common import get_base_dir
 
 LOG_FILE = "stage.log"
 
 
-@dataclass
-class ArtifactCachePolicy(CachePolicy):
-    """Cache key = the artifact's content hash (stage, config digest, upstream hashes, code version)."""
-
-    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
-                    **kwargs: Any) -> str | None:
-        plan = inputs["plan"]
-        plan = plan if isinstance(plan, StagePlan) else StagePlan.model_validate(plan)
-        return cache_key(plan)
-
-
 def cache_key(plan: StagePlan) -> str:
+    """What the stage is cached under: the stage and its artifact's content hash."""
     return f"nanopipe-{plan.stage}-{plan.hash}"
 
 
@@ -60,15 +49,6 @@ def retry_if_retryable(task, task_run, state) -> bool:
         except BaseException as err:  # the state's own exception, re-raised to be inspected
             exc = err
     return isinstance(exc, StageFailed) and exc.retryable
-
-
-def result_storage(spec: str | None):
-    """None -> NANOPIPE_HOME/results; an absolute/relative path -> that directory; 'type/name' -> a block."""
-    if spec is None:
-        return get_base_dir() / "results"
-    if spec.startswith(("/", ".", "~")) or "/" not in spec:
-        return Path(spec).expanduser().resolve()
-    return spec   # a storage block document slug, e.g. "s3-bucket/nanopipe-results"
 
 
 # -----------------------------------------------------------------------------
@@ -118,9 +98,9 @@ def _produced_meanwhile(plan: StagePlan) -> bool:
     return bool(manifest and manifest.get("hash") == plan.hash and verify(plan.artifact_dir, plan.hash))
 
 
-@task(cache_policy=ArtifactCachePolicy(), persist_result=True, retry_condition_fn=retry_if_retryable,
+@task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_if_retryable,
       task_run_name="{plan.stage}")
-def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, verified: bool = False) -> ArtifactRef:
+def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, verified: bool = False):
     """Produce one stage's artifact (or find it already produced by a concurrent run).
 
     `upstream` maps each input field to the reference its upstream stage returned; `verified` says the
@@ -133,7 +113,8 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
             raise StageFailed(f"stage {plan.stage}: input {role} is {ref.path} (hash {ref.hash}), but the plan "
                               f"expects hash {expected}", kind="plan", retryable=False)
     if verified:
-        return ref_from_manifest(directory)
+        return Completed(name="Cached", data=ref_from_manifest(directory),
+                         message=f"reused {directory.name}: its manifest verified (cache key {cache_key(plan)})")
     with artifact_lock(directory, on_wait=logger.info):
         if _produced_meanwhile(plan):
             logger.info(f"{plan.stage}: {directory} is already complete (produced by another run)")

@@ -42,9 +42,12 @@ class Stage:
 
 
 # What decides the output of each kind of stage. The stage's own module and config model are always in.
-_TOKENIZER = ("nanopipe.tokenizer", "nanopipe.dataset")
+_TOKENIZER = ("nanopipe.tokenizer", "nanopipe.data")
 _MODEL = ("nanopipe.gpt", "nanopipe.optim", "nanopipe.checkpoint", "nanopipe.tokenizer")
-_TRAINING = _MODEL + ("nanopipe.dataloader", "nanopipe.dataset", "nanopipe.loss_eval")
+_TRAINING = _MODEL + ("nanopipe.dataloader", "nanopipe.data", "nanopipe.loss_eval")
+_CHAT = _MODEL + ("nanopipe.chat_format", "nanopipe.tasks", "nanopipe.chat_train", "nanopipe.configs.chat_common")
+_CHAT_EVAL = _MODEL + ("nanopipe.chat_format", "nanopipe.tasks", "nanopipe.engine", "nanopipe.execution")
+_TOKENIZER_INPUT = {"tokenizer_dir": ("tok_train", "tokenizer")}
 
 
 def _code(stage_module: str, *modules: str) -> tuple[str, ...]:
@@ -65,9 +68,32 @@ STAGES: list[Stage] = [
           key_metrics=("val_bpb", "core_metric", "train_loss", "num_params", "tokens_per_sec")),
     Stage("base_eval", "nanopipe.stages.base_eval", "base_eval",
           _code("nanopipe.stages.base_eval", *_MODEL, "nanopipe.core_eval", "nanopipe.loss_eval",
-                "nanopipe.dataloader", "nanopipe.dataset", "nanopipe.engine"),
+                "nanopipe.dataloader", "nanopipe.data", "nanopipe.engine"),
           inputs={"checkpoint_dir": ("base_train", "checkpoints"), "tokenizer_dir": ("tok_train", "tokenizer")},
           fixed={"source": "base"}, tag=lambda cfg: "eval", key_metrics=("core_metric", "val_bpb", "train_bpb")),
+    Stage("mid_train", "nanopipe.stages.mid_train", "mid_train", _code("nanopipe.stages.mid_train", *_CHAT),
+          inputs={"checkpoint_dir": ("base_train", "checkpoints"), **_TOKENIZER_INPUT}, output="checkpoints",
+          fixed={"source": "base"}, resume_flag=("resume_from_step", "latest"), dry_run_flag="dry_run",
+          tag=lambda cfg: "mid", key_metrics=("val_loss", "val_bpb", "train_loss")),
+    Stage("chat_eval_mid", "nanopipe.stages.chat_eval", "chat_eval", _code("nanopipe.stages.chat_eval", *_CHAT_EVAL),
+          inputs={"checkpoint_dir": ("mid_train", "checkpoints"), **_TOKENIZER_INPUT}, fixed={"source": "mid"},
+          tag=lambda cfg: "mid", key_metrics=("chatcore",)),
+    Stage("chat_sft", "nanopipe.stages.chat_sft", "chat_sft", _code("nanopipe.stages.chat_sft", *_CHAT),
+          inputs={"checkpoint_dir": ("mid_train", "checkpoints"), **_TOKENIZER_INPUT}, output="checkpoints",
+          fixed={"source": "mid"}, resume_flag=("resume_from_step", "latest"), dry_run_flag="dry_run",
+          tag=lambda cfg: "sft", key_metrics=("val_loss", "train_loss")),
+    Stage("chat_eval_sft", "nanopipe.stages.chat_eval", "chat_eval", _code("nanopipe.stages.chat_eval", *_CHAT_EVAL),
+          inputs={"checkpoint_dir": ("chat_sft", "checkpoints"), **_TOKENIZER_INPUT}, fixed={"source": "sft"},
+          tag=lambda cfg: "sft", key_metrics=("chatcore",)),
+    Stage("chat_rl", "nanopipe.stages.chat_rl", "chat_rl",
+          _code("nanopipe.stages.chat_rl", *_MODEL, "nanopipe.chat_format", "nanopipe.tasks", "nanopipe.chat_train",
+                "nanopipe.engine", "nanopipe.rl"),
+          inputs={"checkpoint_dir": ("chat_sft", "checkpoints"), **_TOKENIZER_INPUT}, output="checkpoints",
+          fixed={"source": "sft"}, resume_flag=("resume_from_step", "latest"), dry_run_flag="dry_run",
+          tag=lambda cfg: "rl", when="run_rl", key_metrics=("reward", "pass@1")),
+    Stage("chat_eval_rl", "nanopipe.stages.chat_eval", "chat_eval", _code("nanopipe.stages.chat_eval", *_CHAT_EVAL),
+          inputs={"checkpoint_dir": ("chat_rl", "checkpoints"), **_TOKENIZER_INPUT}, fixed={"source": "rl"},
+          tag=lambda cfg: "rl", when="run_rl", key_metrics=("chatcore",)),
 ]
 
 STAGE_NAMES = [s.name for s in STAGES]

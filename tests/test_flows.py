@@ -62,8 +62,21 @@ def tiny(data_dir: Path, **overrides) -> dict:
                        "total_batch_size": 256, "num_iterations": 12, "eval_every": None, "eval_tokens": 512,
                        "save_every": 6},
         "base_eval": {"eval": "bpb", "device_batch_size": 4, "split_tokens": 512},
+        "mid_train": {"mixture": "builtin", "builtin_size": 12, "max_seq_len": 64, "device_batch_size": 4,
+                      "total_batch_size": 256, "num_iterations": 6, "eval_every": None, "eval_tokens": 512,
+                      "save_every": 3},
+        "chat_sft": {"mixture": "builtin", "builtin_size": 12, "device_batch_size": 2, "target_examples_per_step": 4,
+                     "num_iterations": 4, "eval_every": None, "eval_steps": 2, "eval_metrics_every": None,
+                     "eval_metrics_max_problems": 4, "save_every": 2},
+        "chat_eval": {"task": ["Arithmetic", "MultipleChoice"], "max_problems": 4, "synthetic_size": 8,
+                      "max_new_tokens": 12, "batch_size": 4},
     }
     return deep_merge(values, overrides)
+
+
+def base_only(data_dir: Path, **overrides) -> dict:
+    """`tiny`, ending after the base model's evaluation."""
+    return tiny(data_dir, **{"stop_after": "base_eval", **overrides})
 
 
 def plans_of(values: dict) -> dict:
@@ -126,12 +139,15 @@ def kill_torchrun_after_checkpoint(out_dir: str, timeout: float = 180) -> thread
 
 # -----------------------------------------------------------------------------
 
+CHAIN = ["tok_train", "tok_eval", "base_train", "base_eval", "mid_train", "chat_eval_mid", "chat_sft",
+         "chat_eval_sft"]
+
+
 def test_end_to_end_then_everything_cached(home, data_dir):
     values = tiny(data_dir)
     state, states, first_seconds = run(values)
     assert state.is_completed(), state.message
-    assert states == {"tok_train": "Completed", "tok_eval": "Completed", "base_train": "Completed",
-                      "base_eval": "Completed"}
+    assert states == {stage: "Completed" for stage in CHAIN}
     plans = plans_of(values)
     for plan in plans.values():
         assert verify(plan.artifact_dir, plan.hash), plan.stage
@@ -148,17 +164,31 @@ def test_end_to_end_then_everything_cached(home, data_dir):
 
     linked = edges(state.state_details.flow_run_id)
     assert linked == {"tok_train": set(), "tok_eval": {"tok_train"}, "base_train": {"tok_train"},
-                      "base_eval": {"tok_train", "base_train"}}, linked
+                      "base_eval": {"tok_train", "base_train"}, "mid_train": {"tok_train", "base_train"},
+                      "chat_eval_mid": {"tok_train", "mid_train"}, "chat_sft": {"tok_train", "mid_train"},
+                      "chat_eval_sft": {"tok_train", "chat_sft"}}, linked
+    mid, sft = (read_manifest(plans[s].artifact_dir) for s in ("mid_train", "chat_sft"))
+    assert mid["upstream"]["checkpoint_dir"]["hash"] == plans["base_train"].hash and mid["metrics"]["step"] == 6
+    assert sft["upstream"]["checkpoint_dir"]["hash"] == plans["mid_train"].hash and sft["metrics"]["step"] == 4
+    for evaluation in ("chat_eval_mid", "chat_eval_sft"):
+        assert 0 <= read_manifest(plans[evaluation].artifact_dir)["metrics"]["chatcore"] <= 1
 
     state, states, second_seconds = run(values)
     assert state.is_completed()
     assert set(states.values()) == {"Cached"}, states
+    # the cache is the verified artifact, never a persisted (pickled) task result
+    assert not (home / "results").exists()
     # a fully cached run shows the same graph: the edges link this run's (Cached) task runs
     assert edges(state.state_details.flow_run_id) == linked
     assert second_seconds < first_seconds / 3
     assert all(launches(p.artifact_dir) == 1 for p in plans.values())
     refs = state.result()
     assert refs["base_train"].metrics["step"] == 12 and refs["base_train"].path == plans["base_train"].artifact_dir
+
+    # recompute_from=mid_train redoes mid-training and everything after it, nothing before
+    state, states, _ = run({**values, "recompute_from": "mid_train"})
+    assert state.is_completed(), state.message
+    assert states == {s: "Cached" if CHAIN.index(s) < CHAIN.index("mid_train") else "Completed" for s in CHAIN}
 
 
 def test_killed_stage_is_retried_and_resumes_from_its_checkpoint(kill_home, data_dir):
@@ -199,6 +229,23 @@ def test_a_failed_run_rerun_executes_no_upstream_stage(kill_home, data_dir):
     assert edges(state.state_details.flow_run_id)["base_train"] == {"tok_train"}
     assert launches(plans["tok_train"].artifact_dir) == 1
     assert "Resuming from step" in (Path(plans["base_train"].artifact_dir) / LOG_FILE).read_text()
+
+
+def test_a_killed_mid_training_resumes_that_stage_only(kill_home, data_dir):
+    values = tiny(data_dir, resources={"retries": 1}, mid_train={"num_iterations": 40, "save_every": 5},
+                  stop_after="mid_train")
+    plan = plans_of(values)["mid_train"]
+    killer = kill_torchrun_after_checkpoint(plan.out_dir)
+    state, states, _ = run(values)
+    killer.join()
+    assert state.is_completed(), state.message
+    assert states["mid_train"] == "Completed" and states["base_train"] in ("Completed", "Cached")
+    manifest = read_manifest(plan.artifact_dir)
+    assert manifest["timings"]["attempt"] == 2 and manifest["metrics"]["step"] == 40
+    log = (Path(plan.artifact_dir) / LOG_FILE).read_text()
+    assert launches(plan.artifact_dir) == 2 and "Resuming from step" in log
+    upstream = plans_of(values)["base_train"]
+    assert launches(upstream.artifact_dir) == 1    # the base model was trained once, never again
 
 
 def test_damaged_or_deleted_artifacts_are_recomputed(home, data_dir):

@@ -14,7 +14,7 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from flows.artifacts import verify
 from tests.test_flows_server_support import POOL, TINY, prefect_stack, wait_for_state
 
-EXPECTED_DEPLOYMENTS = {"full-pipeline/full-pipeline", "full-pipeline/nightly", "stage/stage-tok-train",
+EXPECTED_DEPLOYMENTS = {"full-pipeline/full-pipeline", "full-pipeline/nightly", "stage/stage-tok-train", "stage/stage-chat-sft",
                         "stage/stage-tok-eval", "stage/stage-base-train", "stage/stage-base-eval"}
 
 

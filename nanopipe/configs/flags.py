@@ -96,8 +96,12 @@ def _leaves(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[tu
 
 
 def _spellings(path: tuple[str, ...]) -> list[str]:
-    dotted = ".".join(path)
-    return list(dict.fromkeys([f"--{dotted}", f"--{dotted.replace('_', '-')}"]))
+    """Every spelling of a dotted flag: each part with underscores or dashes (--tok_train.vocab-size too)."""
+    spellings = [""]
+    for part in path:
+        forms = dict.fromkeys([part, part.replace("_", "-")])
+        spellings = [f"{head}.{form}" if head else form for head in spellings for form in forms]
+    return [f"--{s}" for s in spellings]
 
 
 def _put(values: dict, path: tuple[str, ...], value: Any) -> None:
