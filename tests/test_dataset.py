@@ -3,17 +3,16 @@ iteration with resumable positions, and the CLI."""
 
 import collections
 import filecmp
-import hashlib
 import itertools
 import json
 import logging
+import os
+import random
 import re
+import subprocess
 import sys
-import threading
 import time
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from unittest import mock
 
@@ -30,6 +29,7 @@ from nanopipe.data import (MANIFEST_NAME, DataError, DataFlags, DownloadError, d
                               ensure_shards, iter_documents, iter_row_groups, prepare_shards, read_json,
                               resolve_data_dir, select_shards, split_text_documents)
 from nanopipe.data.cli import main
+from tests.fake_hub import FakeHub
 
 SCHEMA = pa.schema([("text", pa.string())])
 
@@ -394,138 +394,6 @@ def test_cli_usage_and_help(capsys):
 # -----------------------------------------------------------------------------
 # hf: real huggingface-hub calls against a local stand-in for the Hub on 127.0.0.1
 
-class FakeHub:
-    """Just enough of the Hub for huggingface-hub to list a dataset repo and download its files.
-
-    Routes: GET /api/datasets/<repo>/revision/<rev>?blobs=true (listing with sizes, LFS sha256, commit)
-    and GET/HEAD /datasets/<repo>/resolve/<rev>/<file> (Range requests, ETag, X-Repo-Commit, ...).
-    Faults to inject: `failures[name]` statuses answered first, `cut_after[name]` bytes sent before the
-    connection drops (once), `listed_size` / `listed_sha256` lies in the listing, `missing` files listed
-    but not served, `delay_s` per download.
-    """
-
-    API = "__api__"
-
-    def __init__(self, repo_id: str, files: dict[str, bytes]):
-        self.repo_id, self.files, self.commit = repo_id, files, hashlib.sha1(repo_id.encode()).hexdigest()
-        self.failures: dict[str, list[int]] = collections.defaultdict(list)
-        self.cut_after: dict[str, int] = {}
-        self.listed_size: dict[str, int] = {}
-        self.listed_sha256: dict[str, str] = {}
-        self.missing: set[str] = set()
-        self.delay_s = 0.0
-        self.log: list[tuple[str, str, str | None]] = []  # (method, file or API, Range header)
-        self.served = collections.Counter()  # body bytes sent per file
-        self.inflight = self.max_inflight = 0
-        self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_HubHandler,), {"hub": self}))
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def gets(self, name: str) -> list[str | None]:
-        """The Range header of every GET of `name`, in order."""
-        return [rng for method, n, rng in self.log if method == "GET" and n == name]
-
-    def listing(self) -> dict:
-        siblings = [{"rfilename": "README.md", "size": 5, "blobId": "0" * 40}]
-        for name, data in sorted(self.files.items()):
-            size = self.listed_size.get(name, len(data))
-            sha = self.listed_sha256.get(name, hashlib.sha256(data).hexdigest())
-            siblings.append({"rfilename": name, "size": size, "blobId": hashlib.sha1(data).hexdigest(),
-                             "lfs": {"size": size, "sha256": sha, "pointerSize": 134}})
-        return {"id": self.repo_id, "sha": self.commit, "private": False, "siblings": siblings}
-
-    def handle(self, req: BaseHTTPRequestHandler, body: bool) -> None:
-        path = urllib.parse.unquote(urllib.parse.urlsplit(req.path).path)
-        api, resolve = f"/api/datasets/{self.repo_id}/revision/", f"/datasets/{self.repo_id}/resolve/"
-        if path.startswith(api):
-            self._record(req, self.API)
-            if self._injected_failure(req, self.API):
-                return
-            if path[len(api):] not in ("main", self.commit):
-                return self._error(req, 404, "RevisionNotFound")
-            return self._send(req, 200, json.dumps(self.listing()).encode(), {"Content-Type": "application/json"})
-        if not path.startswith(resolve):
-            return self._error(req, 404, "RepoNotFound")
-        revision, _, name = path[len(resolve):].partition("/")
-        self._record(req, name)
-        if revision not in ("main", self.commit) or name not in self.files or name in self.missing:
-            return self._error(req, 404, "EntryNotFound")
-        if body and self._injected_failure(req, name):
-            return
-        data = self.files[name]
-        headers = {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Repo-Commit": self.commit,
-                   "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
-        start, status = 0, 200
-        if req.headers.get("Range"):
-            start, status = int(re.fullmatch(r"bytes=(\d+)-", req.headers["Range"])[1]), 206
-            if start >= len(data):
-                return self._error(req, 416, None, {"Content-Range": f"bytes */{len(data)}"})
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        self._send(req, status, data[start:] if body else b"", headers, length=len(data) - start, name=name)
-
-    def _record(self, req, name: str) -> None:
-        with self.lock:
-            self.log.append((req.command, name, req.headers.get("Range")))
-
-    def _injected_failure(self, req, name: str) -> bool:
-        with self.lock:
-            status = self.failures[name].pop(0) if self.failures[name] else None
-        if status is not None:
-            self._error(req, status, None)
-        return status is not None
-
-    def _error(self, req, status: int, code: str | None, headers: dict | None = None) -> None:
-        self._send(req, status, b'{"error": "injected"}',
-                   {"Content-Type": "application/json", **({"X-Error-Code": code} if code else {}), **(headers or {})})
-
-    def _send(self, req, status: int, payload: bytes, headers: dict, length: int | None = None,
-              name: str | None = None) -> None:
-        req.send_response(status)
-        for key, value in headers.items():
-            req.send_header(key, value)
-        req.send_header("Content-Length", str(len(payload) if length is None else length))
-        req.end_headers()
-        if not payload:
-            return
-        with self.lock:
-            self.inflight += 1
-            self.max_inflight = max(self.max_inflight, self.inflight)
-            cut = self.cut_after.pop(name, None) if name else None
-        try:
-            time.sleep(self.delay_s if name else 0)
-            sent = payload if cut is None else payload[:cut]
-            req.wfile.write(sent)
-            req.wfile.flush()
-            if name:
-                with self.lock:
-                    self.served[name] += len(sent)
-            if cut is not None:
-                req.close_connection = True  # the client sees a body shorter than Content-Length
-        finally:
-            with self.lock:
-                self.inflight -= 1
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class _HubHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    hub: FakeHub
-
-    def do_GET(self):
-        self.hub.handle(self, body=True)
-
-    def do_HEAD(self):
-        self.hub.handle(self, body=False)
-
-    def log_message(self, *args):
-        pass
-
-
 def parquet_bytes(docs: list[str], per_group: int) -> bytes:
     sink = pa.BufferOutputStream()
     with pq.ParquetWriter(sink, SCHEMA, compression="none") as writer:
@@ -584,25 +452,44 @@ def test_hf_parallel_download_then_more_shards_keeps_validation(hub, home, capsy
     assert all_texts([more.val]) == all_texts([shards.val])
 
 
-def test_hf_resumes_partial_downloads(hub, tmp_path):
+def test_hf_resumes_a_dropped_connection_from_the_last_chunk_written(hub, tmp_path):
+    chunk = huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE  # huggingface-hub writes (and so resumes) in chunks
     name = "shard_00001.parquet"
-    (tmp_path / f".{name}.partial").write_bytes(hub.files[name][:1000])  # left by an interrupted run
-    hub.cut_after["shard_00002.parquet"] = 3000  # the connection drops mid-file once
+    rng = random.Random(0)
+    hub.files[name] = parquet_bytes([rng.randbytes(chunk // 8).hex() for _ in range(5)], per_group=2)
+    assert len(hub.files[name]) > chunk + 1000
+    hub.cut_after[name] = chunk + 1000  # the connection drops once, past the first chunk
+    download_shards(data_dir=tmp_path, num_shards=2, backoff_s=0.01)
+    assert (tmp_path / name).read_bytes() == hub.files[name]
+    assert hub.gets(name) == [None, f"bytes={chunk}-"]  # one download, resumed within the same call
+    assert hub.served[name] == chunk + 1000 + len(hub.files[name]) - chunk
+
+
+def test_hf_a_killed_download_resumes_with_the_shards_it_lacks(hub, tmp_path):
+    stalled, done = "shard_00001.parquet", ["shard_00000.parquet", "shard_00002.parquet", VAL]
+    hub.stall_after[stalled] = 1000  # its server goes quiet mid-file; the process is killed meanwhile
+    code = f"from nanopipe.data import download_shards; download_shards(data_dir={str(tmp_path)!r}, num_shards=3)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})  # HF_ENDPOINT: the fake hub
+    try:
+        deadline = time.time() + 120
+        while hub.served[stalled] < 1000 or on_disk(tmp_path) != done:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, f"no progress: {on_disk(tmp_path)}, {hub.served}"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert on_disk(tmp_path) == done  # nothing under the unfinished shard's name
+    assert len(list(tmp_path.rglob("*.incomplete"))) == 1  # huggingface-hub's temporary file, left by the kill
     download_shards(data_dir=tmp_path, num_shards=3, backoff_s=0.01)
     assert all((tmp_path / n).read_bytes() == hub.files[n] for n in on_disk(tmp_path))
-    assert hub.gets(name) == ["bytes=1000-"] and hub.served[name] == len(hub.files[name]) - 1000
-    # huggingface-hub retried the broken transfer itself (from the last byte it had written, none here:
-    # it writes in 10 MB chunks) and our size and sha256 checks passed
-    assert len(hub.gets("shard_00002.parquet")) == 2
-    assert not list(tmp_path.glob(".*.partial"))
-
-
-def test_hf_restarts_a_partial_file_that_does_not_match(hub, tmp_path):
-    name = "shard_00000.parquet"
-    (tmp_path / f".{name}.partial").write_bytes(b"\0" * 500)  # stale bytes: the sha256 check catches them
-    download_shards(data_dir=tmp_path, num_shards=1, backoff_s=0.01)
-    assert (tmp_path / name).read_bytes() == hub.files[name]
-    assert hub.gets(name) == ["bytes=500-", None]
+    assert on_disk(tmp_path) == sorted(done + [stalled])
+    assert all(len(hub.gets(n)) == 1 for n in done)  # finished shards are never fetched again
+    # the unfinished one starts over: huggingface-hub keeps no partial file from one call to the next; the
+    # temporary file the killed call left behind is gone
+    assert hub.gets(stalled) == [None, None]
+    assert not list(tmp_path.rglob("*.incomplete"))
 
 
 def test_hf_retries_transient_server_errors(hub, tmp_path, capsys):
@@ -611,30 +498,39 @@ def test_hf_retries_transient_server_errors(hub, tmp_path, capsys):
     download_shards(data_dir=tmp_path, num_shards=2, backoff_s=0.01)
     assert (tmp_path / "shard_00000.parquet").read_bytes() == hub.files["shard_00000.parquet"]
     assert len(hub.gets("shard_00000.parquet")) == 3
-    assert [n for _, n, _ in hub.log].count(FakeHub.API) == 2
+    assert hub.requests(FakeHub.API) == ["GET", "GET"]
     out = capsys.readouterr().out
-    assert "shard_00000.parquet: attempt 2/5 failed" in out and "retrying" in out
+    assert "shard_00000.parquet: attempt 2/5 failed" in out and "503" in out and "retrying" in out
 
 
-@pytest.mark.parametrize("lie", ["size", "sha256"])
-def test_hf_detects_files_that_do_not_match_the_listing(hub, tmp_path, lie):
+def test_hf_retries_a_download_whose_checksum_does_not_match(hub, tmp_path, capsys):
     name = "shard_00001.parquet"
-    if lie == "size":
+    hub.corrupt_once.add(name)  # one byte flipped on the way: the size is right, the sha256 is not
+    download_shards(data_dir=tmp_path, num_shards=2, backoff_s=0.01)
+    assert (tmp_path / name).read_bytes() == hub.files[name]
+    assert len(hub.gets(name)) == 2
+    assert f"{name}: attempt 1/5 failed (sha256 mismatch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("lie, needle", [("size", "file should be of size"), ("sha256", "sha256 mismatch")])
+def test_hf_detects_files_that_do_not_match_the_listing(hub, tmp_path, lie, needle):
+    name = "shard_00001.parquet"
+    if lie == "size":  # huggingface-hub's own size check (against the HEAD answer) catches this one
         hub.listed_size[name] = len(hub.files[name]) + 10
-    else:
+    else:  # ours (against the listing) this one
         hub.listed_sha256[name] = "0" * 64
-    with pytest.raises(DownloadError, match=rf"{name}: download failed after 3 attempts: {lie} mismatch"):
+    with pytest.raises(DownloadError, match=rf"{name}: download failed after 3 attempts: .*{needle}"):
         download_shards(data_dir=tmp_path, num_shards=3, max_attempts=3, backoff_s=0.01)
     assert len(hub.gets(name)) == 3
     assert on_disk(tmp_path) == ["shard_00000.parquet", "shard_00002.parquet", VAL]  # the others are done
-    assert not (tmp_path / f".{name}.partial").exists()
+    assert not list(tmp_path.rglob(f"*{name}")) and not list(tmp_path.rglob("*.incomplete"))  # nothing half-kept
 
 
 def test_hf_errors_name_the_file_or_flag(hub, tmp_path):
-    hub.missing.add("shard_00002.parquet")  # listed, yet the server answers 404: no point retrying
+    hub.missing.add("shard_00002.parquet")  # listed, yet the hub answers 404: no point retrying
     with pytest.raises(DownloadError, match=r"1 of 4 shards failed.*shard_00002.parquet: 404"):
         download_shards(data_dir=tmp_path, num_shards=3, backoff_s=0.01)
-    assert len(hub.gets("shard_00002.parquet")) == 1
+    assert hub.requests("shard_00002.parquet") == ["HEAD"]
     with pytest.raises(DataError, match=r"validation shard nope.parquet \(--val_shard\) is not in hf repo"):
         download_shards(data_dir=tmp_path, val_shard="nope.parquet", backoff_s=0.01)
     with pytest.raises(ConfigError, match="--val_shard is required with --hf_repo_id=someone/else"):

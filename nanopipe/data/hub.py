@@ -1,9 +1,9 @@
-"""Shards of a Hugging Face dataset repo, through huggingface-hub: listed, downloaded in parallel, resumed,
-retried and checked against the repo's sizes and hashes."""
+"""Shards of a Hugging Face dataset repo, through huggingface-hub's public API: listed with their sizes and
+sha256 (`HfApi.dataset_info`), downloaded in parallel (`hf_hub_download` per file into a staging `local_dir`),
+retried with backoff, checked against the listing, and only then renamed into place."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib
 import os
@@ -24,6 +24,8 @@ from nanopipe.data.shards import DataError, ShardSet, read_json, resolve_data_di
 # hf: shards of a Hugging Face dataset repo, through huggingface-hub
 
 HF_SOURCE_NAME = "hf_source.json"  # the repo listing (commit, names, sizes, hashes) the shards came from
+STAGING_DIR = ".hf_download"  # hf_hub_download's local_dir inside the data dir: files land here, are checked,
+                              # then renamed to their flat name beside it (same filesystem, so the rename is atomic)
 
 
 class DownloadError(DataError):
@@ -50,8 +52,10 @@ def hf_endpoint(endpoint: str | None = None) -> str:
 
 
 def _transient_errors() -> tuple[type[BaseException], ...]:
-    """Connection-level errors worth a retry, for whichever HTTP client huggingface-hub is built on."""
-    classes: list[type[BaseException]] = [OSError]  # HfHubHTTPError, ConnectionError and timeouts are OSErrors
+    """Errors worth a retry, for whichever HTTP client huggingface-hub is built on."""
+    # HfHubHTTPError, LocalEntryNotFoundError (hf_hub_download's "cannot reach the file") and its size
+    # "Consistency check failed" are OSErrors; connection errors the library gave up on are TransportErrors
+    classes: list[type[BaseException]] = [OSError]
     for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError")):
         try:
             classes.append(getattr(importlib.import_module(module), name))
@@ -61,8 +65,13 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 
 
 def _http_status(err: BaseException) -> int | None:
-    response = getattr(err, "response", None)
-    return getattr(response, "status_code", None)
+    """The HTTP status behind an error, also when huggingface-hub wraps it (a failed HEAD raises
+    LocalEntryNotFoundError from the HTTP error)."""
+    for e in (err, err.__cause__):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status is not None:
+            return status
+    return None
 
 
 def _retryable(err: BaseException) -> bool:
@@ -75,13 +84,21 @@ def _backoff(attempt: int, backoff_s: float) -> float:
     return backoff_s * 2 ** (attempt - 1) * random.uniform(1.0, 1.25)  # jitter: parallel workers spread out
 
 
+def _one_line(err: BaseException) -> str:
+    """The error, and what caused it when the library wraps a cause in a generic message."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if err.__cause__ is not None and getattr(err, "response", None) is None:
+        text += f" (caused by {type(err.__cause__).__name__}: {' '.join(str(err.__cause__).split())})"
+    return text[:400]
+
+
 def list_hf_shards(repo_id: str, revision: str = "main", endpoint: str | None = None, max_attempts: int = 5,
                    backoff_s: float = 2.0) -> tuple[str, dict[str, RemoteFile]]:
     """(commit, {file name: RemoteFile}) of the parquet files of a dataset repo, sizes and hashes included."""
     from huggingface_hub import HfApi
     api = HfApi(endpoint=hf_endpoint(endpoint))
     for attempt in range(1, max_attempts + 1):
-        try:
+        try:  # dataset_info does not retry server errors itself
             info = api.dataset_info(repo_id, revision=revision, files_metadata=True)
             break
         except _transient_errors() as err:
@@ -104,67 +121,32 @@ def list_hf_shards(repo_id: str, revision: str = "main", endpoint: str | None = 
     return info.sha, files
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:300] or type(err).__name__
-
-
 class _DownloadProgress:
-    """Aggregate progress of parallel downloads as log lines: one per finished file, one every few seconds."""
+    """One log line per finished file with the running total (huggingface-hub draws per-file byte bars on a
+    terminal; logs of parallel downloads need the aggregate)."""
 
-    def __init__(self, files: list[RemoteFile], interval_s: float = 5.0):
+    def __init__(self, files: list[RemoteFile]):
         self.total_bytes, self.total_files = sum(f.size for f in files), len(files)
-        self.interval_s, self.files_done = interval_s, 0
-        self._on_disk: dict[str, int] = {}
+        self.done_bytes = self.files_done = 0
         self._lock = threading.Lock()
-        self._t0 = self._last_print = time.time()
-        self._start_bytes: int | None = None
-
-    def set(self, name: str, on_disk: int) -> None:
-        with self._lock:
-            self._on_disk[name] = on_disk
-
-    def add(self, name: str, n: int) -> None:
-        with self._lock:
-            self._on_disk[name] = self._on_disk.get(name, 0) + n
-            if time.time() - self._last_print >= self.interval_s:
-                self._last_print = time.time()
-                print0(self.line())
+        self._t0 = time.time()
 
     def file_done(self, file: RemoteFile) -> None:
         with self._lock:
-            self._on_disk[file.name] = file.size
+            self.done_bytes += file.size
             self.files_done += 1
             print0(f"  [{self.files_done}/{self.total_files}] {file.name} ({file.size / 1e6:.1f} MB)")
 
     def line(self) -> str:
-        done = sum(self._on_disk.values())
         seconds = max(time.time() - self._t0, 1e-6)
-        return (f"download: {done / 1e6:.1f}/{self.total_bytes / 1e6:.1f} MB "
-                f"({100 * done / max(self.total_bytes, 1):.0f}%), {done / 1e6 / seconds:.1f} MB/s, "
-                f"{self.files_done}/{self.total_files} files")
-
-
-class _ProgressSink:
-    """Stands where huggingface-hub's http_get expects a tqdm bar; forwards byte counts to _DownloadProgress."""
-
-    def __init__(self, progress: _DownloadProgress, name: str, initial: int = 0, **_: object):
-        self.progress, self.name = progress, name
-        progress.set(name, initial)
-
-    def update(self, n: int = 1) -> None:
-        self.progress.add(self.name, n)
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "_ProgressSink":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
+        return (f"download: {self.done_bytes / 1e6:.1f}/{self.total_bytes / 1e6:.1f} MB "
+                f"({100 * self.done_bytes / max(self.total_bytes, 1):.0f}%), "
+                f"{self.done_bytes / 1e6 / seconds:.1f} MB/s, {self.files_done}/{self.total_files} files")
 
 
 def _verify_download(path: Path, file: RemoteFile) -> None:
+    """huggingface-hub checks a download's size against the HEAD answer but never its hash: this checks
+    both against the repo listing."""
     size = path.stat().st_size
     if size != file.size:
         raise _CorruptDownload(f"size mismatch: got {size} bytes, the repo lists {file.size}")
@@ -179,50 +161,48 @@ def _verify_download(path: Path, file: RemoteFile) -> None:
             raise _CorruptDownload(f"{kind} mismatch: got {digest.hexdigest()}, the repo lists {expected}")
 
 
-def _fetch_once(url: str, partial: Path, file: RemoteFile, progress: _DownloadProgress) -> None:
-    """One attempt: continue `partial` from where it stops (HTTP Range) until it has every byte."""
-    from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers
-    have = partial.stat().st_size if partial.exists() else 0
-    if have > file.size:
-        partial.unlink()
-        have = 0
-    progress.set(file.name, have)
-    if have == file.size:
-        return  # complete already (the last run stopped before checking and renaming it)
-    with open(partial, "ab") as f:
-        # the size check is ours (against the repo listing, after the transfer), so none is passed here
-        http_get(url, f, resume_size=have, headers=build_hf_headers(), displayed_filename=file.name,
-                 tqdm_class=functools.partial(_ProgressSink, progress, file.name))
+def _drop_killed_downloads(staging: Path, file: RemoteFile) -> None:
+    """Delete the temporary files of killed downloads of `file`. hf_hub_download removes its temporary file when
+    it fails, but not when its process is killed, and no later call reuses or removes it (its name is unique to
+    one call). It lives under local_dir/.cache/huggingface/download and carries the file's etag (for LFS files
+    the sha256) in its name. The caller holds the shard's lock, so no one else is writing one."""
+    if file.sha256:
+        for stale in (staging / ".cache" / "huggingface" / "download").rglob(f"*.{file.sha256}.*incomplete"):
+            stale.unlink(missing_ok=True)
 
 
-def download_file(url: str, dest: Path, file: RemoteFile, progress: _DownloadProgress, max_attempts: int = 5,
-                  backoff_s: float = 2.0) -> None:
-    """Download one shard to `dest`: resumable, retried with exponential backoff, checked against the listing.
+def download_file(repo_id: str, commit: str, file: RemoteFile, data_dir: Path, endpoint: str,
+                  max_attempts: int = 5, backoff_s: float = 2.0) -> Path:
+    """Download one shard to `data_dir / file.name`: retried with exponential backoff, checked, renamed into place.
 
-    Bytes accumulate in a hidden `.NAME.partial` file that survives a crash, so the next run resumes it;
-    a file lock keeps two processes from writing the same shard; the checked file is renamed into place.
+    huggingface-hub's `hf_hub_download` does the transfer: it resumes a dropped connection from the last byte it
+    wrote, retries 408/429 and unreachable HEADs itself, writes a temporary file and moves it into `local_dir`
+    whole. What it lacks is written here: retries of 5xx answers to the download itself (it raises those at
+    once), the sha256 check, and a lock over check + rename. Across processes it keeps no partial file (its
+    temporary file is unique to one call: https://github.com/huggingface/huggingface_hub/pull/4228), so a killed
+    run starts the shards it was fetching again; finished shards are never fetched twice.
     """
-    partial = dest.with_name(f".{dest.name}.partial")
-    with FileLock(str(dest.with_name(f".{dest.name}.lock"))):
-        if dest.is_file() and dest.stat().st_size == file.size:
-            progress.file_done(file)  # another process finished it while we waited
-            return
-        error: BaseException | None = None
+    from huggingface_hub import hf_hub_download
+    dest, staging = data_dir / file.name, data_dir / STAGING_DIR
+    error: BaseException | None = None
+    with FileLock(str(data_dir / f".{file.name}.lock")):  # one process per shard, from download to rename
+        if _complete(dest, file.size):
+            return dest  # another process finished it while we waited
+        _drop_killed_downloads(staging, file)
         for attempt in range(1, max_attempts + 1):
             try:
-                _fetch_once(url, partial, file, progress)
-                _verify_download(partial, file)
-                os.replace(partial, dest)
-                progress.file_done(file)
-                return
+                # revision is the listed commit, so every file comes from the one snapshot that was listed;
+                # a file a crashed run left in staging at that commit is returned at once (and checked below)
+                staged = Path(hf_hub_download(repo_id, file.path, repo_type="dataset", revision=commit,
+                                              local_dir=staging, endpoint=endpoint))
+                _verify_download(staged, file)
+                os.replace(staged, dest)
+                return dest
             except _CorruptDownload as err:
-                partial.unlink(missing_ok=True)
+                (staging / file.path).unlink(missing_ok=True)
                 error = err
             except _transient_errors() as err:
-                if _http_status(err) == 416:  # the partial file is longer than what the server has
-                    partial.unlink(missing_ok=True)
-                elif not _retryable(err):
+                if not _retryable(err):
                     raise DownloadError(f"{file.name}: {_one_line(err)}") from None
                 error = err
             if attempt < max_attempts:
@@ -230,7 +210,7 @@ def download_file(url: str, dest: Path, file: RemoteFile, progress: _DownloadPro
                 print0(f"  {file.name}: attempt {attempt}/{max_attempts} failed ({_one_line(error)}); "
                        f"retrying in {wait:.2f}s")
                 time.sleep(wait)
-        raise DownloadError(f"{file.name}: download failed after {max_attempts} attempts: {_one_line(error)}")
+    raise DownloadError(f"{file.name}: download failed after {max_attempts} attempts: {_one_line(error)}")
 
 
 def download_shards(repo_id: str = DEFAULT_HF_REPO, data_dir: str | os.PathLike | None = None,
@@ -242,9 +222,10 @@ def download_shards(repo_id: str = DEFAULT_HF_REPO, data_dir: str | os.PathLike 
     flags = DataFlags(data_source="hf", hf_repo_id=repo_id, val_shard=val_shard,
                       data_dir=str(data_dir) if data_dir else None)
     data_dir, val_shard = resolve_data_dir(flags), resolve_val_shard(flags)
-    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub import constants
     if getattr(constants, "HF_HUB_OFFLINE", False):
         raise DataError(f"HF_HUB_OFFLINE is set: cannot download {repo_id} shards into {data_dir}")
+    endpoint = hf_endpoint(endpoint)
     commit, remote = list_hf_shards(repo_id, revision, endpoint, max_attempts, backoff_s)
     if val_shard not in remote:
         examples = ", ".join(sorted(remote)[-3:]) or "none"
@@ -264,16 +245,14 @@ def download_shards(repo_id: str = DEFAULT_HF_REPO, data_dir: str | os.PathLike 
     progress = _DownloadProgress(todo)
     print0(f"hf {repo_id}@{commit[:12]}: {len(train_names)} training shards + validation {val_shard}; "
            f"{len(todo)} to download ({progress.total_bytes / 1e6:.1f} MB) with {num_workers} workers into {data_dir}")
-    endpoint = hf_endpoint(endpoint)
-    urls = [hf_hub_url(repo_id, f.path, repo_type="dataset", revision=commit, endpoint=endpoint) for f in todo]
-    for url in urls:  # never let a download wander off to another host than the one that listed the repo
-        if not url.startswith(endpoint + "/"):
-            raise DataError(f"download URL {url} is not on the hub endpoint {endpoint} (check HF_ENDPOINT)")
+
+    def fetch(file: RemoteFile) -> None:
+        download_file(repo_id, commit, file, data_dir, endpoint, max_attempts, backoff_s)
+        progress.file_done(file)
+
     failures = []
     with ThreadPoolExecutor(max_workers=num_workers) as pool:
-        futures = [pool.submit(download_file, url, data_dir / f.name, f, progress, max_attempts, backoff_s)
-                   for f, url in zip(todo, urls)]
-        for future in futures:
+        for future in [pool.submit(fetch, f) for f in todo]:
             try:
                 future.result()
             except DownloadError as err:
