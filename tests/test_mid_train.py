@@ -165,6 +165,18 @@ def test_real_gsm8k_joins_the_builtin_mixture_with_calculator_calls(shared_dir, 
     assert python_start in render_conversation(tok, gsm)[0]
 
 
+def test_identity_conversations_from_a_jsonl_count_twice(tmp_path):
+    path = tmp_path / "identity.jsonl"
+    lines = [[{"role": "user", "content": f"who are you {i}?"}, {"role": "assistant", "content": "nanopipe"}]
+             for i in range(5)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cfg = build_config(MidTrainConfig, {"mixture": "builtin", "builtin_size": 10, "identity_path": str(path)})
+    mixtures = mid_mixtures(cfg)
+    assert mixtures.parts["train"]["identity"] == 10 and str(path) in mixtures.identity
+    texts = [mixtures.train[i]["messages"][0]["content"] for i in range(len(mixtures.train))]
+    assert sum(text.startswith("who are you") for text in texts) == 10
+
+
 # -----------------------------------------------------------------------------
 # Failures before training
 
