@@ -35,10 +35,9 @@ def _gpu_run(depth: int, device_batch_size: int, base_shards: int, **resources) 
         "base_train": {"depth": depth, "device_batch_size": device_batch_size, "target_param_data_ratio": 20,
                        "num_shards": base_shards},
         "base_eval": {"device_batch_size": device_batch_size},
-        # mid-training packs rows like pretraining (same device batch); SFT pads whole conversations: a quarter
-        # of the rows per micro-step (the seed's 4 at 32); RL samples in batches of at most 8
+        # mid-training packs rows like pretraining (same device batch, so the same memory); SFT keeps the seed's
+        # 4 conversations per micro-step everywhere (at most base's memory); RL samples in batches of at most 8
         "mid_train": {"device_batch_size": device_batch_size},
-        "chat_sft": {"device_batch_size": max(1, device_batch_size // 8)},
         "chat_rl": {"device_batch_size": min(8, device_batch_size)},
         "chat_eval": {"batch_size": min(8, device_batch_size)},
     }
@@ -57,12 +56,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "base_eval": {"device_type": "cpu", "eval": "bpb,sample", "device_batch_size": 8, "split_tokens": 16384},
         # the chat stages on the builtin offline chats (identity, spelling, GSM8K-style arithmetic with the
         # calculator, MMLU-style quizzes), evaluated on the offline tasks
-        "mid_train": {"device_type": "cpu", "mixture": "builtin", "max_seq_len": 256, "device_batch_size": 8,
-                      "total_batch_size": 4096, "num_iterations": 100, "eval_every": None, "eval_tokens": 16384,
-                      "save_every": 20},
-        "chat_sft": {"device_type": "cpu", "mixture": "builtin", "device_batch_size": 4,
-                     "target_examples_per_step": 16, "num_iterations": 60, "eval_every": None, "eval_steps": 8,
-                     "eval_metrics_every": None, "eval_metrics_max_problems": 64, "save_every": 20},
+        # at this batch size the seed's learning rates barely move a tiny model in ~100 steps: mid starts at 3x,
+        # SFT at 0.2 instead of 0.02 (bench/bench_chat_quality.py measured both)
+        "mid_train": {"device_type": "cpu", "mixture": "builtin", "builtin_size": 500, "max_seq_len": 256,
+                      "device_batch_size": 8, "total_batch_size": 4096, "num_iterations": 92, "init_lr_frac": 3.0,
+                      "eval_every": 25, "eval_tokens": 16384, "save_every": 25},
+        "chat_sft": {"device_type": "cpu", "mixture": "builtin", "builtin_size": 500, "device_batch_size": 8,
+                     "target_examples_per_step": 32, "num_iterations": 56, "init_lr_frac": 0.2, "eval_every": 20,
+                     "eval_steps": 8, "eval_metrics_every": None, "eval_metrics_max_problems": 128, "save_every": 20},
         "chat_rl": {"device_type": "cpu", "task": "builtin-arithmetic", "num_iterations": 20, "examples_per_step": 4,
                     "num_samples": 4, "device_batch_size": 4, "max_new_tokens": 32, "eval_every": None,
                     "eval_examples": 32, "save_every": 10},
