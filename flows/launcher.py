@@ -31,13 +31,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nanopipe.common import parse_progress
 from nanopipe.exit_codes import ExitCode
 
 LAUNCH_ENV = "NANOPIPE_LAUNCH_ID"   # every process of one launch inherits this marker
 TAIL_LINES = 60
+
+
+# Environment a flow parameter may set for a stage: thread counts and the tuning knobs of the libraries a
+# training run uses. Anything else (PYTHONPATH, LD_PRELOAD, ...) could run code on the worker, and secrets
+# passed as parameters would sit in plain text in Prefect's database: they come from the worker's own
+# environment (or a Prefect Secret block the worker exports) instead.
+ENV_ALLOWED_PREFIXES = ("NCCL_", "CUDA_", "CUBLAS_", "CUDNN_", "TORCH_", "TORCHINDUCTOR_", "PYTORCH_", "GLOO_",
+                        "TP_", "NVIDIA_", "HF_HUB_", "HF_DATASETS_", "WANDB_")
+ENV_ALLOWED = {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TOKENIZERS_PARALLELISM",
+               "RAYON_NUM_THREADS", "MALLOC_ARENA_MAX"}
+ENV_SECRETS = ("TOKEN", "API_KEY", "SECRET", "PASSWORD", "CREDENTIAL")
+
+
+def check_stage_env(env: dict[str, str]) -> dict[str, str]:
+    """Refuse environment variables a run parameter has no business setting; name each and say why."""
+    for name in env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"env {name!r} is not a variable name (letters, digits and _ only)")
+        if any(word in name.upper() for word in ENV_SECRETS):
+            raise ValueError(f"env {name}: secrets are not run parameters (they would be stored in plain text); "
+                             "set it in the worker's environment or a Prefect Secret block")
+        if not (name in ENV_ALLOWED or name.startswith(ENV_ALLOWED_PREFIXES)):
+            raise ValueError(f"env {name} is not a variable a stage may be given: allowed are "
+                             f"{', '.join(sorted(ENV_ALLOWED))} and names starting with "
+                             f"{', '.join(ENV_ALLOWED_PREFIXES)}")
+    return env
 
 
 class Resources(BaseModel):
@@ -51,12 +77,18 @@ class Resources(BaseModel):
     rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous for multi-node "
                                       "runs; none means a standalone single-node run")
     rdzv_id: str = Field("nanopipe", description="rendezvous id shared by the nodes of one multi-node run")
-    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for the stage")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for the stage: "
+                                "thread counts and NCCL/CUDA/torch/HF tuning only; secrets come from the worker")
     timeout_minutes: float | None = Field(None, gt=0, description="wall-clock limit per attempt; none = no "
                                           "limit (a timeout is treated as a hang and retried)")
     retries: int = Field(2, ge=0, le=20, description="retries of a stage after a retryable failure (killed, "
                          "lost node, collective/network timeout); OOM, NaN loss and bad config never retry")
     retry_delay_seconds: float = Field(30.0, ge=0, description="pause before a retry")
+
+    @field_validator("env")
+    @classmethod
+    def _allowed_env(cls, env: dict[str, str]) -> dict[str, str]:
+        return check_stage_env(env)
 
     @model_validator(mode="after")
     def _multinode_needs_endpoint(self):

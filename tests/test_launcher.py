@@ -264,3 +264,16 @@ def test_stage_failed_survives_pickling():
     err = failure_from(_result(-9, ["step 1"]), "base_train")
     back = pickle.loads(pickle.dumps(err))
     assert isinstance(back, StageFailed) and back.retryable and back.kind == "killed" and str(back) == str(err)
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("PYTHONPATH", "not a variable a stage may be given"), ("LD_PRELOAD", "not a variable"),
+    ("HF_TOKEN", "secrets are not run parameters"), ("WANDB_API_KEY", "secrets are not run parameters"),
+    ("NCCL_X;touch /tmp/owned", "not a variable name"),
+])
+def test_run_parameters_cannot_set_code_paths_or_secrets(name, needle):
+    from pydantic import ValidationError
+    from flows.launcher import Resources
+    with pytest.raises(ValidationError, match=needle):
+        Resources(env={name: "x"})
+    assert Resources(env={"OMP_NUM_THREADS": "1", "NCCL_DEBUG": "INFO", "HF_HUB_OFFLINE": "1"}).env["NCCL_DEBUG"] == "INFO"
