@@ -19,8 +19,12 @@ This module lives in flows/ because it drives flows; it imports Prefect only ins
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import signal
+import subprocess
 import sys
 from typing import Any
 
@@ -75,12 +79,91 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+@contextlib.contextmanager
+def prefect_api():
+    """Point Prefect at a server for this command: PREFECT_API_URL when set, else a temporary one of our own.
+
+    Prefect's embedded server shares our process group, so a Ctrl-C meant for the run killed it too and the
+    flow then spent minutes retrying a dead API. Ours runs in its own session (a Ctrl-C or SIGTERM to the
+    group never reaches it), dies with this process even on SIGKILL (parent-death signal), and is stopped
+    after the run has written its summary."""
+    _prefect_defaults()
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from flows.launcher import die_with_parent
+
+    class DetachedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self):
+            original = subprocess.Popen
+            subprocess.Popen = functools.partial(original, start_new_session=True,   # type: ignore[misc]
+                                                 preexec_fn=die_with_parent(os.getpid()))
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = original   # type: ignore[misc]
+
+    server = DetachedServer()
+    server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        yield
+    finally:
+        # send what is still queued (the run's last logs and events) while the server is up: otherwise
+        # Prefect retries a stopped server at exit for a minute
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+        for service in (APILogWorker, EventsWorker):
+            with contextlib.suppress(Exception):
+                service.drain_all(timeout=15)
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
+class Interrupted(Exception):
+    """SIGTERM, as an exception the run unwinds through like a Ctrl-C."""
+
+
+def _run_flow(flow, *args) -> int:
+    """Run a flow to its end; Ctrl-C / SIGTERM stop the stage, write the summary, exit 130 / 143."""
+    def on_sigterm(signum, frame):
+        raise Interrupted("terminated (SIGTERM)")
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        with prefect_api():
+            state = flow(*args, return_state=True)
+    except KeyboardInterrupt:
+        print("nanopipe: interrupted (Ctrl-C); the running stage was stopped", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Interrupted:
+        print("nanopipe: terminated (SIGTERM); the running stage was stopped", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if _interrupted(state):
+        return 128 + _interrupted(state)
+    return _report(state)
+
+
+def _interrupted(state) -> int:
+    """The signal a run was stopped by, when its state says so (Prefect reports the exception as a state)."""
+    try:
+        state.result(raise_on_failure=True)
+    except KeyboardInterrupt:
+        return signal.SIGINT
+    except Interrupted:
+        return signal.SIGTERM
+    except BaseException:   # an ordinary failure: _report says why
+        return 0
+    return 0
+
+
 def cmd_run(argv: list[str]) -> int:
     config = build_pipeline_config(argv)
-    _prefect_defaults()
+    _prefect_defaults()   # before Prefect is imported: it reads its settings once
     from flows.pipeline import full_pipeline
-    state = full_pipeline(config, return_state=True)
-    return _report(state)
+    return _run_flow(full_pipeline, config)
 
 
 def cmd_stage(argv: list[str]) -> int:
@@ -88,8 +171,7 @@ def cmd_stage(argv: list[str]) -> int:
     config = build_pipeline_config(argv[1:], stage=stage)
     _prefect_defaults()
     from flows.pipeline import stage_flow
-    state = stage_flow(stage.name, config, return_state=True)
-    return _report(state)
+    return _run_flow(stage_flow, stage.name, config)
 
 
 def _stage_argument(argv: list[str], usage: str):

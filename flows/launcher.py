@@ -120,7 +120,7 @@ def stage_command(module: str, args: list[str], resources: Resources, distribute
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+def die_with_parent(parent_pid: int) -> Callable[[], None]:
     """preexec_fn: ask the kernel to SIGTERM the child when the launching thread dies.
 
     SIGTERM rather than SIGKILL so torchrun gets the chance to stop its own workers.
@@ -234,7 +234,7 @@ def launch(cmd: list[str], *, log_path: str | os.PathLike, env: dict[str, str] |
         log.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=child_env, cwd=cwd, start_new_session=True,
-                                preexec_fn=_die_with_parent(os.getpid()))
+                                preexec_fn=die_with_parent(os.getpid()))
         lines: queue.Queue = queue.Queue()
         reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True, name="stage-stdout")
         reader.start()
