@@ -14,11 +14,12 @@ import logging
 import os
 import random
 import shutil
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
     import torch
@@ -115,16 +116,56 @@ def compute_init(device_type: str = "", dtype: str = "", seed: int = 42) -> Runt
         device = torch.device(device_type)
     if ddp and not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
+        # torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it is imported.
+        # Imported after init_process_group (torch._dynamo imports it, and the first op on a meta tensor
+        # imports torch._dynamo, e.g. GPT construction), those defaults keep the default group alive past
+        # destroy_process_group: its gloo threads then outlive the interpreter, and one releasing a finished
+        # collective during interpreter shutdown aborts the process ("terminate called without an active
+        # exception"). Imported first, the defaults are None.
+        with contextlib.suppress(ImportError):
+            import torch.distributed.nn.functional  # noqa: F401
         dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
         dist.barrier()
     seed_everything(seed)
     return Runtime(ddp, rank, local_rank, world_size, device, device_type, resolve_dtype(dtype, device_type))
 
 
+_CLEANUP_HOOKS: list[Callable[[], None]] = []
+
+
+def on_cleanup(hook: Callable[[], None]) -> Callable[[], None]:
+    """Register a function that stops background work (e.g. data loader threads); compute_cleanup calls
+    every hook, on success and on error, before it destroys the process group."""
+    if hook not in _CLEANUP_HOOKS:
+        _CLEANUP_HOOKS.append(hook)
+    return hook
+
+
 def compute_cleanup() -> None:
+    """End this process's part of the run; call it in a `finally`, it serves the success and the error path.
+
+    First the on_cleanup hooks stop and join background threads, then, under torchrun, the process group is
+    destroyed, so that its threads are joined before the interpreter shuts down. No barrier first: a rank that
+    failed must not wait for peers that may never come, nor make peers that finished fail in a barrier; a
+    peer still waiting in a collective sees the failed rank leave and raises."""
+    for hook in list(_CLEANUP_HOOKS):
+        try:
+            hook()
+        except Exception:  # noqa: BLE001 - the process group must still be destroyed
+            logger.exception("cleanup hook %r failed", hook)
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    group = dist.group.WORLD
+    dist.destroy_process_group()
+    # The group's threads are joined only when the last reference to it goes (normally `group`, here); a
+    # reference left elsewhere lets them run into interpreter shutdown, which can abort the process (see
+    # compute_init).
+    leaked = group is not None and sys.getrefcount(group) > 2  # `group` and getrefcount's argument
+    del group
+    if leaked:
+        logger.warning("the default process group is still referenced after destroy_process_group(): its "
+                       "threads may abort the process at exit")
 
 
 def seed_everything(seed: int) -> None:

@@ -39,14 +39,18 @@ from typing import Iterator, Sequence
 import pyarrow.parquet as pq
 import torch
 
+from nanopipe.common import on_cleanup
+
 STATE_VERSION = 1
 
-# Loaders whose producer thread may still run; stopped at interpreter exit, because a daemon thread killed
-# in the middle of a native tokeniser or torch call aborts the process.
+# Loaders whose producer thread may still run; stopped (and joined) by compute_cleanup, before the process
+# group goes, and at interpreter exit at the latest, because a daemon thread killed in the middle of a native
+# tokeniser or torch call aborts the process.
 _LIVE_LOADERS: weakref.WeakSet = weakref.WeakSet()
 
 
 @atexit.register
+@on_cleanup
 def _stop_all_loaders() -> None:
     for loader in list(_LIVE_LOADERS):
         loader.close()
@@ -357,6 +361,8 @@ class BestFitLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._stop.is_set():  # closed, or its producer failed: waiting on the queue would hang
+            raise DataLoaderError("this loader is closed: it yields no more batches")
         item = self._queue.get()
         if isinstance(item, BaseException):
             self._stop.set()
@@ -389,6 +395,7 @@ class BestFitLoader:
             except queue.Empty:
                 break
         self._thread.join(timeout=5)
+        _LIVE_LOADERS.discard(self)
 
     def __enter__(self) -> BestFitLoader:
         return self

@@ -226,3 +226,13 @@ def test_background_thread_stops_when_closed_or_dropped(tok, shards):
     while len(producers()) > before and time.time() < deadline:
         time.sleep(0.05)
     assert len(producers()) == before
+
+
+def test_compute_cleanup_stops_live_loaders(tok, shards):
+    from nanopipe.common import compute_cleanup
+    loader = BestFitLoader(tok, shards, B, T)
+    next(loader)
+    compute_cleanup()  # not distributed here: only its cleanup hooks run
+    assert not loader._thread.is_alive()
+    with pytest.raises(DataLoaderError, match="closed"):  # not a hang on the empty queue
+        next(loader)
