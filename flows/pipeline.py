@@ -66,9 +66,19 @@ def execute(plan: StagePlan, *, force: bool, complete: bool, upstream: dict[str,
 
 
 def _key_metrics(outcome: StageOutcome) -> dict:
+    """The stage's key metrics as scalars; a dict of scalars (e.g. accuracy per task) shows as `name.key`."""
+    def scalar(v):
+        return isinstance(v, (int, float, str)) and not isinstance(v, bool)
+    flat = {}
+    for k, v in outcome.metrics.items():
+        if scalar(v):
+            flat[k] = v
+        elif isinstance(v, dict):
+            flat.update({f"{k}.{sub}": x for sub, x in v.items() if scalar(x)})
     keys = get_stage(outcome.plan.stage).key_metrics
-    scalars = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-    return {k: scalars[k] for k in keys if k in scalars} if keys else scalars
+    if not keys:
+        return flat
+    return {k: v for k, v in flat.items() if k in keys or k.split(".", 1)[0] in keys}
 
 
 def _fmt(value) -> str:

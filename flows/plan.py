@@ -9,6 +9,8 @@ seconds instead of after hours of pretraining. `rerun_reasons` says why a stage 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +38,7 @@ class StagePlan(BaseModel):
     hash: str = Field(description="content address of the stage's artifact")
     code_version: str = Field(description="package version + hash of the modules the stage declares")
     code: dict[str, str] = Field(default_factory=dict, description="declared module -> hash of its source")
+    data: str | None = Field(None, description="fingerprint of the local text shards the stage reads, if any")
     artifact_dir: str
     out_dir: str = Field(description="the stage's --out_dir inside the artifact directory")
     config: dict[str, Any] = Field(description="the stage config as launched (inputs and out_dir wired)")
@@ -78,7 +81,9 @@ def plan_stage(config: PipelineConfig, stage: Stage, upstream_plans: dict[str, S
         # the digest sees the config as the user gave it: wired inputs are covered by the upstream hashes
         semantic = config.stage_config(stage, wired={f: None for f in stage.inputs})
         upstream = {f: upstream_plans[up] for f, (up, _) in stage.inputs.items()}
-        digest = artifact_hash(stage.name, config_digest(semantic), {f: p.hash for f, p in upstream.items()}, code)
+        data = data_fingerprint(semantic)
+        inputs = {f: p.hash for f, p in upstream.items()} | ({"data": data} if data else {})
+        digest = artifact_hash(stage.name, config_digest(semantic), inputs, code)
         directory = artifact_dir(stage.name, stage.tag(semantic), digest, home)
         wired = {f: str(Path(upstream[f].artifact_dir) / sub) for f, (_, sub) in stage.inputs.items()}
         wired["out_dir"] = str(directory / stage.output)
@@ -89,13 +94,26 @@ def plan_stage(config: PipelineConfig, stage: Stage, upstream_plans: dict[str, S
         raise PlanError(f"stage {stage.name}: {err}") from None
     return StagePlan(
         stage=stage.name, module=stage.module, tag=stage.tag(semantic), hash=digest, code_version=code,
-        code=code_hashes(stage.code), artifact_dir=str(directory), out_dir=wired["out_dir"],
+        code=code_hashes(stage.code), data=data, artifact_dir=str(directory), out_dir=wired["out_dir"],
         config=cfg.model_dump(mode="json"),
         semantic_config=semantic.model_dump(mode="json", exclude=non_semantic_fields(type(semantic))),
         args=to_cli_args(cfg),
         upstream={f: {"stage": p.stage, "hash": p.hash, "path": p.artifact_dir} for f, p in upstream.items()},
         resources=config.resources_for(stage), distributed=stage.distributed, resume_flag=stage.resume_flag,
         checkpoint_glob=stage.checkpoint_glob, dry_run_flag=stage.dry_run_flag)
+
+
+def data_fingerprint(cfg) -> str | None:
+    """What identifies the local shards a stage reads: every parquet file's name, size and modification
+    time (new shards prepared into the same directory change it; reading them to hash is not needed).
+    None for builtin data (made by code, covered by the code version) and the hub (identified by its repo)."""
+    if getattr(cfg, "data_source", None) != "local" or not getattr(cfg, "data_dir", None):
+        return None
+    directory = Path(cfg.data_dir).expanduser()
+    entries = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.glob("*.parquet"))
+    if not entries:
+        return None   # the stage itself says that the directory holds no shards
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
 def is_complete(plan: StagePlan) -> bool:
@@ -153,6 +171,8 @@ def rerun_reasons(plan: StagePlan) -> list[str]:
         reasons += [f"code of {m} changed" for m in _changed(old_code, plan.code)]
     elif previous.get("code_version") != plan.code_version:
         reasons.append("code changed")
+    if previous.get("data") != plan.data and (previous.get("data") or plan.data):
+        reasons.append("the local data shards changed")
     old_upstream = {k: v.get("hash") for k, v in (previous.get("upstream") or {}).items()}
     for role in _changed(old_upstream, {k: v["hash"] for k, v in plan.upstream.items()}):
         reasons.append(f"upstream {plan.upstream.get(role, {}).get('stage', role)} changed")

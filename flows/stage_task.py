@@ -139,7 +139,8 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
         write_manifest(directory, stage=plan.stage, digest=plan.hash, config=plan.config, upstream=plan.upstream,
                        metrics=metrics, timings=timings,
                        extra={"command": cmd, "code_version": plan.code_version, "code": plan.code,
-                              "semantic_config": plan.semantic_config, "flow_run_id": flow_run.id,
+                              "semantic_config": plan.semantic_config, "data": plan.data,
+                              "flow_run_id": flow_run.id,
                               "task_run_id": task_run.id})
         progress.finish()
         logger.info(f"{plan.stage}: done in {result.seconds:.1f} s -> {directory}")

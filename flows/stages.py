@@ -77,14 +77,14 @@ STAGES: list[Stage] = [
           tag=lambda cfg: "mid", key_metrics=("val_loss", "val_bpb", "train_loss")),
     Stage("chat_eval_mid", "nanopipe.stages.chat_eval", "chat_eval", _code("nanopipe.stages.chat_eval", *_CHAT_EVAL),
           inputs={"checkpoint_dir": ("mid_train", "checkpoints"), **_TOKENIZER_INPUT}, fixed={"source": "mid"},
-          tag=lambda cfg: "mid", key_metrics=("chatcore",)),
+          tag=lambda cfg: "mid", key_metrics=("chatcore", "accuracy")),
     Stage("chat_sft", "nanopipe.stages.chat_sft", "chat_sft", _code("nanopipe.stages.chat_sft", *_CHAT),
           inputs={"checkpoint_dir": ("mid_train", "checkpoints"), **_TOKENIZER_INPUT}, output="checkpoints",
           fixed={"source": "mid"}, resume_flag=("resume_from_step", "latest"), dry_run_flag="dry_run",
           tag=lambda cfg: "sft", key_metrics=("val_loss", "train_loss")),
     Stage("chat_eval_sft", "nanopipe.stages.chat_eval", "chat_eval", _code("nanopipe.stages.chat_eval", *_CHAT_EVAL),
           inputs={"checkpoint_dir": ("chat_sft", "checkpoints"), **_TOKENIZER_INPUT}, fixed={"source": "sft"},
-          tag=lambda cfg: "sft", key_metrics=("chatcore",)),
+          tag=lambda cfg: "sft", key_metrics=("chatcore", "accuracy")),
     Stage("chat_rl", "nanopipe.stages.chat_rl", "chat_rl",
           _code("nanopipe.stages.chat_rl", *_MODEL, "nanopipe.chat_format", "nanopipe.tasks", "nanopipe.chat_train",
                 "nanopipe.engine", "nanopipe.rl"),
@@ -93,7 +93,7 @@ STAGES: list[Stage] = [
           tag=lambda cfg: "rl", when="run_rl", key_metrics=("reward", "pass@1")),
     Stage("chat_eval_rl", "nanopipe.stages.chat_eval", "chat_eval", _code("nanopipe.stages.chat_eval", *_CHAT_EVAL),
           inputs={"checkpoint_dir": ("chat_rl", "checkpoints"), **_TOKENIZER_INPUT}, fixed={"source": "rl"},
-          tag=lambda cfg: "rl", when="run_rl", key_metrics=("chatcore",)),
+          tag=lambda cfg: "rl", when="run_rl", key_metrics=("chatcore", "accuracy")),
 ]
 
 STAGE_NAMES = [s.name for s in STAGES]

@@ -250,7 +250,7 @@ def _produced(plan) -> None:
     Path(plan.out_dir, "metrics.json").write_text("{}")
     write_manifest(plan.artifact_dir, stage=plan.stage, digest=plan.hash, config=plan.config, upstream=plan.upstream,
                    metrics={}, timings={}, extra={"code": plan.code, "code_version": plan.code_version,
-                                                  "semantic_config": plan.semantic_config})
+                                                  "semantic_config": plan.semantic_config, "data": plan.data})
 
 
 def test_status_says_which_config_field_code_module_or_upstream_changed(tmp_path):
@@ -270,3 +270,22 @@ def test_status_says_which_config_field_code_module_or_upstream_changed(tmp_path
     manifest["code"]["nanopipe.gpt"] = "0" * 16
     manifest_path.write_text(json.dumps(manifest))
     assert "code of nanopipe.gpt changed" in rerun_reasons(deeper)
+
+
+def test_new_local_shards_in_the_same_directory_give_new_artifacts(tmp_path):
+    from flows.plan import rerun_reasons
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "shard_00000.parquet").write_bytes(b"a" * 10)
+    (shards / "val.parquet").write_bytes(b"b" * 10)
+    data = {"data": {"data_source": "local", "data_dir": str(shards)}}
+    before = _plans(tmp_path, **data)
+    assert before["tok_train"].data and before["tok_eval"].data
+    for plan in before.values():
+        _produced(plan)
+    assert _plans(tmp_path, **data) == before                     # nothing changed: same addresses
+    (shards / "shard_00001.parquet").write_bytes(b"c" * 10)       # more text prepared into the same directory
+    after = _plans(tmp_path, **data)
+    assert after["tok_train"].hash != before["tok_train"].hash and after["base_train"].hash != before["base_train"].hash
+    assert rerun_reasons(after["tok_train"]) == ["the local data shards changed"]
+    assert _plans(tmp_path)["tok_train"].data is None              # builtin text is made by code: no fingerprint
