@@ -34,10 +34,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from nanopipe.chat_format import render_conversation, render_for_completion  # noqa: E402
+from nanopipe.chat_scoring import evaluate_categorical  # noqa: E402
 from nanopipe.chat_train import collate_supervised, evaluate_chat_loss  # noqa: E402
 from nanopipe.checkpoint import load_model  # noqa: E402
 from nanopipe.engine import Engine  # noqa: E402
-from nanopipe.stages.chat_eval import evaluate_categorical  # noqa: E402
 from nanopipe.tasks.builtin import ArithmeticProblems, IdentityChat, MultipleChoiceQuiz  # noqa: E402
 from nanopipe.tasks.gsm8k import extract_final_answer  # noqa: E402
 from nanopipe.tasks.spelling import SimpleSpelling, SpellingBee  # noqa: E402

@@ -15,28 +15,35 @@ the resumable random state.
     inputs, targets = next(batcher)   # one conversation per row, targets only on the assistant's tokens
     state = loader.state_dict(); PackedChatLoader(..., resume_state=state)   # continues exactly
 
+    metrics = train_from_source(cfg, "mid", mid_mixtures, MidTrainer)   # source and data checked, then trains
+
 find_source raises SourceCheckpointError (a ConfigError: exit code 2) naming the path and what is wrong,
 without loading any weights, so a stage fails before it trains or joins a process group.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
 from nanopipe.chat_format import render_conversation
-from nanopipe.checkpoint import (CHECKPOINT_DIRS, CheckpointError, build_model, find_last_step, meta_path,
-                                 resolve_checkpoint_dir)
+from nanopipe.checkpoint import (CHECKPOINT_DIRS, CheckpointError, build_model, find_last_step, load_checkpoint,
+                                 meta_path, resolve_checkpoint_dir, save_checkpoint)
+from nanopipe.common import atomic_write_json, compute_cleanup, compute_init, get_base_dir, print0
 from nanopipe.configs.base import ConfigError
-from nanopipe.gpt import GPT, GPTConfig
+from nanopipe.gpt import GPT, GPTConfig, build_model_config
 from nanopipe.tokenizer import TokenizerNotFoundError, get_tokenizer
+from nanopipe.training import (NonFiniteLossError, barrier, estimate_peak_memory, gather_loader_state,
+                               keep_freed_memory_for_reuse)
 
 LOADER_STATE_VERSION = 1
 
@@ -129,7 +136,6 @@ def load_source(cfg, device: torch.device | str, phase: str = "train"):
 
 def output_dir(stage_source: str, src: SourceCheckpoint, out_dir: str | None) -> Path:
     """--out_dir, else NANOPIPE_HOME/<stage's checkpoint dir>/<the source's model tag>."""
-    from nanopipe.common import get_base_dir
     if out_dir:
         return Path(out_dir).expanduser()
     return get_base_dir() / CHECKPOINT_DIRS[stage_source] / src.ckpt_dir.name
@@ -425,9 +431,30 @@ def supervised_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch
 # -----------------------------------------------------------------------------
 # A resumable chat training run: what mid_train and chat_sft share around their own loops
 
+EMA_BETA = 0.9       # smoothing of the logged training loss
+UNTIMED_STEPS = 10   # the first steps (compilation, allocator warm-up) are left out of the timings
+
+
+def train_from_source(cfg, stage: str, load_data: Callable, make_trainer: Callable) -> dict:
+    """A chat stage's run after its flag checks: find the source checkpoint, open every dataset
+    (`load_data(cfg)`), and only then join the process group and train with `make_trainer(cfg, rt, src,
+    out_dir, data)`, so that a missing checkpoint or dataset fails in seconds. The trainer's metrics."""
+    src = find_source(cfg.source, cfg.model_tag, cfg.model_step, cfg.checkpoint_dir, cfg.tokenizer_dir)
+    out_dir = output_dir(stage, src, cfg.out_dir)
+    data = load_data(cfg)
+    rt = compute_init(cfg.device_type, cfg.dtype, cfg.seed)
+    if rt.device_type == "cpu":
+        keep_freed_memory_for_reuse()
+    try:
+        trainer = make_trainer(cfg, rt, src, out_dir, data)
+        trainer.fit()
+        return trainer.finish()
+    finally:
+        compute_cleanup()
+
+
 def resolve_resume_step(resume_from_step, out_dir: Path, world_size: int) -> int | None:
     """--resume_from_step: a step, or 'latest' (None, with a log line, when out_dir holds no complete one)."""
-    from nanopipe.common import print0
     if resume_from_step is None:
         return None
     if resume_from_step == "latest":
@@ -444,16 +471,17 @@ class ChatTrainerBase:
     with fresh optimizers; a resumed one restores model, optimizers (one file per rank), random state, the
     subclass's loader state and `loop` from its own checkpoint in out_dir.
 
-    Subclasses set `stage` ('mid' or 'sft'), build their loaders in `build_loaders(states)` and put every value
-    besides the step that a resume needs into `self.loop`.
+    Subclasses set `stage` ('mid', 'sft' or 'rl'), build their loaders from `loader_state_at_start` (None on a
+    fresh run) and put every value besides the step that a resume needs into `self.loop`.
     """
 
     stage = ""
 
     def __init__(self, cfg, rt, src: SourceCheckpoint, out_dir: Path, lr_scale: float = 1.0):
-        from nanopipe.checkpoint import load_checkpoint
-        from nanopipe.common import print0
         self.cfg, self.rt, self.src, self.out_dir = cfg, rt, src, out_dir
+        self.autocast = (torch.amp.autocast(device_type=rt.device_type, dtype=torch.bfloat16)
+                         if rt.dtype == torch.bfloat16 else contextlib.nullcontext())
+        self.synchronize = torch.cuda.synchronize if rt.device_type == "cuda" else (lambda: None)
         self.resume_step = resolve_resume_step(cfg.resume_from_step, out_dir, rt.world_size)
         ckpt = None
         if self.resume_step is not None:
@@ -489,7 +517,6 @@ class ChatTrainerBase:
 
     def checkpoint_meta(self, loader_state: dict) -> dict:
         """Everything a resume and a downstream stage need; a collective under torchrun."""
-        from nanopipe.training import gather_loader_state
         return {
             "model_config": dict(self.orig_model.config.__dict__),
             "tokenizer_dir": str(self.src.tokenizer_dir),
@@ -501,8 +528,6 @@ class ChatTrainerBase:
         }
 
     def save(self, loader_state: dict, extra_meta: dict | None = None) -> None:
-        from nanopipe.checkpoint import save_checkpoint
-        from nanopipe.training import barrier
         meta = {**self.checkpoint_meta(loader_state), **(extra_meta or {})}
         optim_state = {"optimizers": [opt.state_dict() for opt in self.optimizers], "rng": rng_state()}
         save_checkpoint(self.out_dir, self.step, self.orig_model.state_dict(), optim_state, meta, rank=self.rt.rank)
@@ -514,12 +539,39 @@ class ChatTrainerBase:
 
     def complete_final_meta(self, values: dict) -> None:
         """Add the final evaluations to the final checkpoint's meta (rank 0), after the weights were saved."""
-        from nanopipe.common import atomic_write_json
         if self.rt.master:
             path = meta_path(self.out_dir, self.step)
             meta = json.loads(path.read_text(encoding="utf-8"))
             meta.update(values)
             atomic_write_json(path, meta)
+
+    # --- the loop --------------------------------------------------------------
+
+    def print_setup(self) -> None:
+        print0(f"Device: {self.rt.device} ({self.rt.world_size} process(es)), compute dtype {self.rt.dtype}")
+        print0(f"Source: {self.src.ckpt_dir} step {self.src.step}; output: {self.out_dir}")
+
+    def check_finite(self, loss: float, lower: str) -> None:
+        """Fail fast on a diverged run: `lower` names what to lower (the flags)."""
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss} at step {self.step}: the run diverged. Lower {lower} or check the data; "
+                f"the last checkpoint in {self.out_dir} is intact")
+
+    def record_train_loss(self, loss: float, seconds: float, steps_done: int) -> float:
+        """Fold a step's loss into loop's EMA and its time into loop's total (after the UNTIMED_STEPS);
+        the debiased smoothed loss after `steps_done` steps."""
+        loop = self.loop
+        loop["smooth_train_loss"] = EMA_BETA * loop["smooth_train_loss"] + (1 - EMA_BETA) * loss
+        if steps_done > UNTIMED_STEPS:
+            loop["total_training_time"] += seconds
+            loop["timed_steps"] += 1
+        return self.smoothed_train_loss(steps_done)
+
+    def smoothed_train_loss(self, steps_done: int | None = None) -> float | None:
+        """The debiased EMA of the training loss after `steps_done` steps (default: self.step); None before any."""
+        steps_done = self.step if steps_done is None else steps_done
+        return self.loop["smooth_train_loss"] / (1 - EMA_BETA ** steps_done) if steps_done else None
 
     def due(self, every: int | None, at_zero: bool = True) -> bool:
         return every is not None and (at_zero or self.step > 0) and self.step % every == 0
@@ -543,7 +595,6 @@ def planned_model(cfg) -> tuple[GPTConfig, str, SourceCheckpoint | None]:
     """(model config, where it came from, the source checkpoint or None): the source checkpoint's model, or,
     when there is none yet (a planning dry run before the upstream stages ran), the shape of
     --depth/--aspect_ratio/--head_dim. A source that exists but does not match its tokenizer still fails."""
-    from nanopipe.gpt import build_model_config
     try:
         src = find_source(cfg.source, cfg.model_tag, cfg.model_step, cfg.checkpoint_dir, cfg.tokenizer_dir)
         return src.model_config, f"source checkpoint {src.ckpt_dir} step {src.step}", src
@@ -564,9 +615,6 @@ def planned_model(cfg) -> tuple[GPTConfig, str, SourceCheckpoint | None]:
 
 def model_plan(config: GPTConfig, row_tokens: int, rows_per_device: int, world_size: int, cuda: bool) -> dict:
     """Parameters, training FLOPs per token and the peak-memory estimate of base_train's model for it."""
-    import dataclasses
-
-    from nanopipe.training import estimate_peak_memory
     with torch.device("meta"):
         model = GPT(config)
     sized = dataclasses.replace(config, sequence_len=row_tokens)  # the memory model reads rows from sequence_len
@@ -576,7 +624,6 @@ def model_plan(config: GPTConfig, row_tokens: int, rows_per_device: int, world_s
 
 
 def print_plan(plan: dict, model_from: str) -> None:
-    from nanopipe.common import print0
     c = plan["model_config"]
     print0(f"Model ({model_from}): {c['n_layer']} layers, width {c['n_embd']}, {c['n_head']} heads, "
            f"context {c['sequence_len']}, vocab {c['vocab_size']:,}")

@@ -22,6 +22,7 @@ from nanopipe.chat_train import PaddedChatBatcher
 from nanopipe.checkpoint import list_steps, load_checkpoint, load_model, optim_path
 from nanopipe.configs.base import ConfigError, build_config
 from nanopipe.configs.chat_sft import ChatSFTConfig
+from nanopipe.exit_codes import ExitCode
 from nanopipe.stages import chat_eval, chat_sft
 from nanopipe.tasks import TaskMixture, builtin_chat_mixture
 from nanopipe.tasks.builtin import ArithmeticProblems
@@ -122,6 +123,15 @@ def test_missing_or_mismatched_source_exits_2_with_one_line(inputs, tmp_path, ho
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1
     assert "has vocab_size=640 but tokenizer" in err and "has 512 tokens" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_local_dataset_exits_2_naming_itself_and_its_flag(inputs, tmp_path, home, capsys):
+    with pytest.raises(SystemExit) as exc:
+        chat_sft.main(flags(inputs, tmp_path / "out", identity_path=tmp_path / "no_identity.jsonl"))
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == ExitCode.BAD_INPUT and len(err.splitlines()) == 1
+    assert "dataset identity conversations is not available" in err and "--identity_path=PATH" in err
     assert not (tmp_path / "out").exists()
 
 

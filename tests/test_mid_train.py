@@ -22,8 +22,9 @@ from nanopipe.checkpoint import list_steps, load_checkpoint, load_model, optim_p
 from nanopipe.configs.base import ConfigError, build_config
 from nanopipe.configs.flags import parse_config as parse_cli
 from nanopipe.configs.mid_train import MidTrainConfig
+from nanopipe.exit_codes import ExitCode
 from nanopipe.stages import mid_train
-from nanopipe.tasks import TaskMixture, builtin_chat_mixture
+from nanopipe.tasks import builtin_chat_mixture
 from nanopipe.tasks.mixtures import mid_mixtures
 from tests.chat_fixtures import build_chat_tokenizer, tiny_chat_flags, write_base_checkpoint
 
@@ -81,6 +82,11 @@ def test_both_spellings_minus_one_and_bad_batch_sizes():
         build_config(MidTrainConfig, {"total_batch_size": 100_000})
     with pytest.raises(ConfigError, match="--source"):
         build_config(MidTrainConfig, {"source": "sft"})
+    steps = [build_config(MidTrainConfig, {"resume_from_step": v}).resume_from_step for v in (" 7 ", "-1", "none", -1)]
+    assert steps == [7, None, None, None]
+    for bad in ("-2", -2):  # as typed on the command line, and from a flow parameter
+        with pytest.raises(ConfigError, match=r"--resume_from_step: .*must be a step >= 0, 'latest', or -1/none"):
+            build_config(MidTrainConfig, {"resume_from_step": bad})
 
 
 def test_config_module_does_not_import_torch():
@@ -204,8 +210,9 @@ def test_vocab_mismatch_exits_2_naming_both(inputs, tmp_path, home, capsys):
 def test_a_missing_local_dataset_names_itself_and_its_flag(inputs, tmp_path, home, capsys):
     with pytest.raises(SystemExit) as exc:
         mid_train.main(tiny_chat_flags(inputs["base"], tmp_path / "out", gsm8k_path=tmp_path / "no_gsm8k"))
-    assert exc.value.code == mid_train.EXIT_DATA_UNAVAILABLE
-    err = capsys.readouterr().err
+    assert exc.value.code == ExitCode.BAD_INPUT  # a retry would read the same missing path
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
     assert "dataset GSM8K (train) is not available" in err and "--gsm8k_path=PATH" in err
     assert not (tmp_path / "out").exists()
 
@@ -215,7 +222,7 @@ def test_hub_datasets_unavailable_offline_fail_before_training(inputs, tmp_path)
     result = subprocess.run([sys.executable, "-m", "nanopipe.stages.mid_train",
                              *tiny_chat_flags(inputs["base"], tmp_path / "out", mixture="seed")],
                             capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.returncode == ExitCode.BAD_INPUT, result.stderr[-2000:]  # offline, a retry cannot fix it
     assert "dataset SmolTalk (train) is not available" in result.stderr and "--smoltalk_path=PATH" in result.stderr
     assert "step 0" not in result.stdout and not (tmp_path / "out").exists()
 

@@ -1,6 +1,7 @@
 """
 Base classes of the stage configs, and what every config shares: validation into one error that names each
-flag and its valid range, the `Off[...]` type for "-1 or none means off", and the cache-key digest.
+flag and its valid range, the `Off[...]` type for "-1 or none means off", the `ResumeStep` type of
+--resume_from_step, and the cache-key digest.
 
 One pydantic model per stage is the single source of truth for its flags, defaults, bounds and help; the
 command line (`nanopipe.configs.flags`), the Prefect parameter form and the cache key all come from it.
@@ -14,7 +15,7 @@ import types
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
 from nanopipe.exit_codes import ExitCode, StageError
@@ -41,6 +42,31 @@ class _Off:
 
 
 Off = _Off
+
+
+def _resume_step_text(value: Any) -> Any:
+    """--resume_from_step as typed: '', none, null mean None; 'latest' in any case; a step, signed or not."""
+    if isinstance(value, str):
+        value = value.strip().lower()
+        if value in ("", "none", "null"):
+            return None
+        if value.lstrip("+-").isdigit():
+            return int(value)
+    return value
+
+
+def _resume_step(value: Any) -> Any:
+    """After parsing (so that "-2" and -2.0 are caught like -2): -1 is None, other negative steps are an error."""
+    if isinstance(value, int) and value < 0:
+        if value == -1:
+            return None
+        raise ValueError("must be a step >= 0, 'latest', or -1/none")
+    return value
+
+
+# A checkpoint step to resume from, 'latest' (the last complete one, if any), or None: start fresh.
+ResumeStep = Annotated[int | Literal["latest"] | None, BeforeValidator(_resume_step_text),
+                       AfterValidator(_resume_step)]
 
 
 class NanoConfig(BaseModel):

@@ -3,11 +3,9 @@ satisfy (pure arithmetic: the flow checks it before launching anything)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from pydantic import Field, model_validator
 
-from pydantic import Field, field_validator, model_validator
-
-from nanopipe.configs.base import CommonConfig, ConfigError, Off
+from nanopipe.configs.base import CommonConfig, ConfigError, Off, ResumeStep
 from nanopipe.configs.data import DataFlags
 
 
@@ -41,7 +39,7 @@ class BaseTrainConfig(CommonConfig, DataFlags):
     core_metric_max_per_task: Off[int] = Field(500, ge=1, description="examples per CORE task (-1: all)")
     sample_every: Off[int] = Field(2000, ge=1, description="print samples every N steps and at the end (-1: never)")
     save_every: Off[int] = Field(None, ge=1, description="checkpoint every N steps (-1/none: only at the end)")
-    resume_from_step: int | Literal["latest"] | None = Field(
+    resume_from_step: ResumeStep = Field(
         None, description="resume from this checkpoint step, or 'latest' (starts fresh if there is none)")
     # --- paths --------------------------------------------------------------
     model_tag: str | None = Field(None, description="checkpoint directory name (default: d<depth>)")
@@ -58,21 +56,6 @@ class BaseTrainConfig(CommonConfig, DataFlags):
         CommonConfig.NON_SEMANTIC + getattr(DataFlags, "NON_SEMANTIC", ()) + (
             "eval_every", "eval_tokens", "core_metric_every", "core_metric_max_per_task", "sample_every",
             "save_every", "resume_from_step", "model_tag", "checkpoint_dir", "eval_bundle_dir", "dry_run")))
-
-    @field_validator("resume_from_step", mode="before")
-    @classmethod
-    def _resume_step(cls, value):
-        if isinstance(value, str):
-            value = value.strip().lower()
-            if value in ("", "none", "null", "-1"):
-                return None
-            if value.lstrip("+").isdigit():
-                return int(value)
-        if value == -1:
-            return None
-        if isinstance(value, int) and value < 0:
-            raise ValueError("must be a step >= 0, 'latest', or -1/none")
-        return value
 
     @model_validator(mode="after")
     def _consistent(self):

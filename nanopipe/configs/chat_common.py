@@ -5,31 +5,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from nanopipe.configs.base import DownstreamConfig
+from nanopipe.configs.base import DownstreamConfig, Off, ResumeStep
 
 ChatSource = Literal["base", "mid"]
-
-
-def minus_one_is_none(value):
-    """The seed's `-1` for "disabled" on the command line; None inside the code."""
-    return None if value in (-1, -1.0, "-1", "-1.0") else value
-
-
-def parse_resume_step(value):
-    """--resume_from_step: a step >= 0, 'latest', or none/-1."""
-    if isinstance(value, str):
-        value = value.strip().lower()
-        if value in ("", "none", "null", "-1"):
-            return None
-        if value.lstrip("+").isdigit():
-            return int(value)
-    if value == -1:
-        return None
-    if isinstance(value, int) and value < 0:
-        raise ValueError("must be a step >= 0, 'latest', or -1/none")
-    return value
 
 
 class ChatDataFlags(DownstreamConfig):
@@ -63,8 +43,8 @@ class ChatTrainFlags(ChatDataFlags):
     unembedding_lr: float = Field(0.004, gt=0, description="AdamW learning rate of the LM head")
     matrix_lr: float = Field(0.02, gt=0, description="Muon learning rate of the Transformer matrices")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (embedding and LM head)")
-    save_every: int | None = Field(None, ge=1, description="checkpoint every N steps (-1/none: only at the end)")
-    resume_from_step: int | Literal["latest"] | None = Field(
+    save_every: Off[int] = Field(None, ge=1, description="checkpoint every N steps (-1/none: only at the end)")
+    resume_from_step: ResumeStep = Field(
         None, description="resume from this checkpoint step in --out_dir, or 'latest' (starts fresh if none)")
     tokenizer_dir: str | None = Field(
         None, description="tokenizer directory (default: the one the source checkpoint records)")
@@ -78,13 +58,3 @@ class ChatTrainFlags(ChatDataFlags):
     head_dim: int = Field(128, ge=2, description="dry run only, without a source checkpoint: channels per head")
 
     NON_SEMANTIC = ("save_every", "resume_from_step", "dry_run", "depth", "aspect_ratio", "head_dim")
-
-    @field_validator("save_every", mode="before")
-    @classmethod
-    def _minus_one_disables(cls, value):
-        return minus_one_is_none(value)
-
-    @field_validator("resume_from_step", mode="before")
-    @classmethod
-    def _resume_step(cls, value):
-        return parse_resume_step(value)

@@ -7,14 +7,10 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from nanopipe.configs.base import ConfigError, DownstreamConfig
+from nanopipe.configs.base import ConfigError, DownstreamConfig, Off, ResumeStep
 
 RL_TASKS = ("gsm8k", "builtin-arithmetic")
 GSM8K_TRAIN_QUESTIONS = 7473   # openai/gsm8k main/train: lets a dry run count steps without the data
-
-
-def _minus_one_is_none(value):
-    return None if value in (-1, -1.0, "-1", "-1.0") else value
 
 
 class ChatRLConfig(DownstreamConfig):
@@ -29,7 +25,7 @@ class ChatRLConfig(DownstreamConfig):
     synthetic_size: int = Field(1000, ge=1, description="training problems generated for builtin-arithmetic")
     # --- horizon ------------------------------------------------------------
     num_epochs: int = Field(1, ge=1, description="passes over the training questions")
-    num_iterations: int | None = Field(
+    num_iterations: Off[int] = Field(
         None, ge=1, description="optimizer steps (-1/none: num_epochs * training questions // examples_per_step)")
     # --- rollouts -----------------------------------------------------------
     examples_per_step: int = Field(16, ge=1, description="questions per optimizer step, over all ranks")
@@ -47,12 +43,12 @@ class ChatRLConfig(DownstreamConfig):
     init_lr_frac: float = Field(0.05, gt=0, le=1, description="learning rates start at this fraction of the "
                                                               "above, then decay linearly to 0")
     # --- evaluation, checkpoints --------------------------------------------
-    eval_every: int | None = Field(60, ge=1, description="pass@k on the test questions every N steps (and at "
-                                                         "the end; -1/none: at the end only)")
+    eval_every: Off[int] = Field(60, ge=1, description="pass@k on the test questions every N steps (and at "
+                                                       "the end; -1/none: at the end only)")
     eval_examples: int = Field(400, ge=1, description="test questions of each pass@k evaluation")
-    save_every: int | None = Field(60, ge=1, description="checkpoint every N steps (and at the end; -1/none: "
-                                                         "at the end only)")
-    resume_from_step: int | Literal["latest"] | None = Field(
+    save_every: Off[int] = Field(60, ge=1, description="checkpoint every N steps (and at the end; -1/none: "
+                                                       "at the end only)")
+    resume_from_step: ResumeStep = Field(
         None, description="resume from this step of out_dir's checkpoints, or 'latest' (none: start fresh)")
     # --- paths --------------------------------------------------------------
     tokenizer_dir: str | None = Field(None, description="tokenizer (default: the one the source checkpoint records)")
@@ -69,30 +65,10 @@ class ChatRLConfig(DownstreamConfig):
     NON_SEMANTIC = ("eval_every", "eval_examples", "save_every", "resume_from_step", "dry_run", "model_tag",
                     "checkpoint_dir", "depth", "aspect_ratio", "head_dim")
 
-    @field_validator("num_iterations", "eval_every", "save_every", mode="before")
-    @classmethod
-    def _minus_one_disables(cls, value):
-        return _minus_one_is_none(value)
-
     @field_validator("top_k", mode="before")
     @classmethod
     def _top_k_disabled(cls, value):
         return None if value in (0, -1, "0", "-1") else value
-
-    @field_validator("resume_from_step", mode="before")
-    @classmethod
-    def _resume_step(cls, value):
-        if isinstance(value, str):
-            value = value.strip().lower()
-            if value in ("", "none", "null", "-1"):
-                return None
-            if value.lstrip("+").isdigit():
-                return int(value)
-        if value == -1:
-            return None
-        if isinstance(value, int) and value < 0:
-            raise ValueError("must be a step >= 0, 'latest', or -1/none")
-        return value
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from nanopipe.configs.base import ConfigError
-from nanopipe.configs.chat_common import ChatSource, ChatTrainFlags, minus_one_is_none
+from nanopipe.configs.base import ConfigError, Off
+from nanopipe.configs.chat_common import ChatSource, ChatTrainFlags
 
 
 class ChatSFTConfig(ChatTrainFlags):
@@ -13,25 +13,20 @@ class ChatSFTConfig(ChatTrainFlags):
 
     source: ChatSource = Field("mid", description="which stage's checkpoints to start from")
     num_epochs: int = Field(1, ge=1, description="passes over the training mixture (when --num_iterations is none)")
-    num_iterations: int | None = Field(
+    num_iterations: Off[int] = Field(
         None, ge=1, description="optimizer steps (-1/none: num_epochs x mixture size / examples per step)")
     device_batch_size: int = Field(4, ge=1, description="conversations per device per micro-step")
     target_examples_per_step: int = Field(32, ge=1, description="conversations per optimizer step, all ranks "
                                                                 "and micro-steps")
     init_lr_frac: float = Field(0.02, gt=0, le=10, description="starting learning rates as a fraction of the flags'")
-    eval_every: int | None = Field(100, ge=1, description="validation loss every N steps and at the end "
-                                                         "(-1: only at the end)")
+    eval_every: Off[int] = Field(100, ge=1, description="validation loss every N steps and at the end "
+                                                       "(-1: only at the end)")
     eval_steps: int = Field(100, ge=1, description="micro-batches per validation loss evaluation")
-    eval_metrics_every: int | None = Field(200, ge=1, description="multiple-choice accuracy every N steps and at "
-                                                                  "the end (-1: only at the end)")
+    eval_metrics_every: Off[int] = Field(200, ge=1, description="multiple-choice accuracy every N steps and at "
+                                                                "the end (-1: only at the end)")
     eval_metrics_max_problems: int = Field(1024, ge=1, description="problems per multiple-choice evaluation")
 
     NON_SEMANTIC = ("eval_every", "eval_steps", "eval_metrics_every", "eval_metrics_max_problems")
-
-    @field_validator("num_iterations", "eval_every", "eval_metrics_every", mode="before")
-    @classmethod
-    def _minus_one_disables_here(cls, value):
-        return minus_one_is_none(value)
 
     @model_validator(mode="after")
     def _batch_sizes_divide(self):

@@ -2,33 +2,28 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from nanopipe.configs.base import ConfigError
-from nanopipe.configs.chat_common import ChatSource, ChatTrainFlags, minus_one_is_none
+from nanopipe.configs.base import ConfigError, Off
+from nanopipe.configs.chat_common import ChatSource, ChatTrainFlags
 
 
 class MidTrainConfig(ChatTrainFlags):
     """Mid-training: conversations, multiple choice, tool use and spelling, packed like pretraining."""
 
     source: ChatSource = Field("base", description="which stage's checkpoints to start from")
-    num_iterations: int | None = Field(
+    num_iterations: Off[int] = Field(
         None, ge=1, description="optimizer steps (-1/none: one pass over the training mixture)")
     device_batch_size: int = Field(32, ge=1, description="rows per device per micro-step (lower it on OOM)")
     total_batch_size: int = Field(524288, ge=1, description="tokens per optimizer step, all ranks and micro-steps")
     max_seq_len: int = Field(2048, ge=2, description="row length in tokens (conversations are packed into rows)")
     init_lr_frac: float = Field(1.0, gt=0, le=10, description="starting learning rates as a fraction of the flags'")
-    eval_every: int | None = Field(150, ge=1, description="val loss/bpb every N steps and at the end "
-                                                         "(-1: only at the end)")
+    eval_every: Off[int] = Field(150, ge=1, description="val loss/bpb every N steps and at the end "
+                                                       "(-1: only at the end)")
     eval_tokens: int = Field(20 * 524288, ge=1, description="validation tokens per evaluation")
     compile: bool | None = Field(None, description="torch.compile the model (default: on CUDA only)")
 
     NON_SEMANTIC = ("eval_every", "eval_tokens", "compile")
-
-    @field_validator("num_iterations", "eval_every", mode="before")
-    @classmethod
-    def _minus_one_disables_here(cls, value):
-        return minus_one_is_none(value)
 
     @model_validator(mode="after")
     def _batch_sizes_divide(self):

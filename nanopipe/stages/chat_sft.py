@@ -21,36 +21,29 @@ multiple-choice accuracy on MMLU and ARC-Easy (offline: the builtin MultipleChoi
 
 Resume with --resume_from_step=latest (or a step). Checkpoints and metrics.json go to --out_dir (default
 NANOPIPE_HOME/chatsft_checkpoints/<source model tag>); the final checkpoint is written before the final
-evaluations. Exit codes: 2 bad flag or source checkpoint, 3 non-finite loss, 1 a dataset that cannot be loaded.
+evaluations. Exit codes: 2 a bad flag, source checkpoint or dataset (one line naming it and the flag that fixes
+it), 3 non-finite loss, 1 anything else.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from nanopipe.chat_train import (ChatTrainerBase, PaddedChatBatcher, evaluate_chat_loss, find_source, model_plan,
-                                 output_dir, planned_model, print_plan, sum_across_ranks, supervised_loss)
-from nanopipe.common import (Runtime, compute_cleanup, compute_init, get_dist_info, init_wandb, print0,
-                             report_progress, write_metrics)
-from nanopipe.configs.flags import parse_config as parse_cli
-from nanopipe.configs.base import ConfigError
-from nanopipe.configs.chat_sft import ChatSFTConfig, check_sft_batch_sizes
-from nanopipe.training import (NonFiniteLossError, gc_frozen_after_first_step, keep_freed_memory_for_reuse,
-                               mean_across_ranks, peak_memory_mib)
 from nanopipe.chat_scoring import evaluate_categorical
-from nanopipe.tasks.base import TaskDataError
+from nanopipe.chat_train import (ChatTrainerBase, PaddedChatBatcher, evaluate_chat_loss, model_plan, planned_model,
+                                 print_plan, sum_across_ranks, supervised_loss, train_from_source)
+from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_progress, write_metrics
+from nanopipe.configs.chat_sft import ChatSFTConfig, check_sft_batch_sizes
+from nanopipe.configs.flags import stage_main
 from nanopipe.tasks.mixtures import ChatMixtures, sft_mixtures
+from nanopipe.tokenizer import get_token_bytes
+from nanopipe.training import gc_frozen_after_first_step, mean_across_ranks, peak_memory_mib
 
 PROG = "python -m nanopipe.stages.chat_sft"
-EXIT_NON_FINITE_LOSS = 3
-EXIT_DATA_UNAVAILABLE = 1
 # conversations in the seed mixture, from the hub datasets' sizes (a dry run plans with these, offline)
 SEED_MIXTURE_EXAMPLES = 2251 + 1119 + 7473 + 10_000 + 1000 + 300 + 300
 
@@ -100,18 +93,7 @@ def run(cfg: ChatSFTConfig) -> dict:
     check_sft_batch_sizes(cfg, world_size)  # before any work
     if cfg.dry_run:
         return dry_run(cfg, world_size)
-    src = find_source(cfg.source, cfg.model_tag, cfg.model_step, cfg.checkpoint_dir, cfg.tokenizer_dir)
-    out_dir = output_dir("sft", src, cfg.out_dir)
-    mixtures = sft_mixtures(cfg)  # every dataset is opened before training starts
-    rt = compute_init(cfg.device_type, cfg.dtype, cfg.seed)
-    if rt.device_type == "cpu":
-        keep_freed_memory_for_reuse()
-    try:
-        trainer = SFTTrainer(cfg, rt, src, out_dir, mixtures)
-        trainer.fit()
-        return trainer.finish()
-    finally:
-        compute_cleanup()
+    return train_from_source(cfg, "sft", sft_mixtures, SFTTrainer)
 
 
 class SFTTrainer(ChatTrainerBase):
@@ -123,10 +105,7 @@ class SFTTrainer(ChatTrainerBase):
         super().__init__(cfg, rt, src, out_dir)
         self.mixtures = mixtures
         self.wandb = init_wandb(cfg.run, "nanopipe-sft", cfg.model_dump(mode="json"), rt.master)
-        self.autocast = (torch.amp.autocast(device_type=rt.device_type, dtype=torch.bfloat16)
-                         if rt.dtype == torch.bfloat16 else contextlib.nullcontext())
-        self.synchronize = torch.cuda.synchronize if rt.device_type == "cuda" else (lambda: None)
-        self.token_bytes = self._token_bytes()
+        self.token_bytes = get_token_bytes(src.tokenizer_dir, device=rt.device)
         self.grad_accum = check_sft_batch_sizes(cfg, rt.world_size)
         self.num_iterations = plan_iterations(cfg, len(mixtures.train))
         self.max_tokens = self.orig_model.config.sequence_len  # conversations are cut to the model's context
@@ -138,17 +117,12 @@ class SFTTrainer(ChatTrainerBase):
         defaults = {"smooth_train_loss": 0.0, "total_training_time": 0.0, "timed_steps": 0, "val_loss": None,
                     "val_bpb": None, "accuracy": {}, "supervised_tokens": 0}
         self.loop = {**defaults, **self.loop}
-        print0(f"Device: {rt.device} ({rt.world_size} process(es)), compute dtype {rt.dtype}")
-        print0(f"Source: {src.ckpt_dir} step {src.step}; output: {out_dir}")
+        self.print_setup()
         print0(f"Training mixture ({cfg.mixture}): {len(mixtures.train):,} conversations "
                f"({', '.join(f'{k} {v:,}' for k, v in mixtures.parts['train'].items())}); identity "
                f"conversations: {mixtures.identity}")
         print0(f"Training {self.num_iterations:,} steps of {cfg.target_examples_per_step} conversations "
                f"({self.grad_accum} micro-steps of {cfg.device_batch_size} per rank) from step {self.step}")
-
-    def _token_bytes(self) -> torch.Tensor:
-        from nanopipe.tokenizer import get_token_bytes
-        return get_token_bytes(self.src.tokenizer_dir, device=self.rt.device)
 
     # --- the loop ------------------------------------------------------------
 
@@ -163,10 +137,7 @@ class SFTTrainer(ChatTrainerBase):
                 if self.due(cfg.save_every, at_zero=False) and self.step != self.resume_step:
                     self.save(self.train_loader.state_dict())
                 loss, lrm, tokens, dt = self.train_step()
-                if not math.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"training loss is {loss} at step {self.step}: the run diverged. Lower --init_lr_frac or "
-                        f"check the data; the last checkpoint in {self.out_dir} is intact")
+                self.check_finite(loss, "--init_lr_frac")
                 self.log_step(loss, lrm, tokens, dt)
                 self.step += 1
                 after_step(self.step)
@@ -197,12 +168,8 @@ class SFTTrainer(ChatTrainerBase):
 
     def log_step(self, loss: float, lrm: float, tokens: int, dt: float) -> None:
         loop, step = self.loop, self.step
-        loop["smooth_train_loss"] = 0.9 * loop["smooth_train_loss"] + 0.1 * loss
-        smooth = loop["smooth_train_loss"] / (1 - 0.9 ** (step + 1))
+        smooth = self.record_train_loss(loss, dt, steps_done=step + 1)
         loop["supervised_tokens"] += tokens
-        if step >= 10:
-            loop["total_training_time"] += dt
-            loop["timed_steps"] += 1
         print0(f"step {step:05d}/{self.num_iterations:05d} | loss: {smooth:.6f} (this step {loss:.6f}) | "
                f"lrm: {lrm:.4f} | supervised tokens: {tokens:,} | dt: {dt * 1000:.2f}ms | "
                f"epoch: {self.train_loader.epoch} | mem: {peak_memory_mib(self.rt.device_type):,.0f}MiB")
@@ -253,7 +220,7 @@ class SFTTrainer(ChatTrainerBase):
             "val_loss": loop["val_loss"],
             "val_bpb": loop["val_bpb"],
             "accuracy": loop["accuracy"],
-            "train_loss": loop["smooth_train_loss"] / (1 - 0.9 ** self.step) if self.step else None,
+            "train_loss": self.smoothed_train_loss(),
             "examples_per_step": cfg.target_examples_per_step,
             "train_examples": len(self.mixtures.train),
             "supervised_tokens": loop["supervised_tokens"],
@@ -276,19 +243,8 @@ class SFTTrainer(ChatTrainerBase):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
-    cfg = parse_cli(ChatSFTConfig, argv, prog=PROG)
-    try:
-        return run(cfg)
-    except ConfigError as err:  # bad flags and a missing or mismatched source checkpoint
-        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
-    except TaskDataError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_DATA_UNAVAILABLE)
-    except NonFiniteLossError as err:
-        print(f"{PROG}: NonFiniteLossError: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_NON_FINITE_LOSS)
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # less fragmentation on CUDA
+    return stage_main(ChatSFTConfig, run, argv, prog=PROG)
 
 
 if __name__ == "__main__":

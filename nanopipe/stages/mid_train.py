@@ -22,41 +22,33 @@ until 80% and then decays linearly to 0.
 Resume with --resume_from_step=latest (or a step): model, optimizers, data position, random state and loop
 state come back exactly. Checkpoints and metrics.json go to --out_dir (default
 NANOPIPE_HOME/mid_checkpoints/<source model tag>); the final checkpoint is written before the final
-evaluation. Exit codes: 2 bad flag or source checkpoint, 3 non-finite loss, 1 a dataset that cannot be loaded.
+evaluation. Exit codes: 2 a bad flag, source checkpoint or dataset (one line naming it and the flag that fixes
+it), 3 non-finite loss, 1 anything else.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from nanopipe.chat_train import (ChatTrainerBase, PackedChatLoader, evaluate_chat_loss, find_source, model_plan,
-                                 output_dir, planned_model, print_plan, sum_across_ranks)
-from nanopipe.common import (Runtime, compute_cleanup, compute_init, get_dist_info, init_wandb, print0,
-                             report_progress, write_metrics)
-from nanopipe.configs.flags import parse_config as parse_cli
-from nanopipe.configs.base import ConfigError
+from nanopipe.chat_format import render_conversation
+from nanopipe.chat_train import (ChatTrainerBase, PackedChatLoader, evaluate_chat_loss, model_plan, planned_model,
+                                 print_plan, sum_across_ranks, train_from_source)
+from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_progress, write_metrics
+from nanopipe.configs.flags import stage_main
 from nanopipe.configs.mid_train import MidTrainConfig, check_mid_batch_sizes
 from nanopipe.optim import batch_lr_scale, muon_momentum
-from nanopipe.training import (NonFiniteLossError, gc_frozen_after_first_step, keep_freed_memory_for_reuse,
-                               mean_across_ranks, peak_memory_mib)
-from nanopipe.tasks.base import TaskDataError
 from nanopipe.tasks.mixtures import ChatMixtures, mid_mixtures
-from nanopipe.tokenizer import get_token_bytes
+from nanopipe.tokenizer import get_token_bytes, get_tokenizer
+from nanopipe.training import gc_frozen_after_first_step, mean_across_ranks, peak_memory_mib
 
 PROG = "python -m nanopipe.stages.mid_train"
-EXIT_NON_FINITE_LOSS = 3
-EXIT_DATA_UNAVAILABLE = 1
 REFERENCE_BATCH_TOKENS = 2**19    # the learning rates were tuned at this batch size (as in base_train)
 WARMDOWN_START = 0.8              # the learning rate holds until this fraction of the mixture, then decays to 0
-EMA_BETA = 0.9
-UNTIMED_STEPS = 10
 DRY_RUN_SAMPLE = 2000             # conversations rendered to estimate a one-pass run's length
 
 
@@ -72,7 +64,6 @@ def lr_multiplier(progress: float) -> float:
 
 def estimate_pass(mixtures: ChatMixtures, tokenizer, seq_len: int, sample: int = DRY_RUN_SAMPLE) -> dict:
     """Tokens of one pass over the training mixture, from the mean rendered length of an even sample."""
-    from nanopipe.chat_format import render_conversation
     n = len(mixtures.train)
     picks = range(0, n, max(1, n // sample))
     lengths = [min(len(render_conversation(tokenizer, mixtures.train[i], max_tokens=None)[0]), seq_len + 1)
@@ -93,7 +84,6 @@ def dry_run(cfg: MidTrainConfig, world_size: int) -> dict:
         info["total_tokens"] = cfg.num_iterations * cfg.total_batch_size
         how = "--num_iterations"
     elif cfg.mixture == "builtin" and src is not None:  # the offline mixture is cheap to measure
-        from nanopipe.tokenizer import get_tokenizer
         one_pass = estimate_pass(mid_mixtures(cfg), get_tokenizer(src.tokenizer_dir), cfg.max_seq_len)
         info["num_iterations"] = max(1, math.ceil(one_pass["tokens"] / cfg.total_batch_size))
         info["total_tokens"] = info["num_iterations"] * cfg.total_batch_size
@@ -118,18 +108,7 @@ def run(cfg: MidTrainConfig) -> dict:
     check_mid_batch_sizes(cfg, world_size)  # before any work: a bad batch size fails in a second
     if cfg.dry_run:
         return dry_run(cfg, world_size)
-    src = find_source(cfg.source, cfg.model_tag, cfg.model_step, cfg.checkpoint_dir, cfg.tokenizer_dir)
-    out_dir = output_dir("mid", src, cfg.out_dir)
-    mixtures = mid_mixtures(cfg)  # every dataset is opened before training starts
-    rt = compute_init(cfg.device_type, cfg.dtype, cfg.seed)
-    if rt.device_type == "cpu":
-        keep_freed_memory_for_reuse()
-    try:
-        trainer = MidTrainer(cfg, rt, src, out_dir, mixtures)
-        trainer.fit()
-        return trainer.finish()
-    finally:
-        compute_cleanup()
+    return train_from_source(cfg, "mid", mid_mixtures, MidTrainer)
 
 
 class MidTrainer(ChatTrainerBase):
@@ -143,9 +122,6 @@ class MidTrainer(ChatTrainerBase):
         super().__init__(cfg, rt, src, out_dir, lr_scale=lr_scale)
         self.mixtures = mixtures
         self.wandb = init_wandb(cfg.run, "nanopipe-mid", cfg.model_dump(mode="json"), rt.master)
-        self.autocast = (torch.amp.autocast(device_type=rt.device_type, dtype=torch.bfloat16)
-                         if rt.dtype == torch.bfloat16 else contextlib.nullcontext())
-        self.synchronize = torch.cuda.synchronize if rt.device_type == "cuda" else (lambda: None)
         self.grad_accum = check_mid_batch_sizes(cfg, rt.world_size)
         self.token_bytes = get_token_bytes(src.tokenizer_dir, device=rt.device)
         use_compile = cfg.compile if cfg.compile is not None else rt.device_type == "cuda"
@@ -160,8 +136,7 @@ class MidTrainer(ChatTrainerBase):
 
     def describe_start(self) -> None:
         cfg, m = self.cfg, self.mixtures
-        print0(f"Device: {self.rt.device} ({self.rt.world_size} process(es)), compute dtype {self.rt.dtype}")
-        print0(f"Source: {self.src.ckpt_dir} step {self.src.step}; output: {self.out_dir}")
+        self.print_setup()
         print0(f"Training mixture ({cfg.mixture}): {len(m.train):,} conversations "
                f"({', '.join(f'{k} {v:,}' for k, v in m.parts['train'].items())})")
         print0(f"Validation mixture: {len(m.val):,} conversations; identity conversations: {m.identity}")
@@ -184,11 +159,7 @@ class MidTrainer(ChatTrainerBase):
                 if self.due(self.cfg.save_every, at_zero=False) and self.step != self.resume_step:
                     self.save(self.train_loader.state_dict())
                 loss, lrm, dt = self.train_step()
-                if not math.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"training loss is {loss} at step {self.step}: the run diverged. Lower the learning rates "
-                        f"(--init_lr_frac, --matrix_lr, ...) or check the data; the last checkpoint in "
-                        f"{self.out_dir} is intact")
+                self.check_finite(loss, "the learning rates (--init_lr_frac, --matrix_lr, ...)")
                 self.step += 1
                 self.log_step(loss, lrm, dt)
                 after_step(self.step)
@@ -224,11 +195,7 @@ class MidTrainer(ChatTrainerBase):
 
     def log_step(self, loss: float, lrm: float, dt: float) -> None:
         loop, step, cfg = self.loop, self.step, self.cfg
-        loop["smooth_train_loss"] = EMA_BETA * loop["smooth_train_loss"] + (1 - EMA_BETA) * loss
-        smooth = loop["smooth_train_loss"] / (1 - EMA_BETA ** step)  # debiased EMA
-        if step > UNTIMED_STEPS:
-            loop["total_training_time"] += dt
-            loop["timed_steps"] += 1
+        smooth = self.record_train_loss(loss, dt, steps_done=step)
         progress = loop["progress"]
         print0(f"step {step:05d} | progress {100 * progress:6.2f}% | loss: {smooth:.6f} (this step {loss:.6f}) | "
                f"lrm: {lrm:.3f} | dt: {dt * 1000:.2f}ms | tok/sec: {cfg.total_batch_size / dt:,.0f} | "
@@ -272,7 +239,7 @@ class MidTrainer(ChatTrainerBase):
             "val_loss": loop["val_loss"],
             "val_bpb": loop["val_bpb"],
             "min_val_bpb": loop["min_val_bpb"],
-            "train_loss": loop["smooth_train_loss"] / (1 - EMA_BETA ** self.step) if self.step else None,
+            "train_loss": self.smoothed_train_loss(),
             "progress": loop["progress"],
             "total_tokens": cfg.total_batch_size * self.step,
             "num_params": self.orig_model.num_params(),
@@ -298,18 +265,7 @@ class MidTrainer(ChatTrainerBase):
 
 def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # less fragmentation on CUDA
-    cfg = parse_cli(MidTrainConfig, argv, prog=PROG)
-    try:
-        return run(cfg)
-    except ConfigError as err:  # bad flags and a missing or mismatched source checkpoint
-        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
-    except TaskDataError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_DATA_UNAVAILABLE)
-    except NonFiniteLossError as err:
-        print(f"{PROG}: NonFiniteLossError: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_NON_FINITE_LOSS)
+    return stage_main(MidTrainConfig, run, argv, prog=PROG)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ The training and validation mixtures of the chat stages, as recipes over nanopip
 --mixture=seed is nanochat's recipe on the real datasets (hub by default, local copies with --<task>_path);
 --mixture=builtin is the offline demo/CI recipe: the generated chats of nanopipe.tasks.builtin, plus GSM8K
 when --gsm8k_path is given. Every dataset is opened here, before any training: one that cannot be loaded
-raises DatasetUnavailableError naming it and the flag that gives a local copy.
+raises DatasetUnavailableError (exit code 2) naming it and the flag that gives a local copy.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from nanopipe.exit_codes import ExitCode
 from nanopipe.tasks.arc import ARC
 from nanopipe.tasks.base import Task, TaskDataError, TaskMixture
 from nanopipe.tasks.builtin import ArithmeticProblems, IdentityChat, MultipleChoiceQuiz, builtin_chat_tasks
@@ -31,7 +32,10 @@ SFT_DATA_SEED_OFFSET = 1000  # builtin SFT examples are drawn with another seed 
 
 
 class DatasetUnavailableError(TaskDataError):
-    """A dataset of a mixture cannot be loaded; the message names it and the flag for a local copy."""
+    """A dataset of a mixture cannot be loaded; the message names it and the flag for a local copy. Exit code
+    2 (bad input), like a bad flag: a retry reads the same missing file or the same offline hub again."""
+
+    exit_code = ExitCode.BAD_INPUT
 
 
 @dataclass
@@ -55,7 +59,8 @@ def _open(name: str, flag: str | None, build: Callable[[], Task]) -> Task:
         return build()
     except TaskDataError as err:
         hint = f"; give a local copy with {flag}=PATH" if flag else ""
-        raise DatasetUnavailableError(f"dataset {name} is not available: {err}{hint}") from err
+        reason = " ".join(str(err).split())  # one line, whatever the loader said
+        raise DatasetUnavailableError(f"dataset {name} is not available: {reason}{hint}") from err
 
 
 def _path(value: str | None) -> Path | None:
