@@ -120,7 +120,7 @@ def dry_run(cfg: ChatRLConfig, world_size: int) -> dict:
     """Plan the run from the source checkpoint's shape (or the --depth hint while it does not exist yet);
     joins no process group and loads no weights."""
     device_type = cfg.device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-    model_config, model_from = planned_model(cfg)
+    model_config, model_from, _ = planned_model(cfg)
     info = describe_run(cfg, model_config, count_train_questions(cfg), world_size, device_type)
     print_description(info, model_from)
     return {"dry_run": True, **info}
