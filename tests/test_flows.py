@@ -70,6 +70,9 @@ def tiny(data_dir: Path, **overrides) -> dict:
                      "eval_metrics_max_problems": 4, "save_every": 2},
         "chat_eval": {"task": ["Arithmetic", "MultipleChoice"], "max_problems": 4, "synthetic_size": 8,
                       "max_new_tokens": 12, "batch_size": 4},
+        "chat_rl": {"task": "builtin-arithmetic", "synthetic_size": 16, "num_iterations": 2, "examples_per_step": 2,
+                    "num_samples": 2, "device_batch_size": 2, "max_new_tokens": 8, "eval_every": None,
+                    "eval_examples": 4, "save_every": 1},
     }
     return deep_merge(values, overrides)
 
@@ -189,6 +192,14 @@ def test_end_to_end_then_everything_cached(home, data_dir):
     state, states, _ = run({**values, "recompute_from": "mid_train"})
     assert state.is_completed(), state.message
     assert states == {s: "Cached" if CHAIN.index(s) < CHAIN.index("mid_train") else "Completed" for s in CHAIN}
+
+    # the optional RL stage joins after SFT, followed by its own chat evaluation
+    state, states, _ = run({**values, "run_rl": True})
+    assert state.is_completed(), state.message
+    assert states == {**{s: "Cached" for s in CHAIN}, "chat_rl": "Completed", "chat_eval_rl": "Completed"}
+    assert edges(state.state_details.flow_run_id)["chat_rl"] == {"tok_train", "chat_sft"}
+    rl = read_manifest(plans_of({**values, "run_rl": True})["chat_rl"].artifact_dir)
+    assert rl["metrics"]["step"] == 2 and 0 <= rl["metrics"]["reward"] <= 1
 
 
 def test_killed_stage_is_retried_and_resumes_from_its_checkpoint(kill_home, data_dir):
