@@ -201,6 +201,34 @@ class LaunchResult:
     tail: list[str]
     log_path: Path
     last_progress: dict = field(default_factory=dict)
+    oom_killed: bool = False            # the kernel's OOM killer struck in our memory cgroup during the launch
+
+
+def oom_kill_count(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int | None:
+    """How many processes the kernel's OOM killer has killed in this process's memory cgroup (cgroup v2
+    `memory.events`, or v1 `memory.oom_control`), or None where that cannot be read. A SIGKILLed stage is
+    otherwise indistinguishable from one a person or a lost node killed, which a retry can fix."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            candidates = [root / path.lstrip("/") / "memory.events", root / "memory.events"]
+        elif "memory" in controllers.split(","):
+            candidates = [root / "memory" / path.lstrip("/") / "memory.oom_control", root / "memory" / "memory.oom_control"]
+        else:
+            continue
+        for candidate in candidates:
+            try:
+                for entry in candidate.read_text().splitlines():
+                    key, _, value = entry.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+            except (OSError, ValueError):
+                continue
+    return None
 
 
 def _pump(stream, lines: queue.Queue) -> None:
@@ -223,6 +251,7 @@ def launch(cmd: list[str], *, log_path: str | os.PathLike, env: dict[str, str] |
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     launch_id = uuid.uuid4().hex
+    oom_kills_before = oom_kill_count()
     child_env = {**os.environ, **(env or {}), LAUNCH_ENV: launch_id, "PYTHONUNBUFFERED": "1"}
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     last_progress: dict = {}
@@ -276,7 +305,10 @@ def launch(cmd: list[str], *, log_path: str | os.PathLike, env: dict[str, str] |
         seconds = time.monotonic() - start
         end_note = f"timed out (limit {timeout_seconds:.0f} s)" if timed_out else f"exit code {returncode}"
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {end_note} after {seconds:.1f} s\n")
-    return LaunchResult(cmd, returncode, seconds, timed_out, list(tail), log_path, last_progress)
+    oom_kills_after = oom_kill_count()
+    oom_killed = returncode != 0 and None not in (oom_kills_before, oom_kills_after) and \
+        oom_kills_after > oom_kills_before
+    return LaunchResult(cmd, returncode, seconds, timed_out, list(tail), log_path, last_progress, oom_killed)
 
 
 # -----------------------------------------------------------------------------
@@ -289,6 +321,7 @@ _NETWORK = re.compile(r"NCCL (error|WARN|timeout)|nccl\w*Error|collective operat
                       r"Connection reset by peer|Connection refused|Connection closed by peer|Broken pipe|"
                       r"Socket Timeout|TimeoutError|timed out|connectFullMesh|No route to host|"
                       r"Network is unreachable", re.I)
+_ESTIMATE = re.compile(r"Estimated peak memory per device: ([\d.]+ GiB)")
 _ROOT_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)")
 
 
@@ -322,14 +355,24 @@ def classify(result: LaunchResult) -> tuple[str, bool, str]:
         return "config", False, "the stage rejected a flag or its value (exit code 2)"
     if code == ExitCode.DIVERGED:
         return "nan", False, "the loss became NaN/inf (exit code 3); lower the learning rate or check the data"
-    if _OOM.search(text):
-        return "oom", False, "out of memory: lower device_batch_size (gradient accumulation keeps the total batch)"
+    if _OOM.search(text) or result.oom_killed:
+        how = "killed by the kernel's out-of-memory killer" if result.oom_killed else "out of memory"
+        estimate = _ESTIMATE.search(_log_text(result))
+        said = f" (the stage estimated {estimate.group(1)} per device)" if estimate else ""
+        return "oom", False, f"{how}{said}: lower device_batch_size (gradient accumulation keeps the total batch)"
     if code < 0 or result.returncode < 0 or code in (128 + signal.SIGKILL, 128 + signal.SIGTERM):
         signum = -code if code < 0 else (-result.returncode if result.returncode < 0 else code - 128)
         return "killed", True, f"killed by signal {_signal_name(signum)}"
     if _NETWORK.search(text):
         return "network", True, "a collective, rendezvous or network error (lost node or timeout)"
     return "error", False, f"exit code {code}"
+
+
+def _log_text(result: LaunchResult) -> str:
+    try:
+        return result.log_path.read_text(errors="replace")
+    except OSError:
+        return "\n".join(result.tail)
 
 
 def _signal_name(signum: int) -> str:

@@ -277,3 +277,28 @@ def test_run_parameters_cannot_set_code_paths_or_secrets(name, needle):
     with pytest.raises(ValidationError, match=needle):
         Resources(env={name: "x"})
     assert Resources(env={"OMP_NUM_THREADS": "1", "NCCL_DEBUG": "INFO", "HF_HUB_OFFLINE": "1"}).env["NCCL_DEBUG"] == "INFO"
+
+
+@pytest.mark.parametrize("membership, files", [
+    ("0::/jobs/run1\n", {"jobs/run1/memory.events": "low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\n"}),          # v2
+    ("4:memory:/jobs/run1\n0::/\n", {"memory/jobs/run1/memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n"}),  # v1
+])
+def test_oom_kills_are_counted_from_the_memory_cgroup(tmp_path, membership, files):
+    from flows.launcher import oom_kill_count
+    (tmp_path / "cgroup").write_text(membership)
+    for rel, text in files.items():
+        (tmp_path / "fs" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / rel).write_text(text)
+    assert oom_kill_count(tmp_path / "fs", tmp_path / "cgroup") == 2
+    assert oom_kill_count(tmp_path / "nowhere", tmp_path / "cgroup") is None
+
+
+def test_a_stage_the_oom_killer_ended_is_not_retried_and_says_its_estimate(tmp_path):
+    from flows.launcher import LaunchResult, classify
+    log = tmp_path / "stage.log"
+    log.write_text("Estimated peak memory per device: 4425.00 GiB (weights ...)\nstep 00001 ...\n")
+    killed = LaunchResult(["x"], -9, 1.0, False, ["step 00001 ..."], log, oom_killed=True)
+    kind, retryable, reason = classify(killed)
+    assert (kind, retryable) == ("oom", False) and "out-of-memory killer" in reason and "4425.00 GiB" in reason
+    # the same SIGKILL without an OOM kill in the cgroup is a kill a retry can fix
+    assert classify(LaunchResult(["x"], -9, 1.0, False, [], log))[:2] == ("killed", True)
