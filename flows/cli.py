@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 USAGE = __doc__.split("\n\n")[1]
@@ -125,6 +126,32 @@ class Interrupted(Exception):
     """SIGTERM, as an exception the run unwinds through like a Ctrl-C."""
 
 
+def writable_directory(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a directory this command can write into (created if missing), or a UsageError in one line
+    naming it: a run that cannot write its outputs should fail in a second, not after minutes of retries."""
+    from pathlib import Path
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".nanopipe-write-check-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"{what} {path} cannot be written: {err.strerror or err}") from None
+    return path
+
+
+def check_outputs() -> None:
+    """Where this run writes: NANOPIPE_HOME (artifacts) and PREFECT_HOME (the temporary server's database)."""
+    home = os.environ.get("NANOPIPE_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "nanopipe")
+    writable_directory(home, "NANOPIPE_HOME (--home)")
+    if not os.environ.get("PREFECT_API_URL"):
+        writable_directory(os.environ.get("PREFECT_HOME") or os.path.join(os.path.expanduser("~"), ".prefect"),
+                           "PREFECT_HOME")
+
+
 def _run_flow(flow, *args) -> int:
     """Run a flow to its end; Ctrl-C / SIGTERM stop the stage, write the summary, exit 130 / 143."""
     def on_sigterm(signum, frame):
@@ -161,6 +188,7 @@ def _interrupted(state) -> int:
 
 def cmd_run(argv: list[str]) -> int:
     config = build_pipeline_config(argv)
+    check_outputs()
     _prefect_defaults()   # before Prefect is imported: it reads its settings once
     from flows.pipeline import full_pipeline
     return _run_flow(full_pipeline, config)
@@ -169,6 +197,7 @@ def cmd_run(argv: list[str]) -> int:
 def cmd_stage(argv: list[str]) -> int:
     stage = _stage_argument(argv, "nanopipe stage NAME [--preset P] [flags]")
     config = build_pipeline_config(argv[1:], stage=stage)
+    check_outputs()
     _prefect_defaults()
     from flows.pipeline import stage_flow
     return _run_flow(stage_flow, stage.name, config)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,26 @@ def test_the_flow_process_plans_without_importing_torch(tmp_path):
             "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("setup, needle", [
+    (lambda tmp: ["--home", str(tmp / "a-file")], "is a file, not a directory"),
+    (lambda tmp: ["--home", str(tmp / "a-file" / "home")], "cannot be written"),
+])
+def test_a_run_that_cannot_write_fails_at_once_naming_the_place(tmp_path, capsys, setup, needle, monkeypatch):
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--preset=demo-cpu", *setup(tmp_path)])
+    assert exc.value.code == 2 and needle in capsys.readouterr().err and time.monotonic() - started < 30
+
+
+def test_a_prefect_home_under_a_file_fails_at_once(tmp_path, capsys, monkeypatch):
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "a-file" / "prefect"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--preset=demo-cpu", "--home", str(tmp_path / "home")])
+    assert exc.value.code == 2 and "PREFECT_HOME" in capsys.readouterr().err
