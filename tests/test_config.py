@@ -186,3 +186,12 @@ def test_off_means_minus_one_or_none():
     assert parse_cli(Cfg, ["--every", "7"]).every == 7
     with pytest.raises(ConfigError, match=r"--every.*>= 1 \(or -1/none: off\)"):
         build_config(Cfg, {"every": 0})
+
+
+@pytest.mark.parametrize("stage", ["base_train", "base_eval", "chat_eval", "mid_train", "chat_sft", "chat_rl"])
+@pytest.mark.parametrize("tag", ["../escape", "a/b", "..", ""])
+def test_model_tags_are_plain_names_never_paths(stage, tag):
+    from nanopipe.configs import ConfigError, build_config, config_class
+    with pytest.raises(ConfigError, match="--model_tag.*plain name"):
+        build_config(config_class(stage), {"model_tag": tag})
+    assert build_config(config_class(stage), {"model_tag": "d12-run_2"}).model_tag == "d12-run_2"

@@ -69,6 +69,16 @@ ResumeStep = Annotated[int | Literal["latest"] | None, BeforeValidator(_resume_s
                        AfterValidator(_resume_step)]
 
 
+def _plain_name(value: str | None) -> str | None:
+    if value is not None and (not value or value in (".", "..") or "/" in value or "\\" in value or "\0" in value):
+        raise ValueError("must be a plain name (no '/', no '..'): it becomes a directory name")
+    return value
+
+
+# A name that becomes a directory (model tags): never a path that could leave its parent directory.
+PlainName = Annotated[str | None, AfterValidator(_plain_name)]
+
+
 class NanoConfig(BaseModel):
     """Base of every config: unknown keys are an error, assignments are validated too."""
 
@@ -97,7 +107,7 @@ class DownstreamConfig(CommonConfig):
     """Flags of stages that start from an earlier stage's checkpoint."""
 
     source: CheckpointSource = Field("base", description="which stage's checkpoints to load")
-    model_tag: str | None = Field(None, description="model tag to load (default: the largest model of the source)")
+    model_tag: PlainName = Field(None, description="model tag to load (default: the largest model of the source)")
     model_step: int | None = Field(None, ge=0, description="checkpoint step to load (default: the last one)")
     checkpoint_dir: str | None = Field(
         None, description="explicit checkpoint directory to load from (overrides source/model_tag)")

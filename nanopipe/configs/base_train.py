@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from nanopipe.configs.base import CommonConfig, ConfigError, Off, ResumeStep
+from nanopipe.configs.base import CommonConfig, ConfigError, Off, PlainName, ResumeStep
 from nanopipe.configs.data import DataFlags
 
 
@@ -42,7 +42,7 @@ class BaseTrainConfig(CommonConfig, DataFlags):
     resume_from_step: ResumeStep = Field(
         None, description="resume from this checkpoint step, or 'latest' (starts fresh if there is none)")
     # --- paths --------------------------------------------------------------
-    model_tag: str | None = Field(None, description="checkpoint directory name (default: d<depth>)")
+    model_tag: PlainName = Field(None, description="checkpoint directory name (default: d<depth>)")
     tokenizer_dir: str | None = Field(None, description="tokenizer directory (default: NANOPIPE_HOME/tokenizer)")
     out_dir: str | None = Field(
         None, description="where checkpoints and metrics.json go (default: NANOPIPE_HOME/base_checkpoints/<model_tag>)")
