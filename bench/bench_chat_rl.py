@@ -3,7 +3,7 @@ Does chat_rl learn on a CPU? Build a tiny chat model from nothing, run RL on the
 and print the reward curve next to that of a frozen policy on the same questions and sampling seeds.
 
     python bench/bench_chat_rl.py                      # the whole thing in a temporary NANOPIPE_HOME
-    python bench/bench_chat_rl.py --home /tmp/np_rl --rl_steps 60
+    python bench/bench_chat_rl.py --home /tmp/np_rl --rl_epochs 8
 
 1. tok_train on the builtin corpus, 2. base_train (a short run), 3. chat_sft on the builtin chat mixture (identity,
 spelling, quizzes, GSM8K-format arithmetic with the calculator), then more SFT on the arithmetic problems alone, so
@@ -11,10 +11,11 @@ that the model answers in GSM8K's format and is right part of the time, 4. chat_
 the CPU preset below, and the same command with the learning rates x 1e-5 (the control: the policy barely moves).
 Every stage runs through its own main(), as the flow runs it.
 
-Why a control: each step samples other questions, and the six kinds of builtin problem differ a lot in difficulty,
-so the per-step reward jumps by +-0.2 whatever the policy does. Both runs draw the same questions and the same
-sampling seeds at every step, so reward(RL) - reward(control), step by step, is what RL changed. The script prints
-both curves, the mean difference per quarter of the run, and the final pass@1/pass@k of both; it never asserts.
+RL trains on a fixed set of 64 generated problems for several epochs (8 steps of 8 questions each), so every
+epoch sees the same questions and the mean reward per epoch is comparable: the six kinds of builtin problem differ
+a lot in difficulty, and a step's reward jumps by +-0.2 with the questions it happens to draw. The control draws
+the same questions with the same sampling seeds, so reward(RL) - reward(control) is what RL changed. The script
+prints both curves, the mean reward per epoch, and the final pass@1/pass@k on held-out problems; it never asserts.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ sys.path.insert(0, str(REPO))
 
 # the recommended CPU preset of chat_rl (flags), found with this script
 # (max_new_tokens: the builtin problems' answers take up to ~150 tokens with a small builtin-corpus tokenizer,
-# and a cut answer scores 0; init_lr_frac: 0.5 collapses the policy within 10 steps, 0.2 first loses reward,
-# 0.1 gains steadily; Muon makes every step full-sized, however noisy the gradient)
+# and a cut answer scores 0; init_lr_frac: 0.5 collapses the policy within 10 steps, 0.2 gains more slowly than
+# 0.1; Muon makes every step full-sized, however noisy the gradient)
 CPU_RL_PRESET = {
-    "task": "builtin-arithmetic", "device_type": "cpu", "examples_per_step": 8, "num_samples": 8,
-    "device_batch_size": 8, "max_new_tokens": 128, "temperature": 1.0, "top_k": 50, "init_lr_frac": 0.1,
-    "eval_every": -1, "eval_examples": 64, "save_every": 20,
+    "task": "builtin-arithmetic", "synthetic_size": 64, "device_type": "cpu", "examples_per_step": 8,
+    "num_samples": 8, "device_batch_size": 8, "max_new_tokens": 128, "temperature": 1.0, "top_k": 50,
+    "init_lr_frac": 0.1, "eval_every": -1, "eval_examples": 64, "save_every": 16,
 }
 
 
@@ -59,7 +60,7 @@ def main() -> None:
     parser.add_argument("--sft_steps", type=int, default=20, help="chat_sft steps on the builtin mixture")
     parser.add_argument("--arith_sft_steps", type=int, default=200,
                         help="then SFT steps on the arithmetic problems only (batches of 16)")
-    parser.add_argument("--rl_steps", type=int, default=60)
+    parser.add_argument("--rl_epochs", type=int, default=6, help="RL epochs over the 64 training problems")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     home = Path(args.home or tempfile.mkdtemp(prefix="bench_chat_rl_"))
@@ -83,7 +84,7 @@ def main() -> None:
         out_dir=sft_dir))
     timed("SFT on arithmetic", arithmetic_sft, sft_dir, arith_dir, args.arith_sft_steps)
 
-    preset = {**CPU_RL_PRESET, "num_iterations": args.rl_steps}
+    preset = {**CPU_RL_PRESET, "num_epochs": args.rl_epochs}
     print("chat_rl " + " ".join(flags(**preset)), flush=True)
     rl = timed("chat_rl", chat_rl.main, flags(checkpoint_dir=arith_dir, out_dir=rl_dir, **preset))
     control_preset = {**preset, "init_lr_frac": preset["init_lr_frac"] * 1e-5}
@@ -131,16 +132,18 @@ def report(rl: dict, control: dict) -> None:
     ours, base = rl["rewards"], control["rewards"]
     print("reward per step, RL:      " + " ".join(f"{r:.2f}" for r in ours))
     print("reward per step, control: " + " ".join(f"{r:.2f}" for r in base))
-    quarter = max(1, len(ours) // 4)
-    for start in range(0, len(ours), quarter):
-        a, b = ours[start:start + quarter], base[start:start + quarter]
-        print(f"steps {start:3d}-{start + len(a) - 1:3d}: mean reward RL {sum(a) / len(a):.3f}, control "
-              f"{sum(b) / len(b):.3f}, difference {(sum(a) - sum(b)) / len(a):+.3f}")
-    print(f"reward curve: first step {ours[0]:.3f}, last step {ours[-1]:.3f}; first quarter mean "
-          f"{sum(ours[:quarter]) / quarter:.3f}, last quarter mean {sum(ours[-quarter:]) / quarter:.3f}")
+    steps_per_epoch = max(1, CPU_RL_PRESET["synthetic_size"] // CPU_RL_PRESET["examples_per_step"])
+    epochs = []
+    for start in range(0, len(ours), steps_per_epoch):
+        a, b = ours[start:start + steps_per_epoch], base[start:start + steps_per_epoch]
+        epochs.append(sum(a) / len(a))
+        print(f"epoch {start // steps_per_epoch + 1} (steps {start}-{start + len(a) - 1}): mean reward RL "
+              f"{epochs[-1]:.3f}, control {sum(b) / len(b):.3f}, difference {(sum(a) - sum(b)) / len(a):+.3f}")
+    print(f"reward curve: first step {ours[0]:.3f}, last step {ours[-1]:.3f}; first epoch mean {epochs[0]:.3f}, "
+          f"last epoch mean {epochs[-1]:.3f}")
     k = rl["k"]
-    print(f"final eval: RL pass@1 {rl['pass@1']:.3f} pass@{k} {rl['pass@k']:.3f}; control pass@1 "
-          f"{control['pass@1']:.3f} pass@{k} {control['pass@k']:.3f}")
+    print(f"final eval on held-out problems: RL pass@1 {rl['pass@1']:.3f} pass@{k} {rl['pass@k']:.3f}; control "
+          f"pass@1 {control['pass@1']:.3f} pass@{k} {control['pass@k']:.3f}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ Run alone (GSM8K from the hub, or a local copy; or the offline builtin arithmeti
 
     python -m nanopipe.stages.chat_rl                                    # from the last sft checkpoint
     python -m nanopipe.stages.chat_rl --gsm8k_path=<dir with train/test .jsonl> --source=mid
-    python -m nanopipe.stages.chat_rl --task=builtin-arithmetic --device_type=cpu --num_iterations=40 \\
-        --examples_per_step=4 --num_samples=8 --device_batch_size=8 --max_new_tokens=96 --eval_examples=32
+    python -m nanopipe.stages.chat_rl --task=builtin-arithmetic --synthetic_size=64 --num_epochs=6 \\
+        --device_type=cpu --examples_per_step=8 --num_samples=8 --device_batch_size=8 --max_new_tokens=128 \\
+        --init_lr_frac=0.1 --eval_every=-1 --eval_examples=64           # the CPU preset (bench/bench_chat_rl.py)
     python -m nanopipe.stages.chat_rl --dry_run                          # parameters, steps, memory; no training
 
 Under torchrun (the questions of a step are split over the ranks):
