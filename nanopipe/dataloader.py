@@ -7,7 +7,8 @@ Pretraining batches: BOS-aligned best-fit packing over parquet shards, tokenised
     state = loader.state_dict()           # resume point: the next batch after the one just returned
     loader = BestFitLoader(..., resume_state=state)   # yields exactly that next batch
 
-Packing. Every document is tokenised with a BOS token in front. Each row of a batch holds T+1 tokens (inputs
+Packing. Null and empty documents are skipped (counted in the state as `skipped_docs`): a row of BOS tokens
+teaches nothing. Every other document is tokenised with a BOS token in front. Each row of a batch holds T+1 tokens (inputs
 are the first T, targets the last T) and starts at a document boundary, so every token can attend back to
 the BOS of its own document. Rows are filled from a buffer of whole documents: always the longest document
 that still fits entirely; only when none fits is one document cropped to fill the row exactly, and then the
@@ -21,6 +22,10 @@ Exact resume. The state holds the read cursor (file, row group, next row, epoch)
 document waiting in the packing buffer; restoring re-reads and re-tokenises those documents, so the packer
 continues exactly as if it had never stopped. A checksum of the buffered token count catches shards that
 changed underneath a checkpoint.
+
+Degenerate data. Pass `planned_tokens` (what the whole run will draw) and the loader estimates, before the
+first batch, how many passes over the data that is, and warns in one line past MANY_EPOCHS. A shard that
+cannot be read mid-run raises a DataLoaderError naming the file and row group (a stage exits 2 on it).
 """
 
 from __future__ import annotations
@@ -36,12 +41,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from nanopipe.common import on_cleanup
+from nanopipe.data.shards import TEXT_COLUMN, DataError, TextStats, read_texts, text_stats
 
 STATE_VERSION = 1
+MANY_EPOCHS = 10  # more passes than this over the training data is worth a warning
 
 # Loaders whose producer thread may still run; stopped (and joined) by compute_cleanup, before the process
 # group goes, and at interpreter exit at the latest, because a daemon thread killed in the middle of a native
@@ -56,8 +64,10 @@ def _stop_all_loaders() -> None:
         loader.close()
 
 
-class DataLoaderError(RuntimeError):
-    """The shards cannot feed this loader (missing/malformed file, no data for a rank, changed data)."""
+class DataLoaderError(DataError, RuntimeError):
+    """The shards cannot feed this loader (missing/malformed file, no data for a rank, changed data).
+
+    A bad input (a DataError): a stage reports it in one line and exits with BAD_INPUT (2)."""
 
 
 # -----------------------------------------------------------------------------
@@ -72,10 +82,11 @@ class Cursor:
     row: int = 0            # next row (document) inside that row group
     first_global_rg: int = 0  # global number of row group 0 of `file_index`
     started: bool = False   # False until the walk has positioned itself on this rank's first row group
+    skipped_docs: int = 0   # null or empty documents passed over so far (a running count, not a position)
 
     def as_dict(self) -> dict:
         return dict(epoch=self.epoch, file_index=self.file_index, row_group=self.row_group, row=self.row,
-                    first_global_rg=self.first_global_rg, started=self.started)
+                    first_global_rg=self.first_global_rg, started=self.started, skipped_docs=self.skipped_docs)
 
 
 def open_parquet(path: Path) -> pq.ParquetFile:
@@ -83,10 +94,10 @@ def open_parquet(path: Path) -> pq.ParquetFile:
         pf = pq.ParquetFile(path)
     except FileNotFoundError:
         raise DataLoaderError(f"data shard {path} does not exist") from None
-    except Exception as err:  # pyarrow raises several types for a corrupt footer
-        raise DataLoaderError(f"data shard {path} is not a readable parquet file: {err}") from err
-    if "text" not in pf.schema_arrow.names:
-        raise DataLoaderError(f"data shard {path} has no 'text' column (columns: {pf.schema_arrow.names})")
+    except (pa.ArrowException, OSError) as err:  # pyarrow raises several types for a corrupt footer
+        raise DataLoaderError(f"data shard {path} is not a readable parquet file: {err}") from None
+    if TEXT_COLUMN not in pf.schema_arrow.names:
+        raise DataLoaderError(f"data shard {path} has no '{TEXT_COLUMN}' column (columns: {pf.schema_arrow.names})")
     return pf
 
 
@@ -107,17 +118,19 @@ class RowGroupReader:
     def num_row_groups(self, file_index: int) -> int:
         return self.parquet(file_index).num_row_groups
 
-    def texts(self, file_index: int, row_group: int) -> list[str]:
-        table = self.parquet(file_index).read_row_group(row_group, columns=["text"])
-        return table.column("text").to_pylist()
+    def texts(self, file_index: int, row_group: int) -> list[str | None]:
+        """One row group's documents (None for a null row); a corrupt page or non-UTF-8 text is a DataError
+        naming the file and the row group."""
+        return read_texts(self.parquet(file_index), self.files[file_index], row_group)
 
 
 def walk_documents(reader: RowGroupReader, cursor: Cursor, rank: int, world_size: int,
                    chunk_docs: int) -> Iterator[tuple[list[tuple[int, int, int, int]], list[str]]]:
-    """Yield (doc ids, texts) chunks of at most chunk_docs documents, advancing `cursor` in place.
+    """Yield (doc ids, texts) chunks of at most chunk_docs non-empty documents, advancing `cursor` in place.
 
     A doc id is (epoch, file_index, row_group, row). After each yield the cursor points at the first document not
-    yet yielded, so a walk restarted from a saved cursor continues with the same chunks.
+    yet yielded, so a walk restarted from a saved cursor continues with the same chunks. Null and empty
+    documents are skipped and counted in cursor.skipped_docs.
     """
     # a rank that walks one whole pass from its very beginning without a document would loop forever
     pass_from_start = cursor.file_index == 0 and cursor.row == 0 and (
@@ -128,8 +141,9 @@ def walk_documents(reader: RowGroupReader, cursor: Cursor, rank: int, world_size
             if pass_from_start and docs_this_pass == 0:
                 names = ", ".join(str(f) for f in reader.files[:3]) + (" ..." if len(reader.files) > 3 else "")
                 raise DataLoaderError(
-                    f"rank {rank} of {world_size} gets no documents from {len(reader.files)} shard(s) ({names}): "
-                    f"they hold fewer non-empty row groups than ranks; write smaller row groups or use fewer ranks")
+                    f"rank {rank} of {world_size} gets no documents from {len(reader.files)} shard(s) "
+                    f"({names}; {cursor.skipped_docs:,} null or empty skipped so far): they hold no text, or fewer "
+                    f"non-empty row groups than ranks; use real text, smaller row groups or fewer ranks")
             cursor.epoch += 1
             cursor.file_index, cursor.first_global_rg, cursor.started = 0, 0, False
             pass_from_start, docs_this_pass = True, 0
@@ -150,9 +164,13 @@ def walk_documents(reader: RowGroupReader, cursor: Cursor, rank: int, world_size
             start = cursor.row
             stop = min(start + chunk_docs, len(texts))
             cursor.row = stop
-            docs_this_pass += stop - start
-            ids = [(cursor.epoch, cursor.file_index, cursor.row_group, r) for r in range(start, stop)]
-            yield ids, texts[start:stop]
+            rows = [r for r in range(start, stop) if texts[r]]
+            cursor.skipped_docs += (stop - start) - len(rows)
+            if not rows:
+                continue
+            docs_this_pass += len(rows)
+            ids = [(cursor.epoch, cursor.file_index, cursor.row_group, r) for r in rows]
+            yield ids, [texts[r] for r in rows]
         cursor.row_group += world_size
         cursor.row = 0
 
@@ -215,6 +233,54 @@ class BestFitPacker:
 
 
 # -----------------------------------------------------------------------------
+# Before training: how many passes over the data a run implies
+
+def bytes_per_token(tokenizer, files: Sequence[Path], sample_bytes: int = 200_000) -> float:
+    """UTF-8 bytes per token of this tokenizer on the first non-empty documents of `files` (about sample_bytes)."""
+    sample, size = [], 0
+    reader = RowGroupReader(files)
+    for file_index in range(len(reader.files)):
+        for row_group in range(reader.num_row_groups(file_index)):
+            for text in reader.texts(file_index, row_group):
+                if text:
+                    sample.append(text)
+                    size += len(text.encode("utf-8"))
+                if size >= sample_bytes:
+                    break
+            if size >= sample_bytes:
+                break
+        if size >= sample_bytes:
+            break
+    tokens = sum(len(row) for row in tokenizer.encode(sample)) if sample else 0
+    return size / tokens if tokens else 1.0
+
+
+def estimate_epochs(tokenizer, files: Sequence[str | os.PathLike], planned_tokens: int,
+                    stats: TextStats | None = None) -> tuple[float, int, TextStats]:
+    """(passes over the data, tokens available per pass, what the files hold) for a run that draws
+    `planned_tokens` tokens: tokens per pass = text bytes / bytes per token (measured on a sample) + one BOS per
+    document. A cheap estimate (exact document counts for small data, footers for large)."""
+    files = [Path(f) for f in files]
+    stats = stats or text_stats(files)
+    if stats.usable_documents <= 0:
+        raise DataLoaderError(f"the shards in {files[0].parent} hold no non-empty document ({stats.documents:,} "
+                              f"rows, all null or empty): nothing to train on")
+    available = max(1, round(stats.text_bytes / bytes_per_token(tokenizer, files)) + stats.usable_documents)
+    return planned_tokens / available, available, stats
+
+
+def warn_if_many_epochs(tokenizer, files: Sequence[str | os.PathLike], planned_tokens: int,
+                        limit: float = MANY_EPOCHS) -> float:
+    """Estimate the passes a run of `planned_tokens` makes over `files`; print one warning line past `limit`."""
+    epochs, available, stats = estimate_epochs(tokenizer, files, planned_tokens)
+    if epochs > limit:
+        print(f"warning: this run draws {planned_tokens:,} tokens from training data of about {available:,} tokens "
+              f"({stats.describe()} in {Path(files[0]).parent}): about {epochs:,.0f} passes over the same text, "
+              f"which a model memorises; use more data or fewer iterations", flush=True)
+    return epochs
+
+
+# -----------------------------------------------------------------------------
 # The loader
 
 class BestFitLoader:
@@ -227,7 +293,7 @@ class BestFitLoader:
     def __init__(self, tokenizer, files: Sequence[str | os.PathLike], batch_size: int, seq_len: int,
                  device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
                  resume_state: dict | None = None, buffer_docs: int = 1000, tokenizer_threads: int = 4,
-                 tokenizer_batch_docs: int = 128, prefetch_batches: int = 4):
+                 tokenizer_batch_docs: int = 128, prefetch_batches: int = 4, planned_tokens: int | None = None):
         assert batch_size >= 1 and seq_len >= 1, f"batch_size={batch_size}, seq_len={seq_len} must be >= 1"
         assert 0 <= rank < world_size, f"rank {rank} is not in [0, {world_size})"
         assert buffer_docs >= 1 and tokenizer_batch_docs >= 1, (buffer_docs, tokenizer_batch_docs)
@@ -241,6 +307,8 @@ class BestFitLoader:
         self.chunk_docs = tokenizer_batch_docs
         self.pin = self.device.type == "cuda"
         self.reader = RowGroupReader(files)
+        if planned_tokens is not None and rank == 0:  # every rank reads 1/world_size of the data: one estimate
+            warn_if_many_epochs(tokenizer, self.reader.files, planned_tokens)
         self.packer = BestFitPacker()
         self.cursor = Cursor()
         self.cropped_tokens = 0     # running totals, for the cropping statistics
@@ -380,6 +448,11 @@ class BestFitLoader:
     @property
     def epoch(self) -> int:
         return self._state["cursor"]["epoch"]
+
+    @property
+    def skipped_docs(self) -> int:
+        """Null or empty documents this rank passed over so far."""
+        return self._state["cursor"].get("skipped_docs", 0)
 
     def crop_fraction(self) -> float:
         """Fraction of the tokens read that were cropped away (not trained on), so far."""

@@ -25,6 +25,7 @@ import base64
 import hashlib
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -34,7 +35,7 @@ import tiktoken
 import torch
 
 from nanopipe.common import atomic_directory, get_base_dir
-from nanopipe.exit_codes import StageError
+from nanopipe.exit_codes import ExitCode, StageError
 from nanopipe.vocab import BOS_TOKEN, MIN_VOCAB_SIZE, SPECIAL_TOKENS  # noqa: F401 - part of this API
 
 
@@ -50,8 +51,15 @@ FORMAT_NAME = "nanopipe-bpe"
 FORMAT_VERSION = 1
 
 
-class TokenizerNotFoundError(StageError, FileNotFoundError):
-    """A tokenizer directory is missing, incomplete or corrupt. The message names the directory."""
+class TokenizerError(StageError, ValueError):
+    """A tokenizer directory cannot be used. The message names the file and how to fix it; a bad input, so a
+    stage exits with BAD_INPUT (2): retrying does not help, retraining or pointing at the right one does."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+class TokenizerNotFoundError(TokenizerError, FileNotFoundError):
+    """A tokenizer directory is missing, incomplete or corrupt. The message names the directory or file."""
 
 
 def _how_to_train(tokenizer_dir: Path) -> str:
@@ -155,25 +163,38 @@ class Tokenizer:
 
     @classmethod
     def load(cls, tokenizer_dir: str | os.PathLike) -> Tokenizer:
-        tokenizer_dir = Path(tokenizer_dir)
-        check_tokenizer_dir(tokenizer_dir)
+        tokenizer_dir = check_tokenizer_dir(tokenizer_dir)
         meta_path, ranks_path = tokenizer_dir / META_FILE, tokenizer_dir / RANKS_FILE
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise TokenizerNotFoundError(f"{meta_path} is not valid JSON ({err}); {_how_to_train(tokenizer_dir)}")
-        if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
-            raise TokenizerNotFoundError(f"{meta_path}: unknown tokenizer format {meta.get('format')!r} "
-                                         f"v{meta.get('version')!r} (expected {FORMAT_NAME} v{FORMAT_VERSION})")
+        meta = read_meta(tokenizer_dir)
         ranks_blob = ranks_path.read_bytes()
         if hashlib.sha256(ranks_blob).hexdigest() != meta["ranks_sha256"]:
             raise TokenizerNotFoundError(f"{ranks_path} does not match the checksum in {meta_path}: the tokenizer "
                                          f"directory is corrupt; {_how_to_train(tokenizer_dir)}")
         ranks = parse_ranks(ranks_blob, ranks_path)
+        n = len(ranks)
         specials = sorted(meta["special_tokens"], key=meta["special_tokens"].get)
-        tok = cls(ranks, meta["pattern"], specials, meta["bos_token"])
-        assert tok.special_ids == meta["special_tokens"], f"special ids {meta['special_tokens']} != {tok.special_ids}"
-        return tok
+
+        def corrupt(what: str) -> TokenizerNotFoundError:
+            return TokenizerNotFoundError(f"{meta_path} does not match {ranks_path}: {what}; the tokenizer directory "
+                                          f"is corrupt or mixed from two tokenizers; {_how_to_train(tokenizer_dir)}")
+        if sorted(ranks.values()) != list(range(n)):
+            raise TokenizerNotFoundError(f"{ranks_path}: ranks are not exactly 0..{n - 1}; "
+                                         f"{_how_to_train(tokenizer_dir)}")
+        if any(bytes([b]) not in ranks for b in range(256)):
+            raise TokenizerNotFoundError(f"{ranks_path}: not all 256 single bytes are tokens (byte fallback); "
+                                         f"{_how_to_train(tokenizer_dir)}")
+        if meta["num_mergeable"] != n:
+            raise corrupt(f"num_mergeable={meta['num_mergeable']} but the ranks file holds {n} tokens")
+        if [meta["special_tokens"][name] for name in specials] != list(range(n, n + len(specials))):
+            raise corrupt(f"special token ids {meta['special_tokens']} do not follow the {n} ranks")
+        if meta["bos_token"] not in specials:
+            raise corrupt(f"bos_token {meta['bos_token']!r} is not among the special tokens {specials}")
+        if meta["vocab_size"] != n + len(specials):
+            raise corrupt(f"vocab_size={meta['vocab_size']} but ranks + special tokens make {n + len(specials)}")
+        try:
+            return cls(ranks, meta["pattern"], specials, meta["bos_token"])
+        except ValueError as err:  # tiktoken rejects the split pattern
+            raise corrupt(f"its split pattern does not compile ({err})") from None
 
     # --- encoding ---------------------------------------------------------
 
@@ -285,7 +306,45 @@ def get_tokenizer(tokenizer_dir: str | os.PathLike | None = None) -> Tokenizer:
     return Tokenizer.load(tokenizer_dir if tokenizer_dir is not None else default_tokenizer_dir())
 
 
+def read_meta(tokenizer_dir: str | os.PathLike) -> dict:
+    """tokenizer.json of a directory, checked to be this format with every field of the right type."""
+    tokenizer_dir = Path(tokenizer_dir)
+    meta_path = tokenizer_dir / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TokenizerNotFoundError(f"{meta_path} is not valid JSON ({err}); {_how_to_train(tokenizer_dir)}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+        found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta).__name__
+        raise TokenizerNotFoundError(f"{meta_path}: unknown tokenizer format {found!r} (expected {FORMAT_NAME} "
+                                     f"v{FORMAT_VERSION}); {_how_to_train(tokenizer_dir)}")
+    fields = {"pattern": str, "special_tokens": dict, "bos_token": str, "num_mergeable": int, "vocab_size": int,
+              "ranks_sha256": str}
+    bad = [f"{name} ({type(meta.get(name)).__name__}, expected {kind.__name__})" for name, kind in fields.items()
+           if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool)]
+    if not bad and not all(isinstance(k, str) and isinstance(v, int) for k, v in meta["special_tokens"].items()):
+        bad = ["special_tokens (expected {name: id})"]
+    if bad:
+        raise TokenizerNotFoundError(f"{meta_path}: missing or malformed field(s) {', '.join(bad)}; the tokenizer "
+                                     f"directory is corrupt; {_how_to_train(tokenizer_dir)}")
+    return meta
+
+
 def get_token_bytes(tokenizer_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
     """int32 [vocab] UTF-8 byte length per token id (0 for specials), for bits-per-byte."""
     tokenizer_dir = check_tokenizer_dir(tokenizer_dir if tokenizer_dir is not None else default_tokenizer_dir())
-    return torch.load(tokenizer_dir / TOKEN_BYTES_FILE, map_location=device, weights_only=True)
+    path = tokenizer_dir / TOKEN_BYTES_FILE
+    vocab_size = read_meta(tokenizer_dir)["vocab_size"]
+    try:
+        token_bytes = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, OSError) as err:
+        raise TokenizerNotFoundError(f"{path} is not a saved tensor ({type(err).__name__}: "
+                                     f"{str(err).splitlines()[0][:120] if str(err) else ''}); "
+                                     f"{_how_to_train(tokenizer_dir)}") from None
+    if not (isinstance(token_bytes, torch.Tensor) and token_bytes.dim() == 1 and len(token_bytes) == vocab_size
+            and not token_bytes.is_floating_point() and token_bytes.dtype != torch.bool):
+        found = (f"{token_bytes.dtype} tensor of shape {list(token_bytes.shape)}" if isinstance(token_bytes, torch.Tensor)
+                 else type(token_bytes).__name__)
+        raise TokenizerNotFoundError(f"{path} holds a {found}, expected an integer tensor of {vocab_size} byte "
+                                     f"lengths (vocab_size in {META_FILE}); {_how_to_train(tokenizer_dir)}")
+    return token_bytes.to(device)

@@ -200,7 +200,7 @@ def test_prepare_cli_errors(tmp_path, capsys):
     assert exc.value.code == 2 and "--input" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["prepare", "--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")])
-    assert exc.value.code == 1 and "missing.txt does not exist" in capsys.readouterr().err
+    assert exc.value.code == 2 and "missing.txt does not exist" in capsys.readouterr().err
     (tmp_path / "notes.csv").write_text("a,b")
     with pytest.raises(DataError, match="notes.csv: unsupported type"):
         prepare_shards([tmp_path / "notes.csv"], tmp_path / "out")
@@ -272,7 +272,7 @@ def test_bad_shard_errors_name_the_file(shard_dir, kind, needle, capsys):
     assert str(shard_dir / "shard_00001.parquet") in str(err.value)
     with pytest.raises(SystemExit) as exc:
         main(["info", "--data_source=local", f"--data_dir={shard_dir}"])
-    assert exc.value.code == 1 and "shard_00001.parquet" in capsys.readouterr().err
+    assert exc.value.code == 2 and "shard_00001.parquet" in capsys.readouterr().err
 
 
 def test_missing_shards_and_directories_are_named(shard_dir, tmp_path):

@@ -165,7 +165,7 @@ def test_training_twice_gives_identical_ranks(tmp_path):
 def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         tok_train.main(["--data_source=local", f"--data_dir={tmp_path / 'nope'}", f"--out_dir={tmp_path / 'tok'}"])
-    assert exc.value.code == 1
+    assert exc.value.code == 2
     assert str(tmp_path / "nope") in capsys.readouterr().err
     assert not (tmp_path / "tok").exists()
 
@@ -187,7 +187,7 @@ def test_non_zero_ranks_do_nothing_under_torchrun(tmp_path, monkeypatch):
 def test_tok_eval_without_a_tokenizer_names_the_directory(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         tok_eval.main([f"--tokenizer_dir={tmp_path / 'missing-tok'}", f"--out_dir={tmp_path / 'out'}"])
-    assert exc.value.code == 1
+    assert exc.value.code == 2
     assert f"no tokenizer directory at {tmp_path / 'missing-tok'}" in capsys.readouterr().err
 
 

@@ -5,7 +5,7 @@ which, pinned by name, is the validation split.
     python -m nanopipe.data download -n 8                # hf: first 8 training shards + the validation shard
     python -m nanopipe.data builtin                      # materialise the offline corpus, print where
     python -m nanopipe.data prepare --input a.txt b.jsonl --out DIR [--val_fraction=0.05]
-    python -m nanopipe.data info --data_source=local --data_dir=DIR
+    python -m nanopipe.data info --data_source=local --data_dir=DIR [--verify]
     nanopipe data builtin                                   # the same commands through the console script
 
 Three sources, chosen with --data_source (the `DataFlags` mixin every data-reading stage has):
@@ -18,6 +18,9 @@ Three sources, chosen with --data_source (the `DataFlags` mixin every data-readi
 
 A shard directory holds `*.parquet` files; the validation shard is the one named by --val_shard (default
 `val.parquet`), every other parquet file is a training shard, used in name order.
+
+Exit codes as for the stages: 2 for a bad flag or a bad input (a missing, corrupt or empty shard, named in one
+line with the fix), 1 for a download that failed after its retries (worth retrying later).
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
 from nanopipe.common import get_base_dir
-from nanopipe.configs.base import ConfigError, NanoConfig, Off
+from nanopipe.configs.base import NanoConfig, Off
 from nanopipe.configs.data import DEFAULT_HF_REPO, HF_REPO_PATTERN, DataFlags, bare_parquet_name
 from nanopipe.configs.flags import parse_config
 from nanopipe.data.builtin import ensure_builtin
 from nanopipe.data.hub import download_shards
-from nanopipe.data.shards import MANIFEST_NAME, DataError, ensure_shards, read_json
+from nanopipe.data.shards import MANIFEST_NAME, DataError, ensure_shards, read_json, verify_shard
 from nanopipe.data.write import prepare_shards
+from nanopipe.exit_codes import StageError
 
 # -----------------------------------------------------------------------------
 # Command line: python -m nanopipe.data <command> [--flag=value ...]  (also `nanopipe data <command>`)
@@ -81,6 +85,9 @@ class DownloadCommand(NanoConfig):
 class InfoCommand(DataFlags):
     """Validate a shard directory and summarise it (shards, row groups, documents, bytes)."""
 
+    verify: bool = Field(False, description="also read and decompress every page of every shard and check its "
+                                            "text is UTF-8 (a full read; without it only footers and schemas)")
+
 
 def _cmd_builtin(cfg: BuiltinCommand) -> None:
     path = ensure_builtin(cfg.data_dir, force=cfg.force)
@@ -105,7 +112,7 @@ def _cmd_download(cfg: DownloadCommand) -> None:
 def _cmd_info(cfg: InfoCommand) -> None:
     shards = ensure_shards(cfg)
     print(f"data directory: {shards.data_dir}")
-    for split, paths in (("train", shards.train), ("val", [shards.val])):
+    for split, paths, stats in (("train", shards.train, shards.train_stats), ("val", [shards.val], shards.val_stats)):
         groups = rows = size = 0
         for path in paths:
             with pq.ParquetFile(path) as pf:
@@ -113,8 +120,24 @@ def _cmd_info(cfg: InfoCommand) -> None:
             size += path.stat().st_size
         names = paths[0].name + (f" .. {paths[-1].name}" if len(paths) > 1 else "")
         print(f"{split:>5}: {len(paths)} shards ({names}), {groups} row groups, {rows:,} documents, "
-              f"{size / 1e6:.1f} MB")
+              f"{size / 1e6:.1f} MB; {stats.describe()}")
+    if cfg.verify:
+        _verify(shards.train + [shards.val])
     print(f"fingerprint: {shards.fingerprint()}")
+
+
+def _verify(paths: list) -> None:
+    """Read every page of every shard; name every bad one (file and row group), then fail with the first."""
+    errors = []
+    for path in paths:
+        try:
+            verify_shard(path)
+        except DataError as err:
+            errors.append(err)
+            print(f"  corrupt: {err}")
+    if errors:
+        raise DataError(f"{len(errors)} of {len(paths)} shards failed verification; first: {errors[0]}")
+    print(f"verified: every page of {len(paths)} shards reads back, text is UTF-8")
 
 
 COMMANDS = {
@@ -145,9 +168,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m nanopipe.data") -
         raise SystemExit(2)
     try:
         run(cfg)
-    except (DataError, ConfigError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(1)
+    except StageError as err:  # the stages' convention: one line, its exit code (2 bad input, 1 failed download)
+        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(err.exit_code)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from filelock import FileLock
 from nanopipe.common import atomic_write_json, print0
 from nanopipe.configs.data import DEFAULT_HF_REPO, DataFlags
 from nanopipe.data.shards import DataError, ShardSet, read_json, resolve_data_dir, resolve_val_shard, validate_shard
+from nanopipe.exit_codes import ExitCode
 
 # -----------------------------------------------------------------------------
 # hf: shards of a Hugging Face dataset repo, through huggingface-hub
@@ -29,7 +30,11 @@ STAGING_DIR = ".hf_download"  # hf_hub_download's local_dir inside the data dir:
 
 
 class DownloadError(DataError):
-    """A shard could not be downloaded intact. The message names the file."""
+    """A shard could not be downloaded intact, or the repo not listed, after retries. The message names the file.
+
+    Not a bad input: a later retry may succeed, so a stage exits with FAILED (1), which the flows retry."""
+
+    exit_code = ExitCode.FAILED
 
 
 class _CorruptDownload(Exception):
@@ -102,9 +107,10 @@ def list_hf_shards(repo_id: str, revision: str = "main", endpoint: str | None = 
             info = api.dataset_info(repo_id, revision=revision, files_metadata=True)
             break
         except _transient_errors() as err:
-            if not _retryable(err) or attempt == max_attempts:
-                raise DataError(f"cannot list hf dataset repo {repo_id}@{revision} at {hf_endpoint(endpoint)}: "
-                                f"{_one_line(err)}") from None
+            if not _retryable(err) or attempt == max_attempts:  # a missing repo is bad input, a dead network not
+                error_class = DownloadError if _retryable(err) else DataError
+                raise error_class(f"cannot list hf dataset repo {repo_id}@{revision} at {hf_endpoint(endpoint)}: "
+                                  f"{_one_line(err)}") from None
             wait = _backoff(attempt, backoff_s)
             print0(f"listing {repo_id}: attempt {attempt}/{max_attempts} failed ({_one_line(err)}); "
                    f"retrying in {wait:.1f}s")

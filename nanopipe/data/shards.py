@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from nanopipe.common import get_base_dir
 from nanopipe.configs.base import ConfigError
 from nanopipe.configs.data import DataFlags
-from nanopipe.exit_codes import StageError
+from nanopipe.exit_codes import ExitCode, StageError
 
 # -----------------------------------------------------------------------------
 # Constants
@@ -32,10 +33,21 @@ KNOWN_HF_VAL_SHARDS = {
 VAL_SHARD_NAME = "val.parquet"  # the pinned validation shard of builtin and local directories
 MANIFEST_NAME = "manifest.json"  # written last into directories that `builtin` and `prepare` build
 TEXT_COLUMN = "text"
+# Below this much uncompressed text, the documents of a shard set are counted exactly at stage start (a
+# fraction of a second); above it, from the parquet footers (row counts, null counts, column sizes).
+EXACT_STATS_BYTES = 64 * 2**20
 
 
 class DataError(StageError, ValueError):
-    """A shard, input file or data directory is missing, empty or malformed. The message names the file."""
+    """A shard, input file or data directory is missing, empty or malformed. The message names the file.
+
+    A bad input: the stage exits with BAD_INPUT (2), since retrying cannot fix it."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+def verify_hint(data_dir: Path) -> str:
+    return f"check every shard with `python -m nanopipe.data info --verify --data_source=local --data_dir={data_dir}`"
 
 
 # -----------------------------------------------------------------------------
@@ -48,6 +60,8 @@ class ShardSet:
     train: list[Path]
     val: Path
     data_dir: Path
+    train_stats: TextStats | None = None  # filled by ensure_shards (require_documents)
+    val_stats: TextStats | None = None
 
     def fingerprint(self) -> str:
         """Cheap content identity: names, sizes and parquet footers (row-group layout) of every shard."""
@@ -97,13 +111,16 @@ def ensure_shards(flags: DataFlags) -> ShardSet:
     from nanopipe.data.hub import ensure_hf_shards
     if flags.data_source == "builtin":
         ensure_builtin(data_dir)
-        return select_shards(data_dir, flags.num_shards, resolve_val_shard(flags, data_dir))
-    if flags.data_source == "local":
+        shards = select_shards(data_dir, flags.num_shards, resolve_val_shard(flags, data_dir))
+    elif flags.data_source == "local":
         if not data_dir.is_dir():
             raise DataError(f"data directory {data_dir} does not exist (--data_dir; create shards with "
                             f"`python -m nanopipe.data prepare --input FILES --out {data_dir}`)")
-        return select_shards(data_dir, flags.num_shards, resolve_val_shard(flags, data_dir))
-    return ensure_hf_shards(flags.hf_repo_id, data_dir, flags.num_shards, resolve_val_shard(flags))
+        shards = select_shards(data_dir, flags.num_shards, resolve_val_shard(flags, data_dir))
+    else:
+        shards = ensure_hf_shards(flags.hf_repo_id, data_dir, flags.num_shards, resolve_val_shard(flags))
+    require_documents(shards)
+    return shards
 
 
 # -----------------------------------------------------------------------------
@@ -170,6 +187,133 @@ def select_shards(data_dir: str | os.PathLike, num_shards: int | None = None,
 
 
 # -----------------------------------------------------------------------------
+# What the shards hold: documents that are not empty, and their size, before any training
+
+@dataclass
+class TextStats:
+    """Documents of some shards: all rows, rows that are null or empty (never trained on), UTF-8 bytes of text.
+
+    exact: counted from the text itself; otherwise estimated from the parquet footers (empty_documents is
+    then 0, and `text_bytes` is the uncompressed size of the text column less 4 length bytes per row)."""
+
+    files: int
+    documents: int
+    null_documents: int
+    empty_documents: int
+    text_bytes: int
+    exact: bool
+
+    @property
+    def usable_documents(self) -> int:
+        return self.documents - self.null_documents - self.empty_documents
+
+    def describe(self) -> str:
+        skipped = self.null_documents + self.empty_documents
+        return (f"{self.usable_documents:,} non-empty documents{'' if self.exact else ' (estimated)'}, "
+                f"{'' if self.exact else '~'}{self.text_bytes:,} bytes of text"
+                + (f" ({skipped:,} null or empty documents skipped)" if skipped else ""))
+
+
+def read_column(pf: pq.ParquetFile, path: Path, row_group: int) -> pa.ChunkedArray:
+    """The `text` column of one row group, every page decompressed; a read error is a DataError naming both."""
+    try:
+        return pf.read_row_group(row_group, columns=[TEXT_COLUMN]).column(TEXT_COLUMN)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"shard {path} row group {row_group} cannot be read ({type(err).__name__}: "
+                        f"{_one_line(err)}): the file is corrupt; fetch or prepare it again, and "
+                        f"{verify_hint(path.parent)}") from None
+
+
+def _not_utf8(path: Path, row_group: int, detail: str) -> DataError:
+    return DataError(f"shard {path} row group {row_group} holds text that is not valid UTF-8 ({detail}); write the "
+                     f"shard again from clean text (`python -m nanopipe.data prepare`)")
+
+
+def read_texts(pf: pq.ParquetFile, path: Path, row_group: int) -> list[str | None]:
+    """The documents of one row group (None for a null row); errors name the file and the row group."""
+    column = read_column(pf, path, row_group)
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, row_group, f"{err.reason} at byte {err.start}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
+def verify_shard(path: str | os.PathLike) -> TextStats:
+    """Read and decompress every page of every row group of a shard, checking the text is valid UTF-8.
+
+    Costs a full read: for `info --verify`, not for stage start. Raises DataError naming file and row group."""
+    path = Path(path)
+    validate_shard(path)
+    totals = [0, 0, 0, 0]
+    with open_shard(path) as pf:
+        for row_group in range(pf.num_row_groups):
+            column = read_column(pf, path, row_group)
+            try:
+                column.validate(full=True)
+            except pa.ArrowInvalid as err:
+                raise _not_utf8(path, row_group, _one_line(err)) from None
+            totals = [a + b for a, b in zip(totals, _count(column))]
+    return TextStats(1, *totals, exact=True)
+
+
+def _count(column: pa.ChunkedArray) -> tuple[int, int, int, int]:
+    """(rows, null rows, empty rows, UTF-8 bytes of text) of a text column."""
+    lengths = pc.binary_length(column)
+    return (len(column), column.null_count, int(pc.sum(pc.equal(lengths, 0)).as_py() or 0),
+            int(pc.sum(lengths).as_py() or 0))
+
+
+def _footer_stats(path: Path) -> tuple[int, int, int]:
+    """(rows, null rows, uncompressed bytes of the text column) from a shard's footer; nulls 0 if not recorded."""
+    with open_shard(path) as pf:
+        md = pf.metadata
+        column = [md.schema.column(i).path for i in range(md.num_columns)].index(TEXT_COLUMN)
+        nulls = size = 0
+        for i in range(md.num_row_groups):
+            chunk = md.row_group(i).column(column)
+            size += chunk.total_uncompressed_size
+            if chunk.statistics is not None and chunk.statistics.has_null_count:
+                nulls += chunk.statistics.null_count
+        return md.num_rows, nulls, size
+
+
+def text_stats(files: Iterable[str | os.PathLike], exact_bytes: int = EXACT_STATS_BYTES) -> TextStats:
+    """How much text `files` hold: counted exactly when small (or when the footers suggest nothing is there),
+    estimated from the footers otherwise. A read error names the file (DataError)."""
+    files = [Path(f) for f in files]
+    footers = [_footer_stats(path) for path in files]
+    rows, nulls, size = (sum(values) for values in zip(*footers)) if footers else (0, 0, 0)
+    estimate = max(0, size - 4 * (rows - nulls))
+    if size > exact_bytes and estimate > 0:
+        return TextStats(len(files), rows, nulls, 0, estimate, exact=False)
+    totals = [0, 0, 0, 0]
+    for path in files:
+        with open_shard(path) as pf:
+            for row_group in range(pf.num_row_groups):
+                totals = [a + b for a, b in zip(totals, _count(read_column(pf, path, row_group)))]
+    return TextStats(len(files), *totals, exact=True)
+
+
+def require_documents(shards: ShardSet) -> ShardSet:
+    """Refuse (DataError, exit 2) a shard set whose training or validation shards hold no non-empty document;
+    record what they hold in shards.train_stats / val_stats."""
+    shards.train_stats, shards.val_stats = text_stats(shards.train), text_stats([shards.val])
+    for what, stats in (("training shards", shards.train_stats), ("validation shard", shards.val_stats)):
+        if stats.usable_documents <= 0 or stats.text_bytes <= 0:
+            where = shards.data_dir if what.startswith("training") else shards.val
+            raise DataError(f"the {what} in {where} hold no non-empty document ({stats.documents:,} rows: "
+                            f"{stats.null_documents:,} null, {stats.empty_documents:,} empty): nothing to train or "
+                            f"evaluate on; point --data_dir at real text or build shards with "
+                            f"`python -m nanopipe.data prepare --input FILES --out DIR`")
+    return shards
+
+
+# -----------------------------------------------------------------------------
 # Reading: row groups with resumable positions, documents for tokenizer training
 
 def iter_row_groups(files: Iterable[str | os.PathLike], rank: int = 0, world_size: int = 1,
@@ -188,8 +332,7 @@ def iter_row_groups(files: Iterable[str | os.PathLike], rank: int = 0, world_siz
     assert 0 <= rank < world_size, f"rank {rank} out of range for world_size {world_size}"
     offsets = [0]  # offsets[i] = number of row groups in files[:i]
     for path in files:
-        with pq.ParquetFile(path) as pf:
-            offsets.append(offsets[-1] + pf.num_row_groups)
+        offsets.append(offsets[-1] + num_row_groups(path))
     total = offsets[-1]
     if total == 0:
         raise DataError(f"no row groups in {len(files)} files (first: {files[0]})")
@@ -219,8 +362,8 @@ def iter_row_groups(files: Iterable[str | os.PathLike], rank: int = 0, world_siz
                 if file_index != open_index:
                     if open_file is not None:
                         open_file.close()
-                    open_index, open_file = file_index, pq.ParquetFile(files[file_index])
-                texts = open_file.read_row_group(row_group, columns=[TEXT_COLUMN]).column(TEXT_COLUMN).to_pylist()
+                    open_index, open_file = file_index, open_shard(files[file_index])
+                texts = read_texts(open_file, files[file_index], row_group)
                 if index + world_size < total:
                     next_file, next_group = locate(index + world_size)
                     pos = {"file_index": next_file, "row_group": next_group, "epoch": epoch}
@@ -239,15 +382,34 @@ def iter_row_groups(files: Iterable[str | os.PathLike], rank: int = 0, world_siz
             open_file.close()
 
 
+def open_shard(path: Path) -> pq.ParquetFile:
+    """An open parquet file; a missing or unreadable one is a DataError naming it."""
+    try:
+        return pq.ParquetFile(path)
+    except FileNotFoundError:
+        raise DataError(f"shard {path} does not exist") from None
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"shard {path} is not a readable parquet file ({_one_line(err)}); fetch or prepare it "
+                        f"again") from None
+
+
+def num_row_groups(path: Path) -> int:
+    with open_shard(path) as pf:
+        return pf.num_row_groups
+
+
 def iter_documents(files: Iterable[str | os.PathLike], max_chars: int | None = None,
                    doc_cap: int | None = None) -> Iterator[str]:
-    """Documents of `files` in order, each cropped to `doc_cap` characters, `max_chars` characters in all.
+    """Non-empty documents of `files` in order, each cropped to `doc_cap` characters, `max_chars` in all.
 
     The last document is cropped so that exactly `max_chars` characters are yielded when there are enough.
+    Null and empty documents are skipped (`text_stats` counts them).
     """
     remaining = max_chars
     for texts, _ in iter_row_groups(files):
         for doc in texts:
+            if not doc:
+                continue
             if doc_cap is not None:
                 doc = doc[:doc_cap]
             if remaining is not None:
