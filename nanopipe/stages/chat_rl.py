@@ -20,8 +20,8 @@ Under torchrun (the questions of a step are split over the ranks):
 Resume with --resume_from_step=latest (or a step): model, optimizers, every rank's sampling generator and the
 loop state (reward history, last pass@k) come back, so the run continues exactly as if never stopped.
 Checkpoints and metrics.json go to --out_dir (default NANOPIPE_HOME/chatrl_checkpoints/<source model tag>).
-Exit codes: 2 for a bad flag or source checkpoint (missing, or a tokenizer of another vocabulary) or a missing
---gsm8k_path, 3 when the loss stops being finite, 1 otherwise (e.g. GSM8K could not be downloaded).
+Exit codes: 2 for a bad flag or input (source checkpoint missing, a tokenizer of another vocabulary, GSM8K neither
+at --gsm8k_path nor on the hub), 3 when the loss stops being finite, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from nanopipe.gpt import GPTConfig
 from nanopipe.rl import (accumulate_policy_gradient, evaluate_pass_at_k, rng_from_json, rng_state_to_json,
                          sample_group, step_questions)
 from nanopipe.tasks import GSM8K, ArithmeticProblems, TaskDataError
+from nanopipe.tasks.mixtures import DatasetUnavailableError
 from nanopipe.training import NonFiniteLossError, keep_freed_memory_for_reuse, peak_memory_mib
 
 PROG = "python -m nanopipe.stages.chat_rl"
@@ -72,7 +73,7 @@ def load_tasks(cfg: ChatRLConfig):
         return GSM8K("main", "train", path), GSM8K("main", "test", path)
     except TaskDataError as err:
         where = f"--gsm8k_path={path}" if path else "the Hugging Face hub (openai/gsm8k)"
-        raise TaskDataError(f"GSM8K is not available from {where}: {err} -- give a local copy with "
+        raise DatasetUnavailableError(f"GSM8K is not available from {where}: {err} -- give a local copy with "
                             f"--gsm8k_path=DIR (train/test splits) or a .jsonl file, or run offline with "
                             f"--task=builtin-arithmetic") from err
 
