@@ -36,14 +36,14 @@ import torch
 import torch.distributed as dist
 
 from nanopipe.chat_format import render_conversation
-from nanopipe.checkpoint import (CHECKPOINT_DIRS, CheckpointError, build_model, find_last_step, load_checkpoint,
-                                 meta_path, resolve_checkpoint_dir, save_checkpoint)
+from nanopipe.checkpoint import (CHECKPOINT_DIRS, CheckpointError, build_model, find_last_step, load_resume_checkpoint,
+                                 meta_path, model_from_state, resolve_checkpoint_dir, save_checkpoint)
 from nanopipe.common import atomic_write_json, compute_cleanup, compute_init, get_base_dir, print0
 from nanopipe.configs.base import ConfigError
 from nanopipe.gpt import GPT, GPTConfig, build_model_config
 from nanopipe.tokenizer import TokenizerNotFoundError, get_tokenizer
-from nanopipe.training import (NonFiniteLossError, barrier, estimate_peak_memory, gather_loader_state,
-                               keep_freed_memory_for_reuse)
+from nanopipe.training import (NonFiniteLossError, all_ranks_ok, barrier, check_memory_fits, estimate_peak_memory,
+                               exclusive_out_dir, gather_loader_state, keep_freed_memory_for_reuse)
 
 LOADER_STATE_VERSION = 1
 
@@ -442,28 +442,16 @@ def train_from_source(cfg, stage: str, load_data: Callable, make_trainer: Callab
     src = find_source(cfg.source, cfg.model_tag, cfg.model_step, cfg.checkpoint_dir, cfg.tokenizer_dir)
     out_dir = output_dir(stage, src, cfg.out_dir)
     data = load_data(cfg)
-    rt = compute_init(cfg.device_type, cfg.dtype, cfg.seed)
-    if rt.device_type == "cpu":
-        keep_freed_memory_for_reuse()
-    try:
-        trainer = make_trainer(cfg, rt, src, out_dir, data)
-        trainer.fit()
-        return trainer.finish()
-    finally:
-        compute_cleanup()
-
-
-def resolve_resume_step(resume_from_step, out_dir: Path, world_size: int) -> int | None:
-    """--resume_from_step: a step, or 'latest' (None, with a log line, when out_dir holds no complete one)."""
-    if resume_from_step is None:
-        return None
-    if resume_from_step == "latest":
+    with exclusive_out_dir(out_dir, stage):  # one run at a time writes out_dir
+        rt = compute_init(cfg.device_type, cfg.dtype, cfg.seed)
+        if rt.device_type == "cpu":
+            keep_freed_memory_for_reuse()
         try:
-            return find_last_step(out_dir, world_size=world_size)
-        except CheckpointError:
-            print0(f"--resume_from_step=latest: no complete checkpoint in {out_dir} yet, starting from the source")
-            return None
-    return resume_from_step
+            trainer = make_trainer(cfg, rt, src, out_dir, data)
+            trainer.fit()
+            return trainer.finish()
+        finally:
+            compute_cleanup()
 
 
 class ChatTrainerBase:
@@ -472,31 +460,38 @@ class ChatTrainerBase:
     subclass's loader state and `loop` from its own checkpoint in out_dir.
 
     Subclasses set `stage` ('mid', 'sft' or 'rl'), build their loaders from `loader_state_at_start` (None on a
-    fresh run) and put every value besides the step that a resume needs into `self.loop`.
+    fresh run) and put every value besides the step that a resume needs into `self.loop`. Before any weights
+    load, the peak-memory estimate of `memory_rows()` must fit the device (or --allow_over_memory).
     """
 
     stage = ""
+
+    def memory_rows(self) -> tuple[int, int]:
+        """(tokens per row, rows per device) of the largest forward pass, for the memory check."""
+        return getattr(self.cfg, "max_seq_len", None) or self.src.model_config.sequence_len, self.cfg.device_batch_size
 
     def __init__(self, cfg, rt, src: SourceCheckpoint, out_dir: Path, lr_scale: float = 1.0):
         self.cfg, self.rt, self.src, self.out_dir = cfg, rt, src, out_dir
         self.autocast = (torch.amp.autocast(device_type=rt.device_type, dtype=torch.bfloat16)
                          if rt.dtype == torch.bfloat16 else contextlib.nullcontext())
         self.synchronize = torch.cuda.synchronize if rt.device_type == "cuda" else (lambda: None)
-        self.resume_step = resolve_resume_step(cfg.resume_from_step, out_dir, rt.world_size)
-        ckpt = None
-        if self.resume_step is not None:
-            _, optim_state, meta = load_checkpoint(out_dir, self.resume_step, rt.device, load_optimizer=True,
-                                                  rank=rt.rank)
-            states = meta["loader_state"]
-            if states["world_size"] != rt.world_size:
-                raise ConfigError(f"checkpoint step {self.resume_step} in {out_dir} was written by "
-                                  f"{states['world_size']} process(es); resume it with the same number "
-                                  f"(this run has {rt.world_size})")
-            ckpt = (optim_state, meta)
-            print0(f"Resuming from step {self.resume_step} of {out_dir}")
-        model_dir, model_step = (out_dir, self.resume_step) if ckpt else (src.ckpt_dir, src.step)
-        self.orig_model, self.tokenizer, _ = build_model(model_dir, model_step, rt.device, "train",
-                                                         tokenizer_dir=src.tokenizer_dir)
+        row_tokens, rows = self.memory_rows()
+        sized = dataclasses.replace(src.model_config, sequence_len=row_tokens)
+        memory = estimate_peak_memory(sized, rows, rt.world_size, cuda=rt.device_type == "cuda")
+        check_memory_fits(memory["total"], rt.device, "--device_batch_size", getattr(cfg, "allow_over_memory", False))
+        resume = load_resume_checkpoint(out_dir, cfg.resume_from_step, rt.world_size, rt.device, rank=rt.rank,
+                                        all_ranks_ok=lambda ok: all_ranks_ok(ok, rt),
+                                        fresh_start="from the source checkpoint")
+        self.resume_step = resume.step if resume else None
+        if resume:
+            print0(f"Resuming from step {resume.step} of {out_dir}")
+            self.orig_model, self.tokenizer = model_from_state(resume.model_state, resume.meta, out_dir, resume.step,
+                                                               rt.device, "train", tokenizer_dir=src.tokenizer_dir)
+            ckpt = (resume.optim_state, resume.meta)
+        else:
+            self.orig_model, self.tokenizer, _ = build_model(src.ckpt_dir, src.step, rt.device, "train",
+                                                             tokenizer_dir=src.tokenizer_dir)
+            ckpt = None
         self.optimizers = setup_chat_optimizers(
             self.orig_model, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
             matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay, init_lr_frac=cfg.init_lr_frac, lr_scale=lr_scale)

@@ -10,6 +10,11 @@ Every file is written atomically (temporary name, fsync, rename), and the meta f
 whose meta exists has a complete model file. `find_last_step(dir, world_size=W)` also requires the W
 optimizer files, which is what a resume needs.
 
+A resume goes through `load_resume_checkpoint`: the newest step that verifies (meta parses, every file there
+and non-empty) and loads (torch.load of the model and this rank's optimizer file, agreed by every rank) wins;
+a damaged newer step is skipped with one line saying why. A checkpoint written by a different number of
+processes is refused (WorldSizeMismatchError, exit 2), never silently replaced by a fresh start.
+
     model, tokenizer, meta = load_model("base", device, phase="eval")            # NANOPIPE_HOME layout
     model, tokenizer, meta = load_model("base", device, "eval", checkpoint_dir=d) # explicit directory
 """
@@ -19,13 +24,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from nanopipe.common import atomic_torch_save, atomic_write_json, get_base_dir, print0
-from nanopipe.exit_codes import StageError
+from nanopipe.exit_codes import ExitCode, StageError
 from nanopipe.gpt import GPT, GPTConfig
 from nanopipe.tokenizer import get_tokenizer
 
@@ -38,10 +44,17 @@ CHECKPOINT_DIRS = {
 }
 
 _META_RE = re.compile(r"^meta_(\d+)\.json$")
+_OPTIM_RE = re.compile(r"^optim_(\d+)_rank(\d+)\.pt$")
 
 
 class CheckpointError(StageError, FileNotFoundError):
     """A checkpoint (directory, step or file) is missing or unreadable. The message names the directory."""
+
+
+class WorldSizeMismatchError(StageError, ValueError):
+    """The checkpoint to resume was written by a different number of processes than this run has."""
+
+    exit_code = ExitCode.BAD_INPUT
 
 
 def model_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
@@ -134,6 +147,118 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, step: int, device: torch.device
 
 
 # -----------------------------------------------------------------------------
+# Resuming: the newest checkpoint that verifies and loads
+
+def checkpoint_world_size(ckpt_dir: str | os.PathLike, step: int, meta: dict) -> int:
+    """How many processes wrote checkpoint `step`: its meta's loader state, else its optimizer files."""
+    loader_state = meta.get("loader_state")
+    if isinstance(loader_state, dict) and isinstance(loader_state.get("world_size"), int):
+        return loader_state["world_size"]
+    ranks = [int(m.group(2)) for name in os.listdir(ckpt_dir)
+             if (m := _OPTIM_RE.match(name)) and int(m.group(1)) == step]
+    return max(ranks) + 1 if ranks else 1
+
+
+def verify_checkpoint(ckpt_dir: str | os.PathLike, step: int, world_size: int) -> tuple[dict | None, str | None]:
+    """(meta, None) when checkpoint `step` looks whole for `world_size` ranks (the meta parses, the model and
+    every optimizer file are there and non-empty), else (meta or None, why not). Reads only the meta.
+    Raises WorldSizeMismatchError when a readable meta says another number of processes wrote it."""
+    ckpt_dir = Path(ckpt_dir)
+    mpath = meta_path(ckpt_dir, step)
+    try:
+        meta = json.loads(mpath.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, f"{mpath.name} is missing"
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        return None, f"{mpath.name} is unreadable ({type(err).__name__})"
+    if not isinstance(meta, dict):
+        return None, f"{mpath.name} is not a JSON object"
+    written_by = checkpoint_world_size(ckpt_dir, step, meta)
+    if written_by != world_size:
+        raise WorldSizeMismatchError(
+            f"checkpoint step {step} in {ckpt_dir} was written by {written_by} process(es) but this run has "
+            f"{world_size}: resume with --nproc_per_node={written_by} (the same number of processes), or start "
+            f"a new run in another --out_dir")
+    for path in [model_path(ckpt_dir, step)] + [optim_path(ckpt_dir, step, r) for r in range(world_size)]:
+        if not path.is_file():
+            return meta, f"{path.name} is missing"
+        if path.stat().st_size == 0:
+            return meta, f"{path.name} is empty"
+    return meta, None
+
+
+def resume_candidates(ckpt_dir: str | os.PathLike) -> list[int]:
+    """Steps that have a meta file, newest first (what --resume_from_step=latest tries, in order)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    steps = [int(m.group(1)) for name in os.listdir(ckpt_dir) if (m := _META_RE.match(name))]
+    return sorted(steps, reverse=True)
+
+
+@dataclass
+class ResumePoint:
+    """What a resume restores: the step, the model state, this rank's optimizer state and the meta."""
+
+    step: int
+    model_state: dict
+    optim_state: Any
+    meta: dict
+
+
+def load_resume_checkpoint(ckpt_dir: str | os.PathLike, resume_from_step: int | str | None, world_size: int,
+                           device: torch.device | str, rank: int = 0,
+                           all_ranks_ok: Callable[[bool], bool] = lambda ok: ok,
+                           fresh_start: str = "from scratch") -> ResumePoint | None:
+    """The checkpoint a --resume_from_step resumes, or None for a fresh start.
+
+    'latest' tries the steps newest first and takes the first one that verifies and loads on every rank
+    (`all_ranks_ok` is the collective that agrees: a rank whose optimizer file is damaged makes every rank
+    move on), printing one line for the skipped ones; none at all is a fresh start. An explicit step that
+    does not verify or load is a CheckpointError. A different world size is a WorldSizeMismatchError either way.
+    """
+    if resume_from_step is None:
+        return None
+    ckpt_dir = Path(ckpt_dir)
+    explicit = resume_from_step != "latest"
+    steps = [int(resume_from_step)] if explicit else resume_candidates(ckpt_dir)
+    skipped = []
+    for step in steps:
+        meta, problem = verify_checkpoint(ckpt_dir, step, world_size)
+        point = None
+        if problem is None:
+            states = []
+            for path in (model_path(ckpt_dir, step), optim_path(ckpt_dir, step, rank)):
+                try:
+                    states.append(torch.load(path, map_location=device, weights_only=True))
+                except Exception as err:  # a truncated or garbled file: its name and the gist of why
+                    gist = str(err).splitlines()[0].split(". ")[0] if str(err) else ""
+                    problem = f"{path.name} is unreadable ({type(err).__name__}: {gist})"
+                    break
+            else:
+                point = ResumePoint(step, states[0], states[1], meta)
+        if not all_ranks_ok(point is not None):
+            problem = problem or "another rank's optimizer file is unreadable"
+            point = None
+        if point is not None:
+            if skipped:
+                print0(f"--resume_from_step=latest: skipped damaged checkpoint(s) in {ckpt_dir}: "
+                       f"{'; '.join(skipped)}; resuming from step {step}")
+            return point
+        if explicit:
+            raise CheckpointError(f"cannot resume from checkpoint step {step} in {ckpt_dir}: {problem} "
+                                  f"(complete steps there: {list_steps(ckpt_dir) or 'none'}); "
+                                  f"use --resume_from_step=latest or another step")
+        skipped.append(f"step {step} ({problem})")
+    if skipped:
+        print0(f"--resume_from_step=latest: no usable checkpoint in {ckpt_dir} "
+               f"(skipped {'; '.join(skipped)}), starting {fresh_start}")
+    else:
+        print0(f"--resume_from_step=latest: no complete checkpoint in {ckpt_dir} yet, starting {fresh_start}")
+    return None
+
+
+# -----------------------------------------------------------------------------
 # Building a model from a checkpoint
 
 def clean_model_state(model_state: dict, device: torch.device) -> dict:
@@ -152,9 +277,17 @@ def build_model(ckpt_dir: str | os.PathLike, step: int, device: torch.device | s
 
     The tokenizer comes from `tokenizer_dir` if given, else from the directory recorded in the meta.
     """
-    assert phase in ("train", "eval"), f"phase must be 'train' or 'eval', got {phase!r}"
     device = torch.device(device)
     model_state, _, meta = load_checkpoint(ckpt_dir, step, device)
+    model, tokenizer = model_from_state(model_state, meta, ckpt_dir, step, device, phase, tokenizer_dir)
+    return model, tokenizer, meta
+
+
+def model_from_state(model_state: dict, meta: dict, ckpt_dir: str | os.PathLike, step: int,
+                     device: torch.device | str, phase: str, tokenizer_dir: str | os.PathLike | None = None):
+    """(model, tokenizer) from a loaded model state and its meta (checkpoint `step` of ckpt_dir, for messages)."""
+    assert phase in ("train", "eval"), f"phase must be 'train' or 'eval', got {phase!r}"
+    device = torch.device(device)
     if "model_config" not in meta:
         raise CheckpointError(f"{meta_path(ckpt_dir, step)} has no model_config: not a nanopipe model checkpoint")
     config = GPTConfig(**meta["model_config"])
@@ -169,7 +302,7 @@ def build_model(ckpt_dir: str | os.PathLike, step: int, device: torch.device | s
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise CheckpointError(f"tokenizer {tok_dir} has {tokenizer.get_vocab_size()} tokens but the model in "
                               f"{ckpt_dir} was trained with vocab_size={config.vocab_size}: wrong tokenizer")
-    return model, tokenizer, meta
+    return model, tokenizer
 
 
 def find_largest_model(root: str | os.PathLike) -> str:

@@ -1,6 +1,7 @@
 """
-What every training stage shares: the error for a diverged loss, memory and FLOPs accounting, collectives
-over the ranks, and the CPU/GC settings of a long training loop.
+What every training stage shares: the error for a diverged loss, memory and FLOPs accounting (and the
+refusal of a run whose estimate does not fit), collectives over the ranks, the exclusive lock on an output
+directory, and the CPU/GC settings of a long training loop.
 """
 
 from __future__ import annotations
@@ -8,13 +9,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
+import os
 import resource
+import socket
 import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from filelock import FileLock, Timeout
 
-from nanopipe.common import Runtime
+from nanopipe.common import Runtime, atomic_write_json, get_dist_info, print0
 from nanopipe.exit_codes import ExitCode, StageError
 from nanopipe.gpt import GPTConfig
 from nanopipe.vocab import padded_vocab_size
@@ -49,6 +56,53 @@ def estimate_peak_memory(config: GPTConfig, device_batch_size: int, world_size: 
                  activations=activations, logits=logits)
     parts["total"] = sum(parts.values())
     return parts
+
+
+class OverMemoryError(StageError, MemoryError):
+    """The peak-memory estimate of a run exceeds the memory its device has available."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory this process may use: free memory of its GPU on CUDA; on CPU the machine's available RAM shared
+    by the processes of this node; None where it cannot be told (MPS)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    if device.type != "cpu":
+        return None
+    available = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return available // max(1, local_procs)
+
+
+def check_memory_fits(estimate_bytes: int, device: torch.device, lower: str, allow_over_memory: bool) -> None:
+    """Refuse (OverMemoryError, exit 2) a run whose peak-memory estimate exceeds the available memory, before
+    it allocates anything: otherwise it runs until the OOM killer ends it. `lower` names the flags to lower."""
+    available = available_memory_bytes(device)
+    if available is None or estimate_bytes <= available:
+        return
+    line = (f"estimated peak memory {estimate_bytes / 2**30:.2f} GiB per process exceeds the "
+            f"{available / 2**30:.2f} GiB available on {device}")
+    if allow_over_memory:
+        print0(f"Warning: {line}; going ahead (--allow_over_memory)")
+        return
+    raise OverMemoryError(f"{line}: lower {lower}, or pass --allow_over_memory to run anyway "
+                          f"(the estimate is a rough model)")
 
 
 def peak_flops(device_type: str) -> float | None:
@@ -107,6 +161,59 @@ def mean_across_ranks(value: torch.Tensor, rt: Runtime) -> torch.Tensor:
 def barrier(rt: Runtime) -> None:
     if rt.world_size > 1:
         dist.barrier()
+
+
+def all_ranks_ok(ok: bool, rt: Runtime) -> bool:
+    """True on every rank when `ok` is True on every rank (a collective under torchrun)."""
+    if rt.world_size == 1:
+        return ok
+    flag = torch.tensor(int(ok), device=rt.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+# -----------------------------------------------------------------------------
+# One run per output directory
+
+LOCK_NAME = ".nanopipe.lock"
+
+
+class OutDirBusyError(StageError, RuntimeError):
+    """Another run holds the output directory: two runs would overwrite each other's checkpoints."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+@contextlib.contextmanager
+def exclusive_out_dir(out_dir: str | os.PathLike, stage: str):
+    """Hold an exclusive lock on out_dir for the whole run; a second run fails at once (OutDirBusyError) naming
+    the holder instead of overwriting its checkpoints. Only global rank 0 takes it, before the process group
+    exists: it is the one process every run has exactly once, and the others follow it or are torn down with it.
+    The lock is an OS file lock, released when the process ends however it ends; `<lock>.holder` says who."""
+    if get_dist_info()[1] != 0:
+        yield
+        return
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock_path, holder_path = out_dir / LOCK_NAME, out_dir / (LOCK_NAME + ".holder")
+    lock = FileLock(lock_path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = json.loads(holder_path.read_text(encoding="utf-8"))
+            who = f"{holder.get('stage')} pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
+        except (OSError, ValueError):
+            who = "a process that has not said who it is"
+        raise OutDirBusyError(f"{out_dir} is in use by another run ({who}): wait for it to end or stop it, or "
+                              f"give this run another --out_dir") from None
+    try:
+        atomic_write_json(holder_path, {"stage": stage, "pid": os.getpid(), "host": socket.gethostname(),
+                                        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        yield
+    finally:
+        holder_path.unlink(missing_ok=True)
+        lock.release()
 
 
 @contextlib.contextmanager

@@ -17,11 +17,12 @@ class BaseTrainConfig(CommonConfig, DataFlags):
     aspect_ratio: int = Field(64, ge=1, description="model width = depth * aspect_ratio, rounded up to head_dim")
     head_dim: int = Field(128, ge=2, description="channels per attention head (even, for rotary embeddings)")
     max_seq_len: int = Field(2048, ge=2, description="context length in tokens")
-    # --- training horizon: exactly one is used, in this order ------------------
+    # --- training horizon: the first one set is used; setting two of them is an error --------------
     num_iterations: Off[int] = Field(None, ge=1, description="optimizer steps (-1/none: derive from the next two)")
     target_flops: Off[float] = Field(None, gt=0, description="train for this many FLOPs (-1/none: disabled)")
     target_param_data_ratio: Off[float] = Field(
-        20, gt=0, description="train for ratio * parameters tokens (Chinchilla: 20; -1/none: disabled)")
+        20, gt=0, description="train for ratio * parameters tokens (Chinchilla: 20; -1/none: disabled; used "
+                              "only without the two above)")
     # --- optimisation -------------------------------------------------------
     device_batch_size: int = Field(32, ge=1, description="sequences per device per micro-step (lower it on OOM)")
     total_batch_size: int = Field(524288, ge=1, description="tokens per optimizer step, all ranks and micro-steps")
@@ -51,22 +52,40 @@ class BaseTrainConfig(CommonConfig, DataFlags):
     dry_run: bool = Field(False, description="print the model shape, FLOPs, steps and memory estimate, then exit")
     compile: bool | None = Field(None, description="torch.compile the model (default: on CUDA only; on CPU it "
                                                    "needs a C++ compiler and minutes of compilation)")
+    allow_over_memory: bool = Field(False, description="train even when the peak-memory estimate exceeds the "
+                                                       "device's available memory (the estimate is rough)")
 
     NON_SEMANTIC = tuple(dict.fromkeys(
         CommonConfig.NON_SEMANTIC + getattr(DataFlags, "NON_SEMANTIC", ()) + (
             "eval_every", "eval_tokens", "core_metric_every", "core_metric_max_per_task", "sample_every",
-            "save_every", "resume_from_step", "model_tag", "checkpoint_dir", "eval_bundle_dir", "dry_run")))
+            "save_every", "resume_from_step", "model_tag", "checkpoint_dir", "eval_bundle_dir", "dry_run",
+            "allow_over_memory")))
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.num_iterations is None and self.target_flops is None and self.target_param_data_ratio is None:
             raise ValueError("no training horizon: set --num_iterations, --target_flops or --target_param_data_ratio")
+        self._one_horizon()
         if self.head_dim % 2:
             raise ValueError(f"--head_dim={self.head_dim} must be even (rotary embeddings rotate channel pairs)")
         if self.warmup_ratio + self.warmdown_ratio > 1:
             raise ValueError(f"--warmup_ratio ({self.warmup_ratio}) + --warmdown_ratio ({self.warmdown_ratio}) > 1")
         check_batch_sizes(self, world_size=1)
         return self
+
+    def _one_horizon(self) -> None:
+        """Two horizons would silently ignore one. target_param_data_ratio always has a value (its default, also
+        what a config copied field by field carries): only a ratio other than the default counts as set."""
+        given = [f"--num_iterations={self.num_iterations}"] if self.num_iterations is not None else []
+        if self.target_flops is not None:
+            given.append(f"--target_flops={self.target_flops:g}")
+        default_ratio = type(self).model_fields["target_param_data_ratio"].default
+        if (self.target_param_data_ratio is not None and self.target_param_data_ratio != default_ratio
+                and "target_param_data_ratio" in self.model_fields_set):
+            given.append(f"--target_param_data_ratio={self.target_param_data_ratio:g}")
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} are two training horizons and only one would be used: give "
+                             f"one of them (set the others to -1)")
 
 
 def check_batch_sizes(cfg: BaseTrainConfig, world_size: int) -> int:

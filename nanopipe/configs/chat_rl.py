@@ -61,9 +61,11 @@ class ChatRLConfig(DownstreamConfig):
                                              "to assume (a real run takes the shape from the checkpoint)")
     aspect_ratio: int = Field(64, ge=1, description="dry run only, without a source checkpoint: width / depth")
     head_dim: int = Field(128, ge=2, description="dry run only, without a source checkpoint: channels per head")
+    allow_over_memory: bool = Field(False, description="train even when the peak-memory estimate exceeds the "
+                                                       "device's available memory (the estimate is rough)")
 
     NON_SEMANTIC = ("eval_every", "eval_examples", "save_every", "resume_from_step", "dry_run", "model_tag",
-                    "checkpoint_dir", "depth", "aspect_ratio", "head_dim")
+                    "checkpoint_dir", "depth", "aspect_ratio", "head_dim", "allow_over_memory")
 
     @field_validator("top_k", mode="before")
     @classmethod

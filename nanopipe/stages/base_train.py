@@ -13,7 +13,10 @@ Under torchrun (one process per GPU; on CPU the gloo backend):
     torchrun --standalone --nproc_per_node=8 -m nanopipe.stages.base_train --depth=20
 
 Resume after a crash with --resume_from_step=latest (or a step number): model, optimizer, data loader
-position and loop state are restored exactly, so the run continues as if it had never stopped.
+position and loop state are restored exactly, so the run continues as if it had never stopped. 'latest' skips
+a damaged newest checkpoint (saying so) for the one before; a checkpoint of another world size is refused.
+One run at a time per --out_dir (a second exits 2 naming the first); a run whose memory estimate exceeds the
+device's available memory exits 2 before training unless --allow_over_memory.
 Checkpoints and metrics.json go to --out_dir (default NANOPIPE_HOME/base_checkpoints/<model_tag>).
 Exit codes: 2 for a bad flag, 3 when the loss stops being finite (a retry cannot fix either).
 """
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from nanopipe.checkpoint import CheckpointError, find_last_step, load_checkpoint, meta_path, save_checkpoint
+from nanopipe.checkpoint import ResumePoint, load_resume_checkpoint, meta_path, save_checkpoint
 from nanopipe.common import (Runtime, atomic_write_json, compute_cleanup, compute_init, get_base_dir, get_dist_info,
                              init_wandb, print0, report_progress, write_metrics)
 from nanopipe.configs.base import ConfigError
@@ -45,9 +48,9 @@ from nanopipe.loss_eval import evaluate_split_bpb
 from nanopipe.optim import batch_lr_scale, lr_multiplier, muon_momentum
 from nanopipe.sampling import SAMPLE_PROMPTS, generate_samples
 from nanopipe.tokenizer import default_tokenizer_dir, get_token_bytes, get_tokenizer
-from nanopipe.training import (NonFiniteLossError, barrier, estimate_peak_memory, gather_loader_state,
-                               gc_frozen_after_first_step, keep_freed_memory_for_reuse, mean_across_ranks,
-                               peak_flops, peak_memory_mib)
+from nanopipe.training import (NonFiniteLossError, all_ranks_ok, barrier, check_memory_fits, estimate_peak_memory,
+                               exclusive_out_dir, gather_loader_state, gc_frozen_after_first_step,
+                               keep_freed_memory_for_reuse, mean_across_ranks, peak_flops, peak_memory_mib)
 
 PROG = "python -m nanopipe.stages.base_train"
 REFERENCE_BATCH_TOKENS = 2**19      # the learning rates were tuned at this batch size
@@ -82,18 +85,6 @@ def resolve_paths(cfg: BaseTrainConfig) -> tuple[Path, Path, Path]:
     out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else get_base_dir() / "base_checkpoints" / model_tag
     ckpt_dir = Path(cfg.checkpoint_dir).expanduser() if cfg.checkpoint_dir else out_dir
     return tokenizer_dir.resolve(), ckpt_dir, out_dir
-
-
-def resolve_resume_step(cfg: BaseTrainConfig, ckpt_dir: Path, world_size: int) -> int | None:
-    if cfg.resume_from_step is None:
-        return None
-    if cfg.resume_from_step == "latest":
-        try:
-            return find_last_step(ckpt_dir, world_size=world_size)
-        except CheckpointError:
-            print0(f"--resume_from_step=latest: no complete checkpoint in {ckpt_dir} yet, starting from scratch")
-            return None
-    return cfg.resume_from_step
 
 
 # -----------------------------------------------------------------------------
@@ -158,18 +149,21 @@ def run(cfg: BaseTrainConfig) -> dict:
         print_description(info)
         return {"dry_run": True, **info}
 
-    rt = compute_init(cfg.device_type, cfg.dtype, cfg.seed)
-    if rt.device_type == "cpu":
-        keep_freed_memory_for_reuse()
-    try:
-        trainer = Trainer(cfg, rt, tokenizer_dir, ckpt_dir, out_dir)
+    with contextlib.ExitStack() as locks:  # one run at a time writes these directories
+        for directory in dict.fromkeys([out_dir, ckpt_dir]):
+            locks.enter_context(exclusive_out_dir(directory, "base_train"))
+        rt = compute_init(cfg.device_type, cfg.dtype, cfg.seed)
+        if rt.device_type == "cpu":
+            keep_freed_memory_for_reuse()
         try:
-            trainer.fit()
+            trainer = Trainer(cfg, rt, tokenizer_dir, ckpt_dir, out_dir)
+            try:
+                trainer.fit()
+            finally:
+                trainer.close()
+            return trainer.finish()
         finally:
-            trainer.close()
-        return trainer.finish()
-    finally:
-        compute_cleanup()
+            compute_cleanup()
 
 
 class Trainer:
@@ -203,40 +197,41 @@ class Trainer:
         self.info = describe_run(cfg, self.model_config, rt.world_size, rt.device_type)
         print_description(self.info)
         self.num_iterations, self.grad_accum = self.info["num_iterations"], self.info["grad_accum_steps"]
+        check_memory_fits(self.info["estimated_peak_memory_bytes"]["total"], rt.device,
+                          "--device_batch_size (or --max_seq_len, --depth)", cfg.allow_over_memory)
 
-        self.resume_step = resolve_resume_step(cfg, ckpt_dir, rt.world_size)
-        checkpoint = self._load_checkpoint() if self.resume_step is not None else None
+        checkpoint = self._load_checkpoint()
+        self.resume_step = checkpoint.step if checkpoint else None
         self._build_model(checkpoint)
         self._build_optimizers(checkpoint)
         self._build_train_loader(checkpoint)
-        self.step = checkpoint[2]["step"] if checkpoint else 0
+        self.step = checkpoint.step if checkpoint else 0
         self.loop = {"smooth_train_loss": 0.0, "total_training_time": 0.0, "timed_steps": 0,
                      "min_val_bpb": float("inf"), "val_bpb": None, "core_metric": None}
         if checkpoint:
-            self.loop.update(checkpoint[2]["loop_state"])
+            self.loop.update(checkpoint.meta["loop_state"])
         self.samples: list[str] = []
         self.mfu = None
 
     # --- setup --------------------------------------------------------------
 
-    def _load_checkpoint(self) -> tuple:
-        model_state, optim_state, meta = load_checkpoint(self.ckpt_dir, self.resume_step, self.rt.device,
-                                                         load_optimizer=True, rank=self.rt.rank)
-        if meta.get("model_config") != self.model_config.__dict__:
-            raise ConfigError(f"checkpoint step {self.resume_step} in {self.ckpt_dir} is a different model "
-                              f"({meta.get('model_config')}) from these flags ({self.model_config.__dict__})")
-        saved = meta["loader_state"]
-        if saved["world_size"] != self.rt.world_size:
-            raise ConfigError(f"checkpoint step {self.resume_step} in {self.ckpt_dir} was written by "
-                              f"{saved['world_size']} process(es); resume it with the same number "
-                              f"(this run has {self.rt.world_size})")
-        print0(f"Resuming from step {self.resume_step} of {self.ckpt_dir}")
-        return model_state, optim_state, meta
+    def _load_checkpoint(self) -> ResumePoint | None:
+        """The checkpoint --resume_from_step names (the newest usable one for 'latest'), or None: start fresh."""
+        rt = self.rt
+        checkpoint = load_resume_checkpoint(self.ckpt_dir, self.cfg.resume_from_step, rt.world_size, rt.device,
+                                            rank=rt.rank, all_ranks_ok=lambda ok: all_ranks_ok(ok, rt))
+        if checkpoint is None:
+            return None
+        if checkpoint.meta.get("model_config") != self.model_config.__dict__:
+            raise ConfigError(f"checkpoint step {checkpoint.step} in {self.ckpt_dir} is a different model "
+                              f"({checkpoint.meta.get('model_config')}) from these flags ({self.model_config.__dict__})")
+        print0(f"Resuming from step {checkpoint.step} of {self.ckpt_dir}")
+        return checkpoint
 
-    def _build_model(self, checkpoint) -> None:
+    def _build_model(self, checkpoint: ResumePoint | None) -> None:
         self.orig_model = GPT.create(self.model_config, device=self.rt.device)
         if checkpoint:
-            self.orig_model.load_state_dict(checkpoint[0], strict=True, assign=True)
+            self.orig_model.load_state_dict(checkpoint.model_state, strict=True, assign=True)
         use_compile = self.cfg.compile if self.cfg.compile is not None else self.rt.device_type == "cuda"
         # the training inputs never change shape; evaluation and sampling use the uncompiled module
         self.model = torch.compile(self.orig_model, dynamic=False) if use_compile else self.orig_model
@@ -252,11 +247,11 @@ class Trainer:
             matrix_lr=cfg.matrix_lr * lr_scale, weight_decay=cfg.weight_decay)
         self.muon = self.optimizers[1]
         if checkpoint:
-            for opt, state in zip(self.optimizers, checkpoint[1]):
+            for opt, state in zip(self.optimizers, checkpoint.optim_state):
                 opt.load_state_dict(state)
 
     def _build_train_loader(self, checkpoint) -> None:
-        state = checkpoint[2]["loader_state"]["ranks"][self.rt.rank] if checkpoint else None
+        state = checkpoint.meta["loader_state"]["ranks"][self.rt.rank] if checkpoint else None
         self.train_loader = BestFitLoader(self.tokenizer, self.shards.train, self.cfg.device_batch_size,
                                           self.cfg.max_seq_len, device=self.rt.device, rank=self.rt.rank,
                                           world_size=self.rt.world_size, resume_state=state)
