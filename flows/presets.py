@@ -64,9 +64,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "chat_sft": {"device_type": "cpu", "mixture": "builtin", "builtin_size": 500, "device_batch_size": 8,
                      "target_examples_per_step": 32, "num_iterations": 56, "init_lr_frac": 0.2, "eval_every": 20,
                      "eval_steps": 8, "eval_metrics_every": None, "eval_metrics_max_problems": 128, "save_every": 20},
-        "chat_rl": {"device_type": "cpu", "task": "builtin-arithmetic", "num_iterations": 20, "examples_per_step": 4,
-                    "num_samples": 4, "device_batch_size": 4, "max_new_tokens": 32, "eval_every": None,
-                    "eval_examples": 32, "save_every": 10},
+        # RL on builtin arithmetic (run_rl=true): answers run to ~150 tokens with this tokenizer, and a cut-off
+        # answer scores 0; 0.1 of the seed's learning rates (0.5 collapsed the policy); bench/bench_chat_rl.py
+        "chat_rl": {"device_type": "cpu", "task": "builtin-arithmetic", "synthetic_size": 64, "num_epochs": 6,
+                    "examples_per_step": 8, "num_samples": 8, "device_batch_size": 8, "max_new_tokens": 128,
+                    "init_lr_frac": 0.1, "eval_every": None, "eval_examples": 64, "save_every": 12},
         "chat_eval": {"device_type": "cpu", "task": ["Arithmetic", "MultipleChoice", "SpellingBee"],
                       "max_problems": 64, "synthetic_size": 64, "max_new_tokens": 48, "batch_size": 8},
     },
