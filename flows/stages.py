@@ -42,9 +42,12 @@ class Stage:
 
 
 # What decides the output of each kind of stage. The stage's own module and config model are always in.
-_TOKENIZER = ("nanopipe.tokenizer", "nanopipe.data")
+# Text comes from the shard reader and the builtin corpus (downloading and preparing shards write files
+# that the data fingerprint and the hub repo identify).
+_DATA = ("nanopipe.data.shards", "nanopipe.data.builtin")
+_TOKENIZER = ("nanopipe.tokenizer", *_DATA)
 _MODEL = ("nanopipe.gpt", "nanopipe.optim", "nanopipe.checkpoint", "nanopipe.tokenizer")
-_TRAINING = _MODEL + ("nanopipe.dataloader", "nanopipe.data", "nanopipe.loss_eval")
+_TRAINING = _MODEL + ("nanopipe.dataloader", *_DATA, "nanopipe.loss_eval")
 _CHAT = _MODEL + ("nanopipe.chat_format", "nanopipe.tasks", "nanopipe.chat_train", "nanopipe.configs.chat_common")
 _CHAT_EVAL = _MODEL + ("nanopipe.chat_format", "nanopipe.tasks", "nanopipe.engine", "nanopipe.execution")
 _TOKENIZER_INPUT = {"tokenizer_dir": ("tok_train", "tokenizer")}
@@ -68,7 +71,7 @@ STAGES: list[Stage] = [
           key_metrics=("val_bpb", "core_metric", "train_loss", "num_params", "tokens_per_sec")),
     Stage("base_eval", "nanopipe.stages.base_eval", "base_eval",
           _code("nanopipe.stages.base_eval", *_MODEL, "nanopipe.core_eval", "nanopipe.loss_eval",
-                "nanopipe.dataloader", "nanopipe.data", "nanopipe.engine"),
+                "nanopipe.dataloader", *_DATA, "nanopipe.engine"),
           inputs={"checkpoint_dir": ("base_train", "checkpoints"), "tokenizer_dir": ("tok_train", "tokenizer")},
           fixed={"source": "base"}, tag=lambda cfg: "eval", key_metrics=("core_metric", "val_bpb", "train_bpb")),
     Stage("mid_train", "nanopipe.stages.mid_train", "mid_train", _code("nanopipe.stages.mid_train", *_CHAT),

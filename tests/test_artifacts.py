@@ -81,6 +81,11 @@ def test_a_trained_model_ignores_log_lines_and_eval_prompts_but_not_model_code(t
     else:
         raise AssertionError("no SAMPLE_PROMPTS found")
     assert hashes() == first
+    # the download client is not what decides the text: editing it keeps the tokenizer and the model
+    tok_code = get_stage("tok_train").code
+    tok_first = module_hashes(tok_code, root)
+    (root / "data" / "hub.py").write_text((root / "data" / "hub.py").read_text() + "\nRETRY_NOTE = 'edited'\n")
+    assert module_hashes(tok_code, root) == tok_first and hashes() == first
     _edit(root / "gpt.py", "import ", "import math as _unused\nimport ")
     after_gpt = hashes()
     assert after_gpt["nanopipe.gpt"] != first["nanopipe.gpt"]
