@@ -229,6 +229,13 @@ def _not_utf8(path: Path, row_group: int, detail: str) -> DataError:
                      f"shard again from clean text (`python -m nanopipe.data prepare`)")
 
 
+def _check_utf8(column: pa.ChunkedArray, path: Path, row_group: int) -> None:
+    try:
+        column.validate(full=True)  # for strings: offsets in bounds and valid UTF-8
+    except pa.ArrowInvalid as err:
+        raise _not_utf8(path, row_group, _one_line(err)) from None
+
+
 def read_texts(pf: pq.ParquetFile, path: Path, row_group: int) -> list[str | None]:
     """The documents of one row group (None for a null row); errors name the file and the row group."""
     column = read_column(pf, path, row_group)
@@ -253,10 +260,7 @@ def verify_shard(path: str | os.PathLike) -> TextStats:
     with open_shard(path) as pf:
         for row_group in range(pf.num_row_groups):
             column = read_column(pf, path, row_group)
-            try:
-                column.validate(full=True)
-            except pa.ArrowInvalid as err:
-                raise _not_utf8(path, row_group, _one_line(err)) from None
+            _check_utf8(column, path, row_group)
             totals = [a + b for a, b in zip(totals, _count(column))]
     return TextStats(1, *totals, exact=True)
 
@@ -295,7 +299,9 @@ def text_stats(files: Iterable[str | os.PathLike], exact_bytes: int = EXACT_STAT
     for path in files:
         with open_shard(path) as pf:
             for row_group in range(pf.num_row_groups):
-                totals = [a + b for a, b in zip(totals, _count(read_column(pf, path, row_group)))]
+                column = read_column(pf, path, row_group)
+                _check_utf8(column, path, row_group)
+                totals = [a + b for a, b in zip(totals, _count(column))]
     return TextStats(len(files), *totals, exact=True)
 
 

@@ -51,14 +51,18 @@ def core_csv(results: dict) -> str:
 # -----------------------------------------------------------------------------
 
 def run(cfg: BaseEvalConfig) -> dict:
+    # the inputs a user names, checked before any work: a bad one is one line and exit 2 (nanopipe.exit_codes)
+    shards = ensure_shards(cfg) if "bpb" in cfg.eval.split(",") else None
+    if cfg.tokenizer_dir:
+        get_token_bytes(cfg.tokenizer_dir)  # a missing or corrupt tokenizer directory, named
     rt = compute_init(cfg.device_type, cfg.dtype, cfg.seed)
     try:
-        return evaluate(cfg, rt)
+        return evaluate(cfg, rt, shards)
     finally:
         compute_cleanup()
 
 
-def evaluate(cfg: BaseEvalConfig, rt) -> dict:
+def evaluate(cfg: BaseEvalConfig, rt, shards=None) -> dict:
     modes = cfg.eval.split(",")
     ckpt_dir = resolve_checkpoint_dir(cfg.source, cfg.model_tag, cfg.checkpoint_dir)
     model, tokenizer, meta = load_model(cfg.source, rt.device, phase="eval", step=cfg.model_step,
@@ -82,7 +86,7 @@ def evaluate(cfg: BaseEvalConfig, rt) -> dict:
         metrics.update(samples=samples, unconditioned_samples=unconditioned)
 
     if "bpb" in modes:
-        shards = ensure_shards(cfg)
+        shards = shards or ensure_shards(cfg)
         token_bytes = get_token_bytes(cfg.tokenizer_dir or meta.get("tokenizer_dir"), device=rt.device)
         seq_len = meta["model_config"]["sequence_len"]
         for split, files in (("train", shards.train), ("val", [shards.val])):

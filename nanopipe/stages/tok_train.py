@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 from nanopipe.common import get_dist_info, get_base_dir, print0, report_progress
 from nanopipe.configs.flags import stage_main
 from nanopipe.configs.tok_train import TokTrainConfig
-from nanopipe.data import ensure_shards, iter_documents
+from nanopipe.data import DataError, ensure_shards, iter_documents
 from nanopipe.tokenizer import Tokenizer
 
 PROG = "python -m nanopipe.stages.tok_train"
@@ -80,6 +80,8 @@ def run(cfg: TokTrainConfig) -> dict:
     shards = ensure_shards(cfg)
     print0(f"tok_train: {len(shards.train)} train shard(s) in {shards.data_dir}, max_chars={cfg.max_chars:,}, "
            f"doc_cap={cfg.doc_cap}, vocab_size={cfg.vocab_size:,}" + (f" (rank 0 of {world_size})" if world_size > 1 else ""))
+    # ensure_shards refused shards without a non-empty document; say what there is before reading it
+    print0(f"train shards hold {shards.train_stats.describe()}")
 
     # --- train
     reader = ProgressCounter(iter_documents(shards.train, max_chars=cfg.max_chars, doc_cap=cfg.doc_cap),
@@ -89,8 +91,8 @@ def run(cfg: TokTrainConfig) -> dict:
     train_time_s = time.perf_counter() - t0
     reader.report()
     print0(f"trained vocab {tok.get_vocab_size():,} on {reader.chars:,} chars in {train_time_s:.2f} s")
-    if reader.chars == 0:
-        raise ValueError(f"no text read from the train shards in {shards.data_dir}: nothing to train on")
+    if reader.chars == 0:  # ensure_shards checks this up front; a shard that changed since is still named
+        raise DataError(f"no text read from the train shards in {shards.data_dir}: nothing to train on")
     if tok.get_vocab_size() < cfg.vocab_size:
         print0(f"warning: the corpus only supports {tok.get_vocab_size():,} tokens, fewer than --vocab_size="
                f"{cfg.vocab_size:,} (raise --max_chars or use more data for the full vocabulary)")
