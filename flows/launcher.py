@@ -352,7 +352,7 @@ def classify(result: LaunchResult) -> tuple[str, bool, str]:
     if result.timed_out:
         return "timeout", True, "no exit before the stage timeout (a hang, e.g. a stuck collective)"
     if code == ExitCode.BAD_INPUT:
-        return "config", False, "the stage rejected a flag or its value (exit code 2)"
+        return "config", False, "the stage rejected a flag, a value or an input file (exit code 2)"
     if code == ExitCode.DIVERGED:
         return "nan", False, "the loss became NaN/inf (exit code 3); lower the learning rate or check the data"
     if _OOM.search(text) or result.oom_killed:
