@@ -4,26 +4,34 @@ Run untrusted Python (model completions for HumanEval) in a separate, limited pr
     result = execute_code(prompt + completion + "\\n" + test + f"\\ncheck({entry_point})\\n", timeout=5.0)
     result.success, result.timeout, result.error, result.stdout
 
-Layers of containment, outermost first:
-- a fresh interpreter (`python -I`, no user site, no PYTHON* env) in its own session/process group, killed
-  as a group once the wall-clock deadline passes, and also after it ends (no stray grandchildren);
-- a temporary working directory that is removed afterwards; stdout/stderr go to files, read back capped;
-- resource limits: address space (memory), CPU seconds, file size, number of processes, no core dumps;
-- when the kernel allows it (Linux user namespaces), a private network namespace with no interfaces up,
-  so even loopback is unreachable; when running as root, the privileges are dropped to `nobody` first,
-  so the kernel itself refuses to touch files the user does not own, and the process limit applies;
-- inside the interpreter: socket creation disabled, destructive functions disabled (os.remove/unlink/
-  rmdir/rename/system/kill/fork/exec*, shutil.rmtree/move, subprocess, ctypes), and opening a file for
-  writing is refused outside the working directory.
+The boundary is the kernel. A fresh interpreter (`python -I`, no PYTHON* env) is started as a small launcher
+that, when running as root, first drops to `nobody`, then enters new user, mount, PID, network and IPC
+namespaces and forks the sandbox's init, which runs the program:
+- PID namespace: the program is process 1 of its namespace; when it ends, or when the launcher kills it at
+  the deadline, the kernel kills every process left in the namespace (forked, `setsid`, re-parented: all);
+  it dies with the launcher too (parent-death signal), and sees no process outside;
+- mount namespace: the whole filesystem is read-only (every mount, recursively, nosuid); /tmp, /var/tmp,
+  /run and /dev/shm are empty; the working directory is a private size-limited tmpfs, the only writable
+  place, and it never reaches the host's disk; /proc is a fresh one for the new PID namespace;
+- the init drops every capability (bounding set too, no_new_privs) once those mounts are made, so the
+  program cannot undo them; a nested user namespace only gets locked copies of them;
+- network namespace with no interface up (even loopback is unreachable); a private IPC namespace;
+- resource limits: address space (memory), CPU seconds, file size, number of processes, no core dumps.
+Inside the interpreter, convenience guards (disabled os.remove/system/fork/exec*, subprocess, ctypes,
+sockets, writes outside the working directory) stop what a confused model writes with a clear error; they
+can be bypassed by introspection and the kernel layers above are what hold then.
 
-This contains what a confused model writes (deleting files, fork bombs, infinite loops, huge allocations,
-network calls). It is not a security boundary against code written to escape a Python sandbox: the
-in-interpreter guards can be bypassed by introspection; only the kernel-level layers hold then.
+Where the namespaces cannot be made (e.g. a container without user namespaces), `execute_code` refuses
+with SandboxUnavailableError unless called with `allow_weaker_sandbox=True` (chat_eval:
+`--allow_unsandboxed_code`); then only the privilege drop, rlimits, the process-group kill and the Python
+guards apply. `sandbox_protections()` says which layers this machine gives (logged once, on first use).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
 import os
 import secrets
@@ -34,16 +42,55 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_MAX_MEMORY_BYTES = 256 * 1024 * 1024
 MAX_OUTPUT_BYTES = 1024 * 1024           # stdout/stderr kept per run (the rest is dropped)
 MAX_FILE_BYTES = 16 * 1024 * 1024        # RLIMIT_FSIZE: largest file the program may write
+MAX_TMP_BYTES = 64 * 1024 * 1024         # size of the private tmpfs working directory
 MAX_PROCESSES_IN_NAMESPACE = 8           # RLIMIT_NPROC inside a private user namespace (threads count)
 KILL_GRACE_SECONDS = 2.0                 # wall-clock slack for interpreter start-up before the hard kill
 NOBODY_UID = NOBODY_GID = 65534
+HIDDEN_DIRS = ("/tmp", "/var/tmp", "/run", "/dev/shm")  # scratch space and daemons' sockets, emptied
+
+# Protections, as named in sandbox_protections() and the log line; the required ones make the boundary.
+REQUIRED_PROTECTIONS = ("user-namespace", "pid-namespace", "network-namespace", "read-only-filesystem",
+                        "private-tmp", "no-capabilities")
+OPTIONAL_PROTECTIONS = ("mount-namespace", "ipc-namespace", "private-proc", "nobody")
 
 _CHILD_FLAG = "--sandbox-child"
-_CLONE_NEWUSER = 0x10000000
-_CLONE_NEWNET = 0x40000000
+_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
+_CLONE_NEWPID, _CLONE_NEWNET = 0x20000000, 0x40000000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 0x1, 0x2, 0x4, 0x8, 0x4000, 0x40000
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 1, 4, 24, 38
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_SYS_MOUNT_SETATTR = 442                 # the same number on every architecture (added in Linux 5.12)
+_AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID = -100, 0x8000, 0x1, 0x2
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class SandboxUnavailableError(RuntimeError):
+    """The kernel cannot isolate untrusted code here, and the caller did not accept a weaker sandbox."""
+
+
+@dataclass(frozen=True)
+class SandboxProtections:
+    """The isolation layers the kernel gives a sandboxed program on this machine."""
+
+    active: frozenset[str]
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        return tuple(name for name in REQUIRED_PROTECTIONS if name not in self.active)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    def describe(self) -> str:
+        known = REQUIRED_PROTECTIONS + OPTIONAL_PROTECTIONS
+        text = "code sandbox: " + (", ".join(name for name in known if name in self.active) or "no kernel isolation")
+        return text + (f"; missing {', '.join(self.missing)}" if self.missing else "")
 
 
 @dataclass
@@ -68,8 +115,8 @@ def _read_capped(path: Path, limit: int = MAX_OUTPUT_BYTES) -> str:
     return text + ("\n[output truncated]" if len(data) > limit else "")
 
 
-def _read_report(fd: int, token: str) -> dict | None:
-    """The child's JSON report from the result pipe, or None if it never wrote one."""
+def _read_lines(fd: int) -> list[dict]:
+    """The JSON objects written to a pipe, one a line (what is not JSON is skipped)."""
     os.set_blocking(fd, False)
     data = b""
     try:
@@ -77,15 +124,33 @@ def _read_report(fd: int, token: str) -> dict | None:
             data += chunk
     except BlockingIOError:
         pass
-    # the program can write to the pipe too: only a report carrying the parent's token counts
+    objects = []
     for line in data.decode("utf-8", errors="replace").splitlines():
         try:
-            report = json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(report, dict) and report.get("token") == token and "success" in report:
+        if isinstance(value, dict):
+            objects.append(value)
+    return objects
+
+
+def _read_report(fd: int, token: str) -> dict | None:
+    """The program's JSON report from the result pipe, or None if it never wrote one."""
+    # the program can write to the pipe too: only a report carrying the parent's token counts
+    for report in _read_lines(fd):
+        if report.get("token") == token and "success" in report:
             return report
     return None
+
+
+def _read_status(fd: int) -> dict:
+    """What the launcher says (protections made, refusal, deadline kill, how the init ended). Only the
+    launcher holds this pipe: the program never gets it."""
+    status = {}
+    for line in _read_lines(fd):
+        status.update(line)
+    return status
 
 
 def _kill_group(pgid: int) -> None:
@@ -96,7 +161,7 @@ def _kill_group(pgid: int) -> None:
 
 
 def _describe_exit(returncode: int) -> tuple[str, bool]:
-    """(error message, is_timeout) for a child that ended without reporting."""
+    """(error message, is_timeout) for a program that ended without reporting."""
     if returncode < 0:
         try:
             sig = signal.Signals(-returncode)
@@ -110,12 +175,9 @@ def _describe_exit(returncode: int) -> tuple[str, bool]:
     return f"exited with status {returncode} before reporting a result", False
 
 
-def execute_code(program: str, timeout: float = 5.0,
-                 max_memory_bytes: int | None = DEFAULT_MAX_MEMORY_BYTES) -> ExecutionResult:
-    """Run `program` in a sandboxed child interpreter; success means it ran to the end without raising."""
-    assert timeout > 0, f"timeout must be positive, got {timeout}"
-    assert max_memory_bytes is None or max_memory_bytes >= 32 * 1024 * 1024, (
-        f"max_memory_bytes={max_memory_bytes} is below what an interpreter needs to start (32 MiB)")
+def _spawn(program: str, timeout: float, max_memory_bytes: int | None,
+           require_isolation: bool) -> tuple[ExecutionResult, dict]:
+    """Run `program` through the launcher; (its result, the launcher's status)."""
     drop_privileges = os.geteuid() == 0
     token = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix="nanopipe-sandbox-", ignore_cleanup_errors=True) as root:
@@ -127,40 +189,74 @@ def execute_code(program: str, timeout: float = 5.0,
             os.chown(work_dir, NOBODY_UID, NOBODY_GID)
         stdout_path, stderr_path = root / "stdout", root / "stderr"
         report_r, report_w = os.pipe()
+        status_r, status_w = os.pipe()
         env = {"PATH": os.defpath, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": str(work_dir),
                "TMPDIR": str(work_dir), "OMP_NUM_THREADS": "1"}
-        argv = [sys.executable, "-I", os.path.abspath(__file__), _CHILD_FLAG, str(report_w), repr(float(timeout)),
-                str(max_memory_bytes or 0), "1" if drop_privileges else "0"]
+        argv = [sys.executable, "-I", os.path.abspath(__file__), _CHILD_FLAG, str(report_w), str(status_w),
+                repr(float(timeout)), str(max_memory_bytes or 0), "1" if drop_privileges else "0",
+                "1" if require_isolation else "0"]
         try:
             with open(stdout_path, "wb") as out_f, open(stderr_path, "wb") as err_f:
                 proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out_f, stderr=err_f, cwd=work_dir,
-                                        env=env, pass_fds=(report_w,), start_new_session=True)
-            os.close(report_w)
-            report_w = -1
+                                        env=env, pass_fds=(report_w, status_w), start_new_session=True)
+            for fd in (report_w, status_w):
+                os.close(fd)
+            report_w = status_w = -1
             killed_at_deadline = False
-            try:
+            try:  # the launcher kills the program at timeout + grace; this is the backstop if it hangs
                 proc.communicate((token + "\n" + program).encode("utf-8", errors="surrogatepass"),
-                                 timeout=timeout + KILL_GRACE_SECONDS)
+                                 timeout=timeout + 2 * KILL_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
                 killed_at_deadline = True
                 _kill_group(proc.pid)
                 proc.wait()
-            _kill_group(proc.pid)  # whatever it left behind in its group goes too
-            report = _read_report(report_r, token)
+            _kill_group(proc.pid)  # without a PID namespace: whatever it left behind in its group goes too
+            report, status = _read_report(report_r, token), _read_status(status_r)
         finally:
-            if report_w >= 0:
-                os.close(report_w)
-            os.close(report_r)
+            for fd in (report_w, status_w, report_r, status_r):
+                if fd >= 0:
+                    os.close(fd)
         stdout, stderr = _read_capped(stdout_path), _read_capped(stderr_path)
+    killed_at_deadline = killed_at_deadline or bool(status.get("killed_at_deadline"))
     if report is not None and not killed_at_deadline:
         return ExecutionResult(success=bool(report["success"]), stdout=stdout, stderr=stderr,
                                timeout=bool(report.get("timeout")), error=report.get("error"),
-                               memory_exceeded=bool(report.get("memory_exceeded")))
+                               memory_exceeded=bool(report.get("memory_exceeded"))), status
     if killed_at_deadline:
         return ExecutionResult(False, stdout, stderr, timeout=True,
-                               error=f"timed out after {timeout:g} s (process group killed)")
-    error, is_timeout = _describe_exit(proc.returncode)
-    return ExecutionResult(False, stdout, stderr, timeout=is_timeout, error=error)
+                               error=f"timed out after {timeout:g} s (sandbox killed)"), status
+    returncode = status.get("returncode", proc.returncode)  # the init's, when there was one
+    error, is_timeout = _describe_exit(returncode if isinstance(returncode, int) else proc.returncode)
+    return ExecutionResult(False, stdout, stderr, timeout=is_timeout, error=error), status
+
+
+@functools.cache
+def sandbox_protections() -> SandboxProtections:
+    """Which isolation layers this machine gives (found once per process by sandboxing an empty program)."""
+    _, status = _spawn("", timeout=10.0, max_memory_bytes=DEFAULT_MAX_MEMORY_BYTES, require_isolation=False)
+    protections = SandboxProtections(frozenset(status.get("protections", ())))
+    logger.info(protections.describe() + (f" ({status['error']})" if status.get("error") else ""))
+    return protections
+
+
+def execute_code(program: str, timeout: float = 5.0, max_memory_bytes: int | None = DEFAULT_MAX_MEMORY_BYTES,
+                 allow_weaker_sandbox: bool = False) -> ExecutionResult:
+    """Run `program` in a sandboxed child interpreter; success means it ran to the end without raising.
+    Raises SandboxUnavailableError where the kernel cannot isolate it, unless `allow_weaker_sandbox`."""
+    assert timeout > 0, f"timeout must be positive, got {timeout}"
+    assert max_memory_bytes is None or max_memory_bytes >= 32 * 1024 * 1024, (
+        f"max_memory_bytes={max_memory_bytes} is below what an interpreter needs to start (32 MiB)")
+    protections = sandbox_protections()
+    if not protections.complete and not allow_weaker_sandbox:
+        raise SandboxUnavailableError(
+            f"refusing to run untrusted code: the kernel here does not give {', '.join(protections.missing)} "
+            f"({protections.describe()}). Run where unprivileged user namespaces and mounts in them are allowed "
+            f"(in a container: a seccomp profile that permits unshare and mount), or accept the weaker sandbox "
+            f"with allow_weaker_sandbox=True (chat_eval: --allow_unsandboxed_code)")
+    result, status = _spawn(program, timeout, max_memory_bytes, require_isolation=not allow_weaker_sandbox)
+    if status.get("refused"):  # the probe said yes, this run could not: never run it unisolated
+        raise SandboxUnavailableError(f"refusing to run untrusted code: {status['refused']}")
+    return result
 
 
 # -----------------------------------------------------------------------------
@@ -174,7 +270,8 @@ _PRELOAD_MODULES = (
     "operator", "random", "re", "statistics", "string", "struct", "textwrap", "time", "traceback", "typing",
     "unicodedata",
 )
-_SANDBOX_MODULES = ("builtins", "io", "_io", "posix", "resource", "shutil", "socket", "subprocess", "_posixsubprocess")
+_SANDBOX_MODULES = ("builtins", "ctypes", "io", "_io", "linecache", "posix", "resource", "select", "shutil",
+                    "socket", "subprocess", "_posixsubprocess")
 
 _DISABLED_OS = (
     "system", "popen", "kill", "killpg", "fork", "forkpty", "setsid", "setpgid", "setpgrp", "setuid", "setgid",
@@ -203,24 +300,171 @@ def _disabled(name: str):
     return refuse
 
 
-def _isolate_kernel_level(drop_privileges: bool) -> bool:
-    """Drop root to nobody, enter private user+network namespaces. True if the namespaces were made."""
-    for name in _SANDBOX_MODULES + _PRELOAD_MODULES:
-        try:
-            __import__(name)
-        except ImportError:
-            pass
-    import ctypes
-    if drop_privileges:
-        try:
-            os.setgroups([])
-            os.setgid(NOBODY_GID)
-            os.setuid(NOBODY_UID)
-        except PermissionError:  # root without CAP_SETUID (some containers): the other layers still hold
-            pass
-    unshare = getattr(ctypes.CDLL(None, use_errno=True), "unshare", None)  # Linux only
-    return unshare is not None and unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0
+# --- kernel isolation (launcher, then init)
 
+def _libc():
+    import ctypes
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        import ctypes
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def _drop_privileges() -> bool:
+    try:
+        os.setgroups([])
+        os.setgid(NOBODY_GID)
+        os.setuid(NOBODY_UID)
+    except PermissionError:  # root without CAP_SETUID (some containers): the other layers still hold
+        return False
+    return True
+
+
+def _enter_namespaces() -> list[str]:
+    """Unshare user+mount+PID+network+IPC namespaces (the next fork becomes the PID namespace's init), mapping
+    only our own uid and gid into it; where that fails, user+network alone. The protections made."""
+    libc = _libc()
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET | _CLONE_NEWIPC) != 0:
+        return ["user-namespace", "network-namespace"] if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0 else []
+    # after a setuid the process is not dumpable and its /proc files belong to root: dumpable while mapping
+    libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+    try:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    except OSError:  # unmapped, the namespace cannot mount anything: isolation is incomplete
+        return ["network-namespace", "ipc-namespace"]
+    finally:
+        libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    return ["user-namespace", "mount-namespace", "pid-namespace", "network-namespace", "ipc-namespace"]
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    encode = lambda text: None if text is None else text.encode()
+    _check(_libc().mount(encode(source), encode(target), encode(fstype), flags, encode(data)), f"mount {target}")
+
+
+def _make_read_only_recursively(path: str) -> None:
+    """mount_setattr(2) with AT_RECURSIVE: every mount under `path` read-only and nosuid, in this namespace."""
+    import ctypes
+
+    class MountAttr(ctypes.Structure):
+        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+    attr = MountAttr(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0, 0, 0)
+    _check(_libc().syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(_AT_FDCWD), path.encode(),
+                           ctypes.c_uint(_AT_RECURSIVE), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))),
+           f"mount_setattr {path} read-only")
+
+
+def _isolate_filesystem(work_dir: str) -> list[str]:
+    """In the init of the new namespaces: fresh /proc, scratch directories emptied, everything read-only,
+    then a private tmpfs as the working directory. The protections made, in order, until one fails."""
+    made = []
+    nosuid_nodev_noexec = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing done here propagates back to the host
+    try:
+        _mount("proc", "/proc", "proc", nosuid_nodev_noexec)
+        made.append("private-proc")
+    except OSError:  # e.g. a container's /proc has masked paths: hide the host's processes instead
+        _mount("tmpfs", "/proc", "tmpfs", nosuid_nodev_noexec | _MS_RDONLY, "size=4k")
+    for path in HIDDEN_DIRS:
+        if os.path.isdir(path) and not os.path.islink(path):
+            _mount("tmpfs", path, "tmpfs", nosuid_nodev_noexec, "size=1m,mode=0755")
+    os.makedirs(work_dir, exist_ok=True)  # inside an emptied /tmp the working directory is made again
+    _make_read_only_recursively("/")
+    made.append("read-only-filesystem")
+    _mount("tmpfs", work_dir, "tmpfs", nosuid_nodev_noexec,
+           f"size={MAX_TMP_BYTES},nr_inodes=4096,mode=0700,uid={os.getuid()},gid={os.getgid()}")
+    os.chdir(work_dir)  # the old directory is underneath the tmpfs now
+    made.append("private-tmp")
+    return made
+
+
+def _drop_capabilities() -> None:
+    """Give up every capability in the namespace (permitted, effective, inheritable, ambient, bounding) and
+    set no_new_privs, so no exec gets them back and the mounts above cannot be undone."""
+    import ctypes
+    libc = _libc()
+    for cap in range(64):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            break  # EINVAL past the last capability this kernel knows
+    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    _check(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")
+    _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def _send(fd: int, **fields) -> None:
+    os.write(fd, (json.dumps(fields) + "\n").encode())
+
+
+def _read_all(fd: int) -> bytes:
+    data = b""
+    while chunk := os.read(fd, 65536):
+        data += chunk
+    return data
+
+
+def _setup_init(work_dir: str) -> tuple[list[str], str | None]:
+    """In the init, before the program: tie it to the launcher, isolate the filesystem, drop capabilities.
+    (The protections made, what failed.)"""
+    _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # dies with the launcher, and its namespace too
+    os.setsid()  # signals to "my process group" stay inside the namespace
+    made, errors = [], []
+    try:
+        made += _isolate_filesystem(work_dir)
+    except OSError as e:
+        errors.append(str(e))
+    try:  # whatever the mounts came to, the program gets no capability to change them
+        _drop_capabilities()
+        made.append("no-capabilities")
+    except OSError as e:
+        errors.append(str(e))
+    return made, "; ".join(errors) or None
+
+
+def _run_init(run, status_fd: int, work_dir: str, protections: list[str], require_isolation: bool,
+              deadline_s: float):
+    """Fork the PID namespace's init, which sets itself up and calls `run`; tell the parent which protections
+    hold (or refuse), kill the init at the deadline, report how it ended; never returns."""
+    import select
+    setup_r, setup_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the init: process 1 of the new PID namespace
+        os.close(status_fd)  # the launcher's channel to the parent never reaches the program
+        os.close(setup_r)
+        made, error = _setup_init(work_dir)
+        _send(setup_w, made=made, error=error)
+        os.close(setup_w)
+        if require_isolation and any(name not in protections + made for name in REQUIRED_PROTECTIONS):
+            os._exit(0)  # the launcher refuses on our behalf: the program is never run
+        run(in_namespace=True)
+    os.close(setup_w)
+    setup = json.loads(_read_all(setup_r) or b'{"made": [], "error": "the init died during setup"}')
+    os.close(setup_r)
+    protections = protections + setup["made"]
+    missing = [name for name in REQUIRED_PROTECTIONS if name not in protections]
+    if missing and require_isolation:
+        _send(status_fd, refused=f"could not set up {', '.join(missing)}: {setup['error']}")
+    else:
+        _send(status_fd, protections=protections, error=setup["error"])
+    pidfd = os.pidfd_open(pid)
+    killed = not select.select([pidfd], [], [], deadline_s)[0]
+    if killed:  # the kernel then kills everything else in its namespace
+        os.kill(pid, signal.SIGKILL)
+    _, wait_status = os.waitpid(pid, 0)
+    _send(status_fd, killed_at_deadline=killed, returncode=os.waitstatus_to_exitcode(wait_status))
+    os._exit(0)
+
+
+# --- the program (in the init, or in the launcher itself where there are no namespaces)
 
 def _set_limits(timeout: float, max_memory_bytes: int, in_namespace: bool) -> None:
     import resource
@@ -312,19 +556,12 @@ def _disable_dangerous() -> None:
         sys.modules[name] = None
 
 
-def _child_main(argv: list[str]) -> None:
-    report_fd, timeout, max_memory_bytes, drop_privileges = (
-        int(argv[0]), float(argv[1]), int(argv[2]), argv[3] == "1")
-    token, _, program = sys.stdin.buffer.read().decode("utf-8", errors="surrogatepass").partition("\n")
-    sys.stdin = open(os.devnull)  # the program gets an empty stdin
-    for stream in (sys.stdout, sys.stderr):
-        stream.reconfigure(encoding="utf-8", errors="backslashreplace", line_buffering=False)
+def _run_program(token: str, program: str, report_fd: int, work_dir: str, timeout: float, max_memory_bytes: int,
+                 in_namespace: bool) -> None:
+    """Limit this process, put up the Python guards, run the program and report how it went; never returns."""
     import linecache
     from traceback import format_exception as format_exc
     write, exit_now = os.write, os._exit
-    work_dir = os.path.realpath(os.getcwd())
-
-    in_namespace = _isolate_kernel_level(drop_privileges)
     _set_limits(timeout, max_memory_bytes, in_namespace)
     _guard_writes(work_dir)
     _disable_dangerous()
@@ -332,7 +569,11 @@ def _child_main(argv: list[str]) -> None:
     def on_alarm(signum, frame):
         raise SandboxTimeout(f"timed out after {timeout:g} s")
 
+    def on_cpu_limit(signum, frame):
+        raise SandboxTimeout(f"CPU time limit exceeded ({math.ceil(timeout) + 1} s)")
+
     signal.signal(signal.SIGALRM, on_alarm)
+    signal.signal(signal.SIGXCPU, on_cpu_limit)  # as the init, an unhandled SIGXCPU would be ignored
     report = {"token": token, "success": False, "timeout": False, "memory_exceeded": False, "error": None}
     # tracebacks show the program's lines
     linecache.cache["<program>"] = (len(program), None, program.splitlines(True), "<program>")
@@ -362,6 +603,35 @@ def _child_main(argv: list[str]) -> None:
             pass
     write(report_fd, (json.dumps(report) + "\n").encode())
     exit_now(0)
+
+
+def _child_main(argv: list[str]) -> None:
+    report_fd, status_fd, timeout, max_memory_bytes = int(argv[0]), int(argv[1]), float(argv[2]), int(argv[3])
+    drop_privileges, require_isolation = argv[4] == "1", argv[5] == "1"
+    token, _, program = sys.stdin.buffer.read().decode("utf-8", errors="surrogatepass").partition("\n")
+    sys.stdin = open(os.devnull)  # the program gets an empty stdin
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(encoding="utf-8", errors="backslashreplace", line_buffering=False)
+    work_dir = os.path.realpath(os.getcwd())
+    for name in _SANDBOX_MODULES + _PRELOAD_MODULES:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+
+    protections = ["nobody"] if drop_privileges and _drop_privileges() else []
+    protections += _enter_namespaces()
+    run = functools.partial(_run_program, token, program, report_fd, work_dir, timeout, max_memory_bytes)
+    if "pid-namespace" in protections:
+        _run_init(run, status_fd, work_dir, protections, require_isolation,
+                  deadline_s=timeout + KILL_GRACE_SECONDS)
+    missing = [name for name in REQUIRED_PROTECTIONS if name not in protections]
+    if missing and require_isolation:
+        _send(status_fd, refused=f"could not set up {', '.join(missing)}")
+        os._exit(0)
+    _send(status_fd, protections=protections, error=None)
+    os.close(status_fd)  # the program runs in this process: it must not reach the launcher's channel
+    run(in_namespace="user-namespace" in protections)
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == _CHILD_FLAG:

@@ -50,3 +50,8 @@ class ChatEvalConfig(DownstreamConfig):
     tokenizer_dir: str | None = Field(None, description="tokenizer to use (default: the one the checkpoint records)")
     out_dir: str | None = Field(None, description="where metrics.json goes "
                                                   "(default: NANOPIPE_HOME/chat_eval/<source>-<model tag>)")
+    allow_unsandboxed_code: bool = Field(
+        False, description="run HumanEval completions even where the kernel cannot isolate them (no user, PID or "
+                           "mount namespaces): only rlimits, a privilege drop and Python-level guards then")
+
+    NON_SEMANTIC = ("allow_unsandboxed_code",)  # the same scores, or a refusal to run

@@ -56,6 +56,8 @@ def task_data_path(name: str, cfg: ChatEvalConfig) -> Path | None:
 
 def load_eval_task(name: str, cfg: ChatEvalConfig):
     kwargs = {"size": cfg.synthetic_size} if name in SYNTHETIC_TASKS else {}
+    if name == "HumanEval":
+        kwargs["allow_weaker_sandbox"] = cfg.allow_unsandboxed_code
     task = build_task(name, split="test", data_path=task_data_path(name, cfg), **kwargs)
     if task.eval_type not in ("categorical", "generative"):
         raise ConfigError(f"--task: {name} has no evaluation (eval_type={task.eval_type!r})")
