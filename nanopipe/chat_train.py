@@ -466,10 +466,6 @@ class ChatTrainerBase:
 
     stage = ""
 
-    def memory_rows(self) -> tuple[int, int]:
-        """(tokens per row, rows per device) of the largest forward pass, for the memory check."""
-        return getattr(self.cfg, "max_seq_len", None) or self.src.model_config.sequence_len, self.cfg.device_batch_size
-
     def __init__(self, cfg, rt, src: SourceCheckpoint, out_dir: Path, lr_scale: float = 1.0):
         self.cfg, self.rt, self.src, self.out_dir = cfg, rt, src, out_dir
         self.autocast = (torch.amp.autocast(device_type=rt.device_type, dtype=torch.bfloat16)
@@ -507,6 +503,11 @@ class ChatTrainerBase:
             loader_state = meta["loader_state"]["ranks"][rt.rank]
             restore_rng_state(optim_state["rng"])
         self.loader_state_at_start = loader_state
+
+    def memory_rows(self) -> tuple[int, int]:
+        """(tokens per row, rows per device) of the largest forward pass, for the memory check: --max_seq_len
+        rows where the stage has it, else the model's context. A stage with shorter rows (RL) may override it."""
+        return getattr(self.cfg, "max_seq_len", None) or self.src.model_config.sequence_len, self.cfg.device_batch_size
 
     # --- checkpoints -----------------------------------------------------------
 
