@@ -35,10 +35,9 @@ from pathlib import Path
 
 import torch
 
-from nanopipe.chat_train import (ChatTrainerBase, SourceCheckpoint, find_source, model_plan, output_dir,
-                                 planned_model, print_plan, sum_across_ranks)
-from nanopipe.common import (Runtime, compute_cleanup, compute_init, get_dist_info, init_wandb, print0,
-                             report_progress, write_metrics)
+from nanopipe.chat_train import (ChatTrainerBase, SourceCheckpoint, model_plan, planned_model, print_plan,
+                                 sum_across_ranks, train_from_source)
+from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_progress, write_metrics
 from nanopipe.configs.base import ConfigError
 from nanopipe.configs.chat_rl import GSM8K_TRAIN_QUESTIONS, ChatRLConfig, check_world_size, plan_iterations
 from nanopipe.configs.flags import stage_main
@@ -48,7 +47,7 @@ from nanopipe.rl import (accumulate_policy_gradient, evaluate_pass_at_k, rng_fro
                          sample_group, step_questions)
 from nanopipe.tasks import GSM8K, ArithmeticProblems, TaskDataError
 from nanopipe.tasks.mixtures import DatasetUnavailableError
-from nanopipe.training import NonFiniteLossError, keep_freed_memory_for_reuse, peak_memory_mib
+from nanopipe.training import NonFiniteLossError, peak_memory_mib
 
 PROG = "python -m nanopipe.stages.chat_rl"
 PROMPT_TOKENS_ESTIMATE = 256   # a GSM8K question with its chat tokens is well under this (memory estimate only)
@@ -136,19 +135,9 @@ def run(cfg: ChatRLConfig) -> dict:
     check_world_size(cfg, world_size)  # before any work
     if cfg.dry_run:
         return dry_run(cfg, world_size)
-    # a missing source checkpoint, a wrong tokenizer or missing data fail here, before any process group
-    src = find_source(cfg.source, cfg.model_tag, cfg.model_step, cfg.checkpoint_dir, cfg.tokenizer_dir)
-    train_task, test_task = load_tasks(cfg)
-    out_dir = output_dir("rl", src, cfg.out_dir)
-    rt = compute_init(cfg.device_type, cfg.dtype, cfg.seed)
-    if rt.device_type == "cpu":
-        keep_freed_memory_for_reuse()
-    try:
-        trainer = Trainer(cfg, rt, src, out_dir, train_task, test_task)
-        trainer.fit()
-        return trainer.finish()
-    finally:
-        compute_cleanup()
+    # a missing source checkpoint, a wrong tokenizer or missing data fail before any process group
+    return train_from_source(cfg, "rl", load_tasks,
+                             lambda cfg, rt, src, out_dir, tasks: Trainer(cfg, rt, src, out_dir, *tasks))
 
 
 class Trainer(ChatTrainerBase):
