@@ -149,6 +149,10 @@ def run(cfg: BaseTrainConfig) -> dict:
         print_description(info)
         return {"dry_run": True, **info}
 
+    # the named inputs, before any process group, lock or output directory: a bad one fails in a second
+    get_tokenizer(tokenizer_dir)
+    get_token_bytes(tokenizer_dir)
+    ensure_shards(cfg)
     with contextlib.ExitStack() as locks:  # one run at a time writes these directories
         for directory in dict.fromkeys([out_dir, ckpt_dir]):
             locks.enter_context(exclusive_out_dir(directory, "base_train"))
@@ -254,7 +258,8 @@ class Trainer:
         state = checkpoint.meta["loader_state"]["ranks"][self.rt.rank] if checkpoint else None
         self.train_loader = BestFitLoader(self.tokenizer, self.shards.train, self.cfg.device_batch_size,
                                           self.cfg.max_seq_len, device=self.rt.device, rank=self.rt.rank,
-                                          world_size=self.rt.world_size, resume_state=state)
+                                          world_size=self.rt.world_size, resume_state=state,
+                                          planned_tokens=self.cfg.total_batch_size * self.num_iterations)
         self.step_loader_state = self.train_loader.state_dict()  # where the current step's batches begin
         self.batch = next(self.train_loader)
 
