@@ -7,9 +7,23 @@ from typing import Literal
 
 from pydantic import Field
 
-from nanopipe.configs.base import DownstreamConfig, Off, ResumeStep
+from nanopipe.configs.base import DownstreamConfig, NanoConfig, Off, ResumeStep
 
 ChatSource = Literal["base", "mid"]
+
+
+class PlanningFlags(NanoConfig):
+    """Flags of a chat training stage's planning: the model shape its dry run assumes before the source
+    checkpoint exists (the flow's preflight passes the base model's), and the memory check's override."""
+
+    depth: int = Field(20, ge=1, description="dry run only, when the source checkpoint does not exist yet: the depth "
+                                             "to assume (a real run takes the shape from the checkpoint)")
+    aspect_ratio: int = Field(64, ge=1, description="dry run only, without a source checkpoint: width / depth")
+    head_dim: int = Field(128, ge=2, description="dry run only, without a source checkpoint: channels per head")
+    allow_over_memory: bool = Field(False, description="train even when the peak-memory estimate exceeds the "
+                                                       "device's available memory (the estimate is rough)")
+
+    NON_SEMANTIC = ("depth", "aspect_ratio", "head_dim", "allow_over_memory")
 
 
 class ChatDataFlags(DownstreamConfig):
@@ -36,7 +50,7 @@ class ChatDataFlags(DownstreamConfig):
     NON_SEMANTIC = ("run", "out_dir")
 
 
-class ChatTrainFlags(ChatDataFlags):
+class ChatTrainFlags(ChatDataFlags, PlanningFlags):
     """Optimiser, checkpoint and path flags of a chat training stage."""
 
     embedding_lr: float = Field(0.2, gt=0, description="AdamW learning rate of the token embedding")
@@ -51,13 +65,5 @@ class ChatTrainFlags(ChatDataFlags):
     out_dir: str | None = Field(None, description="where checkpoints and metrics.json go "
                                                   "(default: NANOPIPE_HOME/<stage dir>/<source model tag>)")
     dry_run: bool = Field(False, description="print parameters, steps, tokens and a memory estimate, then exit")
-    # the shape a dry run assumes when the source checkpoint does not exist yet (a planning run before base_train)
-    depth: int = Field(20, ge=1, description="dry run only, when the source checkpoint does not exist yet: the depth "
-                                             "to assume (a real run takes the shape from the checkpoint)")
-    aspect_ratio: int = Field(64, ge=1, description="dry run only, without a source checkpoint: width / depth")
-    head_dim: int = Field(128, ge=2, description="dry run only, without a source checkpoint: channels per head")
-    allow_over_memory: bool = Field(False, description="train even when the peak-memory estimate exceeds the "
-                                                       "device's available memory (the estimate is rough)")
 
-    NON_SEMANTIC = ("save_every", "resume_from_step", "dry_run", "depth", "aspect_ratio", "head_dim",
-                    "allow_over_memory")
+    NON_SEMANTIC = ("save_every", "resume_from_step", "dry_run")

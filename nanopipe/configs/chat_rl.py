@@ -8,12 +8,13 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from nanopipe.configs.base import ConfigError, DownstreamConfig, Off, ResumeStep
+from nanopipe.configs.chat_common import PlanningFlags
 
 RL_TASKS = ("gsm8k", "builtin-arithmetic")
 GSM8K_TRAIN_QUESTIONS = 7473   # openai/gsm8k main/train: lets a dry run count steps without the data
 
 
-class ChatRLConfig(DownstreamConfig):
+class ChatRLConfig(DownstreamConfig, PlanningFlags):
     """Flags of chat_rl (defaults: nanochat's GSM8K RL recipe)."""
 
     source: Literal["base", "mid", "sft"] = Field("sft", description="which stage's checkpoints to start from")
@@ -56,16 +57,9 @@ class ChatRLConfig(DownstreamConfig):
                                                   "(default: NANOPIPE_HOME/chatrl_checkpoints/<source model tag>)")
     dry_run: bool = Field(False, description="print parameters, steps, samples per step and a memory estimate, "
                                              "then exit")
-    # the shape a dry run assumes when the source checkpoint does not exist yet (a planning run)
-    depth: int = Field(20, ge=1, description="dry run only, when the source checkpoint does not exist yet: the depth "
-                                             "to assume (a real run takes the shape from the checkpoint)")
-    aspect_ratio: int = Field(64, ge=1, description="dry run only, without a source checkpoint: width / depth")
-    head_dim: int = Field(128, ge=2, description="dry run only, without a source checkpoint: channels per head")
-    allow_over_memory: bool = Field(False, description="train even when the peak-memory estimate exceeds the "
-                                                       "device's available memory (the estimate is rough)")
 
     NON_SEMANTIC = ("eval_every", "eval_examples", "save_every", "resume_from_step", "dry_run", "model_tag",
-                    "checkpoint_dir", "depth", "aspect_ratio", "head_dim", "allow_over_memory")
+                    "checkpoint_dir")
 
     @field_validator("top_k", mode="before")
     @classmethod
