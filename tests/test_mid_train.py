@@ -5,12 +5,15 @@ resuming to the same weights as an uninterrupted run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -298,30 +301,58 @@ def test_final_checkpoint_is_written_before_the_final_evaluation(inputs, tmp_pat
     assert not (out / "metrics.json").exists()
 
 
+def kill_all_writing_to(out_dir: Path) -> None:
+    """SIGKILL every process whose command line names out_dir, until none is left."""
+    needle = str(out_dir).encode()
+    for _ in range(100):
+        pids = []
+        for entry in os.listdir("/proc"):
+            try:
+                if entry.isdigit() and needle in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                    if state != "Z":
+                        pids.append(int(entry))
+            except (OSError, IndexError):
+                continue
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    raise AssertionError(f"processes writing to {out_dir} survived SIGKILL")
+
+
 @pytest.mark.slow
-def test_torchrun_two_ranks_resume_to_the_same_weights(inputs, tmp_path):
-    """Two gloo ranks: 4 steps straight (checkpoint at 2) vs. resuming from that checkpoint in a fresh directory."""
+def test_torchrun_two_ranks_killed_mid_run_resume_to_the_same_weights(inputs, tmp_path):
+    """Two gloo ranks: an uninterrupted run vs. one SIGKILLed (launcher and workers) after its first
+    checkpoint and resumed with the same command: same losses after the resume point, same final weights."""
     env = subprocess_env(tmp_path)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "nanopipe.stages.mid_train"]
-    common = dict(num_iterations=4, save_every=2, eval_every=2)
+    common = dict(num_iterations=8, save_every=2, eval_every=-1)
     one = subprocess.run([*command, *flags(inputs, tmp_path / "straight", **common)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    assert optim_path(tmp_path / "straight", 2, 1).is_file()
-    (tmp_path / "resumed").mkdir()
-    for path in (tmp_path / "straight").glob("*_000002*"):
-        shutil.copy(path, tmp_path / "resumed")
+    killed = subprocess.Popen([*command, *flags(inputs, tmp_path / "resumed", **common)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and killed.poll() is None and not (tmp_path / "resumed" / "meta_000002.json").exists():
+        time.sleep(0.01)
+    kill_all_writing_to(tmp_path / "resumed")   # torchrun and both ranks (in sessions of their own)
+    killed.wait()
+    assert (tmp_path / "resumed" / "meta_000002.json").exists() and not (tmp_path / "resumed" / "metrics.json").exists()
     two = subprocess.run([*command, *flags(inputs, tmp_path / "resumed", resume_from_step="latest", **common)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "Resuming from step 2" in two.stdout
+    resumed_from = int(re.search(r"Resuming from step (\d+)", two.stdout).group(1))
+    assert resumed_from in (2, 4, 6)   # the newest complete checkpoint when the kill landed
     straight, resumed = step_losses(one.stdout), step_losses(two.stdout)
-    assert sorted(resumed) == [3, 4]
-    for step in (3, 4):
+    assert sorted(resumed) == list(range(resumed_from + 1, 9))
+    for step in resumed:
         assert resumed[step] == pytest.approx(straight[step], rel=1e-5), step
-    a, _, _ = load_checkpoint(tmp_path / "straight", 4, "cpu")
-    b, _, meta = load_checkpoint(tmp_path / "resumed", 4, "cpu")
+    a, _, _ = load_checkpoint(tmp_path / "straight", 8, "cpu")
+    b, _, meta = load_checkpoint(tmp_path / "resumed", 8, "cpu")
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, rtol=1e-5, atol=1e-7)
     assert [s["rank"] for s in meta["loader_state"]["ranks"]] == [0, 1]
