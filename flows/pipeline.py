@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -98,8 +99,11 @@ def publish_summary(outcomes: list[StageOutcome], plans: list[StagePlan], title:
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()) or o.error
         lines.append(f"| {plan.stage} | {o.status} | {o.seconds:.1f} s | {produced} | {shown} | "
                      f"`{plan.artifact_dir}` |")
-        table.append({"stage": plan.stage, "status": o.status, "seconds": round(o.seconds, 2),
-                      **{k: v for k, v in metrics.items()}})
+        # long format (stage, metric, value): the UI takes a table's columns from its first row, so one
+        # row per stage with each stage's own columns would hide every metric the first stage lacks
+        table.append({"stage": plan.stage, "metric": "status", "value": o.status})
+        table.append({"stage": plan.stage, "metric": "seconds", "value": round(o.seconds, 2)})
+        table += [{"stage": plan.stage, "metric": k, "value": v} for k, v in metrics.items()]
     markdown = "\n".join(lines) + "\n"
     create_markdown_artifact(markdown, key="nanopipe-summary", description=title)
     create_table_artifact(table, key="nanopipe-metrics", description=f"{title}: metrics per stage")
@@ -146,7 +150,18 @@ def run_stages(plans: list[StagePlan], config: PipelineConfig, title: str,
     return {o.plan.stage: o.ref for o in outcomes}
 
 
-@flow(name="full-pipeline", log_prints=True)
+def pipeline_run_name() -> str:
+    """What a run is, in its name: "demo-cpu d4 2026-11-29 02:00" instead of Prefect's random words."""
+    try:
+        config = flow_run.parameters.get("config") or {}
+        config = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
+        what = f"{config.preset or 'custom'} d{config.base_train.depth}" + (" +rl" if config.run_rl else "")
+    except Exception:   # a name must never fail the run; the parameters are validated where it matters
+        what = "pipeline"
+    return f"{what} {datetime.now(timezone.utc):%Y-%m-%d %H:%M}"
+
+
+@flow(name="full-pipeline", flow_run_name=pipeline_run_name, log_prints=True)
 def full_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, ArtifactRef]:
     """The whole pipeline: validate and dry-run every stage first, then run (or reuse) each in order."""
     plans = plan_pipeline(config)

@@ -1,6 +1,7 @@
 """The pipeline as Prefect flows on a tiny CPU config: end to end, cached re-runs, kills and resume,
 damaged artifacts, preflight, concurrency. Against a temporary Prefect server (prefect_test_harness)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -163,6 +164,13 @@ def test_end_to_end_then_everything_cached(home, data_dir):
     assert "step 00011/00012" in log and "@@nanopipe-progress" in log
     kinds = {(a.type, a.key) for a in artifacts_of(state.state_details.flow_run_id)}
     assert ("markdown", "nanopipe-summary") in kinds and ("table", "nanopipe-metrics") in kinds
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(state.state_details.flow_run_id).name.startswith("demo-cpu d2 ")
+    table = next(a for a in artifacts_of(state.state_details.flow_run_id) if a.key == "nanopipe-metrics")
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert all(set(row) == {"stage", "metric", "value"} for row in rows)   # every column shown by the UI
+    assert {("base_train", "val_bpb"), ("chat_sft", "val_loss"), ("chat_eval_sft", "chatcore")} <= \
+        {(row["stage"], row["metric"]) for row in rows}
     assert any(kind == "progress" for kind, _ in kinds)
 
     linked = edges(state.state_details.flow_run_id)
