@@ -31,17 +31,21 @@ def deployment_runs(client, deployment_id) -> list:
             or r.expected_start_time.timestamp() < time.time() + 60]
 
 
-def click_until_created(page, click, attempts: int = 4):
+def click_until_created(page, click, patience_seconds: float = 120.0):
     """Click, and return the server's answer to the UI's create_flow_run request. A 503 is Prefect's
-    "retry me" (e.g. SQLite busy on a loaded machine): the UI shows an error toast, a person clicks
-    again, and so does this. Any other answer is returned as it is."""
-    for attempt in range(attempts):
+    "retry me": its SQLite database was locked, e.g. while the server's background services write the
+    events and logs of the run before, which on a loaded 2-core machine can take tens of seconds. The UI
+    shows an error toast, a person clicks again a little later, and so does this, for up to two minutes.
+    Any other answer is returned as it is."""
+    deadline = time.monotonic() + patience_seconds
+    pause = 2.0
+    while True:
         with page.expect_response(lambda r: "create_flow_run" in r.url) as created:
             click()
-        if created.value.status != 503:
-            break
-        time.sleep(2.0 * (attempt + 1))
-    return created.value
+        if created.value.status != 503 or time.monotonic() + pause > deadline:
+            return created.value
+        time.sleep(pause)
+        pause = min(2 * pause, 15.0)
 
 
 def test_quick_run_from_the_ui_completes(stack):
