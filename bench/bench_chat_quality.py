@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from nanopipe.chat_format import render_conversation, render_for_completion  # noqa: E402
 from nanopipe.chat_scoring import evaluate_categorical  # noqa: E402
-from nanopipe.chat_train import collate_supervised, evaluate_chat_loss  # noqa: E402
+from nanopipe.chat_batches import collate_supervised, evaluate_chat_loss  # noqa: E402
 from nanopipe.checkpoint import load_model  # noqa: E402
 from nanopipe.engine import Engine  # noqa: E402
 from nanopipe.tasks.builtin import ArithmeticProblems, IdentityChat, MultipleChoiceQuiz  # noqa: E402

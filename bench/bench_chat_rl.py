@@ -100,7 +100,8 @@ def arithmetic_sft(source_dir: Path, out_dir: Path, steps: int) -> None:
     import random
 
     from nanopipe.chat_format import render_conversation
-    from nanopipe.chat_train import collate_supervised, find_source, load_source_model, setup_chat_optimizers
+    from nanopipe.chat_batches import collate_supervised
+    from nanopipe.chat_train import find_source, load_source_model, setup_chat_optimizers
     from nanopipe.checkpoint import save_checkpoint
     from nanopipe.tasks import ArithmeticProblems
 

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 USAGE = __doc__.split("\n\n")[1]
@@ -129,7 +130,6 @@ class Interrupted(Exception):
 def writable_directory(path: str | os.PathLike, what: str) -> Path:
     """`path` as a directory this command can write into (created if missing), or a UsageError in one line
     naming it: a run that cannot write its outputs should fail in a second, not after minutes of retries."""
-    from pathlib import Path
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(f"{what} {path} is a file, not a directory")
@@ -243,7 +243,6 @@ def _report(state) -> int:
 
 def cmd_status(argv: list[str]) -> int:
     """Which artifacts of a config exist and verify, what is running, and why a stage would run again."""
-    from pathlib import Path
     from flows.artifacts import lock_holder, read_manifest, verify
     from flows.plan import plan_pipeline, rerun_reasons
     config, extras = parse_command(argv, extra=("json",))

@@ -48,7 +48,8 @@ _DATA = ("nanopipe.data.shards", "nanopipe.data.builtin")
 _TOKENIZER = ("nanopipe.tokenizer", *_DATA)
 _MODEL = ("nanopipe.gpt", "nanopipe.optim", "nanopipe.checkpoint", "nanopipe.tokenizer")
 _TRAINING = _MODEL + ("nanopipe.dataloader", *_DATA, "nanopipe.loss_eval")
-_CHAT = _MODEL + ("nanopipe.chat_format", "nanopipe.tasks", "nanopipe.chat_train", "nanopipe.configs.chat_common")
+_CHAT = _MODEL + ("nanopipe.chat_format", "nanopipe.tasks", "nanopipe.chat_train", "nanopipe.chat_batches",
+                  "nanopipe.configs.chat_common")
 _CHAT_EVAL = _MODEL + ("nanopipe.chat_format", "nanopipe.tasks", "nanopipe.engine", "nanopipe.execution")
 _TOKENIZER_INPUT = {"tokenizer_dir": ("tok_train", "tokenizer")}
 
@@ -90,7 +91,7 @@ STAGES: list[Stage] = [
           tag=lambda cfg: "sft", key_metrics=("chatcore", "accuracy")),
     Stage("chat_rl", "nanopipe.stages.chat_rl", "chat_rl",
           _code("nanopipe.stages.chat_rl", *_MODEL, "nanopipe.chat_format", "nanopipe.tasks", "nanopipe.chat_train",
-                "nanopipe.engine", "nanopipe.rl"),
+                "nanopipe.chat_batches", "nanopipe.engine", "nanopipe.rl"),
           inputs={"checkpoint_dir": ("chat_sft", "checkpoints"), **_TOKENIZER_INPUT}, output="checkpoints",
           fixed={"source": "sft"}, resume_flag=("resume_from_step", "latest"), dry_run_flag="dry_run",
           tag=lambda cfg: "rl", when="run_rl", key_metrics=("reward", "pass@1")),

@@ -50,3 +50,10 @@ def tiny_chat_flags(source_dir: Path, out_dir: Path, **overrides) -> list[str]:
     flags = dict(checkpoint_dir=source_dir, out_dir=out_dir, device_type="cpu", mixture="builtin")
     flags.update(overrides)
     return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def tokenizer_and_base(root: Path) -> dict:
+    """A chat tokenizer and a tiny base checkpoint under `root`: what the chat stages' tests start from."""
+    tokenizer = build_chat_tokenizer(root / "tokenizer")
+    write_base_checkpoint(root / "base" / "d2", root / "tokenizer", tokenizer.get_vocab_size())
+    return {"root": root, "tokenizer": tokenizer, "base": root / "base" / "d2"}

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from nanopipe.chat_format import render_conversation
-from nanopipe.chat_train import PaddedChatBatcher
+from nanopipe.chat_batches import PaddedChatBatcher
 from nanopipe.checkpoint import list_steps, load_checkpoint, load_model, optim_path
 from nanopipe.configs.base import ConfigError, build_config
 from nanopipe.configs.chat_sft import ChatSFTConfig
@@ -26,7 +26,7 @@ from nanopipe.exit_codes import ExitCode
 from nanopipe.stages import chat_eval, chat_sft
 from nanopipe.tasks import TaskMixture, builtin_chat_mixture
 from nanopipe.tasks.builtin import ArithmeticProblems
-from tests.chat_fixtures import build_chat_tokenizer, tiny_chat_flags, write_base_checkpoint
+from tests.chat_fixtures import tiny_chat_flags, tokenizer_and_base, write_base_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_LINE = re.compile(r"^step (\d+)/\d+ \| loss: ([\d.]+) \(this step ([\d.]+)\)", re.M)
@@ -38,10 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sft")
-    tokenizer = build_chat_tokenizer(root / "tokenizer")
-    write_base_checkpoint(root / "base" / "d2", root / "tokenizer", tokenizer.get_vocab_size())
-    return {"root": root, "tokenizer": tokenizer, "base": root / "base" / "d2"}
+    return tokenizer_and_base(tmp_path_factory.mktemp("sft"))
 
 
 def flags(inputs, out_dir: Path, **overrides) -> list[str]:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from nanopipe.chat_format import render_conversation
-from nanopipe.chat_train import PackedChatLoader, RankStride
+from nanopipe.chat_batches import PackedChatLoader, RankStride
 from nanopipe.checkpoint import list_steps, load_checkpoint, load_model, optim_path
 from nanopipe.configs.base import ConfigError, build_config
 from nanopipe.configs.flags import parse_config as parse_cli
@@ -29,7 +29,7 @@ from nanopipe.exit_codes import ExitCode
 from nanopipe.stages import mid_train
 from nanopipe.tasks import builtin_chat_mixture
 from nanopipe.tasks.mixtures import mid_mixtures
-from tests.chat_fixtures import build_chat_tokenizer, tiny_chat_flags, write_base_checkpoint
+from tests.chat_fixtures import tiny_chat_flags, tokenizer_and_base, write_base_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_LINE = re.compile(r"^step (\d+) \| progress +([\d.]+)% \| loss: ([\d.]+) \(this step ([\d.]+)\)", re.M)
@@ -43,10 +43,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mid")
-    tokenizer = build_chat_tokenizer(root / "tokenizer")
-    write_base_checkpoint(root / "base" / "d2", root / "tokenizer", tokenizer.get_vocab_size())
-    return {"root": root, "tokenizer": tokenizer, "base": root / "base" / "d2"}
+    return tokenizer_and_base(tmp_path_factory.mktemp("mid"))
 
 
 def flags(inputs, out_dir: Path, **overrides) -> list[str]:

@@ -35,8 +35,9 @@ from pathlib import Path
 
 import torch
 
+from nanopipe.chat_batches import sum_across_ranks
 from nanopipe.chat_train import (ChatTrainerBase, SourceCheckpoint, model_plan, planned_model, print_plan,
-                                 sum_across_ranks, train_from_source)
+                                 train_from_source)
 from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_progress, write_metrics
 from nanopipe.configs.base import ConfigError
 from nanopipe.configs.chat_rl import GSM8K_TRAIN_QUESTIONS, ChatRLConfig, check_world_size, plan_iterations

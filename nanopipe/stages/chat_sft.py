@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from nanopipe.chat_scoring import evaluate_categorical
-from nanopipe.chat_train import (ChatTrainerBase, PaddedChatBatcher, evaluate_chat_loss, model_plan, planned_model,
-                                 print_plan, sum_across_ranks, supervised_loss, train_from_source)
+from nanopipe.chat_batches import PaddedChatBatcher, evaluate_chat_loss, sum_across_ranks, supervised_loss
+from nanopipe.chat_train import ChatTrainerBase, model_plan, planned_model, print_plan, train_from_source
 from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_progress, write_metrics
 from nanopipe.configs.chat_sft import ChatSFTConfig, check_sft_batch_sizes
 from nanopipe.configs.flags import stage_main

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 from nanopipe.chat_format import render_conversation
-from nanopipe.chat_train import (ChatTrainerBase, PackedChatLoader, evaluate_chat_loss, model_plan, planned_model,
-                                 print_plan, sum_across_ranks, train_from_source)
+from nanopipe.chat_batches import PackedChatLoader, evaluate_chat_loss, sum_across_ranks
+from nanopipe.chat_train import ChatTrainerBase, model_plan, planned_model, print_plan, train_from_source
 from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_progress, write_metrics
 from nanopipe.configs.flags import stage_main
 from nanopipe.configs.mid_train import MidTrainConfig, check_mid_batch_sizes
