@@ -373,7 +373,7 @@ class Trainer:
             line += f" | eta: {eta / 60:.1f}m"
         line += f" | epoch: {self.train_loader.epoch} | mem: {peak_memory_mib(self.rt.device_type):,.0f}MiB"
         print0(line)
-        report_progress(step=step + 1, total=self.num_iterations, loss=smooth)
+        report_progress(step=step, total=self.num_iterations, loss=smooth)   # the step the line above prints
         if step % 100 == 0:
             self.wandb.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/dt": dt,
                             "train/tok_per_sec": tok_per_sec, "train/mfu": self.mfu,

@@ -238,7 +238,7 @@ class Trainer(ChatTrainerBase):
         print0(f"step {step:05d}/{total:05d} ({100 * step / total:.2f}%) | reward: {stats['reward']:.4f} | "
                f"sequence length: {stats['sequence_length']:.1f} (sampled {stats['sampled_tokens']:.1f}) | "
                f"loss: {stats['loss']:.6f} | lrm: {stats['lrm']:.3f} | dt: {stats['dt']:.2f}s")
-        report_progress(step=step + 1, total=total, reward=stats["reward"])
+        report_progress(step=step, total=total, reward=stats["reward"])   # the step the line above prints
         self.wandb.log({"step": step, "reward": stats["reward"], "sequence_length": stats["sequence_length"],
                         "loss": stats["loss"], "lrm": stats["lrm"]})
 

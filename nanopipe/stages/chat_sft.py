@@ -173,7 +173,7 @@ class SFTTrainer(ChatTrainerBase):
         print0(f"step {step:05d}/{self.num_iterations:05d} | loss: {smooth:.6f} (this step {loss:.6f}) | "
                f"lrm: {lrm:.4f} | supervised tokens: {tokens:,} | dt: {dt * 1000:.2f}ms | "
                f"epoch: {self.train_loader.epoch} | mem: {peak_memory_mib(self.rt.device_type):,.0f}MiB")
-        report_progress(step=step + 1, total=self.num_iterations, loss=smooth)
+        report_progress(step=step, total=self.num_iterations, loss=smooth)   # the step the line above prints
         if step % 10 == 0:
             self.wandb.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/tokens": tokens})
 
