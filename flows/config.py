@@ -77,6 +77,7 @@ class PipelineConfig(BaseModel):
     stop_after: StageName | None = Field(None, description="end the run after this stage (none: run them all)")
     recompute_from: StageName | None = Field(
         None, description="recompute this stage and everything after it even when cached artifacts verify")
+    cost_per_gpu_hour: float = Field(3.0, ge=0, description="USD per GPU-hour, for the report card's cost estimate")
     resources: form(Resources) = Field(default_factory=Resources, description="torchrun layout, env, timeout, retries")
     stage_resources: dict[StageName, Resources] = Field(
         default_factory=dict, description="per-stage replacements of `resources`, by stage name")

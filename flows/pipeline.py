@@ -87,7 +87,7 @@ def run_stages(plans: list[StagePlan], config: PipelineConfig, title: str,
                 raise RuntimeError(f"stage {plan.stage} ended {outcome.status}: {outcome.error}")
     finally:
         try:
-            print(publish_summary(outcomes, plans, title))
+            print(publish_summary(outcomes, plans, title, config=config))
         except Exception as err:   # never let the report hide why the run ended
             logger.warning(f"could not publish the run summary: {type(err).__name__}: {err}")
     return {o.plan.stage: o.ref for o in outcomes}

@@ -55,7 +55,7 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def publish_summary(outcomes: list[StageOutcome], plans: list[StagePlan], title: str) -> str:
+def publish_summary(outcomes: list[StageOutcome], plans: list[StagePlan], title: str, config=None) -> str:
     """Markdown artifact (stages, cached or run, durations, metrics, paths) and a table artifact of metrics."""
     done = {o.plan.stage: o for o in outcomes}
     lines = [f"# {title}", "", "| stage | status | wall time | produced in | key metrics | artifact |",
