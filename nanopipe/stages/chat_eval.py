@@ -15,7 +15,8 @@ Under torchrun (problems are split across ranks, the counts are summed):
     torchrun --standalone --nproc_per_node=8 -m nanopipe.stages.chat_eval -- --source=sft
 
 The builtin tasks Arithmetic (GSM8K format) and MultipleChoice (MMLU format) are generated offline, for the
-demo and CI. metrics.json goes to --out_dir (default NANOPIPE_HOME/chat_eval/<source>-<model tag>).
+demo and CI. metrics.json goes to --out_dir (default NANOPIPE_HOME/chat_eval/<source>-<model tag>); it
+holds, besides the scores, a few problems with the model's answers (`samples`) for a person to read.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-from nanopipe.chat_scoring import chatcore, evaluate_categorical, evaluate_generative, sum_across_ranks
+from nanopipe.chat_format import assistant_parts, normalize_messages, render_for_completion
+from nanopipe.chat_scoring import (chatcore, evaluate_categorical, evaluate_generative, letter_token_ids,
+                                   sum_across_ranks)
 from nanopipe.checkpoint import load_model, resolve_checkpoint_dir
 from nanopipe.common import (compute_cleanup, compute_init, get_base_dir, print0, report_progress,
                              write_metrics)
@@ -38,6 +41,7 @@ from nanopipe.engine import Engine
 from nanopipe.tasks import build_task
 
 PROG = "python -m nanopipe.stages.chat_eval"
+NUM_SAMPLES_SHOWN = 5   # problems with the model's answer kept in metrics.json, spread over the tasks
 
 # -----------------------------------------------------------------------------
 # The stage
@@ -82,6 +86,7 @@ def run(cfg: ChatEvalConfig) -> dict:
                     if rt.dtype == torch.bfloat16 else contextlib.nullcontext())
         with autocast:
             results = evaluate_tasks(cfg, model, tokenizer, rt)
+            samples = show_samples(cfg, model, tokenizer) if rt.rank == 0 else []
     finally:
         compute_cleanup()
 
@@ -98,6 +103,7 @@ def run(cfg: ChatEvalConfig) -> dict:
         "chatcore_tasks": list(accuracies),
         # nanochat reports ChatCORE only over its six tasks; True when all six are in this one
         "chatcore_complete": all(name in accuracies for name in CHATCORE_TASKS),
+        "samples": samples,
     }
     print0("-" * 60)
     for name, r in results.items():
@@ -141,6 +147,46 @@ def evaluate_tasks(cfg: ChatEvalConfig, model, tokenizer, rt) -> dict[str, dict]
         }
         print0(f"{name}: {passed}/{total} = {100 * accuracy:.2f}%")
     return results
+
+
+# -----------------------------------------------------------------------------
+# A few answers to read: the first problems of each task, answered as the evaluation answers them
+
+def samples_per_task(names: list[str], count: int = NUM_SAMPLES_SHOWN) -> dict[str, int]:
+    """`count` problems spread round-robin over the tasks, e.g. 5 over 3 tasks -> 2, 2, 1."""
+    return {name: len(range(i, count, len(names))) for i, name in enumerate(names)}
+
+
+def readable_answer(message: dict) -> str:
+    """An assistant message as text, calculator calls written GSM8K's way: <<6*5=30>>."""
+    marks = {"python": "<<{}=", "python_output": "{}>>"}
+    return "".join(marks.get(p["type"], "{}").format(p["text"]) for p in assistant_parts(message))
+
+
+@torch.no_grad()
+def show_samples(cfg: ChatEvalConfig, model, tokenizer) -> list[dict]:
+    """[{task, question, reference, answer, correct}]: for multiple choice the letter the logits pick, for
+    generative tasks one completion sampled with the seed the evaluation uses for that problem."""
+    engine, letter_cache, samples = Engine(model, tokenizer), {}, []
+    for name, count in samples_per_task(list(dict.fromkeys(cfg.task))).items():
+        task = load_eval_task(name, cfg)
+        for i in range(min(count, len(task))):
+            conversation = task[i]
+            messages = normalize_messages(conversation)
+            prompt = render_for_completion(tokenizer, conversation)
+            if task.eval_type == "categorical":
+                letters = conversation["letters"]
+                logits = model(torch.tensor([prompt], dtype=torch.long, device=model.get_device()))
+                answer = letters[int(logits[0, -1, letter_token_ids(tokenizer, letters, letter_cache)].argmax())]
+            else:
+                results, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=cfg.max_new_tokens,
+                                                   temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed + i)
+                answer = tokenizer.decode(results[0][len(prompt):])
+            question = next(m for m in reversed(messages) if m["role"] == "user")["content"]
+            reference = readable_answer(messages[-1]) if messages[-1]["role"] == "assistant" else ""
+            samples.append({"task": name, "question": question, "reference": reference, "answer": answer,
+                            "correct": bool(task.evaluate(conversation, answer))})
+    return samples
 
 
 def main(argv: list[str] | None = None) -> dict:
