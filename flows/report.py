@@ -1,24 +1,56 @@
 """
-What a person sees of a pipeline run in the Prefect UI after it ends: the summary of every stage and the
-metrics table (and, built on them, the report card).
+What a person sees of a pipeline run in the Prefect UI after it ends, however it ended:
 
-`StageOutcome` is what the flow knows of each stage when the run ends, however it ended. A stage's
-progress history (one JSON object per progress line, appended across attempts so a resumed stage keeps
-the steps before its resume) is `progress.jsonl` in its artifact directory.
+    nanopipe-report        the report card: regressions first, environment, every stage's status and wall
+                           time, estimated cost, tokenizer, base model, one table of chat metrics, curves
+                           (also written to NANOPIPE_HOME/report.md)
+    nanopipe-summary       the stages with their key metrics and artifact paths
+    nanopipe-metrics       every key metric in long format (stage, metric, value)
+    nanopipe-key-metrics   the metrics the regression gate compares, as JSON, for the next run to read
+    <stage>-curves         a training stage's loss / val bpb / reward curves (e.g. base-train-curves)
+    <stage>-samples        what a stage's model wrote (base-eval-samples, chat-eval-sft-samples, ...)
+
+Keyed artifacts keep every version, so the Artifacts page shows the latest of each across runs.
+
+`StageOutcome` is what the flow knows of each stage when the run ends. A stage's progress history (one JSON
+object per progress line, appended across attempts) is `progress.jsonl` in its artifact directory.
+
+The regression gate compares this run's key metrics with those of the last Completed run of the same
+deployment (or, without one, of the same flow outside deployments) and the same lineage (preset and model
+depth). `TOLERANCES` says how much worse a metric may get before the run counts as regressed.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import math
+import os
+import platform
+import re
+import socket
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.artifacts import ArtifactRef
 from flows.plan import StagePlan
+from flows.plots import PROGRESS_FILE, markdown_image, stage_curves
 from flows.stages import get_stage
+from nanopipe.common import atomic_write_text
 
-PROGRESS_FILE = "progress.jsonl"
+REPORT_FILE = "report.md"
+KEY_METRICS_KEY = "nanopipe-key-metrics"
+DEFAULT_COST_PER_GPU_HOUR = 3.0   # USD, an 8xH100 node at ~$24/h; PipelineConfig.cost_per_gpu_hour overrides it
+REPO = Path(__file__).resolve().parents[1]
+
+__all__ = ["PROGRESS_FILE", "RunReport", "StageOutcome", "publish_summary"]
 
 
 @dataclass
@@ -34,46 +66,585 @@ class StageOutcome:
     resumed_from: int | None = None     # the checkpoint step a (re)run of the stage resumed from
 
 
+@dataclass
+class RunReport:
+    """What publish_summary built. `regressions`: one sentence per key metric worse than the last
+    Completed run of the lineage beyond its tolerance (empty when none, or nothing to compare with)."""
+    markdown: str                       # the report card
+    regressions: list[str]
+    summary: str = ""                   # the short stage table (no images): what str() gives, for the log
+    key_metrics: dict[str, float] = field(default_factory=dict)
+    gate: str = ""                      # what the gate compared with, or why it compared nothing
+
+    def __str__(self) -> str:
+        return self.summary
+
+
+def _log() -> logging.Logger | logging.LoggerAdapter:
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+# -----------------------------------------------------------------------------
+# Key metrics of a stage (the summary and the metrics table)
+
+def _scalar(v) -> bool:
+    return isinstance(v, (int, float, str)) and not isinstance(v, bool)
+
 
 def _key_metrics(outcome: StageOutcome) -> dict:
     """The stage's key metrics as scalars; a dict of scalars (e.g. accuracy per task) shows as `name.key`."""
-    def scalar(v):
-        return isinstance(v, (int, float, str)) and not isinstance(v, bool)
     flat = {}
     for k, v in outcome.metrics.items():
-        if scalar(v):
+        if _scalar(v):
             flat[k] = v
         elif isinstance(v, dict):
-            flat.update({f"{k}.{sub}": x for sub, x in v.items() if scalar(x)})
+            flat.update({f"{k}.{sub}": x for sub, x in v.items() if _scalar(x)})
     keys = get_stage(outcome.plan.stage).key_metrics
     if not keys:
         return flat
     return {k: v for k, v in flat.items() if k in keys or k.split(".", 1)[0] in keys}
 
 
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
-def publish_summary(outcomes: list[StageOutcome], plans: list[StagePlan], title: str, config=None) -> str:
-    """Markdown artifact (stages, cached or run, durations, metrics, paths) and a table artifact of metrics."""
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _number(value) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+# -----------------------------------------------------------------------------
+# Environment, read without importing torch (seconds and memory the flow process never needs)
+
+def _command(*cmd: str) -> str | None:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _torch_build(name: str) -> str | None:
+    """A value of torch/version.py (e.g. `cuda` = "12.8", None for a CPU build), read as text."""
+    try:
+        spec = importlib.util.find_spec("torch")   # a top-level package: found, not imported
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "version.py"
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError):
+        return None
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        if isinstance(target, ast.Name) and target.id == name and isinstance(node.value, ast.Constant):
+            return node.value.value
+    return None
+
+
+def environment(repo: Path = REPO) -> dict[str, Any]:
+    """Where and with what this run ran: code commit, host, CPUs, Python, torch, CUDA, GPUs."""
+    def installed(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+    commit = _command("git", "-C", str(repo), "rev-parse", "--short=12", "HEAD")
+    dirty = _command("git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no")
+    gpus = _command("nvidia-smi", "--query-gpu=name", "--format=csv,noheader")
+    return {
+        "commit": commit, "dirty": bool(dirty) if commit else None,
+        "host": socket.gethostname(), "cpus": os.cpu_count(), "platform": platform.platform(),
+        "python": platform.python_version(), "torch": installed("torch"), "cuda": _torch_build("cuda"),
+        "gpus": [line.strip() for line in (gpus or "").splitlines() if line.strip()],
+        "prefect": installed("prefect"),
+    }
+
+
+def environment_section(env: dict[str, Any], plans: list[StagePlan]) -> list[str]:
+    if env.get("commit"):
+        code = f"`{env['commit']}`" + (" with uncommitted changes" if env.get("dirty") else "")
+    else:
+        code = "unknown (not a git checkout)"
+    gpus = env.get("gpus") or []
+    gpu_text = (", ".join(f"{n}x {name}" for name, n in _counted(gpus).items()) if gpus else "none visible")
+    versions = sorted({p.code_version for p in plans})
+    rows = [("code commit", code), ("stage code versions", ", ".join(f"`{v}`" for v in versions) or "-"),
+            ("host", env.get("host")), ("CPUs", env.get("cpus")), ("platform", env.get("platform")),
+            ("Python", env.get("python")), ("torch", env.get("torch")),
+            ("CUDA (torch build)", env.get("cuda") or "none (CPU build)"), ("GPUs", gpu_text),
+            ("Prefect", env.get("prefect"))]
+    return ["## Environment", "", "| | |", "|---|---|", *[f"| {k} | {_cell(v)} |" for k, v in rows], ""]
+
+
+def _counted(names: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+# -----------------------------------------------------------------------------
+# Stages: status, wall time, cost
+
+def status_text(o: StageOutcome) -> str:
+    """How the stage ended in this run, in words a person reads in a table."""
+    if o.status == "Completed":
+        return f"ran, resumed from step {o.resumed_from}" if o.resumed_from is not None else "ran"
+    if o.status in ("Failed", "Crashed", "TimedOut"):
+        return f"{o.status.lower()}: {o.error}" if o.error else o.status.lower()
+    return {"Cached": "cached", "Not run": "not run"}.get(o.status, o.status.lower() + (f": {o.error}" if o.error else ""))
+
+
+def ran_on_gpu(o: StageOutcome, gpus: list[str]) -> bool:
+    """Did the stage run on CUDA? Its metrics' or config's device_type when set; autodetect ('') picks
+    CUDA when this host shows GPUs and the stage's environment does not hide them."""
+    device = o.metrics.get("device_type") or o.plan.config.get("device_type") or ""
+    if device:
+        return device == "cuda"
+    return bool(gpus) and o.plan.resources.env.get("CUDA_VISIBLE_DEVICES", "0") != ""
+
+
+def gpu_hours(o: StageOutcome) -> float:
+    """Wall time x the GPUs the stage held: every process of a torchrun launch on every node; a plain
+    (non-distributed) stage holds one node's GPUs while it runs."""
+    res = o.plan.resources
+    gpus = res.nproc_per_node * (res.nnodes if o.plan.distributed else 1)
+    return o.seconds * gpus / 3600
+
+
+def _outcomes(outcomes: list[StageOutcome], plans: list[StagePlan]) -> list[StageOutcome]:
+    """One outcome per planned stage, in plan order ("Not run" for a stage the run never reached)."""
     done = {o.plan.stage: o for o in outcomes}
+    return [done.get(p.stage, StageOutcome(p, "Not run")) for p in plans]
+
+
+def stages_section(rows: list[StageOutcome], gpus: list[str], rate: float) -> list[str]:
+    lines = ["## Stages", "", "| stage | status | wall time | GPU-hours |", "|---|---|---|---|"]
+    total_seconds = total_hours = 0.0
+    for o in rows:
+        spent = o.status not in ("Cached", "Not run") and ran_on_gpu(o, gpus)
+        hours = gpu_hours(o) if spent else 0.0
+        total_seconds, total_hours = total_seconds + o.seconds, total_hours + hours
+        lines.append(f"| {o.plan.stage} | {_cell(status_text(o))} | {_duration(o.seconds)} | "
+                     f"{f'{hours:.3f}' if spent else '-'} |")
+    lines.append(f"| **total** | | **{_duration(total_seconds)}** | {total_hours:.3f} |")
+    lines.append("")
+    if total_hours > 0:
+        lines.append(f"Estimated cost: {total_hours:.3f} GPU-hours x ${rate:.2f}/GPU-hour = "
+                     f"**${total_hours * rate:.2f}** (stages that ran on CUDA in this run; cached stages cost "
+                     f"nothing)")
+    else:
+        lines.append("Estimated cost: CPU run: no GPU cost.")
+    return lines + [""]
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.1f} s"
+
+
+# -----------------------------------------------------------------------------
+# Results: tokenizer, base model, chat
+
+CHAT_COLUMNS = {"chat_eval_mid": "MID", "chat_eval_sft": "SFT", "chat_eval_rl": "RL"}
+CHAT_ROWS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
+
+
+def tokenizer_section(metrics: dict[str, dict]) -> list[str]:
+    train, evaluation = metrics.get("tok_train", {}), metrics.get("tok_eval", {})
+    if not train and not evaluation:
+        return []
+    lines = ["## Tokenizer", "", f"Vocabulary {_fmt(evaluation.get('vocab_size') or train.get('vocab_size'))}; "
+             f"validation compression {_fmt(evaluation.get('val_bytes_per_token') or train.get('val_bytes_per_token'))}"
+             f" bytes per token.", ""]
+    compression = evaluation.get("compression") or {}
+    encoders = list(dict.fromkeys(name for per_text in compression.values() for name in per_text))
+    if compression:
+        lines += ["| text (bytes per token) | " + " | ".join(encoders) + " |", "|---" * (len(encoders) + 1) + "|"]
+        for text, per_encoder in compression.items():
+            cells = [_fmt((per_encoder.get(e) or {}).get("bytes_per_token")) for e in encoders]
+            lines.append(f"| {text} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def base_section(metrics: dict[str, dict]) -> list[str]:
+    train, evaluation = metrics.get("base_train", {}), metrics.get("base_eval", {})
+    if not train and not evaluation:
+        return []
+    rows = [("parameters", train.get("num_params")), ("training tokens", train.get("total_tokens")),
+            ("steps", train.get("step")), ("final train loss", train.get("train_loss")),
+            ("val bpb (end of training)", train.get("val_bpb")), ("min val bpb", train.get("min_val_bpb")),
+            ("train bpb (base_eval)", evaluation.get("train_bpb")), ("val bpb (base_eval)", evaluation.get("val_bpb")),
+            ("CORE", evaluation.get("core_metric", train.get("core_metric"))),
+            ("tokens per second", train.get("tokens_per_sec")), ("MFU %", train.get("mfu_percent"))]
+    lines = ["## Base model", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {_fmt(value, 5)} |" for name, value in rows if value is not None]
+    return lines + [""]
+
+
+def chat_section(metrics: dict[str, dict]) -> list[str]:
+    """One table: a row per task (the standard six first), a column per chat model (MID, SFT, RL)."""
+    columns = {label: metrics.get(stage, {}) for stage, label in CHAT_COLUMNS.items()}
+    if not any(columns.values()):
+        return []
+    seen = [t for m in columns.values() for t in (m.get("accuracy") or {})]
+    rows = [*CHAT_ROWS, *sorted(set(seen) - set(CHAT_ROWS))]
+    lines = ["## Chat model", "", "| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for task in rows:
+        cells = [_fmt(_number((m.get("accuracy") or {}).get(task))) for m in columns.values()]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    lines.append("| ChatCORE | " + " | ".join(_fmt(_number(m.get("chatcore"))) for m in columns.values()) + " |")
+    notes = [f"{label} over {', '.join(m['chatcore_tasks'])}" for label, m in columns.items()
+             if m.get("chatcore_tasks") and not m.get("chatcore_complete")]
+    if notes:
+        lines += ["", "ChatCORE here is the mean centred accuracy over the tasks evaluated ("
+                  + "; ".join(notes) + "), not over nanochat's six."]
+    return lines + [""]
+
+
+# -----------------------------------------------------------------------------
+# The report card
+
+def report_card(title: str, outcomes: list[StageOutcome], plans: list[StagePlan], env: dict[str, Any],
+                config=None, gate: "GateResult | None" = None, curves: dict[str, bytes] | None = None) -> str:
+    """The run's report card as markdown (pure: everything it shows comes in as arguments)."""
+    rows = _outcomes(outcomes, plans)
+    rate = getattr(config, "cost_per_gpu_hour", None)
+    rate = DEFAULT_COST_PER_GPU_HOUR if rate is None else rate
+    metrics = {o.plan.stage: o.metrics for o in rows if o.metrics}
+    lines = [f"# {title}", ""]
+    if gate is not None and gate.regressions:
+        lines += ["**Regressions since the last completed run of this lineage:**", "",
+                  *[f"- {sentence}" for sentence in gate.regressions], ""]
+    ended = [o for o in rows if o.status not in ("Completed", "Cached", "Not run")]
+    if ended:
+        lines += [f"**Stage {o.plan.stage} {status_text(o)}**" for o in ended] + [""]
+    lines += environment_section(env, plans)
+    lines += stages_section(rows, env.get("gpus") or [], rate)
+    lines += tokenizer_section(metrics) + base_section(metrics) + chat_section(metrics)
+    if gate is not None:
+        lines += gate_section(gate)
+    if curves:
+        lines += ["## Training curves", ""]
+        lines += [markdown_image(png, f"{stage} curves") + "\n" for stage, png in curves.items()]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def summary_table(title: str, rows: list[StageOutcome]) -> str:
+    """Stages, cached or run, durations, key metrics, artifact paths."""
     lines = [f"# {title}", "", "| stage | status | wall time | produced in | key metrics | artifact |",
              "|---|---|---|---|---|---|"]
-    table = []
-    for plan in plans:
-        o = done.get(plan.stage, StageOutcome(plan, "Not run"))
+    for o in rows:
         metrics = _key_metrics(o)
         produced = f"{o.ref.seconds:.1f} s" if o.ref else ""
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()) or o.error
-        lines.append(f"| {plan.stage} | {o.status} | {o.seconds:.1f} s | {produced} | {shown} | "
-                     f"`{plan.artifact_dir}` |")
-        # long format (stage, metric, value): the UI takes a table's columns from its first row, so one
-        # row per stage with each stage's own columns would hide every metric the first stage lacks
-        table.append({"stage": plan.stage, "metric": "status", "value": o.status})
-        table.append({"stage": plan.stage, "metric": "seconds", "value": round(o.seconds, 2)})
-        table += [{"stage": plan.stage, "metric": k, "value": v} for k, v in metrics.items()]
-    markdown = "\n".join(lines) + "\n"
-    create_markdown_artifact(markdown, key="nanopipe-summary", description=title)
-    create_table_artifact(table, key="nanopipe-metrics", description=f"{title}: metrics per stage")
-    return markdown
+        lines.append(f"| {o.plan.stage} | {o.status} | {o.seconds:.1f} s | {produced} | {_cell(shown)} | "
+                     f"`{o.plan.artifact_dir}` |")
+    return "\n".join(lines) + "\n"
+
+
+def metrics_table(rows: list[StageOutcome]) -> list[dict]:
+    """Long format (stage, metric, value): the UI takes a table's columns from its first row, so one row
+    per stage with each stage's own columns would hide every metric the first stage lacks."""
+    table = []
+    for o in rows:
+        table.append({"stage": o.plan.stage, "metric": "status", "value": o.status})
+        table.append({"stage": o.plan.stage, "metric": "seconds", "value": round(o.seconds, 2)})
+        table += [{"stage": o.plan.stage, "metric": k, "value": v} for k, v in _key_metrics(o).items()]
+    return table
+
+
+# -----------------------------------------------------------------------------
+# Samples: what the models wrote
+
+def _fence(text: str) -> str:
+    return "```text\n" + str(text).replace("```", "'''") + "\n```"
+
+
+def samples_markdown(stage: str, metrics: dict) -> str | None:
+    """base_train / base_eval completions of the sample prompts (and unconditioned ones); a chat
+    evaluation's problems with the model's answer and whether it was right. None when there are none."""
+    lines = []
+    texts = [("completions of the sample prompts", metrics.get("samples")),
+             ("unconditioned samples", metrics.get("unconditioned_samples"))]
+    for heading, items in texts:
+        items = [t for t in (items or []) if isinstance(t, str)]
+        if items:
+            lines += [f"## {heading}", ""] + [_fence(t) + "\n" for t in items]
+    chats = [s for s in (metrics.get("samples") or []) if isinstance(s, dict)]
+    for s in chats:
+        verdict = "correct" if s.get("correct") else "wrong"
+        lines += [f"### {s.get('task', '?')}: {verdict}", "", "question:", _fence(s.get("question", "")),
+                  "model answer:", _fence(s.get("answer", ""))]
+        if s.get("reference"):
+            lines += ["reference:", _fence(s["reference"])]
+        lines.append("")
+    return f"# {stage} samples\n\n" + "\n".join(lines) if lines else None
+
+
+def artifact_key(stage: str, kind: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes), e.g. base-train-curves."""
+    key = re.sub(r"[^a-z0-9-]+", "-", f"{stage}-{kind}".lower()).strip("-")
+    assert key, f"no artifact key from {stage!r}, {kind!r}"
+    return key
+
+
+# -----------------------------------------------------------------------------
+# Regression gate
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How much worse a metric may get before the run counts as regressed.
+
+    val bpb may rise 1% relative: reruns of one config differ by well under that (same seed, same data
+    order), and a real loss of quality, e.g. a broken learning-rate schedule, costs several percent.
+    CORE, ChatCORE and GSM8K accuracy may drop 0.02 absolute: nanochat's d20 scores CORE ~0.22, GSM8K
+    ~0.05-0.1 after RL, and 0.02 is about two binomial standard errors of GSM8K's 1319 problems at those
+    accuracies, so noise stays inside and a halved score does not."""
+    higher_is_better: bool
+    relative: float = 0.0
+    absolute: float = 0.0
+
+    def limit(self, previous: float) -> float:
+        """The worst value still accepted."""
+        allowed = self.absolute + self.relative * abs(previous)
+        return previous - allowed if self.higher_is_better else previous + allowed
+
+    def describe(self) -> str:
+        sign = "-" if self.higher_is_better else "+"
+        return f"{sign}{100 * self.relative:g}%" if self.relative else f"{sign}{self.absolute:g}"
+
+
+# by the last word of the key metric's name ("SFT GSM8K" -> GSM8K)
+TOLERANCES = {"bpb": Tolerance(False, relative=0.01), "CORE": Tolerance(True, absolute=0.02),
+              "ChatCORE": Tolerance(True, absolute=0.02), "GSM8K": Tolerance(True, absolute=0.02)}
+
+
+def key_metrics(outcomes: list[StageOutcome]) -> tuple[dict[str, float], dict[str, str]]:
+    """The gate's metrics ({"base val bpb": 1.9, "CORE": .., "SFT ChatCORE": .., "SFT GSM8K": ..}, those
+    present) and what each was measured on where that can differ within a lineage (ChatCORE's tasks)."""
+    m = {o.plan.stage: o.metrics for o in outcomes if o.metrics}
+    base, train = m.get("base_eval", {}), m.get("base_train", {})
+    values = {"base val bpb": _first(base.get("val_bpb"), train.get("val_bpb")),
+              "CORE": _first(base.get("core_metric"), train.get("core_metric"))}
+    basis = {}
+    for stage, label in CHAT_COLUMNS.items():
+        chat = m.get(stage, {})
+        values[f"{label} ChatCORE"] = _number(chat.get("chatcore"))
+        values[f"{label} GSM8K"] = _number((chat.get("accuracy") or {}).get("GSM8K"))
+        if chat.get("chatcore_tasks"):
+            basis[f"{label} ChatCORE"] = ",".join(chat["chatcore_tasks"])
+    return {k: v for k, v in values.items() if v is not None}, basis
+
+
+def _first(*values) -> float | None:
+    return next((v for v in map(_number, values) if v is not None), None)
+
+
+def lineage(config, plans: list[StagePlan]) -> str:
+    """What makes two runs comparable: preset and model depth, e.g. 'demo-cpu-d4'."""
+    base = next((p for p in plans if p.stage == "base_train"), None)
+    depth = base.config.get("depth") if base else getattr(getattr(config, "base_train", None), "depth", None)
+    return f"{getattr(config, 'preset', None) or 'custom'}-d{depth if depth is not None else '?'}"
+
+
+@dataclass
+class GateResult:
+    regressions: list[str]
+    rows: list[tuple[str, float | None, float, str, str]]   # metric, previous, now, tolerance, verdict
+    note: str                                               # compared with what, or why nothing
+
+
+def compare(current: dict[str, float], current_basis: dict[str, str], previous: dict | None,
+            against: str = "the last completed run") -> GateResult:
+    """Each key metric against the previous record ({"metrics": ..., "basis": ...}) and its tolerance."""
+    if previous is None:
+        return GateResult([], [], "no earlier run of this lineage to compare with")
+    before, before_basis = previous.get("metrics") or {}, previous.get("basis") or {}
+    regressions, rows = [], []
+    for name, now in current.items():
+        tolerance = TOLERANCES.get(name.split()[-1])
+        old = _number(before.get(name))
+        if tolerance is None or old is None:
+            continue
+        if before_basis.get(name) != current_basis.get(name):
+            rows.append((name, old, now, tolerance.describe(), "not comparable (other tasks)"))
+            continue
+        worse = now < tolerance.limit(old) if tolerance.higher_is_better else now > tolerance.limit(old)
+        rows.append((name, old, now, tolerance.describe(), "regressed" if worse else "ok"))
+        if worse:
+            change = (f"{100 * (now - old) / old:+.2f}%" if tolerance.relative and old else f"{now - old:+.4f}")
+            verb = "dropped" if tolerance.higher_is_better else "rose"
+            regressions.append(f"{name} {verb} from {old:.4f} to {now:.4f} ({change}, tolerance "
+                               f"{tolerance.describe()}) since {against}")
+    note = f"compared with {against}" if rows else f"no key metric in common with {against}"
+    return GateResult(regressions, rows, note)
+
+
+def gate_section(gate: GateResult) -> list[str]:
+    lines = ["## Regression gate", "", gate.note + ".", ""]
+    if gate.rows:
+        lines += ["| metric | previous | now | tolerance | verdict |", "|---|---|---|---|---|"]
+        lines += [f"| {n} | {_fmt(old, 5)} | {_fmt(now, 5)} | {tol} | {v} |" for n, old, now, tol, v in gate.rows]
+        lines.append("")
+    return lines
+
+
+def key_metrics_markdown(record: dict) -> str:
+    """The record the next run's gate reads back: a table for people, the JSON block for the gate."""
+    lines = [f"# Key metrics ({record['lineage']})", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v, 6)} |" for k, v in record["metrics"].items()]
+    return "\n".join(lines) + "\n\n```json\n" + json.dumps(record, sort_keys=True) + "\n```\n"
+
+
+def parse_key_metrics(markdown: str) -> dict | None:
+    match = re.search(r"```json\n(.*?)\n```", markdown or "", re.DOTALL)
+    try:
+        record = json.loads(match.group(1)) if match else None
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("metrics"), dict) else None
+
+
+def previous_record(lineage_name: str, flow_run_id, deployment_id, flow_name: str) -> tuple[dict | None, str]:
+    """The key-metrics record of the newest Completed earlier run of the same deployment (or of the same
+    flow run outside deployments) and lineage, read through the Prefect API; (None, "") when there is none."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey,
+                                                DeploymentFilter, DeploymentFilterId, FlowFilter, FlowFilterName,
+                                                FlowRunFilter, FlowRunFilterDeploymentId, FlowRunFilterId,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    runs_filter = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED])),
+                                id=FlowRunFilterId(not_any_=[flow_run_id]) if flow_run_id else None,
+                                deployment_id=None if deployment_id else FlowRunFilterDeploymentId(is_null_=True))
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=runs_filter, sort=FlowRunSort.END_TIME_DESC, limit=100,
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])) if deployment_id else None,
+            flow_filter=None if deployment_id else FlowFilter(name=FlowFilterName(any_=[flow_name])))
+        if not runs:
+            return None, ""
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[KEY_METRICS_KEY]), flow_run_id=ArtifactFilterFlowRunId(any_=[r.id for r in runs])))
+    records = {a.flow_run_id: parse_key_metrics(a.data if isinstance(a.data, str) else "") for a in artifacts}
+    for run in runs:   # newest first
+        record = records.get(run.id)
+        if record and record.get("lineage") == lineage_name:
+            return record, f"run {run.name} ({run.id})"
+    return None, ""
+
+
+def regression_gate(current: dict[str, float], basis: dict[str, str], lineage_name: str) -> GateResult:
+    """compare() against the previous record of the lineage; never raises (a Prefect API error or a run
+    outside Prefect is a note in the report, not a failure of the run)."""
+    from prefect.runtime import flow_run
+    if not current:
+        return GateResult([], [], "no key metric in this run (base val bpb, CORE, ChatCORE, GSM8K) to compare")
+    if not flow_run.id:
+        return GateResult([], [], "not inside a flow run: no earlier run to look up")
+    try:
+        previous, against = previous_record(lineage_name, flow_run.id, flow_run.deployment_id, flow_run.flow_name)
+    except Exception as err:   # the API is down or answers nonsense: the report still goes out
+        _log().warning(f"regression gate: could not read earlier runs: {type(err).__name__}: {err}")
+        return GateResult([], [], f"could not read earlier runs from the Prefect API ({type(err).__name__}: {err})")
+    return compare(current, basis, previous, against)
+
+
+def _tag_lineage(lineage_name: str) -> None:
+    """Tag the flow run `lineage:<preset>-d<depth>`, so the UI's filters find a lineage's runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+    if not flow_run.id:
+        return
+    tag = f"lineage:{lineage_name}"
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run.id)
+        if tag not in (run.tags or []):
+            client.update_flow_run(flow_run.id, tags=[*(run.tags or []), tag])
+
+
+# -----------------------------------------------------------------------------
+# Publishing
+
+def report_home(plans: list[StagePlan]) -> Path:
+    """The NANOPIPE_HOME the plans were made for (artifacts/<stage>/<dir> under it)."""
+    if plans:
+        return Path(plans[0].artifact_dir).parents[2]
+    from nanopipe.common import get_base_dir
+    return get_base_dir()
+
+
+def _try(what: str, fn, *args, default=None):
+    """Run one optional part of the report; a failure is logged and the rest still goes out."""
+    try:
+        return fn(*args)
+    except Exception as err:   # never let a part of the report hide why the run ended
+        _log().warning(f"report: could not {what}: {type(err).__name__}: {err}")
+        return default
+
+
+def stage_curves_all(rows: list[StageOutcome]) -> dict[str, bytes]:
+    curves = {}
+    for o in rows:
+        if o.status != "Not run":   # a stage this run never reached may have leftovers of another run
+            png = _try(f"draw the curves of {o.plan.stage}", stage_curves, o.plan.artifact_dir,
+                       f"{o.plan.stage} ({o.plan.tag}-{o.plan.hash[:8]})")
+            if png:
+                curves[o.plan.stage] = png
+    return curves
+
+
+def publish_summary(outcomes: list[StageOutcome], plans: list[StagePlan], title: str,
+                    config=None) -> RunReport:
+    """Publish the run's artifacts (see the module docstring) and write NANOPIPE_HOME/report.md.
+    `config` is the run's PipelineConfig (cost rate, lineage); the result's `regressions` are for the
+    caller to end the run with."""
+    rows = _outcomes(outcomes, plans)
+    summary = summary_table(title, rows)
+    create_markdown_artifact(summary, key="nanopipe-summary", description=title)
+    create_table_artifact(metrics_table(rows), key="nanopipe-metrics", description=f"{title}: metrics per stage")
+
+    env = _try("read the environment", environment, default={})
+    curves = stage_curves_all(rows)
+    current, basis = key_metrics(rows)
+    name = lineage(config, plans)
+    gate = regression_gate(current, basis, name)
+    markdown = report_card(title, outcomes, plans, env, config=config, gate=gate, curves=curves)
+    create_markdown_artifact(markdown, key="nanopipe-report", description=f"{title}: report card")
+    _try("write report.md", atomic_write_text, report_home(plans) / REPORT_FILE, markdown)
+
+    for stage, png in curves.items():
+        _try(f"publish the curves of {stage}", create_markdown_artifact,
+             f"# {stage} curves\n\n{markdown_image(png, stage + ' curves')}\n", artifact_key(stage, "curves"),
+             f"{title}: {stage} training curves")
+    for o in rows:
+        text = samples_markdown(o.plan.stage, o.metrics)
+        if text:
+            _try(f"publish the samples of {o.plan.stage}", create_markdown_artifact, text,
+                 artifact_key(o.plan.stage, "samples"), f"{title}: {o.plan.stage} samples")
+    record = {"lineage": name, "metrics": current, "basis": basis, "title": title}
+    _try("publish the key metrics", create_markdown_artifact, key_metrics_markdown(record), KEY_METRICS_KEY,
+         f"{title}: key metrics for the regression gate")
+    _try("tag the run with its lineage", _tag_lineage, name)
+    return RunReport(markdown, gate.regressions, summary=summary, key_metrics=current, gate=gate.note)

@@ -1,0 +1,97 @@
+"""
+A training stage's curves (loss, validation bits per byte or loss, RL reward) as a small PNG, from its
+progress history, for the run's Prefect artifacts and report card.
+
+The history is `progress.jsonl` in the stage's artifact directory: one JSON object per progress line, e.g.
+{"step": 10, "total": 40, "loss": 3.2}, appended across attempts. An artifact made before that file existed
+still has its `stage.log`, whose progress lines are the same objects. A resumed stage repeats the steps
+after its last checkpoint: for each curve the last value reported for a step wins.
+
+matplotlib is imported inside `render_curves` only (Agg canvas, no display, no global backend switch): the
+flow process pays for it once, when a run ends.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from pathlib import Path
+
+from nanopipe.common import parse_progress
+
+PROGRESS_FILE = "progress.jsonl"
+LOG_FILE = "stage.log"
+# (curve, axis title): what the training stages report on their progress lines, one panel each
+CURVES = {"loss": "train loss", "val_loss": "validation loss", "val_bpb": "validation bits per byte",
+          "reward": "mean reward", "pass_at_1": "pass@1"}
+WIDTH_PX, HEIGHT_PX, DPI = 640, 360, 80
+
+
+def read_progress(artifact_dir: str | Path) -> list[dict]:
+    """The stage's progress objects in the order written: progress.jsonl, else the progress lines of
+    stage.log; [] when neither exists. A line that does not parse (a write cut by a kill) is skipped."""
+    directory = Path(artifact_dir)
+    jsonl, log = directory / PROGRESS_FILE, directory / LOG_FILE
+    if jsonl.is_file():
+        records = []
+        for line in jsonl.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return [r for r in records if isinstance(r, dict)]
+    if log.is_file():
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        return [p for p in map(parse_progress, lines) if isinstance(p, dict)]
+    return []
+
+
+def curve_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """{curve: [(step, value)] sorted by step}, the last value written for a step winning (a resumed
+    attempt repeats steps). Only curves with two points or more: one point draws no curve."""
+    series: dict[str, dict[int, float]] = {}
+    for record in records:
+        step = record.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            continue
+        for name in CURVES:
+            value = record.get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                series.setdefault(name, {})[step] = float(value)
+    return {name: sorted(points.items()) for name, points in series.items() if len(points) >= 2}
+
+
+def render_curves(series: dict[str, list[tuple[int, float]]], title: str) -> bytes:
+    """One panel per curve, side by side, as a 640x360 PNG (a few tens of kB)."""
+    assert series, f"{title}: no curve to draw"
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(WIDTH_PX / DPI, HEIGHT_PX / DPI), dpi=DPI)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(series), squeeze=False)[0]
+    for ax, (name, points) in zip(axes, series.items()):
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="." if len(points) <= 20 else None, linewidth=1.2)
+        ax.set_title(CURVES[name], fontsize=10)
+        ax.set_xlabel("step", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    out = io.BytesIO()
+    figure.savefig(out, format="png", dpi=DPI)
+    return out.getvalue()
+
+
+def stage_curves(artifact_dir: str | Path, title: str) -> bytes | None:
+    """The stage's curves as PNG bytes, or None when its history has no curve (e.g. a tokenizer stage)."""
+    series = curve_series(read_progress(artifact_dir))
+    return render_curves(series, title) if series else None
+
+
+def markdown_image(png: bytes, alt: str) -> str:
+    """The PNG inline in markdown as a data URI: the Prefect UI renders it as <img> with no file server."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
