@@ -24,7 +24,6 @@ import functools
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -83,42 +82,37 @@ def _prefect_defaults() -> None:
 
 @contextlib.contextmanager
 def prefect_api():
-    """Point Prefect at a server for this command: PREFECT_API_URL when set, else a temporary one of our own.
-
-    Prefect's embedded server shares our process group, so a Ctrl-C meant for the run killed it too and the
-    flow then spent minutes retrying a dead API. Ours runs in its own session (a Ctrl-C or SIGTERM to the
-    group never reaches it), dies with this process even on SIGKILL (parent-death signal), and is stopped
-    after the run has written its summary."""
+    """Point Prefect at a server for this command (see flows/local_server.py for which one); yields a
+    function that blocks until that server answers. Call it after importing the flow: a temporary server
+    boots while the flow's code imports."""
     _prefect_defaults()
-    if os.environ.get("PREFECT_API_URL"):
-        yield
+    from flows.local_server import TemporaryServer, answers, configured_api_url, local_api_url
+    if configured_api_url():
+        yield lambda: None
         return
-    from prefect.server.api.server import SubprocessASGIServer
-    from flows.launcher import die_with_parent
-
-    class DetachedServer(SubprocessASGIServer):
-        def _run_uvicorn_command(self):
-            original = subprocess.Popen
-            subprocess.Popen = functools.partial(original, start_new_session=True,   # type: ignore[misc]
-                                                 preexec_fn=die_with_parent(os.getpid()))
-            try:
-                return super()._run_uvicorn_command()
-            finally:
-                subprocess.Popen = original   # type: ignore[misc]
-
-    server = DetachedServer()
-    server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+    local = local_api_url()
+    if local and answers(local, timeout=0.3):
+        print(f"nanopipe: using the Prefect server running at {local}", file=sys.stderr)
+        os.environ["PREFECT_API_URL"] = local
+        try:
+            yield lambda: None
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)
+        return
+    server = TemporaryServer()
+    print(f"nanopipe: starting a temporary Prefect server on {server.api_url} for this run", file=sys.stderr)
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
-        yield
+        yield functools.partial(server.wait_ready, float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
     finally:
         # send what is still queued (the run's last logs and events) while the server is up: otherwise
         # Prefect retries a stopped server at exit for a minute
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-        for service in (APILogWorker, EventsWorker):
-            with contextlib.suppress(Exception):
-                service.drain_all(timeout=15)
+        if "prefect.logging.handlers" in sys.modules:
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+            for service in (APILogWorker, EventsWorker):
+                with contextlib.suppress(Exception):
+                    service.drain_all(timeout=15)
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
 
@@ -152,14 +146,22 @@ def check_outputs() -> None:
                            "PREFECT_HOME")
 
 
-def _run_flow(flow, *args) -> int:
-    """Run a flow to its end; Ctrl-C / SIGTERM stop the stage, write the summary, exit 130 / 143."""
+def _run_flow(flow_name: str, *args) -> int:
+    """Run a flow of flows/pipeline.py to its end; Ctrl-C / SIGTERM stop the stage, write the summary, exit
+    130 / 143. The flow module is imported while the Prefect server starts."""
+    from flows.local_server import ServerUnavailable
     def on_sigterm(signum, frame):
         raise Interrupted("terminated (SIGTERM)")
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        with prefect_api():
+        with prefect_api() as server_ready:
+            import flows.pipeline
+            flow = getattr(flows.pipeline, flow_name)
+            server_ready()
             state = flow(*args, return_state=True)
+    except ServerUnavailable as err:
+        print(f"nanopipe: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("nanopipe: interrupted (Ctrl-C); the running stage was stopped", file=sys.stderr)
         return 128 + signal.SIGINT
@@ -189,18 +191,14 @@ def _interrupted(state) -> int:
 def cmd_run(argv: list[str]) -> int:
     config = build_pipeline_config(argv)
     check_outputs()
-    _prefect_defaults()   # before Prefect is imported: it reads its settings once
-    from flows.pipeline import full_pipeline
-    return _run_flow(full_pipeline, config)
+    return _run_flow("full_pipeline", config)
 
 
 def cmd_stage(argv: list[str]) -> int:
     stage = _stage_argument(argv, "nanopipe stage NAME [--preset P] [flags]")
     config = build_pipeline_config(argv[1:], stage=stage)
     check_outputs()
-    _prefect_defaults()
-    from flows.pipeline import stage_flow
-    return _run_flow(stage_flow, stage.name, config)
+    return _run_flow("stage_flow", stage.name, config)
 
 
 def _stage_argument(argv: list[str], usage: str):

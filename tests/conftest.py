@@ -2,7 +2,13 @@
 
 from pathlib import Path
 
+import os
+
 import pytest
+
+# `nanopipe run` reuses a Prefect server already running on this machine (flows/local_server.py): the tests
+# (and the commands they start) never do, so a server a developer has open is never written to by them.
+os.environ["NANOPIPE_LOCAL_PREFECT_URL"] = "off"
 
 # The workspace keeps real test data (tinyshakespeare, GSM8K, ...) in a `shared` folder next to the repo.
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"

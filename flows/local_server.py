@@ -1,0 +1,120 @@
+"""
+Which Prefect API a `nanopipe` command talks to, and the temporary server it starts when there is none.
+
+In order: PREFECT_API_URL (environment or the active Prefect profile); else a Prefect server already
+running on this machine at Prefect's default address (`prefect server start`; see `local_api_url`), so that runs from the
+command line show up in the UI a person already has open and a cached re-run costs seconds; else a
+temporary server of our own, for this one command.
+
+The temporary server is Prefect's own API app under uvicorn, the way Prefect starts its ephemeral server,
+with three differences that matter to us:
+- it is spawned before the flow code is imported, so its start-up (a few seconds: the server app's imports
+  and its database migrations) overlaps ours instead of following it; Prefect's helper for this imports the
+  whole server app into the client process first (~3.5 s here) and only then spawns it;
+- it runs in its own session, so a Ctrl-C or SIGTERM meant for the run never reaches it (the run still
+  needs it to record how it ended);
+- it dies with this process even on SIGKILL (parent-death signal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+# Where `prefect server start` listens by default. NANOPIPE_LOCAL_PREFECT_URL names another address to try,
+# or "off" to always start a temporary server (the tests do, so that a server a developer has open is never
+# written to by them).
+DEFAULT_LOCAL_API_URL = "http://127.0.0.1:4200/api"
+
+
+def local_api_url() -> str | None:
+    """The address of a Prefect server this machine may already run, or None when reuse is turned off."""
+    url = os.environ.get("NANOPIPE_LOCAL_PREFECT_URL", DEFAULT_LOCAL_API_URL).strip()
+    return None if url.lower() in ("", "off", "0", "no", "false") else url
+
+
+def answers(api_url: str, timeout: float = 0.5) -> bool:
+    """Does a Prefect API answer its health check at `api_url` within `timeout` seconds?"""
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as response:
+            return response.status == 200 and json.loads(response.read() or b"false") is True
+    except (OSError, ValueError):
+        return False
+
+
+def configured_api_url() -> str | None:
+    """PREFECT_API_URL from the environment or the active profile of Prefect's profiles.toml.
+
+    Read without importing Prefect: its settings, once read in a process, stay fixed, and the temporary
+    server's address must be in the environment before that happens."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    try:
+        import tomllib
+    except ImportError:   # Python 3.10: no profile lookup; the environment still works
+        return None
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
+    return (profiles.get("profiles", {}).get(active) or {}).get("PREFECT_API_URL") or None
+
+
+class ServerUnavailable(RuntimeError):
+    """The temporary server could not be started: the command ends with this one sentence."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TemporaryServer:
+    """Prefect's API on a free loopback port, in a child process that starts now and is waited for later."""
+
+    def __init__(self):
+        from importlib.util import find_spec
+        from flows.launcher import die_with_parent
+        self.port = _free_port()
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+               "PREFECT__SERVER_FINAL": "1"}
+        env.pop("PREFECT_API_URL", None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(find_spec("prefect").origin).parent.parent),
+             "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "error", "--lifespan", "on"],
+            env=env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
+        self.started = time.monotonic()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the server answers; ServerUnavailable naming the cause when it exits or times out."""
+        deadline = self.started + timeout
+        while not answers(self.api_url, timeout=1.0):
+            if self.process.poll() is not None:
+                raise ServerUnavailable(f"the temporary Prefect server exited with code {self.process.returncode} "
+                                   f"before answering (its error is printed above)")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerUnavailable(f"the temporary Prefect server did not answer within {timeout:.0f} s "
+                                   f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
