@@ -3,10 +3,11 @@ Benchmark base pretraining: our base_train against nanochat's, at one tiny CPU c
 
     python bench/bench_base_train.py                                   # our side alone
     NANOCHAT_DIR=/path/to/nanochat python bench/bench_base_train.py    # side by side
+    NANOCHAT_DIR=/path/to/nanochat python bench/bench_base_train.py --repeats=4 --corpus=builtin
     python bench/bench_base_train.py --steps=60 --depth=4 --threads=2 --workdir=/tmp/bench
 
-The corpus is tinyshakespeare from the `../shared` folder beside the repo when present, else the builtin
-corpus; it is prepared into parquet shards and a BPE tokenizer is trained on it. nanochat gets the very
+The corpus (--corpus) is tinyshakespeare from the `../shared` folder beside the repo (the default when present),
+or the builtin corpus (Python's documentation, built locally); it is prepared into parquet shards and a BPE tokenizer is trained on it. nanochat gets the very
 same shards (its last shard is its validation split, so ours is copied there last) and the same tokenizer
 (a pickled tiktoken encoding, nanochat's format), so both loaders pack identical batches.
 
@@ -37,6 +38,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+CORPORA = ("tinyshakespeare", "builtin")
 sys.path.insert(0, str(REPO))
 
 from nanopipe.data import ensure_builtin, iter_documents, prepare_shards, select_shards  # noqa: E402
@@ -69,22 +71,29 @@ def parse_args():
     p.add_argument("--repeats", type=int, default=1, help="runs of each side, in alternating order")
     p.add_argument("--also_compiled", action="store_true",
                    help="also run ours with --compile=true (nanochat compiles on CPU too; ours does not by default)")
+    p.add_argument("--corpus", choices=CORPORA, default=None,
+                   help="training text (default: tinyshakespeare where ../shared has it, else builtin)")
     p.add_argument("--workdir", type=str, default=None, help="kept afterwards if given (default: a temp dir)")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.corpus is None:
+        args.corpus = "tinyshakespeare" if SHAKESPEARE.is_file() else "builtin"
+    return args
 
 
 # -----------------------------------------------------------------------------
 # Shared inputs
 
-def prepare_inputs(work: Path, vocab_size: int) -> tuple[Path, Path, Tokenizer]:
-    """(data_dir, tokenizer_dir, tokenizer) under work/nanopipe_home."""
+def prepare_inputs(work: Path, vocab_size: int, corpus: str = "tinyshakespeare") -> tuple[Path, Path, Tokenizer]:
+    """(data_dir, tokenizer_dir, tokenizer) under work/nanopipe_home/<corpus>."""
+    assert corpus in CORPORA, f"corpus must be one of {CORPORA}, got {corpus!r}"
     home = work / "nanopipe_home"
-    data_dir, tok_dir = home / "data", home / "tokenizer"
+    data_dir, tok_dir = home / corpus / "data", home / corpus / f"tokenizer{vocab_size}"
     if not data_dir.is_dir():
-        if SHAKESPEARE.is_file():
+        if corpus == "tinyshakespeare":
+            if not SHAKESPEARE.is_file():
+                raise SystemExit(f"--corpus=tinyshakespeare needs {SHAKESPEARE}; use --corpus=builtin")
             prepare_shards([SHAKESPEARE], data_dir, val_fraction=0.1, doc_chars=2000, row_group_docs=64)
         else:
-            print(f"(no {SHAKESPEARE}: using the builtin corpus)")
             shutil.copytree(ensure_builtin(home / "builtin"), data_dir)
     shards = select_shards(data_dir)
     if not tok_dir.is_dir():
@@ -175,7 +184,7 @@ def run_ours(args, work: Path, data_dir: Path, tok_dir: Path, compiled: bool = F
 
 def nanochat_home(work: Path, data_dir: Path, tok_dir: Path, tok: Tokenizer) -> Path:
     """nanochat's base dir: the same shards (validation last) and the same tokenizer in its format."""
-    home = work / "nanochat_home"
+    home = work / "nanochat_home" / data_dir.parent.name  # one per corpus
     shards = select_shards(data_dir)
     target = home / "base_data_climbmix"
     target.mkdir(parents=True, exist_ok=True)
@@ -209,9 +218,9 @@ def nanochat_flags(nanochat_dir: Path, env: dict, wanted: dict) -> list[str]:
     return out
 
 
-def nanochat_runner(args, work: Path, nanochat_dir: Path, data_dir: Path, tok_dir: Path, tok: Tokenizer):
-    """Prepare nanochat's home, environment and flags once; return a function that does one run."""
-    home = nanochat_home(work, data_dir, tok_dir, tok)
+def nanochat_env(work: Path, nanochat_dir: Path, home: Path, **extra: str) -> dict:
+    """The environment of a nanochat run: its checkout and base dir, and a refusing wandb module where wandb
+    is not installed."""
     path = [str(nanochat_dir)]
     try:
         import wandb  # noqa: F401
@@ -222,8 +231,13 @@ def nanochat_runner(args, work: Path, nanochat_dir: Path, data_dir: Path, tok_di
         path.append(str(shim))
         print("  (wandb is not installed: nanochat gets a wandb module that refuses to be used; it runs "
               "with --run=dummy)")
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(home), OMP_NUM_THREADS=str(args.threads),
-               PYTHONPATH=os.pathsep.join(path))
+    return dict(os.environ, NANOCHAT_BASE_DIR=str(home), PYTHONPATH=os.pathsep.join(path), **extra)
+
+
+def nanochat_runner(args, work: Path, nanochat_dir: Path, data_dir: Path, tok_dir: Path, tok: Tokenizer):
+    """Prepare nanochat's home, environment and flags once; return a function that does one run."""
+    home = nanochat_home(work, data_dir, tok_dir, tok)
+    env = nanochat_env(work, nanochat_dir, home, OMP_NUM_THREADS=str(args.threads))
     flags = nanochat_flags(nanochat_dir, env, shared_flags(args))
 
     def run_nanochat() -> dict:
@@ -284,8 +298,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPU(s), workdir {work}")
     print(f"config: depth {args.depth}, aspect {args.aspect_ratio}, head_dim {args.head_dim}, seq {args.max_seq_len}, "
           f"batch {args.device_batch_size} x {args.total_batch_size} tokens, {args.steps} steps, vocab {args.vocab_size}, "
-          f"{args.repeats} repeat(s)")
-    data_dir, tok_dir, tok = prepare_inputs(work, args.vocab_size)
+          f"{args.repeats} repeat(s), corpus {args.corpus}")
+    data_dir, tok_dir, tok = prepare_inputs(work, args.vocab_size, args.corpus)
     sides = {"nanopipe": lambda: run_ours(args, work, data_dir, tok_dir)}
     if args.also_compiled:
         sides["nanopipe+compile"] = lambda: run_ours(args, work, data_dir, tok_dir, compiled=True)

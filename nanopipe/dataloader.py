@@ -437,6 +437,8 @@ class BestFitLoader:
             raise item
         staged, self._state = item
         if self.device.type != "cpu":
+            # from pinned memory the copy is asynchronous: the training loop asks for the next batch right after
+            # a backward it has only queued, and goes on queueing while the batch travels
             staged = staged.to(self.device, non_blocking=self.pin)
         B, T = self.B, self.T
         return staged[:B * T].view(B, T), staged[B * T:].view(B, T)

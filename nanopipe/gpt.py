@@ -133,6 +133,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_g
     if use_fused_cpu_kernels(q) and not enable_gqa and T <= SMALL_ATTENTION_MAX_LEN:
         y = SmallCausalAttentionFunction.apply(q.reshape(B * H, T, D), k.reshape(B * H, T, D), v.reshape(B * H, T, D))
         return y.view(B, H, T, D)
+    # CUDA: under bf16 autocast, causal with no mask, SDPA dispatches to its flash kernel (GQA goes to the
+    # memory-efficient one where flash lacks enable_gqa); no (T, T) scores are materialised
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
 
 
@@ -562,7 +564,7 @@ class GPT(nn.Module):
             adamw = DistAdamW(adam_groups, **adam_kwargs)
             muon = DistMuon(matrix_params, lr=matrix_lr, momentum=0.95)
         else:
-            fused = self.get_device().type in ("cuda", "cpu")
+            fused = self.get_device().type in ("cuda", "cpu")  # one multi-tensor kernel for all of AdamW's tensors
             adamw = torch.optim.AdamW(adam_groups, fused=fused, **adam_kwargs)
             muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95)
         optimizers = [adamw, muon]

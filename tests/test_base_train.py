@@ -134,6 +134,28 @@ def test_dry_run_numbers(monkeypatch, tmp_path):
     assert mem["total"] == sum(v for k, v in mem.items() if k != "total") and mem["activations"] > mem["weights"]
 
 
+def test_compile_is_decided_by_device_and_run_length():
+    decide = base_train.compile_decision
+    assert decide(None, "cpu", 10**6)[0] is False  # eager with the hand-fused kernels is the faster CPU step
+    assert decide(None, "cuda", base_train.COMPILE_MIN_STEPS - 1)[0] is False  # too short to repay compilation
+    on, why = decide(None, "cuda", base_train.COMPILE_MIN_STEPS)
+    assert on and why.startswith("auto")
+    assert decide(True, "cpu", 1) == (True, "--compile=true") and decide(False, "cuda", 10**6)[0] is False
+
+
+def test_cpu_matmul_precision_is_set_for_the_run_and_restored():
+    from nanopipe.training import cpu_matmul_precision
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with cpu_matmul_precision("bf16") as used:
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16" and used.startswith("bf16")
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    with cpu_matmul_precision("auto") as used:
+        assert used.startswith("bf16" if native_bf16 else "ieee"), used
+    with pytest.raises(ValueError, match="cpu_matmul_precision"):
+        build_config(BaseTrainConfig, {"cpu_matmul_precision": "fp8"})
+
+
 # -----------------------------------------------------------------------------
 # Training runs
 
@@ -154,6 +176,7 @@ def test_resume_gives_the_same_loss_trace_as_one_straight_run(inputs, tmp_path, 
     base_train.main(flags(inputs, resumed_dir, resume_from_step="latest", **common))
     resumed_log = capsys.readouterr().out
     assert "Resuming from step 4" in resumed_log
+    assert "torch.compile: off (auto: on cpu" in straight_log and "float32 matmuls on CPU: " in straight_log
     resumed = step_losses(resumed_log)
     assert sorted(resumed) == [4, 5, 6, 7]
     for step, (smooth, raw) in resumed.items():

@@ -113,3 +113,27 @@ def test_fused_kernels_are_only_for_eager_float32_cpu():
     assert not gpt.use_fused_cpu_kernels(x.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not gpt.use_fused_cpu_kernels(x)
+
+
+def test_bf16_cpu_matmuls_give_the_float32_loss_and_gradients_closely():
+    """--cpu_matmul_precision=bf16 (oneDNN with bf16 arithmetic allowed) trains the same model: the loss and
+    gradients of a random model stay close to the exact float32 ones."""
+    from nanopipe.training import cpu_matmul_precision
+    torch.manual_seed(0)
+    model = GPT.create(build_model_config(depth=2, aspect_ratio=64, head_dim=32, max_seq_len=64, vocab_size=512),
+                       "cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    idx, targets = torch.randint(0, 512, (2, 64)), torch.randint(0, 512, (2, 64))
+
+    def loss_and_grads(precision):
+        model.zero_grad(set_to_none=True)
+        with cpu_matmul_precision(precision):
+            loss = model(idx, targets)
+            loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    (exact_loss, exact), (fast_loss, fast) = loss_and_grads("ieee"), loss_and_grads("bf16")
+    torch.testing.assert_close(fast_loss, exact_loss, rtol=1e-3, atol=0.0)
+    assert torch.nn.functional.cosine_similarity(fast, exact, dim=0) > 0.999

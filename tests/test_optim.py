@@ -264,3 +264,18 @@ def test_distributed_optimizers_match_one_process_on_mean_gradients(tmp_path):
                                            msg=lambda m: f"{route} rank {r} {name}: {m}")
         moved = [n for n in start if not torch.allclose(reference[n], start[n])]
         assert len(moved) > len(start) // 2  # the comparison is not between untouched weights
+
+
+def test_orthogonalize_runs_in_bf16_on_cpu_when_the_run_allows_bf16_matmuls():
+    from nanopipe.training import cpu_matmul_precision
+    torch.manual_seed(0)
+    G = torch.randn(3, 64, 128) * 3.0
+    with cpu_matmul_precision("ieee"):
+        exact = optim.orthogonalize(G, 5)
+    with cpu_matmul_precision("bf16"):
+        fast = optim.orthogonalize(G, 5)
+    assert exact.dtype == torch.float32 and fast.dtype == torch.bfloat16
+    s = torch.linalg.svdvals(fast.float())
+    assert s.min() > 0.6 and s.max() < 1.3, (s.min().item(), s.max().item())
+    cos = (fast.float() * exact).sum() / (fast.float().norm() * exact.norm())
+    assert cos > 0.99, cos.item()  # the same directions as the float32 iteration

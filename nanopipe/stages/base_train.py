@@ -48,14 +48,15 @@ from nanopipe.loss_eval import evaluate_split_bpb
 from nanopipe.optim import batch_lr_scale, lr_multiplier, muon_momentum
 from nanopipe.sampling import SAMPLE_PROMPTS, generate_samples
 from nanopipe.tokenizer import default_tokenizer_dir, get_token_bytes, get_tokenizer
-from nanopipe.training import (NonFiniteLossError, all_ranks_ok, barrier, check_memory_fits, estimate_peak_memory,
-                               exclusive_out_dir, gather_loader_state, gc_frozen_after_first_step,
+from nanopipe.training import (NonFiniteLossError, all_ranks_ok, barrier, check_memory_fits, cpu_matmul_precision,
+                               estimate_peak_memory, exclusive_out_dir, gather_loader_state, gc_frozen_after_first_step,
                                keep_freed_memory_for_reuse, mean_across_ranks, peak_flops, peak_memory_mib)
 
 PROG = "python -m nanopipe.stages.base_train"
 REFERENCE_BATCH_TOKENS = 2**19      # the learning rates were tuned at this batch size
 EMA_BETA = 0.9                      # smoothing of the logged training loss
 UNTIMED_STEPS = 10                  # the first steps (compilation, warm-up) are left out of the timings
+COMPILE_MIN_STEPS = 50              # --compile auto compiles on CUDA for runs of at least this many steps
 
 
 # -----------------------------------------------------------------------------
@@ -72,7 +73,24 @@ def horizon(cfg: BaseTrainConfig, flops_per_token: int, num_params: int) -> tupl
     return max(1, steps), f"--target_param_data_ratio={cfg.target_param_data_ratio:g}"
 
 
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
+
+def compile_decision(flag: bool | None, device_type: str, num_iterations: int) -> tuple[bool, str]:
+    """(compile the model?, why) for --compile (None: auto). Measured at bench_base_train's d4 on one CPU
+    thread: the eager step with the hand-fused CPU kernels of nanopipe.gpt takes 366 ms of CPU, the compiled
+    one 487 ms, after 8-30 s of compilation, so compiling never pays on CPU. On CUDA the compiled step is
+    the fast one (fused elementwise kernels around the GEMMs), and its minute or so of compilation is repaid
+    within a few dozen steps of a real model."""
+    if flag is not None:
+        return flag, f"--compile={str(flag).lower()}"
+    if device_type != "cuda":
+        return False, f"auto: on {device_type} the eager step with hand-fused kernels is faster than the compiled one"
+    if num_iterations < COMPILE_MIN_STEPS:
+        return False, f"auto: {num_iterations} steps are too few to repay compilation (< {COMPILE_MIN_STEPS})"
+    return True, f"auto: CUDA, {num_iterations} steps"
 
 
 # -----------------------------------------------------------------------------
@@ -153,12 +171,13 @@ def run(cfg: BaseTrainConfig) -> dict:
     get_tokenizer(tokenizer_dir)
     get_token_bytes(tokenizer_dir)
     ensure_shards(cfg)
-    with contextlib.ExitStack() as locks:  # one run at a time writes these directories
-        for directory in dict.fromkeys([out_dir, ckpt_dir]):
-            locks.enter_context(exclusive_out_dir(directory, "base_train"))
+    with contextlib.ExitStack() as stack:
+        for directory in dict.fromkeys([out_dir, ckpt_dir]):  # one run at a time writes these directories
+            stack.enter_context(exclusive_out_dir(directory, "base_train"))
         rt = compute_init(cfg.device_type, cfg.dtype, cfg.seed)
         if rt.device_type == "cpu":
             keep_freed_memory_for_reuse()
+            print0(f"float32 matmuls on CPU: {stack.enter_context(cpu_matmul_precision(cfg.cpu_matmul_precision))}")
         try:
             trainer = Trainer(cfg, rt, tokenizer_dir, ckpt_dir, out_dir)
             try:
@@ -236,7 +255,8 @@ class Trainer:
         self.orig_model = GPT.create(self.model_config, device=self.rt.device)
         if checkpoint:
             self.orig_model.load_state_dict(checkpoint.model_state, strict=True, assign=True)
-        use_compile = self.cfg.compile if self.cfg.compile is not None else self.rt.device_type == "cuda"
+        use_compile, why = compile_decision(self.cfg.compile, self.rt.device_type, self.num_iterations)
+        print0(f"torch.compile: {'on' if use_compile else 'off'} ({why})")
         # the training inputs never change shape; evaluation and sampling use the uncompiled module
         self.model = torch.compile(self.orig_model, dynamic=False) if use_compile else self.orig_model
 
@@ -332,7 +352,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.rt.device)
         for micro_step in range(self.grad_accum):
             inputs, targets = self.batch
-            with self.autocast:
+            with self.autocast:  # bf16 on CUDA: every matmul and attention; the loss itself is float32
                 loss = self.model(inputs, targets)
             loss_sum += loss.detach()
             (loss / self.grad_accum).backward()  # .backward() sums gradients: average over the micro-steps
@@ -350,6 +370,10 @@ class Trainer:
         for opt in self.optimizers:
             opt.step()  # under torchrun the optimizers average the gradients across ranks themselves
         self.orig_model.zero_grad(set_to_none=True)
+        # The step's one host-device sync (the micro-steps above queue work without waiting: the loss is summed
+        # on the device, the next batch is copied from pinned memory with non_blocking). Every step is a
+        # logging step, and a NaN must stop the run at the step it appears; at d20 a step is ~0.5 s on an
+        # H100, against which the next step's first kernel launches are a small bubble.
         loss = mean_across_ranks(loss_sum / self.grad_accum, self.rt).item()
         self.synchronize()
         return loss, lrm, time.perf_counter() - t0
@@ -440,7 +464,10 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # less fragmentation on CUDA
+    # less fragmentation on CUDA; read when CUDA's allocator starts, so set before any CUDA call (torch before
+    # 2.9 reads only the older name)
+    key = "PYTORCH_ALLOC_CONF" if torch_version() >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF"
+    os.environ.setdefault(key, "expandable_segments:True")
     return stage_main(BaseTrainConfig, run, argv, prog=PROG)
 
 
