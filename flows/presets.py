@@ -1,7 +1,8 @@
 """
 Named starting points for `PipelineConfig`: partial nested dicts laid over the config's defaults (which are
 the seed's defaults, i.e. the d20 speedrun's stage settings). `nanopipe run --preset NAME --a.b=c` and a
-deployment's `{"config": {"preset": NAME, ...}}` both start here; given values win.
+deployment's `{"config": {"preset": NAME, ...}}` both start here; given values win. `PRESET_DESCRIPTIONS`
+says in one line what each is for (the run form's preset picker and `nanopipe presets` show it):
 
     demo-cpu      whole pipeline on a 2-core CPU in minutes, offline builtin data (the README's demo);
                   add run_rl=true for the RL stage on builtin arithmetic
@@ -13,7 +14,8 @@ deployment's `{"config": {"preset": NAME, ...}}` both start here; given values w
     single-gpu    one GPU: depth 12, device batch 4
 
 The GPU presets read FineWeb-Edu shards through huggingface-hub (`data.data_source=hf`): the tokenizer
-the first 8 shards, pretraining as many as its token budget needs.
+the first 8 shards, pretraining as many as its token budget needs. Settings every stage shares (device,
+dtype, seed) go in `common`, the text source in `data` (see flows/config.py for the precedence).
 """
 
 from __future__ import annotations
@@ -46,30 +48,31 @@ def _gpu_run(depth: int, device_batch_size: int, base_shards: int, **resources) 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo-cpu": {
         "data": {"data_source": "builtin"},
+        "common": {"device_type": "cpu"},
         # two single-threaded processes (torchrun + gloo DDP) beat one two-threaded one on a 2-core CPU
         "resources": {"nproc_per_node": 2, "retries": 1, "retry_delay_seconds": 1, "env": {"OMP_NUM_THREADS": "1"}},
-        "tok_train": {"max_chars": 3_000_000, "vocab_size": 2048, "device_type": "cpu"},
-        "tok_eval": {"val_chars": 200_000, "references": [], "device_type": "cpu"},
-        "base_train": {"device_type": "cpu", "depth": 4, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 256,
+        "tok_train": {"max_chars": 3_000_000, "vocab_size": 2048},
+        "tok_eval": {"val_chars": 200_000, "references": []},
+        "base_train": {"depth": 4, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 256,
                        "device_batch_size": 8, "total_batch_size": 4096, "num_iterations": 40, "eval_every": 20,
                        "eval_tokens": 16384, "core_metric_every": None, "sample_every": None, "save_every": 10},
-        "base_eval": {"device_type": "cpu", "eval": "bpb,sample", "device_batch_size": 8, "split_tokens": 16384},
+        "base_eval": {"eval": "bpb,sample", "device_batch_size": 8, "split_tokens": 16384},
         # the chat stages on the builtin offline chats (identity, spelling, GSM8K-style arithmetic with the
         # calculator, MMLU-style quizzes), evaluated on the offline tasks
         # at this batch size the seed's learning rates barely move a tiny model in ~100 steps: mid starts at 3x,
         # SFT at 0.2 instead of 0.02 (bench/bench_chat_quality.py measured both)
-        "mid_train": {"device_type": "cpu", "mixture": "builtin", "builtin_size": 500, "max_seq_len": 256,
+        "mid_train": {"mixture": "builtin", "builtin_size": 500, "max_seq_len": 256,
                       "device_batch_size": 8, "total_batch_size": 4096, "num_iterations": 92, "init_lr_frac": 3.0,
                       "eval_every": 25, "eval_tokens": 16384, "save_every": 25},
-        "chat_sft": {"device_type": "cpu", "mixture": "builtin", "builtin_size": 500, "device_batch_size": 8,
+        "chat_sft": {"mixture": "builtin", "builtin_size": 500, "device_batch_size": 8,
                      "target_examples_per_step": 32, "num_iterations": 56, "init_lr_frac": 0.2, "eval_every": 20,
                      "eval_steps": 8, "eval_metrics_every": None, "eval_metrics_max_problems": 128, "save_every": 20},
         # RL on builtin arithmetic (run_rl=true): answers run to ~150 tokens with this tokenizer, and a cut-off
         # answer scores 0; 0.1 of the seed's learning rates (0.5 collapsed the policy); bench/bench_chat_rl.py
-        "chat_rl": {"device_type": "cpu", "task": "builtin-arithmetic", "synthetic_size": 64, "num_epochs": 6,
+        "chat_rl": {"task": "builtin-arithmetic", "synthetic_size": 64, "num_epochs": 6,
                     "examples_per_step": 8, "num_samples": 8, "device_batch_size": 8, "max_new_tokens": 128,
                     "init_lr_frac": 0.1, "eval_every": None, "eval_examples": 64, "save_every": 12},
-        "chat_eval": {"device_type": "cpu", "task": ["Arithmetic", "MultipleChoice", "SpellingBee"],
+        "chat_eval": {"task": ["Arithmetic", "MultipleChoice", "SpellingBee"],
                       "max_problems": 64, "synthetic_size": 64, "max_new_tokens": 48, "batch_size": 8},
     },
     # depth 12, ~135M parameters: a couple of hours' worth of nanochat-style training on one 8-GPU node
@@ -83,6 +86,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mem-24gb": _gpu_run(16, 8, base_shards=160),                        # 24 GB consumer GPUs
     "single-gpu": _gpu_run(12, 4, base_shards=80, nproc_per_node=1),    # one GPU of >= 24 GB
 }
+
+
+# One line per preset: what it is for (shown by the run form's preset picker and `nanopipe presets`)
+PRESET_DESCRIPTIONS: dict[str, str] = {
+    "demo-cpu": "the whole pipeline on a 2-core CPU in minutes, offline builtin data (run_rl=true adds RL)",
+    "d12": "a quick GPU model: depth 12 on one 8-GPU node, a couple of hours",
+    "speedrun-d20": "nanochat's $100 speedrun: depth 20 on 8xH100, about 4 hours",
+    "d26": "depth 26 on 8xH100, device batch 16 to fit 80 GB",
+    "mem-40gb": "the speedrun on 40 GB GPUs: device batch 16, same total batch",
+    "mem-24gb": "24 GB GPUs: depth 16, device batch 8",
+    "single-gpu": "one GPU of 24 GB or more: depth 12, device batch 4",
+}
+assert set(PRESET_DESCRIPTIONS) == set(PRESETS), "every preset needs a one-line description"
 
 
 def deep_merge(base: dict, override: dict) -> dict:

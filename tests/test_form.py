@@ -1,0 +1,146 @@
+"""The pipeline's parameter as people meet it: the Custom run form's schema, the config's JSON, the shared
+sections, the resolved config. No server: the schema is the one `prefect deploy` sends."""
+
+import json
+
+import pytest
+
+from flows.config import FORM_FIELDS, SHARED_SECTIONS, PipelineConfig, resolved_config_markdown
+from flows.presets import PRESET_DESCRIPTIONS, PRESETS
+from nanopipe.configs.flags import parse_flags
+
+
+def deployment_schema() -> dict:
+    """The parameter schema of full_pipeline exactly as `prefect deploy` computes it."""
+    from prefect.utilities.callables import parameter_schema
+    from flows.pipeline import full_pipeline
+    return parameter_schema(full_pipeline.fn).model_dump()
+
+
+def walk(node):
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk(value)
+
+
+# -----------------------------------------------------------------------------
+# The form
+
+def test_the_form_is_short_titled_by_stage_keys_with_no_defaults_and_no_type_toggles():
+    schema = deployment_schema()
+    assert schema["properties"]["config"]["default"] == {}   # the Parameters tab claims no stage values
+    form = schema["definitions"]["PipelineConfig"]
+    props = form["properties"]
+    assert list(props)[:4] == ["preset", "run_rl", "stop_after", "recompute_from"]
+    assert props["preset"]["enum"] == [*PRESETS, "none"]
+    assert all(f"{name}: {text}" in props["preset"]["description"] for name, text in PRESET_DESCRIPTIONS.items())
+    nodes = list(walk(form))
+    assert not [n for n in nodes if "anyOf" in n or "oneOf" in n or isinstance(n.get("type"), list)]
+    assert not [n for n in nodes if "default" in n]          # untouched fields stay out of what is submitted
+    shared = {f for s in SHARED_SECTIONS for f in PipelineConfig.model_fields[s].annotation.model_fields}
+    for section, fields in FORM_FIELDS.items():
+        assert props[section]["title"] == section and list(props[section]["properties"]) == list(fields)
+        assert props[section]["additionalProperties"] is True   # the JSON tab takes any field of the section
+        if section not in SHARED_SECTIONS:
+            assert not shared & set(fields), section             # device, seed, data: once, in data/common
+    assert sum(len(f) for f in FORM_FIELDS.values()) + 4 <= 25
+
+
+def test_what_the_form_and_the_json_tab_submit_passes_the_servers_check_and_validates():
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+    schema = deployment_schema()
+    submitted = {"preset": "demo-cpu", "stop_after": "none", "base_train": {"num_iterations": 7, "matrix_lr": 0.03},
+                 "tok_eval": {"val_chars": 5000}, "common": {"seed": 7},
+                 "stage_resources": {"base_train": {"nproc_per_node": 1}}}
+    validate({"config": submitted}, schema, raise_on_error=True)
+    config = PipelineConfig.model_validate(submitted)
+    expected = PipelineConfig(preset="demo-cpu")
+    assert config.base_train.num_iterations == 7 and config.base_train.matrix_lr == 0.03
+    assert config.base_train.depth == expected.base_train.depth and config.stop_after is None
+    assert config.tok_eval.val_chars == 5000 and config.stage_resources["base_train"].nproc_per_node == 1
+    for bad in ({"preset": "nope"}, {"stop_after": "base"}, {"base_train": {"depth": "deep"}}):
+        with pytest.raises(ValidationError):
+            validate({"config": bad}, schema, raise_on_error=True)
+
+
+# -----------------------------------------------------------------------------
+# The config in JSON: the preset and what differs from it
+
+@pytest.mark.parametrize("values", [
+    {}, {"preset": "demo-cpu"}, {"preset": "d12", "base_train": {"depth": 20}},   # a stage default over a preset
+    {"preset": "demo-cpu", "tok_train": {"vocab_size": 512}, "resources": {"env": {"NCCL_DEBUG": "INFO"}},
+     "stage_resources": {"base_train": {"nproc_per_node": 1}}, "run_rl": True, "recompute_from": "base_train"},
+    {"base_train": {"num_iterations": 5, "target_param_data_ratio": -1}, "common": {"device_type": "cpu"}},
+])
+def test_the_json_form_of_a_config_is_what_differs_from_its_preset_and_validates_back(values):
+    config = PipelineConfig.model_validate(values)
+    dumped = config.model_dump(mode="json")
+    assert PipelineConfig.model_validate(dumped) == config
+    assert PipelineConfig.model_validate(json.loads(config.model_dump_json())) == config
+    full = config.model_dump(mode="json", context={"full": True})
+    assert len(json.dumps(dumped)) < len(json.dumps(full)) and "tok_eval" in full
+
+
+def test_json_of_untouched_configs_is_just_the_preset():
+    assert PipelineConfig().model_dump(mode="json") == {}
+    assert PipelineConfig(preset="demo-cpu").model_dump(mode="json") == {"preset": "demo-cpu"}
+    changed = PipelineConfig(preset="d12").model_copy(update={"stop_after": "base_eval"})
+    assert changed.model_dump(mode="json") == {"preset": "d12", "stop_after": "base_eval"}
+    assert PipelineConfig(preset="demo-cpu").model_dump()["base_train"]["depth"] == 4   # python mode: everything
+
+
+def test_none_is_a_choice_in_the_form_and_on_the_command_line():
+    assert PipelineConfig(preset="none", stop_after="none", recompute_from="none") == PipelineConfig()
+    values = parse_flags(PipelineConfig, ["--stop_after=none", "--preset", "demo-cpu"], prog="t")
+    assert PipelineConfig.model_validate(values).stop_after is None
+
+
+# -----------------------------------------------------------------------------
+# Shared sections: data and common
+
+def test_shared_sections_apply_to_every_stage_unless_the_stage_sets_its_own_value():
+    config = PipelineConfig(preset="demo-cpu", common={"device_type": "cuda", "seed": 7},
+                            data={"data_source": "hf"}, tok_train={"device_type": "cpu"})
+    resolved = {s.name: config.stage_config(s) for s in config.planned_stages()}
+    assert resolved["tok_train"].device_type == "cpu"             # its own non-default value wins
+    assert {n: c.device_type for n, c in resolved.items() if n != "tok_train"} == \
+        {n: "cuda" for n in resolved if n != "tok_train"}
+    assert {c.seed for c in resolved.values()} == {7}
+    assert resolved["tok_train"].data_source == resolved["base_train"].data_source == "hf"
+    assert not hasattr(resolved["mid_train"], "data_source")       # chat stages read no pretraining text
+    demo = PipelineConfig(preset="demo-cpu")
+    assert {demo.stage_config(s).device_type for s in demo.planned_stages()} == {"cpu"}
+
+
+# -----------------------------------------------------------------------------
+# The resolved config, for the run's artifact
+
+def test_resolved_config_names_the_preset_and_what_changed_where():
+    config = PipelineConfig(preset="demo-cpu", base_train={"depth": 6}, stop_after="base_eval")
+    text = resolved_config_markdown(config)
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line
+            for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    assert "preset `demo-cpu`" in text and PRESET_DESCRIPTIONS["demo-cpu"] in text
+    assert "Stages: tok_train, tok_eval, base_train, base_eval (" in text
+    assert rows[("base_train", "depth")].endswith("| 6 | 20 | this run |")
+    assert rows[("tok_train", "vocab_size")].endswith("| 2,048 | 32,768 | preset |")
+    assert rows[("common", "device_type")].endswith("| cpu | (empty) | preset |")
+    assert ("base_train", "device_type") not in rows and ("mid_train", "num_iterations") not in rows
+    assert ("base_train", "matrix_lr") not in rows                  # a default that is not a key field
+    assert ("resources", "nproc_per_node") in rows and "World size: 2 x 1 node(s) = 2" in text
+    assert "no preset (stage defaults)" in resolved_config_markdown(PipelineConfig())
+
+
+# -----------------------------------------------------------------------------
+# Presets and deployments
+
+def test_every_preset_has_a_one_line_description_listed_in_the_module_doc():
+    import flows.presets
+    assert set(PRESET_DESCRIPTIONS) == set(PRESETS)
+    for name, text in PRESET_DESCRIPTIONS.items():
+        assert text and "\n" not in text and len(text) <= 100, name
+        assert f"\n    {name} " in flows.presets.__doc__, name
