@@ -15,7 +15,7 @@ import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, Field
 
@@ -23,9 +23,14 @@ from flows.artifacts import (MANIFEST, artifact_dir, artifact_hash, code_hashes,
                              verify)
 from flows.config import PipelineConfig
 from flows.launcher import Resources, launch, stage_command
-from flows.stages import STAGE_NAMES, STAGES, Stage, get_stage
+from flows.stages import STAGE_NAMES, Stage, get_stage
 from nanopipe.configs.flags import to_cli_args
 from nanopipe.configs import ConfigError, config_digest, non_semantic_fields
+from nanopipe.configs.base_eval import check_bpb_batches
+from nanopipe.configs.base_train import check_batch_sizes
+from nanopipe.configs.chat_rl import check_world_size
+from nanopipe.configs.chat_sft import check_sft_batch_sizes
+from nanopipe.configs.mid_train import check_mid_batch_sizes
 from nanopipe.common import get_base_dir
 
 
@@ -61,15 +66,45 @@ class PlanError(ValueError):
 
 
 def plan_pipeline(config: PipelineConfig, home: str | os.PathLike | None = None) -> list[StagePlan]:
-    """Resolve every enabled stage of the pipeline, in order."""
+    """Resolve every enabled stage of the pipeline, in order. Every rule a stage would reject is checked
+    first (`check_config`: in-process, torch-free, before hashing any code), so a bad setting fails in the
+    run's first second with a PlanError naming the stage and the flags."""
     home = Path(home) if home else get_base_dir()
+    stages = config.planned_stages()
+    check_config(config, stages)
     plans: dict[str, StagePlan] = {}
-    for stage in STAGES:
-        if config.enabled(stage):
-            plans[stage.name] = plan_stage(config, stage, plans, home)
-        if stage.name == config.stop_after:
-            break
+    for stage in stages:
+        plans[stage.name] = plan_stage(config, stage, plans, home)
     return list(plans.values())
+
+
+# The rules of a stage's config that depend on the world size: the stage calls the same function at start
+WORLD_CHECKS: dict[str, Callable[[Any, int], Any]] = {
+    "base_train": check_batch_sizes, "mid_train": check_mid_batch_sizes, "chat_sft": check_sft_batch_sizes,
+    "chat_rl": check_world_size}
+
+
+def check_config(config: PipelineConfig, stages: list[Stage]) -> None:
+    """Each stage's config, and the cross-field rules a stage checks only once launched: its batch arithmetic
+    for the world size it gets (`WORLD_CHECKS`), and base_eval's bits-per-byte batch in the context
+    base_train gives the model."""
+    configs: dict[str, Any] = {}
+    for stage in stages:
+        resources = config.resources_for(stage)
+        world = resources.nproc_per_node * resources.nnodes
+        try:
+            cfg = config.stage_config(stage, wired={f: None for f in stage.inputs})
+        except ConfigError as err:
+            raise PlanError(f"stage {stage.name}: {err}") from None
+        try:
+            if stage.name in WORLD_CHECKS:
+                WORLD_CHECKS[stage.name](cfg, world)
+            if stage.name == "base_eval" and "base_train" in configs:
+                check_bpb_batches(cfg, configs["base_train"].max_seq_len, world)
+        except ConfigError as err:
+            layout = f"resources: nproc_per_node={resources.nproc_per_node} x nnodes={resources.nnodes}"
+            raise PlanError(f"stage {stage.name} on {world} process(es) ({layout}): {err}") from None
+        configs[stage.name] = cfg
 
 
 def plan_stage(config: PipelineConfig, stage: Stage, upstream_plans: dict[str, StagePlan], home: Path) -> StagePlan:
@@ -182,7 +217,8 @@ def rerun_reasons(plan: StagePlan) -> list[str]:
 # -----------------------------------------------------------------------------
 # Preflight: each training stage's own dry run (shapes, batch arithmetic, memory estimate), in a subprocess
 
-# A chat stage's dry run before its source checkpoint exists assumes the model shape these flags give
+# A chat stage's dry run before its source checkpoint exists assumes the model shape these flags give, and
+# every training stage's dry run before the tokenizer exists assumes its vocabulary (`vocab_size`)
 SHAPE_FIELDS = ("depth", "aspect_ratio", "head_dim")
 
 
@@ -233,6 +269,12 @@ def preflight(plans: list[StagePlan], shape: dict[str, Any] | None = None, log=p
 
 
 def model_shape(plans: list[StagePlan]) -> dict[str, Any]:
-    """The base model's shape flags, from the base_train plan when the pipeline has one."""
-    base = next((p for p in plans if p.stage == "base_train"), None)
-    return {k: base.config[k] for k in SHAPE_FIELDS if k in base.config} if base else {}
+    """What the dry runs plan for before this run's upstream outputs exist: the base model's shape flags
+    (from the base_train plan) and the vocabulary the tokenizer will have (tok_train's vocab_size)."""
+    by_stage = {p.stage: p for p in plans}
+    shape = {}
+    if "base_train" in by_stage:
+        shape |= {k: by_stage["base_train"].config[k] for k in SHAPE_FIELDS}
+    if "tok_train" in by_stage:
+        shape["vocab_size"] = by_stage["tok_train"].config["vocab_size"]
+    return shape

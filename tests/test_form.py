@@ -1,13 +1,22 @@
 """The pipeline's parameter as people meet it: the Custom run form's schema, the config's JSON, the shared
-sections, the resolved config. No server: the schema is the one `prefect deploy` sends."""
+sections, the resolved config, the checks the flow makes before launching anything, what the preflight plans
+for. No server: the schema is the one `prefect deploy` sends."""
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from flows.config import FORM_FIELDS, SHARED_SECTIONS, PipelineConfig, resolved_config_markdown
+from flows.plan import PlanError, dry_run_command, model_shape, plan_pipeline
 from flows.presets import PRESET_DESCRIPTIONS, PRESETS
+from flows.stages import STAGE_NAMES, get_stage
+from nanopipe.configs import BaseTrainConfig
+from nanopipe.configs.chat_sft import ChatSFTConfig
 from nanopipe.configs.flags import parse_flags
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def deployment_schema() -> dict:
@@ -136,6 +145,71 @@ def test_resolved_config_names_the_preset_and_what_changed_where():
 
 
 # -----------------------------------------------------------------------------
+# Rules a stage would reject only once launched: plan_pipeline raises them first, in-process
+
+@pytest.mark.parametrize("values, needles", [
+    ({"resources": {"nproc_per_node": 3}},
+     ["stage base_train on 3 process(es)", "--total_batch_size=4096", "--device_batch_size (8)", "= 6144"]),
+    ({"stage_resources": {"mid_train": {"nproc_per_node": 3}}},
+     ["stage mid_train on 3 process(es)", "--total_batch_size=4096", "world size (3)"]),
+    ({"chat_sft": {"device_batch_size": 4}, "stage_resources": {"chat_sft": {"nproc_per_node": 3}}},
+     ["stage chat_sft on 3 process(es)", "--target_examples_per_step=32", "--device_batch_size (4)"]),
+    ({"run_rl": True, "chat_rl": {"examples_per_step": 9}},
+     ["stage chat_rl on 2 process(es)", "--examples_per_step=9 does not split over 2 ranks"]),
+    ({"base_eval": {"split_tokens": 1000}},
+     ["stage base_eval on 2 process(es)", "--split_tokens=1000", "model's context (256)", "= 4096"]),
+])
+def test_plan_rejects_cross_field_rules_before_any_work(tmp_path, values, needles):
+    from flows.artifacts import code_hashes
+    config = PipelineConfig.model_validate({"preset": "demo-cpu", **values})
+    before = code_hashes.cache_info()
+    with pytest.raises(PlanError) as err:
+        plan_pipeline(config, home=tmp_path)
+    message = str(err.value)
+    assert all(n in message for n in needles), message
+    assert "\n" not in message
+    assert code_hashes.cache_info()[:2] == before[:2]    # raised before any code was hashed, let alone launched
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_same_rules_pass_where_the_world_size_fits(tmp_path):
+    config = PipelineConfig(preset="demo-cpu", resources={"nproc_per_node": 1}, run_rl=True)
+    assert [p.stage for p in plan_pipeline(config, home=tmp_path)] == STAGE_NAMES
+    for name in PRESETS:
+        plan_pipeline(PipelineConfig(preset=name, run_rl=True), home=tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# Preflight: the dry runs plan for this run's vocabulary and model, not the defaults
+
+def test_dry_runs_are_given_the_planned_vocabulary_and_model_shape(tmp_path):
+    config = PipelineConfig(preset="demo-cpu", tok_train={"vocab_size": 512})
+    plans = plan_pipeline(config, home=tmp_path)
+    shape = model_shape(plans)
+    assert shape == {"depth": 4, "aspect_ratio": 32, "head_dim": 32, "vocab_size": 512}
+    by_stage = {p.stage: p for p in plans}
+    for stage, cls in (("base_train", BaseTrainConfig), ("chat_sft", ChatSFTConfig)):
+        cmd, _ = dry_run_command(by_stage[stage], shape)
+        flags = cmd[cmd.index(get_stage(stage).module) + 1:]
+        assert "--vocab_size=512" in flags and "--dry_run=true" in flags
+        parsed = cls.model_validate(parse_flags(cls, flags, prog=stage))   # the stage takes these flags
+        assert parsed.vocab_size == 512 and (parsed.depth, parsed.aspect_ratio, parsed.head_dim) == (4, 32, 32)
+    # the hint changes nothing a stage computes: same artifact address with or without it
+    assert "vocab_size" not in by_stage["base_train"].semantic_config
+
+
+@pytest.mark.xfail(strict=True, reason="the base_train stage still plans with tok_train's default vocabulary: "
+                   "nanopipe/stages/base_train.py's dry run must read --vocab_size")
+def test_base_train_preflight_reports_the_runs_vocabulary(tmp_path):
+    from flows.plan import dry_run
+    config = PipelineConfig(preset="demo-cpu", tok_train={"vocab_size": 512}, resources={"nproc_per_node": 1},
+                            stop_after="base_train")
+    plans = plan_pipeline(config, home=tmp_path)
+    output = dry_run(plans[-1], model_shape(plans), timeout_seconds=300)
+    assert "vocab 512" in output and "32768" not in output and "32,768" not in output
+
+
+# -----------------------------------------------------------------------------
 # Presets and deployments
 
 def test_every_preset_has_a_one_line_description_listed_in_the_module_doc():
@@ -144,3 +218,13 @@ def test_every_preset_has_a_one_line_description_listed_in_the_module_doc():
     for name, text in PRESET_DESCRIPTIONS.items():
         assert text and "\n" not in text and len(text) <= 100, name
         assert f"\n    {name} " in flows.presets.__doc__, name
+
+
+def test_every_deployment_and_parameter_file_plans(tmp_path):
+    """Not only valid fields: each plans for the world size it names (16 ranks halve the per-rank batches)."""
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    configs = {d["name"]: d["parameters"]["config"] for d in spec["deployments"]}
+    configs |= {p.name: json.loads(p.read_text())["config"] for p in (REPO / "deployments" / "params").glob("*.json")}
+    assert "d12-two-nodes.json" in configs
+    for name, values in configs.items():
+        assert plan_pipeline(PipelineConfig.model_validate(values), home=tmp_path), name

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from nanopipe.configs.base import DownstreamConfig, Off
+from nanopipe.configs.base import ConfigError, DownstreamConfig, Off
 from nanopipe.configs.data import DataFlags
 
 EVAL_MODES = ("core", "bpb", "sample")
@@ -30,3 +30,15 @@ class BaseEvalConfig(DownstreamConfig, DataFlags):
         if unknown or not modes:
             raise ValueError(f"unknown evaluation(s) {unknown or value!r}; choose from {', '.join(EVAL_MODES)}")
         return ",".join(modes)
+
+
+def check_bpb_batches(cfg: BaseEvalConfig, seq_len: int, world_size: int) -> None:
+    """Bits per byte is measured over whole batches of every rank: --split_tokens must hold at least one.
+    `seq_len` is the model's context (base_train's --max_seq_len), known before the model exists."""
+    if "bpb" not in cfg.eval.split(","):
+        return
+    per_step = cfg.device_batch_size * seq_len * world_size
+    if cfg.split_tokens < per_step:
+        raise ConfigError(f"--split_tokens={cfg.split_tokens} is less than one bits-per-byte batch: --device_batch_size "
+                          f"({cfg.device_batch_size}) x the model's context ({seq_len}) x world size ({world_size}) = "
+                          f"{per_step} tokens; raise --split_tokens or lower --device_batch_size")

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from nanopipe.configs.base import CommonConfig, ConfigError, Off, PlainName, ResumeStep
 from nanopipe.configs.data import DataFlags
+from nanopipe.vocab import MIN_VOCAB_SIZE
 
 
 class BaseTrainConfig(CommonConfig, DataFlags):
@@ -52,6 +53,9 @@ class BaseTrainConfig(CommonConfig, DataFlags):
     checkpoint_dir: str | None = Field(None, description="checkpoint directory, if not out_dir")
     eval_bundle_dir: str | None = Field(None, description="CORE eval bundle (default: NANOPIPE_HOME/eval_bundle)")
     dry_run: bool = Field(False, description="print the model shape, FLOPs, steps and memory estimate, then exit")
+    vocab_size: int | None = Field(
+        None, ge=MIN_VOCAB_SIZE, description="dry run only, before the tokenizer exists: the vocabulary to plan "
+                                             "for (none: tok_train's default; a real run reads the tokenizer's)")
     compile: bool | None = Field(None, description="torch.compile the model (none: auto, on CUDA for runs of at "
                                                    "least 50 steps, never on CPU, where the eager hand-fused "
                                                    "kernels are faster; the run prints the decision)")
@@ -66,7 +70,7 @@ class BaseTrainConfig(CommonConfig, DataFlags):
         CommonConfig.NON_SEMANTIC + getattr(DataFlags, "NON_SEMANTIC", ()) + (
             "eval_every", "eval_tokens", "core_metric_every", "core_metric_max_per_task", "sample_every",
             "save_every", "resume_from_step", "model_tag", "checkpoint_dir", "eval_bundle_dir", "dry_run",
-            "allow_over_memory")))
+            "allow_over_memory", "vocab_size")))
 
     @model_validator(mode="after")
     def _consistent(self):

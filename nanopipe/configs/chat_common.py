@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from nanopipe.configs.base import DownstreamConfig, NanoConfig, Off, ResumeStep
+from nanopipe.vocab import MIN_VOCAB_SIZE
 
 ChatSource = Literal["base", "mid"]
 
@@ -20,10 +21,12 @@ class PlanningFlags(NanoConfig):
                                              "to assume (a real run takes the shape from the checkpoint)")
     aspect_ratio: int = Field(64, ge=1, description="dry run only, without a source checkpoint: width / depth")
     head_dim: int = Field(128, ge=2, description="dry run only, without a source checkpoint: channels per head")
+    vocab_size: int | None = Field(None, ge=MIN_VOCAB_SIZE, description="dry run only, without a source checkpoint or "
+                                   "tokenizer: the vocabulary to assume (none: tok_train's default)")
     allow_over_memory: bool = Field(False, description="train even when the peak-memory estimate exceeds the "
                                                        "device's available memory (the estimate is rough)")
 
-    NON_SEMANTIC = ("depth", "aspect_ratio", "head_dim", "allow_over_memory")
+    NON_SEMANTIC = ("depth", "aspect_ratio", "head_dim", "vocab_size", "allow_over_memory")
 
 
 class ChatDataFlags(DownstreamConfig):
