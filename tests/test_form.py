@@ -1,6 +1,6 @@
 """The pipeline's parameter as people meet it: the Custom run form's schema, the config's JSON, the shared
 sections, the resolved config, the checks the flow makes before launching anything, what the preflight plans
-for. No server: the schema is the one `prefect deploy` sends."""
+for, and the deployments' schedules. No server: the schema is the one `prefect deploy` sends."""
 
 import json
 from pathlib import Path
@@ -218,6 +218,24 @@ def test_every_preset_has_a_one_line_description_listed_in_the_module_doc():
     for name, text in PRESET_DESCRIPTIONS.items():
         assert text and "\n" not in text and len(text) <= 100, name
         assert f"\n    {name} " in flows.presets.__doc__, name
+
+
+def test_prefect_yaml_never_activates_a_schedule_on_the_shared_pool():
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    shared_pool = spec["definitions"]["work_pools"]["node"]["name"]
+    scheduled = [d for d in spec["deployments"] if d.get("schedules")]
+    assert scheduled, "the nightly deployment has a schedule"
+    for deployment in scheduled:
+        for schedule in deployment["schedules"]:
+            assert schedule.get("active") is False or deployment["work_pool"]["name"] != shared_pool, \
+                f"{deployment['name']}: an active schedule on the shared pool {shared_pool}"
+    nightly = next(d for d in spec["deployments"] if d["name"] == "nightly")
+    assert nightly["work_pool"]["name"] != shared_pool and nightly["schedules"][0]["active"] is False
+    for deployment in spec["deployments"]:
+        preset = deployment["parameters"]["config"]["preset"]
+        assert {"nanopipe", f"preset:{preset}"} <= set(deployment["tags"]), deployment["name"]
+        if "stage" in deployment["parameters"]:
+            assert f"stage:{deployment['parameters']['stage']}" in deployment["tags"]
 
 
 def test_every_deployment_and_parameter_file_plans(tmp_path):
