@@ -303,6 +303,7 @@ class CheckpointUploader:
         self.prefix = f"{root}/{name}"
         self.uploads: list[StepUpload] = []
         self.uploaded: dict[str, tuple[int, int]] = {}  # {local path: (bytes, mtime_ns)} of what went up
+        self.last_error: str | None = None   # the last failed scan, for the stage's report
         # steps already in the store (a retry after restore_checkpoints) are not sent again
         self._done_steps = {int(m.group(1)) for rel in _sizes(self.fs, self.prefix) if (m := _META_RE.match(rel))}
         self._stop = threading.Event()
@@ -331,8 +332,10 @@ class CheckpointUploader:
             stopping = self._stop.is_set()
             try:
                 self.scan()
-            except OSError as err:   # a network blip or a full store: the next scan tries again
-                self.log(f"checkpoint upload to {self.store_url}/{self.name} failed, will retry: {err}")
+            except Exception as err:  # noqa: BLE001 -- a blip, a full store, expired credentials: this thread
+                # must not die quietly while training goes on; it says why and the next scan tries again
+                self.last_error = f"{type(err).__name__}: {err}"
+                self.log(f"checkpoint upload to {self.store_url}/{self.name} failed, will retry: {self.last_error}")
             if stopping:
                 return
             self._stop.wait(self.poll_seconds)
@@ -351,6 +354,7 @@ class CheckpointUploader:
 
     def _upload_step(self, step: int, names: set[str]) -> StepUpload | None:
         started = time.monotonic()
+        files = None
         try:
             meta = json.loads((self.out_dir / f"meta_{step:06d}.json").read_text(encoding="utf-8"))
             files = _step_files(names, step, _step_world_size(meta) if isinstance(meta, dict) else None)
@@ -359,7 +363,10 @@ class CheckpointUploader:
             stats = [(self.out_dir / f).stat() for f in files]
             for filename in files:
                 _put(self.fs, self.out_dir / filename, f"{self.prefix}/{filename}")
-        except FileNotFoundError as err:   # pruned while we looked at it: nothing to upload
+        except FileNotFoundError as err:
+            if files is not None and all((self.out_dir / f).exists() for f in files):
+                raise   # the store's side (no such bucket): not the step's fault, the next scan tries again
+            # pruned while we looked at it: nothing to upload
             self.log(f"checkpoint step {step} in {self.out_dir} vanished before its upload ({err.filename})")
             self._done_steps.add(step)
             return None

@@ -278,6 +278,22 @@ def test_an_interrupted_checkpoint_upload_is_not_restored(s3_url, tmp_path):
     assert not restore_checkpoints(s3_url, "base_train/d2-none/out", tmp_path / "c")
 
 
+def test_a_store_failure_is_retried_not_mistaken_for_a_pruned_step(s3_url, tmp_path):
+    out_dir = tmp_path / "out"
+    _save(out_dir, 1, rank=0, world_size=1)
+    later = f"s3://later-{uuid.uuid4().hex[:8]}/store"
+    uploader = CheckpointUploader(out_dir, later, "s/d/out", poll_seconds=0.05).start()
+    try:
+        _wait_until(lambda: uploader.last_error is not None, "the upload to a missing bucket to fail")
+        assert uploader.uploads == []
+        fs, _ = open_store(later)
+        fs.mkdir(later.split("/")[2])   # the store comes back
+        _wait_until(lambda: [u.step for u in uploader.uploads] == [1], "step 1 to go up once the store is there")
+    finally:
+        uploader.stop()
+    assert restore_checkpoints(later, "s/d/out", tmp_path / "b").step == 1
+
+
 def test_the_uploader_survives_steps_that_vanish(tmp_path):
     store = (tmp_path / "store").as_uri()
     out_dir = tmp_path / "out"
