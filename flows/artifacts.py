@@ -155,6 +155,8 @@ class ArtifactRef(BaseModel):
     path: str = Field(description="artifact directory")
     metrics: dict[str, Any] = Field(default_factory=dict, description="the stage's metrics.json")
     seconds: float = Field(0.0, description="wall time of the run that produced it")
+    resumed_from: int | None = Field(None, description="checkpoint step the run that produced it resumed from; "
+                                     "none = it ran from the start (or was reused)")
 
 
 # -----------------------------------------------------------------------------

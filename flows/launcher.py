@@ -242,11 +242,13 @@ def launch(cmd: list[str], *, log_path: str | os.PathLike, env: dict[str, str] |
            on_line: Callable[[str], None] | None = None, on_progress: Callable[[dict], None] | None = None,
            timeout_seconds: float | None = None, cwd: str | os.PathLike | None = None,
            grace_seconds: float = 10.0) -> LaunchResult:
-    """Run `cmd` to completion, streaming every line to `on_line` and to `log_path` (appended).
+    """Run `cmd` to completion, streaming every line to `log_path` (appended) and to `on_line`.
 
-    Progress lines are parsed and handed to `on_progress`. The whole process tree is killed on return,
-    on timeout and on any exception in the caller's thread (KeyboardInterrupt, Prefect's termination
-    signal), so nothing outlives the launch.
+    Progress lines (`@@nanopipe-progress {json}`) are parsed and handed to `on_progress` instead of
+    `on_line`: the log file keeps them, a person reading the run's log sees the stage's own human line per
+    step, and the tail that failure messages quote is free of them. The whole process tree is killed on
+    return, on timeout and on any exception in the caller's thread (KeyboardInterrupt, Prefect's
+    termination signal), so nothing outlives the launch.
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -288,14 +290,15 @@ def launch(cmd: list[str], *, log_path: str | os.PathLike, env: dict[str, str] |
                 log.write(line + "\n")
                 if lines.empty():   # flush at every pause, so `tail -f` on the log follows along
                     log.flush()
-                tail.append(line)
-                if on_line is not None:
-                    on_line(line)
                 progress = parse_progress(line)
                 if progress is not None:
                     last_progress = progress
                     if on_progress is not None:
                         on_progress(progress)
+                    continue
+                tail.append(line)
+                if on_line is not None:
+                    on_line(line)
         finally:
             kill_tree(proc, launch_id, grace_seconds=grace_seconds)
             reader.join(timeout=5)

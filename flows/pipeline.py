@@ -50,7 +50,8 @@ def execute(plan: StagePlan, *, force: bool, complete: bool, upstream: dict[str,
             return StageOutcome(plan, state.name or "Failed", seconds, error=first_line, exception=exc, state=state)
         return StageOutcome(plan, state.name or "Failed", seconds, error="no result", state=state)
     ref = state.result()
-    return StageOutcome(plan, state.name, seconds, ref=ref, metrics=ref.metrics, state=state)
+    return StageOutcome(plan, state.name, seconds, ref=ref, metrics=ref.metrics, state=state,
+                        resumed_from=ref.resumed_from)
 
 
 def run_stages(plans: list[StagePlan], config: PipelineConfig, title: str,

@@ -12,11 +12,16 @@ whose message names the hash. No task result is ever persisted: Prefect's result
 a planted or stale record would run code or hide a damaged artifact, while the manifest is plain JSON that
 is checked file by file. Retries happen only for failures a retry can fix, and a retry of a checkpointing
 stage resumes from its last checkpoint.
+
+What the run's page shows of a stage: one human line per step in the logs (the machine-readable progress
+lines go to stage.log, the progress artifact and `progress.jsonl` instead).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -31,8 +36,10 @@ from flows.artifacts import (ArtifactRef, artifact_lock, discard, read_manifest,
                              write_manifest)
 from flows.launcher import StageFailed, failure_from, launch
 from flows.plan import StagePlan
+from flows.report import PROGRESS_FILE
 
 LOG_FILE = "stage.log"
+_RESUMING = re.compile(r"Resuming from step (\d+)")
 
 
 def cache_key(plan: StagePlan) -> str:
@@ -54,41 +61,85 @@ def retry_if_retryable(task, task_run, state) -> bool:
 # -----------------------------------------------------------------------------
 
 class _Progress:
-    """Mirrors the stage's progress lines into a Prefect progress artifact, at most every few seconds."""
+    """Each progress line of the stage: appended to its history (`progress.jsonl`, flushed per line, with
+    the attempt and the wall-clock time), and mirrored into a Prefect progress artifact at most every few
+    seconds. The artifact's last description keeps the last step's figures."""
 
-    def __init__(self, stage: str, every_seconds: float = 3.0):
-        self.stage, self.every, self.last = stage, every_seconds, 0.0
+    def __init__(self, stage: str, history: Path, attempt: int, every_seconds: float = 3.0):
+        self.stage, self.attempt, self.every, self.last = stage, attempt, every_seconds, 0.0
+        self.history = history
+        self.latest: dict = {}   # the last step, with the last value of every figure reported so far
+        if history.is_file():   # a resumed stage: its figures so far (the resumed steps may not repeat all)
+            for line in history.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    self.latest.update({k: v for k, v in record.items() if k not in ("attempt", "t")})
         self.artifact_id = create_progress_artifact(0.0, description=f"{stage} progress")
 
     def __call__(self, progress: dict) -> None:
-        step, total = progress.get("step"), progress.get("total")
+        with open(self.history, "a", encoding="utf-8") as f:
+            f.write(json.dumps({**progress, "attempt": self.attempt, "t": round(time.time(), 3)}) + "\n")
+        if progress.get("total") is None:
+            return
+        self.latest = {**self.latest, **progress}
         now = time.monotonic()
-        if not step or not total or now - self.last < self.every:
+        if now - self.last < self.every:
             return
         self.last = now
-        extras = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in progress.items() if k not in ("step", "total"))
-        update_progress_artifact(self.artifact_id, min(100.0, 100.0 * step / total),
-                                 description=f"{self.stage}: {step}/{total} {extras}".strip())
+        update_progress_artifact(self.artifact_id, self.percent(), description=self.describe())
 
-    def finish(self) -> None:
-        update_progress_artifact(self.artifact_id, 100.0, description=f"{self.stage}: done")
+    def percent(self) -> float:
+        step, total = self.latest.get("step") or 0, self.latest.get("total")
+        return min(100.0, 100.0 * step / total) if total else 0.0
+
+    def describe(self, ending: str = "") -> str:
+        """"base_train: 40/40 loss=3.1 val_bpb=1.9 (done)": the last step's figures, and how it ended."""
+        if not self.latest:
+            return f"{self.stage}: {ending or 'started'}"
+        figures = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in self.latest.items() if k not in ("step", "total"))
+        text = f"{self.stage}: {self.latest.get('step', '?')}/{self.latest['total']} {figures}".strip()
+        return f"{text} ({ending})" if ending else text
+
+    def finish(self, ending: str = "done") -> None:
+        update_progress_artifact(self.artifact_id, 100.0 if ending == "done" else self.percent(),
+                                 description=self.describe(ending))
 
 
-def _prepare(plan: StagePlan, logger) -> None:
-    """Make the artifact directory ready to (re)run into."""
+class _Lines:
+    """The stage's human lines into the run's log; notes the step a resumed run starts from."""
+
+    def __init__(self, logger, resumed_from: int | None):
+        self.logger, self.resumed_from = logger, resumed_from
+
+    def __call__(self, line: str) -> None:
+        match = _RESUMING.search(line)
+        if match:   # the stage's own word is exact (a damaged newest checkpoint is skipped, for one)
+            self.resumed_from = int(match.group(1))
+        self.logger.info(line)
+
+
+def _prepare(plan: StagePlan, logger) -> int | None:
+    """Make the artifact directory ready to (re)run into. Returns the step of the last checkpoint the stage
+    will resume from (None: it starts from scratch, and its progress history starts afresh too)."""
     directory, out = Path(plan.artifact_dir), Path(plan.out_dir)
     if read_manifest(directory) is not None:
         # a manifest that does not verify: the directory is damaged, nothing in it can be trusted
         logger.warning(f"{directory}: {verify(directory, plan.hash).reason}; recomputing from scratch")
         discard(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    resumed_from = None
     if plan.resume_flag:
         checkpoints = sorted(out.glob(plan.checkpoint_glob)) if out.is_dir() else []
         if checkpoints:
             logger.info(f"{plan.stage} will resume from its checkpoints in {out} (last: {checkpoints[-1].name})")
+            steps = re.findall(r"\d+", checkpoints[-1].name)
+            resumed_from = int(steps[-1]) if steps else None
     elif out.exists():   # leftovers of an interrupted run of a stage that cannot resume
         shutil.rmtree(out)
+    if resumed_from is None:
+        (directory / PROGRESS_FILE).unlink(missing_ok=True)
+    return resumed_from
 
 
 def _produced_meanwhile(plan: StagePlan) -> bool:
@@ -119,15 +170,16 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
         if _produced_meanwhile(plan):
             logger.info(f"{plan.stage}: {directory} is already complete (produced by another run)")
             return ref_from_manifest(directory)
-        _prepare(plan, logger)
+        lines = _Lines(logger, _prepare(plan, logger))
         cmd = plan.command()
         logger.info(f"{plan.stage} attempt {task_run.run_count}: {' '.join(cmd)}")
         started = time.time()
-        progress = _Progress(plan.stage)
-        result = launch(cmd, log_path=directory / LOG_FILE, env=plan.resources.env, on_line=logger.info,
-                        on_progress=progress,
-                        timeout_seconds=plan.resources.timeout_minutes * 60 if plan.resources.timeout_minutes else None)
+        progress = _Progress(plan.stage, directory / PROGRESS_FILE, attempt=task_run.run_count)
+        result = launch(cmd, log_path=directory / LOG_FILE, env=plan.resources.env, on_line=lines,
+                        on_progress=progress, timeout_seconds=plan.resources.timeout_minutes * 60
+                        if plan.resources.timeout_minutes else None)
         if result.returncode != 0 or result.timed_out:
+            progress.finish("failed")
             raise failure_from(result, plan.stage)
         metrics_path = Path(plan.out_dir) / "metrics.json"
         if not metrics_path.is_file():
@@ -135,7 +187,7 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
                               kind="incomplete", retryable=False)
         metrics = json.loads(metrics_path.read_text())
         timings = {"started": started, "finished": time.time(), "seconds": round(result.seconds, 3),
-                   "attempt": task_run.run_count}
+                   "attempt": task_run.run_count, "resumed_from": lines.resumed_from}
         write_manifest(directory, stage=plan.stage, digest=plan.hash, config=plan.config, upstream=plan.upstream,
                        metrics=metrics, timings=timings,
                        extra={"command": cmd, "code_version": plan.code_version, "code": plan.code,
@@ -143,6 +195,7 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
                               "flow_run_id": flow_run.id,
                               "task_run_id": task_run.id})
         progress.finish()
-        logger.info(f"{plan.stage}: done in {result.seconds:.1f} s -> {directory}")
+        resumed = f", resumed from step {lines.resumed_from}" if lines.resumed_from is not None else ""
+        logger.info(f"{plan.stage}: done in {result.seconds:.1f} s{resumed} -> {directory}")
         return ArtifactRef(stage=plan.stage, hash=plan.hash, path=str(directory), metrics=metrics,
-                           seconds=round(result.seconds, 3))
+                           seconds=round(result.seconds, 3), resumed_from=lines.resumed_from)

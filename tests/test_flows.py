@@ -13,7 +13,8 @@ from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId,
+                                            LogFilter, LogFilterTaskRunId)
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.artifacts import read_manifest, verify
@@ -21,6 +22,7 @@ from flows.config import PipelineConfig
 from flows.pipeline import full_pipeline, stage_flow
 from flows.plan import plan_pipeline
 from flows.presets import deep_merge
+from flows.report import PROGRESS_FILE
 from flows.stage_task import LOG_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +110,27 @@ def edges(flow_run_id: UUID) -> dict[str, set[str]]:
     name_of = {r.id: r.name for r in runs}
     return {r.name: {name_of.get(i.id, "?") for i in r.task_inputs.get("upstream", [])
                      if getattr(i, "input_type", "") == "task_run"} for r in runs}
+
+
+def task_runs(flow_run_id: UUID) -> dict[str, object]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r for r in runs}
+
+
+def task_log(task_run_id: UUID) -> list[str]:
+    """The messages the task run sent to the Prefect log (what its page shows)."""
+    with get_client(sync_client=True) as client:
+        return [entry.message for entry in client.read_logs(
+            log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])), limit=200)]
+
+
+def result_records() -> set[Path]:
+    """Files in Prefect's local result storage: a run must add none (results are not persisted). (Prefect
+    itself pickles the exception of a run whose parameters fail validation there, before any of our code.)"""
+    from prefect.settings import get_current_settings
+    storage = Path(get_current_settings().results.local_storage_path)
+    return {p for p in storage.rglob("*") if p.is_file()} if storage.exists() else set()
 
 
 def artifacts_of(flow_run_id: UUID) -> list:
@@ -214,6 +237,7 @@ def test_killed_stage_is_retried_and_resumes_from_its_checkpoint(kill_home, data
     values = tiny(data_dir, resources={"retries": 1}, base_train={"num_iterations": 80, "save_every": 10},
                   stop_after="base_train")
     plan = plans_of(values)["base_train"]
+    records_before = result_records()
     killer = kill_torchrun_after_checkpoint(plan.out_dir)
     state, states, _ = run(values)
     killer.join()
@@ -228,6 +252,30 @@ def test_killed_stage_is_retried_and_resumes_from_its_checkpoint(kill_home, data
     assert len(commands) == 2 and commands[0] == commands[1] and "--resume_from_step=latest" in commands[0]
     assert "Resuming from step" in log
     assert f"exit code {-signal.SIGKILL}" in log
+
+    # the ref says where the retry resumed, in the stage's own words
+    resumed = state.result()["base_train"].resumed_from
+    assert resumed and resumed % 10 == 0 and f"Resuming from step {resumed} " in log
+    assert manifest["timings"]["resumed_from"] == resumed
+    # the progress history holds both attempts, the steps before the resume included, and is in the manifest
+    records = [json.loads(line) for line in (Path(plan.artifact_dir) / PROGRESS_FILE).read_text().splitlines()]
+    first = [r["step"] for r in records if r["attempt"] == 1]
+    second = [r["step"] for r in records if r["attempt"] == 2]
+    # (checkpoint N is written after step N-1 trained; the steps after it were trained again)
+    assert first and first[0] == 0 and first[-1] >= resumed - 1 and second[0] == resumed and second[-1] == 80
+    assert all(r["total"] == 80 and r["t"] > 0 and ("loss" in r or "val_bpb" in r) for r in records)
+    assert PROGRESS_FILE in manifest["files"]
+
+    run_of_stage = task_runs(state.state_details.flow_run_id)["base_train"]
+    # one human line per step in the Prefect log, no machine-readable progress lines
+    messages = task_log(run_of_stage.id)
+    assert any(m.startswith("step 00079/00080") for m in messages), messages[-20:]
+    assert not any("@@nanopipe-progress" in m for m in messages)
+    # the progress artifact keeps the last step's figures
+    progress = [a for a in artifacts_of(state.state_details.flow_run_id) if a.type == "progress"]
+    assert any(a.description.startswith("base_train: 80/80 loss=") and "val_bpb=" in a.description
+               and a.description.endswith("(done)") for a in progress), [a.description for a in progress]
+    assert result_records() == records_before
 
 
 def test_a_failed_run_rerun_executes_no_upstream_stage(kill_home, data_dir):
@@ -272,11 +320,13 @@ def test_damaged_or_deleted_artifacts_are_recomputed(home, data_dir):
     plans = plans_of(values)
     assert run(values)[0].is_completed()
 
+    records_before = result_records()
     metrics = Path(plans["tok_eval"].out_dir) / "metrics.json"
     metrics.write_text(metrics.read_text() + " ")
     state, states, _ = run(values)
     assert states == {"tok_train": "Cached", "tok_eval": "Completed"}
     assert verify(plans["tok_eval"].artifact_dir, plans["tok_eval"].hash)
+    assert result_records() == records_before
 
     subprocess.run(["rm", "-rf", plans["tok_train"].artifact_dir], check=True)
     state, states, _ = run(values)
@@ -301,7 +351,7 @@ def test_bad_late_stage_setting_fails_before_any_stage_runs(home, data_dir):
     started = time.monotonic()
     state, states, _ = run(values)
     assert state.is_failed() and time.monotonic() - started < 60
-    assert "preflight" in state.message and "--total_batch_size" in state.message
+    assert "stage base_train" in state.message and "--total_batch_size" in state.message
     assert states == {} and not (home / "artifacts").exists()
 
     state = full_pipeline(tiny(data_dir, base_eval={"eval": "nope"}), return_state=True)

@@ -122,6 +122,7 @@ def test_every_line_reaches_the_callback_and_the_log(tmp_path):
     assert result.returncode == 0 and not result.timed_out
     assert [line for line in seen if line.startswith("line ")] == [f"line {i}" for i in range(50)]
     assert "to stderr" in seen
+    assert not any(PROGRESS_PREFIX in line for line in seen + result.tail)   # the log file keeps them
     assert progress == [{"step": 5, "total": 10, "loss": 1.25}] and result.last_progress == progress[0]
     text = log.read_text()
     assert "line 49" in text and "to stderr" in text and PROGRESS_PREFIX in text and "exit code 0" in text
