@@ -385,11 +385,33 @@ def _signal_name(signum: int) -> str:
         return str(signum)
 
 
+# A stage's own one-line reason: `<prog>: error: ...` (bad flag or input) or `<prog>: SomeError: ...`
+# (a StageError), or the last line of a traceback. torchrun's own report of the failed child is not one.
+_STAGE_REASON = re.compile(r"(?:^|: )(?:error: (?P<said>.+)|(?P<exc>[A-Z]\w*(?:Error|Exception): .+))$")
+_NOT_A_REASON = re.compile(r"^(torch\.distributed|\s)|ChildFailedError")
+
+
+def stage_reason(lines: list[str]) -> str | None:
+    """The last line in which the stage said why it stopped, without its program prefix; None if none."""
+    for line in reversed(lines):
+        if _NOT_A_REASON.search(line):
+            continue
+        match = _STAGE_REASON.search(line)
+        if match:
+            return (match.group("said") or match.group("exc")).strip()
+    return None
+
+
 def failure_from(result: LaunchResult, stage: str) -> StageFailed:
+    """The StageFailed of a failed launch. Its first line is the whole story in one sentence (the run's
+    state message): stage, classified reason, the stage's own words, retry verdict, log path; the last
+    lines of the log follow."""
     kind, retryable, reason = classify(result)
     advice = "will be retried" if retryable else "not retried"
+    said = stage_reason(result.tail)
+    said = f": {said}" if said and said not in reason else ""
     tail = "\n".join(result.tail[-25:])
-    message = (f"stage {stage} failed: {reason} [{kind}, {advice}]; full log: {result.log_path}\n"
+    message = (f"{stage} failed: {reason}{said} [{kind}, {advice}] (log: {result.log_path})\n"
                f"--- last lines ---\n{tail}")
     return StageFailed(message, kind=kind, retryable=retryable, returncode=result.returncode,
                        log_path=str(result.log_path))

@@ -9,24 +9,84 @@ Each stage is the `run_stage` task over a plan (flows/plan.py), given its upstre
 so Prefect's graph links every stage to what it reads. A stage whose artifact verifies comes back Cached; a
 re-run after a failure therefore executes only the failed stage onward, and the failed stage resumes from
 its checkpoints. `recompute_from` forces a stage and everything after it.
+
+How a run ends, as the UI shows it: a failure ends the flow run Failed with one sentence as its state message
+(the stage and why, in the stage's own words; the traceback stays in the log), and a regression of the
+nightly gate ends it Failed with "regression: ...".
 """
 
 from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Failed
+from pydantic import ValidationError
 
 from flows.artifacts import ArtifactRef, artifact_lock, discard, ref_from_manifest
 from flows.config import PipelineConfig, StageName
+from flows.launcher import StageFailed, stage_reason
 from flows.plan import (PlanError, StagePlan, is_complete, model_shape, plan_pipeline, preflight, produced_by,
                         stages_from)
 from flows.report import StageOutcome, publish_summary
 from flows.stage_task import run_stage
 from flows.stages import get_stage
+from nanopipe.configs import ConfigError
+
+SENTENCE_CHARS = 600   # a state message is a header line in the UI, not a log
+
+
+class Regression(Exception):
+    """Every stage completed, but the summary found metrics worse than the gate allows."""
+
+
+def failure_sentence(exc: BaseException) -> str:
+    """Why a run failed, in one line: the first line of our own errors, which name the stage; an
+    introduction ending in ":" (preflight) is followed by each stage's own reason; a pydantic error lists
+    each field and what is wrong with it."""
+    if isinstance(exc, ValidationError):
+        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        return _clip(f"invalid config ({exc.title}): {fields}")
+    lines = [line for line in str(exc).strip().splitlines()]
+    head = lines[0].strip() if lines else type(exc).__name__
+    if head.endswith(":") and len(lines) > 1:   # "preflight failed before any stage ran:" then blocks
+        blocks: list[list[str]] = []
+        for line in lines[1:]:
+            if line.startswith("stage ") or not blocks:
+                blocks.append([line])
+            elif line.strip():
+                blocks[-1].append(line)
+        parts = []
+        for block in blocks:
+            reason = stage_reason(block[1:])
+            parts.append(block[0].rstrip(":") + (f": {reason}" if reason else ""))
+        head = f"{head} {'; '.join(parts)}"
+    if isinstance(exc, ConfigError):
+        head = f"invalid config: {head}"
+    elif not isinstance(exc, (StageFailed, PlanError, Regression)):
+        head = f"{type(exc).__name__}: {head}"
+    return _clip(head)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= SENTENCE_CHARS else text[:SENTENCE_CHARS - 3] + "..."
+
+
+def ended(run: Callable[[], Any]) -> Any:
+    """The flow's body, with a failure turned into a Failed state whose message is its one sentence. (A flow
+    that raises gets "Flow run encountered an exception: <Type>: <whole message>" from Prefect instead.)
+    The exception stays the state's data: in-process callers still get it raised by `state.result()`, or by
+    the flow call itself without return_state. Cancellation and interrupts (BaseException) pass through."""
+    try:
+        return run()
+    except Exception as exc:
+        sentence = failure_sentence(exc)
+        if not isinstance(exc, Regression):
+            get_run_logger().error(f"{sentence}\n(the full error follows)", exc_info=exc)
+        return Failed(message=sentence, data=exc)
 
 
 def execute(plan: StagePlan, *, force: bool, complete: bool, upstream: dict[str, Any], logger) -> StageOutcome:
@@ -87,11 +147,23 @@ def run_stages(plans: list[StagePlan], config: PipelineConfig, title: str,
             if outcome.ref is None:
                 raise RuntimeError(f"stage {plan.stage} ended {outcome.status}: {outcome.error}")
     finally:
-        try:
-            print(publish_summary(outcomes, plans, title, config=config))
-        except Exception as err:   # never let the report hide why the run ended
-            logger.warning(f"could not publish the run summary: {type(err).__name__}: {err}")
+        regressions = _publish(outcomes, plans, title, config, logger)
+    if regressions:   # every stage completed (a failure raised above): the artifacts stay, cached next time
+        raise Regression("regression: " + "; ".join(regressions))
     return {o.plan.stage: o.ref for o in outcomes}
+
+
+def _publish(outcomes: list[StageOutcome], plans: list[StagePlan], title: str, config: PipelineConfig,
+             logger) -> list[str]:
+    """Publish the run summary however the run ended; return the regressions it found (the summary is its
+    markdown, or an object with `.markdown` and `.regressions`)."""
+    try:
+        summary = publish_summary(outcomes, plans, title, config=config)
+    except Exception as err:   # never let the report hide why the run ended
+        logger.warning(f"could not publish the run summary: {type(err).__name__}: {err}")
+        return []
+    print(summary if isinstance(summary, str) else summary.markdown)
+    return [] if isinstance(summary, str) else list(getattr(summary, "regressions", None) or [])
 
 
 def pipeline_run_name() -> str:
@@ -108,13 +180,17 @@ def pipeline_run_name() -> str:
 @flow(name="full-pipeline", flow_run_name=pipeline_run_name, log_prints=True)
 def full_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, ArtifactRef]:
     """The whole pipeline: validate and dry-run every stage first, then run (or reuse) each in order."""
-    plans = plan_pipeline(config)
-    return run_stages(plans, config, title=f"nanopipe pipeline ({config.preset or 'custom'})")
+    return ended(lambda: run_stages(plan_pipeline(config), config,
+                                    title=f"nanopipe pipeline ({config.preset or 'custom'})"))
 
 
 @flow(name="stage", flow_run_name="{stage}", log_prints=True)
 def stage_flow(stage: StageName, config: PipelineConfig) -> ArtifactRef:
     """One stage as its own flow. Its inputs must already exist (run the upstream stages first)."""
+    return ended(lambda: _one_stage(stage, config))
+
+
+def _one_stage(stage: StageName, config: PipelineConfig) -> ArtifactRef:
     row = get_stage(stage)
     config = config.model_copy(update={"stop_after": None, **({row.when: True} if row.when else {})})
     plans = {p.stage: p for p in plan_pipeline(config)}

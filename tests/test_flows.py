@@ -13,16 +13,18 @@ from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
+from pydantic import ValidationError
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId,
                                             LogFilter, LogFilterTaskRunId)
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.artifacts import read_manifest, verify
 from flows.config import PipelineConfig
-from flows.pipeline import full_pipeline, stage_flow
-from flows.plan import plan_pipeline
+from flows.pipeline import failure_sentence, full_pipeline, stage_flow
+from flows.plan import PlanError, plan_pipeline
 from flows.presets import deep_merge
 from flows.report import PROGRESS_FILE
+from flows.launcher import StageFailed
 from flows.stage_task import LOG_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -351,8 +353,12 @@ def test_bad_late_stage_setting_fails_before_any_stage_runs(home, data_dir):
     started = time.monotonic()
     state, states, _ = run(values)
     assert state.is_failed() and time.monotonic() - started < 60
+    # the run's state message is one sentence: which stage, and why
     assert "stage base_train" in state.message and "--total_batch_size" in state.message
+    assert "\n" not in state.message and not state.message.startswith("Flow run encountered")
     assert states == {} and not (home / "artifacts").exists()
+    with pytest.raises(PlanError, match="total_batch_size"):   # called without return_state, the flow raises
+        full_pipeline(values)
 
     state = full_pipeline(tiny(data_dir, base_eval={"eval": "nope"}), return_state=True)
     assert state.is_failed() and "nope" in state.message
@@ -402,4 +408,47 @@ def test_a_failure_a_retry_cannot_fix_is_not_retried(home, data_dir, tmp_path):
     state, states, _ = run(values)
     assert state.is_failed() and states == {"tok_train": "Failed"}
     assert "not retried" in state.message and str(missing) in state.message   # the stage's own reason
+    assert state.message.startswith("tok_train failed: ") and "\n" not in state.message
+    assert "(log: " in state.message and not state.message.startswith("Flow run encountered")
+    assert isinstance(state.result(raise_on_failure=False), StageFailed)   # the exception stays the data
     assert launches(plans_of(values)["tok_train"].artifact_dir) == 1
+
+
+def test_a_regression_ends_the_run_failed_and_keeps_the_artifacts(home, data_dir, monkeypatch):
+    """The summary's regression gate (publish_summary returning `.markdown` and `.regressions`) fails a run
+    whose stages all completed, naming each regression; the artifacts stay valid and are reused."""
+    import flows.pipeline
+    from flows.report import publish_summary
+
+    class Gated:
+        def __init__(self, markdown):
+            self.markdown, self.regressions = markdown, ["tok_train val_bytes_per_token 3.1 < 3.2 (last good)"]
+
+    values = tiny(data_dir, stop_after="tok_train")
+    with monkeypatch.context() as patch:
+        patch.setattr(flows.pipeline, "publish_summary", lambda *a, **k: Gated(publish_summary(*a, **k)))
+        state, states, _ = run(values)
+    assert state.is_failed() and states == {"tok_train": "Completed"}
+    assert state.message == "regression: tok_train val_bytes_per_token 3.1 < 3.2 (last good)"
+    state, states, _ = run(values)
+    assert state.is_completed() and states == {"tok_train": "Cached"}
+
+
+def test_a_failure_is_told_in_one_sentence():
+    """The run's state message: an introduction ending in ":" is followed by each stage's own reason; a
+    pydantic error names each field; anything else keeps its type."""
+    preflight = PlanError("preflight failed before any stage ran:\nstage base_train: dry run failed (exit code 2):\n"
+                          "Estimated peak memory per device: 0.01 GiB\n"
+                          "python -m nanopipe.stages.base_train: error: BaseTrainConfig: --depth must be positive\n\n"
+                          "stage chat_sft: dry run failed (exit code 2):\nTraceback (most recent call last):\n"
+                          "python -m nanopipe.stages.chat_sft: ConfigError: --num_iterations is negative")
+    assert failure_sentence(preflight) == (
+        "preflight failed before any stage ran: stage base_train: dry run failed (exit code 2): BaseTrainConfig: "
+        "--depth must be positive; stage chat_sft: dry run failed (exit code 2): ConfigError: --num_iterations "
+        "is negative")
+    with pytest.raises(ValidationError) as invalid:
+        PipelineConfig.model_validate({"preset": "demo-cpu", "base_eval": {"eval": "nope"}})
+    sentence = failure_sentence(invalid.value)
+    assert sentence.startswith("invalid config (PipelineConfig): base_eval.eval: ") and "nope" in sentence
+    assert failure_sentence(KeyError("model_config")) == "KeyError: 'model_config'"
+    assert len(failure_sentence(RuntimeError("x" * 5000))) <= 600

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from flows.launcher import (LaunchResult, Resources, StageFailed, classify, failure_from, launch, marked_pids,
-                            root_exit_code, stage_command)
+                            root_exit_code, stage_command, stage_reason)
 from nanopipe.common import PROGRESS_PREFIX
 
 
@@ -259,6 +259,22 @@ def test_classification(returncode, tail, kind, retryable):
 
 def test_timeout_is_retryable_even_with_a_signal_exit():
     assert classify(_result(-15, ["step 3"], timed_out=True))[:2] == ("timeout", True)
+
+
+def test_the_first_line_of_a_failure_is_the_stage_s_own_reason():
+    """A torchrun launch whose worker exited 2 with its one-line error: the first line of the StageFailed
+    (the run's state message) names the stage, the stage's own words, the verdict and the log."""
+    tail = ["step 00003/00010 | loss: 2.1",
+            "python -m nanopipe.stages.base_train: error: BaseTrainConfig: --total_batch_size=1000 is bad",
+            "E1202 17:00:00 torch/distributed/elastic/multiprocessing/api.py:882] failed (exitcode: 2)",
+            "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+            "Root Cause (first observed failure):", "[0]:", "  exitcode  : 2 (pid: 12)"]
+    first = str(failure_from(_result(1, tail), "base_train")).splitlines()[0]
+    assert first == ("base_train failed: the stage rejected a flag, a value or an input file (exit code 2): "
+                     "BaseTrainConfig: --total_batch_size=1000 is bad [config, not retried] (log: stage.log)")
+    assert stage_reason(["Traceback (most recent call last):", '  File "x.py", line 1', "KeyError: 'model_config'"]) \
+        == "KeyError: 'model_config'"
+    assert stage_reason(["step 1", "step 2"]) is None
 
 
 def test_stage_failed_survives_pickling():
