@@ -11,17 +11,20 @@ re-run after a failure therefore executes only the failed stage onward, and the 
 its checkpoints. `recompute_from` forces a stage and everything after it.
 
 How a run ends, as the UI shows it: a failure ends the flow run Failed with one sentence as its state message
-(the stage and why, in the stage's own words; the traceback stays in the log), and a regression of the
-nightly gate ends it Failed with "regression: ...".
+(the stage and why, in the stage's own words; the traceback stays in the log), a regression of the nightly
+gate ends it Failed with "regression: ...", and a cancel from the UI ends the running stage and the flow
+run Cancelled.
 """
 
 from __future__ import annotations
 
+import signal
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 from prefect import flow, get_run_logger
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Failed
 from pydantic import ValidationError
@@ -102,6 +105,8 @@ def execute(plan: StagePlan, *, force: bool, complete: bool, upstream: dict[str,
     started = time.monotonic()
     state = stage_task(plan=plan, upstream=upstream, verified=complete, return_state=True)
     seconds = time.monotonic() - started
+    if state.is_cancelled():
+        return StageOutcome(plan, "Cancelled", seconds, error=state.message or "cancelled", state=state)
     if not state.is_completed():
         try:
             state.result()
@@ -137,11 +142,14 @@ def run_stages(plans: list[StagePlan], config: PipelineConfig, title: str,
             try:
                 outcome = execute(plan, force=plan.stage in force, complete=complete[plan.stage], upstream=upstream,
                                   logger=logger)
-            except BaseException:   # cancelled or killed mid-stage: say so in the summary, then go on unwinding
+            except BaseException:   # killed or interrupted mid-stage: say so in the summary, then go on unwinding
                 outcomes.append(StageOutcome(plan, "Interrupted", time.monotonic() - started))
                 raise
             outcomes.append(outcome)
             states[plan.stage] = outcome.state
+            if outcome.status == "Cancelled":
+                # the stage stopped on the runner's cancel: let the flow engine end the run Cancelled
+                raise TerminationSignal(signal.SIGTERM)
             if outcome.exception is not None:
                 raise outcome.exception
             if outcome.ref is None:

@@ -14,7 +14,8 @@ is checked file by file. Retries happen only for failures a retry can fix, and a
 stage resumes from its last checkpoint.
 
 What the run's page shows of a stage: one human line per step in the logs (the machine-readable progress
-lines go to stage.log, the progress artifact and `progress.jsonl` instead).
+lines go to stage.log, the progress artifact and `progress.jsonl` instead), and, when the run is cancelled
+from the UI, a Cancelled task run.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run, task_run
-from prefect.states import Completed
+from prefect.states import Cancelled, Completed
 
 from flows.artifacts import (ArtifactRef, artifact_lock, discard, read_manifest, ref_from_manifest, verify,
                              write_manifest)
@@ -45,6 +47,17 @@ _RESUMING = re.compile(r"Resuming from step (\d+)")
 def cache_key(plan: StagePlan) -> str:
     """What the stage is cached under: the stage and its artifact's content hash."""
     return f"nanopipe-{plan.stage}-{plan.hash}"
+
+
+def cancel_requested() -> bool:
+    """Is the SIGTERM being handled the runner's cancel of this flow run (UI, `prefect flow-run cancel`)?
+    Prefect's worker says so over its control channel before it signals the flow process; the flow engine
+    reads the same flag to end the run Cancelled rather than Crashed. Any other SIGTERM is a crash."""
+    try:
+        from prefect._internal.control_listener import get_intent
+    except ImportError:   # a Prefect without the control channel: every SIGTERM is a crash, as before
+        return False
+    return get_intent() == "cancel"
 
 
 def retry_if_retryable(task, task_run, state) -> bool:
@@ -175,9 +188,18 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
         logger.info(f"{plan.stage} attempt {task_run.run_count}: {' '.join(cmd)}")
         started = time.time()
         progress = _Progress(plan.stage, directory / PROGRESS_FILE, attempt=task_run.run_count)
-        result = launch(cmd, log_path=directory / LOG_FILE, env=plan.resources.env, on_line=lines,
-                        on_progress=progress, timeout_seconds=plan.resources.timeout_minutes * 60
-                        if plan.resources.timeout_minutes else None)
+        try:
+            result = launch(cmd, log_path=directory / LOG_FILE, env=plan.resources.env, on_line=lines,
+                            on_progress=progress, timeout_seconds=plan.resources.timeout_minutes * 60
+                            if plan.resources.timeout_minutes else None)
+        except TerminationSignal:
+            # the launch has already stopped the stage's process tree on its way out
+            if not cancel_requested():
+                raise   # a real termination: Prefect marks the task run Crashed
+            progress.finish("cancelled")
+            logger.warning(f"{plan.stage}: cancelled; the stage's processes were stopped")
+            step = progress.latest.get("step")
+            return Cancelled(message=f"{plan.stage} cancelled" + (f" at step {step}" if step is not None else ""))
         if result.returncode != 0 or result.timed_out:
             progress.finish("failed")
             raise failure_from(result, plan.stage)

@@ -99,6 +99,20 @@ def test_cancelling_a_run_mid_stage_leaves_no_process(stack):
     assert processes_of_flow_run(flow_run_id) == [], "processes survived the cancellation"
     state = wait_for_state(stack, flow_run_id, {"CANCELLED"}, timeout=90)
     assert state.name == "Cancelled"
+    # the stage that was running ends Cancelled (not Crashed), and the run's summary says so
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
+                                                FlowRunFilterId)
+    with SyncPrefectClient(stack.api_url) as client:
+        stages = {r.name: r.state for r in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))}
+        summary = [a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))) if a.type == "markdown"]
+    stage = stages["base_train"]
+    assert stage.type.value == "CANCELLED", f"{stage.name}: {stage.message}"
+    assert stage.message.startswith("base_train cancelled")
+    rows = [line for a in summary for line in str(a.data).splitlines() if line.startswith("| base_train ")]
+    assert rows and "Cancelled" in rows[-1], rows
 
 
 def test_retrying_a_failed_run_reruns_only_the_failed_stage_from_its_checkpoint(stack):
