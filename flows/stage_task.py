@@ -14,8 +14,8 @@ is checked file by file. Retries happen only for failures a retry can fix, and a
 stage resumes from its last checkpoint.
 
 What the run's page shows of a stage: one human line per step in the logs (the machine-readable progress
-lines go to stage.log, the progress artifact and `progress.jsonl` instead), and, when the run is cancelled
-from the UI, a Cancelled task run.
+lines go to stage.log, the progress artifact and `progress.jsonl` instead), the cache key and code version
+in the final state's message, and, when the run is cancelled from the UI, a Cancelled task run.
 """
 
 from __future__ import annotations
@@ -47,6 +47,14 @@ _RESUMING = re.compile(r"Resuming from step (\d+)")
 def cache_key(plan: StagePlan) -> str:
     """What the stage is cached under: the stage and its artifact's content hash."""
     return f"nanopipe-{plan.stage}-{plan.hash}"
+
+
+def cache_note(plan: StagePlan) -> str:
+    """The cache key and code version, for the task run's state message. (Prefect 3.9 never fills the task
+    run's own "Cache Key" field: the engine creates task runs without one and the API cannot set it later,
+    even with a custom CachePolicy, which would moreover require persisted (pickled) results. The state
+    message is the one place of the task run page we control.)"""
+    return f"cache key {cache_key(plan)}, code version {plan.code_version}"
 
 
 def cancel_requested() -> bool:
@@ -178,11 +186,12 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
                               f"expects hash {expected}", kind="plan", retryable=False)
     if verified:
         return Completed(name="Cached", data=ref_from_manifest(directory),
-                         message=f"reused {directory.name}: its manifest verified (cache key {cache_key(plan)})")
+                         message=f"reused {directory.name}: its manifest verified ({cache_note(plan)})")
     with artifact_lock(directory, on_wait=logger.info):
         if _produced_meanwhile(plan):
             logger.info(f"{plan.stage}: {directory} is already complete (produced by another run)")
-            return ref_from_manifest(directory)
+            return Completed(data=ref_from_manifest(directory),
+                             message=f"{directory.name} was produced by another run meanwhile ({cache_note(plan)})")
         lines = _Lines(logger, _prepare(plan, logger))
         cmd = plan.command()
         logger.info(f"{plan.stage} attempt {task_run.run_count}: {' '.join(cmd)}")
@@ -219,5 +228,6 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
         progress.finish()
         resumed = f", resumed from step {lines.resumed_from}" if lines.resumed_from is not None else ""
         logger.info(f"{plan.stage}: done in {result.seconds:.1f} s{resumed} -> {directory}")
-        return ArtifactRef(stage=plan.stage, hash=plan.hash, path=str(directory), metrics=metrics,
-                           seconds=round(result.seconds, 3), resumed_from=lines.resumed_from)
+        ref = ArtifactRef(stage=plan.stage, hash=plan.hash, path=str(directory), metrics=metrics,
+                          seconds=round(result.seconds, 3), resumed_from=lines.resumed_from)
+        return Completed(data=ref, message=f"produced {directory.name}{resumed} ({cache_note(plan)})")

@@ -25,7 +25,7 @@ from flows.plan import PlanError, plan_pipeline
 from flows.presets import deep_merge
 from flows.report import PROGRESS_FILE
 from flows.launcher import StageFailed
-from flows.stage_task import LOG_FILE
+from flows.stage_task import LOG_FILE, cache_key
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_HEADER = " $ "   # each attempt writes one "# <time> $ <command>" line into stage.log
@@ -268,7 +268,11 @@ def test_killed_stage_is_retried_and_resumes_from_its_checkpoint(kill_home, data
     assert all(r["total"] == 80 and r["t"] > 0 and ("loss" in r or "val_bpb" in r) for r in records)
     assert PROGRESS_FILE in manifest["files"]
 
+    # the task run: named and tagged by stage, preset and artifact; its state message says key and code
     run_of_stage = task_runs(state.state_details.flow_run_id)["base_train"]
+    assert {"stage:base_train", "preset:demo-cpu", f"artifact:{plan.hash}"} <= set(run_of_stage.tags)
+    assert cache_key(plan) in run_of_stage.state.message and plan.code_version in run_of_stage.state.message
+    assert f"resumed from step {resumed}" in run_of_stage.state.message
     # one human line per step in the Prefect log, no machine-readable progress lines
     messages = task_log(run_of_stage.id)
     assert any(m.startswith("step 00079/00080") for m in messages), messages[-20:]
@@ -328,6 +332,8 @@ def test_damaged_or_deleted_artifacts_are_recomputed(home, data_dir):
     state, states, _ = run(values)
     assert states == {"tok_train": "Cached", "tok_eval": "Completed"}
     assert verify(plans["tok_eval"].artifact_dir, plans["tok_eval"].hash)
+    cached = task_runs(state.state_details.flow_run_id)["tok_train"].state
+    assert cache_key(plans["tok_train"]) in cached.message and plans["tok_train"].code_version in cached.message
     assert result_records() == records_before
 
     subprocess.run(["rm", "-rf", plans["tok_train"].artifact_dir], check=True)
