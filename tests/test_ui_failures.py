@@ -1,0 +1,96 @@
+"""What the Prefect UI shows of runs that did not complete, in a real headless browser (Debian's chromium
+driven by the playwright package): a failed run's page says why in one sentence, and a run cancelled
+mid-stage shows that stage Cancelled. The runs go through the deployment and the process worker."""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import tests.test_prefect_server as server_tests
+from tests.test_flows_server_support import TINY, prefect_stack, wait_for_state
+
+CHROMIUM = Path(os.environ.get("NANOPIPE_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+
+sync_playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
+                                      "(pip install -e '.[dev]')").sync_playwright
+if not CHROMIUM.is_file():
+    pytest.skip(f"no chromium at {CHROMIUM}: install it with `bash scripts/install_browser.sh` (apt, as root) "
+                f"or point NANOPIPE_CHROMIUM at one", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    return prefect_stack()
+
+
+def start_run(stack, config: dict) -> str:
+    from prefect.client.orchestration import SyncPrefectClient
+    with SyncPrefectClient(stack.api_url) as client:
+        deployment = client.read_deployment_by_name("full-pipeline/full-pipeline")
+        return str(client.create_flow_run_from_deployment(deployment.id, parameters={"config": config}).id)
+
+
+def page_text(stack, path: str, expected: str, timeout_seconds: float = 60) -> str:
+    """The visible text of a UI page once `expected` shows on it (what a person reads there)."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(timeout_seconds * 1000)
+            page.goto(f"{stack.ui_url}{path}", wait_until="networkidle")
+            try:
+                page.get_by_text(expected).first.wait_for(state="visible")
+            except Exception:   # the assertion below shows what the page said instead
+                pass
+            return page.inner_text("body")
+        finally:
+            browser.close()
+
+
+def test_a_failed_run_page_says_why_in_one_sentence(stack, tmp_path):
+    # a value the form accepts but the stage refuses: a local data directory that does not exist
+    missing = tmp_path / "no-such-shards"
+    config = {**TINY, "data": {"data_source": "local", "data_dir": str(missing)}}
+    flow_run_id = start_run(stack, config)
+    state = wait_for_state(stack, flow_run_id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, timeout=300)
+    assert state.type.value == "FAILED", f"{state.name}: {state.message}\n{stack.log('worker.log')}"
+    assert state.message.startswith("tok_train failed: ") and str(missing) in state.message
+    assert "\n" not in state.message and "encountered an exception" not in state.message
+
+    text = page_text(stack, f"/v2/runs/flow-run/{flow_run_id}", "tok_train failed:")
+    assert "tok_train failed:" in text and str(missing) in text, text[:3000]
+    assert "Traceback" not in text.split("tok_train failed:")[0]
+
+
+def test_a_run_cancelled_mid_stage_shows_the_stage_cancelled(stack):
+    config = {**TINY, "stop_after": "base_train",
+              "base_train": {"depth": 2, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 64,
+                             "device_batch_size": 4, "total_batch_size": 256, "num_iterations": 100_000,
+                             "eval_every": None, "eval_tokens": 512}}
+    flow_run_id = start_run(stack, config)
+    deadline = time.monotonic() + 300
+    training = []
+    while time.monotonic() < deadline and len(training) < 2:   # torchrun and its worker are up
+        training = [p for p in server_tests.processes_of_flow_run(flow_run_id)
+                    if b"nanopipe.stages.base_train" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        time.sleep(0.2)
+    assert len(training) >= 2, f"base_train never started; worker log:\n{stack.log('worker.log')}"
+    done = stack.prefect("flow-run", "cancel", flow_run_id)
+    assert done.returncode == 0, done.stdout + done.stderr
+    state = wait_for_state(stack, flow_run_id, {"CANCELLED", "CRASHED", "FAILED", "COMPLETED"}, timeout=120)
+    assert state.type.value == "CANCELLED", state.name
+
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    with SyncPrefectClient(stack.api_url) as client:
+        runs = {r.name: r for r in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))}
+    stage = runs["base_train"]
+    assert stage.state.type.value == "CANCELLED", stage.state.name
+    assert stage.state.message.startswith("base_train cancelled")
+    text = page_text(stack, f"/v2/runs/task-run/{stage.id}", "Cancelled")
+    assert "Cancelled" in text and "Crashed" not in text, text[:3000]
+    assert "stage:base_train" in text and "preset:demo-cpu" in text   # the task run's tags
