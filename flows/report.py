@@ -39,6 +39,8 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+import nanopipe
+
 from flows.artifacts import ArtifactRef
 from flows.plan import StagePlan
 from flows.plots import PROGRESS_FILE, markdown_image, stage_curves
@@ -47,6 +49,7 @@ from nanopipe.common import atomic_write_text
 
 REPORT_FILE = "report.md"
 KEY_METRICS_KEY = "nanopipe-key-metrics"
+NO_EARLIER_RUN = "no earlier run of this lineage to compare with"
 DEFAULT_COST_PER_GPU_HOUR = 3.0   # USD, an 8xH100 node at ~$24/h; PipelineConfig.cost_per_gpu_hour overrides it
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,8 +186,7 @@ def environment_section(env: dict[str, Any], plans: list[StagePlan]) -> list[str
         code = "unknown (not a git checkout)"
     gpus = env.get("gpus") or []
     gpu_text = (", ".join(f"{n}x {name}" for name, n in _counted(gpus).items()) if gpus else "none visible")
-    versions = sorted({p.code_version for p in plans})
-    rows = [("code commit", code), ("stage code versions", ", ".join(f"`{v}`" for v in versions) or "-"),
+    rows = [("code commit", code), ("nanopipe", nanopipe.__version__),
             ("host", env.get("host")), ("CPUs", env.get("cpus")), ("platform", env.get("platform")),
             ("Python", env.get("python")), ("torch", env.get("torch")),
             ("CUDA (torch build)", env.get("cuda") or "none (CPU build)"), ("GPUs", gpu_text),
@@ -296,7 +298,8 @@ def base_section(metrics: dict[str, dict]) -> list[str]:
             ("CORE", evaluation.get("core_metric", train.get("core_metric"))),
             ("tokens per second", train.get("tokens_per_sec")), ("MFU %", train.get("mfu_percent"))]
     lines = ["## Base model", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {_fmt(value, 5)} |" for name, value in rows if value is not None]
+    lines += [f"| {name} | {f'{value:,}' if isinstance(value, int) else _fmt(value, 5)} |"
+              for name, value in rows if value is not None]
     return lines + [""]
 
 
@@ -307,7 +310,7 @@ def chat_section(metrics: dict[str, dict]) -> list[str]:
         return []
     seen = [t for m in columns.values() for t in (m.get("accuracy") or {})]
     rows = [*CHAT_ROWS, *sorted(set(seen) - set(CHAT_ROWS))]
-    lines = ["## Chat model", "", "| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = ["## Chat model", "", "| task | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for task in rows:
         cells = [_fmt(_number((m.get("accuracy") or {}).get(task))) for m in columns.values()]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
@@ -477,7 +480,7 @@ def compare(current: dict[str, float], current_basis: dict[str, str], previous: 
             against: str = "the last completed run") -> GateResult:
     """Each key metric against the previous record ({"metrics": ..., "basis": ...}) and its tolerance."""
     if previous is None:
-        return GateResult([], [], "no earlier run of this lineage to compare with")
+        return GateResult([], [], NO_EARLIER_RUN)
     before, before_basis = previous.get("metrics") or {}, previous.get("basis") or {}
     regressions, rows = [], []
     for name, now in current.items():
@@ -495,12 +498,12 @@ def compare(current: dict[str, float], current_basis: dict[str, str], previous: 
             verb = "dropped" if tolerance.higher_is_better else "rose"
             regressions.append(f"{name} {verb} from {old:.4f} to {now:.4f} ({change}, tolerance "
                                f"{tolerance.describe()}) since {against}")
-    note = f"compared with {against}" if rows else f"no key metric in common with {against}"
+    note = f"Compared with {against}" if rows else f"No key metric in common with {against}"
     return GateResult(regressions, rows, note)
 
 
 def gate_section(gate: GateResult) -> list[str]:
-    lines = ["## Regression gate", "", gate.note + ".", ""]
+    lines = ["## Regression gate", "", gate.note[:1].upper() + gate.note[1:] + ".", ""]
     if gate.rows:
         lines += ["| metric | previous | now | tolerance | verdict |", "|---|---|---|---|---|"]
         lines += [f"| {n} | {_fmt(old, 5)} | {_fmt(now, 5)} | {tol} | {v} |" for n, old, now, tol, v in gate.rows]
@@ -558,13 +561,13 @@ def previous_record(lineage_name: str, flow_run_id, deployment_id, flow_name: st
 def regression_gate(current: dict[str, float], basis: dict[str, str], lineage_name: str) -> GateResult:
     """compare() against the previous record of the lineage; never raises (a Prefect API error or a run
     outside Prefect is a note in the report, not a failure of the run)."""
-    from prefect.runtime import flow_run
+    from prefect.runtime import deployment, flow_run
     if not current:
         return GateResult([], [], "no key metric in this run (base val bpb, CORE, ChatCORE, GSM8K) to compare")
     if not flow_run.id:
         return GateResult([], [], "not inside a flow run: no earlier run to look up")
     try:
-        previous, against = previous_record(lineage_name, flow_run.id, flow_run.deployment_id, flow_run.flow_name)
+        previous, against = previous_record(lineage_name, flow_run.id, deployment.id, flow_run.flow_name)
     except Exception as err:   # the API is down or answers nonsense: the report still goes out
         _log().warning(f"regression gate: could not read earlier runs: {type(err).__name__}: {err}")
         return GateResult([], [], f"could not read earlier runs from the Prefect API ({type(err).__name__}: {err})")
