@@ -1,5 +1,7 @@
 """Trigger the full-pipeline deployment from the Prefect UI in a real headless browser (Debian's chromium
-driven by the playwright package) and check, through the API, that the worker ran it to completion."""
+driven by the playwright package), check through the API that the worker ran it to completion, and check
+what that run's artifacts show a person in the UI: the report card's tables, its curve image, every column
+of the metrics table."""
 
 import os
 import time
@@ -17,6 +19,14 @@ sync_playwright = pytest.importorskip("playwright.sync_api", reason="the playwri
 if not CHROMIUM.is_file():
     pytest.skip(f"no chromium at {CHROMIUM}: install it with `bash scripts/install_browser.sh` (apt, as root) "
                 f"or point NANOPIPE_CHROMIUM at one", allow_module_level=True)
+
+
+# The Quick run: the test stack's tiny config through a depth-2 base model trained 12 steps (seconds), so the
+# run has a training curve, base metrics and a resumable stage, not just a tokenizer
+UI_CONFIG = {**TINY, "stop_after": "base_train", "tok_eval": {"val_chars": 20_000},
+             "base_train": {"depth": 2, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 64, "device_batch_size": 4,
+                            "total_batch_size": 256, "num_iterations": 12, "eval_every": 6, "eval_tokens": 512,
+                            "save_every": 6}}
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +58,15 @@ def click_until_created(page, click, patience_seconds: float = 120.0):
         pause = min(2 * pause, 15.0)
 
 
-def test_quick_run_from_the_ui_completes(stack):
+@pytest.fixture(scope="module")
+def quick_run(stack):
+    """Quick run of the deployment from its page, to its final state: (flow run, state). Quick run uses the
+    deployment's own parameters, made UI_CONFIG first."""
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.actions import DeploymentUpdate
     with SyncPrefectClient(stack.api_url) as client:
         deployment = client.read_deployment_by_name("full-pipeline/full-pipeline")
-        # Quick run uses the deployment's own parameters: make them the CPU-test size first
-        client.update_deployment(deployment.id, DeploymentUpdate(parameters={"config": TINY}))
+        client.update_deployment(deployment.id, DeploymentUpdate(parameters={"config": UI_CONFIG}))
         before = {r.id for r in deployment_runs(client, deployment.id)}
 
     with sync_playwright() as playwright:
@@ -63,10 +75,10 @@ def test_quick_run_from_the_ui_completes(stack):
             page = browser.new_page()
             page.set_default_timeout(60_000)
             page.goto(f"{stack.ui_url}/v2/deployments/deployment/{deployment.id}", wait_until="networkidle")
-            def quick_run():
+            def click_quick_run():
                 page.get_by_role("button", name="Run", exact=True).click()
                 page.get_by_role("menuitem", name="Quick run").click()
-            created = click_until_created(page, quick_run)
+            created = click_until_created(page, click_quick_run)
             assert created.status == 201, created.text()
         finally:
             browser.close()
@@ -78,9 +90,68 @@ def test_quick_run_from_the_ui_completes(stack):
             new = [r for r in deployment_runs(client, deployment.id) if r.id not in before]
             time.sleep(0.5)
     assert len(new) == 1, f"the Quick run click created {len(new)} flow runs"
-    assert new[0].parameters == {"config": TINY}
-    state = wait_for_state(stack, str(new[0].id), {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, timeout=300)
+    state = wait_for_state(stack, str(new[0].id), {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, timeout=600)
+    return new[0], state
+
+
+def test_quick_run_from_the_ui_completes(stack, quick_run):
+    flow_run, state = quick_run
+    assert flow_run.parameters == {"config": UI_CONFIG}
     assert state.type.value == "COMPLETED", f"{state.name}: {state.message}\n{stack.log('worker.log')}"
+
+
+def run_artifacts(stack, flow_run_id) -> dict:
+    """{key: newest artifact of that key} of one flow run, through the API."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    with SyncPrefectClient(stack.api_url) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    return {a.key: a for a in sorted(found, key=lambda a: a.created) if a.key}
+
+
+def test_the_run_shows_its_report_card_curves_and_metrics_table(stack, quick_run):
+    """The completed run's Artifacts tab lists the report card; its page shows the stage table and the
+    base_train curve as a rendered image; the metrics table's page shows every column (stage, metric, value)."""
+    flow_run, state = quick_run
+    assert state.type.value == "COMPLETED", f"{state.name}: {state.message}"
+    artifacts = run_artifacts(stack, flow_run.id)
+    assert {"nanopipe-report", "nanopipe-metrics", "base-train-curves"} <= set(artifacts), sorted(artifacts)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(f"{stack.ui_url}/v2/runs/flow-run/{flow_run.id}", wait_until="networkidle")
+            page.get_by_role("tab", name="Artifacts").click()
+            page.get_by_text("nanopipe-report", exact=True).first.click()   # the card opens the artifact page
+            page.wait_for_url(f"**/artifacts/artifact/{artifacts['nanopipe-report'].id}**")
+
+            card = page.get_by_test_id("markdown-display")
+            stages = card.locator("table").filter(has_text="GPU-hours")
+            row = stages.locator("tr").filter(has=page.get_by_role("cell", name="base_train", exact=True))
+            row.wait_for()
+            assert row.get_by_role("cell", name="ran", exact=True).is_visible()
+            assert card.get_by_text("Estimated cost: CPU run: no GPU cost.").is_visible()
+            image = card.locator('img[src^="data:image/png;base64,"]').first
+            image.scroll_into_view_if_needed()
+            assert image.is_visible()
+            assert image.evaluate("img => img.complete && img.naturalWidth") == 640   # decoded, not a broken icon
+
+            page.goto(f"{stack.ui_url}/v2/artifacts/artifact/{artifacts['nanopipe-metrics'].id}",
+                      wait_until="networkidle")
+            table = page.get_by_test_id("table-display")
+            for column in ("stage", "metric", "value"):
+                header = table.get_by_role("columnheader", name=column, exact=True)
+                header.wait_for()
+                assert header.is_visible(), column
+            table.get_by_placeholder("Search").fill("val_bpb")   # the table pages its rows; find the metric
+            row = table.locator("tr").filter(has=page.get_by_role("cell", name="val_bpb", exact=True))
+            row.first.wait_for()
+            assert row.first.get_by_role("cell", name="base_train", exact=True).is_visible()
+        finally:
+            browser.close()
 
 
 def test_an_untouched_custom_run_form_runs_the_deployment_config(stack):
