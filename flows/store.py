@@ -476,10 +476,10 @@ class StoreLock:
         try:
             return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=self._body(),
                                    **condition)["ETag"]
-        except (OSError, FileExistsError, FileNotFoundError) as err:
+        except OSError as err:
             # 412: the condition failed; 409: a concurrent conditional write won; 404: If-Match on a released lock
-            if _s3_code(err) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404") \
-                    or isinstance(err, (FileExistsError, FileNotFoundError)):
+            if isinstance(err, (FileExistsError, FileNotFoundError)) \
+                    or _s3_code(err) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404"):
                 return None
             raise
 
@@ -553,9 +553,8 @@ class StoreLock:
         if self.etag is not None and not self.lost:
             try:
                 self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
-            except (OSError, FileNotFoundError) as err:
-                if _s3_code(err) not in ("PreconditionFailed", "NoSuchKey", "404") \
-                        and not isinstance(err, FileNotFoundError):
+            except OSError as err:   # taken over meanwhile, or already gone: not ours to delete
+                if not isinstance(err, FileNotFoundError) and _s3_code(err) not in ("PreconditionFailed", "NoSuchKey"):
                     raise
         self.etag = None
 
