@@ -96,6 +96,14 @@ def _wait_healthy(stack: PrefectStack, timeout: float) -> None:
     raise RuntimeError(f"prefect server did not come up on {stack.api_url}:\n{stack.log('server.log')}")
 
 
+def deployment_pools() -> list[str]:
+    """The work pools prefect.yaml deploys to (the test pool first): `deploy --all` needs each to exist."""
+    import yaml
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    names = {d["work_pool"]["name"] for d in spec["deployments"] if d.get("work_pool")}
+    return [POOL, *sorted(names - {POOL})]
+
+
 def _start() -> PrefectStack:
     root = Path(tempfile.mkdtemp(prefix="nanopipe-prefect-"))
     port = free_port()
@@ -121,7 +129,8 @@ def _start() -> PrefectStack:
     stack.spawn("server", "start", "--host", "127.0.0.1", "--port", str(port), log_name="server.log")
     try:
         _wait_healthy(stack, timeout=180)
-        for args in (("work-pool", "create", POOL, "--type", "process"), ("--no-prompt", "deploy", "--all")):
+        pools = [("work-pool", "create", name, "--type", "process") for name in deployment_pools()]
+        for args in (*pools, ("--no-prompt", "deploy", "--all")):
             done = stack.prefect(*args)
             if done.returncode != 0:
                 raise RuntimeError(f"prefect {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
