@@ -217,8 +217,9 @@ def rerun_reasons(plan: StagePlan) -> list[str]:
 # -----------------------------------------------------------------------------
 # Preflight: each training stage's own dry run (shapes, batch arithmetic, memory estimate), in a subprocess
 
-# A chat stage's dry run before its source checkpoint exists assumes the model shape these flags give, and
-# every training stage's dry run before the tokenizer exists assumes its vocabulary (`vocab_size`)
+# A chat stage's dry run before its source checkpoint exists assumes the model shape these flags give (and
+# base_train's max_seq_len as `model_seq_len`); every training stage's dry run before the tokenizer exists
+# assumes its vocabulary (`vocab_size`)
 SHAPE_FIELDS = ("depth", "aspect_ratio", "head_dim")
 
 
@@ -275,6 +276,7 @@ def model_shape(plans: list[StagePlan]) -> dict[str, Any]:
     shape = {}
     if "base_train" in by_stage:
         shape |= {k: by_stage["base_train"].config[k] for k in SHAPE_FIELDS}
+        shape["model_seq_len"] = by_stage["base_train"].config["max_seq_len"]
     if "tok_train" in by_stage:
         shape["vocab_size"] = by_stage["tok_train"].config["vocab_size"]
     return shape

@@ -186,7 +186,7 @@ def test_dry_runs_are_given_the_planned_vocabulary_and_model_shape(tmp_path):
     config = PipelineConfig(preset="demo-cpu", tok_train={"vocab_size": 512})
     plans = plan_pipeline(config, home=tmp_path)
     shape = model_shape(plans)
-    assert shape == {"depth": 4, "aspect_ratio": 32, "head_dim": 32, "vocab_size": 512}
+    assert shape == {"depth": 4, "aspect_ratio": 32, "head_dim": 32, "model_seq_len": 256, "vocab_size": 512}
     by_stage = {p.stage: p for p in plans}
     for stage, cls in (("base_train", BaseTrainConfig), ("chat_sft", ChatSFTConfig)):
         cmd, _ = dry_run_command(by_stage[stage], shape)
@@ -194,19 +194,26 @@ def test_dry_runs_are_given_the_planned_vocabulary_and_model_shape(tmp_path):
         assert "--vocab_size=512" in flags and "--dry_run=true" in flags
         parsed = cls.model_validate(parse_flags(cls, flags, prog=stage))   # the stage takes these flags
         assert parsed.vocab_size == 512 and (parsed.depth, parsed.aspect_ratio, parsed.head_dim) == (4, 32, 32)
+    sft_flags = dry_run_command(by_stage["chat_sft"], shape)[0]
+    assert "--model_seq_len=256" in sft_flags and not any(f.startswith("--model_seq_len") for f in
+                                                          dry_run_command(by_stage["base_train"], shape)[0])
     # the hint changes nothing a stage computes: same artifact address with or without it
     assert "vocab_size" not in by_stage["base_train"].semantic_config
 
 
-@pytest.mark.xfail(strict=True, reason="the base_train stage still plans with tok_train's default vocabulary: "
-                   "nanopipe/stages/base_train.py's dry run must read --vocab_size")
-def test_base_train_preflight_reports_the_runs_vocabulary(tmp_path):
+@pytest.mark.xfail(strict=True, reason="the stages still plan with tok_train's default vocabulary and a 2048 "
+                   "context: nanopipe/stages/base_train.py's dry run must read --vocab_size, and "
+                   "nanopipe/chat_train.py's planned_model --vocab_size and --model_seq_len")
+def test_preflight_reports_the_runs_vocabulary_and_context(tmp_path):
     from flows.plan import dry_run
     config = PipelineConfig(preset="demo-cpu", tok_train={"vocab_size": 512}, resources={"nproc_per_node": 1},
-                            stop_after="base_train")
+                            stop_after="chat_sft")
     plans = plan_pipeline(config, home=tmp_path)
-    output = dry_run(plans[-1], model_shape(plans), timeout_seconds=300)
-    assert "vocab 512" in output and "32768" not in output and "32,768" not in output
+    shape = model_shape(plans)
+    for plan in (p for p in plans if p.stage in ("base_train", "chat_sft")):
+        output = dry_run(plan, shape, timeout_seconds=300)
+        assert "context 256, vocab 512" in output, output
+        assert "32768" not in output and "32,768" not in output and "context 2048" not in output, output
 
 
 # -----------------------------------------------------------------------------

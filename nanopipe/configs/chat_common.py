@@ -21,12 +21,14 @@ class PlanningFlags(NanoConfig):
                                              "to assume (a real run takes the shape from the checkpoint)")
     aspect_ratio: int = Field(64, ge=1, description="dry run only, without a source checkpoint: width / depth")
     head_dim: int = Field(128, ge=2, description="dry run only, without a source checkpoint: channels per head")
+    model_seq_len: int = Field(2048, ge=2, description="dry run only, without a source checkpoint: the model's "
+                                                    "context length (base_train's --max_seq_len)")
     vocab_size: int | None = Field(None, ge=MIN_VOCAB_SIZE, description="dry run only, without a source checkpoint or "
                                    "tokenizer: the vocabulary to assume (none: tok_train's default)")
     allow_over_memory: bool = Field(False, description="train even when the peak-memory estimate exceeds the "
                                                        "device's available memory (the estimate is rough)")
 
-    NON_SEMANTIC = ("depth", "aspect_ratio", "head_dim", "vocab_size", "allow_over_memory")
+    NON_SEMANTIC = ("depth", "aspect_ratio", "head_dim", "model_seq_len", "vocab_size", "allow_over_memory")
 
 
 class ChatDataFlags(DownstreamConfig):
