@@ -2,17 +2,22 @@
 Where the time of one base-training step goes on CPU, at bench_base_train.py's tiny config (d4, width 256,
 seq 128, 8 rows x 2 micro-steps = 2048 tokens, vocab 2048), as a table of ms per step and percent.
 
-    python bench/profile_step.py                           # eager (the CPU default)
-    python bench/profile_step.py --steps=20 --threads=2    # more steps, two intra-op threads
-    python bench/profile_step.py --compile                 # the torch.compile'd model (sections blur: one graph)
+    python bench/profile_step.py                                   # as base_train runs on CPU (eager)
+    python bench/profile_step.py --cpu_matmul_precision=ieee       # torch's default float32 matmuls
+    python bench/profile_step.py --steps=20 --threads=2
 
 The step is the training loop's (nanopipe.stages.base_train.Trainer.train_step): batches from the real
 BestFitLoader over real shards (tinyshakespeare from the `../shared` folder beside the repo, else the builtin
 corpus, tokenised by a BPE trained on it), forward + backward per micro-step, Muon + AdamW, zero_grad, the
-loss's .item(). Sections come from torch.profiler: forward parts are labelled around the model's modules,
-backward parts are the autograd nodes of those modules' functions, Muon's Newton-Schulz is labelled inside
-the optimizer. "Python and other" is the step's wall time (measured without the profiler) less all the
-named sections: interpreter overhead, autograd bookkeeping, allocation. A single process has no all-reduce.
+loss's .item(). A single process has no all-reduce.
+
+Sections are timed in CPU time of the training thread (time.thread_time), not wall time, so that other work
+on a shared machine does not land in them: forward parts around the model's attention and MLP modules and the
+LM head + loss, backward parts inside the backward of the hand-fused autograd functions of nanopipe.gpt,
+Newton-Schulz inside Muon. "embedding + norms" and "other backward nodes" are what their pass spends outside
+the named parts; "Python and other" is the step's CPU time less every named section (interpreter overhead,
+autograd bookkeeping, allocation). The loader's producer thread runs beside the step; its CPU time per step
+is printed apart, as is the step's wall time (which a busy machine inflates).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import collections
 import contextlib
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -29,33 +35,29 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
+import nanopipe.gpt as gpt  # noqa: E402
 import nanopipe.optim as optim  # noqa: E402
+from bench_base_train import CORPORA, SHAKESPEARE, prepare_inputs  # noqa: E402
 from nanopipe.data import select_shards  # noqa: E402
 from nanopipe.dataloader import BestFitLoader  # noqa: E402
 from nanopipe.gpt import GPT, build_model_config  # noqa: E402
 from nanopipe.optim import muon_momentum  # noqa: E402
 from nanopipe.training import CPU_MATMUL_PRECISIONS, cpu_matmul_precision, keep_freed_memory_for_reuse  # noqa: E402
 
-sys.path.insert(0, str(REPO / "bench"))
-from bench_base_train import CORPORA, SHAKESPEARE, prepare_inputs  # noqa: E402
-
-# backward autograd nodes -> section (the custom Functions of nanopipe.gpt, and the plain ops' nodes)
+# the hand-fused autograd functions whose backward is timed, by section
 BACKWARD_SECTIONS = {
-    "SharedInputLinearsFunctionBackward": "backward: attention", "RotaryFunctionBackward": "backward: attention",
-    "SmallCausalAttentionFunctionBackward": "backward: attention", "ScaledDotProductFlashAttentionForCpuBackward":
-    "backward: attention", "MLPFunctionBackward": "backward: MLP",
-    "LinearSoftcapCrossEntropyFunctionBackward": "backward: LM head + loss", "RMSNormFunctionBackward":
-    "backward: norms", "EmbeddingBackward0": "backward: embedding",
+    "SharedInputLinearsFunction": "backward: attention", "RotaryFunction": "backward: attention",
+    "SmallCausalAttentionFunction": "backward: attention", "MLPFunction": "backward: MLP",
+    "LinearSoftcapCrossEntropyFunction": "backward: LM head + loss", "RMSNormFunction": "backward: norms",
 }
-ORDER = ["loader (waiting for the next batch)", "forward: embedding + norms", "forward: attention", "forward: MLP",
-         "forward: LM head + loss", "backward: attention", "backward: MLP", "backward: LM head + loss",
-         "backward: norms", "backward: embedding", "backward: other nodes (residual adds, views)",
-         "optimizer: Muon momentum + update", "optimizer: Muon Newton-Schulz", "optimizer: AdamW", "zero_grad",
-         "loss .item()"]
+ROWS = ["loader (waiting for the next batch)", "forward: embedding + norms", "forward: attention", "forward: MLP",
+        "forward: LM head + loss", "backward: attention", "backward: MLP", "backward: LM head + loss",
+        "backward: norms", "backward: other nodes (residual adds, embedding)", "optimizer: Muon momentum + update",
+        "optimizer: Muon Newton-Schulz", "optimizer: AdamW", "zero_grad", "loss .item()"]
 
 
 def parse_args():
@@ -65,10 +67,10 @@ def parse_args():
     p.add_argument("--device_batch_size", type=int, default=8)
     p.add_argument("--total_batch_size", type=int, default=2048)
     p.add_argument("--vocab_size", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=10, help="profiled steps (after --warmup_steps)")
-    p.add_argument("--warmup_steps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    p.add_argument("--compile", action="store_true", help="profile the torch.compile'd model")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup_steps)")
+    p.add_argument("--warmup_steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (thread CPU time counts the "
+                                                            "training thread only: keep 1)")
     p.add_argument("--cpu_matmul_precision", choices=CPU_MATMUL_PRECISIONS, default="auto",
                    help="float32 matmuls on CPU, as base_train's flag")
     p.add_argument("--corpus", choices=CORPORA, default=None,
@@ -80,77 +82,78 @@ def parse_args():
     return args
 
 
-def labelled(fn, label: str):
-    """fn wrapped in a profiler range named label."""
-    def wrapper(*args, **kwargs):
-        with record_function(label):
-            return fn(*args, **kwargs)
-    return wrapper
+class Sections:
+    """Milliseconds of training-thread CPU time by section, summed over the timed steps."""
+
+    def __init__(self):
+        self.ms: collections.Counter = collections.Counter()
+        self.on = False
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        t0 = time.thread_time()
+        try:
+            yield
+        finally:
+            if self.on:
+                self.ms[name] += 1000 * (time.thread_time() - t0)
+
+    def wrap(self, fn, name: str):
+        def timed_fn(*args, **kwargs):
+            with self.timed(name):
+                return fn(*args, **kwargs)
+        return timed_fn
 
 
-def label_model(model: GPT) -> None:
-    """Profiler ranges around the forward of the attention and MLP modules (the LM head + loss is labelled in
-    the step: it is inside GPT.forward)."""
+def instrument(model: GPT, sections: Sections) -> None:
+    """Time the model's parts: module forwards, the fused functions' backwards, Newton-Schulz."""
     for block in model.transformer.h:
-        block.attn.forward = labelled(block.attn.forward, "forward: attention")
-        block.mlp.forward = labelled(block.mlp.forward, "forward: MLP")
+        block.attn.forward = sections.wrap(block.attn.forward, "forward: attention")
+        block.mlp.forward = sections.wrap(block.mlp.forward, "forward: MLP")
+    # module globals that GPT.forward and Muon call at run time
+    gpt.softcapped_cross_entropy = sections.wrap(gpt.softcapped_cross_entropy, "forward: LM head + loss")
+    optim.orthogonalize = sections.wrap(optim.orthogonalize, "optimizer: Muon Newton-Schulz")
+    for cls_name, section in BACKWARD_SECTIONS.items():
+        cls = getattr(gpt, cls_name)
+        cls.backward = staticmethod(sections.wrap(cls.backward, section))
 
 
-class Step:
-    """The training loop's step, with profiler ranges."""
-
-    def __init__(self, model, optimizers, loader, grad_accum: int, compiled):
-        self.model, self.optimizers, self.loader, self.grad_accum = model, optimizers, loader, grad_accum
-        self.run_model = compiled or model
-        self.batch = next(loader)
-        self.step = 0
-
-    def __call__(self) -> float:
-        loss_sum = torch.zeros(())
-        for _ in range(self.grad_accum):
-            inputs, targets = self.batch
-            with record_function("forward (all)"):
-                loss = self.run_model(inputs, targets)
-            loss_sum += loss.detach()
-            with record_function("backward (all)"):
-                (loss / self.grad_accum).backward()
-            with record_function("loader (waiting for the next batch)"):
-                self.batch = next(self.loader)
-        adamw, muon = self.optimizers
-        for group in muon.param_groups:
-            group["momentum"] = muon_momentum(self.step)
-        with record_function("optimizer: AdamW"):
-            adamw.step()
-        with record_function("optimizer: Muon (all)"):
-            muon.step()
-        with record_function("zero_grad"):
-            self.model.zero_grad(set_to_none=True)
-        with record_function("loss .item()"):
-            value = (loss_sum / self.grad_accum).item()
-        self.step += 1
-        return value
+def train_step(model, optimizers, loader, batch, grad_accum: int, step: int, sections: Sections):
+    """Trainer.train_step's work, in sections; returns the next batch."""
+    loss_sum = torch.zeros(())
+    for _ in range(grad_accum):
+        inputs, targets = batch
+        with sections.timed("forward (all)"):
+            loss = model(inputs, targets)
+        loss_sum += loss.detach()
+        with sections.timed("backward (all)"):
+            (loss / grad_accum).backward()
+        with sections.timed("loader (waiting for the next batch)"):
+            batch = next(loader)
+    adamw, muon = optimizers
+    for group in muon.param_groups:
+        group["momentum"] = muon_momentum(step)
+    with sections.timed("optimizer: AdamW"):
+        adamw.step()
+    with sections.timed("optimizer: Muon (all)"):
+        muon.step()
+    with sections.timed("zero_grad"):
+        model.zero_grad(set_to_none=True)
+    with sections.timed("loss .item()"):
+        (loss_sum / grad_accum).item()
+    return batch
 
 
-def sections(prof, step_ms: float, steps: int) -> dict[str, float]:
-    """ms per step of each section, from the profiler's totals."""
-    total = collections.Counter()
-    for event in prof.key_averages():
-        total[event.key] += event.cpu_time_total / 1000 / steps
-    out = {name: total.get(name, 0.0) for name in ORDER}
-    out["optimizer: Muon Newton-Schulz"] = total.get("optimizer: Muon Newton-Schulz", 0.0)
-    out["optimizer: Muon momentum + update"] = total["optimizer: Muon (all)"] - out["optimizer: Muon Newton-Schulz"]
-    forward_all = total["forward (all)"]
-    out["forward: LM head + loss"] = total.get("forward: LM head + loss", 0.0)
-    out["forward: embedding + norms"] = forward_all - sum(out[k] for k in ORDER if k.startswith("forward: ") and
-                                                          k != "forward: embedding + norms")
-    backward_named = 0.0
-    for key, value in total.items():
-        node = key.removeprefix("autograd::engine::evaluate_function: ")
-        if key != node and node in BACKWARD_SECTIONS:
-            out[BACKWARD_SECTIONS[node]] += value
-            backward_named += value
-    out["backward: other nodes (residual adds, views)"] = total["backward (all)"] - backward_named
-    out["Python and other (step wall time less the above)"] = step_ms - sum(out.values())
+def table(ms: collections.Counter, steps: int, step_ms: float) -> dict[str, float]:
+    """ms per step by row (named parts, the remainders of each pass, and Python and other)."""
+    per = {k: v / steps for k, v in ms.items()}
+    out = {row: per.get(row, 0.0) for row in ROWS}
+    out["optimizer: Muon momentum + update"] = per["optimizer: Muon (all)"] - out["optimizer: Muon Newton-Schulz"]
+    forward_parts = ("forward: attention", "forward: MLP", "forward: LM head + loss")
+    out["forward: embedding + norms"] = per["forward (all)"] - sum(out[k] for k in forward_parts)
+    backward_parts = sorted(set(BACKWARD_SECTIONS.values()))
+    out["backward: other nodes (residual adds, embedding)"] = per["backward (all)"] - sum(out[k] for k in backward_parts)
+    out["Python and other (step CPU less the above)"] = step_ms - sum(out.values())
     return out
 
 
@@ -158,55 +161,54 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory_for_reuse()
-    matmul = cpu_matmul_precision(args.cpu_matmul_precision).__enter__()  # for the whole process
+    with cpu_matmul_precision(args.cpu_matmul_precision) as matmul:
+        profile(args, matmul)
+
+
+def profile(args, matmul: str) -> None:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="profile_step_"))
     work.mkdir(parents=True, exist_ok=True)
     data_dir, _, tok = prepare_inputs(work, args.vocab_size, args.corpus)
     torch.manual_seed(42)
     config = build_model_config(args.depth, 64, 64, args.max_seq_len, tok.get_vocab_size())
     model = GPT.create(config, "cpu")
-    optimizers = model.setup_optimizers(unembedding_lr=0.004 / 16, embedding_lr=0.3 / 16, matrix_lr=0.02 / 16)
+    lr_scale = (args.total_batch_size / 2**19) ** 0.5  # as base_train
+    optimizers = model.setup_optimizers(unembedding_lr=0.004 * lr_scale, embedding_lr=0.3 * lr_scale,
+                                        matrix_lr=0.02 * lr_scale)
     loader = BestFitLoader(tok, select_shards(data_dir).train, args.device_batch_size, args.max_seq_len)
+    loader_clock = time.pthread_getcpuclockid(loader._thread.ident)
     grad_accum = args.total_batch_size // (args.device_batch_size * args.max_seq_len)
-    compiled = torch.compile(model, dynamic=False) if args.compile else None
-    label_model(model)
-    # Newton-Schulz and the LM head + loss get their own ranges
-    optim.orthogonalize = labelled(optim.orthogonalize, "optimizer: Muon Newton-Schulz")
-    import nanopipe.gpt as gpt
-    gpt.softcapped_cross_entropy = labelled(gpt.softcapped_cross_entropy, "forward: LM head + loss")
-    step = Step(model, optimizers, loader, grad_accum, compiled)
+    sections = Sections()
+    instrument(model, sections)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.2f}; "
+          f"d{args.depth} width {config.n_embd}, seq {args.max_seq_len}, {args.device_batch_size} rows x {grad_accum} "
+          f"micro-steps, vocab {config.vocab_size}, eager; float32 matmuls {matmul}")
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average "
-          f"{os.getloadavg()[0]:.2f}; d{args.depth} width {config.n_embd}, seq {args.max_seq_len}, "
-          f"{args.device_batch_size} rows x {grad_accum} micro-steps, vocab {config.vocab_size}"
-          f"{', compiled' if compiled else ', eager'}, float32 matmuls {matmul}")
-    for _ in range(args.warmup_steps):
-        step()
-    times = []
-    for _ in range(args.steps):  # wall time without the profiler
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    step_ms = 1000 * statistics.median(times)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(args.steps):
-            step()
+    batch = next(loader)
+    cpu, wall = [], []
+    for step in range(args.warmup_steps + args.steps):
+        sections.on = step >= args.warmup_steps
+        if step == args.warmup_steps:
+            loader_cpu0 = time.clock_gettime(loader_clock)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        batch = train_step(model, optimizers, loader, batch, grad_accum, step, sections)
+        if sections.on:
+            cpu.append(1000 * (time.thread_time() - c0))
+            wall.append(1000 * (time.perf_counter() - t0))
+    loader_ms = 1000 * (time.clock_gettime(loader_clock) - loader_cpu0) / args.steps
     loader.close()
-    table = sections(prof, step_ms, args.steps)
-    print(f"\nstep: {step_ms:.2f} ms median over {args.steps} steps ({args.total_batch_size / step_ms * 1000:,.0f} "
-          f"tok/s) without the profiler; sections from {args.steps} profiled steps\n")
-    print(f"{'section':<52}{'ms/step':>9}{'%':>7}")
-    for name, ms in table.items():
+    step_ms = sum(cpu) / len(cpu)
+    print(f"\nstep: {step_ms:.1f} ms of CPU (mean of {args.steps}; {args.total_batch_size / step_ms * 1000:,.0f} tokens "
+          f"per CPU-second), wall median {statistics.median(wall):.1f} ms at load {os.getloadavg()[0]:.2f}\n")
+    print(f"{'section (training thread CPU time)':<52}{'ms/step':>9}{'%':>7}")
+    for name, ms in table(sections.ms, args.steps, step_ms).items():
         print(f"{name:<52}{ms:>9.2f}{100 * ms / step_ms:>7.1f}")
-    print(f"{'(all-reduce of the gradients: none in one process)':<52}{0.0:>9.2f}{0.0:>7.1f}")
+    print(f"{'all-reduce of the gradients (none in one process)':<52}{0.0:>9.2f}{0.0:>7.1f}")
     print(f"{'step':<52}{step_ms:>9.2f}{100.0:>7.1f}")
-    print("\n(the profiler's own overhead lands in the sections it times, so the named sections are slight "
-          "over-estimates and 'Python and other' an under-estimate)")
+    print(f"{'loader thread, beside the step (not in the step)':<52}{loader_ms:>9.2f}{100 * loader_ms / step_ms:>7.1f}")
     if not args.workdir:
-        import shutil
         shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        main()
+    main()
