@@ -625,29 +625,25 @@ def publish_summary(outcomes: list[StageOutcome], plans: list[StagePlan], title:
     caller to end the run with."""
     rows = _outcomes(outcomes, plans)
     summary = summary_table(title, rows)
-    create_markdown_artifact(summary, key="nanopipe-summary", description=title)
-    create_table_artifact(metrics_table(rows), key="nanopipe-metrics", description=f"{title}: metrics per stage")
-
     env = _try("read the environment", environment, default={})
     curves = stage_curves_all(rows)
     current, basis = key_metrics(rows)
     name = lineage(config, plans)
     gate = regression_gate(current, basis, name)
     markdown = report_card(title, outcomes, plans, env, config=config, gate=gate, curves=curves)
-    create_markdown_artifact(markdown, key="nanopipe-report", description=f"{title}: report card")
     _try("write report.md", atomic_write_text, report_home(plans) / REPORT_FILE, markdown)
 
-    for stage, png in curves.items():
-        _try(f"publish the curves of {stage}", create_markdown_artifact,
-             f"# {stage} curves\n\n{markdown_image(png, stage + ' curves')}\n", artifact_key(stage, "curves"),
-             f"{title}: {stage} training curves")
-    for o in rows:
-        text = samples_markdown(o.plan.stage, o.metrics)
-        if text:
-            _try(f"publish the samples of {o.plan.stage}", create_markdown_artifact, text,
-                 artifact_key(o.plan.stage, "samples"), f"{title}: {o.plan.stage} samples")
+    # each artifact on its own: one the API refuses never keeps the others (or the gate's answer) back
     record = {"lineage": name, "metrics": current, "basis": basis, "title": title}
-    _try("publish the key metrics", create_markdown_artifact, key_metrics_markdown(record), KEY_METRICS_KEY,
-         f"{title}: key metrics for the regression gate")
+    markdowns = [("nanopipe-report", markdown, f"{title}: report card"), ("nanopipe-summary", summary, title),
+                 (KEY_METRICS_KEY, key_metrics_markdown(record), f"{title}: key metrics for the regression gate")]
+    markdowns += [(artifact_key(stage, "curves"), f"# {stage} curves\n\n{markdown_image(png, stage + ' curves')}\n",
+                   f"{title}: {stage} training curves") for stage, png in curves.items()]
+    markdowns += [(artifact_key(o.plan.stage, "samples"), text, f"{title}: {o.plan.stage} samples")
+                  for o in rows if (text := samples_markdown(o.plan.stage, o.metrics))]
+    for key, text, description in markdowns:
+        _try(f"publish {key}", create_markdown_artifact, text, key, description)
+    _try("publish nanopipe-metrics", create_table_artifact, metrics_table(rows), "nanopipe-metrics",
+         f"{title}: metrics per stage")
     _try("tag the run with its lineage", _tag_lineage, name)
     return RunReport(markdown, gate.regressions, summary=summary, key_metrics=current, gate=gate.note)
