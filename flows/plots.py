@@ -50,7 +50,7 @@ def read_progress(artifact_dir: str | Path) -> list[dict]:
 
 def curve_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """{curve: [(step, value)] sorted by step}, the last value written for a step winning (a resumed
-    attempt repeats steps). Only curves with two points or more: one point draws no curve."""
+    attempt repeats steps), in CURVES order. Only curves with two points or more: one draws no curve."""
     series: dict[str, dict[int, float]] = {}
     for record in records:
         step = record.get("step")
@@ -60,7 +60,7 @@ def curve_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
             value = record.get(name)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 series.setdefault(name, {})[step] = float(value)
-    return {name: sorted(points.items()) for name, points in series.items() if len(points) >= 2}
+    return {name: sorted(series[name].items()) for name in CURVES if len(series.get(name, {})) >= 2}
 
 
 def render_curves(series: dict[str, list[tuple[int, float]]], title: str) -> bytes:
