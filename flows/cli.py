@@ -223,7 +223,8 @@ def cmd_command(argv: list[str]) -> int:
     execute = _true(extras.get("exec"))
     if stage.when:
         config = config.model_copy(update={stage.when: True})
-    plan = next(p for p in plan_pipeline(config.model_copy(update={"stop_after": None})) if p.stage == stage.name)
+    # planned up to this stage: a later stage's rules must not refuse this one's command
+    plan = next(p for p in plan_pipeline(config.model_copy(update={"stop_after": stage.name})) if p.stage == stage.name)
     cmd, env = plan.command(), plan.resources.env
     if execute:
         os.execve(cmd[0], cmd, {**os.environ, **env, "PYTHONUNBUFFERED": "1"})
@@ -281,7 +282,9 @@ def cmd_status(argv: list[str]) -> int:
 
 def cmd_presets(argv: list[str]) -> int:
     from flows import presets
-    print(presets.__doc__.strip().split("\n\n", 1)[1])
+    width = max(map(len, presets.PRESET_DESCRIPTIONS))
+    for name, text in presets.PRESET_DESCRIPTIONS.items():
+        print(f"{name:<{width}}  {text}")
     if argv:
         name = argv[0]
         print(json.dumps(presets.preset_values(name), indent=2))
@@ -311,9 +314,10 @@ def main(argv: list[str] | None = None) -> None:
     if command != "data" and rest and rest[0] in ("-h", "--help"):
         print(USAGE)
         raise SystemExit(0)
+    from flows.plan import PlanError
     try:
         code = COMMANDS[command](rest)
-    except UsageError as err:
+    except (UsageError, PlanError) as err:
         print(f"nanopipe {command}: error: {err}", file=sys.stderr)
         raise SystemExit(2)
     raise SystemExit(code)

@@ -344,13 +344,14 @@ def planned_model(cfg) -> tuple[GPTConfig, str, SourceCheckpoint | None]:
     except SourceCheckpointError as err:
         if not err.missing:
             raise
-        vocab, vocab_from = DRY_RUN_DEFAULT_VOCAB, "assumed"
+        # the run's planned vocabulary (the flow's preflight passes tok_train's), else an assumption
+        vocab, vocab_from = (cfg.vocab_size, "--vocab_size") if cfg.vocab_size else (DRY_RUN_DEFAULT_VOCAB, "assumed")
         if cfg.tokenizer_dir:
             try:
                 vocab, vocab_from = get_tokenizer(cfg.tokenizer_dir).get_vocab_size(), str(cfg.tokenizer_dir)
             except TokenizerNotFoundError:
                 pass
-        config = build_model_config(cfg.depth, cfg.aspect_ratio, cfg.head_dim, 2048, vocab)
+        config = build_model_config(cfg.depth, cfg.aspect_ratio, cfg.head_dim, cfg.model_seq_len, vocab)
         return config, (f"no source checkpoint yet ({err}); assuming --depth={cfg.depth} "
                         f"--aspect_ratio={cfg.aspect_ratio} --head_dim={cfg.head_dim}, vocab {vocab:,} "
                         f"({vocab_from})"), None
