@@ -40,7 +40,6 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 import nanopipe
-
 from flows.artifacts import ArtifactRef
 from flows.plan import StagePlan
 from flows.plots import PROGRESS_FILE, markdown_image, stage_curves
