@@ -94,7 +94,7 @@ def prepare_inputs(work: Path, vocab_size: int, corpus: str = "tinyshakespeare")
                 raise SystemExit(f"--corpus=tinyshakespeare needs {SHAKESPEARE}; use --corpus=builtin")
             prepare_shards([SHAKESPEARE], data_dir, val_fraction=0.1, doc_chars=2000, row_group_docs=64)
         else:
-            shutil.copytree(ensure_builtin(home / "builtin"), data_dir)
+            shutil.copytree(ensure_builtin(home / "builtin_corpus"), data_dir)
     shards = select_shards(data_dir)
     if not tok_dir.is_dir():
         Tokenizer.train_from_iterator(iter_documents(shards.train), vocab_size).save(tok_dir)
