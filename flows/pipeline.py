@@ -51,9 +51,11 @@ def failure_sentence(exc: BaseException) -> str:
     introduction ending in ":" (preflight) is followed by each stage's own reason; a pydantic error lists
     each field and what is wrong with it."""
     if isinstance(exc, ValidationError):
-        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
+                           for e in exc.errors())
         return _clip(f"invalid config ({exc.title}): {fields}")
-    lines = [line for line in str(exc).strip().splitlines()]
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)   # str() quotes a KeyError
+    lines = [line for line in str(text).strip().splitlines()]
     head = lines[0].strip() if lines else type(exc).__name__
     if head.endswith(":") and len(lines) > 1:   # "preflight failed before any stage ran:" then blocks
         blocks: list[list[str]] = []
@@ -186,20 +188,32 @@ def pipeline_run_name() -> str:
     return f"{what} {datetime.now(timezone.utc):%Y-%m-%d %H:%M}"
 
 
-@flow(name="full-pipeline", flow_run_name=pipeline_run_name, log_prints=True)
+def as_config(config: PipelineConfig | dict) -> PipelineConfig:
+    """The flows validate their parameters themselves (validate_parameters=False): a config error, cross-field
+    checks included, then ends the run like any other failure, with one sentence as its state message,
+    instead of Prefect's parameter error (which Prefect also pickles into its result storage)."""
+    return config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
+
+
+def _whole_pipeline(config: PipelineConfig | dict) -> dict[str, ArtifactRef]:
+    config = as_config(config)
+    return run_stages(plan_pipeline(config), config, title=f"nanopipe pipeline ({config.preset or 'custom'})")
+
+
+@flow(name="full-pipeline", flow_run_name=pipeline_run_name, log_prints=True, validate_parameters=False)
 def full_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, ArtifactRef]:
     """The whole pipeline: validate and dry-run every stage first, then run (or reuse) each in order."""
-    return ended(lambda: run_stages(plan_pipeline(config), config,
-                                    title=f"nanopipe pipeline ({config.preset or 'custom'})"))
+    return ended(lambda: _whole_pipeline(config))
 
 
-@flow(name="stage", flow_run_name="{stage}", log_prints=True)
+@flow(name="stage", flow_run_name="{stage}", log_prints=True, validate_parameters=False)
 def stage_flow(stage: StageName, config: PipelineConfig) -> ArtifactRef:
     """One stage as its own flow. Its inputs must already exist (run the upstream stages first)."""
     return ended(lambda: _one_stage(stage, config))
 
 
-def _one_stage(stage: StageName, config: PipelineConfig) -> ArtifactRef:
+def _one_stage(stage: StageName, config: PipelineConfig | dict) -> ArtifactRef:
+    config = as_config(config)
     row = get_stage(stage)
     config = config.model_copy(update={"stop_after": None, **({row.when: True} if row.when else {})})
     plans = {p.stage: p for p in plan_pipeline(config)}

@@ -366,8 +366,16 @@ def test_bad_late_stage_setting_fails_before_any_stage_runs(home, data_dir):
     with pytest.raises(PlanError, match="total_batch_size"):   # called without return_state, the flow raises
         full_pipeline(values)
 
+    # a value the parameter form cannot check: the run ends at once, saying which field and why
+    records_before = result_records()
     state = full_pipeline(tiny(data_dir, base_eval={"eval": "nope"}), return_state=True)
-    assert state.is_failed() and "nope" in state.message
+    assert state.is_failed() and state.message.startswith("invalid config (PipelineConfig): base_eval.eval: ")
+    assert "nope" in state.message and "\n" not in state.message
+    horizons = tiny(data_dir, base_train={"target_param_data_ratio": 10})   # and num_iterations=12
+    state = full_pipeline(horizons, return_state=True)
+    assert state.is_failed() and state.message.startswith("invalid config (PipelineConfig): base_train: ")
+    assert "training horizons" in state.message and "\n" not in state.message
+    assert result_records() == records_before   # Prefect's own parameter check would pickle the error
 
 
 def test_concurrent_runs_of_one_config_produce_it_once(home, data_dir):
@@ -456,5 +464,5 @@ def test_a_failure_is_told_in_one_sentence():
         PipelineConfig.model_validate({"preset": "demo-cpu", "base_eval": {"eval": "nope"}})
     sentence = failure_sentence(invalid.value)
     assert sentence.startswith("invalid config (PipelineConfig): base_eval.eval: ") and "nope" in sentence
-    assert failure_sentence(KeyError("model_config")) == "KeyError: 'model_config'"
+    assert failure_sentence(KeyError("model_config")) == "KeyError: model_config"   # not str()'s quotes
     assert len(failure_sentence(RuntimeError("x" * 5000))) <= 600
