@@ -1,0 +1,250 @@
+"""Multi-node stages through a real Prefect server: node 0 in the calling process, node 1 the `node-agent`
+deployment run by a process worker on work queue `node-1` (two "nodes" on one machine, gloo on CPU).
+
+A 2-node x 1-process base_train gives the losses of a 1-node x 2-process run; SIGKILLing node 1's torchrun
+after a checkpoint fails the stage retryably with node 0 stopped, and calling again resumes and completes; a
+node no worker starts fails the stage (not retried) and stops the others; an exception in the caller (what a
+cancelled pipeline run raises in the task) stops every node."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.launcher import Resources, failure_from, launch, stage_command
+from flows.multinode import NODE_POOL, launch_across_nodes, marked_by, node_queue
+from flows.plan import StagePlan
+from tests.fixtures.tiny_corpus import build_shards, build_tokenizer, tiny_model_flags
+from tests.test_flows_server_support import PrefectStack, free_port, prefect_stack
+
+pytestmark = pytest.mark.slow
+
+STEPS = 16   # base_train times the steps after its first 10 (tokens_per_sec in metrics.json)
+STEP_LINE = re.compile(r"^step (\d+)/\d+ .*\| loss: [\d.]+ \(this step ([\d.]+)\)", re.M)
+
+# The prefect.yaml entry of the node agent (deployed from a file of its own here, beside the shared stack's
+# deployments of the repository's prefect.yaml)
+NODE_AGENT_YAML = f"""\
+name: nanopipe-nodes
+prefect-version: 3.9.1
+deployments:
+  - name: node-agent
+    entrypoint: flows/multinode.py:node_agent
+    description: "Node 1, 2, ... of a multi-node stage: started by the stage task on node 0, never by hand."
+    tags: [nanopipe, node-agent]
+    work_pool:
+      name: {NODE_POOL}
+      job_variables:
+        env:
+          PYTHONUNBUFFERED: "1"
+"""
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    """The shared server stack plus the node-agent deployment and one worker serving queue node-1 only
+    (node 1); the worker is stopped, with whatever it runs, at the end of the module."""
+    stack = prefect_stack()
+    done = stack.prefect("work-pool", "create", NODE_POOL, "--type", "process")
+    assert done.returncode == 0 or "already exists" in done.stdout + done.stderr, done.stdout + done.stderr
+    prefect_file = tmp_path_factory.mktemp("node-agent") / "prefect.yaml"
+    prefect_file.write_text(NODE_AGENT_YAML)
+    done = stack.prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    worker = stack.spawn("worker", "start", "--pool", NODE_POOL, "--work-queue", node_queue(1),
+                         log_name="node-1-worker.log")
+    try:
+        with temporary_settings({PREFECT_API_URL: stack.api_url}):
+            yield stack
+    finally:
+        _stop(stack, worker)
+
+
+def _stop(stack: PrefectStack, worker: subprocess.Popen) -> None:
+    """Stop node 1's worker, then anything still running for a node-agent run (a test that failed midway)."""
+    with SyncPrefectClient(stack.api_url) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["node-agent"])))
+    if worker.poll() is None:
+        os.killpg(worker.pid, signal.SIGTERM)
+    try:
+        worker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    stack.processes.remove(worker)
+    for run in runs:
+        for pid in marked_by("PREFECT__FLOW_RUN_ID", str(run.id)):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multinode")
+    build_tokenizer(root / "tokenizer")
+    build_shards(root / "data", row_group_docs=8)
+    return root
+
+
+def base_train_plan(inputs: Path, artifact_dir: Path, resources: Resources, **overrides) -> StagePlan:
+    out_dir = artifact_dir / "checkpoints"
+    args = tiny_model_flags(tokenizer_dir=inputs / "tokenizer", data_dir=inputs / "data", out_dir=out_dir,
+                            device_type="cpu", resume_from_step="latest", **overrides)
+    return StagePlan(stage="base_train", module="nanopipe.stages.base_train", tag="d2", hash="0" * 16,
+                     code_version="test", artifact_dir=str(artifact_dir), out_dir=str(out_dir), config={}, args=args,
+                     resources=resources, distributed=True, resume_flag=("resume_from_step", "latest"))
+
+
+def two_nodes(endpoint: str) -> Resources:
+    return Resources(nproc_per_node=1, nnodes=2, rdzv_endpoint=endpoint, env={"OMP_NUM_THREADS": "1"})
+
+
+def without_endpoint(plan: StagePlan) -> StagePlan:
+    """The plan with no rendezvous endpoint: launch_across_nodes picks node 0's host and a free port.
+    (Resources' own rule still asks for an endpoint when nnodes > 1, hence the copy without validation.)"""
+    return plan.model_copy(update={"resources": plan.resources.model_copy(update={"rdzv_endpoint": None})})
+
+
+def step_losses(text: str) -> dict[int, float]:
+    """{step: this step's loss} from the stage's human lines."""
+    return {int(step): float(loss) for step, loss in STEP_LINE.findall(text)}
+
+
+def processes_of(out_dir: Path) -> list[int]:
+    """Live processes whose command line names this stage's output directory (torchrun and its workers)."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if str(out_dir).encode() in cmdline and state != b"Z":
+            pids.append(int(entry))
+    return pids
+
+
+def node_runs(stack: PrefectStack, out_dir: Path) -> dict[str, object]:
+    """{flow run name: state} of the node-agent runs of the stage writing to out_dir."""
+    with SyncPrefectClient(stack.api_url) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["node-agent"])))
+    return {r.name: r.state for r in runs if r.parameters["plan"]["out_dir"] == str(out_dir)}
+
+
+def test_two_nodes_through_prefect_match_one_node_with_two_processes(nodes, inputs, tmp_path):
+    plan = without_endpoint(base_train_plan(inputs, tmp_path / "two", two_nodes("unused:1"), num_iterations=STEPS))
+    lines: list[str] = []
+    progress: list[dict] = []
+    two = launch_across_nodes(plan, log_path=tmp_path / "two" / "stage.log", on_line=lines.append,
+                              on_progress=progress.append, timeout_seconds=600)
+    assert two.returncode == 0, "\n".join(two.tail) + nodes.log("node-1-worker.log")
+    assert processes_of(tmp_path / "two") == []
+    assert "World size 2, gradient accumulation steps: 1" in "\n".join(lines)   # rank 0 streamed here
+    assert [p["step"] for p in progress if "loss" in p] == list(range(STEPS))
+    assert "--node_rank=0" in two.command and "--rdzv_backend=static" in two.command
+    remote_log = (tmp_path / "two" / "stage.node1.log").read_text()
+    assert "--node_rank=1" in remote_log and "exit code 0" in remote_log
+    assert {name: state.name for name, state in node_runs(nodes, Path(plan.out_dir)).items()} == \
+        {"base_train-node-1": "Completed"}
+
+    one_plan = base_train_plan(inputs, tmp_path / "one", two_nodes("unused:1"), num_iterations=STEPS)
+    one_cmd = stage_command(one_plan.module, one_plan.args, Resources(nproc_per_node=2))
+    one = launch(one_cmd, log_path=tmp_path / "one" / "stage.log", env={"OMP_NUM_THREADS": "1"}, timeout_seconds=600)
+    assert one.returncode == 0, "\n".join(one.tail)
+
+    losses_two = step_losses((tmp_path / "two" / "stage.log").read_text())
+    losses_one = step_losses((tmp_path / "one" / "stage.log").read_text())
+    assert sorted(losses_two) == sorted(losses_one) == list(range(STEPS))
+    for step in range(STEPS):
+        assert losses_two[step] == pytest.approx(losses_one[step], rel=1e-5), step
+    assert losses_two[STEPS - 1] < losses_two[0]
+    m_two, m_one = (json.loads((tmp_path / d / "checkpoints" / "metrics.json").read_text()) for d in ("two", "one"))
+    assert m_two["world_size"] == m_one["world_size"] == 2
+    assert m_two["train_loss"] == pytest.approx(m_one["train_loss"], rel=1e-5)
+    print(f"\ntokens/s (metrics.json): 2 nodes x 1 process {m_two['tokens_per_sec']:,.0f}, "
+          f"1 node x 2 processes {m_one['tokens_per_sec']:,.0f} (steps 10-{STEPS - 1}); launch to exit "
+          f"{two.seconds:.1f} s vs {one.seconds:.1f} s")
+
+
+def test_a_killed_node_fails_retryably_stops_node_0_and_the_retry_resumes(nodes, inputs, tmp_path):
+    out_dir = tmp_path / "run" / "checkpoints"
+    plan = base_train_plan(inputs, tmp_path / "run", two_nodes(f"127.0.0.1:{free_port()}"), num_iterations=30,
+                           save_every=5)
+    killed: list[int] = []
+
+    def kill_node_1_after_a_checkpoint(progress: dict) -> None:   # called by node 0's stream, once per step
+        if killed or not list(out_dir.glob("meta_*.json")):
+            return
+        for pid in processes_of(out_dir):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"torch.distributed.run" in cmdline and b"--node_rank=1" in cmdline:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    first = launch_across_nodes(plan, log_path=tmp_path / "run" / "stage.log",
+                                on_progress=kill_node_1_after_a_checkpoint, timeout_seconds=600)
+    assert killed, "node 1 never ran after a checkpoint"
+    assert processes_of(out_dir) == [], "a node outlived the failure"
+    failure = failure_from(first, "base_train")
+    print(f"\n{str(failure).splitlines()[0]}")
+    assert failure.retryable and failure.kind == "killed", str(failure)
+    assert "node 1 (flow run base_train-node-1) failed first" in str(failure).splitlines()[0]
+    assert node_runs(nodes, out_dir)["base_train-node-1"].name == "Failed"
+    # the newest step every rank finished saving (node 1's orphaned worker may have died mid-save)
+    checkpoint = max(step for step in map(int, re.findall(r"meta_(\d+)\.json", " ".join(os.listdir(out_dir))))
+                     if all((out_dir / f"optim_{step:06d}_rank{rank}.pt").is_file() for rank in (0, 1)))
+
+    # the task's retry: the same call with the same plan, resuming from the checkpoint
+    lines: list[str] = []
+    second = launch_across_nodes(plan, log_path=tmp_path / "run" / "stage.log", on_line=lines.append,
+                                 timeout_seconds=600)
+    assert second.returncode == 0, "\n".join(second.tail)
+    assert f"Resuming from step {checkpoint}" in "\n".join(lines)
+    assert json.loads((out_dir / "metrics.json").read_text())["world_size"] == 2
+    assert processes_of(out_dir) == []
+
+
+def test_a_node_no_worker_starts_fails_the_stage_and_stops_the_nodes_that_did(nodes, inputs, tmp_path):
+    """Three nodes, but nothing serves work queue node-2: after the start timeout node 0 is stopped, node 1's
+    run (waiting at the rendezvous) is cancelled and its worker kills it, and the failure names the queue."""
+    out_dir = tmp_path / "run" / "checkpoints"
+    resources = Resources(nproc_per_node=1, nnodes=3, rdzv_endpoint=f"127.0.0.1:{free_port()}",
+                          env={"OMP_NUM_THREADS": "1"})
+    plan = base_train_plan(inputs, tmp_path / "run", resources, total_batch_size=768)
+    result = launch_across_nodes(plan, log_path=tmp_path / "run" / "stage.log", start_timeout_seconds=20,
+                                 timeout_seconds=600)
+    failure = failure_from(result, "base_train")
+    print(f"\n{str(failure).splitlines()[0]}")
+    assert not failure.retryable and "node 2 never started" in str(failure) and "--work-queue node-2" in str(failure)
+    assert processes_of(out_dir) == [], "a node outlived the failure"
+    runs = {name: state.name for name, state in node_runs(nodes, out_dir).items()}
+    assert runs == {"base_train-node-1": "Cancelled", "base_train-node-2": "Cancelled"}, runs
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_exception_in_the_caller_stops_every_node(nodes, inputs, tmp_path):
+    """What Prefect's termination signal (a cancelled pipeline run) does inside the task: node 0's tree is
+    killed on the way out and node 1's run is cancelled, its worker killing its torchrun."""
+    out_dir = tmp_path / "run" / "checkpoints"
+    plan = base_train_plan(inputs, tmp_path / "run", two_nodes(f"127.0.0.1:{free_port()}"), num_iterations=1000)
+
+    def interrupt_at_step_2(progress: dict) -> None:
+        if progress.get("step") == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        launch_across_nodes(plan, log_path=tmp_path / "run" / "stage.log", on_progress=interrupt_at_step_2,
+                            timeout_seconds=600)
+    assert processes_of(out_dir) == [], "a node outlived the interruption"
+    assert {name: state.name for name, state in node_runs(nodes, out_dir).items()} == {"base_train-node-1": "Cancelled"}
