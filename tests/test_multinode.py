@@ -13,6 +13,8 @@ import os
 import re
 import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -248,3 +250,54 @@ def test_an_exception_in_the_caller_stops_every_node(nodes, inputs, tmp_path):
                             timeout_seconds=600)
     assert processes_of(out_dir) == [], "a node outlived the interruption"
     assert {name: state.name for name, state in node_runs(nodes, out_dir).items()} == {"base_train-node-1": "Cancelled"}
+
+
+def _run_stage_goes_multinode() -> bool:
+    import inspect
+    from flows import stage_task
+    return "launch_across_nodes" in inspect.getsource(stage_task)
+
+
+@pytest.mark.skipif(not _run_stage_goes_multinode(),
+                    reason="run_stage does not launch multi-node stages through flows.multinode yet")
+def test_the_pipeline_runs_base_train_on_two_nodes_and_its_retry_resumes_after_a_killed_node(nodes, home):
+    """The whole path: full_pipeline -> run_stage -> launch_across_nodes; node 1 SIGKILLed after a checkpoint,
+    Prefect's retry of the task resumes both nodes from it, and the artifact completes with both nodes' logs."""
+    from flows.artifacts import read_manifest, verify
+    from flows.config import PipelineConfig
+    from flows.pipeline import full_pipeline
+    from flows.plan import plan_pipeline
+    from tests.test_flows_server_support import TINY
+    config = {**TINY, "stop_after": "base_train",
+              "base_train": {"depth": 2, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 64, "device_batch_size": 4,
+                             "total_batch_size": 512, "num_iterations": 30, "eval_every": None, "eval_tokens": 512,
+                             "save_every": 5},
+              "stage_resources": {"base_train": {"nproc_per_node": 1, "nnodes": 2,
+                                                 "rdzv_endpoint": f"127.0.0.1:{free_port()}", "retries": 1,
+                                                 "retry_delay_seconds": 0, "env": {"OMP_NUM_THREADS": "1"}}}}
+    plan = next(p for p in plan_pipeline(PipelineConfig.model_validate(config), home=home) if p.stage == "base_train")
+    out_dir = Path(plan.out_dir)
+    killed: list[int] = []
+
+    def kill_node_1_after_a_checkpoint() -> None:
+        deadline = time.monotonic() + 400
+        while not killed and time.monotonic() < deadline:
+            if list(out_dir.glob("meta_*.json")):
+                for pid in processes_of(out_dir):
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    if b"torch.distributed.run" in cmdline and b"--node_rank=1" in cmdline:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_node_1_after_a_checkpoint, daemon=True)
+    killer.start()
+    state = full_pipeline(config, return_state=True)
+    killer.join(timeout=10)
+    assert killed, "node 1 never ran after a checkpoint"
+    assert state.is_completed(), state.message
+    manifest = read_manifest(plan.artifact_dir)
+    assert manifest["timings"]["attempt"] == 2 and manifest["timings"]["resumed_from"] is not None
+    assert "--node_rank=0" in manifest["command"] and "stage.node1.log" in manifest["files"]
+    assert verify(plan.artifact_dir, plan.hash)
+    assert processes_of(out_dir) == []
