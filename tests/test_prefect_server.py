@@ -57,11 +57,13 @@ def test_prefect_yaml_deploys_every_deployment_to_the_pool(stack):
         flows = {f.id: f.name for f in client.read_flows()}
         names = {f"{flows[d.flow_id]}/{d.name}" for d in deployments}
         assert EXPECTED_DEPLOYMENTS <= names
-        assert {d.work_pool_name for d in deployments} == {POOL}
         nightly = client.read_deployment_by_name("full-pipeline/nightly")
-        assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+        # the nightly runs on GPU nodes only (its own pool), deployed paused; everything else on the CPU pool
+        assert {d.work_pool_name for d in deployments if d.id != nightly.id} == {POOL}
+        assert nightly.work_pool_name == "nanopipe-gpu"
+        assert [(s.schedule.cron, s.active) for s in nightly.schedules] == [("0 2 * * *", False)]
         scheduled = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id])))
-        assert scheduled and all(r.state.name == "Scheduled" for r in scheduled)   # pre-created nightly runs
+        assert scheduled == []   # paused: no nightly run is pre-created until it is resumed
         manual = client.read_deployment_by_name("full-pipeline/full-pipeline")
         assert manual.parameters == {"config": {"preset": "demo-cpu"}} and not manual.schedules
         schema = manual.parameter_openapi_schema
