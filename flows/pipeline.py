@@ -166,14 +166,15 @@ def run_stages(plans: list[StagePlan], config: PipelineConfig, title: str,
 
 def _publish(outcomes: list[StageOutcome], plans: list[StagePlan], title: str, config: PipelineConfig,
              logger) -> list[str]:
-    """Publish the run summary however the run ended; return the regressions it found (the summary is its
-    markdown, or an object with `.markdown` and `.regressions`)."""
+    """Publish the run summary however the run ended and print its stage table into the log; return the
+    regressions it found (the summary is its markdown, or a report with `.markdown` and `.regressions`
+    whose str() is the short table: the report card's images have no place in a log)."""
     try:
         summary = publish_summary(outcomes, plans, title, config=config)
     except Exception as err:   # never let the report hide why the run ended
         logger.warning(f"could not publish the run summary: {type(err).__name__}: {err}")
         return []
-    print(summary if isinstance(summary, str) else summary.markdown)
+    print(str(summary) or getattr(summary, "markdown", ""))
     return [] if isinstance(summary, str) else list(getattr(summary, "regressions", None) or [])
 
 

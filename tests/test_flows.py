@@ -435,8 +435,12 @@ def test_a_regression_ends_the_run_failed_and_keeps_the_artifacts(home, data_dir
     from flows.report import publish_summary
 
     class Gated:
-        def __init__(self, markdown):
-            self.markdown, self.regressions = markdown, ["tok_train val_bytes_per_token 3.1 < 3.2 (last good)"]
+        def __init__(self, report):
+            self.markdown, self.regressions = report.markdown, ["tok_train val_bytes_per_token 3.1 < 3.2 (last good)"]
+            self.summary = str(report)
+
+        def __str__(self):
+            return self.summary
 
     values = tiny(data_dir, stop_after="tok_train")
     with monkeypatch.context() as patch:
