@@ -37,6 +37,7 @@ from prefect.states import Cancelled, Completed
 from flows.artifacts import (ArtifactRef, artifact_lock, discard, read_manifest, ref_from_manifest, verify,
                              write_manifest)
 from flows.launcher import StageFailed, failure_from, launch
+from flows.multinode import launch_across_nodes, node_command, with_endpoint
 from flows.plan import StagePlan
 from flows.report import PROGRESS_FILE
 
@@ -193,14 +194,21 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
             return Completed(data=ref_from_manifest(directory),
                              message=f"{directory.name} was produced by another run meanwhile ({cache_note(plan)})")
         lines = _Lines(logger, _prepare(plan, logger))
-        cmd = plan.command()
+        multinode = plan.resources.nnodes > 1
+        if multinode:   # node 0 runs here, the other nodes through their node-agent runs (flows/multinode.py)
+            plan = with_endpoint(plan)
+        cmd = node_command(plan, 0) if multinode else plan.command()
         logger.info(f"{plan.stage} attempt {task_run.run_count}: {' '.join(cmd)}")
         started = time.time()
         progress = _Progress(plan.stage, directory / PROGRESS_FILE, attempt=task_run.run_count)
+        timeout = plan.resources.timeout_minutes * 60 if plan.resources.timeout_minutes else None
         try:
-            result = launch(cmd, log_path=directory / LOG_FILE, env=plan.resources.env, on_line=lines,
-                            on_progress=progress, timeout_seconds=plan.resources.timeout_minutes * 60
-                            if plan.resources.timeout_minutes else None)
+            if multinode:
+                result = launch_across_nodes(plan, log_path=directory / LOG_FILE, on_line=lines, on_progress=progress,
+                                             timeout_seconds=timeout)
+            else:
+                result = launch(cmd, log_path=directory / LOG_FILE, env=plan.resources.env, on_line=lines,
+                                on_progress=progress, timeout_seconds=timeout)
         except TerminationSignal:
             # the launch has already stopped the stage's process tree on its way out
             if not cancel_requested():
