@@ -201,9 +201,6 @@ def test_dry_runs_are_given_the_planned_vocabulary_and_model_shape(tmp_path):
     assert "vocab_size" not in by_stage["base_train"].semantic_config
 
 
-@pytest.mark.xfail(strict=True, reason="the stages still plan with tok_train's default vocabulary and a 2048 "
-                   "context: nanopipe/stages/base_train.py's dry run must read --vocab_size, and "
-                   "nanopipe/chat_train.py's planned_model --vocab_size and --model_seq_len")
 def test_preflight_reports_the_runs_vocabulary_and_context(tmp_path):
     from flows.plan import dry_run
     config = PipelineConfig(preset="demo-cpu", tok_train={"vocab_size": 512}, resources={"nproc_per_node": 1},

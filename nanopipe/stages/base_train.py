@@ -159,9 +159,10 @@ def run(cfg: BaseTrainConfig) -> dict:
         device_type = cfg.device_type or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             vocab_size = get_tokenizer(tokenizer_dir).get_vocab_size()
-        except FileNotFoundError:
-            vocab_size = DEFAULT_VOCAB_SIZE  # tok_train's default, for a dry run before the tokenizer exists
-            print0(f"dry run: no tokenizer at {tokenizer_dir} yet; assuming vocab_size={vocab_size}")
+        except FileNotFoundError:   # a dry run before the tokenizer exists: the run's planned vocabulary
+            vocab_size, how = ((cfg.vocab_size, "--vocab_size") if cfg.vocab_size
+                               else (DEFAULT_VOCAB_SIZE, "tok_train's default"))
+            print0(f"dry run: no tokenizer at {tokenizer_dir} yet; planning for vocab_size={vocab_size} ({how})")
         model_config = build_model_config(cfg.depth, cfg.aspect_ratio, cfg.head_dim, cfg.max_seq_len, vocab_size)
         info = describe_run(cfg, model_config, world_size, device_type)
         print_description(info)
