@@ -174,7 +174,8 @@ CHAIN = ["tok_train", "tok_eval", "base_train", "base_eval", "mid_train", "chat_
 
 def test_end_to_end_then_everything_cached(home, data_dir):
     values = tiny(data_dir)
-    state, states, first_seconds = run(values)
+    records_before = result_records()
+    state, states, _ = run(values)
     assert state.is_completed(), state.message
     assert states == {stage: "Completed" for stage in CHAIN}
     plans = plans_of(values)
@@ -209,14 +210,13 @@ def test_end_to_end_then_everything_cached(home, data_dir):
     for evaluation in ("chat_eval_mid", "chat_eval_sft"):
         assert 0 <= read_manifest(plans[evaluation].artifact_dir)["metrics"]["chatcore"] <= 1
 
-    state, states, second_seconds = run(values)
+    state, states, _ = run(values)
     assert state.is_completed()
     assert set(states.values()) == {"Cached"}, states
     # the cache is the verified artifact, never a persisted (pickled) task result
-    assert not (home / "results").exists()
+    assert result_records() == records_before
     # a fully cached run shows the same graph: the edges link this run's (Cached) task runs
     assert edges(state.state_details.flow_run_id) == linked
-    assert second_seconds < first_seconds / 3
     assert all(launches(p.artifact_dir) == 1 for p in plans.values())
     refs = state.result()
     assert refs["base_train"].metrics["step"] == 12 and refs["base_train"].path == plans["base_train"].artifact_dir
