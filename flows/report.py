@@ -440,21 +440,38 @@ TOLERANCES = {"bpb": Tolerance(False, relative=0.01), "CORE": Tolerance(True, ab
               "ChatCORE": Tolerance(True, absolute=0.02), "GSM8K": Tolerance(True, absolute=0.02)}
 
 
+def config_digest_upto(plans: list[StagePlan], stage: str) -> str:
+    """A digest of the configs (the hashed fields, as given: no code version, no upstream hash) of `stage` and
+    every stage before it. Two runs compare on a metric only when this matches: a run that trains for
+    fewer steps on purpose is another experiment, not a regression; a code change keeps the digest."""
+    import hashlib
+    names = [p.stage for p in plans]
+    upto = plans[:names.index(stage) + 1] if stage in names else plans
+    text = json.dumps({p.stage: p.semantic_config for p in upto}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def key_metrics(outcomes: list[StageOutcome]) -> tuple[dict[str, float], dict[str, str]]:
     """The gate's metrics ({"base val bpb": 1.9, "CORE": .., "SFT ChatCORE": .., "SFT GSM8K": ..}, those
-    present) and what each was measured on where that can differ within a lineage (ChatCORE's tasks)."""
+    present) and what each was measured on: the configs that produced it (config_digest_upto) and, for
+    ChatCORE, its tasks."""
     m = {o.plan.stage: o.metrics for o in outcomes if o.metrics}
+    plans = [o.plan for o in outcomes]
     base, train = m.get("base_eval", {}), m.get("base_train", {})
     values = {"base val bpb": _first(base.get("val_bpb"), train.get("val_bpb")),
               "CORE": _first(base.get("core_metric"), train.get("core_metric"))}
-    basis = {}
+    base_stage = "base_eval" if base else "base_train"
+    basis = {"base val bpb": config_digest_upto(plans, base_stage), "CORE": config_digest_upto(plans, base_stage)}
     for stage, label in CHAT_COLUMNS.items():
         chat = m.get(stage, {})
         values[f"{label} ChatCORE"] = _number(chat.get("chatcore"))
         values[f"{label} GSM8K"] = _number((chat.get("accuracy") or {}).get("GSM8K"))
-        if chat.get("chatcore_tasks"):
-            basis[f"{label} ChatCORE"] = ",".join(chat["chatcore_tasks"])
-    return {k: v for k, v in values.items() if v is not None}, basis
+        digest = config_digest_upto(plans, stage)
+        basis[f"{label} GSM8K"] = digest
+        basis[f"{label} ChatCORE"] = digest + (f" on {','.join(chat['chatcore_tasks'])}"
+                                               if chat.get("chatcore_tasks") else "")
+    values = {k: v for k, v in values.items() if v is not None}
+    return values, {k: v for k, v in basis.items() if k in values}
 
 
 def _first(*values) -> float | None:
@@ -488,7 +505,7 @@ def compare(current: dict[str, float], current_basis: dict[str, str], previous: 
         if tolerance is None or old is None:
             continue
         if before_basis.get(name) != current_basis.get(name):
-            rows.append((name, old, now, tolerance.describe(), "not comparable (other tasks)"))
+            rows.append((name, old, now, tolerance.describe(), "not comparable (other config or tasks)"))
             continue
         worse = now < tolerance.limit(old) if tolerance.higher_is_better else now > tolerance.limit(old)
         rows.append((name, old, now, tolerance.describe(), "regressed" if worse else "ok"))

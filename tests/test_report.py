@@ -233,8 +233,24 @@ def test_the_gate_flags_only_what_got_worse_beyond_its_tolerance(tmp_path):
         "RL GSM8K dropped from 0.2000 to 0.0781 (-0.1219, tolerance -0.02) since run demo-cpu d4 (abc)"]
     # a ChatCORE over other tasks is not the same number: reported, never a regression
     other = compare(now, basis, {"metrics": {"SFT ChatCORE": 0.9}, "basis": {"SFT ChatCORE": "GSM8K"}})
-    assert other.regressions == [] and other.rows[0][-1] == "not comparable (other tasks)"
+    assert other.regressions == [] and other.rows[0][-1] == "not comparable (other config or tasks)"
     assert compare(now, basis, None).note == "no earlier run of this lineage to compare with"
+
+
+def test_the_gate_compares_only_runs_of_the_same_configs_whatever_the_code(tmp_path):
+    _, plans = plans_for(tmp_path)
+    now, basis = key_metrics([completed(p) for p in plans])
+    worse = {"metrics": {**now, "base val bpb": 1.5, "SFT GSM8K": 0.5}, "basis": basis}
+    assert len(compare(now, basis, worse).regressions) == 2
+    # the same preset and depth trained for fewer steps on purpose: another experiment, not a regression
+    shorter = [p.model_copy(update={"semantic_config": {**p.semantic_config, "num_iterations": 7}})
+               if p.stage == "base_train" else p for p in plans]
+    _, shorter_basis = key_metrics([completed(p) for p in shorter])
+    gate = compare(now, basis, {"metrics": worse["metrics"], "basis": shorter_basis})
+    assert gate.regressions == [] and {r[-1] for r in gate.rows} == {"not comparable (other config or tasks)"}
+    # the code version is not part of it: a code change is exactly what the gate is for
+    recoded = [p.model_copy(update={"code_version": "0" * 16, "hash": "f" * 16}) for p in plans]
+    assert key_metrics([completed(p) for p in recoded])[1] == basis
 
 
 def test_the_key_metrics_record_reads_back_and_names_its_lineage(tmp_path):
