@@ -24,13 +24,14 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Failed
 from pydantic import ValidationError
 
 from flows.artifacts import ArtifactRef, artifact_lock, discard, ref_from_manifest
-from flows.config import PipelineConfig, StageName
+from flows.config import PipelineConfig, StageName, resolved_config_markdown
 from flows.launcher import StageFailed, stage_reason
 from flows.plan import (PlanError, StagePlan, is_complete, model_shape, plan_pipeline, preflight, produced_by,
                         stages_from)
@@ -196,8 +197,18 @@ def as_config(config: PipelineConfig | dict) -> PipelineConfig:
     return config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
 
 
+def publish_config(config: PipelineConfig) -> None:
+    """The config after its preset, as the run's first artifact: what the form's empty fields became."""
+    try:
+        create_markdown_artifact(resolved_config_markdown(config), key="nanopipe-config",
+                                 description=f"resolved config ({config.preset or 'custom'})")
+    except Exception as err:   # never let a report keep a run from starting
+        get_run_logger().warning(f"could not publish the resolved config: {type(err).__name__}: {err}")
+
+
 def _whole_pipeline(config: PipelineConfig | dict) -> dict[str, ArtifactRef]:
     config = as_config(config)
+    publish_config(config)
     return run_stages(plan_pipeline(config), config, title=f"nanopipe pipeline ({config.preset or 'custom'})")
 
 
@@ -215,6 +226,7 @@ def stage_flow(stage: StageName, config: PipelineConfig) -> ArtifactRef:
 
 def _one_stage(stage: StageName, config: PipelineConfig | dict) -> ArtifactRef:
     config = as_config(config)
+    publish_config(config)
     row = get_stage(stage)
     config = config.model_copy(update={"stop_after": None, **({row.when: True} if row.when else {})})
     plans = {p.stage: p for p in plan_pipeline(config)}

@@ -190,6 +190,8 @@ def test_end_to_end_then_everything_cached(home, data_dir):
     assert "step 00011/00012" in log and "@@nanopipe-progress" in log
     kinds = {(a.type, a.key) for a in artifacts_of(state.state_details.flow_run_id)}
     assert ("markdown", "nanopipe-summary") in kinds and ("table", "nanopipe-metrics") in kinds
+    resolved = next(a for a in artifacts_of(state.state_details.flow_run_id) if a.key == "nanopipe-config")
+    assert "Resolved config: preset `demo-cpu`" in resolved.data   # the first artifact of every run
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(state.state_details.flow_run_id).name.startswith("demo-cpu d2 ")
     table = next(a for a in artifacts_of(state.state_details.flow_run_id) if a.key == "nanopipe-metrics")

@@ -141,10 +141,13 @@ def test_deployments_are_valid_data():
     names = set()
     for deployment in spec["deployments"]:
         names.add(deployment["name"])
-        # the GPU-sized nightly has a pool of its own, so a CPU machine's worker never picks it up
-        assert deployment["work_pool"]["name"] == ("nanopipe-gpu" if deployment["name"] == "nightly" else "nanopipe")
         path, func = deployment["entrypoint"].split(":")
         assert (REPO / path).is_file() and func in (REPO / path).read_text()
+        if func == "node_agent":   # started by a multi-node stage's task, one queue per node of its own pool
+            assert deployment["work_pool"]["name"] == "nanopipe-nodes" and "parameters" not in deployment
+            continue
+        # the GPU-sized nightly has a pool of its own, so a CPU machine's worker never picks it up
+        assert deployment["work_pool"]["name"] == ("nanopipe-gpu" if deployment["name"] == "nightly" else "nanopipe")
         params = deployment["parameters"]
         PipelineConfig.model_validate(params["config"])
         if func == "stage_flow":

@@ -33,35 +33,11 @@ pytestmark = pytest.mark.slow
 STEPS = 16   # base_train times the steps after its first 10 (tokens_per_sec in metrics.json)
 STEP_LINE = re.compile(r"^step (\d+)/\d+ .*\| loss: [\d.]+ \(this step ([\d.]+)\)", re.M)
 
-# The prefect.yaml entry of the node agent (deployed from a file of its own here, beside the shared stack's
-# deployments of the repository's prefect.yaml)
-NODE_AGENT_YAML = f"""\
-name: nanopipe-nodes
-prefect-version: 3.9.1
-deployments:
-  - name: node-agent
-    entrypoint: flows/multinode.py:node_agent
-    description: "Node 1, 2, ... of a multi-node stage: started by the stage task on node 0, never by hand."
-    tags: [nanopipe, node-agent]
-    work_pool:
-      name: {NODE_POOL}
-      job_variables:
-        env:
-          PYTHONUNBUFFERED: "1"
-"""
-
-
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):
-    """The shared server stack plus the node-agent deployment and one worker serving queue node-1 only
-    (node 1); the worker is stopped, with whatever it runs, at the end of the module."""
+    """The shared server stack (which deploys prefect.yaml's node-agent to its own pool) plus one worker
+    serving queue node-1 only (node 1); the worker is stopped, with whatever it runs, at the end of the module."""
     stack = prefect_stack()
-    done = stack.prefect("work-pool", "create", NODE_POOL, "--type", "process")
-    assert done.returncode == 0 or "already exists" in done.stdout + done.stderr, done.stdout + done.stderr
-    prefect_file = tmp_path_factory.mktemp("node-agent") / "prefect.yaml"
-    prefect_file.write_text(NODE_AGENT_YAML)
-    done = stack.prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     worker = stack.spawn("worker", "start", "--pool", NODE_POOL, "--work-queue", node_queue(1),
                          log_name="node-1-worker.log")
     try:

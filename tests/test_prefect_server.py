@@ -59,7 +59,9 @@ def test_prefect_yaml_deploys_every_deployment_to_the_pool(stack):
         assert EXPECTED_DEPLOYMENTS <= names
         nightly = client.read_deployment_by_name("full-pipeline/nightly")
         # the nightly runs on GPU nodes only (its own pool), deployed paused; everything else on the CPU pool
-        assert {d.work_pool_name for d in deployments if d.id != nightly.id} == {POOL}
+        agent = next(d for d in deployments if d.name == "node-agent")   # multi-node stages' nodes 1, 2, ...
+        assert agent.work_pool_name == "nanopipe-nodes"
+        assert {d.work_pool_name for d in deployments if d.id not in (nightly.id, agent.id)} == {POOL}
         assert nightly.work_pool_name == "nanopipe-gpu"
         assert [(s.schedule.cron, s.active) for s in nightly.schedules] == [("0 2 * * *", False)]
         scheduled = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id])))
@@ -109,7 +111,7 @@ def test_cancelling_a_run_mid_stage_leaves_no_process(stack):
         stages = {r.name: r.state for r in client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))}
         summary = [a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))) if a.type == "markdown"]
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))) if a.key == "nanopipe-summary"]
     stage = stages["base_train"]
     assert stage.type.value == "CANCELLED", f"{stage.name}: {stage.message}"
     assert stage.message.startswith("base_train cancelled")
