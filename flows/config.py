@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializationInfo, create_model,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializationInfo, create_model, field_validator,
                       model_serializer, model_validator)
 
 from flows.launcher import Resources
@@ -99,6 +99,27 @@ class PipelineConfig(BaseModel):
     stage_resources: dict[StageName, Resources] = Field(
         default_factory=dict, description="per-stage replacements of `resources`, by stage name")
     cost_per_gpu_hour: float = Field(3.0, ge=0, description="USD per GPU-hour, for the report card's cost estimate")
+    artifact_store: str | None = Field(
+        None, description="fsspec URL that keeps artifacts and checkpoints beyond this node (s3://bucket/prefix, "
+        "file:///shared/path; credentials from the worker's AWS_* environment); none: $NANOPIPE_ARTIFACT_STORE, "
+        "else this node's disk only")
+
+    @field_validator("artifact_store")
+    @classmethod
+    def _known_store(cls, url: str | None) -> str | None:
+        """An unknown protocol (a typo, or s3:// without s3fs installed) fails at once, not after training."""
+        if url:
+            import fsspec
+            try:
+                fsspec.get_filesystem_class(fsspec.utils.get_protocol(url))
+            except (ValueError, ImportError) as err:
+                raise ValueError(f"artifact_store {url!r}: {err}") from None
+        return url or None
+
+    def store_url(self) -> str | None:
+        """Where artifacts are kept beyond this node: artifact_store, else $NANOPIPE_ARTIFACT_STORE, else None."""
+        import os
+        return self.artifact_store or os.environ.get("NANOPIPE_ARTIFACT_STORE") or None
 
     @model_validator(mode="before")
     @classmethod

@@ -96,7 +96,7 @@ def ended(run: Callable[[], Any]) -> Any:
 
 
 def execute(plan: StagePlan, *, force: bool, complete: bool, upstream: dict[str, Any], logger,
-            preset: str = "custom") -> StageOutcome:
+            preset: str = "custom", store: str | None = None) -> StageOutcome:
     """Run one stage's task. `complete` is this run's verdict on the artifact on disk (a cache hit counts
     only if it verifies); `upstream` maps input fields to the upstream task runs' states."""
     if force:
@@ -107,7 +107,7 @@ def execute(plan: StagePlan, *, force: bool, complete: bool, upstream: dict[str,
         name=plan.stage, retries=plan.resources.retries, retry_delay_seconds=plan.resources.retry_delay_seconds,
         tags=[f"stage:{plan.stage}", f"preset:{preset}", f"artifact:{plan.hash}"])
     started = time.monotonic()
-    state = stage_task(plan=plan, upstream=upstream, verified=complete, return_state=True)
+    state = stage_task(plan=plan, upstream=upstream, verified=complete, store=store, fresh=force, return_state=True)
     seconds = time.monotonic() - started
     if state.is_cancelled():
         return StageOutcome(plan, "Cancelled", seconds, error=state.message or "cancelled", state=state)
@@ -145,7 +145,7 @@ def run_stages(plans: list[StagePlan], config: PipelineConfig, title: str,
             upstream = {role: states[up["stage"]] for role, up in plan.upstream.items() if up["stage"] in states}
             try:
                 outcome = execute(plan, force=plan.stage in force, complete=complete[plan.stage], upstream=upstream,
-                                  logger=logger, preset=config.preset or "custom")
+                                  logger=logger, preset=config.preset or "custom", store=config.store_url())
             except BaseException:   # killed or interrupted mid-stage: say so in the summary, then go on unwinding
                 outcomes.append(StageOutcome(plan, "Interrupted", time.monotonic() - started))
                 raise

@@ -37,6 +37,8 @@ from prefect.states import Cancelled, Completed
 from flows.artifacts import (ArtifactRef, artifact_lock, discard, read_manifest, ref_from_manifest, verify,
                              write_manifest)
 from flows.launcher import StageFailed, failure_from, launch
+from flows.store import (CheckpointUploader, artifact_name, checkpoints_name, restore_artifact, restore_checkpoints,
+                         store_has, store_lock, upload_artifact)
 from flows.multinode import launch_across_nodes, node_command, with_endpoint
 from flows.plan import StagePlan
 from flows.report import PROGRESS_FILE
@@ -171,13 +173,35 @@ def _produced_meanwhile(plan: StagePlan) -> bool:
     return bool(manifest and manifest.get("hash") == plan.hash and verify(plan.artifact_dir, plan.hash))
 
 
+def _keep_in_store(directory: Path, store: str | None, plan: StagePlan, logger, already_uploaded=None) -> None:
+    """Make sure the store holds this complete artifact (uploaded with its manifest last). A store that
+    cannot be written costs a warning, not the stage: the artifact is complete here, and the next run that
+    finds it will try the upload again."""
+    if not store:
+        return
+    name = artifact_name(directory)
+    try:
+        if store_has(store, name, plan.hash):
+            return
+        sent = upload_artifact(directory, store, name, already_uploaded=already_uploaded)
+        logger.info(f"{plan.stage}: uploaded {name} to {store} ({sent.files} file(s), {sent.bytes:,} bytes in "
+                    f"{sent.seconds:.1f} s)")
+    except Exception as err:
+        logger.warning(f"{plan.stage}: could not upload {name} to {store}: {type(err).__name__}: {err}")
+
+
 @task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_if_retryable,
       task_run_name="{plan.stage}")
-def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, verified: bool = False):
-    """Produce one stage's artifact (or find it already produced by a concurrent run).
+def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, verified: bool = False,
+              store: str | None = None, fresh: bool = False):
+    """Produce one stage's artifact (or find it already produced by a concurrent run, or in the store).
 
     `upstream` maps each input field to the reference its upstream stage returned; `verified` says the
-    flow already checked this artifact on disk in this run (then a cache miss only re-reads its manifest)."""
+    flow already checked this artifact on disk in this run (then a cache miss only re-reads its manifest).
+    `store` (an fsspec URL, flows/store.py) keeps artifacts and checkpoints beyond this node: a missing
+    artifact is restored from it, a resumable stage's checkpoints are restored before it starts and uploaded
+    while it trains, and a finished artifact goes up with its manifest last. `fresh` (recompute_from) never
+    restores anything."""
     logger = get_run_logger()
     directory = Path(plan.artifact_dir)
     for role, ref in (upstream or {}).items():
@@ -186,14 +210,34 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
             raise StageFailed(f"stage {plan.stage}: input {role} is {ref.path} (hash {ref.hash}), but the plan "
                               f"expects hash {expected}", kind="plan", retryable=False)
     if verified:
+        _keep_in_store(directory, store, plan, logger)
         return Completed(name="Cached", data=ref_from_manifest(directory),
                          message=f"reused {directory.name}: its manifest verified ({cache_note(plan)})")
-    with artifact_lock(directory, on_wait=logger.info):
+    name = artifact_name(directory)
+    across_machines = store_lock(store, name, on_wait=logger.info) if store else contextlib.nullcontext()
+    with across_machines, artifact_lock(directory, on_wait=logger.info):
         if _produced_meanwhile(plan):
             logger.info(f"{plan.stage}: {directory} is already complete (produced by another run)")
+            _keep_in_store(directory, store, plan, logger)
             return Completed(data=ref_from_manifest(directory),
                              message=f"{directory.name} was produced by another run meanwhile ({cache_note(plan)})")
+        if store and not fresh:
+            restored = restore_artifact(store, name, directory, plan.hash)
+            if restored:
+                logger.info(f"{plan.stage}: restored {name} from {store} ({restored.bytes:,} bytes in "
+                            f"{restored.seconds:.1f} s)")
+                return Completed(name="Cached", data=ref_from_manifest(directory),
+                                 message=f"restored {name} from the artifact store ({cache_note(plan)})")
         lines = _Lines(logger, _prepare(plan, logger))
+        uploader = None
+        if store and plan.resume_flag:
+            checkpoints = checkpoints_name(directory, plan.out_dir)
+            if not fresh:
+                restored = restore_checkpoints(store, checkpoints, plan.out_dir)
+                if restored:
+                    logger.info(f"{plan.stage}: restored checkpoint step {restored.step} from {store} "
+                                f"({restored.bytes:,} bytes in {restored.seconds:.1f} s): it resumes from there")
+            uploader = CheckpointUploader(plan.out_dir, store, checkpoints, log_line=logger.info).start()
         multinode = plan.resources.nnodes > 1
         if multinode:   # node 0 runs here, the other nodes through their node-agent runs (flows/multinode.py)
             plan = with_endpoint(plan)
@@ -217,6 +261,9 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
             logger.warning(f"{plan.stage}: cancelled; the stage's processes were stopped")
             step = progress.latest.get("step")
             return Cancelled(message=f"{plan.stage} cancelled" + (f" at step {step}" if step is not None else ""))
+        finally:
+            if uploader is not None:   # the last checkpoint goes up even when the stage failed: a retry elsewhere
+                uploader.stop()        # resumes from it
         if result.returncode != 0 or result.timed_out:
             progress.finish("failed")
             raise failure_from(result, plan.stage)
@@ -234,6 +281,7 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
                               "flow_run_id": flow_run.id,
                               "task_run_id": task_run.id})
         progress.finish()
+        _keep_in_store(directory, store, plan, logger, uploader.uploaded if uploader else None)
         resumed = f", resumed from step {lines.resumed_from}" if lines.resumed_from is not None else ""
         logger.info(f"{plan.stage}: done in {result.seconds:.1f} s{resumed} -> {directory}")
         ref = ArtifactRef(stage=plan.stage, hash=plan.hash, path=str(directory), metrics=metrics,

@@ -472,3 +472,33 @@ def test_a_failure_is_told_in_one_sentence():
     assert sentence.startswith("invalid config (PipelineConfig): base_eval.eval: ") and "nope" in sentence
     assert failure_sentence(KeyError("model_config")) == "KeyError: model_config"   # not str()'s quotes
     assert len(failure_sentence(RuntimeError("x" * 5000))) <= 600
+
+
+# -----------------------------------------------------------------------------
+# The artifact store: a node without the local files
+
+import shutil  # noqa: E402
+
+from tests.test_store import moto_endpoint, s3_url  # noqa: E402,F401  (the loopback S3 server fixtures)
+
+
+def test_a_node_without_the_artifacts_restores_them_from_the_store(data_dir, home, s3_url):
+    from flows.store import open_store
+    values = base_only(data_dir, stop_after="base_train", artifact_store=s3_url)
+    plans = plans_of(values)
+    state, states, _ = run(values)
+    assert state.is_completed(), state.message
+    fs, root = open_store(s3_url)
+    base = plans["base_train"]
+    stored = fs.find(f"{root}/base_train/{Path(base.artifact_dir).name}")
+    assert any(p.endswith("manifest.json") for p in stored) and any("model_000012.pt" in p for p in stored)
+
+    shutil.rmtree(home / "artifacts")   # another node: the same home path, none of the files
+    state, states, _ = run(values)
+    assert state.is_completed(), state.message
+    assert set(states.values()) == {"Cached"}, states
+    runs = task_runs(state.state_details.flow_run_id)
+    assert all("restored" in r.state.message for r in runs.values()), [r.state.message for r in runs.values()]
+    for plan in plans.values():
+        assert verify(plan.artifact_dir, plan.hash)
+        assert (Path(plan.artifact_dir) / LOG_FILE).read_text().count(LAUNCH_HEADER) == 1   # not run again
