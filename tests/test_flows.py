@@ -98,26 +98,38 @@ def run(values: dict):
     return state, task_states(state.state_details.flow_run_id), time.monotonic() - started
 
 
+def read_task_runs(flow_run_id: UUID, patience: float = 120.0) -> list:
+    """The flow run's task runs once the server has recorded them all in a final state. Prefect 3 records
+    task runs from the events the run sends, a moment after the flow returns (longer on a loaded machine):
+    read until at least one is there, all are final and two reads agree."""
+    deadline = time.monotonic() + patience
+    previous = None
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        seen = sorted((str(r.id), r.state.name if r.state else "") for r in runs)
+        settled = runs and all(r.state and r.state.is_final() for r in runs) and seen == previous
+        if settled or time.monotonic() > deadline:
+            return runs
+        previous = seen
+        time.sleep(0.5)
+
+
 def task_states(flow_run_id: UUID) -> dict[str, str]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name.split(":")[0]: r.state.name for r in runs}
+    return {r.name.split(":")[0]: r.state.name for r in read_task_runs(flow_run_id)}
 
 
 def edges(flow_run_id: UUID) -> dict[str, set[str]]:
     """{stage: upstream stages of its `upstream` parameter}, as the Prefect server recorded the task runs'
     inputs (what the UI draws as the run's graph)."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    runs = read_task_runs(flow_run_id)
     name_of = {r.id: r.name for r in runs}
     return {r.name: {name_of.get(i.id, "?") for i in r.task_inputs.get("upstream", [])
                      if getattr(i, "input_type", "") == "task_run"} for r in runs}
 
 
 def task_runs(flow_run_id: UUID) -> dict[str, object]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r for r in runs}
+    return {r.name: r for r in read_task_runs(flow_run_id)}
 
 
 def task_log(task_run_id: UUID) -> list[str]:

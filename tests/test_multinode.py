@@ -41,10 +41,21 @@ def nodes(tmp_path_factory):
     worker = stack.spawn("worker", "start", "--pool", NODE_POOL, "--work-queue", node_queue(1),
                          log_name="node-1-worker.log")
     try:
-        with temporary_settings({PREFECT_API_URL: stack.api_url}):
-            yield stack
+        yield stack
     finally:
-        _stop(stack, worker)
+        with temporary_settings({PREFECT_API_URL: stack.api_url}):
+            _stop(stack, worker)
+
+
+@pytest.fixture(autouse=True)
+def stack_api(request):
+    """Point this test's Prefect client at the shared stack, for this test only: a module-long setting
+    (a context variable) would outlive the module and send the next module's client to the wrong server."""
+    if "nodes" not in request.fixturenames:
+        yield
+        return
+    with temporary_settings({PREFECT_API_URL: request.getfixturevalue("nodes").api_url}):
+        yield
 
 
 def _stop(stack: PrefectStack, worker: subprocess.Popen) -> None:
