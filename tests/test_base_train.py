@@ -116,7 +116,7 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
     out = result.stdout
     # d20 defaults: width 20 * 64 = 1280 in 10 heads of 128; 524288 / (32 * 2048) = 8 micro-steps
     assert "20 layers, width 1280, 10 heads of 128" in out and "vocab 32,768" in out
-    assert "assuming vocab_size=32768" in out
+    assert "planning for vocab_size=32768 (tok_train's default)" in out
     assert re.search(r"parameters total\s+: [\d,]+", out) and "FLOPs per token (fwd+bwd)" in out
     assert re.search(r"Iterations: [\d,]+ \(from --target_param_data_ratio=20\)", out)
     assert "gradient accumulation steps: 8" in out

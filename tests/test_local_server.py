@@ -40,7 +40,8 @@ def test_reusing_a_local_server_can_be_turned_off_or_pointed_elsewhere(monkeypat
 
 
 @pytest.mark.slow
-def test_a_run_uses_the_prefect_server_already_running_on_the_machine(tmp_path):
+def test_a_run_uses_the_prefect_server_already_running_on_the_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "server"))   # a database of its own: only our runs in it
     server = TemporaryServer()   # stands in for `prefect server start`
     try:
         server.wait_ready(timeout=180)
