@@ -170,6 +170,7 @@ def _train(model, optimizers, extra, extra_opt, grads_for_step) -> None:
 
 
 def _dist_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed.nn.functional  # noqa: F401  (before init, as compute_init does: a late import aborted)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
