@@ -34,8 +34,9 @@ from nanopipe.common import atomic_write_json, compute_cleanup, compute_init, ge
 from nanopipe.configs.base import ConfigError
 from nanopipe.gpt import GPT, GPTConfig, build_model_config
 from nanopipe.tokenizer import TokenizerNotFoundError, get_tokenizer
-from nanopipe.training import (NonFiniteLossError, all_ranks_ok, barrier, check_memory_fits, estimate_peak_memory,
-                               exclusive_out_dir, gather_loader_state, keep_freed_memory_for_reuse)
+from nanopipe.training import (NonFiniteLossError, all_ranks_ok, barrier, check_memory_fits, cpu_matmul_precision,
+                               estimate_peak_memory, exclusive_out_dir, gather_loader_state,
+                               keep_freed_memory_for_reuse)
 
 
 class SourceCheckpointError(ConfigError):
@@ -189,10 +190,12 @@ def train_from_source(cfg, stage: str, load_data: Callable, make_trainer: Callab
     src = find_source(cfg.source, cfg.model_tag, cfg.model_step, cfg.checkpoint_dir, cfg.tokenizer_dir)
     out_dir = output_dir(stage, src, cfg.out_dir)
     data = load_data(cfg)
-    with exclusive_out_dir(out_dir, stage):  # one run at a time writes out_dir
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(exclusive_out_dir(out_dir, stage))  # one run at a time writes out_dir
         rt = compute_init(cfg.device_type, cfg.dtype, cfg.seed)
         if rt.device_type == "cpu":
             keep_freed_memory_for_reuse()
+            print0(f"float32 matmuls on CPU: {stack.enter_context(cpu_matmul_precision(cfg.cpu_matmul_precision))}")
         try:
             trainer = make_trainer(cfg, rt, src, out_dir, data)
             trainer.fit()

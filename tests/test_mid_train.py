@@ -89,6 +89,17 @@ def test_both_spellings_minus_one_and_bad_batch_sizes():
             build_config(MidTrainConfig, {"resume_from_step": bad})
 
 
+def test_every_training_stage_takes_the_cpu_matmul_precision():
+    from nanopipe.configs import BaseTrainConfig
+    from nanopipe.configs.chat_rl import ChatRLConfig
+    from nanopipe.configs.chat_sft import ChatSFTConfig
+    for cls in (BaseTrainConfig, MidTrainConfig, ChatSFTConfig, ChatRLConfig):
+        assert build_config(cls, {}).cpu_matmul_precision == "auto"
+        assert parse_cli(cls, ["--cpu-matmul-precision", "ieee"]).cpu_matmul_precision == "ieee"
+        with pytest.raises(ConfigError, match="cpu_matmul_precision"):
+            build_config(cls, {"cpu_matmul_precision": "fp8"})
+
+
 def test_config_module_does_not_import_torch():
     code = "import sys, nanopipe.configs.mid_train, nanopipe.configs.chat_sft; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
@@ -250,8 +261,12 @@ def test_dry_run_needs_no_process_group(inputs, tmp_path):
 
 def test_one_pass_learns_and_resume_is_exact(inputs, tmp_path, home, capsys):
     straight = tmp_path / "straight"
+    precision_before = torch.backends.mkldnn.matmul.fp32_precision
     metrics = mid_train.main(flags(inputs, straight, save_every=3, eval_every=3))
     log = capsys.readouterr().out
+    # the CPU matmul precision is chosen for the run, said in the log, and put back afterwards
+    assert re.search(r"^float32 matmuls on CPU: (bf16|ieee) \(auto: ", log, re.M), log[:2000]
+    assert torch.backends.mkldnn.matmul.fp32_precision == precision_before
     losses = step_losses(log)
     last = max(losses)
     assert sorted(losses) == list(range(1, last + 1)) and last >= 6

@@ -3,16 +3,14 @@ satisfy (pure arithmetic: the flow checks it before launching anything)."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
-from nanopipe.configs.base import CommonConfig, ConfigError, Off, PlainName, ResumeStep
+from nanopipe.configs.base import CommonConfig, ConfigError, CpuMatmulFlags, Off, PlainName, ResumeStep
 from nanopipe.configs.data import DataFlags
 from nanopipe.vocab import MIN_VOCAB_SIZE
 
 
-class BaseTrainConfig(CommonConfig, DataFlags):
+class BaseTrainConfig(CpuMatmulFlags, CommonConfig, DataFlags):
     """Flags of base pretraining (defaults: nanochat's speedrun d20)."""
 
     # --- model --------------------------------------------------------------
@@ -59,10 +57,6 @@ class BaseTrainConfig(CommonConfig, DataFlags):
     compile: bool | None = Field(None, description="torch.compile the model (none: auto, on CUDA for runs of at "
                                                    "least 50 steps, never on CPU, where the eager hand-fused "
                                                    "kernels are faster; the run prints the decision)")
-    cpu_matmul_precision: Literal["auto", "ieee", "bf16"] = Field(
-        "auto", description="float32 matmuls on CPU: bf16 lets oneDNN use the CPU's bf16 instructions (about 2x "
-                            "faster, Muon's Newton-Schulz then runs in bf16 as on CUDA), ieee is torch's default, "
-                            "auto is bf16 where the CPU has native bf16")
     allow_over_memory: bool = Field(False, description="train even when the peak-memory estimate exceeds the "
                                                        "device's available memory (the estimate is rough)")
 

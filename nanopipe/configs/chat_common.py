@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from nanopipe.configs.base import DownstreamConfig, NanoConfig, Off, ResumeStep
+from nanopipe.configs.base import CpuMatmulFlags, DownstreamConfig, NanoConfig, Off, ResumeStep
 from nanopipe.vocab import MIN_VOCAB_SIZE
 
 ChatSource = Literal["base", "mid"]
@@ -55,7 +55,7 @@ class ChatDataFlags(DownstreamConfig):
     NON_SEMANTIC = ("run", "out_dir")
 
 
-class ChatTrainFlags(ChatDataFlags, PlanningFlags):
+class ChatTrainFlags(CpuMatmulFlags, ChatDataFlags, PlanningFlags):
     """Optimiser, checkpoint and path flags of a chat training stage."""
 
     embedding_lr: float = Field(0.2, gt=0, description="AdamW learning rate of the token embedding")

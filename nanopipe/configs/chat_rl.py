@@ -7,14 +7,14 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from nanopipe.configs.base import ConfigError, DownstreamConfig, Off, ResumeStep
+from nanopipe.configs.base import ConfigError, CpuMatmulFlags, DownstreamConfig, Off, ResumeStep
 from nanopipe.configs.chat_common import PlanningFlags
 
 RL_TASKS = ("gsm8k", "builtin-arithmetic")
 GSM8K_TRAIN_QUESTIONS = 7473   # openai/gsm8k main/train: lets a dry run count steps without the data
 
 
-class ChatRLConfig(DownstreamConfig, PlanningFlags):
+class ChatRLConfig(CpuMatmulFlags, DownstreamConfig, PlanningFlags):
     """Flags of chat_rl (defaults: nanochat's GSM8K RL recipe)."""
 
     source: Literal["base", "mid", "sft"] = Field("sft", description="which stage's checkpoints to start from")
