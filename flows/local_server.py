@@ -87,14 +87,16 @@ class TemporaryServer:
         from flows.launcher import die_with_parent
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-               "PREFECT__SERVER_FINAL": "1"}
-        env.pop("PREFECT_API_URL", None)
+        # Telemetry off unless asked for: a server that lives for one command has nothing to report, and on a
+        # machine without internet access its telemetry service prints an error into the run's output.
+        self.env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", **os.environ, "PREFECT_UI_ENABLED": "0",
+                    "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        self.env.pop("PREFECT_API_URL", None)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(find_spec("prefect").origin).parent.parent),
              "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
+            env=self.env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
         self.started = time.monotonic()
 
     def wait_ready(self, timeout: float) -> None:

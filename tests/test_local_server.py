@@ -39,6 +39,22 @@ def test_reusing_a_local_server_can_be_turned_off_or_pointed_elsewhere(monkeypat
     assert not answers("http://127.0.0.1:9/api", timeout=0.5)   # nothing listens on the discard port
 
 
+def test_the_temporary_server_sends_no_telemetry_unless_asked(monkeypatch, capfd):
+    monkeypatch.delenv("PREFECT_SERVER_ANALYTICS_ENABLED", raising=False)
+    server = TemporaryServer()
+    try:
+        assert server.env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+        server.wait_ready(timeout=180)
+        assert answers(server.api_url, timeout=30)
+    finally:
+        server.stop()
+    assert "telemetry" not in capfd.readouterr().err   # offline, the telemetry service logs an error here
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "true")   # a person's own choice stands
+    server = TemporaryServer()
+    server.stop()
+    assert server.env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
+
+
 @pytest.mark.slow
 def test_a_run_uses_the_prefect_server_already_running_on_the_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "server"))   # a database of its own: only our runs in it
