@@ -14,12 +14,13 @@ flow process pays for it once, when a run ends.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import math
 from pathlib import Path
 
-from nanopipe.common import parse_progress
+from nanopipe.common import atomic_write_bytes, parse_progress
 
 PROGRESS_FILE = "progress.jsonl"
 LOG_FILE = "stage.log"
@@ -86,10 +87,26 @@ def render_curves(series: dict[str, list[tuple[int, float]]], title: str) -> byt
     return out.getvalue()
 
 
-def stage_curves(artifact_dir: str | Path, title: str) -> bytes | None:
-    """The stage's curves as PNG bytes, or None when its history has no curve (e.g. a tokenizer stage)."""
+def stage_curves(artifact_dir: str | Path, title: str, cache_dir: str | Path | None = None) -> bytes | None:
+    """The stage's curves as PNG bytes, or None when its history has no curve (e.g. a tokenizer stage).
+
+    With `cache_dir`, a drawing is kept there under the hash of what it shows (title, points, size), so
+    a re-run whose stages were all cached neither imports matplotlib nor draws again (~1.3 s saved)."""
     series = curve_series(read_progress(artifact_dir))
-    return render_curves(series, title) if series else None
+    if not series:
+        return None
+    if cache_dir is None:
+        return render_curves(series, title)
+    key = json.dumps([title, series, WIDTH_PX, HEIGHT_PX, DPI], separators=(",", ":"))
+    cached = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.png"
+    if cached.is_file():
+        return cached.read_bytes()
+    png = render_curves(series, title)
+    try:
+        atomic_write_bytes(cached, png)   # a reader never sees half a file
+    except OSError:
+        pass   # a cache that cannot be written costs the next run a drawing, nothing else
+    return png
 
 
 def markdown_image(png: bytes, alt: str) -> str:

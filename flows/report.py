@@ -623,12 +623,16 @@ def _try(what: str, fn, *args, default=None):
         return default
 
 
+CURVES_CACHE = Path("cache") / "curves"   # under NANOPIPE_HOME: drawings by the hash of what they show
+
+
 def stage_curves_all(rows: list[StageOutcome]) -> dict[str, bytes]:
     curves = {}
+    cache_dir = report_home([o.plan for o in rows]) / CURVES_CACHE
     for o in rows:
         if o.status != "Not run":   # a stage this run never reached may have leftovers of another run
             png = _try(f"draw the curves of {o.plan.stage}", stage_curves, o.plan.artifact_dir,
-                       f"{o.plan.stage} ({o.plan.tag}-{o.plan.hash[:8]})")
+                       f"{o.plan.stage} ({o.plan.tag}-{o.plan.hash[:8]})", cache_dir)
             if png:
                 curves[o.plan.stage] = png
     return curves

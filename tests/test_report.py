@@ -199,6 +199,26 @@ def test_curves_from_a_resumed_stage_keep_the_last_value_of_each_step(tmp_path):
     assert base64.b64decode(image.split(",", 1)[1].rstrip(")")) == png
 
 
+def test_a_drawing_is_kept_by_what_it_shows_and_not_drawn_twice(tmp_path, monkeypatch):
+    import flows.plots as plots
+    stage, cache = tmp_path / "stage", tmp_path / "cache"
+    stage.mkdir()
+    (stage / "progress.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n')
+    first = stage_curves(stage, "base_train (d4-1234)", cache)
+    assert png_size(first) == (640, 360) and [p.suffix for p in cache.iterdir()] == [".png"]
+
+    def no_drawing(*args):
+        raise AssertionError("drawn again")
+    monkeypatch.setattr(plots, "render_curves", no_drawing)
+    assert stage_curves(stage, "base_train (d4-1234)", cache) == first   # a cached re-run: no matplotlib
+    with pytest.raises(AssertionError, match="drawn again"):
+        stage_curves(stage, "base_train (d4-5678)", cache)                # another title: another drawing
+    with open(stage / "progress.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 2.0}\n')                            # new points: a new drawing
+    with pytest.raises(AssertionError, match="drawn again"):
+        stage_curves(stage, "base_train (d4-1234)", cache)
+
+
 def test_curves_fall_back_to_the_progress_lines_of_stage_log(tmp_path):
     (tmp_path / "stage.log").write_text(
         "# 2026-12-01 10:00:00 $ torchrun ...\nstep 00001/00004 | loss 3.0\n"
