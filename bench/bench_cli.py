@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 PROGRESS_PREFIX = "@@nanopipe-progress "
+RETRYABLE = "Encountered retryable exception in request"
 
 
 def nanopipe(args: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
@@ -45,12 +46,12 @@ def nanopipe(args: list[str], env: dict) -> tuple[float, subprocess.CompletedPro
     return seconds, done
 
 
-def start_prefect_server(env: dict) -> tuple[subprocess.Popen, str]:
+def start_prefect_server(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                             str(port), "--no-ui"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             str(port), "--no-ui"], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + 300
@@ -98,33 +99,48 @@ def main() -> None:
     parser.add_argument("--skip_startup", "--skip-startup", action="store_true", help="skip the per-stage start-up")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="nanopipe-cli-bench-")).resolve()
+    # Both servers log each request they answer 503 because SQLite said "database is locked" (a write racing
+    # another: the client retries it about 2 s later), so that the figures can be read with that in mind.
     env = {**os.environ, "NANOPIPE_HOME": str(workdir / "home"), "PREFECT_HOME": str(workdir / "prefect"),
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "PREFECT_API_LOG_RETRYABLE_ERRORS": "true"}
     env.pop("PREFECT_API_URL", None)
     run_args = ["run", f"--preset={args.preset}"] + ([f"--stop_after={args.stop_after}"] if args.stop_after else [])
 
     seconds, _ = nanopipe(run_args, {**env, "NANOPIPE_LOCAL_PREFECT_URL": "off"})
     print(f"first run (produces or verifies the artifacts): {seconds:.1f} s", flush=True)
 
-    server, url = start_prefect_server({**env, "PREFECT_HOME": str(workdir / "prefect-server")})
+    server_log = workdir / "prefect-server.log"
+    server, url = start_prefect_server({**env, "PREFECT_HOME": str(workdir / "prefect-server")}, server_log)
     modes = {"temporary server": {**env, "NANOPIPE_LOCAL_PREFECT_URL": "off"},
              "running local server": {**env, "NANOPIPE_LOCAL_PREFECT_URL": url}}
     times: dict[str, list[float]] = {m: [] for m in modes}
+    retried = {m: 0 for m in modes}
     try:
         for i in range(args.repeats):
             order = list(modes) if i % 2 == 0 else list(modes)[::-1]
             for mode in order:
+                logged = server_log.stat().st_size
                 seconds, done = nanopipe(run_args, modes[mode])
                 assert "Cached" in done.stdout + done.stderr, "the re-run was not fully cached"
+                server_said = server_log.read_bytes()[logged:].decode(errors="replace")
+                locked = (done.stdout + done.stderr + (server_said if mode == "running local server" else "")
+                          ).count(RETRYABLE)
                 times[mode].append(seconds)
-                print(f"  cached re-run, {mode}: {seconds:.2f} s", flush=True)
+                retried[mode] += locked
+                print(f"  cached re-run, {mode}: {seconds:.2f} s"
+                      + (f"   ({locked} request(s) answered 503 'database is locked', retried)" if locked else ""),
+                      flush=True)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait()
     print(f"\ncached `nanopipe {' '.join(run_args)}`, median of {args.repeats} (target <= 5 s); "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     for mode, values in times.items():
-        print(f"  {mode:<22} {statistics.median(values):6.2f} s   (min {min(values):.2f}, max {max(values):.2f})")
+        print(f"  {mode:<22} {statistics.median(values):6.2f} s   (min {min(values):.2f}, max {max(values):.2f}; "
+              f"{retried[mode]} retried request(s) in {len(values)} runs)")
+    sizes = {name: (workdir / name / "prefect.db").stat().st_size / 2**20 for name in ("prefect", "prefect-server")
+             if (workdir / name / "prefect.db").exists()}
+    print("  Prefect databases: " + ", ".join(f"{name}/prefect.db {mb:.0f} MiB" for name, mb in sizes.items()))
 
     if args.skip_startup:
         return
