@@ -18,6 +18,8 @@ import hashlib
 import io
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 from nanopipe.common import atomic_write_bytes, parse_progress
@@ -28,6 +30,8 @@ LOG_FILE = "stage.log"
 CURVES = {"loss": "train loss", "val_loss": "validation loss", "val_bpb": "validation bits per byte",
           "reward": "mean reward", "pass_at_1": "pass@1"}
 WIDTH_PX, HEIGHT_PX, DPI = 640, 360, 80
+# A kept drawing nobody has shown for this long is deleted the next time a new drawing is kept (~25 kB each)
+CACHE_KEEP_DAYS = 30
 
 
 def read_progress(artifact_dir: str | Path) -> list[dict]:
@@ -91,7 +95,8 @@ def stage_curves(artifact_dir: str | Path, title: str, cache_dir: str | Path | N
     """The stage's curves as PNG bytes, or None when its history has no curve (e.g. a tokenizer stage).
 
     With `cache_dir`, a drawing is kept there under the hash of what it shows (title, points, size), so
-    a re-run whose stages were all cached neither imports matplotlib nor draws again (~1.3 s saved)."""
+    a re-run whose stages were all cached neither imports matplotlib nor draws again (~1.3 s saved).
+    Showing a kept drawing renews it; keeping a new one deletes those not shown for CACHE_KEEP_DAYS."""
     series = curve_series(read_progress(artifact_dir))
     if not series:
         return None
@@ -99,14 +104,30 @@ def stage_curves(artifact_dir: str | Path, title: str, cache_dir: str | Path | N
         return render_curves(series, title)
     key = json.dumps([title, series, WIDTH_PX, HEIGHT_PX, DPI], separators=(",", ":"))
     cached = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.png"
-    if cached.is_file():
-        return cached.read_bytes()
+    try:
+        png = cached.read_bytes()
+        os.utime(cached)   # shown again: kept for another CACHE_KEEP_DAYS
+        return png
+    except OSError:
+        pass
     png = render_curves(series, title)
     try:
         atomic_write_bytes(cached, png)   # a reader never sees half a file
+        prune_cache(Path(cache_dir), keep=cached)
     except OSError:
         pass   # a cache that cannot be written costs the next run a drawing, nothing else
     return png
+
+
+def prune_cache(cache_dir: Path, keep: Path, max_age_days: float = CACHE_KEEP_DAYS) -> None:
+    """Delete the kept drawings not shown for `max_age_days` (by modification time), except `keep`."""
+    oldest = time.time() - max_age_days * 86400
+    for path in cache_dir.glob("*.png"):
+        try:
+            if path != keep and path.stat().st_mtime < oldest:
+                path.unlink()
+        except OSError:   # another run deleted or renewed it meanwhile
+            pass
 
 
 def markdown_image(png: bytes, alt: str) -> str:

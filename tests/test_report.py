@@ -5,8 +5,10 @@ server (artifacts, report.md, the gate reading the previous run back, a dead API
 
 import base64
 import json
+import os
 import re
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -217,6 +219,30 @@ def test_a_drawing_is_kept_by_what_it_shows_and_not_drawn_twice(tmp_path, monkey
         f.write('{"step": 3, "loss": 2.0}\n')                            # new points: a new drawing
     with pytest.raises(AssertionError, match="drawn again"):
         stage_curves(stage, "base_train (d4-1234)", cache)
+
+
+def test_kept_drawings_not_shown_for_a_month_go_when_a_new_one_is_kept(tmp_path):
+    import flows.plots as plots
+    cache = tmp_path / "cache"
+
+    def draw(i: int) -> Path:
+        """Draws stage i's curve through the cache; the file that holds it."""
+        stage = tmp_path / f"stage{i}"
+        stage.mkdir(exist_ok=True)
+        (stage / "progress.jsonl").write_text(f'{{"step": 1, "loss": {3.0 + i}}}\n{{"step": 2, "loss": 2.0}}\n')
+        before = set(cache.glob("*.png"))
+        png = stage_curves(stage, "t", cache)
+        (path,) = set(cache.glob("*.png")) - before or [p for p in cache.glob("*.png") if p.read_bytes() == png]
+        return path
+
+    stale, shown = draw(0), draw(1)
+    month_ago = time.time() - (plots.CACHE_KEEP_DAYS + 1) * 86400
+    for path in (stale, shown):
+        os.utime(path, (month_ago, month_ago))
+    assert draw(1) == shown and shown.stat().st_mtime > month_ago + 86400   # shown again: renewed
+    assert stale.exists()                                                     # nothing new kept yet
+    new = draw(2)                                                             # a new drawing: the stale one goes
+    assert not stale.exists() and shown.exists() and new.exists()
 
 
 def test_curves_fall_back_to_the_progress_lines_of_stage_log(tmp_path):
