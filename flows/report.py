@@ -15,9 +15,7 @@ Keyed artifacts keep every version, so the Artifacts page shows the latest of ea
 `StageOutcome` is what the flow knows of each stage when the run ends. A stage's progress history (one JSON
 object per progress line, appended across attempts) is `progress.jsonl` in its artifact directory.
 
-The regression gate compares this run's key metrics with those of the last Completed run of the same
-deployment (or, without one, of the same flow outside deployments) and the same lineage (preset and model
-depth). `TOLERANCES` says how much worse a metric may get before the run counts as regressed.
+The regression gate (flows/gate.py) compares the run's key metrics with the lineage's last Completed run.
 """
 
 from __future__ import annotations
@@ -25,9 +23,6 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import importlib.util
-import json
-import logging
-import math
 import os
 import platform
 import re
@@ -41,14 +36,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 import nanopipe
 from flows.artifacts import ArtifactRef
+from flows.gate import (CHAT_COLUMNS, KEY_METRICS_KEY, GateResult, fmt, gate_section, key_metrics,
+                        key_metrics_markdown, lineage, number, regression_gate, run_logger, tag_lineage)
 from flows.plan import StagePlan
 from flows.plots import PROGRESS_FILE, markdown_image, stage_curves
 from flows.stages import get_stage
 from nanopipe.common import atomic_write_text
 
 REPORT_FILE = "report.md"
-KEY_METRICS_KEY = "nanopipe-key-metrics"
-NO_EARLIER_RUN = "no earlier run of this lineage to compare with"
 DEFAULT_COST_PER_GPU_HOUR = 3.0   # USD, an 8xH100 node at ~$24/h; PipelineConfig.cost_per_gpu_hour overrides it
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,15 +77,6 @@ class RunReport:
         return self.summary
 
 
-def _log() -> logging.Logger | logging.LoggerAdapter:
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_run_logger
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
-
-
 # -----------------------------------------------------------------------------
 # Key metrics of a stage (the summary and the metrics table)
 
@@ -112,20 +98,9 @@ def _key_metrics(outcome: StageOutcome) -> dict:
     return {k: v for k, v in flat.items() if k in keys or k.split(".", 1)[0] in keys}
 
 
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
-
-
 def _cell(text: str) -> str:
     """Text safe inside a markdown table cell."""
     return " ".join(str(text).split()).replace("|", "\\|")
-
-
-def _number(value) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
 
 
 # -----------------------------------------------------------------------------
@@ -264,7 +239,6 @@ def _duration(seconds: float) -> str:
 # -----------------------------------------------------------------------------
 # Results: tokenizer, base model, chat
 
-CHAT_COLUMNS = {"chat_eval_mid": "MID", "chat_eval_sft": "SFT", "chat_eval_rl": "RL"}
 CHAT_ROWS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
 
 
@@ -272,15 +246,15 @@ def tokenizer_section(metrics: dict[str, dict]) -> list[str]:
     train, evaluation = metrics.get("tok_train", {}), metrics.get("tok_eval", {})
     if not train and not evaluation:
         return []
-    lines = ["## Tokenizer", "", f"Vocabulary {_fmt(evaluation.get('vocab_size') or train.get('vocab_size'))}; "
-             f"validation compression {_fmt(evaluation.get('val_bytes_per_token') or train.get('val_bytes_per_token'))}"
+    lines = ["## Tokenizer", "", f"Vocabulary {fmt(evaluation.get('vocab_size') or train.get('vocab_size'))}; "
+             f"validation compression {fmt(evaluation.get('val_bytes_per_token') or train.get('val_bytes_per_token'))}"
              f" bytes per token.", ""]
     compression = evaluation.get("compression") or {}
     encoders = list(dict.fromkeys(name for per_text in compression.values() for name in per_text))
     if compression:
         lines += ["| text (bytes per token) | " + " | ".join(encoders) + " |", "|---" * (len(encoders) + 1) + "|"]
         for text, per_encoder in compression.items():
-            cells = [_fmt((per_encoder.get(e) or {}).get("bytes_per_token")) for e in encoders]
+            cells = [fmt((per_encoder.get(e) or {}).get("bytes_per_token")) for e in encoders]
             lines.append(f"| {text} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -297,7 +271,7 @@ def base_section(metrics: dict[str, dict]) -> list[str]:
             ("CORE", evaluation.get("core_metric", train.get("core_metric"))),
             ("tokens per second", train.get("tokens_per_sec")), ("MFU %", train.get("mfu_percent"))]
     lines = ["## Base model", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {f'{value:,}' if isinstance(value, int) else _fmt(value, 5)} |"
+    lines += [f"| {name} | {f'{value:,}' if isinstance(value, int) else fmt(value, 5)} |"
               for name, value in rows if value is not None]
     return lines + [""]
 
@@ -311,9 +285,9 @@ def chat_section(metrics: dict[str, dict]) -> list[str]:
     rows = [*CHAT_ROWS, *sorted(set(seen) - set(CHAT_ROWS))]
     lines = ["## Chat model", "", "| task | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for task in rows:
-        cells = [_fmt(_number((m.get("accuracy") or {}).get(task))) for m in columns.values()]
+        cells = [fmt(number((m.get("accuracy") or {}).get(task))) for m in columns.values()]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    lines.append("| ChatCORE | " + " | ".join(_fmt(_number(m.get("chatcore"))) for m in columns.values()) + " |")
+    lines.append("| ChatCORE | " + " | ".join(fmt(number(m.get("chatcore"))) for m in columns.values()) + " |")
     notes = [f"{label} over {', '.join(m['chatcore_tasks'])}" for label, m in columns.items()
              if m.get("chatcore_tasks") and not m.get("chatcore_complete")]
     if notes:
@@ -357,7 +331,7 @@ def summary_table(title: str, rows: list[StageOutcome]) -> str:
     for o in rows:
         metrics = _key_metrics(o)
         produced = f"{o.ref.seconds:.1f} s" if o.ref else ""
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()) or o.error
+        shown = ", ".join(f"{k}={fmt(v)}" for k, v in metrics.items()) or o.error
         lines.append(f"| {o.plan.stage} | {o.status} | {o.seconds:.1f} s | {produced} | {_cell(shown)} | "
                      f"`{o.plan.artifact_dir}` |")
     return "\n".join(lines) + "\n"
@@ -410,200 +384,6 @@ def artifact_key(stage: str, kind: str) -> str:
 
 
 # -----------------------------------------------------------------------------
-# Regression gate
-
-@dataclass(frozen=True)
-class Tolerance:
-    """How much worse a metric may get before the run counts as regressed.
-
-    val bpb may rise 1% relative: reruns of one config differ by well under that (same seed, same data
-    order), and a real loss of quality, e.g. a broken learning-rate schedule, costs several percent.
-    CORE, ChatCORE and GSM8K accuracy may drop 0.02 absolute: nanochat's d20 scores CORE ~0.22, GSM8K
-    ~0.05-0.1 after RL, and 0.02 is about two binomial standard errors of GSM8K's 1319 problems at those
-    accuracies, so noise stays inside and a halved score does not."""
-    higher_is_better: bool
-    relative: float = 0.0
-    absolute: float = 0.0
-
-    def limit(self, previous: float) -> float:
-        """The worst value still accepted."""
-        allowed = self.absolute + self.relative * abs(previous)
-        return previous - allowed if self.higher_is_better else previous + allowed
-
-    def describe(self) -> str:
-        sign = "-" if self.higher_is_better else "+"
-        return f"{sign}{100 * self.relative:g}%" if self.relative else f"{sign}{self.absolute:g}"
-
-
-# by the last word of the key metric's name ("SFT GSM8K" -> GSM8K)
-TOLERANCES = {"bpb": Tolerance(False, relative=0.01), "CORE": Tolerance(True, absolute=0.02),
-              "ChatCORE": Tolerance(True, absolute=0.02), "GSM8K": Tolerance(True, absolute=0.02)}
-
-
-def config_digest_upto(plans: list[StagePlan], stage: str) -> str:
-    """A digest of the configs (the hashed fields, as given: no code version, no upstream hash) of `stage` and
-    every stage before it. Two runs compare on a metric only when this matches: a run that trains for
-    fewer steps on purpose is another experiment, not a regression; a code change keeps the digest."""
-    import hashlib
-    names = [p.stage for p in plans]
-    upto = plans[:names.index(stage) + 1] if stage in names else plans
-    text = json.dumps({p.stage: p.semantic_config for p in upto}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def key_metrics(outcomes: list[StageOutcome]) -> tuple[dict[str, float], dict[str, str]]:
-    """The gate's metrics ({"base val bpb": 1.9, "CORE": .., "SFT ChatCORE": .., "SFT GSM8K": ..}, those
-    present) and what each was measured on: the configs that produced it (config_digest_upto) and, for
-    ChatCORE, its tasks."""
-    m = {o.plan.stage: o.metrics for o in outcomes if o.metrics}
-    plans = [o.plan for o in outcomes]
-    base, train = m.get("base_eval", {}), m.get("base_train", {})
-    values = {"base val bpb": _first(base.get("val_bpb"), train.get("val_bpb")),
-              "CORE": _first(base.get("core_metric"), train.get("core_metric"))}
-    base_stage = "base_eval" if base else "base_train"
-    basis = {"base val bpb": config_digest_upto(plans, base_stage), "CORE": config_digest_upto(plans, base_stage)}
-    for stage, label in CHAT_COLUMNS.items():
-        chat = m.get(stage, {})
-        values[f"{label} ChatCORE"] = _number(chat.get("chatcore"))
-        values[f"{label} GSM8K"] = _number((chat.get("accuracy") or {}).get("GSM8K"))
-        digest = config_digest_upto(plans, stage)
-        basis[f"{label} GSM8K"] = digest
-        basis[f"{label} ChatCORE"] = digest + (f" on {','.join(chat['chatcore_tasks'])}"
-                                               if chat.get("chatcore_tasks") else "")
-    values = {k: v for k, v in values.items() if v is not None}
-    return values, {k: v for k, v in basis.items() if k in values}
-
-
-def _first(*values) -> float | None:
-    return next((v for v in map(_number, values) if v is not None), None)
-
-
-def lineage(config, plans: list[StagePlan]) -> str:
-    """What makes two runs comparable: preset and model depth, e.g. 'demo-cpu-d4'."""
-    base = next((p for p in plans if p.stage == "base_train"), None)
-    depth = base.config.get("depth") if base else getattr(getattr(config, "base_train", None), "depth", None)
-    return f"{getattr(config, 'preset', None) or 'custom'}-d{depth if depth is not None else '?'}"
-
-
-@dataclass
-class GateResult:
-    regressions: list[str]
-    rows: list[tuple[str, float | None, float, str, str]]   # metric, previous, now, tolerance, verdict
-    note: str                                               # compared with what, or why nothing
-
-
-def compare(current: dict[str, float], current_basis: dict[str, str], previous: dict | None,
-            against: str = "the last completed run") -> GateResult:
-    """Each key metric against the previous record ({"metrics": ..., "basis": ...}) and its tolerance."""
-    if previous is None:
-        return GateResult([], [], NO_EARLIER_RUN)
-    before, before_basis = previous.get("metrics") or {}, previous.get("basis") or {}
-    regressions, rows = [], []
-    for name, now in current.items():
-        tolerance = TOLERANCES.get(name.split()[-1])
-        old = _number(before.get(name))
-        if tolerance is None or old is None:
-            continue
-        if before_basis.get(name) != current_basis.get(name):
-            rows.append((name, old, now, tolerance.describe(), "not comparable (other config or tasks)"))
-            continue
-        worse = now < tolerance.limit(old) if tolerance.higher_is_better else now > tolerance.limit(old)
-        rows.append((name, old, now, tolerance.describe(), "regressed" if worse else "ok"))
-        if worse:
-            change = (f"{100 * (now - old) / old:+.2f}%" if tolerance.relative and old else f"{now - old:+.4f}")
-            verb = "dropped" if tolerance.higher_is_better else "rose"
-            regressions.append(f"{name} {verb} from {old:.4f} to {now:.4f} ({change}, tolerance "
-                               f"{tolerance.describe()}) since {against}")
-    note = f"Compared with {against}" if rows else f"No key metric in common with {against}"
-    return GateResult(regressions, rows, note)
-
-
-def gate_section(gate: GateResult) -> list[str]:
-    lines = ["## Regression gate", "", gate.note[:1].upper() + gate.note[1:] + ".", ""]
-    if gate.rows:
-        lines += ["| metric | previous | now | tolerance | verdict |", "|---|---|---|---|---|"]
-        lines += [f"| {n} | {_fmt(old, 5)} | {_fmt(now, 5)} | {tol} | {v} |" for n, old, now, tol, v in gate.rows]
-        lines.append("")
-    return lines
-
-
-def key_metrics_markdown(record: dict) -> str:
-    """The record the next run's gate reads back: a table for people, the JSON block for the gate."""
-    lines = [f"# Key metrics ({record['lineage']})", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v, 6)} |" for k, v in record["metrics"].items()]
-    return "\n".join(lines) + "\n\n```json\n" + json.dumps(record, sort_keys=True) + "\n```\n"
-
-
-def parse_key_metrics(markdown: str) -> dict | None:
-    match = re.search(r"```json\n(.*?)\n```", markdown or "", re.DOTALL)
-    try:
-        record = json.loads(match.group(1)) if match else None
-    except json.JSONDecodeError:
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("metrics"), dict) else None
-
-
-def previous_record(lineage_name: str, flow_run_id, deployment_id, flow_name: str) -> tuple[dict | None, str]:
-    """The key-metrics record of the newest Completed earlier run of the same deployment (or of the same
-    flow run outside deployments) and lineage, read through the Prefect API; (None, "") when there is none."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey,
-                                                DeploymentFilter, DeploymentFilterId, FlowFilter, FlowFilterName,
-                                                FlowRunFilter, FlowRunFilterDeploymentId, FlowRunFilterId,
-                                                FlowRunFilterState, FlowRunFilterStateType)
-    from prefect.client.schemas.objects import StateType
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    runs_filter = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED])),
-                                id=FlowRunFilterId(not_any_=[flow_run_id]) if flow_run_id else None,
-                                deployment_id=None if deployment_id else FlowRunFilterDeploymentId(is_null_=True))
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(
-            flow_run_filter=runs_filter, sort=FlowRunSort.END_TIME_DESC, limit=100,
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])) if deployment_id else None,
-            flow_filter=None if deployment_id else FlowFilter(name=FlowFilterName(any_=[flow_name])))
-        if not runs:
-            return None, ""
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[KEY_METRICS_KEY]), flow_run_id=ArtifactFilterFlowRunId(any_=[r.id for r in runs])))
-    records = {a.flow_run_id: parse_key_metrics(a.data if isinstance(a.data, str) else "") for a in artifacts}
-    for run in runs:   # newest first
-        record = records.get(run.id)
-        if record and record.get("lineage") == lineage_name:
-            return record, f"run {run.name} ({run.id})"
-    return None, ""
-
-
-def regression_gate(current: dict[str, float], basis: dict[str, str], lineage_name: str) -> GateResult:
-    """compare() against the previous record of the lineage; never raises (a Prefect API error or a run
-    outside Prefect is a note in the report, not a failure of the run)."""
-    from prefect.runtime import deployment, flow_run
-    if not current:
-        return GateResult([], [], "no key metric in this run (base val bpb, CORE, ChatCORE, GSM8K) to compare")
-    if not flow_run.id:
-        return GateResult([], [], "not inside a flow run: no earlier run to look up")
-    try:
-        previous, against = previous_record(lineage_name, flow_run.id, deployment.id, flow_run.flow_name)
-    except Exception as err:   # the API is down or answers nonsense: the report still goes out
-        _log().warning(f"regression gate: could not read earlier runs: {type(err).__name__}: {err}")
-        return GateResult([], [], f"could not read earlier runs from the Prefect API ({type(err).__name__}: {err})")
-    return compare(current, basis, previous, against)
-
-
-def _tag_lineage(lineage_name: str) -> None:
-    """Tag the flow run `lineage:<preset>-d<depth>`, so the UI's filters find a lineage's runs."""
-    from prefect.client.orchestration import get_client
-    from prefect.runtime import flow_run
-    if not flow_run.id:
-        return
-    tag = f"lineage:{lineage_name}"
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_run(flow_run.id)
-        if tag not in (run.tags or []):
-            client.update_flow_run(flow_run.id, tags=[*(run.tags or []), tag])
-
-
-# -----------------------------------------------------------------------------
 # Publishing
 
 def report_home(plans: list[StagePlan]) -> Path:
@@ -619,7 +399,7 @@ def _try(what: str, fn, *args, default=None):
     try:
         return fn(*args)
     except Exception as err:   # never let a part of the report hide why the run ended
-        _log().warning(f"report: could not {what}: {type(err).__name__}: {err}")
+        run_logger().warning(f"report: could not {what}: {type(err).__name__}: {err}")
         return default
 
 
@@ -665,5 +445,5 @@ def publish_summary(outcomes: list[StageOutcome], plans: list[StagePlan], title:
         _try(f"publish {key}", create_markdown_artifact, text, key, description)
     _try("publish nanopipe-metrics", create_table_artifact, metrics_table(rows), "nanopipe-metrics",
          f"{title}: metrics per stage")
-    _try("tag the run with its lineage", _tag_lineage, name)
+    _try("tag the run with its lineage", tag_lineage, name)
     return RunReport(markdown, gate.regressions, summary=summary, key_metrics=current, gate=gate.note)

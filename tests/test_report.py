@@ -1,4 +1,4 @@
-"""The run's report card, curves, samples and regression gate (flows/report.py, flows/plots.py): the
+"""The run's report card, curves, samples and regression gate (flows/report.py, flows/plots.py, flows/gate.py): the
 markdown built from outcomes of real plans with realistic metrics, PNG curves from a progress history with a
 resumed stage, the gate's tolerances, and publish_summary inside real flow runs against a temporary Prefect
 server (artifacts, report.md, the gate reading the previous run back, a dead API)."""
@@ -18,9 +18,9 @@ from flows.config import PipelineConfig
 from flows.plan import plan_pipeline
 from flows.plots import curve_series, markdown_image, read_progress, stage_curves
 from tests.test_chat_eval import GSM8K_ROWS, checkpoint, eval_args  # noqa: F401 (a fixture: a tiny chat checkpoint)
-from flows.report import (DEFAULT_COST_PER_GPU_HOUR, KEY_METRICS_KEY, REPORT_FILE, StageOutcome, compare,
-                          key_metrics, key_metrics_markdown, lineage, parse_key_metrics, publish_summary,
-                          report_card, samples_markdown)
+from flows.gate import KEY_METRICS_KEY, compare, key_metrics, key_metrics_markdown, lineage, parse_key_metrics
+from flows.report import (DEFAULT_COST_PER_GPU_HOUR, REPORT_FILE, StageOutcome, publish_summary, report_card,
+                          samples_markdown)
 
 H100S = ["NVIDIA H100 80GB HBM3"] * 8
 CPU_ENV = {"commit": "0123456789ab", "dirty": True, "host": "box", "cpus": 2, "platform": "Linux-x86_64",
