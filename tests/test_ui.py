@@ -14,8 +14,10 @@ from tests.test_flows_server_support import TINY, prefect_stack, wait_for_state
 CHROMIUM = Path(os.environ.get("NANOPIPE_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 
-sync_playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
-                                      "(pip install -e '.[dev]')").sync_playwright
+_playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
+                                 "(pip install -e '.[dev]')")
+sync_playwright, expect = _playwright.sync_playwright, _playwright.expect
+expect.set_options(timeout=60_000)   # as long as the pages' own timeout: a loaded machine renders slowly
 if not CHROMIUM.is_file():
     pytest.skip(f"no chromium at {CHROMIUM}: install it with `bash scripts/install_browser.sh` (apt, as root) "
                 f"or point NANOPIPE_CHROMIUM at one", allow_module_level=True)
@@ -128,28 +130,28 @@ def test_the_run_shows_its_report_card_curves_and_metrics_table(stack, quick_run
             page.get_by_text("nanopipe-report", exact=True).first.click()   # the card opens the artifact page
             page.wait_for_url(f"**/artifacts/artifact/{artifacts['nanopipe-report'].id}**")
 
+            # expect() waits for what it asserts (up to 60 s) and on failure prints what it found instead:
+            # the artifact page may render the card again while it settles, and on a loaded machine a one-off
+            # look (is_visible) can land between two renders
             card = page.get_by_test_id("markdown-display")
             stages = card.locator("table").filter(has_text="GPU-hours")
             row = stages.locator("tr").filter(has=page.get_by_role("cell", name="base_train", exact=True))
-            row.wait_for()
-            assert row.get_by_role("cell", name="ran", exact=True).is_visible()
-            assert card.get_by_text("Estimated cost: CPU run: no GPU cost.").is_visible()
+            expect(row.get_by_role("cell").nth(1)).to_have_text("ran")   # columns: stage, status, wall time, ...
+            expect(card.get_by_text("Estimated cost: CPU run: no GPU cost.")).to_be_visible()
             image = card.locator('img[src^="data:image/png;base64,"]').first
             image.scroll_into_view_if_needed()
-            assert image.is_visible()
-            assert image.evaluate("img => img.complete && img.naturalWidth") == 640   # decoded, not a broken icon
+            expect(image).to_be_visible()
+            expect(image).to_have_js_property("complete", True)
+            expect(image).to_have_js_property("naturalWidth", 640)   # decoded, not a broken icon
 
             page.goto(f"{stack.ui_url}/v2/artifacts/artifact/{artifacts['nanopipe-metrics'].id}",
                       wait_until="networkidle")
             table = page.get_by_test_id("table-display")
             for column in ("stage", "metric", "value"):
-                header = table.get_by_role("columnheader", name=column, exact=True)
-                header.wait_for()
-                assert header.is_visible(), column
+                expect(table.get_by_role("columnheader", name=column, exact=True)).to_be_visible()
             table.get_by_placeholder("Search").fill("val_bpb")   # the table pages its rows; find the metric
             row = table.locator("tr").filter(has=page.get_by_role("cell", name="val_bpb", exact=True))
-            row.first.wait_for()
-            assert row.first.get_by_role("cell", name="base_train", exact=True).is_visible()
+            expect(row.first.get_by_role("cell", name="base_train", exact=True)).to_be_visible()
         finally:
             browser.close()
 
