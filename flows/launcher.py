@@ -134,8 +134,13 @@ def die_with_parent(parent_pid: int) -> Callable[[], None]:
 
 
 def marked_pids(launch_id: str) -> list[int]:
-    """Pids of live processes whose environment carries this launch's marker (scans /proc)."""
-    needle = f"{LAUNCH_ENV}={launch_id}".encode()
+    """Pids of live processes whose environment carries this launch's marker."""
+    return pids_with_env(LAUNCH_ENV, launch_id)
+
+
+def pids_with_env(variable: str, value: str) -> list[int]:
+    """Pids of live (not zombie) processes whose environment holds variable=value (scans /proc)."""
+    needle = f"{variable}={value}".encode()
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

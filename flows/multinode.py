@@ -45,7 +45,8 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelled, Cancelling, Completed, Failed
 
-from flows.launcher import LaunchResult, StageFailed, check_stage_env, classify, failure_from, launch, stage_reason
+from flows.launcher import (LaunchResult, StageFailed, check_stage_env, classify, failure_from, launch, pids_with_env,
+                            stage_reason)
 from flows.plan import StagePlan
 from flows.stages import get_stage
 
@@ -216,26 +217,9 @@ class _Supervisor:
         self.thread.join(timeout=30)
 
 
-def marked_by(variable: str, value: str) -> list[int]:
-    """Pids of live processes whose environment holds variable=value (node 0's torchrun and workers)."""
-    needle = f"{variable}={value}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            environ = Path(f"/proc/{entry}/environ").read_bytes()
-            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if needle in environ.split(b"\0") and state != b"Z":
-            pids.append(int(entry))
-    return pids
-
-
 def stop_marked(node0_id: str) -> None:
     """SIGTERM node 0's processes (torchrun forwards it to its workers); `launch` then reaps the rest."""
-    for pid in marked_by(NODE_MARK, node0_id):
+    for pid in pids_with_env(NODE_MARK, node0_id):
         try:
             os.kill(pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):

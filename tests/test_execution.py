@@ -15,6 +15,7 @@ import pytest
 from nanopipe import execution
 from nanopipe.execution import (MAX_OUTPUT_BYTES, REQUIRED_PROTECTIONS, ExecutionResult, SandboxProtections,
                                 SandboxUnavailableError, execute_code, sandbox_protections)
+from tests.procs import pids_with_cmdline
 
 KERNEL = sandbox_protections()
 needs_kernel_sandbox = pytest.mark.skipif(
@@ -239,17 +240,6 @@ def test_the_real_open_recovered_by_introspection_cannot_write_outside(world_wri
     assert_stopped_by_the_kernel(execute_code(attack, timeout=2.0), world_writable_dir)
 
 
-def processes_with(marker: str) -> list[int]:
-    alive = []
-    for entry in os.listdir("/proc"):
-        try:
-            if entry.isdigit() and marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                alive.append(int(entry))
-        except OSError:  # it ended meanwhile
-            pass
-    return alive
-
-
 @needs_kernel_sandbox
 @pytest.mark.parametrize("then", ["", "while True:\n    pass\n"], ids=["program-ends", "killed-at-deadline"])
 def test_no_process_outlives_the_sandbox(then):
@@ -265,9 +255,9 @@ def test_no_process_outlives_the_sandbox(then):
     try:
         assert result.stdout == "True\n", f"the detached process never ran: {result}"
         assert result.success if not then else result.timeout, result
-        assert processes_with(marker) == [], "a process of the sandbox is still running"
+        assert pids_with_cmdline(marker) == [], "a process of the sandbox is still running"
     finally:
-        for pid in processes_with(marker):
+        for pid in pids_with_cmdline(marker):
             os.kill(pid, 9)
 
 

@@ -30,6 +30,7 @@ from nanopipe.stages import mid_train
 from nanopipe.tasks import builtin_chat_mixture
 from nanopipe.tasks.mixtures import mid_mixtures
 from tests.chat_fixtures import tiny_chat_flags, tokenizer_and_base, write_base_checkpoint
+from tests.procs import pids_with_cmdline
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_LINE = re.compile(r"^step (\d+) \| progress +([\d.]+)% \| loss: ([\d.]+) \(this step ([\d.]+)\)", re.M)
@@ -315,17 +316,8 @@ def test_final_checkpoint_is_written_before_the_final_evaluation(inputs, tmp_pat
 
 def kill_all_writing_to(out_dir: Path) -> None:
     """SIGKILL every process whose command line names out_dir, until none is left."""
-    needle = str(out_dir).encode()
     for _ in range(100):
-        pids = []
-        for entry in os.listdir("/proc"):
-            try:
-                if entry.isdigit() and needle in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                    if state != "Z":
-                        pids.append(int(entry))
-            except (OSError, IndexError):
-                continue
+        pids = pids_with_cmdline(str(out_dir))
         if not pids:
             return
         for pid in pids:

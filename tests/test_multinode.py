@@ -22,10 +22,11 @@ from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.launcher import Resources, failure_from, launch, stage_command
-from flows.multinode import NODE_POOL, launch_across_nodes, marked_by, node_queue
+from flows.launcher import Resources, failure_from, launch, pids_with_env, stage_command
+from flows.multinode import NODE_POOL, launch_across_nodes, node_queue
 from flows.plan import StagePlan
 from tests.fixtures.tiny_corpus import build_shards, build_tokenizer, tiny_model_flags
+from tests.procs import pids_with_cmdline
 from tests.test_flows_server_support import PrefectStack, free_port, prefect_stack
 
 pytestmark = pytest.mark.slow
@@ -71,7 +72,7 @@ def _stop(stack: PrefectStack, worker: subprocess.Popen) -> None:
         worker.wait()
     stack.processes.remove(worker)
     for run in runs:
-        for pid in marked_by("PREFECT__FLOW_RUN_ID", str(run.id)):
+        for pid in pids_with_env("PREFECT__FLOW_RUN_ID", str(run.id)):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -109,16 +110,7 @@ def step_losses(text: str) -> dict[int, float]:
 
 def processes_of(out_dir: Path) -> list[int]:
     """Live processes whose command line names this stage's output directory (torchrun and its workers)."""
-    pids = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if str(out_dir).encode() in cmdline and state != b"Z":
-            pids.append(int(entry))
-    return pids
+    return pids_with_cmdline(str(out_dir))
 
 
 def node_runs(stack: PrefectStack, out_dir: Path) -> dict[str, object]:

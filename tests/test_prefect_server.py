@@ -12,6 +12,7 @@ import pytest
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
 from flows.artifacts import verify
+from flows.launcher import pids_with_env
 from tests.test_flows_server_support import POOL, TINY, prefect_stack, wait_for_state
 
 EXPECTED_DEPLOYMENTS = {"full-pipeline/full-pipeline", "full-pipeline/nightly", "stage/stage-tok-train", "stage/stage-chat-sft",
@@ -25,19 +26,7 @@ def stack():
 
 def processes_of_flow_run(flow_run_id: str) -> list[int]:
     """Pids (not zombies) whose environment names this flow run: its process, torchrun, the workers."""
-    needle = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            environ = Path(f"/proc/{entry}/environ").read_bytes()
-            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if needle in environ.split(b"\0") and state != b"Z":
-            pids.append(int(entry))
-    return pids
+    return pids_with_env("PREFECT__FLOW_RUN_ID", flow_run_id)
 
 
 def run_deployment(stack, name: str, parameters: dict, watch: bool) -> tuple[str, str]:
