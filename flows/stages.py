@@ -45,12 +45,33 @@ class Stage:
 # Text comes from the shard reader and the builtin corpus (downloading and preparing shards write files
 # that the data fingerprint and the hub repo identify).
 _DATA = ("nanopipe.data.shards", "nanopipe.data.builtin")
-_TOKENIZER = ("nanopipe.tokenizer", *_DATA)
-_MODEL = ("nanopipe.gpt", "nanopipe.optim", "nanopipe.checkpoint", "nanopipe.tokenizer")
-_TRAINING = _MODEL + ("nanopipe.dataloader", *_DATA, "nanopipe.loss_eval")
-_CHAT = _MODEL + ("nanopipe.chat_format", "nanopipe.tasks", "nanopipe.chat_train", "nanopipe.chat_batches",
-                  "nanopipe.configs.chat_common")
-_CHAT_EVAL = _MODEL + ("nanopipe.chat_format", "nanopipe.tasks", "nanopipe.engine", "nanopipe.execution")
+_TOKENIZER = ("nanopipe.tokenizer", "nanopipe.vocab", *_DATA)
+_MODEL = ("nanopipe.gpt", "nanopipe.fused_kernels", "nanopipe.optim", "nanopipe.checkpoint", "nanopipe.tokenizer",
+          "nanopipe.vocab")
+_TRAINING = _MODEL + ("nanopipe.training", "nanopipe.dataloader", *_DATA, "nanopipe.loss_eval")
+_CHAT = _MODEL + ("nanopipe.training", "nanopipe.chat_format", "nanopipe.tasks", "nanopipe.chat_train",
+                  "nanopipe.chat_batches", *_DATA, "nanopipe.configs.chat_common")
+_CHAT_EVAL = _MODEL + ("nanopipe.chat_format", "nanopipe.tasks", "nanopipe.engine", "nanopipe.execution",
+                       "nanopipe.chat_scoring", *_DATA)
+
+# The nanopipe modules that stages import but that do not decide what a stage produces: editing one of them
+# reuses every artifact. Each other module a stage imports, directly or through another, must be in its code
+# (tests/test_artifacts.py checks it, so that splitting a module cannot drop code from the cache key).
+OUTSIDE_THE_KEY = {
+    "nanopipe": "the package; its version is part of every code version",
+    "nanopipe.common": "run-time plumbing: process group, logging, progress lines, atomic writes",
+    "nanopipe.exit_codes": "the exit statuses a stage ends with",
+    "nanopipe.configs": "the config models and the command-line parser: the values they resolve to are the "
+                        "config digest",
+    "nanopipe.data": "the data package's entry point",
+    "nanopipe.data.hub": "the download client: the data fingerprint and the hub repo identify what it fetched",
+    "nanopipe.data.write": "writing shard directories: the data fingerprint identifies what was written",
+    "nanopipe.core_eval": "base_train's closing CORE score, a reported figure (base_eval is the evaluation stage)",
+    "nanopipe.sampling": "base_train's sample completions, printed for a person to read",
+    "nanopipe.engine": "the decoding engine, which base_train and chat_sft use only for reported figures",
+    "nanopipe.chat_scoring": "chat_sft's in-training evaluation, a reported figure (chat_eval is the stage)",
+}
+
 _TOKENIZER_INPUT = {"tokenizer_dir": ("tok_train", "tokenizer")}
 
 
@@ -90,8 +111,7 @@ STAGES: list[Stage] = [
           inputs={"checkpoint_dir": ("chat_sft", "checkpoints"), **_TOKENIZER_INPUT}, fixed={"source": "sft"},
           tag=lambda cfg: "sft", key_metrics=("chatcore", "accuracy")),
     Stage("chat_rl", "nanopipe.stages.chat_rl", "chat_rl",
-          _code("nanopipe.stages.chat_rl", *_MODEL, "nanopipe.chat_format", "nanopipe.tasks", "nanopipe.chat_train",
-                "nanopipe.chat_batches", "nanopipe.engine", "nanopipe.rl"),
+          _code("nanopipe.stages.chat_rl", *_CHAT, "nanopipe.engine", "nanopipe.execution", "nanopipe.rl"),
           inputs={"checkpoint_dir": ("chat_sft", "checkpoints"), **_TOKENIZER_INPUT}, output="checkpoints",
           fixed={"source": "sft"}, resume_flag=("resume_from_step", "latest"), dry_run_flag="dry_run",
           tag=lambda cfg: "rl", when="run_rl", key_metrics=("reward", "pass@1")),

@@ -1,5 +1,6 @@
 """Content-addressed artifacts: hashing properties, manifests that catch damage, one writer per directory."""
 
+import ast
 import json
 import multiprocessing
 import shutil
@@ -10,11 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flows.artifacts import (artifact_dir, artifact_hash, artifact_lock, code_version, discard, module_hashes,
-                             normalized_source, read_manifest, ref_from_manifest, verify, write_manifest)
+from flows.artifacts import (artifact_dir, artifact_hash, artifact_lock, code_version, discard, module_files,
+                             module_hashes, normalized_source, read_manifest, ref_from_manifest, verify,
+                             write_manifest)
 from flows.config import PipelineConfig
 from flows.plan import plan_pipeline
-from flows.stages import STAGES, get_stage
+from flows.stages import OUTSIDE_THE_KEY, STAGES, get_stage
 
 hashes = st.text(alphabet="0123456789abcdef", min_size=16, max_size=16)
 upstreams = st.dictionaries(st.sampled_from(["tokenizer_dir", "checkpoint_dir", "eval_dir"]), hashes, max_size=3)
@@ -98,6 +100,44 @@ def test_every_stage_declares_modules_that_exist_and_its_own():
     for stage in STAGES:
         assert stage.module in stage.code
         assert module_hashes(stage.code), stage.name   # raises for a module that does not exist
+
+
+def imported_nanopipe_modules(module: str) -> set[str]:
+    """The nanopipe modules whose code runs when `module` is imported and run: read from the sources (imports
+    inside functions included), following each import to the modules it imports in turn."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        files = module_files(name) if name != "nanopipe" else []
+        for path in files if len(files) == 1 else [p for p in files if p.name == "__init__.py"][:1]:
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    todo += [a.name for a in node.names if a.name.split(".")[0] == "nanopipe"]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] == "nanopipe":
+                    todo.append(node.module)
+                    for alias in node.names:   # `from nanopipe.x import y`: y may be a module of its own
+                        try:
+                            module_files(f"{node.module}.{alias.name}")
+                            todo.append(f"{node.module}.{alias.name}")
+                        except ValueError:
+                            pass
+    return seen
+
+
+def test_every_module_a_stage_runs_is_in_its_code_or_declared_outside_the_key():
+    """Moving model code into a new module must not take it out of the cache key: the stage would then reuse
+    an artifact that the edited code no longer produces."""
+    def covered(name: str, modules) -> bool:   # the module itself, or a package holding it (not the root)
+        parts = name.split(".")
+        return name in modules or any(".".join(parts[:i]) in modules for i in range(2, len(parts)))
+    for stage in STAGES:
+        missing = sorted(m for m in imported_nanopipe_modules(stage.module)
+                         if not covered(m, stage.code) and not covered(m, OUTSIDE_THE_KEY))
+        assert missing == [], (f"{stage.name} runs {missing}: add them to its code in flows/stages.py, or to "
+                               f"OUTSIDE_THE_KEY if they do not decide what the stage produces")
 
 
 def test_code_version_names_the_package_version():

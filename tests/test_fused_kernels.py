@@ -1,11 +1,13 @@
-"""The hand-fused CPU kernels of nanopipe.gpt compute what the plain ops compute: values and gradients, in float64
-against autograd through the plain formulas, and a whole model's loss and gradients with and without them."""
+"""The hand-fused CPU kernels (nanopipe.fused_kernels) compute what the plain ops compute: values and gradients,
+in float64 against autograd through the plain formulas, and a whole model's loss and gradients with and without
+them."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import nanopipe.gpt as gpt
+from nanopipe import fused_kernels
 from nanopipe.gpt import GPT, build_model_config
 
 f64 = dict(dtype=torch.float64)
@@ -26,33 +28,33 @@ def grads(outputs, inputs, grad_outputs):
 def test_rms_norm_rotary_mlp_and_projections_match_the_plain_ops():
     torch.manual_seed(0)
     x = torch.randn(3, 5, 8, **f64, requires_grad=True)
-    torch.testing.assert_close(gpt.RMSNormFunction.apply(x), F.rms_norm(x, (8,)))
-    assert torch.autograd.gradcheck(gpt.RMSNormFunction.apply, (x,))
+    torch.testing.assert_close(fused_kernels.RMSNormFunction.apply(x), F.rms_norm(x, (8,)))
+    assert torch.autograd.gradcheck(fused_kernels.RMSNormFunction.apply, (x,))
 
     cos, sin = (t.double() for t in gpt.rotary_tables(5, 8))
     xr = torch.randn(2, 5, 3, 8, **f64, requires_grad=True)
-    rotated = gpt.RotaryFunction.apply(xr, cos, sin)
+    rotated = fused_kernels.RotaryFunction.apply(xr, cos, sin)
     x1, x2 = xr[..., :4], xr[..., 4:]
     torch.testing.assert_close(rotated, torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1))
     assert rotated.transpose(1, 2).is_contiguous()  # laid out heads-major for attention
-    assert torch.autograd.gradcheck(lambda t: gpt.RotaryFunction.apply(t, cos, sin), (xr,))
+    assert torch.autograd.gradcheck(lambda t: fused_kernels.RotaryFunction.apply(t, cos, sin), (xr,))
 
     xm = torch.randn(5, 6, **f64, requires_grad=True)
     w_fc, w_proj = torch.randn(12, 6, **f64, requires_grad=True), torch.randn(6, 12, **f64, requires_grad=True)
-    torch.testing.assert_close(gpt.MLPFunction.apply(xm, w_fc, w_proj), F.relu(xm @ w_fc.T).square() @ w_proj.T)
-    assert torch.autograd.gradcheck(gpt.MLPFunction.apply, (xm, w_fc, w_proj))
+    torch.testing.assert_close(fused_kernels.MLPFunction.apply(xm, w_fc, w_proj), F.relu(xm @ w_fc.T).square() @ w_proj.T)
+    assert torch.autograd.gradcheck(fused_kernels.MLPFunction.apply, (xm, w_fc, w_proj))
 
     ws = [torch.randn(d, 6, **f64, requires_grad=True) for d in (6, 3, 3)]
-    outs = gpt.SharedInputLinearsFunction.apply(xm, *ws)
+    outs = fused_kernels.SharedInputLinearsFunction.apply(xm, *ws)
     for out, w in zip(outs, ws):
         torch.testing.assert_close(out, xm @ w.T)
-    assert torch.autograd.gradcheck(lambda a, *b: gpt.SharedInputLinearsFunction.apply(a, *b), (xm, *ws))
+    assert torch.autograd.gradcheck(lambda a, *b: fused_kernels.SharedInputLinearsFunction.apply(a, *b), (xm, *ws))
 
 
 def test_small_causal_attention_matches_sdpa():
     torch.manual_seed(0)
     q, k, v = (torch.randn(6, 20, 8, **f64, requires_grad=True) for _ in range(3))
-    out = gpt.SmallCausalAttentionFunction.apply(q, k, v)
+    out = fused_kernels.SmallCausalAttentionFunction.apply(q, k, v)
     reference = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(out, reference)
     g = torch.randn_like(out)
@@ -66,13 +68,13 @@ def test_lm_head_soft_capped_cross_entropy_matches_the_plain_ops(reduction):
     weight = (torch.randn(11, 5, **f64) * 4).requires_grad_()  # logits well into the cap's bend
     targets = torch.randint(0, 11, (9,))
     targets[[2, 5]] = -1
-    out = gpt.LinearSoftcapCrossEntropyFunction.apply(x, weight, targets, 15.0, reduction)
+    out = fused_kernels.LinearSoftcapCrossEntropyFunction.apply(x, weight, targets, 15.0, reduction)
     reference = F.cross_entropy(15 * torch.tanh(x @ weight.T / 15), targets, ignore_index=-1, reduction=reduction)
     torch.testing.assert_close(out, reference)
     g = torch.randn_like(reference)
     torch.testing.assert_close(grads(out, (x, weight), g), grads(reference, (x, weight), g))
     # its backward reuses the forward's buffers, so a second backward through the same graph is refused
-    out = gpt.LinearSoftcapCrossEntropyFunction.apply(x, weight, targets, 15.0, reduction)
+    out = fused_kernels.LinearSoftcapCrossEntropyFunction.apply(x, weight, targets, 15.0, reduction)
     torch.autograd.grad(out, x, g, retain_graph=True)
     with pytest.raises(AssertionError, match="backward runs once"):
         torch.autograd.grad(out, x, g)
