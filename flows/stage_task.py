@@ -38,7 +38,8 @@ from flows.artifacts import (ArtifactRef, artifact_lock, discard, read_manifest,
                              write_manifest)
 from flows.launcher import StageFailed, failure_from, launch
 from flows.store import (CheckpointUploader, artifact_name, checkpoints_name, restore_artifact, restore_checkpoints,
-                         store_has, store_lock, upload_artifact)
+                         store_has, upload_artifact)
+from flows.store_lock import store_lock
 from flows.multinode import launch_across_nodes, node_command, with_endpoint
 from flows.plan import StagePlan
 from flows.report import PROGRESS_FILE

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from flows.artifacts import MANIFEST, discard, verify, write_manifest
-from flows.store import (CheckpointUploader, LockTimeout, StoreError, StoreLock, artifact_name, checkpoints_name,
-                         open_store, restore_artifact, restore_checkpoints, store_has, store_lock, upload_artifact)
+from flows.store import (CheckpointUploader, StoreError, artifact_name, checkpoints_name, open_store, restore_artifact,
+                         restore_checkpoints, store_has, upload_artifact)
+from flows.store_lock import LockTimeout, StoreLock, store_lock
 
 REPO = Path(__file__).resolve().parents[1]
 DIGEST = "0123456789abcdef"
@@ -314,7 +315,7 @@ def test_the_uploader_survives_steps_that_vanish(tmp_path):
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from flows.store import StoreLock
+    from flows.store_lock import StoreLock
     lock = StoreLock(sys.argv[1], sys.argv[2], lease_seconds=float(sys.argv[3]))
     lock.acquire()
     print("held", flush=True)
@@ -323,7 +324,7 @@ HOLDER = textwrap.dedent("""
 
 LOCKER = textwrap.dedent("""
     import os, sys, time
-    from flows.store import store_lock
+    from flows.store_lock import store_lock
     url, name, log = sys.argv[1], sys.argv[2], sys.argv[3]
     for _ in range(3):
         with store_lock(url, name, lease_seconds=30):
