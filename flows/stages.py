@@ -52,7 +52,7 @@ _TRAINING = _MODEL + ("nanopipe.training", "nanopipe.dataloader", *_DATA, "nanop
 _CHAT = _MODEL + ("nanopipe.training", "nanopipe.chat_format", "nanopipe.tasks", "nanopipe.chat_train",
                   "nanopipe.chat_batches", *_DATA, "nanopipe.configs.chat_common")
 _CHAT_EVAL = _MODEL + ("nanopipe.chat_format", "nanopipe.tasks", "nanopipe.engine", "nanopipe.execution",
-                       "nanopipe.chat_scoring", *_DATA)
+                       "nanopipe.sandbox_child", "nanopipe.chat_scoring", *_DATA)
 
 # The nanopipe modules that stages import but that do not decide what a stage produces: editing one of them
 # reuses every artifact. Each other module a stage imports, directly or through another, must be in its code
@@ -111,7 +111,8 @@ STAGES: list[Stage] = [
           inputs={"checkpoint_dir": ("chat_sft", "checkpoints"), **_TOKENIZER_INPUT}, fixed={"source": "sft"},
           tag=lambda cfg: "sft", key_metrics=("chatcore", "accuracy")),
     Stage("chat_rl", "nanopipe.stages.chat_rl", "chat_rl",
-          _code("nanopipe.stages.chat_rl", *_CHAT, "nanopipe.engine", "nanopipe.execution", "nanopipe.rl"),
+          _code("nanopipe.stages.chat_rl", *_CHAT, "nanopipe.engine", "nanopipe.execution", "nanopipe.sandbox_child",
+                "nanopipe.rl"),
           inputs={"checkpoint_dir": ("chat_sft", "checkpoints"), **_TOKENIZER_INPUT}, output="checkpoints",
           fixed={"source": "sft"}, resume_flag=("resume_from_step", "latest"), dry_run_flag="dry_run",
           tag=lambda cfg: "rl", when="run_rl", key_metrics=("reward", "pass@1")),
