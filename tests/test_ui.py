@@ -3,24 +3,12 @@ driven by the playwright package), check through the API that the worker ran it 
 what that run's artifacts show a person in the UI: the report card's tables, its curve image, every column
 of the metrics table."""
 
-import os
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.browser import browser_page, expect
 from tests.test_flows_server_support import TINY, prefect_stack, wait_for_state
-
-CHROMIUM = Path(os.environ.get("NANOPIPE_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
-
-_playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
-                                 "(pip install -e '.[dev]')")
-sync_playwright, expect = _playwright.sync_playwright, _playwright.expect
-expect.set_options(timeout=60_000)   # as long as the pages' own timeout: a loaded machine renders slowly
-if not CHROMIUM.is_file():
-    pytest.skip(f"no chromium at {CHROMIUM}: install it with `bash scripts/install_browser.sh` (apt, as root) "
-                f"or point NANOPIPE_CHROMIUM at one", allow_module_level=True)
 
 
 # The Quick run: the test stack's tiny config through a depth-2 base model trained 12 steps (seconds), so the
@@ -71,19 +59,13 @@ def quick_run(stack):
         client.update_deployment(deployment.id, DeploymentUpdate(parameters={"config": UI_CONFIG}))
         before = {r.id for r in deployment_runs(client, deployment.id)}
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(60_000)
-            page.goto(f"{stack.ui_url}/v2/deployments/deployment/{deployment.id}", wait_until="networkidle")
-            def click_quick_run():
-                page.get_by_role("button", name="Run", exact=True).click()
-                page.get_by_role("menuitem", name="Quick run").click()
-            created = click_until_created(page, click_quick_run)
-            assert created.status == 201, created.text()
-        finally:
-            browser.close()
+    with browser_page() as page:
+        page.goto(f"{stack.ui_url}/v2/deployments/deployment/{deployment.id}", wait_until="networkidle")
+        def click_quick_run():
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_role("menuitem", name="Quick run").click()
+        created = click_until_created(page, click_quick_run)
+        assert created.status == 201, created.text()
 
     with SyncPrefectClient(stack.api_url) as client:
         deadline = time.monotonic() + 60
@@ -120,40 +102,34 @@ def test_the_run_shows_its_report_card_curves_and_metrics_table(stack, quick_run
     artifacts = run_artifacts(stack, flow_run.id)
     assert {"nanopipe-report", "nanopipe-metrics", "base-train-curves"} <= set(artifacts), sorted(artifacts)
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(60_000)
-            page.goto(f"{stack.ui_url}/v2/runs/flow-run/{flow_run.id}", wait_until="networkidle")
-            page.get_by_role("tab", name="Artifacts").click()
-            page.get_by_text("nanopipe-report", exact=True).first.click()   # the card opens the artifact page
-            page.wait_for_url(f"**/artifacts/artifact/{artifacts['nanopipe-report'].id}**")
+    with browser_page(viewport={"width": 1400, "height": 1000}) as page:
+        page.goto(f"{stack.ui_url}/v2/runs/flow-run/{flow_run.id}", wait_until="networkidle")
+        page.get_by_role("tab", name="Artifacts").click()
+        page.get_by_text("nanopipe-report", exact=True).first.click()   # the card opens the artifact page
+        page.wait_for_url(f"**/artifacts/artifact/{artifacts['nanopipe-report'].id}**")
 
-            # expect() waits for what it asserts (up to 60 s) and on failure prints what it found instead:
-            # the artifact page may render the card again while it settles, and on a loaded machine a one-off
-            # look (is_visible) can land between two renders
-            card = page.get_by_test_id("markdown-display")
-            stages = card.locator("table").filter(has_text="GPU-hours")
-            row = stages.locator("tr").filter(has=page.get_by_role("cell", name="base_train", exact=True))
-            expect(row.get_by_role("cell").nth(1)).to_have_text("ran")   # columns: stage, status, wall time, ...
-            expect(card.get_by_text("Estimated cost: CPU run: no GPU cost.")).to_be_visible()
-            image = card.locator('img[src^="data:image/png;base64,"]').first
-            image.scroll_into_view_if_needed()
-            expect(image).to_be_visible()
-            expect(image).to_have_js_property("complete", True)
-            expect(image).to_have_js_property("naturalWidth", 640)   # decoded, not a broken icon
+        # expect() waits for what it asserts (up to 60 s) and on failure prints what it found instead:
+        # the artifact page may render the card again while it settles, and on a loaded machine a one-off
+        # look (is_visible) can land between two renders
+        card = page.get_by_test_id("markdown-display")
+        stages = card.locator("table").filter(has_text="GPU-hours")
+        row = stages.locator("tr").filter(has=page.get_by_role("cell", name="base_train", exact=True))
+        expect(row.get_by_role("cell").nth(1)).to_have_text("ran")   # columns: stage, status, wall time, ...
+        expect(card.get_by_text("Estimated cost: CPU run: no GPU cost.")).to_be_visible()
+        image = card.locator('img[src^="data:image/png;base64,"]').first
+        image.scroll_into_view_if_needed()
+        expect(image).to_be_visible()
+        expect(image).to_have_js_property("complete", True)
+        expect(image).to_have_js_property("naturalWidth", 640)   # decoded, not a broken icon
 
-            page.goto(f"{stack.ui_url}/v2/artifacts/artifact/{artifacts['nanopipe-metrics'].id}",
-                      wait_until="networkidle")
-            table = page.get_by_test_id("table-display")
-            for column in ("stage", "metric", "value"):
-                expect(table.get_by_role("columnheader", name=column, exact=True)).to_be_visible()
-            table.get_by_placeholder("Search").fill("val_bpb")   # the table pages its rows; find the metric
-            row = table.locator("tr").filter(has=page.get_by_role("cell", name="val_bpb", exact=True))
-            expect(row.first.get_by_role("cell", name="base_train", exact=True)).to_be_visible()
-        finally:
-            browser.close()
+        page.goto(f"{stack.ui_url}/v2/artifacts/artifact/{artifacts['nanopipe-metrics'].id}",
+                  wait_until="networkidle")
+        table = page.get_by_test_id("table-display")
+        for column in ("stage", "metric", "value"):
+            expect(table.get_by_role("columnheader", name=column, exact=True)).to_be_visible()
+        table.get_by_placeholder("Search").fill("val_bpb")   # the table pages its rows; find the metric
+        row = table.locator("tr").filter(has=page.get_by_role("cell", name="val_bpb", exact=True))
+        expect(row.first.get_by_role("cell", name="base_train", exact=True)).to_be_visible()
 
 
 def test_an_untouched_custom_run_form_runs_the_deployment_config(stack):
@@ -163,26 +139,20 @@ def test_an_untouched_custom_run_form_runs_the_deployment_config(stack):
     with SyncPrefectClient(stack.api_url) as client:
         deployment = client.read_deployment_by_name("full-pipeline/full-pipeline")
         before = {r.id for r in deployment_runs(client, deployment.id)}
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(60_000)
-            page.goto(f"{stack.ui_url}/v2/deployments/deployment/{deployment.id}", wait_until="networkidle")
-            page.get_by_role("button", name="Run", exact=True).click()
-            page.get_by_role("menuitem", name="Custom run").click()
-            page.wait_for_url("**/run**")
-            page.wait_for_load_state("networkidle")   # the form is built from the deployment's schema
-            created = click_until_created(page, lambda: page.get_by_role("button", name="Submit").click())
-            assert created.status == 201, created.text()
-            with SyncPrefectClient(stack.api_url) as client:
-                deadline = time.monotonic() + 60
-                new = []
-                while time.monotonic() < deadline and not new:
-                    new = [r for r in deployment_runs(client, deployment.id) if r.id not in before]
-                    time.sleep(0.5)
-        finally:
-            browser.close()
+    with browser_page() as page:
+        page.goto(f"{stack.ui_url}/v2/deployments/deployment/{deployment.id}", wait_until="networkidle")
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_role("menuitem", name="Custom run").click()
+        page.wait_for_url("**/run**")
+        page.wait_for_load_state("networkidle")   # the form is built from the deployment's schema
+        created = click_until_created(page, lambda: page.get_by_role("button", name="Submit").click())
+        assert created.status == 201, created.text()
+        with SyncPrefectClient(stack.api_url) as client:
+            deadline = time.monotonic() + 60
+            new = []
+            while time.monotonic() < deadline and not new:
+                new = [r for r in deployment_runs(client, deployment.id) if r.id not in before]
+                time.sleep(0.5)
     assert len(new) == 1, "submitting the Custom run form created no flow run"
     submitted = PipelineConfig.model_validate(new[0].parameters["config"])
     assert submitted == PipelineConfig.model_validate(deployment.parameters["config"])

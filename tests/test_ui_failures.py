@@ -2,23 +2,14 @@
 driven by the playwright package): a failed run's page says why in one sentence, and a run cancelled
 mid-stage shows that stage Cancelled. The runs go through the deployment and the process worker."""
 
-import os
 import time
 from pathlib import Path
 
 import pytest
 
 import tests.test_prefect_server as server_tests
+from tests.browser import browser_page
 from tests.test_flows_server_support import TINY, prefect_stack, wait_for_state
-
-CHROMIUM = Path(os.environ.get("NANOPIPE_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
-
-sync_playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
-                                      "(pip install -e '.[dev]')").sync_playwright
-if not CHROMIUM.is_file():
-    pytest.skip(f"no chromium at {CHROMIUM}: install it with `bash scripts/install_browser.sh` (apt, as root) "
-                f"or point NANOPIPE_CHROMIUM at one", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -33,21 +24,15 @@ def start_run(stack, config: dict) -> str:
         return str(client.create_flow_run_from_deployment(deployment.id, parameters={"config": config}).id)
 
 
-def page_text(stack, path: str, expected: str, timeout_seconds: float = 60) -> str:
+def page_text(stack, path: str, expected: str) -> str:
     """The visible text of a UI page once `expected` shows on it (what a person reads there)."""
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+    with browser_page() as page:
+        page.goto(f"{stack.ui_url}{path}", wait_until="networkidle")
         try:
-            page = browser.new_page()
-            page.set_default_timeout(timeout_seconds * 1000)
-            page.goto(f"{stack.ui_url}{path}", wait_until="networkidle")
-            try:
-                page.get_by_text(expected).first.wait_for(state="visible")
-            except Exception:   # the assertion below shows what the page said instead
-                pass
-            return page.inner_text("body")
-        finally:
-            browser.close()
+            page.get_by_text(expected).first.wait_for(state="visible")
+        except Exception:   # the assertion below shows what the page said instead
+            pass
+        return page.inner_text("body")
 
 
 def test_a_failed_run_page_says_why_in_one_sentence(stack, tmp_path):
