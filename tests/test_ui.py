@@ -31,6 +31,18 @@ def deployment_runs(client, deployment_id) -> list:
             or r.expected_start_time.timestamp() < time.time() + 60]
 
 
+def runs_created(stack, deployment_id, before: set, patience_seconds: float = 60.0) -> list:
+    """The deployment's flow runs whose ids are not in `before`, once at least one shows up in the API."""
+    from prefect.client.orchestration import SyncPrefectClient
+    deadline = time.monotonic() + patience_seconds
+    new = []
+    with SyncPrefectClient(stack.api_url) as client:
+        while time.monotonic() < deadline and not new:
+            new = [r for r in deployment_runs(client, deployment_id) if r.id not in before]
+            time.sleep(0.5)
+    return new
+
+
 def click_until_created(page, click, patience_seconds: float = 120.0):
     """Click, and return the server's answer to the UI's create_flow_run request. A 503 is Prefect's
     "retry me": its SQLite database was locked, e.g. while the server's background services write the
@@ -67,12 +79,7 @@ def quick_run(stack):
         created = click_until_created(page, click_quick_run)
         assert created.status == 201, created.text()
 
-    with SyncPrefectClient(stack.api_url) as client:
-        deadline = time.monotonic() + 60
-        new = []
-        while time.monotonic() < deadline and not new:
-            new = [r for r in deployment_runs(client, deployment.id) if r.id not in before]
-            time.sleep(0.5)
+    new = runs_created(stack, deployment.id, before)
     assert len(new) == 1, f"the Quick run click created {len(new)} flow runs"
     state = wait_for_state(stack, str(new[0].id), {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, timeout=600)
     return new[0], state
@@ -147,12 +154,7 @@ def test_an_untouched_custom_run_form_runs_the_deployment_config(stack):
         page.wait_for_load_state("networkidle")   # the form is built from the deployment's schema
         created = click_until_created(page, lambda: page.get_by_role("button", name="Submit").click())
         assert created.status == 201, created.text()
-        with SyncPrefectClient(stack.api_url) as client:
-            deadline = time.monotonic() + 60
-            new = []
-            while time.monotonic() < deadline and not new:
-                new = [r for r in deployment_runs(client, deployment.id) if r.id not in before]
-                time.sleep(0.5)
+        new = runs_created(stack, deployment.id, before)
     assert len(new) == 1, "submitting the Custom run form created no flow run"
     submitted = PipelineConfig.model_validate(new[0].parameters["config"])
     assert submitted == PipelineConfig.model_validate(deployment.parameters["config"])
