@@ -103,9 +103,13 @@ def execute(plan: StagePlan, *, force: bool, complete: bool, upstream: dict[str,
         logger.info(f"{plan.stage}: recomputing as asked (recompute_from); discarding {plan.artifact_dir}")
         with artifact_lock(plan.artifact_dir, on_wait=logger.info):
             discard(plan.artifact_dir)
+    # The tags (for filters and tag concurrency limits) go on task runs that may do work. A verified artifact's
+    # task run only reports it Cached: tagged, it would still ask the server for concurrency slots, a request
+    # that Prefect's SQLite database sometimes refuses ("database is locked") and the client retries 2 s later.
+    tags = [] if complete else [f"stage:{plan.stage}", f"preset:{preset}", f"artifact:{plan.hash}"]
     stage_task = run_stage.with_options(
         name=plan.stage, retries=plan.resources.retries, retry_delay_seconds=plan.resources.retry_delay_seconds,
-        tags=[f"stage:{plan.stage}", f"preset:{preset}", f"artifact:{plan.hash}"])
+        tags=tags)
     started = time.monotonic()
     state = stage_task(plan=plan, upstream=upstream, verified=complete, store=store, fresh=force, return_state=True)
     seconds = time.monotonic() - started

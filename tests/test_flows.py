@@ -230,6 +230,8 @@ def test_end_to_end_then_everything_cached(home, data_dir):
     state, states, _ = run(values)
     assert state.is_completed()
     assert set(states.values()) == {"Cached"}, states
+    # a verified artifact's task run carries no tags, so it asks the server for no concurrency slots
+    assert all(r.tags == [] for r in task_runs(state.state_details.flow_run_id).values())
     # the cache is the verified artifact, never a persisted (pickled) task result
     assert result_records() == records_before
     # a fully cached run shows the same graph: the edges link this run's (Cached) task runs
