@@ -56,13 +56,34 @@ def _sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
 # -----------------------------------------------------------------------------
 # Code versions: each stage declares the modules that determine its result (flows/stages.py)
 
-# Calls whose arguments are messages for a person: editing them never changes what a stage computes.
-MESSAGE_CALLS = frozenset({"print", "print0", "log", "log0", "log_step", "debug", "info", "warning", "warn",
-                           "error", "exception"})
+# Statements that only tell a person something: `print(...)`, `print0(...)` (nanopipe.common's rank-0 print), and
+# a logger's methods (`logger.info(...)`, `warnings.warn(...)`, a wandb run's `.log(...)`). Only such a call
+# standing alone as a statement loses its arguments: wherever a call's value is used (`y = error(a)`,
+# `math.log(2)`), it decides what the stage computes and is hashed like any other code.
+MESSAGE_FUNCTIONS = frozenset({"print", "print0"})
+LOGGERS = frozenset({"logger", "log", "logging", "warnings", "wandb"})
+LOGGER_METHODS = frozenset({"debug", "info", "warning", "warn", "error", "exception", "critical", "log"})
+_CONSOLE = frozenset({"sys.stdout", "sys.stderr"})
+
+
+def is_message_call(node: ast.AST) -> bool:
+    """Whether `node` is a call whose only effect is a message: print/print0 to the console, or a logger method
+    (the receiver's last name is a logger: `logger`, `self.wandb`, ...). `print(x, file=f)` writes data."""
+    if not isinstance(node, ast.Call):
+        return False
+    func = node.func
+    if isinstance(func, ast.Name) and func.id in MESSAGE_FUNCTIONS:
+        return all(k.arg != "file" or ast.unparse(k.value) in _CONSOLE for k in node.keywords)
+    if isinstance(func, ast.Attribute) and func.attr in LOGGER_METHODS:
+        receiver = func.value
+        name = receiver.id if isinstance(receiver, ast.Name) else \
+            receiver.attr if isinstance(receiver, ast.Attribute) else None
+        return name in LOGGERS
+    return False
 
 
 class _Normalizer(ast.NodeTransformer):
-    """Drops docstrings and the arguments of message calls, so comments, docs and log lines don't count."""
+    """Drops docstrings and the arguments of message statements, so comments, docs and log lines don't count."""
 
     def _strip_docstring(self, node):
         self.generic_visit(node)
@@ -74,13 +95,12 @@ class _Normalizer(ast.NodeTransformer):
 
     visit_Module = visit_ClassDef = visit_FunctionDef = visit_AsyncFunctionDef = _strip_docstring
 
-    def visit_Call(self, node: ast.Call):
-        self.generic_visit(node)
-        func = node.func
-        name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
-        if name in MESSAGE_CALLS:
-            node.args, node.keywords = [], []
-        return node
+    def visit_Expr(self, node: ast.Expr):
+        # the call itself stays (adding or removing a message statement still counts), its arguments go
+        if is_message_call(node.value):
+            node.value.args, node.value.keywords = [], []
+            return node
+        return self.generic_visit(node)
 
 
 def normalized_source(path: Path) -> str:

@@ -66,6 +66,42 @@ def test_comments_docstrings_and_log_messages_do_not_count(tmp_path):
     assert normalized_source(module) != first
 
 
+def _source_key(tmp_path: Path, body: str) -> str:
+    module = tmp_path / "m.py"
+    module.write_text(f'"""doc"""\nimport math\nimport torch\n\ndef f(a, b, x, y):\n    """what f does"""\n{body}')
+    return normalized_source(module)
+
+
+@pytest.mark.parametrize("before, after", [
+    ("    return math.log(2)\n", "    return math.log(10)\n"),
+    ("    z = math.log(2) * a  # bits\n    return z\n", "    z = math.log(10) * a  # bits\n    return z\n"),
+    ("    return torch.log(x)\n", "    return torch.log(y)\n"),
+    ("    y = error(a)\n    return y\n", "    y = error(b)\n    return y\n"),
+    ("    logger.info(str(warning(a)))\n    return warning(a)\n", "    logger.info(str(warning(a)))\n    return warning(b)\n"),
+    ("    print(a, file=out)\n", "    print(b, file=out)\n"),          # data written to a file
+    ("    self.log_step(self.train_step(a))\n", "    self.log_step(self.train_step(b))\n"),
+], ids=["math.log", "math.log-in-expression", "torch.log", "error-helper", "warning-helper", "print-to-file",
+        "log_step-runs-a-step"])
+def test_a_call_whose_value_is_used_counts_whatever_its_name(tmp_path, before, after):
+    """Issue 23: only message statements lose their arguments; `math.log(2)` and `math.log(10)` differ."""
+    assert _source_key(tmp_path, before) != _source_key(tmp_path, after)
+
+
+@pytest.mark.parametrize("before, after", [
+    ('    logger.info("a")\n', '    logger.info("b")\n'),
+    ('    print0(f"loss {x:.4f}")\n', '    print0(f"val loss: {x:.3f} after {y} steps")\n'),
+    ('    print("a", flush=True)\n', '    print("b", a, flush=True)\n'),
+    ('    print("a", file=sys.stderr)\n', '    print("b", file=sys.stderr)\n'),
+    ('    logging.warning("a %s", x)\n', '    logging.warning("b %s", y)\n'),
+    ('    warnings.warn("a")\n', '    warnings.warn("b")\n'),
+    ('    self.wandb.log({"loss": x})\n', '    self.wandb.log({"train/loss": x, "y": y})\n'),
+    ('    class C:\n        """a"""\n        k = 1  # a\n', '    class C:\n        """b"""\n        k = 1  # b\n'),
+], ids=["logger.info", "print0", "print", "print-stderr", "logging.warning", "warnings.warn", "wandb.log",
+        "docstring-and-comment"])
+def test_editing_a_message_statement_does_not_count(tmp_path, before, after):
+    assert _source_key(tmp_path, before + "    return x\n") == _source_key(tmp_path, after + "    return x\n")
+
+
 def test_a_trained_model_ignores_log_lines_and_eval_prompts_but_not_model_code(tmp_path):
     """Issue: editing a log line or a sample prompt must not retrain; editing the model or optimizer must."""
     root = _copy_of_nanopipe(tmp_path)
