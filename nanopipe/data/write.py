@@ -156,16 +156,28 @@ def _cut_long(paragraph: str, doc_chars: int) -> Iterator[str]:
         yield piece
 
 
-def read_input_documents(path: Path, doc_chars: int, text_field: str = "text") -> Iterator[str]:
-    """Documents of one input file: .txt (paragraphs packed), .jsonl (one per line), .parquet (one per row)."""
+def check_input_file(path: Path) -> None:
+    """A DataError unless `path` is an existing file (a directory is named as one, not as missing)."""
+    if path.is_dir():
+        raise DataError(f"input {path} is a directory: give the files in it (e.g. --input {path}/*.jsonl)")
     if not path.is_file():
         raise DataError(f"input file {path} does not exist")
+
+
+def read_input_documents(path: Path, doc_chars: int, text_field: str = "text") -> Iterator[str]:
+    """Documents of one input file: .txt (paragraphs packed), .jsonl (one per line), .parquet (one per row)."""
+    check_input_file(path)
     suffix = path.suffix.lower()
     if suffix in (".txt", ".md"):
         yield from split_text_documents(path.read_text(encoding="utf-8", errors="replace"), doc_chars)
     elif suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named by its number, not a traceback
+            for line_number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{path}:{line_number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                                    f"{err.start + 1}); re-encode the file as UTF-8") from None
                 if not line.strip():
                     continue
                 try:
@@ -201,8 +213,7 @@ def prepare_shards(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLi
     """Turn text files into a shard directory (train shards, val.parquet, manifest.json), atomically."""
     inputs = [Path(p) for p in inputs]
     for path in inputs:
-        if not path.is_file():
-            raise DataError(f"input file {path} does not exist")
+        check_input_file(path)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise DataError(f"output directory {out_dir} already exists (pass --overwrite to replace it)")
