@@ -51,6 +51,13 @@ class CheckpointError(StageError, FileNotFoundError):
     """A checkpoint (directory, step or file) is missing or unreadable. The message names the directory."""
 
 
+class BadCheckpointError(CheckpointError):
+    """A checkpoint that reads but cannot be used: its meta disagrees with its weights, or the weights are not
+    finite. Bad input (exit 2): loading it again fails the same way."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
 class WorldSizeMismatchError(StageError, ValueError):
     """The checkpoint to resume was written by a different number of processes than this run has."""
 
@@ -142,8 +149,28 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, step: int, device: torch.device
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{mpath} is not valid JSON: {err}") from err
     model_state = _torch_load(model_path(ckpt_dir, step), device, ckpt_dir, step)
+    check_finite_weights(model_state, model_path(ckpt_dir, step))
     optim_state = _torch_load(optim_path(ckpt_dir, step, rank), device, ckpt_dir, step) if load_optimizer else None
     return model_state, optim_state, meta
+
+
+def non_finite_weights(model_state: dict) -> list[str]:
+    """Names of the floating-point tensors of a state dict holding a NaN or an infinity."""
+    names = [name for name, value in model_state.items() if torch.is_tensor(value) and value.is_floating_point()]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(model_state[name]).all() for name in names]).tolist()  # one sync
+    return [name for name, ok in zip(names, finite) if not ok]
+
+
+def check_finite_weights(model_state: dict, path: Path) -> None:
+    """Refuse weights with NaN or Inf (a diverged or damaged model): sampling from them fails deep inside
+    torch, and an evaluation would score them as if they were a model."""
+    bad = non_finite_weights(model_state)
+    if bad:
+        raise BadCheckpointError(f"{path} holds non-finite weights (NaN or Inf in {len(bad)} tensor(s): "
+                                 f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): use an earlier "
+                                 f"checkpoint step (--model_step) or retrain")
 
 
 # -----------------------------------------------------------------------------
@@ -236,7 +263,11 @@ def load_resume_checkpoint(ckpt_dir: str | os.PathLike, resume_from_step: int | 
                     problem = f"{path.name} is unreadable ({type(err).__name__}: {gist})"
                     break
             else:
-                point = ResumePoint(step, states[0], states[1], meta)
+                bad = non_finite_weights(states[0])
+                if bad:
+                    problem = f"{model_path(ckpt_dir, step).name} holds non-finite weights (NaN or Inf in {bad[0]})"
+                else:
+                    point = ResumePoint(step, states[0], states[1], meta)
         if not all_ranks_ok(point is not None):
             problem = problem or "another rank's optimizer file is unreadable"
             point = None
@@ -290,12 +321,17 @@ def model_from_state(model_state: dict, meta: dict, ckpt_dir: str | os.PathLike,
     device = torch.device(device)
     if "model_config" not in meta:
         raise CheckpointError(f"{meta_path(ckpt_dir, step)} has no model_config: not a nanopipe model checkpoint")
-    config = GPTConfig(**meta["model_config"])
+    try:
+        config = GPTConfig(**meta["model_config"])
+    except (TypeError, ValueError) as err:
+        raise BadCheckpointError(f"{meta_path(ckpt_dir, step)} has an invalid model_config: {err}") from None
     with torch.device("meta"):
         model = GPT(config)
+    state = clean_model_state(model_state, device)
+    check_state_matches(model, state, meta_path(ckpt_dir, step), model_path(ckpt_dir, step))
     model.to_empty(device=device)
     model.init_weights()  # also fills buffers that are not in the state dict (rotary tables)
-    model.load_state_dict(clean_model_state(model_state, device), strict=True, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)
     model.train(phase == "train")
     tok_dir = tokenizer_dir if tokenizer_dir is not None else meta.get("tokenizer_dir")
     tokenizer = get_tokenizer(tok_dir)
@@ -303,6 +339,26 @@ def model_from_state(model_state: dict, meta: dict, ckpt_dir: str | os.PathLike,
         raise CheckpointError(f"tokenizer {tok_dir} has {tokenizer.get_vocab_size()} tokens but the model in "
                               f"{ckpt_dir} was trained with vocab_size={config.vocab_size}: wrong tokenizer")
     return model, tokenizer
+
+
+def check_state_matches(model: GPT, state: dict, meta_file: Path, model_file: Path) -> None:
+    """The weights must have exactly the tensors, and shapes, of the model the meta describes; else one line
+    naming both files and the first difference (instead of load_state_dict's page of mismatches)."""
+    expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    found = {name: tuple(value.shape) for name, value in state.items() if torch.is_tensor(value)}
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    shapes = [f"{name} is {list(found[name])} in the weights, {list(shape)} per the meta"
+              for name, shape in expected.items() if name in found and found[name] != shape]
+    if not (missing or unexpected or shapes):
+        return
+    c = model.config
+    differences = ([f"{len(missing)} tensor(s) missing from the weights ({missing[0]}, ...)"] if missing else []) + (
+        [f"{len(unexpected)} tensor(s) the meta's model has no place for ({unexpected[0]}, ...)"] if unexpected
+        else []) + shapes[:1]
+    raise BadCheckpointError(
+        f"{meta_file} does not match the weights in {model_file.name}: its model_config (n_layer={c.n_layer}, "
+        f"n_embd={c.n_embd}, n_head={c.n_head}, n_kv_head={c.n_kv_head}, vocab_size={c.vocab_size}) disagrees "
+        f"with them: {'; '.join(differences)}")
 
 
 def find_largest_model(root: str | os.PathLike) -> str:
