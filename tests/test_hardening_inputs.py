@@ -124,3 +124,36 @@ def test_a_resume_skips_a_non_finite_checkpoint_or_names_it(inputs, tmp_path, ca
     assert point.step == 2 and "step 4 (model_000004.pt holds non-finite weights" in capsys.readouterr().out
     with pytest.raises(CheckpointError, match="step 4 .*non-finite weights"):
         load_resume_checkpoint(out, 4, 1, "cpu")
+
+
+# -----------------------------------------------------------------------------
+# Datasets: an empty file, a hub that cannot be reached
+
+def test_an_empty_dataset_file_is_refused_at_load(inputs, tmp_path, home, capsys):
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    (data / "train.jsonl").write_text("")
+    (data / "test.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    with pytest.raises(TaskDataError, match=rf"{re.escape(str(data / 'train.jsonl'))} holds no rows for split "
+                                            rf"'train': the dataset file is empty"):
+        GSM8K("main", "train", data)
+    assert len(GSM8K("main", "test", data)) == 1
+    # chat_rl divided by the number of training questions (ZeroDivisionError)
+    rl = [f"--checkpoint_dir={inputs['base']}", "--source=base", f"--gsm8k_path={data}", "--device_type=cpu",
+          f"--out_dir={tmp_path / 'rl'}"]
+    one_line_exit_2(capsys, lambda: chat_rl.main(rl), str(data / "train.jsonl"), "empty")
+
+
+def test_a_hub_dataset_that_cannot_load_names_the_flag_of_a_local_copy(monkeypatch):
+    import datasets
+
+    from nanopipe.tasks import HumanEval
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(TaskDataError, match=r"openai/openai_humaneval .*--humaneval_path=PATH"):
+        HumanEval()
+    with pytest.raises(TaskDataError, match=r"--gsm8k_path=PATH"):
+        GSM8K()

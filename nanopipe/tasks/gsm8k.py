@@ -94,7 +94,7 @@ class GSM8K(Task):
             raise ValueError(f"GSM8K subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
         if split not in SPLITS:
             raise ValueError(f"GSM8K split must be one of {', '.join(SPLITS)}, got {split!r}")
-        self.rows = load_rows(HF_REPO, subset, split, data_path, shuffle_seed)
+        self.rows = load_rows(HF_REPO, subset, split, data_path, shuffle_seed, local_flag="--gsm8k_path")
 
     def num_examples(self) -> int:
         return len(self.rows)

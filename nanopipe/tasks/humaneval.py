@@ -60,7 +60,7 @@ class HumanEval(Task):
             raise ValueError(f"HumanEval has only the 'test' split, got {split!r}")
         self.timeout_s, self.max_memory_bytes = timeout_s, max_memory_bytes
         self.allow_weaker_sandbox = allow_weaker_sandbox  # see nanopipe.execution: refused by default
-        self.rows = load_rows(HF_REPO, HF_SUBSET, split, data_path, shuffle_seed)
+        self.rows = load_rows(HF_REPO, HF_SUBSET, split, data_path, shuffle_seed, local_flag="--humaneval_path")
 
     def num_examples(self) -> int:
         return len(self.rows)

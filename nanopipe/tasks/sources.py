@@ -184,29 +184,40 @@ def load_local_rows(path: str | Path, subset: str | None, split: str) -> Rows:
         if file.suffix not in LOCAL_SUFFIXES:
             raise TaskDataError(f"{file}: unsupported task file type (use one of {', '.join(LOCAL_SUFFIXES)})")
     if files[0].suffix == ".parquet":
-        return ParquetRows(files)
-    parts = [read_json_records(f) for f in files]
-    return ListRows([r for p in parts for r in p.rows], [o for p in parts for o in p.origins])
+        rows: Rows = ParquetRows(files)
+    else:
+        parts = [read_json_records(f) for f in files]
+        rows = ListRows([r for p in parts for r in p.rows], [o for p in parts for o in p.origins])
+    if len(rows) == 0:  # caught here: an empty split would fail much later (a division by its size, ...)
+        names = ", ".join(str(f) for f in files)
+        raise TaskDataError(f"{names} hold{'s' if len(files) == 1 else ''} no rows for split {split!r}: "
+                            f"the dataset file is empty")
+    return rows
 
 
-def load_hub_rows(repo_id: str, subset: str | None, split: str) -> Rows:
+def load_hub_rows(repo_id: str, subset: str | None, split: str, local_flag: str | None = None) -> Rows:
     """Rows of a hub dataset through `datasets.load_dataset` (which honours HF_ENDPOINT, HF_HOME and
-    HF_DATASETS_OFFLINE as usual)."""
+    HF_DATASETS_OFFLINE as usual). `local_flag` is the stages' flag for a local copy, named in the error."""
     import datasets
 
     label = f"{repo_id} ({subset or 'default'}, split {split})"
     try:
         dataset = datasets.load_dataset(repo_id, subset, split=split)
     except Exception as e:  # re-raised with what we tried and how to work offline; nothing is swallowed
+        how = f"{local_flag}=PATH" if local_flag else "the stage's --<dataset>_path flag"
         raise TaskDataError(f"could not load {label} from the Hugging Face hub: {type(e).__name__}: {e}. "
-                            f"Pass data_path= to load local files in the same schema instead.") from e
+                            f"Give a local copy in the same schema with {how} (data_path= in Python) "
+                            f"instead.") from e
     return HubRows(dataset, label)
 
 
 def load_rows(repo_id: str, subset: str | None, split: str, data_path: str | Path | None = None,
-              shuffle_seed: int | None = 42) -> Rows:
+              shuffle_seed: int | None = 42, local_flag: str | None = None) -> Rows:
     """A split from `data_path` when given, else from the hub; shuffled with shuffle_seed (None: as stored)."""
-    rows = load_local_rows(data_path, subset, split) if data_path is not None else load_hub_rows(repo_id, subset, split)
+    if data_path is not None:
+        rows = load_local_rows(data_path, subset, split)
+    else:
+        rows = load_hub_rows(repo_id, subset, split, local_flag)
     return rows.shuffle(shuffle_seed)
 
 
