@@ -2,7 +2,8 @@
 What a person sees of a pipeline run in the Prefect UI after it ends, however it ended:
 
     nanopipe-report        the report card: regressions first, environment, every stage's status and wall
-                           time, estimated cost, tokenizer, base model, one table of chat metrics, curves
+                           time, estimated cost, what each stage taught (flows/taught.py), tokenizer, base
+                           model, one table of chat metrics, curves
                            (also written to NANOPIPE_HOME/report.md)
     nanopipe-summary       the stages with their key metrics and artifact paths
     nanopipe-metrics       every key metric in long format (stage, metric, value)
@@ -41,6 +42,7 @@ from flows.gate import (CHAT_COLUMNS, KEY_METRICS_KEY, GateResult, fmt, gate_sec
 from flows.plan import StagePlan
 from flows.plots import PROGRESS_FILE, markdown_image, stage_curves
 from flows.stages import get_stage
+from flows.taught import taught_markdown, taught_rows
 from nanopipe.common import atomic_write_text
 
 REPORT_FILE = "report.md"
@@ -315,6 +317,7 @@ def report_card(title: str, outcomes: list[StageOutcome], plans: list[StagePlan]
         lines += [f"**Stage {o.plan.stage} {status_text(o)}**" for o in ended] + [""]
     lines += environment_section(env, plans)
     lines += stages_section(rows, env.get("gpus") or [], rate)
+    lines += taught_markdown(taught_rows(metrics))
     lines += tokenizer_section(metrics) + base_section(metrics) + chat_section(metrics)
     if gate is not None:
         lines += gate_section(gate)
