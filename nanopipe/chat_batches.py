@@ -18,8 +18,16 @@ import torch
 import torch.distributed as dist
 
 from nanopipe.chat_format import render_conversation
+from nanopipe.exit_codes import ExitCode, StageError
 
 LOADER_STATE_VERSION = 1
+
+
+class ChatDataError(StageError, ValueError):
+    """The chat data cannot make the batches asked for: a loader state saved for other data or another layout,
+    or no example that keeps a supervised token. Bad input (exit 2), in one line."""
+
+    exit_code = ExitCode.BAD_INPUT
 
 
 # -----------------------------------------------------------------------------
@@ -45,14 +53,15 @@ class RankStride:
 
 def _check_state(state: dict, kind: str, rank: int, world_size: int, dataset_len: int) -> None:
     if state.get("version") != LOADER_STATE_VERSION or state.get("kind") != kind:
-        raise ValueError(f"loader state {state.get('kind')!r} v{state.get('version')!r} is not a {kind} "
-                         f"state v{LOADER_STATE_VERSION}")
+        raise ChatDataError(f"loader state {state.get('kind')!r} v{state.get('version')!r} is not a {kind} "
+                            f"state v{LOADER_STATE_VERSION}: the checkpoint was written by another stage")
     if (state["rank"], state["world_size"]) != (rank, world_size):
         raise ValueError(f"loader state was saved by rank {state['rank']} of {state['world_size']}, this is rank "
                          f"{rank} of {world_size}: resume with the same number of processes")
     if state["dataset_len"] != dataset_len:
-        raise ValueError(f"loader state is for a mixture of {state['dataset_len']} examples, this one has "
-                         f"{dataset_len}: the training data changed since the checkpoint")
+        raise ChatDataError(f"loader state is for a mixture of {state['dataset_len']} examples, this one has "
+                            f"{dataset_len}: the training data changed since the checkpoint (resume with the "
+                            f"same data flags, or start a new run in another --out_dir)")
 
 
 def _to_device(inputs: torch.Tensor, targets: torch.Tensor, device: torch.device):
@@ -171,35 +180,51 @@ class PackedChatLoader:
 class PaddedChatBatcher:
     """Infinite iterator of (inputs, targets) int64 [B, L], L = the longest conversation of the batch minus 1.
 
-    Conversations are rendered (cut to max_tokens); targets are the next tokens where the assistant wrote
+    Conversations are rendered and cut to max_tokens; targets are the next tokens where the assistant wrote
     them (render mask 1) and -1 everywhere else, padding included (inputs are padded with
-    <|assistant_end|>, which the loss never sees). state_dict() is the read position after the last batch.
+    <|assistant_end|>, which the loss never sees). A conversation cut before any assistant token would teach
+    nothing: with `drop_unsupervised` it is skipped. `cut` and `dropped` count both among the conversations
+    read (`position`). state_dict() is the read position (and the counts) after the last batch.
     """
 
     def __init__(self, tokenizer, dataset, batch_size: int, max_tokens: int, rank: int = 0, world_size: int = 1,
-                 device: str | torch.device = "cpu", resume_state: dict | None = None):
+                 device: str | torch.device = "cpu", resume_state: dict | None = None, drop_unsupervised: bool = True):
         assert batch_size >= 1 and max_tokens >= 2, (batch_size, max_tokens)
         self.tokenizer, self.dataset = tokenizer, dataset
         self.B, self.max_tokens = batch_size, max_tokens
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
+        self.drop_unsupervised = drop_unsupervised
         self.pad = tokenizer.encode_special("<|assistant_end|>")
         self.stride = RankStride(len(dataset), rank, world_size)
-        self.position = 0
+        self.position = self.cut = self.dropped = 0
         if resume_state is not None:
             _check_state(resume_state, "padded", rank, world_size, len(dataset))
             self.position = resume_state["position"]
+            self.cut, self.dropped = resume_state.get("cut", 0), resume_state.get("dropped", 0)
 
     def __iter__(self) -> "PaddedChatBatcher":
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rendered = []
-        for _ in range(self.B):
-            rendered.append(render_conversation(self.tokenizer, self.dataset[self.stride.index(self.position)],
-                                                max_tokens=self.max_tokens))
-            self.position += 1
+        rendered = [self._next_example() for _ in range(self.B)]
         return _to_device(*collate_supervised(rendered, self.pad), self.device)
+
+    def _next_example(self) -> tuple[list[int], list[int]]:
+        """(ids, mask) of the next conversation to train on, cut to max_tokens."""
+        for _ in range(self.stride.per_pass):
+            ids, mask = render_conversation(self.tokenizer, self.dataset[self.stride.index(self.position)],
+                                            max_tokens=None)
+            self.position += 1
+            if len(ids) > self.max_tokens:
+                self.cut += 1
+                ids, mask = ids[:self.max_tokens], mask[:self.max_tokens]
+            if any(mask[1:]) or not self.drop_unsupervised:
+                return ids, mask
+            self.dropped += 1
+        raise ChatDataError(f"none of the {self.stride.per_pass} conversations of rank {self.rank}'s share of the "
+                            f"data keeps an assistant token within {self.max_tokens} tokens (the model's context): "
+                            f"every one is cut before its answer")
 
     @property
     def epoch(self) -> int:
@@ -207,7 +232,8 @@ class PaddedChatBatcher:
 
     def state_dict(self) -> dict:
         return {"version": LOADER_STATE_VERSION, "kind": "padded", "rank": self.rank, "world_size": self.world_size,
-                "dataset_len": len(self.dataset), "position": self.position}
+                "dataset_len": len(self.dataset), "position": self.position, "cut": self.cut,
+                "dropped": self.dropped}
 
 
 def collate_supervised(rendered: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +256,7 @@ def collate_supervised(rendered: Sequence[tuple[list[int], list[int]]], pad: int
 @torch.no_grad()
 def evaluate_chat_loss(model, batches: Iterator, steps: int, token_bytes: torch.Tensor) -> dict:
     """Mean loss in nats per target token (targets -1 ignored) and bits per byte (special tokens, which have no
-    bytes, left out of bpb only) over `steps` batches, summed over every rank."""
+    bytes, left out of bpb only) over `steps` batches, summed over every rank; None where nothing was counted."""
     assert steps >= 1, f"evaluate_chat_loss needs at least one step, got {steps}"
     device = token_bytes.device
     acc = torch.float32 if device.type == "mps" else torch.float64
@@ -247,9 +273,15 @@ def evaluate_chat_loss(model, batches: Iterator, steps: int, token_bytes: torch.
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     nats, count, byte_nats, nbytes = sums.tolist()
-    return {"loss": nats / count if count else float("nan"),
-            "bpb": byte_nats / (math.log(2) * nbytes) if nbytes else float("nan"),
+    # no target token, no measurement: None (JSON null in metrics and progress lines), never NaN
+    return {"loss": nats / count if count else None,
+            "bpb": byte_nats / (math.log(2) * nbytes) if nbytes else None,
             "tokens": int(count)}
+
+
+def show_metric(value: float | None, spec: str = ".6f") -> str:
+    """A metric for a log line; 'n/a' for one that had nothing to measure (None)."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def sum_across_ranks(values: Sequence[float], device: torch.device) -> list[float]:

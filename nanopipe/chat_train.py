@@ -32,7 +32,7 @@ from nanopipe.checkpoint import (CHECKPOINT_DIRS, CheckpointError, build_model, 
                                  meta_path, model_from_state, resolve_checkpoint_dir, save_checkpoint)
 from nanopipe.common import atomic_write_json, compute_cleanup, compute_init, get_base_dir, print0
 from nanopipe.configs.base import ConfigError
-from nanopipe.gpt import GPT, GPTConfig, build_model_config
+from nanopipe.gpt import GPT, ROTARY_OVERCOMPUTE, GPTConfig, build_model_config
 from nanopipe.tokenizer import TokenizerNotFoundError, get_tokenizer
 from nanopipe.training import (NonFiniteLossError, all_ranks_ok, barrier, check_memory_fits, cpu_matmul_precision,
                                estimate_peak_memory, exclusive_out_dir, gather_loader_state,
@@ -105,6 +105,16 @@ def find_source(source: str, model_tag: str | None = None, model_step: int | Non
             f"source checkpoint {ckpt_dir} step {step} has vocab_size={model_config.vocab_size} but tokenizer "
             f"{tok_dir} has {vocab_size} tokens: they do not belong together")
     return SourceCheckpoint(Path(ckpt_dir), step, meta, tok_dir, model_config)
+
+
+def check_row_length(max_seq_len: int | None, model_config: GPTConfig, model_from: str) -> None:
+    """--max_seq_len rows must fit the model's rotary tables (ROTARY_OVERCOMPUTE x its context): a longer row
+    has positions the model has no rotation for. Checked before any weights load."""
+    limit = model_config.sequence_len * ROTARY_OVERCOMPUTE
+    if max_seq_len is not None and max_seq_len > limit:
+        raise ConfigError(f"--max_seq_len={max_seq_len} is longer than the rotary tables of the model ({model_from}): "
+                          f"{limit} positions ({ROTARY_OVERCOMPUTE} x its context of {model_config.sequence_len} "
+                          f"tokens); use --max_seq_len={limit} or less")
 
 
 def load_source_model(src: SourceCheckpoint, device: torch.device | str, phase: str = "train"):
@@ -190,6 +200,8 @@ def train_from_source(cfg, stage: str, load_data: Callable, make_trainer: Callab
     src = find_source(cfg.source, cfg.model_tag, cfg.model_step, cfg.checkpoint_dir, cfg.tokenizer_dir)
     out_dir = output_dir(stage, src, cfg.out_dir)
     data = load_data(cfg)
+    check_row_length(getattr(cfg, "max_seq_len", None), src.model_config,
+                     f"source checkpoint {src.ckpt_dir} step {src.step}")
     with contextlib.ExitStack() as stack:
         stack.enter_context(exclusive_out_dir(out_dir, stage))  # one run at a time writes out_dir
         rt = compute_init(cfg.device_type, cfg.dtype, cfg.seed)
@@ -202,6 +214,30 @@ def train_from_source(cfg, stage: str, load_data: Callable, make_trainer: Callab
             return trainer.finish()
         finally:
             compute_cleanup()
+
+
+# The stage that wrote a checkpoint (its meta's "stage"; base_train writes none) -> the command it runs as
+STAGE_COMMANDS = {"mid": "mid_train", "sft": "chat_sft", "rl": "chat_rl", None: "base_train"}
+# Flags a resume must keep: each one sets how much data a step takes (or how long a row is), so a new value
+# would silently continue another run's schedule and loader state with another batch. Those a stage has count.
+RESUME_FIXED_FLAGS = ("max_seq_len", "total_batch_size", "target_examples_per_step", "examples_per_step",
+                      "num_samples")
+
+
+def check_resumable(cfg, stage: str, meta: dict, out_dir: Path, step: int) -> None:
+    """A checkpoint in out_dir resumes this run only if this stage wrote it with the same batch shape; else a
+    ConfigError naming the stage, or the flag with its old and new value."""
+    written_by = meta.get("stage")
+    if written_by != stage:
+        raise ConfigError(f"checkpoint step {step} in {out_dir} was written by "
+                          f"{STAGE_COMMANDS.get(written_by, written_by)}, not {STAGE_COMMANDS[stage]}: that "
+                          f"directory belongs to another stage; give this stage its own --out_dir")
+    saved = meta.get("user_config") or {}
+    for name in RESUME_FIXED_FLAGS:
+        if name in saved and hasattr(cfg, name) and saved[name] != getattr(cfg, name):
+            raise ConfigError(f"--{name}={getattr(cfg, name)} differs from --{name}={saved[name]} of checkpoint step "
+                              f"{step} in {out_dir}: resume with --{name}={saved[name]}, or start a new run in "
+                              f"another --out_dir")
 
 
 class ChatTrainerBase:
@@ -230,6 +266,7 @@ class ChatTrainerBase:
                                         fresh_start="from the source checkpoint")
         self.resume_step = resume.step if resume else None
         if resume:
+            check_resumable(cfg, self.stage, resume.meta, out_dir, resume.step)
             print0(f"Resuming from step {resume.step} of {out_dir}")
             self.orig_model, self.tokenizer = model_from_state(resume.model_state, resume.meta, out_dir, resume.step,
                                                                rt.device, "train", tokenizer_dir=src.tokenizer_dir)

@@ -6,7 +6,6 @@ shape, conversations cut to the context, and an evaluation with nothing to measu
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -157,3 +156,120 @@ def test_a_hub_dataset_that_cannot_load_names_the_flag_of_a_local_copy(monkeypat
         HumanEval()
     with pytest.raises(TaskDataError, match=r"--gsm8k_path=PATH"):
         GSM8K()
+
+
+# -----------------------------------------------------------------------------
+# Chat training: rows past the rotary tables, a resume in another stage's directory or with another batch shape,
+# conversations cut to the context, an evaluation with nothing to measure
+
+MID = dict(source="base", builtin_size=8, device_batch_size=2, max_seq_len=64, total_batch_size=256, eval_every=-1,
+           eval_tokens=128)
+
+
+def mid_flags(inputs, out_dir: Path, **overrides) -> list[str]:
+    return tiny_chat_flags(inputs["base"], out_dir, **{**MID, **overrides})
+
+
+def test_rows_longer_than_the_rotary_tables_are_refused_before_loading(inputs, tmp_path, home, capsys):
+    # the base model's context is 128 tokens: its rotary tables hold 1280 positions
+    long_rows = dict(max_seq_len=2048, device_batch_size=1, total_batch_size=2048, eval_tokens=2048)
+    for extra in ([], ["--dry_run=true"]):
+        one_line_exit_2(capsys, lambda: mid_train.main(mid_flags(inputs, tmp_path / "mid", **long_rows) + extra),
+                        "--max_seq_len=2048", "rotary tables", "1280 positions")
+    assert not (tmp_path / "mid").exists()
+    mid_train.main(mid_flags(inputs, tmp_path / "mid", dry_run="true", max_seq_len=1280, device_batch_size=1,
+                             total_batch_size=1280, eval_tokens=1280))
+
+
+def test_a_resume_with_another_stage_or_batch_shape_is_refused_naming_it(inputs, tmp_path, home, capsys):
+    out = tmp_path / "mid"
+    mid_train.main(mid_flags(inputs, out, num_iterations=2, save_every=1))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "--max_seq_len=64" in warnings[0] and "cropped" in warnings[0]
+    assert json.loads((out / "metrics.json").read_text())["cropped_conversations"] > 0
+    for flag, value, saved in (("total_batch_size", 512, 256), ("max_seq_len", 32, 64)):
+        resumed = mid_flags(inputs, out, num_iterations=3, resume_from_step="latest", **{flag: value})
+        one_line_exit_2(capsys, lambda: mid_train.main(resumed),
+                        f"--{flag}={value} differs from --{flag}={saved} of checkpoint step 2 in {out}")
+    # chat_sft resumed in mid_train's directory ("packed is not padded")
+    sft = tiny_chat_flags(inputs["base"], out, source="base", builtin_size=8, device_batch_size=2,
+                          target_examples_per_step=2, num_iterations=3, eval_every=-1, eval_steps=1,
+                          eval_metrics_every=-1, resume_from_step="latest")
+    one_line_exit_2(capsys, lambda: chat_sft.main(sft), f"step 2 in {out} was written by mid_train, not chat_sft",
+                    "another stage")
+
+
+def test_resume_checks_each_stage_batch_flags(tmp_path):
+    from nanopipe.chat_train import check_resumable
+    from nanopipe.configs.base import ConfigError, build_config
+    from nanopipe.configs.chat_rl import ChatRLConfig
+    from nanopipe.configs.chat_sft import ChatSFTConfig
+
+    for cls, stage, flag, old, new in ((ChatSFTConfig, "sft", "target_examples_per_step", 32, 64),
+                                       (ChatRLConfig, "rl", "examples_per_step", 16, 8),
+                                       (ChatRLConfig, "rl", "num_samples", 16, 4)):
+        meta = {"stage": stage, "user_config": build_config(cls, {}).model_dump(mode="json")}
+        check_resumable(build_config(cls, {}), stage, meta, tmp_path, 5)
+        with pytest.raises(ConfigError, match=rf"--{flag}={new} differs from --{flag}={old} of checkpoint step 5"):
+            check_resumable(build_config(cls, {flag: new}), stage, meta, tmp_path, 5)
+    with pytest.raises(ConfigError, match="written by base_train, not chat_rl"):
+        check_resumable(build_config(ChatRLConfig, {}), "rl", {"user_config": {}}, tmp_path, 5)
+
+
+def chats(count: int, user_words: int):
+    """A task of `count` conversations whose user message has `user_words` words (200 fill the 128-token context)."""
+    from nanopipe.tasks.base import Task
+
+    class Chats(Task):
+        def num_examples(self):
+            return count
+
+        def get_example(self, index):
+            return {"messages": [{"role": "user", "content": f"question {index}: " + "and so " * user_words},
+                                 {"role": "assistant", "content": "The answer."}]}
+
+    return Chats()
+
+
+def strict_json(text: str):
+    return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON: {text}"))
+
+
+def test_sft_drops_conversations_cut_before_their_answer_and_reports_no_nan(inputs, tmp_path, home, monkeypatch,
+                                                                            capsys):
+    from nanopipe.tasks import TaskMixture
+    from nanopipe.tasks.mixtures import ChatMixtures
+
+    tok = inputs["tokenizer"]
+    train = TaskMixture([chats(12, user_words=3), chats(4, user_words=200)], seed=1)
+    val = TaskMixture([chats(4, user_words=200)], seed=1)
+    batcher = PaddedChatBatcher(tok, train, batch_size=4, max_tokens=128)
+    for _ in range(6):  # two passes: every long conversation came by, and none was trained on
+        _, targets = next(batcher)
+        assert (targets >= 0).any(dim=1).all()
+    assert batcher.cut == batcher.dropped == 8 and batcher.position == 32
+    assert PaddedChatBatcher(tok, val, 2, 128, drop_unsupervised=False).__next__()[1].lt(0).all()
+    with pytest.raises(Exception, match="none of the 4 conversations .* keeps an assistant token within 128"):
+        next(PaddedChatBatcher(tok, val, 2, 128))
+    assert evaluate_chat_loss(lambda x, y, loss_reduction: torch.zeros(y.numel()), iter([(torch.zeros(1, 3,
+                              dtype=torch.long), torch.full((1, 3), -1))]), 1, torch.ones(8))["loss"] is None
+
+    mixtures = ChatMixtures(train, val, {"train": {"mixed": len(train)}, "val": {"long": len(val)}})
+    monkeypatch.setattr(chat_sft, "sft_mixtures", lambda cfg: mixtures)
+    out = tmp_path / "sft"
+    chat_sft.main(tiny_chat_flags(inputs["base"], out, source="base", device_batch_size=4, target_examples_per_step=4,
+                                  num_iterations=4, eval_every=2, eval_steps=1, eval_metrics_every=-1))
+    log = capsys.readouterr().out
+    warnings = [line for line in log.splitlines() if line.startswith("warning:")]
+    counts = re.search(r"(\d+) of the (\d+) training conversations read were longer than the model's context "
+                       r"\(128 tokens\) and were cut; (\d+) of them kept no assistant token and were dropped",
+                       warnings[0]) if len(warnings) == 1 else None
+    cut, read, dropped = map(int, counts.groups())
+    assert cut == dropped >= 1 and read == 4 * 4 + dropped  # 4 steps of 4 trained conversations
+    metrics = strict_json((out / "metrics.json").read_text())
+    assert metrics["val_loss"] is None and metrics["val_bpb"] is None
+    assert (metrics["cut_conversations"], metrics["dropped_conversations"]) == (cut, dropped)
+    progress = [strict_json(line[len(PROGRESS_PREFIX):]) for line in log.splitlines() if
+                line.startswith(PROGRESS_PREFIX)]
+    assert {p["val_loss"] for p in progress if "val_loss" in p} == {None}
+    assert "val loss (assistant tokens): n/a" in log and not re.search(r"\bnan\b", log, re.I)

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from nanopipe.chat_scoring import evaluate_categorical
-from nanopipe.chat_batches import PaddedChatBatcher, evaluate_chat_loss, sum_across_ranks, supervised_loss
+from nanopipe.chat_batches import (PaddedChatBatcher, evaluate_chat_loss, show_metric, sum_across_ranks,
+                                   supervised_loss)
 from nanopipe.chat_train import ChatTrainerBase, model_plan, planned_model, print_plan, train_from_source
 from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_progress, write_metrics
 from nanopipe.configs.chat_sft import ChatSFTConfig, check_sft_batch_sizes
@@ -180,16 +181,17 @@ class SFTTrainer(ChatTrainerBase):
     def evaluate_loss(self) -> None:
         cfg, rt = self.cfg, self.rt
         batches = PaddedChatBatcher(self.tokenizer, self.mixtures.val, cfg.device_batch_size, self.max_tokens,
-                                    rt.rank, rt.world_size, rt.device)
+                                    rt.rank, rt.world_size, rt.device, drop_unsupervised=False)
         self.model.eval()
         with self.autocast:
             result = evaluate_chat_loss(self.model, batches, cfg.eval_steps, self.token_bytes)
         self.model.train()
         self.loop["val_loss"], self.loop["val_bpb"] = result["loss"], result["bpb"]
-        print0(f"Step {self.step:05d} | val loss (assistant tokens): {result['loss']:.6f} | bpb {result['bpb']:.6f} "
-               f"({result['tokens']:,} tokens)")
-        report_progress(step=self.step, val_loss=result["loss"])
-        self.wandb.log({"step": self.step, "val/loss": result["loss"], "val/bpb": result["bpb"]})
+        print0(f"Step {self.step:05d} | val loss (assistant tokens): {show_metric(result['loss'])} | bpb "
+               f"{show_metric(result['bpb'])} ({result['tokens']:,} tokens)")
+        report_progress(step=self.step, val_loss=result["loss"])   # null when there was nothing to measure
+        self.wandb.log({"step": self.step, **{k: v for k, v in (("val/loss", result["loss"]),
+                                                                ("val/bpb", result["bpb"])) if v is not None}})
 
     def evaluate_accuracy(self) -> None:
         """Multiple-choice accuracy on the metric tasks, with chat_eval's own scoring."""
@@ -214,6 +216,13 @@ class SFTTrainer(ChatTrainerBase):
         loop, cfg = self.loop, self.cfg
         self.complete_final_meta({"val_loss": loop["val_loss"], "val_bpb": loop["val_bpb"],
                                   "accuracy": loop["accuracy"]})
+        loader = self.train_loader
+        cut, dropped, read = (int(n) for n in sum_across_ranks([loader.cut, loader.dropped, loader.position],
+                                                               self.rt.device))
+        if cut:
+            print0(f"warning: {cut:,} of the {read:,} training conversations read were longer than the model's "
+                   f"context ({self.max_tokens} tokens) and were cut; {dropped:,} of them kept no assistant token "
+                   f"and were dropped, not trained on")
         metrics = {
             "step": self.step,
             "num_iterations": self.num_iterations,
@@ -224,6 +233,8 @@ class SFTTrainer(ChatTrainerBase):
             "examples_per_step": cfg.target_examples_per_step,
             "train_examples": len(self.mixtures.train),
             "supervised_tokens": loop["supervised_tokens"],
+            "cut_conversations": cut,
+            "dropped_conversations": dropped,
             "epochs": self.step * cfg.target_examples_per_step / len(self.mixtures.train),
             "num_params": self.orig_model.num_params(),
             "mixture": cfg.mixture,
@@ -236,7 +247,8 @@ class SFTTrainer(ChatTrainerBase):
             "checkpoint_dir": str(self.out_dir),
         }
         accuracies = ", ".join(f"{k} {v:.4f}" for k, v in loop["accuracy"].items())
-        print0(f"SFT done: {self.step} steps | final val loss {loop['val_loss']:.6f} | accuracy: {accuracies}")
+        print0(f"SFT done: {self.step} steps | final val loss {show_metric(loop['val_loss'])} | accuracy: "
+               f"{accuracies}")
         write_metrics(self.out_dir, metrics)
         self.wandb.finish()
         return metrics

@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 
 from nanopipe.chat_format import render_conversation
-from nanopipe.chat_batches import PackedChatLoader, evaluate_chat_loss, sum_across_ranks
-from nanopipe.chat_train import ChatTrainerBase, model_plan, planned_model, print_plan, train_from_source
+from nanopipe.chat_batches import PackedChatLoader, evaluate_chat_loss, show_metric, sum_across_ranks
+from nanopipe.chat_train import (ChatTrainerBase, check_row_length, model_plan, planned_model, print_plan,
+                                 train_from_source)
 from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_progress, write_metrics
 from nanopipe.configs.flags import stage_main
 from nanopipe.configs.mid_train import MidTrainConfig, check_mid_batch_sizes
@@ -75,6 +76,7 @@ def estimate_pass(mixtures: ChatMixtures, tokenizer, seq_len: int, sample: int =
 def dry_run(cfg: MidTrainConfig, world_size: int) -> dict:
     device_type = cfg.device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     model_config, model_from, src = planned_model(cfg)
+    check_row_length(cfg.max_seq_len, model_config, model_from)
     plan = model_plan(model_config, cfg.max_seq_len, cfg.device_batch_size, world_size, device_type == "cuda")
     print_plan(plan, model_from)
     grad_accum = check_mid_batch_sizes(cfg, world_size)
@@ -221,11 +223,13 @@ class MidTrainer(ChatTrainerBase):
         self.model.train()
         loop = self.loop
         loop["val_loss"], loop["val_bpb"] = result["loss"], result["bpb"]
-        loop["min_val_bpb"] = min(result["bpb"], loop["min_val_bpb"] or math.inf)
-        print0(f"Step {self.step:05d} | val loss: {result['loss']:.6f} | val bpb: {result['bpb']:.6f} "
-               f"({result['tokens']:,} target tokens)")
+        if result["bpb"] is not None:  # None: nothing to measure (no target token with bytes)
+            loop["min_val_bpb"] = min(result["bpb"], loop["min_val_bpb"] or math.inf)
+        print0(f"Step {self.step:05d} | val loss: {show_metric(result['loss'])} | val bpb: "
+               f"{show_metric(result['bpb'])} ({result['tokens']:,} target tokens)")
         report_progress(step=self.step, val_loss=result["loss"], val_bpb=result["bpb"])
-        self.wandb.log({"step": self.step, "val/loss": result["loss"], "val/bpb": result["bpb"]})
+        self.wandb.log({"step": self.step, **{k: v for k, v in (("val/loss", result["loss"]),
+                                                                ("val/bpb", result["bpb"])) if v is not None}})
 
     # --- the end --------------------------------------------------------------
 
@@ -233,6 +237,12 @@ class MidTrainer(ChatTrainerBase):
         loop, cfg = self.loop, self.cfg
         self.complete_final_meta({"val_loss": loop["val_loss"], "val_bpb": loop["val_bpb"]})
         timed = loop["timed_steps"]
+        cropped, read = (int(n) for n in sum_across_ranks([self.train_loader.cropped, self.train_loader.position],
+                                                           self.rt.device))
+        if cropped:
+            print0(f"warning: {cropped:,} of the {read:,} training conversations read were longer than a row "
+                   f"(--max_seq_len={cfg.max_seq_len} + 1 tokens) and were cropped to it; 0 dropped (every token of "
+                   f"a cropped conversation is still a target)")
         metrics = {
             "step": self.step,
             "num_iterations": cfg.num_iterations,
@@ -244,7 +254,7 @@ class MidTrainer(ChatTrainerBase):
             "total_tokens": cfg.total_batch_size * self.step,
             "num_params": self.orig_model.num_params(),
             "pad_fraction": self.train_loader.pad_fraction(),
-            "cropped_conversations": self.train_loader.cropped,
+            "cropped_conversations": cropped,
             "mixture": cfg.mixture,
             "identity": self.mixtures.identity,
             "data": self.mixtures.describe(),
@@ -256,7 +266,7 @@ class MidTrainer(ChatTrainerBase):
             "checkpoint_dir": str(self.out_dir),
         }
         print0(f"Mid-training done: {self.step} steps, {100 * loop['progress']:.1f}% of the mixture | final val "
-               f"loss {loop['val_loss']:.6f}, bpb {loop['val_bpb']:.6f} | peak memory "
+               f"loss {show_metric(loop['val_loss'])}, bpb {show_metric(loop['val_bpb'])} | peak memory "
                f"{metrics['peak_memory_mib']:,.0f} MiB")
         write_metrics(self.out_dir, metrics)
         self.wandb.finish()
