@@ -7,7 +7,8 @@ the stage, of the gain, and of the gain in standard errors).
     python bench/bench_stage_gains.py --preset=demo-cpu --seeds=1,2,3 --workdir=/tmp/gains
     python bench/bench_stage_gains.py --preset=demo-cpu --seeds=1,2,3 --workdir=/tmp/gains --reuse
 
-Seed s sets `common.seed=s` for every stage: it changes weight initialisation, data order and sampling; the
+Like `bash scripts/demo.sh`, it runs RL (`--run_rl=true`; a later `--run_rl=false` wins). Seed s sets
+`common.seed=s` for every stage: it changes weight initialisation, data order and sampling; the
 held-out problems stay the same (the builtin tasks' test split, fixed seeds). Each run goes through the real
 flow with Prefect's temporary server, exactly like `bash scripts/demo.sh`, and its wall time is printed.
 Nothing is asserted.
@@ -35,7 +36,7 @@ from flows.taught import Taught, taught_markdown, taught_rows  # noqa: E402
 
 def pipeline_config(preset: str, seed: int, overrides: list[str]) -> tuple[PipelineConfig, list[str]]:
     """The config `nanopipe run --preset P --common.seed=s <overrides>` runs, and those flags."""
-    flags = [f"--common.seed={seed}", *overrides]
+    flags = ["--run_rl=true", f"--common.seed={seed}", *overrides]
     return build_pipeline_config(["--preset", preset, *flags]), flags
 
 

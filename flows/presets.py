@@ -4,8 +4,9 @@ the seed's defaults, i.e. the d20 speedrun's stage settings). `nanopipe run --pr
 deployment's `{"config": {"preset": NAME, ...}}` both start here; given values win. `PRESET_DESCRIPTIONS`
 says in one line what each is for (the run form's preset picker and `nanopipe presets` show it):
 
-    demo-cpu      whole pipeline on a 2-core CPU in minutes, offline builtin data (the README's demo);
-                  add run_rl=true for the RL stage on builtin arithmetic
+    demo-cpu      whole pipeline on a 2-core CPU in under 10 minutes, offline builtin data (the README's
+                  demo, which adds run_rl=true: the RL stage on builtin arithmetic)
+    cpu-small     demo-cpu with 3x the chat training, under 30 minutes on 2 cores
     d12           a quick GPU model: depth 12 on one 8-GPU node
     speedrun-d20  nanochat's $100 speedrun: depth 20 on 8xH100, ~4 h
     d26           depth 26 on 8xH100 (device batch 16 to fit 80 GB)
@@ -45,36 +46,52 @@ def _gpu_run(depth: int, device_batch_size: int, base_shards: int, **resources) 
     }
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "demo-cpu": {
+def _cpu_run(scale: int) -> dict[str, Any]:
+    """The whole chain on a 2-core CPU on the builtin offline data, `scale` x the demo's chat training.
+
+    Sized by measurement (bench/bench_stage_gains.py): the base model only needs to exist (the builtin chats
+    are far from Python's documentation), so the minutes go to the chat stages, where the held-out tasks are
+    learnt. Mid-training teaches the chat and calculator format on packed rows at 0.88 x the seed's matrix
+    learning rate (init_lr_frac 10 after mid's sqrt(total batch / 524,288) = 0.088 batch scaling); SFT at
+    0.2 instead of the seed's 0.02; RL on fresh builtin problems every step (8 questions x 8 samples; each
+    problem is seen once) at the seed's 0.05: measured from an SFT model at ~98 % greedy, 0.5 collapsed the
+    policy in 10 steps, 0.1 cost ~4 points of greedy accuracy in 60 steps, 0.03-0.05 stayed within noise."""
+    mid_steps, sft_steps, rl_steps = 250 * scale, 100 * scale, 60 * scale
+    return {
         "data": {"data_source": "builtin"},
         "common": {"device_type": "cpu"},
-        # two single-threaded processes (torchrun + gloo DDP) beat one two-threaded one on a 2-core CPU
+        # two single-threaded processes (torchrun + gloo) beat one two-threaded one on a 2-core CPU
         "resources": {"nproc_per_node": 2, "retries": 1, "retry_delay_seconds": 1, "env": {"OMP_NUM_THREADS": "1"}},
         "tok_train": {"max_chars": 3_000_000, "vocab_size": 2048},
         "tok_eval": {"val_chars": 200_000, "references": []},
         "base_train": {"depth": 4, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 256,
-                       "device_batch_size": 8, "total_batch_size": 4096, "num_iterations": 40, "eval_every": 20,
-                       "eval_tokens": 16384, "core_metric_every": None, "sample_every": None, "save_every": 10},
+                       "device_batch_size": 8, "total_batch_size": 4096, "num_iterations": 60, "eval_every": 20,
+                       "eval_tokens": 16384, "core_metric_every": None, "sample_every": None, "save_every": 20},
         "base_eval": {"eval": "bpb,sample", "device_batch_size": 8, "split_tokens": 16384},
-        # the chat stages on the builtin offline chats (identity, spelling, GSM8K-style arithmetic with the
-        # calculator, MMLU-style quizzes), evaluated on the offline tasks
-        # at this batch size the seed's learning rates barely move a tiny model in ~100 steps: mid starts at 3x,
-        # SFT at 0.2 instead of 0.02 (bench/bench_chat_quality.py measured both)
-        "mid_train": {"mixture": "builtin", "builtin_size": 500, "max_seq_len": 256,
-                      "device_batch_size": 8, "total_batch_size": 4096, "num_iterations": 92, "init_lr_frac": 3.0,
-                      "eval_every": 25, "eval_tokens": 16384, "save_every": 25},
-        "chat_sft": {"mixture": "builtin", "builtin_size": 500, "device_batch_size": 8,
-                     "target_examples_per_step": 32, "num_iterations": 56, "init_lr_frac": 0.2, "eval_every": 20,
-                     "eval_steps": 8, "eval_metrics_every": None, "eval_metrics_max_problems": 128, "save_every": 20},
-        # RL on builtin arithmetic (run_rl=true): answers run to ~150 tokens with this tokenizer, and a cut-off
-        # answer scores 0; 0.1 of the seed's learning rates (0.5 collapsed the policy); bench/bench_chat_rl.py
-        "chat_rl": {"task": "builtin-arithmetic", "synthetic_size": 64, "num_epochs": 6,
-                    "examples_per_step": 8, "num_samples": 8, "device_batch_size": 8, "max_new_tokens": 128,
-                    "init_lr_frac": 0.1, "eval_every": None, "eval_examples": 64, "save_every": 12},
+        # builtin_size: one pass over the mixture in the given steps (mixtures.py weighs its tasks)
+        "mid_train": {"mixture": "builtin", "builtin_size": 4 * mid_steps + 100, "max_seq_len": 256,
+                      "device_batch_size": 8, "total_batch_size": 4096, "num_iterations": mid_steps,
+                      "init_lr_frac": 10.0, "eval_every": mid_steps // 2, "eval_tokens": 16384,
+                      "save_every": 50},
+        "chat_sft": {"mixture": "builtin", "builtin_size": 32 * sft_steps // 6 + 20, "device_batch_size": 8,
+                     "target_examples_per_step": 32, "num_iterations": sft_steps, "init_lr_frac": 0.2,
+                     "eval_every": sft_steps // 2, "eval_steps": 8, "eval_metrics_every": None,
+                     "eval_metrics_max_problems": 256, "save_every": 50},
+        # RL evaluates itself at step 0 (the SFT model) and at its end on the same held-out questions: pass@1 of
+        # one sampled answer, the report card's RL row
+        "chat_rl": {"task": "builtin-arithmetic", "synthetic_size": 8 * rl_steps, "num_epochs": 1,
+                    "examples_per_step": 8, "num_samples": 8, "device_batch_size": 32, "max_new_tokens": 200,
+                    "init_lr_frac": 0.05, "eval_every": rl_steps, "eval_examples": 128, "save_every": 20},
+        # held-out problems of the builtin tasks: 256 each, whole answers (the longest run to ~200 tokens)
         "chat_eval": {"task": ["Arithmetic", "MultipleChoice", "SpellingBee"],
-                      "max_problems": 64, "synthetic_size": 64, "max_new_tokens": 48, "batch_size": 8},
-    },
+                      "max_problems": 256, "synthetic_size": 256, "max_new_tokens": 200, "batch_size": 32},
+    }
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo-cpu": _cpu_run(1),
+    # the same chain with 3x the chat training: under 30 minutes on 2 cores
+    "cpu-small": _cpu_run(3),
     # depth 12, ~135M parameters: a couple of hours' worth of nanochat-style training on one 8-GPU node
     "d12": _gpu_run(12, 32, base_shards=80),
     # nanochat's speedrun: d20 (561M parameters), 8xH100, ~4 h; 370 shards cover 11.2B tokens plus cropping
@@ -90,7 +107,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # One line per preset: what it is for (shown by the run form's preset picker and `nanopipe presets`)
 PRESET_DESCRIPTIONS: dict[str, str] = {
-    "demo-cpu": "the whole pipeline on a 2-core CPU in minutes, offline builtin data (run_rl=true adds RL)",
+    "demo-cpu": "the whole pipeline on a 2-core CPU in under 10 minutes, offline builtin data (run_rl=true adds RL)",
+    "cpu-small": "demo-cpu with 3x the chat training: under 30 minutes on a 2-core CPU",
     "d12": "a quick GPU model: depth 12 on one 8-GPU node, a couple of hours",
     "speedrun-d20": "nanochat's $100 speedrun: depth 20 on 8xH100, about 4 hours",
     "d26": "depth 26 on 8xH100, device batch 16 to fit 80 GB",

@@ -12,8 +12,10 @@ Where each figure comes from:
 - mid_train: loss on held-out chat conversations (the mixture's test split), the base model's (mid's step 0)
   and mid's; and, from chat_eval_mid, how often mid's arithmetic answers use the calculator format and end
   on a `#### N` line.
-- chat_sft and chat_rl: held-out task accuracy of the model before (chat_eval_mid, chat_eval_sft) and after
-  (chat_eval_sft, chat_eval_rl), for every task both evaluated.
+- chat_sft and chat_rl: held-out task accuracy (greedy) of the model before (chat_eval_mid, chat_eval_sft) and
+  after (chat_eval_sft, chat_eval_rl), for every task both evaluated; for chat_rl also its own evaluation at
+  its first and last step: pass@1 of one answer sampled at the training temperature, which is what RL
+  optimises (when chat_rl evaluates at step 0, i.e. eval_every divides its steps).
 """
 
 from __future__ import annotations
@@ -143,10 +145,29 @@ def _majority_text(result: dict) -> str | None:
     return f"always answering {answer} scores {100 * rate:.1f}%"
 
 
+def rl_rows(metrics: dict[str, dict]) -> list[Taught]:
+    """chat_rl's own evaluation at its first step (the SFT model) and its last: pass@1 of one sampled answer
+    at the training temperature on the same held-out questions, what RL optimises."""
+    rl = metrics.get("chat_rl") or {}
+    evals = [e for e in rl.get("evals") or [] if isinstance(e, dict) and isinstance(e.get("problems"), int)]
+    if len(evals) < 2 or evals[0].get("step") != 0 or evals[0]["problems"] != evals[-1]["problems"]:
+        return []
+    before, after, n = _finite(evals[0].get("pass@1")), _finite(evals[-1].get("pass@1")), evals[-1]["problems"]
+    if before is None or after is None or n <= 0:
+        return []
+    _, se = difference(before, n, after, n)
+    task = {"builtin-arithmetic": "Arithmetic"}.get(rl.get("task"), rl.get("task") or "?")
+    return [Taught("chat_rl", f"{task} pass@1, one sampled answer", f"{task} (held out)", before, after, n=n,
+                   interval=wilson_interval(round(after * n), n), gain_se=se,
+                   baseline=f"chat_rl's evaluation at step 0 (the SFT model) and at step {evals[-1].get('step')}")]
+
+
 def taught_rows(metrics: dict[str, dict]) -> list[Taught]:
     """Every row the stages' metrics allow, in pipeline order."""
     rows = base_rows(metrics) + mid_rows(metrics)
     for stage, (before, after) in CHAT_GAINS.items():
+        if stage == "chat_rl":
+            rows += rl_rows(metrics)
         if metrics.get(after):
             rows += accuracy_rows(stage, metrics.get(before) or {}, metrics[after])
     return rows

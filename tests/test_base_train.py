@@ -186,6 +186,8 @@ def test_resume_gives_the_same_loss_trace_as_one_straight_run(inputs, tmp_path, 
 
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight_dir, resumed_dir))
     assert b["val_bpb"] == pytest.approx(a["val_bpb"], rel=1e-5) and a["core_metric"] is not None
+    # step 0's evaluation (random weights) is the "before" of the report card, kept across the resume
+    assert a["initial_val_bpb"] > a["val_bpb"] and b["initial_val_bpb"] == a["initial_val_bpb"]
     assert b["core_metric"] == pytest.approx(a["core_metric"])
     assert len(a["samples"]) == 7 and a["total_tokens"] == 8 * 512
     final_a, _, meta_a = load_checkpoint(straight_dir, 8, "cpu")

@@ -138,10 +138,11 @@ def test_dry_run_plans_without_a_process_group(inputs, tmp_path, home, monkeypat
     info = chat_sft.main(flags(inputs, tmp_path / "out", dry_run=True))
     out = capsys.readouterr().out
     assert not dist.is_initialized() and not (tmp_path / "out").exists()
-    assert info["train_examples"] == 16 * 3 + 2 * (16 * 3 // 10)  # identity, arithmetic, MC + 2 spelling tasks
+    # builtin_size x BUILTIN_SFT_WEIGHTS: identity 4, arithmetic 32, MC 32, SimpleSpelling 4, SpellingBee 16
+    assert info["train_examples"] == 4 + 32 + 32 + 4 + 16
     assert info["num_iterations"] == info["train_examples"] // 8 and info["grad_accum_steps"] == 1
     assert re.search(r"parameters total\s+: [\d,]+", out) and "Estimated peak memory per device" in out
-    assert f"Iterations: {info['num_iterations']} (1 epoch(s) of 56 conversations" in out and "Tokens: at most" in out
+    assert f"Iterations: {info['num_iterations']} (1 epoch(s) of 88 conversations" in out and "Tokens: at most" in out
     seed = chat_sft.run(build_config(ChatSFTConfig, {"dry_run": True, "checkpoint_dir": str(tmp_path / "none")}))
     assert seed["num_iterations"] == 22443 // 32 and seed["model_config"]["n_layer"] == 20
 

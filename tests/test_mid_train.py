@@ -173,7 +173,8 @@ def test_real_gsm8k_joins_the_builtin_mixture_with_calculator_calls(shared_dir, 
     cfg = build_config(MidTrainConfig, {"mixture": "builtin", "builtin_size": 10, "gsm8k_path": str(gsm8k)})
     mixtures = mid_mixtures(cfg)
     assert mixtures.parts["train"]["GSM8K"] > 7000 and mixtures.parts["val"]["GSM8K"] == 100
-    assert mixtures.parts["train"]["identity"] == 20 and "builtin offline identity" in mixtures.identity
+    # builtin_size x the builtin mixture's identity weight (nanopipe.tasks.mixtures.BUILTIN_MID_WEIGHTS)
+    assert mixtures.parts["train"]["identity"] == 5 and "builtin offline identity" in mixtures.identity
     tok = inputs["tokenizer"]
     python_start = tok.encode_special("<|python_start|>")
     gsm = next(mixtures.train[i] for i in range(len(mixtures.train))
@@ -248,7 +249,7 @@ def test_dry_run_needs_no_process_group(inputs, tmp_path):
     out = result.stdout
     assert re.search(r"Model \(source checkpoint .*d2 step 10\): 2 layers, width 64", out)
     assert re.search(r"parameters total\s+: [\d,]+", out) and "Estimated peak memory per device" in out
-    assert re.search(r"Iterations: \d+ \(about one pass over 72 conversations", out)
+    assert re.search(r"Iterations: \d+ \(about one pass over 90 conversations", out)
     assert "World size 2, gradient accumulation steps: 2" in out
     assert not (tmp_path / "out").exists()
     # planning before base_train has run: the shape comes from the flags
@@ -277,7 +278,7 @@ def test_one_pass_learns_and_resume_is_exact(inputs, tmp_path, home, capsys):
     written = json.loads((straight / "metrics.json").read_text())
     assert written["step"] == last and written["val_loss"] == pytest.approx(metrics["val_loss"])
     assert written["progress"] >= 1.0 and "builtin offline identity" in written["identity"]
-    assert written["data"]["parts"]["train"]["identity"] == 24 and written["total_tokens"] == last * 1024
+    assert written["data"]["parts"]["train"]["identity"] == 6 and written["total_tokens"] == last * 1024
     assert list_steps(straight)[-1] == last and 3 in list_steps(straight)
 
     resumed = tmp_path / "resumed"
@@ -295,7 +296,11 @@ def test_one_pass_learns_and_resume_is_exact(inputs, tmp_path, home, capsys):
     b, _, _ = load_checkpoint(resumed, last, "cpu")
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, rtol=1e-5, atol=1e-7)
-    assert json.loads((resumed / "metrics.json").read_text())["val_loss"] == pytest.approx(written["val_loss"])
+    resumed_metrics = json.loads((resumed / "metrics.json").read_text())
+    assert resumed_metrics["val_loss"] == pytest.approx(written["val_loss"])
+    # the base model's loss on the held-out conversations (step 0) is the "before" of mid-training
+    assert written["initial_val_loss"] > written["val_loss"] and written["val_tokens"] > 0
+    assert resumed_metrics["initial_val_bpb"] == written["initial_val_bpb"]
     assert meta["val_loss"] == written["val_loss"] and meta["stage"] == "mid"
     # a downstream stage loads it like any other checkpoint
     model, tokenizer, _ = load_model("mid", "cpu", "eval", checkpoint_dir=straight)

@@ -578,6 +578,28 @@ def test_arithmetic_problems_have_gsm8k_format_and_correct_tool_calls():
     assert len(kinds) > 5
 
 
+def test_some_arithmetic_problems_carry_a_number_the_answer_does_not_use():
+    from nanopipe.tasks.builtin import DISTRACTOR_SHARE, DISTRACTORS, PROBLEM_KINDS
+
+    task = ArithmeticProblems(size=400, seed=3)
+    openings = tuple(d.split("{")[0] for d in DISTRACTORS if not d.startswith("{"))
+    distracted = 0
+    for i in range(len(task)):
+        row = task.get_row(i)
+        sentences = row["question"].split(". ")
+        extra = [s for s in sentences if s.startswith(openings) or " also has " in s or "'s friend owns " in s]
+        if extra:
+            distracted += 1
+            number = re.search(r"\d+", extra[0]).group()
+            # the distracting number is never an operand of the solution's calculator calls (unless it happens
+            # to equal one of the problem's own numbers or a result computed on the way)
+            operands = {n for expr in re.findall(r"<<([^=<>]+)=", row["answer"]) for n in re.findall(r"\d+", expr)}
+            known = set(re.findall(r"\d+", row["question"].replace(extra[0], "")))
+            known |= set(re.findall(r"=(\d+)>>", row["answer"])) | {"2", "100"}   # "twice", percentages
+            assert number not in operands or number in known, row
+    assert abs(distracted / len(task) - DISTRACTOR_SHARE) < 0.1 and len(PROBLEM_KINDS) == 8
+
+
 def test_multiple_choice_quiz_has_mmlu_format():
     task = MultipleChoiceQuiz(size=200, seed=5)
     answers = Counter()

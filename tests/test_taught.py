@@ -53,6 +53,9 @@ METRICS = {
                            chance={"MultipleChoice": 0.25},
                            SpellingBee={"majority_answer": "1", "majority_answer_rate": 0.69}),
     "chat_eval_rl": _eval({"Arithmetic": 200}),
+    "chat_rl": {"task": "builtin-arithmetic", "evals": [{"step": 0, "pass@1": 0.70, "problems": 256},
+                                                        {"step": 30, "pass@1": 0.75, "problems": 256},
+                                                        {"step": 60, "pass@1": 0.85, "problems": 256}]},
 }
 
 
@@ -80,6 +83,13 @@ def test_rows_cover_every_stage_with_before_and_after():
     assert rl.before == 140 / 256 and rl.after == 200 / 256 and rl.verdict == "signal"
     # RL was evaluated on Arithmetic only: no RL row for the other tasks
     assert ("chat_rl", "MultipleChoice accuracy") not in rows
+    sampled = rows["chat_rl", "Arithmetic pass@1, one sampled answer"]
+    assert (sampled.before, sampled.after, sampled.n) == (0.70, 0.85, 256)   # step 0 and the last step
+    assert sampled.z == pytest.approx(0.15 / math.hypot(math.sqrt(.7 * .3 / 256), math.sqrt(.85 * .15 / 256)))
+    # no step-0 evaluation, no row
+    late = {"chat_rl": {"evals": [{"step": 30, "pass@1": 0.7, "problems": 8}, {"step": 60, "pass@1": 0.9,
+                                                                                 "problems": 8}]}}
+    assert taught_rows(late) == []
 
 
 def test_a_drop_is_called_no_gain_and_missing_stages_give_no_rows():

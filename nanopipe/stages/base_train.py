@@ -325,6 +325,8 @@ class Trainer:
                                      cfg.max_seq_len, cfg.eval_tokens, self.rt, self.token_bytes, self.autocast)
             self.model.train()
             self.loop["val_bpb"], self.loop["min_val_bpb"] = bpb, min(self.loop["min_val_bpb"], bpb)
+            if step == 0:  # random weights: the "before" of what pretraining taught (kept across resumes)
+                self.loop["initial_val_bpb"] = bpb
             print0(f"Step {step:05d} | val bpb: {bpb:.6f}")
             report_progress(step=step, total=self.num_iterations, val_bpb=bpb)
             self.wandb.log({"step": step, "val/bpb": bpb})
@@ -443,6 +445,8 @@ class Trainer:
             "num_iterations": self.num_iterations,
             "val_bpb": loop["val_bpb"],
             "min_val_bpb": loop["min_val_bpb"] if loop["val_bpb"] is not None else None,
+            "initial_val_bpb": loop.get("initial_val_bpb"),
+            "val_tokens": cfg.eval_tokens if loop["val_bpb"] is not None else None,
             "core_metric": loop["core_metric"],
             "train_loss": loop["smooth_train_loss"] / (1 - EMA_BETA ** self.step) if self.step else None,
             "num_params": self.info["num_params"],

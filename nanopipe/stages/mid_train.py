@@ -222,7 +222,9 @@ class MidTrainer(ChatTrainerBase):
             result = evaluate_chat_loss(self.model, val_loader, steps, self.token_bytes)
         self.model.train()
         loop = self.loop
-        loop["val_loss"], loop["val_bpb"] = result["loss"], result["bpb"]
+        loop["val_loss"], loop["val_bpb"], loop["val_tokens"] = result["loss"], result["bpb"], result["tokens"]
+        if self.step == 0:  # the source model on the held-out conversations: the "before" of mid-training
+            loop["initial_val_loss"], loop["initial_val_bpb"] = result["loss"], result["bpb"]
         if result["bpb"] is not None:  # None: nothing to measure (no target token with bytes)
             loop["min_val_bpb"] = min(result["bpb"], loop["min_val_bpb"] or math.inf)
         print0(f"Step {self.step:05d} | val loss: {show_metric(result['loss'])} | val bpb: "
@@ -249,6 +251,9 @@ class MidTrainer(ChatTrainerBase):
             "val_loss": loop["val_loss"],
             "val_bpb": loop["val_bpb"],
             "min_val_bpb": loop["min_val_bpb"],
+            "initial_val_loss": loop.get("initial_val_loss"),
+            "initial_val_bpb": loop.get("initial_val_bpb"),
+            "val_tokens": loop.get("val_tokens"),
             "train_loss": self.smoothed_train_loss(),
             "progress": loop["progress"],
             "total_tokens": cfg.total_batch_size * self.step,

@@ -264,13 +264,58 @@ def _problem_ages(rng: random.Random) -> tuple[str, str]:
     return question, answer
 
 
+def _problem_two_items(rng: random.Random) -> tuple[str, str]:
+    (name, _), (first, second) = rng.choice(NAMES), rng.sample(ITEMS, 2)
+    a, p, b, q = rng.randint(2, 12), rng.randint(2, 15), rng.randint(2, 12), rng.randint(2, 15)
+    cost_a, cost_b = a * p, b * q
+    total = cost_a + cost_b
+    question = (f"{name} buys {a} {first} at ${p} each and {b} {second} at ${q} each. "
+                f"How much does {name} spend in total?")
+    answer = (f"The {first} cost {a} * ${p} = $<<{a}*{p}={cost_a}>>{cost_a}.\n"
+              f"The {second} cost {b} * ${q} = $<<{b}*{q}={cost_b}>>{cost_b}.\n"
+              f"In total {name} spends ${cost_a} + ${cost_b} = $<<{cost_a}+{cost_b}={total}>>{total}.\n#### {total}")
+    return question, answer
+
+
+def _problem_savings(rng: random.Random) -> tuple[str, str]:
+    (name, _), item = rng.choice(NAMES), rng.choice(ITEMS)
+    weekly, weeks = rng.randint(3, 25), rng.randint(2, 12)
+    saved = weekly * weeks
+    spent = rng.randint(1, saved - 1)
+    left = saved - spent
+    question = (f"{name} saves ${weekly} every week for {weeks} weeks, then spends ${spent} on {item}. "
+                f"How much money does {name} have left?")
+    answer = (f"{name} saves {weekly} * {weeks} = $<<{weekly}*{weeks}={saved}>>{saved}.\n"
+              f"After buying the {item}, {name} has {saved} - {spent} = $<<{saved}-{spent}={left}>>{left} left.\n"
+              f"#### {left}")
+    return question, answer
+
+
 PROBLEM_KINDS = (_problem_change, _problem_rate, _problem_sharing, _problem_reading, _problem_discount,
-                 _problem_ages)
+                 _problem_ages, _problem_two_items, _problem_savings)
+
+# A sentence with a number the answer does not use, as GSM8K's problems often have: the solver must pick the
+# quantities that matter, not copy every number it sees.
+DISTRACTORS = ("{name} also has {n} {item} at home.", "Last year {name} had {n} {item}.",
+               "The shop is {n} minutes from {name}'s house.", "{name}'s friend owns {n} {item}.")
+
+
+def _with_distractor(rng: random.Random, question: str) -> str:
+    """`question` with an irrelevant sentence before its last sentence."""
+    name, _ = rng.choice(NAMES)
+    sentence = rng.choice(DISTRACTORS).format(name=name, n=rng.randint(2, 60), item=rng.choice(ITEMS))
+    head, _, last = question.rpartition(". ")
+    return f"{head}. {sentence} {last}" if head else f"{sentence} {question}"
+
+
+DISTRACTOR_SHARE = 0.5
 
 
 def arithmetic_problem(rng: random.Random) -> dict:
-    """One GSM8K-format row {"question", "answer"}."""
+    """One GSM8K-format row {"question", "answer"}; DISTRACTOR_SHARE of them carry a distracting number."""
     question, answer = rng.choice(PROBLEM_KINDS)(rng)
+    if rng.random() < DISTRACTOR_SHARE:
+        question = _with_distractor(rng, question)
     return {"question": question, "answer": answer}
 
 

@@ -82,6 +82,15 @@ def score_final_answer(conversation: dict, completion: str) -> int:
     return int(same_number(extract_final_answer(completion), reference_answer(conversation)))
 
 
+PYTHON_START = "<|python_start|>"
+
+
+def in_answer_format(completion: str) -> bool:
+    """Is a decoded completion written the way GSM8K solutions are taught: at least one calculator call
+    and a final '#### N' line? (Right or wrong: this is the format, not the score.)"""
+    return PYTHON_START in completion and extract_final_answer(completion) is not None
+
+
 class GSM8K(Task):
     """GSM8K from the hub (openai/gsm8k) or from local files with question/answer rows."""
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from nanopipe.exit_codes import ExitCode
 from nanopipe.tasks.arc import ARC
 from nanopipe.tasks.base import Task, TaskDataError, TaskMixture
-from nanopipe.tasks.builtin import ArithmeticProblems, IdentityChat, MultipleChoiceQuiz, builtin_chat_tasks
+from nanopipe.tasks.builtin import ArithmeticProblems, IdentityChat, MultipleChoiceQuiz
 from nanopipe.tasks.customjson import CustomJSON
 from nanopipe.tasks.gsm8k import GSM8K
 from nanopipe.tasks.mmlu import MMLU
@@ -108,6 +108,8 @@ def mid_mixtures(cfg) -> ChatMixtures:
     if cfg.mixture == "builtin":
         train_parts = _builtin_parts(cfg, "train", cfg.builtin_size, cfg.seed,
                                      identity if cfg.identity_path else None)
+        if cfg.identity_path:  # as in the seed mixture, the given identity conversations count twice
+            train_parts.insert(0, ("identity", identity))
         val_parts = _builtin_parts(cfg, "test", max(1, cfg.builtin_size // 10), cfg.seed, None)
         if cfg.gsm8k_path:
             train_parts.append(("GSM8K", _gsm8k(cfg, "train")))
@@ -136,17 +138,31 @@ def mid_mixtures(cfg) -> ChatMixtures:
     return ChatMixtures(train, val, {"train": train_counts, "val": val_counts}, identity_label)
 
 
-def _builtin_parts(cfg, split: str, size: int, seed: int, identity: Task | None) -> list[tuple[str, Task]]:
-    """The builtin chat tasks; identity twice (the given task, or the builtin one of this split)."""
-    tasks = builtin_chat_tasks(split, seed, size)
-    names = ["identity", "identity", "Arithmetic", "MultipleChoice", "SimpleSpelling", "SpellingBee"]
-    assert len(tasks) == len(names), f"builtin_chat_tasks returned {len(tasks)} tasks, expected {len(names)}"
-    if identity is not None:
-        tasks[0] = tasks[1] = identity
-    if cfg.spelling_words != "builtin":
-        words = _words(cfg)
-        tasks[4], tasks[5] = SimpleSpelling(size, split, seed, words=words), SpellingBee(size, split, seed, words=words)
-    return list(zip(names, tasks))
+# Examples per builtin task, as multiples of --builtin_size. The demo's chat stages have minutes on a CPU, so
+# the mix goes where the held-out evaluations need it: multiple choice is short (one supervised letter per
+# ~80 tokens) and needs many examples before the letter binds to the right choice; arithmetic and letter
+# counting are the long, tool-using answers; identity and plain spelling are kept small.
+BUILTIN_MID_WEIGHTS = {"identity": 0.5, "Arithmetic": 3.0, "MultipleChoice": 2.0, "SimpleSpelling": 0.5,
+                       "SpellingBee": 1.5}
+BUILTIN_SFT_WEIGHTS = {"identity": 0.25, "Arithmetic": 2.0, "MultipleChoice": 2.0, "SimpleSpelling": 0.25,
+                       "SpellingBee": 1.0}
+
+
+def _builtin_parts(cfg, split: str, size: int, seed: int, identity: Task | None,
+                   weights: dict[str, float] = BUILTIN_MID_WEIGHTS) -> list[tuple[str, Task]]:
+    """The builtin chat tasks, `size * weight` examples each (identity: the given task, or the builtin one
+    of this split)."""
+    def count(name: str) -> int:
+        return max(1, round(size * weights[name]))
+
+    words = _words(cfg) if cfg.spelling_words != "builtin" else "builtin"
+    return [
+        ("identity", identity if identity is not None else IdentityChat(count("identity"), split, seed)),
+        ("Arithmetic", ArithmeticProblems(count("Arithmetic"), split, seed)),
+        ("MultipleChoice", MultipleChoiceQuiz(count("MultipleChoice"), split, seed)),
+        ("SimpleSpelling", SimpleSpelling(count("SimpleSpelling"), split, seed, words=words)),
+        ("SpellingBee", SpellingBee(count("SpellingBee"), split, seed, words=words)),
+    ]
 
 
 # -----------------------------------------------------------------------------
@@ -157,16 +173,8 @@ def sft_mixtures(cfg) -> ChatMixtures:
     identity, identity_label = _identity(cfg)
     if cfg.mixture == "builtin":
         seed, size = cfg.seed + SFT_DATA_SEED_OFFSET, cfg.builtin_size
-        if not cfg.identity_path:
-            identity = IdentityChat(size, "train", seed)
-        words = _words(cfg)
-        train_parts = [
-            ("identity", identity),
-            ("Arithmetic", ArithmeticProblems(size, "train", seed)),
-            ("MultipleChoice", MultipleChoiceQuiz(size, "train", seed)),
-            ("SimpleSpelling", SimpleSpelling(max(1, size * 3 // 10), "train", seed, words=words)),
-            ("SpellingBee", SpellingBee(max(1, size * 3 // 10), "train", seed, words=words)),
-        ]
+        train_parts = _builtin_parts(cfg, "train", size, seed, identity if cfg.identity_path else None,
+                                     BUILTIN_SFT_WEIGHTS)
         val_parts = _builtin_parts(cfg, "test", max(1, size // 10), cfg.seed, None)
         if cfg.gsm8k_path:
             train_parts.append(("GSM8K", _gsm8k(cfg, "train")))
