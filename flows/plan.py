@@ -24,6 +24,7 @@ from flows.artifacts import (MANIFEST, artifact_dir, artifact_hash, code_hashes,
 from flows.config import PipelineConfig
 from flows.launcher import Resources, launch, stage_command
 from flows.stages import STAGE_NAMES, Stage, get_stage
+from flows.store import StoreError, check_store
 from nanopipe.configs.flags import to_cli_args
 from nanopipe.configs import ConfigError, config_digest, non_semantic_fields
 from nanopipe.configs.base_eval import check_bpb_batches
@@ -31,7 +32,9 @@ from nanopipe.configs.base_train import check_batch_sizes
 from nanopipe.configs.chat_rl import check_world_size
 from nanopipe.configs.chat_sft import check_sft_batch_sizes
 from nanopipe.configs.mid_train import check_mid_batch_sizes
+from nanopipe.configs.chat_eval import DATA_PATH_FIELDS
 from nanopipe.common import get_base_dir
+from nanopipe.tasks import arc, gsm8k, humaneval, mmlu, smoltalk
 
 
 class StagePlan(BaseModel):
@@ -72,6 +75,12 @@ def plan_pipeline(config: PipelineConfig, home: str | os.PathLike | None = None)
     home = Path(home) if home else get_base_dir()
     stages = config.planned_stages()
     check_config(config, stages)
+    store = config.store_url()
+    if store:  # an unusable store would otherwise be a warning per stage, and a run Completed with nothing kept
+        try:
+            check_store(store, "artifact_store" if config.artifact_store else "$NANOPIPE_ARTIFACT_STORE")
+        except StoreError as err:
+            raise PlanError(str(err)) from None
     plans: dict[str, StagePlan] = {}
     for stage in stages:
         plans[stage.name] = plan_stage(config, stage, plans, home)
@@ -251,8 +260,10 @@ def dry_run(plan: StagePlan, shape: dict[str, Any] | None = None, timeout_second
 
 
 def preflight(plans: list[StagePlan], shape: dict[str, Any] | None = None, log=print) -> None:
-    """Dry-run every plan that has a dry-run flag, all at once (a stage whose inputs this very run will
-    produce plans with `shape`); raise naming each failing stage, with the end of its output."""
+    """Check the local inputs of every plan (`check_inputs`), then dry-run every plan that has a dry-run flag,
+    all at once (a stage whose inputs this very run will produce plans with `shape`); raise naming each
+    failing stage, with the end of its output."""
+    check_inputs(plans)
     runnable = [p for p in plans if p.dry_run_flag]
     failures, outputs = [], {}
     with ThreadPoolExecutor(max_workers=max(1, len(runnable))) as pool:
@@ -267,6 +278,90 @@ def preflight(plans: list[StagePlan], shape: dict[str, Any] | None = None, log=p
             log(f"preflight {plan.stage}: ok\n" + "\n".join(outputs[plan.stage].strip().splitlines()[-12:]))
     if failures:
         raise PlanError("preflight failed before any stage ran:\n" + "\n\n".join(failures))
+
+
+# -----------------------------------------------------------------------------
+# Inputs a stage reads late but planning can check: its local data files, and the hub datasets it needs when
+# the hub is offline
+
+# A chat evaluation task -> its hub dataset (the task's local-copy flag is in DATA_PATH_FIELDS)
+EVAL_TASK_REPOS = {"ARC-Easy": arc.HF_REPO, "ARC-Challenge": arc.HF_REPO, "MMLU": mmlu.HF_REPO,
+                   "GSM8K": gsm8k.HF_REPO, "HumanEval": humaneval.HF_REPO}
+# The hub datasets of the seed mixtures (nanopipe/tasks/mixtures.py), by the flag of their local copy
+SEED_MIXTURE_REPOS = {
+    "nanopipe.stages.mid_train": {"smoltalk_path": smoltalk.HF_REPO, "mmlu_path": mmlu.HF_REPO,
+                                  "gsm8k_path": gsm8k.HF_REPO},
+    "nanopipe.stages.chat_sft": {"arc_easy_path": arc.HF_REPO, "arc_challenge_path": arc.HF_REPO,
+                                 "gsm8k_path": gsm8k.HF_REPO, "smoltalk_path": smoltalk.HF_REPO,
+                                 "mmlu_path": mmlu.HF_REPO},
+}
+TRUE_VALUES = ("1", "ON", "YES", "TRUE")
+
+
+def hub_datasets(plan: StagePlan) -> dict[str, str]:
+    """{config field of the local copy: hub repo} of the datasets a stage will load from the hub."""
+    cfg = plan.config
+    if plan.module in SEED_MIXTURE_REPOS:
+        wanted = SEED_MIXTURE_REPOS[plan.module] if cfg.get("mixture") == "seed" else {}
+    elif plan.module == "nanopipe.stages.chat_rl":
+        wanted = {"gsm8k_path": gsm8k.HF_REPO} if cfg.get("task") == "gsm8k" else {}
+    elif plan.module == "nanopipe.stages.chat_eval":
+        wanted = {DATA_PATH_FIELDS[t]: EVAL_TASK_REPOS[t] for t in cfg.get("task", []) if t in EVAL_TASK_REPOS}
+    else:
+        wanted = {}
+    return {name: repo for name, repo in wanted.items() if not cfg.get(name)}
+
+
+def hub_offline(env: dict[str, str]) -> str | None:
+    """The variable that puts `datasets` offline in this environment (HF_DATASETS_OFFLINE wins), or None."""
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        if env.get(name) is not None:
+            return name if env[name].upper() in TRUE_VALUES else None
+    return None
+
+
+def hub_cached(repo: str, env: dict[str, str]) -> bool:
+    """Does the local Hugging Face cache hold something of this dataset (what `datasets` can load offline)?
+    A look at the cache folders' names, not a load: it may let through a cache that lacks a split."""
+    hf_home = Path(env.get("HF_HOME") or Path(env.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface").expanduser()
+    owner, _, name = repo.partition("/")
+    wanted = {f"{owner}___{name}", f"datasets--{owner}--{name}"}
+    for folder in (env.get("HF_DATASETS_CACHE") or hf_home / "datasets",
+                   env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or hf_home / "hub"):
+        folder = Path(folder).expanduser()
+        if folder.is_dir() and any(p.name.lower().replace("-", "_") in {w.lower().replace("-", "_") for w in wanted}
+                                   for p in folder.iterdir()):
+            return True
+    return False
+
+
+def input_problems(plan: StagePlan) -> list[str]:
+    """What a stage would fail on only once it runs: a local data path that does not exist, a dataset it needs
+    from the hub while the hub is offline and the dataset is not in its cache. One line each, naming the flag."""
+    prefix = get_stage(plan.stage).config_field
+    problems = []
+    local = [name for name in plan.config if name.endswith("_path") and name not in plan.upstream]
+    local += ["spelling_words"] if plan.config.get("spelling_words") not in (None, "builtin", "download") else []
+    for name in local:
+        value = plan.config.get(name)
+        if value and not Path(value).expanduser().exists():
+            problems.append(f"stage {plan.stage}: --{prefix}.{name}={value} does not exist")
+    env = {**os.environ, **plan.resources.env}
+    offline = hub_offline(env)
+    if offline:
+        for name, repo in hub_datasets(plan).items():
+            if not hub_cached(repo, env):
+                problems.append(f"stage {plan.stage}: {repo} comes from the Hugging Face hub, which is offline "
+                                f"({offline}={env[offline]}), and is not in its cache: give a local copy with "
+                                f"--{prefix}.{name}=PATH")
+    return problems
+
+
+def check_inputs(plans: list[StagePlan]) -> None:
+    """Raise one PlanError listing every input problem of the plans about to run (see input_problems)."""
+    problems = [line for plan in plans for line in input_problems(plan)]
+    if problems:
+        raise PlanError("; ".join(problems))
 
 
 def model_shape(plans: list[StagePlan]) -> dict[str, Any]:

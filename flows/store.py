@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -81,6 +82,41 @@ def open_store(store_url: str, **storage_options) -> tuple[fsspec.AbstractFileSy
     except (ImportError, ValueError) as err:
         raise StoreError(f"artifact store {store_url!r}: {err}") from err
     return fs, root.rstrip("/")
+
+
+# What the store supports: a filesystem every node mounts, or S3 (the cross-machine lock needs S3's conditional
+# writes, flows/store_lock.py). Other fsspec protocols would fail at the first upload, after training.
+LOCAL_PROTOCOLS = ("file", "local")
+SUPPORTED_PROTOCOLS = LOCAL_PROTOCOLS + ("s3", "s3a")
+
+
+def check_store(store_url: str, name: str = "artifact_store") -> None:
+    """A StoreError, before any stage runs, for a store this run could not use: an unsupported protocol, a
+    relative path (it would resolve against whichever working directory the flow runs in), or a local directory
+    that cannot be created or written (probed with a temporary file). An S3 store is not probed: its
+    credentials may be the workers' own. `name` is where the URL came from, for the message."""
+    protocol = fsspec.utils.get_protocol(store_url)
+    if protocol not in SUPPORTED_PROTOCOLS:
+        raise StoreError(f"{name} {store_url!r}: unsupported protocol {protocol}:// (use an absolute path or a "
+                         f"file:// URL on a filesystem every node mounts, or s3://bucket/prefix)")
+    if protocol not in LOCAL_PROTOCOLS:
+        return
+    path = store_url.split("://", 1)[1] if "://" in store_url else store_url
+    if not os.path.isabs(path):
+        raise StoreError(f"{name} {store_url!r} is a relative path: it would resolve against the flow's working "
+                         f"directory ({os.getcwd()}); give an absolute path or a file:/// URL")
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise StoreError(f"{name} {store_url!r} cannot be created: {existing} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".nanopipe-store-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise StoreError(f"{name} {store_url!r} cannot be written: {err.strerror or err} ({existing}); give a "
+                         f"directory this node can create and write") from None
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
