@@ -273,3 +273,83 @@ def test_sft_drops_conversations_cut_before_their_answer_and_reports_no_nan(inpu
                 line.startswith(PROGRESS_PREFIX)]
     assert {p["val_loss"] for p in progress if "val_loss" in p} == {None}
     assert "val loss (assistant tokens): n/a" in log and not re.search(r"\bnan\b", log, re.I)
+
+
+# -----------------------------------------------------------------------------
+# Planning: inputs a late stage reads, the artifact store
+
+def pipeline_plans(home: Path, **sections):
+    from flows.config import PipelineConfig
+    from flows.plan import plan_pipeline
+
+    values = {"preset": "demo-cpu", "run_rl": True, "resources": {"nproc_per_node": 1}, **sections}
+    return plan_pipeline(PipelineConfig.model_validate(values), home=home)
+
+
+def test_planning_names_the_flag_of_each_input_a_late_stage_would_miss(tmp_path, monkeypatch):
+    from flows import plan as planning
+
+    monkeypatch.setattr(planning, "dry_run", lambda *a, **k: pytest.fail("a dry run started before the input check"))
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_CACHE", "HF_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    plans = pipeline_plans(tmp_path, mid_train={"mixture": "seed", "identity_path": str(tmp_path / "who.jsonl")},
+                           chat_eval={"task": ["HumanEval", "Arithmetic"]},
+                           chat_rl={"task": "gsm8k", "gsm8k_path": str(tmp_path / "gsm8k")})
+    with pytest.raises(planning.PlanError) as err:  # a missing file fails at planning, online or not
+        planning.preflight(plans)
+    problems = str(err.value).split("; ")
+    assert problems == [f"stage mid_train: --mid_train.identity_path={tmp_path / 'who.jsonl'} does not exist",
+                        f"stage chat_rl: --chat_rl.gsm8k_path={tmp_path / 'gsm8k'} does not exist"]
+    (tmp_path / "who.jsonl").write_text("")
+    (tmp_path / "gsm8k").mkdir()
+    planning.check_inputs(plans)  # online: the hub datasets are the stages' business
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(planning.PlanError) as err:
+        planning.check_inputs(plans)
+    problems = str(err.value).split("; ")
+    assert all("comes from the Hugging Face hub, which is offline (HF_HUB_OFFLINE=1)" in p for p in problems)
+    assert [p.rpartition(" ")[2] for p in problems] == [
+        "--mid_train.smoltalk_path=PATH", "--mid_train.mmlu_path=PATH", "--mid_train.gsm8k_path=PATH",
+        *["--chat_eval.humaneval_path=PATH"] * 3]  # chat_eval runs after mid_train, SFT and RL
+    (tmp_path / "hf" / "hub" / "datasets--openai--openai_humaneval").mkdir(parents=True)  # in the cache
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")  # it wins over HF_HUB_OFFLINE, as in `datasets`
+    planning.check_inputs(plans)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(planning.PlanError) as err:
+        planning.check_inputs(plans)
+    assert "humaneval" not in str(err.value) and "--mid_train.smoltalk_path=PATH" in str(err.value)
+
+
+@pytest.mark.parametrize("store, why", [
+    ("ftp://example.org/store", "unsupported protocol ftp://"),
+    ("/proc/nanopipe-store", "cannot be written"),
+    ("relative/store", "is a relative path: it would resolve against the flow's working directory"),
+    ("file://relative/store", "is a relative path"),
+])
+def test_an_unusable_artifact_store_is_refused_at_planning(tmp_path, monkeypatch, store, why):
+    from flows.plan import PlanError
+
+    monkeypatch.delenv("NANOPIPE_ARTIFACT_STORE", raising=False)
+    with pytest.raises(PlanError) as err:
+        pipeline_plans(tmp_path, artifact_store=store)
+    assert str(err.value).startswith(f"artifact_store {store!r}") and why in str(err.value)
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv("NANOPIPE_ARTIFACT_STORE", store)
+    with pytest.raises(PlanError, match=r"^\$NANOPIPE_ARTIFACT_STORE"):
+        pipeline_plans(tmp_path)
+    monkeypatch.delenv("NANOPIPE_ARTIFACT_STORE")
+    for good in (str(tmp_path / "store"), (tmp_path / "new" / "store").as_uri()):
+        assert pipeline_plans(tmp_path, artifact_store=good)
+    assert not (tmp_path / "new").exists()  # probing writes nothing that stays
+
+
+# -----------------------------------------------------------------------------
+# chat_cli
+
+def test_an_empty_prompt_is_an_error_not_the_interactive_chat(inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("builtins.input", lambda prompt="": pytest.fail("the interactive chat opened"))
+    for argv in (["-p", ""], ["--prompt="], ["-p", "  "]):
+        one_line_exit_2(capsys, lambda: chat_cli.main([f"--checkpoint_dir={inputs['base']}", "--device_type=cpu",
+                                                       *argv]), "-p/--prompt is empty")
+    assert parse_config(chat_cli.ChatCliConfig, [], short_aliases=chat_cli.SHORT_FLAGS).prompt is None
