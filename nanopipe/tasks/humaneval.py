@@ -3,9 +3,10 @@ HumanEval: 164 Python programming problems (https://huggingface.co/datasets/open
 
 A row is {"task_id", "prompt", "canonical_solution", "test", "entry_point"}: the prompt is a function
 signature with its docstring, the test defines check(candidate). The user message is the prompt, the
-reference answer the prompt completed by the canonical solution. A completion passes when the program
-"imports of the prompt + the completion's code + the test + check(entry_point)" runs cleanly in the
-sandbox of nanopipe.execution.
+reference answer the prompt completed by the canonical solution. A completion passes when check(entry_point)
+passes with "imports of the prompt + the completion's code" defining the function: that code runs in the
+sandbox of nanopipe.execution, the test in a separate judge process that calls the function with literal
+values only, so nothing the completion executes can score itself (issue 21).
 """
 
 from __future__ import annotations
@@ -40,15 +41,34 @@ def extract_program(completion: str) -> str:
     return (match.group(1) if match else completion).strip("\n")
 
 
-def build_program(conversation: dict, completion: str) -> str:
-    """The program whose clean exit means the completion passes the problem's tests."""
+def candidate_code(conversation: dict, completion: str) -> str:
+    """The code that defines the completion's function: the prompt's imports, then the completion's code."""
     prompt = conversation["messages"][0]["content"]
-    return "\n\n".join([extract_imports(prompt), extract_program(completion), conversation["test"],
+    return "\n\n".join([extract_imports(prompt), extract_program(completion)]) + "\n"
+
+
+def problem_context(prompt: str) -> str:
+    """The prompt as code the test may use (its imports and helper functions, run by the judge): it ends with
+    the function to write, which gets a body if it has none (its docstring is one)."""
+    for context in (prompt, prompt.rstrip() + "\n    pass\n"):
+        try:
+            compile(context, "<prompt>", "exec")
+            return context
+        except SyntaxError:
+            continue
+    return extract_imports(prompt)
+
+
+def build_program(conversation: dict, completion: str) -> str:
+    """The whole program, as one file, whose clean exit means the completion passes the problem's tests
+    (for reading and for plain Python; evaluate() keeps the test out of the completion's process)."""
+    return "\n\n".join([candidate_code(conversation, completion).rstrip("\n"), conversation["test"],
                         f"check({conversation['entry_point']})\n"])
 
 
 class HumanEval(Task):
-    """HumanEval from the hub or local files; evaluate() runs the tests in a sandboxed subprocess."""
+    """HumanEval from the hub or local files; evaluate() runs the completion in a sandboxed subprocess and
+    the tests in a judge process that calls it."""
 
     eval_type = "generative"
 
@@ -79,9 +99,11 @@ class HumanEval(Task):
         }
 
     def evaluate(self, conversation: dict, completion: str) -> int:
-        from nanopipe.execution import execute_code  # imported here: only HumanEval needs the sandbox
+        from nanopipe.execution import check_candidate  # imported here: only HumanEval needs the sandbox
 
-        program = build_program(conversation, completion)
-        result = execute_code(program, timeout=self.timeout_s, max_memory_bytes=self.max_memory_bytes,
-                              allow_weaker_sandbox=self.allow_weaker_sandbox)
+        prompt = conversation["messages"][0]["content"]
+        result = check_candidate(candidate_code(conversation, completion), conversation["test"],
+                                 conversation["entry_point"], context=problem_context(prompt),
+                                 timeout=self.timeout_s, max_memory_bytes=self.max_memory_bytes,
+                                 allow_weaker_sandbox=self.allow_weaker_sandbox)
         return int(result.success)
