@@ -28,8 +28,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from nanopipe.checkpoint import (CHECKPOINT_DIRS, CheckpointError, build_model, find_last_step, load_resume_checkpoint,
-                                 meta_path, model_from_state, resolve_checkpoint_dir, save_checkpoint)
+from nanopipe.checkpoint import (CHECKPOINT_DIRS, CheckpointError, build_model, check_resumable, find_last_step,
+                                 load_resume_checkpoint, meta_path, model_from_state, resolve_checkpoint_dir,
+                                 save_checkpoint)
 from nanopipe.common import atomic_write_json, compute_cleanup, compute_init, get_base_dir, print0
 from nanopipe.configs.base import ConfigError
 from nanopipe.gpt import GPT, ROTARY_OVERCOMPUTE, GPTConfig, build_model_config
@@ -214,30 +215,6 @@ def train_from_source(cfg, stage: str, load_data: Callable, make_trainer: Callab
             return trainer.finish()
         finally:
             compute_cleanup()
-
-
-# The stage that wrote a checkpoint (its meta's "stage"; base_train writes none) -> the command it runs as
-STAGE_COMMANDS = {"mid": "mid_train", "sft": "chat_sft", "rl": "chat_rl", None: "base_train"}
-# Flags a resume must keep: each one sets how much data a step takes (or how long a row is), so a new value
-# would silently continue another run's schedule and loader state with another batch. Those a stage has count.
-RESUME_FIXED_FLAGS = ("max_seq_len", "total_batch_size", "target_examples_per_step", "examples_per_step",
-                      "num_samples")
-
-
-def check_resumable(cfg, stage: str, meta: dict, out_dir: Path, step: int) -> None:
-    """A checkpoint in out_dir resumes this run only if this stage wrote it with the same batch shape; else a
-    ConfigError naming the stage, or the flag with its old and new value."""
-    written_by = meta.get("stage")
-    if written_by != stage:
-        raise ConfigError(f"checkpoint step {step} in {out_dir} was written by "
-                          f"{STAGE_COMMANDS.get(written_by, written_by)}, not {STAGE_COMMANDS[stage]}: that "
-                          f"directory belongs to another stage; give this stage its own --out_dir")
-    saved = meta.get("user_config") or {}
-    for name in RESUME_FIXED_FLAGS:
-        if name in saved and hasattr(cfg, name) and saved[name] != getattr(cfg, name):
-            raise ConfigError(f"--{name}={getattr(cfg, name)} differs from --{name}={saved[name]} of checkpoint step "
-                              f"{step} in {out_dir}: resume with --{name}={saved[name]}, or start a new run in "
-                              f"another --out_dir")
 
 
 class ChatTrainerBase:

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from nanopipe.common import atomic_torch_save, atomic_write_json, get_base_dir, print0
+from nanopipe.configs.base import ConfigError
 from nanopipe.exit_codes import ExitCode, StageError
 from nanopipe.gpt import GPT, GPTConfig
 from nanopipe.tokenizer import get_tokenizer
@@ -287,6 +288,30 @@ def load_resume_checkpoint(ckpt_dir: str | os.PathLike, resume_from_step: int | 
     else:
         print0(f"--resume_from_step=latest: no complete checkpoint in {ckpt_dir} yet, starting {fresh_start}")
     return None
+
+
+# The stage that wrote a checkpoint (its meta's "stage"; base_train writes none) -> the command it runs as
+STAGE_COMMANDS = {"mid": "mid_train", "sft": "chat_sft", "rl": "chat_rl", None: "base_train"}
+# Flags a resume must keep: each one sets how much data a step takes (or how long a row is), so a new value
+# would silently continue another run's schedule and loader state with another batch. Those a stage has count.
+RESUME_FIXED_FLAGS = ("max_seq_len", "total_batch_size", "target_examples_per_step", "examples_per_step",
+                      "num_samples")
+
+
+def check_resumable(cfg, stage: str | None, meta: dict, out_dir: str | os.PathLike, step: int) -> None:
+    """A checkpoint in out_dir resumes this run only if this stage (None: base_train) wrote it with the same
+    batch shape; else a ConfigError naming the stage, or the flag with its old and new value."""
+    written_by = meta.get("stage")
+    if written_by != stage:
+        raise ConfigError(f"checkpoint step {step} in {out_dir} was written by "
+                          f"{STAGE_COMMANDS.get(written_by, written_by)}, not {STAGE_COMMANDS[stage]}: that "
+                          f"directory belongs to another stage; give this stage its own --out_dir")
+    saved = meta.get("user_config") or {}
+    for name in RESUME_FIXED_FLAGS:
+        if name in saved and hasattr(cfg, name) and saved[name] != getattr(cfg, name):
+            raise ConfigError(f"--{name}={getattr(cfg, name)} differs from --{name}={saved[name]} of checkpoint step "
+                              f"{step} in {out_dir}: resume with --{name}={saved[name]}, or start a new run in "
+                              f"another --out_dir")
 
 
 # -----------------------------------------------------------------------------

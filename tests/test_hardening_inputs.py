@@ -200,15 +200,17 @@ def test_a_resume_with_another_stage_or_batch_shape_is_refused_naming_it(inputs,
 
 
 def test_resume_checks_each_stage_batch_flags(tmp_path):
-    from nanopipe.chat_train import check_resumable
+    from nanopipe.checkpoint import check_resumable
     from nanopipe.configs.base import ConfigError, build_config
+    from nanopipe.configs.base_train import BaseTrainConfig
     from nanopipe.configs.chat_rl import ChatRLConfig
     from nanopipe.configs.chat_sft import ChatSFTConfig
 
     for cls, stage, flag, old, new in ((ChatSFTConfig, "sft", "target_examples_per_step", 32, 64),
                                        (ChatRLConfig, "rl", "examples_per_step", 16, 8),
-                                       (ChatRLConfig, "rl", "num_samples", 16, 4)):
-        meta = {"stage": stage, "user_config": build_config(cls, {}).model_dump(mode="json")}
+                                       (ChatRLConfig, "rl", "num_samples", 16, 4),
+                                       (BaseTrainConfig, None, "total_batch_size", 524288, 262144)):
+        meta = {"user_config": build_config(cls, {}).model_dump(mode="json"), **({"stage": stage} if stage else {})}
         check_resumable(build_config(cls, {}), stage, meta, tmp_path, 5)
         with pytest.raises(ConfigError, match=rf"--{flag}={new} differs from --{flag}={old} of checkpoint step 5"):
             check_resumable(build_config(cls, {flag: new}), stage, meta, tmp_path, 5)
