@@ -353,6 +353,32 @@ def root_exit_code(returncode: int, tail: list[str]) -> int:
     return int(match.group(1)) if match else returncode
 
 
+_TORCH_LOG = re.compile(r"^[DIWEF]\d{4} .*torch/distributed/elastic/")  # the torchrun agent's own log lines
+_ROOT_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
+
+
+def without_torchrun_report(tail: list[str]) -> list[str]:
+    """The tail with torchrun's report of a failed worker (its agent's log lines and the ChildFailedError
+    traceback, some 40 lines) replaced by one line naming the worker that failed first and its exit code, so
+    that the stage's own last lines, e.g. its one-line error, are what a failure shows."""
+    failed = [i for i, line in enumerate(tail) if "ChildFailedError" in line and not line.startswith(" ")]
+    if not failed:
+        return tail
+    start = failed[-1]   # back over torchrun's own traceback: its frames (indented) and the line that opens it
+    while start > 0 and tail[start - 1].startswith(" "):
+        start -= 1
+    if start > 0 and tail[start - 1].startswith("Traceback (most recent call"):
+        start -= 1
+    rules = [i for i in range(failed[-1], len(tail)) if tail[i].startswith("=====")]
+    end = rules[1] + 1 if len(rules) > 1 else len(tail)   # the report is framed by two lines of '='
+    report = tail[start:end]
+    root_cause = report[next((i for i, line in enumerate(report) if line.startswith("Root Cause")), len(report)):]
+    rank = next((m.group(1) for line in root_cause if (m := _ROOT_RANK.match(line))), "?")
+    code = root_exit_code(1, report)
+    summary = f"torchrun: worker rank {rank} failed first, with exit code {code} (torchrun's report is in the log)"
+    return [line for line in tail[:start] if not _TORCH_LOG.match(line)] + [summary] + tail[end:]
+
+
 def classify(result: LaunchResult) -> tuple[str, bool, str]:
     """(kind, retryable, reason) of a failed launch."""
     code = root_exit_code(result.returncode, result.tail)
@@ -413,10 +439,12 @@ def failure_from(result: LaunchResult, stage: str) -> StageFailed:
     lines of the log follow."""
     kind, retryable, reason = classify(result)
     advice = "will be retried" if retryable else "not retried"
-    said = stage_reason(result.tail)
+    lines = without_torchrun_report(result.tail)
+    said = stage_reason(lines)
     said = f": {said}" if said and said not in reason else ""
-    tail = "\n".join(result.tail[-25:])
+    tail = "\n".join(lines[-25:])
     message = (f"{stage} failed: {reason}{said} [{kind}, {advice}] (log: {result.log_path})\n"
                f"--- last lines ---\n{tail}")
-    return StageFailed(message, kind=kind, retryable=retryable, returncode=result.returncode,
-                       log_path=str(result.log_path))
+    # under torchrun, the code of the worker that failed first (torchrun's own is 1 for any worker failure)
+    return StageFailed(message, kind=kind, retryable=retryable,
+                       returncode=root_exit_code(result.returncode, result.tail), log_path=str(result.log_path))
