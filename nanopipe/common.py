@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import logging
 import os
 import random
@@ -292,9 +293,27 @@ def init_wandb(run: str, project: str, config: dict, master: bool):
 PROGRESS_PREFIX = "@@nanopipe-progress "
 
 
+def _json_value(value: Any) -> Any:
+    """A progress value as strict JSON: NaN and infinities become null (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    try:
+        return _json_value(float(value))   # e.g. a 0-d tensor or numpy scalar
+    except (TypeError, ValueError):
+        return str(value)
+
+
 def report_progress(**metrics: Any) -> None:
-    """Print one machine-readable progress line, e.g. report_progress(step=10, total=100, loss=3.2)."""
-    print0(PROGRESS_PREFIX + json.dumps(metrics, sort_keys=True, default=float))
+    """Print one machine-readable progress line, e.g. report_progress(step=10, total=100, loss=3.2). A value
+    that is not finite (a loss with nothing to measure) is written as null, so the line stays strict JSON."""
+    clean = {key: _json_value(value) for key, value in metrics.items()}
+    print0(PROGRESS_PREFIX + json.dumps(clean, sort_keys=True, allow_nan=False))
 
 
 def parse_progress(line: str) -> dict | None:

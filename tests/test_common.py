@@ -61,6 +61,19 @@ def test_progress_lines_round_trip(capsys):
     assert parse_progress("step 3 | loss 2.5") is None
 
 
+def test_progress_lines_are_strict_json_without_nan(capsys):
+    import json
+
+    import torch
+
+    report_progress(step=1, val_loss=float("nan"), bpb=float("inf"), reward=torch.tensor(0.5), passes=[0.5, float("nan")])
+    line = capsys.readouterr().out.strip()
+    payload = line.split(" ", 1)[1]
+    assert "NaN" not in payload and "Infinity" not in payload
+    json.loads(payload, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert parse_progress(line) == {"step": 1, "val_loss": None, "bpb": None, "reward": 0.5, "passes": [0.5, None]}
+
+
 def test_base_dir_follows_env(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOPIPE_HOME", str(tmp_path / "home"))
     assert get_base_dir() == tmp_path / "home" and (tmp_path / "home").is_dir()
