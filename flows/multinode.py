@@ -22,6 +22,12 @@ agents' flow runs cancelled, which makes their workers kill their torchrun trees
 failing node's, so `failure_from` classifies it as usual and a retryable failure resumes from the last
 checkpoint on the task's next attempt. When node 0 fails on a broken collective, the node whose own failure
 caused it (killed, out of memory, ...) is the one reported.
+
+Until every node has joined the rendezvous, node 0 says every WAIT_REPORT_SECONDS (in the run's log and in
+stage.log) what it waits for: which node, its run's state, and whether any worker polls that node's queue.
+When it gives up (the start timeout, or node 0's own timeout before the others joined), the failure names
+the node that never started and its run's state. Without a node-agent deployment on the server (a temporary
+server, or nothing deployed) the stage fails at once, not retried, before anything starts.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -54,6 +61,13 @@ NODE_AGENT_DEPLOYMENT = "node-agent/node-agent"
 NODE_POOL = "nanopipe-nodes"
 NODE_MARK = "NANOPIPE_NODE0_ID"   # marks node 0's processes, so a remote failure can stop them
 RESULT_MARK = "@@nanopipe-node-result "
+WAIT_REPORT_SECONDS = 30.0   # how often node 0 says what it waits for, until every node has joined
+NODE0_WAITED_SECONDS = 60.0  # a node 0 that failed sooner than this, before anyone joined, failed by itself
+QUEUE_GONE_SECONDS = 90.0    # a queue polled longer ago than this has lost its worker (workers poll every ~10 s)
+# torchrun's own chatter before its rendezvous completes: its agent's log lines, c10d warnings, banners.
+# Anything else on node 0's output comes from a worker process, which a static rendezvous starts only once
+# every node has joined.
+_AGENT_LINE = re.compile(r"^(\[?[DIWEF]\d{4} |\*{5})|torch[./]distributed")
 
 
 def node_queue(node_rank: int) -> str:
@@ -154,25 +168,73 @@ def _remote_result(remote: _Remote, cmd: list[str], log_path: Path, started: flo
                         [f"nanopipe: error: {where} ended {state.name} without a result: {first}"], log_path)
 
 
-def _never_started(remote: _Remote, cmd: list[str], log_path: Path, started: float, seconds: float,
-                   pool: str) -> LaunchResult:
-    line = (f"nanopipe: error: node {remote.node_rank} never started: no worker took flow run {remote.name} from "
-            f"work queue {node_queue(remote.node_rank)} of pool {pool} within {seconds:.0f} s (start one on that "
-            f"node: prefect worker start --pool {pool} --work-queue {node_queue(remote.node_rank)})")
+def _started(state) -> bool:
+    """Has a node's agent run started (or ended)? Scheduled (Late too) or Pending: not yet."""
+    return state is not None and not (state.is_scheduled() or state.is_pending())
+
+
+def _queue_note(client, remote: _Remote, pool: str) -> str:
+    """What Prefect knows of the queue a node's run waits on: whether any worker polls it, and how to start one."""
+    queue_name = node_queue(remote.node_rank)
+    start = f"start one with: prefect worker start --pool {pool} --work-queue {queue_name}"
+    try:
+        queue = client.read_work_queue_by_name(queue_name, work_pool_name=pool)
+    except ObjectNotFound:
+        return f"which does not exist and no worker has polled ({start})"
+    except Exception as err:   # the diagnosis is a courtesy: never let it break the waiting
+        return f"whose workers could not be read ({type(err).__name__}; if none polls it, {start})"
+    if queue.is_paused:
+        return f"which is paused (resume it: prefect work-queue resume {queue_name} --pool {pool})"
+    if queue.last_polled is None:
+        return f"which no worker has polled ({start})"
+    age = max(0.0, time.time() - queue.last_polled.timestamp())
+    if age > QUEUE_GONE_SECONDS:
+        return f"whose worker last polled it {age:.0f} s ago and seems gone ({start})"
+    return (f"polled by a worker {age:.0f} s ago that has not taken the run yet (is that worker at its "
+            f"concurrency limit, or the pool {pool} paused?)")
+
+
+def node_wait(client, remote: _Remote, pool: str, endpoint: str | None) -> str:
+    """Why node `remote.node_rank` has not joined yet, from its run's state (and its queue, while no worker has
+    taken the run): "its node-agent run base_train-node-1 is Scheduled on queue node-1 of pool nanopipe-nodes,
+    which no worker has polled (start one with: ...)"."""
+    state = remote.state
+    run = f"its node-agent run {remote.name}"
+    if state is None:
+        return f"{run} is not readable on the server yet"
+    if state.is_scheduled():
+        return (f"{run} is {state.name} on queue {node_queue(remote.node_rank)} of pool {pool}, "
+                f"{_queue_note(client, remote, pool) if client is not None else 'waiting for a worker'}")
+    if state.is_pending():
+        return f"{run} is Pending: a worker took it from queue {node_queue(remote.node_rank)} and is starting it"
+    if state.is_running():
+        return (f"{run} is Running, but its torchrun has not joined the rendezvous at {endpoint} yet (can that "
+                f"node reach {endpoint}? its log: {remote.log_path} on that node)")
+    return f"{run} is {state.name}"
+
+
+def _never_started(remote: _Remote, cmd: list[str], log_path: Path, started: float, seconds: float, pool: str,
+                   why: str, gave_up: str) -> LaunchResult:
+    line = (f"nanopipe: error: node {remote.node_rank} never started: {why}; node 0 gave up after {seconds:.0f} s "
+            f"({gave_up})")
     return LaunchResult(cmd, 1, time.monotonic() - started, False, [line], log_path)
 
 
 class _Supervisor:
     """Polls the remote nodes' flow runs; on the first failure (or a node that never starts) records it and
-    stops node 0's processes, which ends the `launch` running in the caller's thread."""
+    stops node 0's processes, which ends the `launch` running in the caller's thread. Until every node has
+    joined the rendezvous it reports, every WAIT_REPORT_SECONDS, what node 0 waits for."""
 
     def __init__(self, remotes: list[_Remote], node0_id: str, cmd: list[str], log_path: Path,
-                 start_timeout_seconds: float, poll_seconds: float, pool: str):
+                 start_timeout_seconds: float, poll_seconds: float, pool: str, nnodes: int = 2,
+                 endpoint: str | None = None, on_wait: Callable[[str], None] | None = None):
         self.remotes, self.node0_id, self.cmd, self.log_path = remotes, node0_id, cmd, log_path
         self.start_timeout, self.poll, self.pool = start_timeout_seconds, poll_seconds, pool
+        self.nnodes, self.endpoint, self.on_wait = nnodes, endpoint, on_wait
         self.started = time.monotonic()
         self.failure: LaunchResult | None = None
         self.done = threading.Event()
+        self.joined = threading.Event()   # node 0 saw a worker's line: every node passed the rendezvous
         self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._watch,), daemon=True,
                                        name="node-supervisor")
 
@@ -183,20 +245,58 @@ class _Supervisor:
         for remote in self.remotes:
             remote.state = states.get(remote.flow_run_id, remote.state)
 
-    def check(self) -> LaunchResult | None:
+    def waiting_for(self) -> list[_Remote]:
+        """The nodes node 0 waits for: those whose run has not started, else (all started) every running one
+        while the rendezvous is not complete; none once it is."""
+        if self.joined.is_set():
+            return []
+        unstarted = [r for r in self.remotes if not _started(r.state)]
+        return unstarted or [r for r in self.remotes if r.state is not None and r.state.is_running()]
+
+    def wait_line(self, client) -> str | None:
+        """One line saying what node 0 waits for, node by node; None when it waits for nothing."""
+        waited = time.monotonic() - self.started
+        parts = [f"waiting for node {r.node_rank} of {self.nnodes} ({waited:.0f} s so far): "
+                 f"{node_wait(client, r, self.pool, self.endpoint)}" for r in self.waiting_for()]
+        return "; ".join(parts) or None
+
+    def gave_up(self, client, gave_up: str) -> LaunchResult | None:
+        """The failure naming the first node that never started, if one did not, for node 0 giving up."""
+        unstarted = [] if self.joined.is_set() else [r for r in self.remotes if not _started(r.state)]
+        if not unstarted:
+            return None
+        remote = unstarted[0]
+        waited = time.monotonic() - self.started
+        return _never_started(remote, self.cmd, self.log_path, self.started, waited, self.pool,
+                              node_wait(client, remote, self.pool, self.endpoint), gave_up)
+
+    def check(self, client=None) -> LaunchResult | None:
         """The failure of a remote node, if one failed (or never started); None otherwise."""
         for remote in self.remotes:
             state = remote.state
-            if state is None:
-                continue
-            if state.is_final() and not state.is_completed():
+            if state is not None and state.is_final() and not state.is_completed():
                 return _remote_result(remote, self.cmd, self.log_path, self.started)
-            waited = time.monotonic() - self.started
-            if (state.is_scheduled() or state.is_pending()) and waited > self.start_timeout:
-                return _never_started(remote, self.cmd, self.log_path, self.started, waited, self.pool)
+        if time.monotonic() - self.started > self.start_timeout:
+            return self.gave_up(client, f"the start timeout of {self.start_timeout:.0f} s")
         return None
 
+    def saw_line(self, line: str) -> None:
+        """Node 0 printed `line`: a worker's line means every node joined (workers start after the rendezvous)."""
+        if not self.joined.is_set() and not _AGENT_LINE.search(line):
+            self.joined.set()
+
+    def report(self, line: str) -> None:
+        """A waiting line into the run's log (`on_wait`) and node 0's stage log."""
+        if self.on_wait is not None:
+            self.on_wait(line)
+        try:
+            with open(self.log_path, "a", encoding="utf-8") as log:
+                log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        except OSError:
+            pass
+
     def _watch(self) -> None:
+        last_report = self.started
         with get_client(sync_client=True) as client:
             while not self.done.wait(self.poll):
                 try:
@@ -204,17 +304,26 @@ class _Supervisor:
                 except Exception as err:   # an API hiccup: node 0 keeps running, the next poll tries again
                     print(f"node supervisor: reading the node runs failed ({err!r}); retrying", file=sys.stderr)
                     continue
-                self.failure = self.check()
+                self.failure = self.check(client)
                 if self.failure is not None:
                     stop_marked(self.node0_id)
                     return
+                if time.monotonic() - last_report >= WAIT_REPORT_SECONDS and not self.joined.is_set():
+                    last_report = time.monotonic()
+                    try:
+                        line = self.wait_line(client)
+                    except Exception as err:   # never let the report stop the watch
+                        line = f"waiting for the other nodes (could not describe them: {err!r})"
+                    if line:
+                        self.report(line)
 
     def start(self) -> None:
         self.thread.start()
 
     def stop(self) -> None:
         self.done.set()
-        self.thread.join(timeout=30)
+        if self.thread.ident is not None:   # never started when starting the remotes failed
+            self.thread.join(timeout=30)
 
 
 def stop_marked(node0_id: str) -> None:
@@ -226,6 +335,24 @@ def stop_marked(node0_id: str) -> None:
             pass
 
 
+def no_deployment(plan: StagePlan, deployment: str, pool: str) -> StageFailed:
+    """The failure of a multi-node stage on a server without the node-agent deployment: a setup error that no
+    retry fixes (a temporary server never has it)."""
+    return StageFailed(f"multi-node stage {plan.stage} needs the node-agent deployment on this Prefect server "
+                       f"(prefect work-pool create {pool} --type process, then from the repository root: prefect "
+                       f"--no-prompt deploy --name node-agent; see deployments/multinode.md); none found (looked "
+                       f"for {deployment}) [config, not retried]", kind="config", retryable=False)
+
+
+def check_deployment(plan: StagePlan, deployment: str, pool: str) -> None:
+    """Fail at once, before any node starts, when the server has no `deployment` to start nodes 1.. with."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(deployment)
+        except ObjectNotFound:
+            raise no_deployment(plan, deployment, pool) from None
+
+
 def _start_remotes(plan: StagePlan, deployment: str, pool: str, remotes: list[_Remote]) -> None:
     """One node-agent run per node 1.., each on its node's queue; appended to `remotes` as they start, so
     that a failure halfway leaves nothing the caller cannot cancel."""
@@ -235,11 +362,8 @@ def _start_remotes(plan: StagePlan, deployment: str, pool: str, remotes: list[_R
                                  timeout=0, work_queue_name=node_queue(node_rank),
                                  flow_run_name=f"{plan.stage}-node-{node_rank}",
                                  tags=["nanopipe", "node-agent", f"stage:{plan.stage}", f"node:{node_rank}"])
-        except ObjectNotFound:
-            raise StageFailed(f"{plan.stage} failed: no deployment {deployment} to start node {node_rank} with "
-                              f"(deploy the node-agent entry of prefect.yaml, pool {pool}; see "
-                              f"deployments/multinode.md) [config, not retried]", kind="config",
-                              retryable=False) from None
+        except ObjectNotFound:   # deleted since check_deployment
+            raise no_deployment(plan, deployment, pool) from None
         remotes.append(_Remote(node_rank, str(run.id), run.name, node_log(plan, node_rank), run.state))
 
 
@@ -287,36 +411,80 @@ def _root_failure(node0: LaunchResult, remote: LaunchResult | None) -> LaunchRes
     return remote if classify(node0)[0] in ("network", "killed", "timeout") else node0
 
 
+def _node0_failed(supervisor: _Supervisor, node0: LaunchResult, stop_seconds: float,
+                  timeout_seconds: float | None) -> LaunchResult:
+    """The failure to report when node 0 ended by itself (its timeout, its own torchrun's error). Before every
+    node joined, a node 0 that waited long (its timeout, the static rendezvous' own timeout) was waiting for
+    the others: the node that never started, and its run's state, is the real reason."""
+    if not supervisor.joined.is_set() and (node0.timed_out or node0.seconds >= NODE0_WAITED_SECONDS):
+        gave_up = (f"node 0's stage timeout of {timeout_seconds:.0f} s" if node0.timed_out and timeout_seconds else
+                   f"node 0's own torchrun: {classify(node0)[2]}")
+        try:
+            with get_client(sync_client=True) as client:
+                supervisor.refresh(client)
+                never = supervisor.gave_up(client, gave_up)
+                waiting = [] if never else supervisor.waiting_for()
+                notes = [f"node {r.node_rank}: {node_wait(client, r, supervisor.pool, supervisor.endpoint)}"
+                         for r in waiting]
+        except Exception:   # the API is gone: node 0's own failure is all there is to say
+            never, notes = None, []
+        if never is not None:
+            return never
+        if notes:   # every node started, but the rendezvous never completed
+            node0.tail.append(f"nanopipe: error: the rendezvous at {supervisor.endpoint} never completed, "
+                              f"{gave_up}: {'; '.join(notes)}")
+    return _root_failure(node0, _wait_remotes(supervisor, min(stop_seconds, 30.0)))
+
+
 def launch_across_nodes(plan: StagePlan, *, log_path: str | os.PathLike, on_line: Callable[[str], None] | None = None,
                         on_progress: Callable[[dict], None] | None = None, timeout_seconds: float | None = None,
-                        deployment: str = NODE_AGENT_DEPLOYMENT, pool: str = NODE_POOL,
+                        deployment: str | None = None, pool: str = NODE_POOL,
                         start_timeout_seconds: float = 300.0, stop_seconds: float = 120.0,
                         poll_seconds: float = 2.0) -> LaunchResult:
     """Run a `resources.nnodes > 1` stage: nodes 1.. through the node-agent deployment, node 0 here.
 
     Same contract as `launch`: node 0's lines go to `log_path` and `on_line`, its progress to `on_progress`;
     the returned LaunchResult is the failing node's when one failed (so `failure_from` says which node and
-    why), node 0's otherwise. Nothing is left running on return, on failure or on the caller's exception
-    (Prefect's termination signal): node 0's tree is killed and every remote run is cancelled and waited for.
+    why), node 0's otherwise. Until every node joined, a line every WAIT_REPORT_SECONDS goes to `on_line` and
+    `log_path` saying what node 0 waits for. Without the deployment (default NODE_AGENT_DEPLOYMENT) on the
+    server, a StageFailed (config, not retried) is raised before anything starts. Nothing is left running on
+    return, on failure or on the caller's exception (Prefect's termination signal): node 0's tree is killed
+    and every remote run is cancelled and waited for.
     """
+    deployment = deployment or NODE_AGENT_DEPLOYMENT
     plan = with_endpoint(plan)
     log_path = Path(log_path)
     cmd = node_command(plan, 0)
+    check_deployment(plan, deployment, pool)
     node0_id = uuid.uuid4().hex
     remotes: list[_Remote] = []
-    supervisor = _Supervisor(remotes, node0_id, cmd, log_path, start_timeout_seconds, poll_seconds, pool)
+    supervisor = _Supervisor(remotes, node0_id, cmd, log_path, start_timeout_seconds, poll_seconds, pool,
+                             nnodes=plan.resources.nnodes, endpoint=plan.resources.rdzv_endpoint,
+                             on_wait=on_line)
+
+    def node0_line(line: str) -> None:
+        supervisor.saw_line(line)
+        if on_line is not None:
+            on_line(line)
+
+    def node0_progress(progress: dict) -> None:
+        supervisor.joined.set()
+        if on_progress is not None:
+            on_progress(progress)
+
     try:
         _start_remotes(plan, deployment, pool, remotes)
         supervisor.start()
-        node0 = launch(cmd, log_path=log_path, env={**plan.resources.env, NODE_MARK: node0_id}, on_line=on_line,
-                       on_progress=on_progress, timeout_seconds=timeout_seconds)
+        node0 = launch(cmd, log_path=log_path, env={**plan.resources.env, NODE_MARK: node0_id}, on_line=node0_line,
+                       on_progress=node0_progress, timeout_seconds=timeout_seconds)
         supervisor.stop()
-        if supervisor.failure is not None:   # a remote failed first, and node 0 was stopped for it
+        if supervisor.failure is not None:   # a remote failed first (or never started): node 0 was stopped for it
             result = supervisor.failure
         elif node0.returncode == 0 and not node0.timed_out:   # node 0 done: the others end too
+            supervisor.joined.set()
             result = _wait_remotes(supervisor, stop_seconds) or node0
         else:   # node 0 failed by itself: give the remotes' own failures time to reach the server
-            result = _root_failure(node0, _wait_remotes(supervisor, min(stop_seconds, 30.0)))
+            result = _node0_failed(supervisor, node0, stop_seconds, timeout_seconds)
     finally:
         supervisor.stop()
         notes = _stop_remotes(remotes, f"{plan.stage}: stopped by node 0", stop_seconds, poll_seconds)
@@ -337,7 +505,7 @@ def _wait_remotes(supervisor: _Supervisor, seconds: float) -> LaunchResult | Non
     with get_client(sync_client=True) as client:
         while True:
             supervisor.refresh(client)
-            failure = supervisor.check()
+            failure = supervisor.check(client)
             if failure is not None or all(r.state.is_final() for r in supervisor.remotes):
                 return failure
             if time.monotonic() > deadline:

@@ -3,8 +3,10 @@ deployment run by a process worker on work queue `node-1` (two "nodes" on one ma
 
 A 2-node x 1-process base_train gives the losses of a 1-node x 2-process run; SIGKILLing node 1's torchrun
 after a checkpoint fails the stage retryably with node 0 stopped, and calling again resumes and completes; a
-node no worker starts fails the stage (not retried) and stops the others; an exception in the caller (what a
-cancelled pipeline run raises in the task) stops every node."""
+node no worker starts fails the stage (not retried) and stops the others, node 0 saying meanwhile what it waits
+for and, when it gives up, which node never started and its run's state; a server without the node-agent
+deployment fails the stage at once (not retried); an exception in the caller (what a cancelled pipeline run
+raises in the task) stops every node."""
 
 from __future__ import annotations
 
@@ -208,6 +210,97 @@ def test_a_node_no_worker_starts_fails_the_stage_and_stops_the_nodes_that_did(no
     assert processes_of(out_dir) == [], "a node outlived the failure"
     runs = {name: state.name for name, state in node_runs(nodes, out_dir).items()}
     assert runs == {"base_train-node-1": "Cancelled", "base_train-node-2": "Cancelled"}, runs
+
+
+IDLE_POOL = "nanopipe-nodes-idle"   # a pool no worker serves: node 1's queue there is never polled
+
+
+@pytest.fixture(scope="module")
+def idle_deployment(nodes):
+    """A node-agent deployment on a pool without any worker: node 1 of a stage started through it never starts."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from flows.multinode import node_agent
+    with SyncPrefectClient(nodes.api_url) as client:
+        client.create_work_pool(WorkPoolCreate(name=IDLE_POOL, type="process"), overwrite=True)
+        flow_id = client.create_flow(node_agent)
+        client.create_deployment(flow_id, "idle", work_pool_name=IDLE_POOL, entrypoint="flows/multinode.py:node_agent",
+                                 path=str(Path(__file__).resolve().parents[1]))
+    return f"{node_agent.name}/idle"
+
+
+def test_without_the_node_agent_deployment_the_stage_fails_at_once_and_is_not_retried(nodes, inputs, tmp_path,
+                                                                                      monkeypatch):
+    """A server where nothing was deployed (a temporary one, say): the stage task fails before anything
+    starts, with the sentence that says what to deploy, not retried; not the supervisor thread's join error."""
+    import flows.multinode as multinode
+    from flows.launcher import StageFailed
+    from flows.stage_task import run_stage
+    monkeypatch.setattr(multinode, "NODE_AGENT_DEPLOYMENT", "node-agent/absent")
+    checks: list[str] = []
+    check = multinode.check_deployment
+    monkeypatch.setattr(multinode, "check_deployment", lambda *a: (checks.append(a[0].stage), check(*a))[1])
+    out_dir = tmp_path / "run" / "checkpoints"
+    plan = base_train_plan(inputs, tmp_path / "run", two_nodes(f"127.0.0.1:{free_port()}"))
+    started = time.monotonic()
+    with pytest.raises(StageFailed) as failed:
+        run_stage.with_options(retries=2, retry_delay_seconds=0)(plan)
+    seconds = time.monotonic() - started
+    print(f"\n{failed.value} ({seconds:.1f} s)")
+    assert str(failed.value).startswith("multi-node stage base_train needs the node-agent deployment on this "
+                                        "Prefect server (")
+    assert "none found" in str(failed.value) and "prefect --no-prompt deploy --name node-agent" in str(failed.value)
+    assert (failed.value.kind, failed.value.retryable) == ("config", False)
+    assert checks == ["base_train"], "a setup error was retried"
+    assert "cannot join thread" not in str(failed.value) and not isinstance(failed.value.__context__, RuntimeError)
+    assert seconds < 120   # "at once": no node waited for (generous: the task run itself talks to the server)
+    assert processes_of(out_dir) == [] and node_runs(nodes, out_dir) == {}
+
+
+def test_a_supervisor_that_never_started_stops_without_error(tmp_path):
+    """The old cause of "cannot join thread before it is started": stopping a supervisor whose thread was
+    never started (the remotes failed to start) must let the real error through."""
+    from flows.multinode import _Supervisor
+    supervisor = _Supervisor([], "id", ["true"], tmp_path / "stage.log", 300, 2, NODE_POOL)
+    supervisor.stop()
+    supervisor.stop()
+
+
+@pytest.mark.parametrize("gives_up", ["start timeout", "node 0 timeout"])
+def test_node_0_says_what_it_waits_for_and_why_it_gave_up(nodes, idle_deployment, inputs, tmp_path, monkeypatch,
+                                                           gives_up):
+    """Node 1's run waits on a queue no worker polls: node 0 says so (and how to start the worker) every
+    WAIT_REPORT_SECONDS in its log and stage.log, and when it gives up (the start timeout, or node 0's own
+    timeout) the failure names node 1, its run's state and the queue; nothing stays running or scheduled."""
+    import flows.multinode as multinode
+    monkeypatch.setattr(multinode, "WAIT_REPORT_SECONDS", 1.0)
+    out_dir = tmp_path / "run" / "checkpoints"
+    plan = base_train_plan(inputs, tmp_path / "run", two_nodes(f"127.0.0.1:{free_port()}"))
+    limits = ({"start_timeout_seconds": 30, "timeout_seconds": 900} if gives_up == "start timeout" else
+              {"start_timeout_seconds": 900, "timeout_seconds": 30})
+    lines: list[str] = []
+    started = time.monotonic()
+    result = launch_across_nodes(plan, log_path=tmp_path / "run" / "stage.log", on_line=lines.append,
+                                 deployment=idle_deployment, pool=IDLE_POOL, **limits)
+    seconds = time.monotonic() - started
+    waiting = [line for line in lines if line.startswith("waiting for node 1 of 2")]
+    print(f"\n{waiting[0] if waiting else lines}\n{len(waiting)} waiting line(s) in {seconds:.0f} s")
+    assert waiting, lines
+    assert "its node-agent run base_train-node-1 is" in waiting[0]
+    assert f"on queue node-1 of pool {IDLE_POOL}, which no worker has polled" in waiting[0]
+    assert f"prefect worker start --pool {IDLE_POOL} --work-queue node-1" in waiting[0]
+    assert "waiting for node 1 of 2" in (tmp_path / "run" / "stage.log").read_text()
+
+    failure = failure_from(result, "base_train")
+    first = str(failure).splitlines()[0]
+    print(first)
+    assert not failure.retryable, first
+    assert re.search(r"node 1 never started: its node-agent run base_train-node-1 is (Scheduled|Late) on queue "
+                     rf"node-1 of pool {IDLE_POOL}", first), first
+    assert ("(the start timeout of 30 s)" if gives_up == "start timeout" else "(node 0's stage timeout of 30 s)") \
+        in first, first
+    assert processes_of(out_dir) == [], "node 0 outlived the failure"
+    assert {name: state.name for name, state in node_runs(nodes, out_dir).items()} == \
+        {"base_train-node-1": "Cancelled"}
 
 
 class Interrupted(Exception):
