@@ -1,12 +1,16 @@
 """
 Inference throughput on one device: decode tokens/s of the Engine (KV cache, one prefill) against the
-model's cache-free sampler (the whole sequence re-run for every token), and chat_eval problems/s on the
-offline tasks (MultipleChoice: letter logits, batched; Arithmetic: greedy generation). Random weights (the
-special tokens' logits are zeroed so no sample stops early); a tokenizer trained on the builtin chat tasks.
-Prints figures; asserts nothing.
+model's cache-free sampler (the whole sequence re-run for every token), chat_eval problems/s on the
+offline tasks (MultipleChoice: letter logits, batched; Arithmetic: greedy generation, several problems per
+batch), and the seconds of RL rollouts (several questions' groups per batch). Random weights (the special
+tokens' logits are zeroed so no sample stops early; a tokenizer trained on the builtin chat tasks), or a
+real chat checkpoint. Prints figures, wall and CPU seconds (CPU time is the fairer figure on a shared
+machine); asserts nothing.
 
     python bench/bench_engine.py                               # depth 4, width 256, CPU
     python bench/bench_engine.py --depth=2 --aspect_ratio=32 --threads=1 --max_tokens=128
+    python bench/bench_engine.py --sections=eval,rl --threads=1 --eval_max_new_tokens=200 \
+        --checkpoint_dir=<chat_sft checkpoints> --tokenizer_dir=<tok_train tokenizer>   # batching on a chat model
 """
 
 from __future__ import annotations
@@ -16,10 +20,14 @@ import time
 
 import torch
 
+import random
+
 from nanopipe.chat_format import conversation_text
+from nanopipe.checkpoint import build_model, find_last_step
 from nanopipe.engine import Engine
 from nanopipe.gpt import GPT, build_model_config
 from nanopipe.chat_scoring import evaluate_categorical, evaluate_generative
+from nanopipe.rl import sample_groups
 from nanopipe.tasks import build_task, builtin_chat_mixture
 from nanopipe.tokenizer import Tokenizer
 
@@ -36,6 +44,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", default="1,8", help="num_samples values for the engine, comma-separated")
     parser.add_argument("--eval_problems", type=int, default=64, help="problems per chat_eval task")
     parser.add_argument("--eval_max_new_tokens", type=int, default=64, help="tokens per generative answer")
+    parser.add_argument("--eval_batch_sizes", default="1,8,32", help="Arithmetic problems per batch, comma-separated")
+    parser.add_argument("--synthetic_size", type=int, default=256, help="problems generated for the builtin tasks")
+    parser.add_argument("--rl_questions", type=int, default=4, help="questions of the timed RL rollouts")
+    parser.add_argument("--rl_samples", type=int, default=8, help="samples per RL question")
+    parser.add_argument("--rl_device_batch_sizes", default="8,32", help="RL sequences per batch, comma-separated")
+    parser.add_argument("--rl_max_new_tokens", type=int, default=128, help="tokens per RL sample")
+    parser.add_argument("--sections", default="decode,eval,rl", help="what to time: decode, eval, rl")
+    parser.add_argument("--checkpoint_dir", default=None, help="a chat checkpoint directory instead of random "
+                                                               "weights (its last step)")
+    parser.add_argument("--tokenizer_dir", default=None, help="the checkpoint's tokenizer (default: its meta's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     return parser.parse_args()
@@ -66,19 +84,16 @@ def timed(fn, device) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def main() -> None:
-    args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    model, tokenizer = build(args, device)
-    engine = Engine(model, tokenizer)
-    c = model.config
-    print(f"model: depth {c.n_layer}, width {c.n_embd}, heads {c.n_head}, vocab {c.vocab_size}, "
-          f"{model.num_params() / 1e6:.2f}M params; device {device}, torch threads {torch.get_num_threads()}")
+def wall_and_cpu(fn, device) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process, result)."""
+    cpu = time.process_time()
+    seconds, out = timed(fn, device)
+    return seconds, time.process_time() - cpu, out
+
+
+def bench_decode(args, model, tokenizer, engine, device) -> None:
     prompt = [tokenizer.get_bos_token_id()] + [(7 * i) % 256 for i in range(args.prompt_len - 1)]
     engine.generate_batch(prompt, max_tokens=8, temperature=0.0)  # warm-up
-
     print(f"\ndecode: prompt {len(prompt)} tokens, {args.max_tokens} new tokens per sample, greedy")
     seconds, tokens = timed(lambda: list(model.generate(prompt, args.max_tokens, temperature=0.0)), device)
     baseline = len(tokens) / seconds
@@ -92,15 +107,57 @@ def main() -> None:
         print(f"  {f'KV cache (Engine), {num_samples} sample(s)':<34} {rate:>10.1f} tokens/s   {seconds:6.2f} s"
               f"   x{rate / baseline:.1f}")
 
+
+def bench_eval(args, model, tokenizer, engine, device) -> None:
     print(f"\nchat_eval: {args.eval_problems} problems per task")
-    mc = build_task("MultipleChoice", size=args.eval_problems)
-    seconds, (_, total) = timed(lambda: evaluate_categorical(mc, model, tokenizer, len(mc), batch_size=8), device)
+    mc = build_task("MultipleChoice", size=args.synthetic_size)
+    seconds, (_, total) = timed(lambda: evaluate_categorical(mc, model, tokenizer, args.eval_problems,
+                                                             batch_size=8), device)
     print(f"  {'MultipleChoice (letter logits, batch 8)':<44} {total / seconds:>8.1f} problems/s")
-    arithmetic = build_task("Arithmetic", size=args.eval_problems)
-    seconds, (_, total) = timed(lambda: evaluate_generative(
-        arithmetic, engine, tokenizer, len(arithmetic), num_samples=1, max_new_tokens=args.eval_max_new_tokens,
-        temperature=0.0, top_k=None, seed=0), device)
-    print(f"  {f'Arithmetic (greedy, {args.eval_max_new_tokens} new tokens)':<44} {total / seconds:>8.1f} problems/s")
+    arithmetic = build_task("Arithmetic", size=args.synthetic_size)
+    print(f"  Arithmetic, greedy, at most {args.eval_max_new_tokens} new tokens:")
+    for batch_size in (int(b) for b in args.eval_batch_sizes.split(",")):
+        wall, cpu, (passed, total) = wall_and_cpu(lambda: evaluate_generative(
+            arithmetic, engine, tokenizer, args.eval_problems, num_samples=1, max_new_tokens=args.eval_max_new_tokens,
+            temperature=0.0, top_k=None, seed=0, batch_size=batch_size), device)
+        print(f"    batch {batch_size:>3} problems   {total / wall:>7.2f} problems/s wall ({wall:6.2f} s)"
+              f"   {total / cpu:>7.2f} problems/s CPU ({cpu:6.2f} s)   passed {passed}/{total}")
+
+
+def bench_rl(args, model, tokenizer, engine, device) -> None:
+    task = build_task("Arithmetic", split="train", size=args.synthetic_size)
+    questions = [task[i] for i in range(args.rl_questions)]
+    print(f"\nRL rollouts: {args.rl_questions} questions x {args.rl_samples} samples, temperature 1, top_k 50, "
+          f"at most {args.rl_max_new_tokens} new tokens")
+    for device_batch_size in (int(b) for b in args.rl_device_batch_sizes.split(",")):
+        wall, cpu, groups = wall_and_cpu(lambda: sample_groups(
+            engine, tokenizer, task, questions, args.rl_samples, device_batch_size, args.rl_max_new_tokens,
+            temperature=1.0, top_k=50, rng=random.Random(0)), device)
+        reward = sum(sum(g.rewards) for g in groups) / sum(len(g.rewards) for g in groups)
+        print(f"    device_batch_size {device_batch_size:>3}   {wall:6.2f} s wall   {cpu:6.2f} s CPU   "
+              f"mean reward {reward:.3f}")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.checkpoint_dir:
+        step = find_last_step(args.checkpoint_dir)
+        model, tokenizer, _ = build_model(args.checkpoint_dir, step, device, "eval", args.tokenizer_dir)
+        weights = f"{args.checkpoint_dir} step {step}"
+    else:
+        model, tokenizer = build(args, device)
+        weights = "random weights"
+    engine = Engine(model, tokenizer)
+    c = model.config
+    print(f"model: depth {c.n_layer}, width {c.n_embd}, heads {c.n_head}, vocab {c.vocab_size}, "
+          f"{model.num_params() / 1e6:.2f}M params, {weights}; device {device}, torch threads {torch.get_num_threads()}")
+    sections = {"decode": bench_decode, "eval": bench_eval, "rl": bench_rl}
+    for name in args.sections.split(","):
+        assert name in sections, f"--sections: unknown {name!r}, choose from {', '.join(sections)}"
+        sections[name](args, model, tokenizer, engine, device)
 
 
 if __name__ == "__main__":

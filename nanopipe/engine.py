@@ -6,10 +6,15 @@ Inference engine for chat models: batched sampling with a KV cache, and calculat
                                                      temperature=1.0, top_k=50, seed=42):
         ...   # one token per sample per step; mask 1 = sampled by the model, 0 = forced by a tool
     results, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=256)
+    results, masks = engine.generate_multi([prompt_a, prompt_b], num_samples=4, max_tokens=256, seeds=[7, 8])
 
-The prompt is prefilled once with batch size 1; its KV cache is then copied into a cache of
-`num_samples` rows, which decode together. A row ends on <|assistant_end|> or <|bos|>, or when its own
-token budget is spent.
+Each prompt is prefilled once; its KV cache is then copied into one row per sample, and all rows decode
+together. Several different prompts (`generate_multi`, `stream_multi`) are left-padded to the longest and
+prefilled in one batch, the padding masked out of attention, so that a prompt gives the same logits as alone
+(up to float rounding). Every prompt samples from its own generator, seeded with its own seed and drawn as if
+it were generated alone: a prompt's completions do not depend on the other prompts of its batch, and one
+prompt through generate_multi equals generate_batch. A row ends on <|assistant_end|> or <|bos|>, or when its
+own token budget is spent.
 
 Tool use: when a row writes <|python_start|> expr <|python_end|>, `expr` goes to `use_calculator` (an AST
 evaluator for arithmetic and `'word'.count('l')`, never `eval`); if it yields a value, the row is fed
@@ -140,18 +145,31 @@ def use_calculator(expr: str) -> str | None:
 # -----------------------------------------------------------------------------
 # Sampling
 
-def sample_next_token(logits: torch.Tensor, rng: torch.Generator | None, temperature: float = 1.0,
-                      top_k: int | None = None) -> torch.Tensor:
-    """One token per row of `logits` (B, V) -> (B, 1). temperature 0 is greedy (argmax)."""
+def _multinomial(probs: torch.Tensor, rng: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    if rng is None or isinstance(rng, torch.Generator):
+        return torch.multinomial(probs, num_samples=1, generator=rng)
+    if len(rng) == 1:
+        return torch.multinomial(probs, num_samples=1, generator=rng[0])
+    assert probs.size(0) % len(rng) == 0, f"{probs.size(0)} rows do not split into {len(rng)} equal groups"
+    groups = probs.split(probs.size(0) // len(rng))
+    return torch.cat([torch.multinomial(g, num_samples=1, generator=r) for g, r in zip(groups, rng)])
+
+
+def sample_next_token(logits: torch.Tensor, rng: torch.Generator | Sequence[torch.Generator] | None,
+                      temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+    """One token per row of `logits` (B, V) -> (B, 1). temperature 0 is greedy (argmax).
+
+    rng: one generator for all rows, or G generators for G equal groups of consecutive rows (group g drawn
+    from rng[g] exactly as if its rows were sampled alone: one prompt's samples in a batch of prompts)."""
     assert temperature >= 0.0, f"temperature must be >= 0, got {temperature}"
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
     if top_k is not None and 0 < top_k < logits.size(-1):
         values, indices = torch.topk(logits, top_k, dim=-1)
         probs = F.softmax(values.float() / temperature, dim=-1)
-        return indices.gather(1, torch.multinomial(probs, num_samples=1, generator=rng))
+        return indices.gather(1, _multinomial(probs, rng))
     probs = F.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=rng)
+    return _multinomial(probs, rng)
 
 
 # -----------------------------------------------------------------------------
@@ -190,18 +208,38 @@ class Engine:
         return KVCache(batch_size=batch_size, num_heads=c.n_kv_head, seq_len=seq_len, head_dim=c.n_embd // c.n_head,
                        num_layers=c.n_layer, device=device, dtype=self._cache_dtype(device))
 
-    def _budgets(self, prompt_len: int, num_samples: int, max_tokens) -> list[int]:
+    def _budgets(self, prompt_lens: list[int], max_tokens) -> list[int]:
+        """One token budget per row, from the rows' prompt lengths."""
         if max_tokens is None:  # until a stop token or the end of the model's context
-            budget = self.model.config.sequence_len - prompt_len
-            assert budget > 0, (f"the prompt ({prompt_len} tokens) fills the model's context "
-                                f"({self.model.config.sequence_len}); pass max_tokens explicitly")
-            return [budget] * num_samples
+            budgets = [self.model.config.sequence_len - n for n in prompt_lens]
+            assert min(budgets) > 0, (f"a prompt ({max(prompt_lens)} tokens) fills the model's context "
+                                      f"({self.model.config.sequence_len}); pass max_tokens explicitly")
+            return budgets
         if isinstance(max_tokens, int):
-            max_tokens = [max_tokens] * num_samples
+            max_tokens = [max_tokens] * len(prompt_lens)
         budgets = list(max_tokens)
-        assert len(budgets) == num_samples and all(b >= 0 for b in budgets), (
-            f"max_tokens must be an int >= 0 or {num_samples} of them (one per sample), got {max_tokens}")
+        assert len(budgets) == len(prompt_lens) and all(b >= 0 for b in budgets), (
+            f"max_tokens must be an int >= 0 or {len(prompt_lens)} of them (one per row), got {max_tokens}")
         return budgets
+
+    def _prefill(self, prompts: list[list[int]], num_samples: int, max_budget: int,
+                 device: torch.device) -> tuple[torch.Tensor, KVCache]:
+        """Prefill the prompts once, in one batch left-padded to the longest (the padding masked out), and
+        copy that cache into num_samples rows per prompt: (next-token logits of every row, the decode cache)."""
+        width = max(len(p) for p in prompts)
+        prefill_cache = self._new_cache(len(prompts), width, device)
+        if any(len(p) < width for p in prompts):
+            valid = [[False] * (width - len(p)) + [True] * len(p) for p in prompts]
+            prefill_cache.set_key_mask(torch.tensor(valid, dtype=torch.bool, device=device))
+        ids = torch.tensor([[self.bos] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=device)
+        logits = self.model(ids, kv_cache=prefill_cache)[:, -1, :]
+        if len(prompts) == 1:
+            logits = logits.expand(num_samples, -1)
+        else:
+            logits = logits.repeat_interleave(num_samples, dim=0)
+        decode_cache = self._new_cache(len(prompts) * num_samples, width + max_budget, device)
+        decode_cache.prefill(prefill_cache)
+        return logits, decode_cache
 
     def _advance_row(self, row: _Row, token: int) -> None:
         """Account for `token` just emitted by `row`: stop tokens, budget, the python/output state machine."""
@@ -219,7 +257,6 @@ class Engine:
         elif row.in_python:
             row.python_tokens.append(token)
 
-    @torch.inference_mode()
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | Sequence[int] | None = None,
                  temperature: float = 1.0, top_k: int | None = None,
                  seed: int = 42) -> Iterator[tuple[list[int], list[int]]]:
@@ -230,52 +267,77 @@ class Engine:
         """
         assert isinstance(tokens, list) and tokens and all(isinstance(t, int) for t in tokens), (
             "tokens must be a non-empty list of ints")
+        return self.stream_multi([tokens], num_samples, max_tokens, temperature, top_k, seeds=[seed])
+
+    @torch.inference_mode()
+    def stream_multi(self, prompts: list[list[int]], num_samples: int = 1,
+                     max_tokens: int | Sequence[int] | None = None, temperature: float = 1.0,
+                     top_k: int | None = None, seeds: Sequence[int] | None = None,
+                     ) -> Iterator[tuple[list[int], list[int]]]:
+        """generate() for several prompts at once: rows are prompt-major (row p * num_samples + s is sample s of
+        prompt p), and each step yields one token per row. max_tokens: one budget for every row, or one per row.
+        seeds: one per prompt (None: 42 each, generate's default); prompt p samples from its own generator
+        seeded with seeds[p], so its rows are those generate(prompts[p], num_samples, seed=seeds[p]) gives,
+        whatever else is in the batch (up to float rounding of the batched forward pass)."""
+        assert prompts and all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompts), (
+            "prompts must be a non-empty list of non-empty lists of ints")
         assert num_samples >= 1, f"num_samples must be >= 1, got {num_samples}"
-        rows = [_Row(budget=b) for b in self._budgets(len(tokens), num_samples, max_tokens)]
+        seeds = [42] * len(prompts) if seeds is None else list(seeds)
+        assert len(seeds) == len(prompts), f"{len(seeds)} seeds for {len(prompts)} prompts (one per prompt)"
+        rows = [_Row(budget=b) for b in self._budgets([len(p) for p in prompts for _ in range(num_samples)],
+                                                      max_tokens)]
         for row in rows:
             row.done = row.budget <= 0
         if all(row.done for row in rows):
             return
         device = self.model.get_device()
-        rng = torch.Generator(device=device)
-        rng.manual_seed(seed)
+        rngs = [torch.Generator(device=device) for _ in seeds]
+        for rng, seed in zip(rngs, seeds):
+            rng.manual_seed(seed)
+        logits, cache = self._prefill(prompts, num_samples, max(row.budget for row in rows), device)
 
-        # 1) prefill the prompt once, batch 1; 2) copy that cache into one row per sample
-        prefill_cache = self._new_cache(1, len(tokens), device)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = self.model(ids, kv_cache=prefill_cache)[:, -1, :].expand(num_samples, -1)
-        decode_cache = self._new_cache(num_samples, len(tokens) + max(row.budget for row in rows), device)
-        decode_cache.prefill(prefill_cache)
-        del prefill_cache
-
-        # 3) decode: sample a column, substitute forced tool tokens, feed the column back
+        # decode: sample a column, substitute forced tool tokens, feed the column back
+        live = list(range(len(prompts)))  # prompts whose rows are in the cache, in its order
         while True:
-            sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
-            column, masks = [], []
-            for row, token in zip(rows, sampled):
+            sampled = sample_next_token(logits, [rngs[p] for p in live], temperature, top_k)[:, 0].tolist()
+            column, masks = [self.assistant_end] * len(rows), [0] * len(rows)  # what a finished row shows
+            live_rows = [p * num_samples + s for p in live for s in range(num_samples)]
+            for r, token in zip(live_rows, sampled):
+                row = rows[r]
                 if row.done:
-                    column.append(self.assistant_end)
-                    masks.append(0)
                     continue
                 forced = bool(row.forced)
-                token = row.forced.popleft() if forced else token
-                column.append(token)
-                masks.append(0 if forced else 1)
-                self._advance_row(row, token)
+                column[r] = row.forced.popleft() if forced else token
+                masks[r] = 0 if forced else 1
+                self._advance_row(row, column[r])
             yield column, masks
             if all(row.done for row in rows):
                 return
-            ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
-            logits = self.model(ids, kv_cache=decode_cache)[:, -1, :]
+            live = self._compact(cache, live, rows, num_samples)
+            ids = [column[p * num_samples + s] for p in live for s in range(num_samples)]
+            logits = self.model(torch.tensor(ids, dtype=torch.long, device=device).unsqueeze(1), kv_cache=cache)
+            logits = logits[:, -1, :]
 
-    def generate_batch(self, tokens: list[int], num_samples: int = 1,
-                       **kwargs) -> tuple[list[list[int]], list[list[int]]]:
-        """All samples to the end: (results, masks), each row prompt + completion. The terminal token
-        (<|assistant_end|> / <|bos|>) is left out; prompt positions have mask 0."""
-        results = [list(tokens) for _ in range(num_samples)]
-        masks = [[0] * len(tokens) for _ in range(num_samples)]
-        finished = [False] * num_samples
-        for column, column_masks in self.generate(tokens, num_samples, **kwargs):
+    @staticmethod
+    def _compact(cache: KVCache, live: list[int], rows: list[_Row], num_samples: int) -> list[int]:
+        """Drop from the cache the prompts whose samples have all finished, once they hold an eighth of its
+        rows: the prompts still decoding. (A prompt leaves as a whole, so the others' generators draw as
+        before.)"""
+        kept = [j for j, p in enumerate(live)
+                if not all(rows[p * num_samples + s].done for s in range(num_samples))]
+        if (len(live) - len(kept)) * 8 < len(live):
+            return live
+        cache.keep_rows([j * num_samples + s for j in kept for s in range(num_samples)])
+        return [live[j] for j in kept]
+
+    def _collect(self, prompts: list[list[int]], num_samples: int,
+                 stream: Iterator[tuple[list[int], list[int]]]) -> tuple[list[list[int]], list[list[int]]]:
+        """Run `stream` to the end: (results, masks), one per row, each prompt + completion without the
+        terminal token; prompt positions have mask 0."""
+        results = [list(p) for p in prompts for _ in range(num_samples)]
+        masks = [[0] * len(p) for p in prompts for _ in range(num_samples)]
+        finished = [False] * len(results)
+        for column, column_masks in stream:
             for i, (token, mask) in enumerate(zip(column, column_masks)):
                 if finished[i]:
                     continue
@@ -285,3 +347,18 @@ class Engine:
                     results[i].append(token)
                     masks[i].append(mask)
         return results, masks
+
+    def generate_batch(self, tokens: list[int], num_samples: int = 1,
+                       **kwargs) -> tuple[list[list[int]], list[list[int]]]:
+        """All samples to the end: (results, masks), each row prompt + completion. The terminal token
+        (<|assistant_end|> / <|bos|>) is left out; prompt positions have mask 0."""
+        return self._collect([tokens], num_samples, self.generate(tokens, num_samples, **kwargs))
+
+    def generate_multi(self, prompts: list[list[int]], num_samples: int = 1,
+                       max_tokens: int | Sequence[int] | None = None, temperature: float = 1.0,
+                       top_k: int | None = None,
+                       seeds: Sequence[int] | None = None) -> tuple[list[list[int]], list[list[int]]]:
+        """generate_batch for several prompts in one batch: (results, masks) of len(prompts) * num_samples
+        rows, prompt-major (row p * num_samples + s is sample s of prompt p). See stream_multi."""
+        stream = self.stream_multi(prompts, num_samples, max_tokens, temperature, top_k, seeds)
+        return self._collect(prompts, num_samples, stream)

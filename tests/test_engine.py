@@ -109,28 +109,52 @@ def test_top_k_one_is_greedy():
 # is chosen by a policy over what each row has seen so far.
 
 class ScriptedModel(torch.nn.Module):
+    """policy(row, history) -> the token row `row` writes next, history being that row's tokens so far (its
+    prompt without padding, then what it was fed). Follows the engine's cache: left-padded prompts, the copy of
+    each prompt's cache to its samples, and rows dropped from the batch."""
+
     def __init__(self, gpt, policy):
         super().__init__()
         self.gpt, self.policy = gpt, policy
         self.config, self.lm_head = gpt.config, gpt.lm_head
         self.histories: list[list[int]] = []
+        self.row_ids: list[int] = []  # the engine's row number of each cache row
+        self.cache = None
 
     def get_device(self):
         return self.gpt.get_device()
+
+    def _follow_dropped_rows(self, kv_cache):
+        keep_rows = kv_cache.keep_rows
+
+        def keep(rows):
+            self.histories = [self.histories[r] for r in rows]
+            self.row_ids = [self.row_ids[r] for r in rows]
+            keep_rows(rows)
+
+        kv_cache.keep_rows = keep
 
     def forward(self, idx, kv_cache=None):
         start = kv_cache.get_pos() if kv_cache is not None else 0
         logits = self.gpt(idx, kv_cache=kv_cache)
         if start == 0:
-            self.histories = [row.tolist() for row in idx]
+            valid = kv_cache.key_valid if kv_cache is not None else None
+            self.histories = [row[valid[i, :idx.size(1)]].tolist() if valid is not None else row.tolist()
+                              for i, row in enumerate(idx)]
+            self.row_ids = list(range(idx.size(0)))
+            self.cache = kv_cache
         else:
-            if len(self.histories) == 1 < idx.size(0):  # prefill batch 1 -> num_samples rows
-                self.histories = [list(self.histories[0]) for _ in range(idx.size(0))]
+            if kv_cache is not self.cache:  # the decode cache, filled with num_samples copies of each prompt
+                self.cache = kv_cache
+                repeats = idx.size(0) // len(self.histories)
+                self.histories = [list(h) for h in self.histories for _ in range(repeats)]
+                self.row_ids = list(range(idx.size(0)))
+                self._follow_dropped_rows(kv_cache)
             for history, row in zip(self.histories, idx.tolist()):
                 history.extend(row)
         scripted = torch.full_like(logits, -1e4)
         for i, history in enumerate(self.histories):
-            scripted[i, -1, self.policy(i, history)] = 0.0
+            scripted[i, -1, self.policy(self.row_ids[i], history)] = 0.0
         return scripted
 
 

@@ -30,7 +30,8 @@ class ChatEvalConfig(DownstreamConfig):
     task: list[EvalTaskName] = Field(
         list(CHATCORE_TASKS), min_length=1,
         description=f"tasks to evaluate, comma-separated, from: {', '.join(EVAL_TASKS)}")
-    batch_size: int = Field(8, ge=1, description="problems per forward pass on multiple-choice tasks")
+    batch_size: int = Field(8, ge=1, description="problems per forward pass (generative tasks: decoded together, "
+                                                "batch_size * num_samples sequences)")
     max_problems: int | None = Field(None, ge=1, description="evaluate at most this many problems per task "
                                                             "(none: all)")
     num_samples: int = Field(1, ge=1, le=1024, description="completions sampled per generative problem "
