@@ -40,13 +40,25 @@ def pipeline_config(preset: str, seed: int, overrides: list[str]) -> tuple[Pipel
     return build_pipeline_config(["--preset", preset, *flags]), flags
 
 
-def stage_metrics(config: PipelineConfig, home: Path) -> dict[str, dict]:
-    """{stage: metrics} of every stage whose artifact in `home` is complete (its manifest reads)."""
+def artifact_dirs(config: PipelineConfig, home: Path) -> dict[str, Path]:
+    """{stage: artifact directory} as the run plans them (call it before the run: the names hash the code)."""
+    return {plan.stage: Path(plan.artifact_dir) for plan in plan_pipeline(config, home=home)}
+
+
+def stage_metrics(planned: dict[str, Path], home: Path) -> dict[str, dict]:
+    """{stage: metrics} of every stage whose artifact is complete (its manifest reads): the planned one, or
+    where that is missing (the code changed since the run) the stage's newest complete artifact in `home`."""
     metrics = {}
-    for plan in plan_pipeline(config, home=home):
-        manifest = read_manifest(Path(plan.artifact_dir))
+    for stage, directory in planned.items():
+        manifest = read_manifest(directory)
+        if manifest is None:
+            candidates = [read_manifest(d) for d in sorted((home / "artifacts" / stage).glob("*"),
+                                                           key=lambda d: d.stat().st_mtime, reverse=True)]
+            manifest = next((m for m in candidates if m is not None), None)
+            if manifest is not None:
+                print(f"  {stage}: the planned artifact is missing, reading the newest complete one instead")
         if manifest is not None:
-            metrics[plan.stage] = manifest.get("metrics") or {}
+            metrics[stage] = manifest.get("metrics") or {}
     return metrics
 
 
@@ -107,10 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     for seed in seeds:
         config, flags = pipeline_config(args.preset, seed, overrides)
         home = args.workdir / f"seed{seed}"
+        planned = artifact_dirs(config, home)
         if not args.reuse:
             seconds = run_pipeline(args.preset, flags, home)
             print(f"seed {seed}: whole pipeline {seconds / 60:.1f} min (load average {os.getloadavg()[0]:.2f})")
-        per_seed[seed] = taught_rows(stage_metrics(config, home))
+        per_seed[seed] = taught_rows(stage_metrics(planned, home))
         print(f"\n### seed {seed} ({home})\n")
         print("\n".join(taught_markdown(per_seed[seed])[2:]) or "no finished stage in this home")
     print("\n### across seeds\n")

@@ -58,18 +58,29 @@ def evaluate_categorical(task, model, tokenizer, num_problems: int, batch_size: 
 
 def evaluate_generative(task, engine: Engine, tokenizer, num_problems: int, num_samples: int, max_new_tokens: int,
                         temperature: float, top_k: int | None, seed: int, rank: int = 0, world_size: int = 1,
-                        on_progress=None) -> tuple[int, int]:
+                        on_progress=None, batch_size: int = 1, on_problem=None) -> tuple[int, int]:
     """Sample completions per problem and check them exactly; a problem passes if any sample passes.
-    Problem i is sampled with seed + i, so results do not depend on how problems are split across ranks."""
+    Rank r takes problems r, r + world_size, ...; they are generated batch_size at a time (batch_size *
+    num_samples rows per forward pass, prompts left-padded). Problem i is sampled with seed + i from its own
+    generator, so results depend neither on how problems are split across ranks nor on the batch size (up to
+    the float rounding of a batched forward pass, which can flip a near-tie)."""
+    assert batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"
+    mine = range(rank, num_problems, world_size)
     passed = total = 0
-    for i in range(rank, num_problems, world_size):
-        conversation = task[i]
-        prompt = render_for_completion(tokenizer, conversation)
-        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                           temperature=temperature, top_k=top_k, seed=seed + i)
-        completions = [tokenizer.decode(tokens[len(prompt):]) for tokens in results]
-        passed += int(any(task.evaluate(conversation, completion) for completion in completions))
-        total += 1
+    for b0 in range(0, len(mine), batch_size):
+        indices = mine[b0:b0 + batch_size]
+        conversations = [task[i] for i in indices]
+        prompts = [render_for_completion(tokenizer, c) for c in conversations]
+        results, _ = engine.generate_multi(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k, seeds=[seed + i for i in indices])
+        for j, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            rows = results[j * num_samples:(j + 1) * num_samples]
+            completions = [tokenizer.decode(tokens[len(prompt):]) for tokens in rows]
+            solved = any(task.evaluate(conversation, completion) for completion in completions)
+            passed += int(solved)
+            total += 1
+            if on_problem is not None:  # e.g. chat_eval: answer format, samples to show
+                on_problem(indices[j], conversation, completions, solved)
         if on_progress is not None:
             on_progress(total)
     return passed, total

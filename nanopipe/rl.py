@@ -5,6 +5,7 @@ and pass@k.
 
     group = sample_group(engine, tokenizer, task, conversation, num_samples=16, device_batch_size=8,
                          max_new_tokens=256, temperature=1.0, top_k=50, rng=random.Random(0))
+    groups = sample_groups(engine, tokenizer, task, conversations, num_samples=4, device_batch_size=32, ...)
     advantages = group_advantages(group.rewards)                 # reward - the group's mean
     inputs, targets = policy_batch(group.sequences, group.masks, pad_id)
     loss = policy_loss_sum(model, inputs, targets, advantages) / num_sampled_tokens
@@ -56,20 +57,55 @@ def sample_group(engine, tokenizer, task, conversation: dict, num_samples: int, 
                  max_new_tokens: int, temperature: float, top_k: int | None, rng: random.Random) -> Group:
     """Sample num_samples completions of a question in batches of at most device_batch_size, and score them
     with task.reward. Each batch gets its own seed from `rng`."""
-    prompt = render_for_completion(tokenizer, conversation)
-    group = Group(prompt_len=len(prompt))
-    remaining = num_samples
-    while remaining > 0:
-        batch = min(device_batch_size, remaining)
-        sequences, masks = engine.generate_batch(prompt, num_samples=batch, max_tokens=max_new_tokens,
-                                                 temperature=temperature, top_k=top_k, seed=draw_seed(rng))
-        group.sequences += sequences
-        group.masks += masks
-        remaining -= batch
-    for sequence in group.sequences:
-        completion = tokenizer.decode(sequence[group.prompt_len:])
-        group.rewards.append(float(task.reward(conversation, completion)))
-    return group
+    return sample_groups(engine, tokenizer, task, [conversation], num_samples, device_batch_size, max_new_tokens,
+                         temperature, top_k, rng)[0]
+
+
+def _seeded_chunks(num_questions: int, num_samples: int, device_batch_size: int,
+                   rng: random.Random) -> list[tuple[int, int, int]]:
+    """(question, samples, seed) per chunk: each question's samples in chunks of at most device_batch_size,
+    question after question, a seed drawn from `rng` per chunk."""
+    chunks = []
+    for question in range(num_questions):
+        remaining = num_samples
+        while remaining > 0:
+            n = min(device_batch_size, remaining)
+            chunks.append((question, n, draw_seed(rng)))
+            remaining -= n
+    return chunks
+
+
+@torch.no_grad()
+def sample_groups(engine, tokenizer, task, conversations: Sequence[dict], num_samples: int, device_batch_size: int,
+                  max_new_tokens: int, temperature: float, top_k: int | None, rng: random.Random) -> list[Group]:
+    """The groups of several questions, sampled side by side: each generate call decodes the samples of as many
+    questions as fit in device_batch_size rows (a question's samples in chunks of at most device_batch_size).
+
+    Seeds: one draw_seed(rng) per chunk, question after question, i.e. what sample_group draws for each question
+    in turn; each chunk samples from its own generator. So the groups (and the rng's state after) are those of
+    sample_group called per question, up to the float rounding of a batched forward pass."""
+    prompts = [render_for_completion(tokenizer, c) for c in conversations]
+    groups = [Group(prompt_len=len(p)) for p in prompts]
+    chunks = _seeded_chunks(len(conversations), num_samples, device_batch_size, rng)
+    start = 0
+    while start < len(chunks):  # consecutive chunks of one size, as many as fit in device_batch_size rows
+        n = chunks[start][1]
+        end = start + 1
+        while end < len(chunks) and chunks[end][1] == n and (end - start + 1) * n <= device_batch_size:
+            end += 1
+        batch = chunks[start:end]
+        sequences, masks = engine.generate_multi([prompts[q] for q, _, _ in batch], num_samples=n,
+                                                 max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                                 seeds=[seed for _, _, seed in batch])
+        for j, (q, _, _) in enumerate(batch):
+            groups[q].sequences += sequences[j * n:(j + 1) * n]
+            groups[q].masks += masks[j * n:(j + 1) * n]
+        start = end
+    for conversation, group in zip(conversations, groups):
+        for sequence in group.sequences:
+            completion = tokenizer.decode(sequence[group.prompt_len:])
+            group.rewards.append(float(task.reward(conversation, completion)))
+    return groups
 
 
 # -----------------------------------------------------------------------------
@@ -147,16 +183,23 @@ def pass_at_k_counts(outcomes: Sequence[Sequence[bool]], k: int) -> list[int]:
 @torch.no_grad()
 def evaluate_pass_at_k(engine, tokenizer, task, num_problems: int, k: int, max_new_tokens: int,
                        temperature: float, top_k: int | None, seed: int, rank: int = 0,
-                       world_size: int = 1) -> tuple[list[int], int]:
-    """(pass@1..k counts, problems) over this rank's share of the first num_problems problems. Problem i is
-    sampled with seed + i: the result does not depend on the ranks, nor on any generator state."""
+                       world_size: int = 1, rows_per_batch: int | None = None) -> tuple[list[int], int]:
+    """(pass@1..k counts, problems) over this rank's share of the first num_problems problems, k samples
+    each, several problems per forward pass (at most rows_per_batch rows; default k: one problem at a
+    time). Problem i is sampled with seed + i from its own generator: the result depends neither on the
+    ranks nor on how problems are batched."""
+    mine = list(range(rank, num_problems, world_size))
+    per_batch = max(1, (rows_per_batch or k) // k)
     outcomes = []
-    for i in range(rank, num_problems, world_size):
-        conversation = task[i]
-        prompt = render_for_completion(tokenizer, conversation)
-        sequences, _ = engine.generate_batch(prompt, num_samples=k, max_tokens=max_new_tokens,
-                                             temperature=temperature, top_k=top_k, seed=seed + i)
-        outcomes.append([bool(task.evaluate(conversation, tokenizer.decode(s[len(prompt):]))) for s in sequences])
+    for b0 in range(0, len(mine), per_batch):
+        indices = mine[b0:b0 + per_batch]
+        conversations = [task[i] for i in indices]
+        prompts = [render_for_completion(tokenizer, c) for c in conversations]
+        sequences, _ = engine.generate_multi(prompts, num_samples=k, max_tokens=max_new_tokens,
+                                             temperature=temperature, top_k=top_k, seeds=[seed + i for i in indices])
+        for j, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            rows = sequences[j * k:(j + 1) * k]
+            outcomes.append([bool(task.evaluate(conversation, tokenizer.decode(s[len(prompt):]))) for s in rows])
     return pass_at_k_counts(outcomes, k), len(outcomes)
 
 

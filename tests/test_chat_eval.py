@@ -126,6 +126,39 @@ def test_chat_eval_end_to_end_on_every_task(checkpoint, tmp_path, home):
                 / (1 - written["tasks"][n]["chance_accuracy"]) for n in tasks]
     assert written["chatcore"] == pytest.approx(sum(centered) / len(centered))
     assert math.isfinite(written["chatcore"]) and written["step"] == 5
+    # GSM8K-format answers report their format rate; '#### N' tasks the score of always giving the commonest answer
+    for name in ("Arithmetic", "GSM8K"):
+        assert 0 <= written["tasks"][name]["format_passed"] <= written["tasks"][name]["total"]
+    for name in ("Arithmetic", "GSM8K", "SpellingBee"):
+        assert 0 < written["tasks"][name]["majority_answer_rate"] <= 1
+    assert "format_passed" not in written["tasks"]["SpellingBee"]
+    assert {s["task"] for s in written["samples"]} >= {"Arithmetic", "MultipleChoice"}
+
+
+def test_generative_record_counts_the_answer_format_and_keeps_right_and_wrong_answers():
+    task = build_task("Arithmetic", size=8)
+    record = chat_eval.GenerativeRecord("Arithmetic", shown_each=2)
+    for i in range(len(task)):
+        conversation = task[i]
+        right = i % 3 == 0   # problems 0, 3, 6 right
+        answer = reference_answer(conversation) if right else "-1"
+        text = (f"It is <|python_start|>2+2<|python_end|><|output_start|>4<|output_end|>4.\n#### {answer}"
+                if i % 2 == 0 else f"#### {answer}")   # even problems use the calculator
+        record(i, conversation, [text], right)
+    assert record.in_format == 4
+    samples = record.samples()
+    assert [(s["index"], s["correct"]) for s in samples] == [(0, True), (3, True), (1, False), (2, False)]
+    assert samples[0]["question"] == task[0]["messages"][0]["content"] and "<<" in samples[0]["reference"]
+    assert chat_eval.in_answer_format("<|python_start|>1+1<|python_end|>\n#### 2")
+    assert not chat_eval.in_answer_format("#### 2") and not chat_eval.in_answer_format("<|python_start|>1+1")
+
+
+def test_majority_answer_is_the_commonest_reference_answer():
+    spelling = build_task("SpellingBee", size=200)
+    result = chat_eval.majority_answer(spelling, 200)
+    answers = [reference_answer(spelling[i]) for i in range(200)]
+    assert result["majority_answer"] == max(set(answers), key=answers.count)
+    assert result["majority_answer_rate"] == answers.count(result["majority_answer"]) / 200
 
 
 def test_chatcore_is_centred_on_chance():

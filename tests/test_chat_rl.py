@@ -287,6 +287,22 @@ def test_pass_at_k_and_question_assignment():
     assert sorted(two[0] + two[1]) == one and two[0] == [2, 4]
 
 
+def test_pass_at_k_is_the_same_one_problem_or_several_per_batch(tiny):
+    from nanopipe.engine import Engine
+    from nanopipe.rl import evaluate_pass_at_k
+    from nanopipe.tasks import GSM8K
+
+    task = GSM8K(split="test", data_path=tiny["data"])
+    engine = Engine(tiny["model"], tiny["tokenizer"])
+    args = (engine, tiny["tokenizer"], task, 6, 4, 24, 1.0, None, 3)
+    one_at_a_time = evaluate_pass_at_k(*args)
+    assert evaluate_pass_at_k(*args, rows_per_batch=12) == one_at_a_time   # three problems per forward pass
+    assert one_at_a_time[1] == 6
+    # the ranks split the problems: their counts add up to one process's
+    halves = [evaluate_pass_at_k(*args, rank=r, world_size=2, rows_per_batch=8) for r in range(2)]
+    assert [a + b for a, b in zip(halves[0][0], halves[1][0])] == one_at_a_time[0]
+
+
 # -----------------------------------------------------------------------------
 # The stage
 

@@ -226,6 +226,11 @@ def test_end_to_end_then_everything_cached(home, data_dir):
     assert sft["upstream"]["checkpoint_dir"]["hash"] == plans["mid_train"].hash and sft["metrics"]["step"] == 4
     for evaluation in ("chat_eval_mid", "chat_eval_sft"):
         assert 0 <= read_manifest(plans[evaluation].artifact_dir)["metrics"]["chatcore"] <= 1
+    # the report card says what SFT taught on held-out problems, from the two evaluations' own counts
+    card = (home / "report.md").read_text()
+    after = read_manifest(plans["chat_eval_sft"].artifact_dir)["metrics"]["tasks"]["Arithmetic"]
+    row = next(line for line in card.splitlines() if line.startswith("| chat_sft | Arithmetic accuracy |"))
+    assert f"| {after['total']} | 0.0% |" in row and f"| {100 * after['accuracy']:.1f}% |" in row
 
     state, states, _ = run(values)
     assert state.is_completed()

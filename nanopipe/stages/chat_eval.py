@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -39,9 +40,13 @@ from nanopipe.configs.flags import stage_main
 from nanopipe.configs.chat_eval import CHATCORE_TASKS, DATA_PATH_FIELDS, SYNTHETIC_TASKS, ChatEvalConfig
 from nanopipe.engine import Engine
 from nanopipe.tasks import build_task
+from nanopipe.tasks.gsm8k import in_answer_format, reference_answer
 
 PROG = "python -m nanopipe.stages.chat_eval"
-NUM_SAMPLES_SHOWN = 5   # problems with the model's answer kept in metrics.json, spread over the tasks
+NUM_SAMPLES_SHOWN = 5   # multiple-choice problems with the model's answer kept in metrics.json, over the tasks
+SAMPLES_SHOWN_EACH = 2  # generative tasks: this many right and this many wrong answers kept (rank 0's problems)
+FORMAT_TASKS = ("Arithmetic", "GSM8K")                        # answers in GSM8K's format (calculator, '#### N')
+FINAL_ANSWER_TASKS = ("Arithmetic", "GSM8K", "SpellingBee")   # scored on a '#### N' line
 
 # -----------------------------------------------------------------------------
 # The stage
@@ -85,8 +90,9 @@ def run(cfg: ChatEvalConfig) -> dict:
         autocast = (torch.amp.autocast(device_type=rt.device_type, dtype=torch.bfloat16)
                     if rt.dtype == torch.bfloat16 else contextlib.nullcontext())
         with autocast:
-            results = evaluate_tasks(cfg, model, tokenizer, rt)
-            samples = show_samples(cfg, model, tokenizer) if rt.rank == 0 else []
+            results, samples = evaluate_tasks(cfg, model, tokenizer, rt)
+            categorical = [name for name, r in results.items() if r["eval_type"] == "categorical"]
+            samples += show_samples(cfg, model, tokenizer, categorical) if rt.rank == 0 and categorical else []
     finally:
         compute_cleanup()
 
@@ -115,9 +121,40 @@ def run(cfg: ChatEvalConfig) -> dict:
     return metrics
 
 
-def evaluate_tasks(cfg: ChatEvalConfig, model, tokenizer, rt) -> dict[str, dict]:
+class GenerativeRecord:
+    """What a generative evaluation keeps besides the score: how many first answers were in GSM8K's answer
+    format (calculator call + '#### N'; tasks in FORMAT_TASKS), and a few answers to show, right and wrong."""
+
+    def __init__(self, name: str, shown_each: int = SAMPLES_SHOWN_EACH):
+        self.name, self.shown_each = name, shown_each
+        self.in_format = 0
+        self.shown: dict[bool, list[dict]] = {True: [], False: []}
+
+    def __call__(self, index: int, conversation: dict, completions: list[str], solved: bool) -> None:
+        self.in_format += int(in_answer_format(completions[0]))
+        if len(self.shown[solved]) < self.shown_each:
+            messages = normalize_messages(conversation)
+            question = next(m for m in reversed(messages) if m["role"] == "user")["content"]
+            reference = readable_answer(messages[-1]) if messages[-1]["role"] == "assistant" else ""
+            self.shown[solved].append({"task": self.name, "index": index, "question": question,
+                                       "reference": reference, "answer": completions[0], "correct": solved})
+
+    def samples(self) -> list[dict]:
+        return self.shown[True] + self.shown[False]
+
+
+def majority_answer(task, num_problems: int) -> dict:
+    """{"majority_answer", "majority_answer_rate"}: the most common reference answer among the problems and
+    how often it is right, i.e. the score of a model that always gives it (tasks with a '#### N' answer)."""
+    answers = Counter(reference_answer(task[i]) for i in range(num_problems))
+    answer, count = answers.most_common(1)[0]
+    return {"majority_answer": answer, "majority_answer_rate": count / num_problems} if answer is not None else {}
+
+
+def evaluate_tasks(cfg: ChatEvalConfig, model, tokenizer, rt) -> tuple[dict[str, dict], list[dict]]:
+    """({task: scores}, this rank's samples of the generative tasks)."""
     engine = Engine(model, tokenizer)
-    results = {}
+    results, samples = {}, []
     names = list(dict.fromkeys(cfg.task))
     for task_index, name in enumerate(names):
         task = load_eval_task(name, cfg)
@@ -132,9 +169,17 @@ def evaluate_tasks(cfg: ChatEvalConfig, model, tokenizer, rt) -> dict[str, dict]
         if task.eval_type == "categorical":
             counts = evaluate_categorical(task, model, tokenizer, num_problems, cfg.batch_size, rt.rank,
                                           rt.world_size, on_progress)
+            extra = {}
         else:
+            record = GenerativeRecord(name)
             counts = evaluate_generative(task, engine, tokenizer, num_problems, cfg.num_samples, cfg.max_new_tokens,
-                                         cfg.temperature, cfg.top_k, cfg.seed, rt.rank, rt.world_size, on_progress)
+                                         cfg.temperature, cfg.top_k, cfg.seed, rt.rank, rt.world_size, on_progress,
+                                         batch_size=cfg.batch_size, on_problem=record)
+            samples += record.samples()
+            in_format, _ = sum_across_ranks((record.in_format, 0), rt.device, rt.world_size)
+            extra = {"format_passed": in_format} if name in FORMAT_TASKS else {}
+            if name in FINAL_ANSWER_TASKS:
+                extra.update(majority_answer(task, num_problems))
         passed, total = sum_across_ranks(counts, rt.device, rt.world_size)
         seconds = time.perf_counter() - start
         assert total == num_problems, f"{name}: ranks evaluated {total} problems, expected {num_problems}"
@@ -143,10 +188,12 @@ def evaluate_tasks(cfg: ChatEvalConfig, model, tokenizer, rt) -> dict[str, dict]
         results[name] = {
             "eval_type": task.eval_type, "passed": passed, "total": total, "accuracy": accuracy,
             "chance_accuracy": chance, "centered_accuracy": (accuracy - chance) / (1.0 - chance),
-            "seconds": seconds, "problems_per_second": total / seconds if seconds > 0 else 0.0,
+            "seconds": seconds, "problems_per_second": total / seconds if seconds > 0 else 0.0, **extra,
         }
-        print0(f"{name}: {passed}/{total} = {100 * accuracy:.2f}%")
-    return results
+        print0(f"{name}: {passed}/{total} = {100 * accuracy:.2f}%"
+               + (f"; answer format (calculator + '#### N') {extra['format_passed']}/{total}"
+                  if "format_passed" in extra else ""))
+    return results, samples
 
 
 # -----------------------------------------------------------------------------
@@ -164,11 +211,12 @@ def readable_answer(message: dict) -> str:
 
 
 @torch.no_grad()
-def show_samples(cfg: ChatEvalConfig, model, tokenizer) -> list[dict]:
-    """[{task, question, reference, answer, correct}]: for multiple choice the letter the logits pick, for
-    generative tasks one completion sampled with the seed the evaluation uses for that problem."""
+def show_samples(cfg: ChatEvalConfig, model, tokenizer, names: list[str]) -> list[dict]:
+    """[{task, question, reference, answer, correct}] of the first problems of `names`: for multiple choice
+    the letter the logits pick, for generative tasks one completion sampled with the seed the evaluation uses
+    for that problem."""
     engine, letter_cache, samples = Engine(model, tokenizer), {}, []
-    for name, count in samples_per_task(list(dict.fromkeys(cfg.task))).items():
+    for name, count in samples_per_task(names).items():
         task = load_eval_task(name, cfg)
         for i in range(min(count, len(task))):
             conversation = task[i]

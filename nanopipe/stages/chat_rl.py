@@ -183,7 +183,7 @@ class Trainer(ChatTrainerBase):
         with self.autocast:
             counts, problems = evaluate_pass_at_k(self.engine, self.tokenizer, self.test_task, self.num_eval, self.k,
                                                   cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed,
-                                                  rt.rank, rt.world_size)
+                                                  rt.rank, rt.world_size, rows_per_batch=cfg.device_batch_size)
         totals = sum_across_ranks([*counts, problems], rt.device)
         passes = [c / totals[-1] for c in totals[:-1]]
         record = {"step": self.step, "pass@1": passes[0], f"pass@{self.k}": passes[-1],
@@ -198,15 +198,17 @@ class Trainer(ChatTrainerBase):
     # --- training -----------------------------------------------------------------
 
     def rollouts(self) -> list:
-        """This rank's groups of the current step, sampled with the current weights."""
+        """This rank's groups of the current step, sampled with the current weights: the samples of as many
+        questions as fit in device_batch_size rows decode together (seeds drawn as one question at a time)."""
+        from nanopipe.rl import sample_groups  # (belongs in the module's `from nanopipe.rl import` line)
         cfg = self.cfg
         self.model.eval()
         indices = step_questions(self.step, cfg.examples_per_step, len(self.train_task), self.rt.rank,
                                  self.rt.world_size)
         with self.autocast:
-            return [sample_group(self.engine, self.tokenizer, self.train_task, self.train_task[index],
-                                 cfg.num_samples, cfg.device_batch_size, cfg.max_new_tokens, cfg.temperature,
-                                 cfg.top_k, self.rng) for index in indices]
+            return sample_groups(self.engine, self.tokenizer, self.train_task,
+                                 [self.train_task[index] for index in indices], cfg.num_samples,
+                                 cfg.device_batch_size, cfg.max_new_tokens, cfg.temperature, cfg.top_k, self.rng)
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
