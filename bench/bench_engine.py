@@ -11,16 +11,21 @@ machine); asserts nothing.
     python bench/bench_engine.py --depth=2 --aspect_ratio=32 --threads=1 --max_tokens=128
     python bench/bench_engine.py --sections=eval,rl --threads=1 --eval_max_new_tokens=200 \
         --checkpoint_dir=<chat_sft checkpoints> --tokenizer_dir=<tok_train tokenizer>   # batching on a chat model
+
+Measured on a shared 2-core CPU, 1 torch thread, depth 4 / width 128 / vocab 2048 (a mid-trained chat model and
+random weights), 64 Arithmetic problems, greedy, <= 200 new tokens; problems/s (CPU-time, quiet machine):
+batch 1 (one problem at a time, as before) 12 / 5.4, batch 8: 36 / 17, 16: 43 / 21, 32: 39 / 23, 64: 41 / 31.
+RL rollouts, 4 questions x 8 samples, <= 128 tokens: 0.58 s one question per batch, 0.49-0.53 s with
+device_batch_size 32 (the 8 samples of a question were already decoded together).
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import time
 
 import torch
-
-import random
 
 from nanopipe.chat_format import conversation_text
 from nanopipe.checkpoint import build_model, find_last_step

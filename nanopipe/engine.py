@@ -320,9 +320,9 @@ class Engine:
 
     @staticmethod
     def _compact(cache: KVCache, live: list[int], rows: list[_Row], num_samples: int) -> list[int]:
-        """Drop from the cache the prompts whose samples have all finished, once they hold an eighth of its
-        rows: the prompts still decoding. (A prompt leaves as a whole, so the others' generators draw as
-        before.)"""
+        """Drop from the cache the prompts whose samples have all finished, once they hold an eighth of its rows
+        or more (each drop copies the kept rows' keys and values); return the prompts left in it. A prompt
+        leaves as a whole, so each remaining prompt's generator keeps drawing as it would alone."""
         kept = [j for j, p in enumerate(live)
                 if not all(rows[p * num_samples + s].done for s in range(num_samples))]
         if (len(live) - len(kept)) * 8 < len(live):
