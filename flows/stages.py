@@ -69,7 +69,8 @@ OUTSIDE_THE_KEY = {
     "nanopipe.core_eval": "base_train's closing CORE score, a reported figure (base_eval is the evaluation stage)",
     "nanopipe.sampling": "base_train's sample completions, printed for a person to read",
     "nanopipe.engine": "the decoding engine, which base_train and chat_sft use only for reported figures",
-    "nanopipe.chat_scoring": "chat_sft's in-training evaluation, a reported figure (chat_eval is the stage)",
+    "nanopipe.chat_scoring": "chat_sft's in-training evaluation and chat_rl's pass@k, reported figures "
+                             "(chat_eval is the stage)",
 }
 
 _TOKENIZER_INPUT = {"tokenizer_dir": ("tok_train", "tokenizer")}

@@ -7,6 +7,7 @@ one rank; the caller sums the ranks (`sum_across_ranks`).
 from __future__ import annotations
 
 import math
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -67,23 +68,33 @@ def evaluate_generative(task, engine: Engine, tokenizer, num_problems: int, num_
     assert batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"
     mine = range(rank, num_problems, world_size)
     passed = total = 0
-    for b0 in range(0, len(mine), batch_size):
-        indices = mine[b0:b0 + batch_size]
-        conversations = [task[i] for i in indices]
-        prompts = [render_for_completion(tokenizer, c) for c in conversations]
-        results, _ = engine.generate_multi(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
-                                           temperature=temperature, top_k=top_k, seeds=[seed + i for i in indices])
-        for j, (conversation, prompt) in enumerate(zip(conversations, prompts)):
-            rows = results[j * num_samples:(j + 1) * num_samples]
-            completions = [tokenizer.decode(tokens[len(prompt):]) for tokens in rows]
-            solved = any(task.evaluate(conversation, completion) for completion in completions)
-            passed += int(solved)
-            total += 1
-            if on_problem is not None:  # e.g. chat_eval: answer format, samples to show
-                on_problem(indices[j], conversation, completions, solved)
-        if on_progress is not None:
+    for index, conversation, completions in sample_problems(task, engine, tokenizer, mine, num_samples, batch_size,
+                                                            max_new_tokens, temperature, top_k, seed):
+        solved = any(task.evaluate(conversation, completion) for completion in completions)
+        passed += int(solved)
+        total += 1
+        if on_problem is not None:  # e.g. chat_eval: answer format, samples to show
+            on_problem(index, conversation, completions, solved)
+        if on_progress is not None and (total % batch_size == 0 or total == len(mine)):   # once per batch
             on_progress(total)
     return passed, total
+
+
+def sample_problems(task, engine: Engine, tokenizer, indices: Sequence[int], num_samples: int, problems_per_batch: int,
+                    max_new_tokens: int, temperature: float, top_k: int | None,
+                    seed: int) -> Iterator[tuple[int, dict, list[str]]]:
+    """(index, conversation, num_samples decoded completions) for each problem of `indices`, decoded
+    problems_per_batch at a time; problem i samples from its own generator seeded with seed + i."""
+    indices = list(indices)
+    for b0 in range(0, len(indices), problems_per_batch):
+        batch = indices[b0:b0 + problems_per_batch]
+        conversations = [task[i] for i in batch]
+        prompts = [render_for_completion(tokenizer, c) for c in conversations]
+        results, _ = engine.generate_multi(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k, seeds=[seed + i for i in batch])
+        for j, (index, conversation, prompt) in enumerate(zip(batch, conversations, prompts)):
+            rows = results[j * num_samples:(j + 1) * num_samples]
+            yield index, conversation, [tokenizer.decode(tokens[len(prompt):]) for tokens in rows]
 
 
 def sum_across_ranks(counts: tuple[int, int], device: torch.device, world_size: int) -> tuple[int, int]:

@@ -140,15 +140,21 @@ def _read_capped(path: Path, limit: int = MAX_OUTPUT_BYTES) -> str:
     return text + ("\n[output truncated]" if len(data) > limit else "")
 
 
-def _read_lines(fd: int) -> list[dict]:
-    """The JSON objects written to a pipe, one a line (what is not JSON is skipped)."""
+def _read_available(fd: int, limit: int) -> bytes:
+    """What the writers have put in a pipe or socket so far (up to about `limit` bytes), without waiting."""
     os.set_blocking(fd, False)
     data = b""
     try:
-        while len(data) <= MAX_OUTPUT_BYTES and (chunk := os.read(fd, 65536)):
+        while len(data) <= limit and (chunk := os.read(fd, 65536)):
             data += chunk
     except BlockingIOError:
         pass
+    return data
+
+
+def _read_lines(fd: int) -> list[dict]:
+    """The JSON objects written to a pipe, one a line (what is not JSON is skipped)."""
+    data = _read_available(fd, MAX_OUTPUT_BYTES)
     objects = []
     for line in data.decode("utf-8", errors="replace").splitlines():
         try:
@@ -202,13 +208,7 @@ def _describe_exit(returncode: int) -> tuple[str, bool]:
 
 def _read_verdict(fd: int, token: str) -> tuple[dict | None, str]:
     """The judge's verdict: exactly one JSON line, carrying the token (else None, and why)."""
-    os.set_blocking(fd, False)
-    data = b""
-    try:
-        while len(data) <= MAX_VERDICT_BYTES and (chunk := os.read(fd, 65536)):
-            data += chunk
-    except BlockingIOError:
-        pass
+    data = _read_available(fd, MAX_VERDICT_BYTES)
     lines = data.splitlines()
     if len(lines) != 1:
         return None, f"{len(lines)} lines on the verdict socket, where the judge writes one"

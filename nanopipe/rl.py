@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from nanopipe.chat_format import render_for_completion
+from nanopipe.chat_scoring import sample_problems
 
 
 # -----------------------------------------------------------------------------
@@ -188,18 +189,11 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_problems: int, k: int, max_n
     each, several problems per forward pass (at most rows_per_batch rows; default k: one problem at a
     time). Problem i is sampled with seed + i from its own generator: the result depends neither on the
     ranks nor on how problems are batched."""
-    mine = list(range(rank, num_problems, world_size))
     per_batch = max(1, (rows_per_batch or k) // k)
-    outcomes = []
-    for b0 in range(0, len(mine), per_batch):
-        indices = mine[b0:b0 + per_batch]
-        conversations = [task[i] for i in indices]
-        prompts = [render_for_completion(tokenizer, c) for c in conversations]
-        sequences, _ = engine.generate_multi(prompts, num_samples=k, max_tokens=max_new_tokens,
-                                             temperature=temperature, top_k=top_k, seeds=[seed + i for i in indices])
-        for j, (conversation, prompt) in enumerate(zip(conversations, prompts)):
-            rows = sequences[j * k:(j + 1) * k]
-            outcomes.append([bool(task.evaluate(conversation, tokenizer.decode(s[len(prompt):]))) for s in rows])
+    outcomes = [[bool(task.evaluate(conversation, completion)) for completion in completions]
+                for _, conversation, completions in sample_problems(
+                    task, engine, tokenizer, range(rank, num_problems, world_size), k, per_batch, max_new_tokens,
+                    temperature, top_k, seed)]
     return pass_at_k_counts(outcomes, k), len(outcomes)
 
 

@@ -41,13 +41,13 @@ def data_dir(tmp_path, shared_dir):
 
 
 def one_line_exit_2(capsys, run, *needles: str) -> str:
-    """Run a main(); it must exit 2 with exactly one stderr line that holds every needle."""
+    """Run a main(); it must exit 2 with exactly one stderr line (no traceback) that holds every needle."""
     with pytest.raises(SystemExit) as exc:
         run()
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert exc.value.code == ExitCode.BAD_INPUT, err
-    assert len(lines) == 1, err
+    assert len(lines) == 1 and "Traceback" not in err, err
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]

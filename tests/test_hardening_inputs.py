@@ -22,6 +22,7 @@ from nanopipe.exit_codes import ExitCode
 from nanopipe.stages import chat_cli, chat_eval, chat_rl, chat_sft, mid_train
 from nanopipe.tasks import GSM8K, TaskDataError
 from tests.chat_fixtures import build_chat_tokenizer, tiny_chat_flags, write_base_checkpoint
+from tests.test_hardening_data import one_line_exit_2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,19 +34,6 @@ def inputs(tmp_path_factory):
     tokenizer = build_chat_tokenizer(root / "tokenizer")
     write_base_checkpoint(root / "base" / "d2", root / "tokenizer", tokenizer.get_vocab_size())
     return {"root": root, "tokenizer": tokenizer, "base": root / "base" / "d2"}
-
-
-def one_line_exit_2(capsys, run, *needles: str) -> str:
-    """Run a main(); it must exit 2 with exactly one stderr line (no traceback) that holds every needle."""
-    with pytest.raises(SystemExit) as exc:
-        run()
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert exc.value.code == ExitCode.BAD_INPUT, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def copy_checkpoint(src: Path, dst: Path, step: int = 10, edit_meta=None, edit_state=None) -> Path:
