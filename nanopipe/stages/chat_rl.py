@@ -45,7 +45,7 @@ from nanopipe.configs.flags import stage_main
 from nanopipe.engine import Engine
 from nanopipe.gpt import GPTConfig
 from nanopipe.rl import (accumulate_policy_gradient, evaluate_pass_at_k, rng_from_json, rng_state_to_json,
-                         sample_group, step_questions)
+                         sample_groups, step_questions)
 from nanopipe.tasks import GSM8K, ArithmeticProblems, TaskDataError
 from nanopipe.tasks.mixtures import DatasetUnavailableError
 from nanopipe.training import NonFiniteLossError, peak_memory_mib
@@ -200,7 +200,6 @@ class Trainer(ChatTrainerBase):
     def rollouts(self) -> list:
         """This rank's groups of the current step, sampled with the current weights: the samples of as many
         questions as fit in device_batch_size rows decode together (seeds drawn as one question at a time)."""
-        from nanopipe.rl import sample_groups  # (belongs in the module's `from nanopipe.rl import` line)
         cfg = self.cfg
         self.model.eval()
         indices = step_questions(self.step, cfg.examples_per_step, len(self.train_task), self.rt.rank,
