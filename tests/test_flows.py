@@ -2,6 +2,7 @@
 damaged artifacts, preflight, concurrency. Against a temporary Prefect server (prefect_test_harness)."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -225,7 +226,9 @@ def test_end_to_end_then_everything_cached(home, data_dir):
     assert mid["upstream"]["checkpoint_dir"]["hash"] == plans["base_train"].hash and mid["metrics"]["step"] == 6
     assert sft["upstream"]["checkpoint_dir"]["hash"] == plans["mid_train"].hash and sft["metrics"]["step"] == 4
     for evaluation in ("chat_eval_mid", "chat_eval_sft"):
-        assert 0 <= read_manifest(plans[evaluation].artifact_dir)["metrics"]["chatcore"] <= 1
+        # centred on chance: below-chance guessing (a tiny model on 4 problems) makes it negative
+        chatcore = read_manifest(plans[evaluation].artifact_dir)["metrics"]["chatcore"]
+        assert math.isfinite(chatcore) and -1 <= chatcore <= 1
     # the report card says what SFT taught on held-out problems, from the two evaluations' own counts
     card = (home / "report.md").read_text()
     after = read_manifest(plans["chat_eval_sft"].artifact_dir)["metrics"]["tasks"]["Arithmetic"]

@@ -223,9 +223,14 @@ def idle_deployment(nodes):
     with SyncPrefectClient(nodes.api_url) as client:
         client.create_work_pool(WorkPoolCreate(name=IDLE_POOL, type="process"), overwrite=True)
         flow_id = client.create_flow(node_agent)
-        client.create_deployment(flow_id, "idle", work_pool_name=IDLE_POOL, entrypoint="flows/multinode.py:node_agent",
-                                 path=str(Path(__file__).resolve().parents[1]))
-    return f"{node_agent.name}/idle"
+        deployment_id = client.create_deployment(flow_id, "idle", work_pool_name=IDLE_POOL,
+                                                 entrypoint="flows/multinode.py:node_agent",
+                                                 path=str(Path(__file__).resolve().parents[1]))
+    yield f"{node_agent.name}/idle"
+    # the server is shared with other modules (which check what prefect.yaml deployed): leave nothing behind
+    with SyncPrefectClient(nodes.api_url) as client:
+        client.delete_deployment(deployment_id)
+        client.delete_work_pool(IDLE_POOL)
 
 
 def test_without_the_node_agent_deployment_the_stage_fails_at_once_and_is_not_retried(nodes, inputs, tmp_path,

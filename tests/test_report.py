@@ -155,14 +155,21 @@ def test_samples_of_the_base_model_and_of_a_chat_evaluation(tmp_path):
 
 
 def test_chat_eval_keeps_a_few_answered_problems(checkpoint, tmp_path, home):
-    """chat_eval's metrics.json holds ~5 problems spread over the tasks, each with the model's answer
-    and whether it was right, scored as the evaluation scores it."""
+    """chat_eval's metrics.json holds a few problems per task, in the order the tasks were given, each with the
+    model's answer and whether it was right, scored as the evaluation scores it: multiple choice its first
+    problems, generative tasks up to two right and two wrong answers their evaluation recorded."""
     from nanopipe.stages import chat_eval
     metrics = chat_eval.main(eval_args(checkpoint, tmp_path / "out", "--task=MultipleChoice,Arithmetic,GSM8K"))
     written = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert written["samples"] == metrics["samples"]
-    assert [s["task"] for s in written["samples"]] == ["MultipleChoice", "MultipleChoice", "Arithmetic",
-                                                       "Arithmetic", "GSM8K"]
+    tasks = [s["task"] for s in written["samples"]]
+    assert tasks == sorted(tasks, key=["MultipleChoice", "Arithmetic", "GSM8K"].index)
+    assert tasks.count("MultipleChoice") == 2   # 5 spread over 3 tasks: the first task's share
+    for name in ("Arithmetic", "GSM8K"):
+        shown = [s for s in written["samples"] if s["task"] == name]
+        assert 1 <= len(shown) <= 4 and sum(s["correct"] for s in shown) <= 2 and sum(not s["correct"] for s in shown) <= 2
+        # one process saw every problem: a right answer is shown exactly when there is one
+        assert any(s["correct"] for s in shown) == (written["tasks"][name]["passed"] > 0)
     for s in written["samples"]:
         assert s["question"] and isinstance(s["answer"], str) and isinstance(s["correct"], bool)
     choice = written["samples"][0]

@@ -91,8 +91,12 @@ def run(cfg: ChatEvalConfig) -> dict:
                     if rt.dtype == torch.bfloat16 else contextlib.nullcontext())
         with autocast:
             results, samples = evaluate_tasks(cfg, model, tokenizer, rt)
-            categorical = [name for name, r in results.items() if r["eval_type"] == "categorical"]
-            samples += show_samples(cfg, model, tokenizer, categorical) if rt.rank == 0 and categorical else []
+            # multiple choice: the first problems, NUM_SAMPLES_SHOWN spread over all tasks; generative tasks keep
+            # the right and wrong answers their evaluation recorded. Shown in the order the tasks were given.
+            names = list(results)
+            shown = {n: c for n, c in samples_per_task(names).items() if results[n]["eval_type"] == "categorical"}
+            samples += show_samples(cfg, model, tokenizer, shown) if rt.rank == 0 and shown else []
+            samples.sort(key=lambda sample: names.index(sample["task"]))
     finally:
         compute_cleanup()
 
@@ -211,12 +215,12 @@ def readable_answer(message: dict) -> str:
 
 
 @torch.no_grad()
-def show_samples(cfg: ChatEvalConfig, model, tokenizer, names: list[str]) -> list[dict]:
-    """[{task, question, reference, answer, correct}] of the first problems of `names`: for multiple choice
-    the letter the logits pick, for generative tasks one completion sampled with the seed the evaluation uses
-    for that problem."""
+def show_samples(cfg: ChatEvalConfig, model, tokenizer, counts: dict[str, int]) -> list[dict]:
+    """[{task, question, reference, answer, correct}] of the first counts[task] problems of each task: for
+    multiple choice the letter the logits pick, for generative tasks one completion sampled with the seed the
+    evaluation uses for that problem."""
     engine, letter_cache, samples = Engine(model, tokenizer), {}, []
-    for name, count in samples_per_task(names).items():
+    for name, count in counts.items():
         task = load_eval_task(name, cfg)
         for i in range(min(count, len(task))):
             conversation = task[i]
