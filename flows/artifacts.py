@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import threading
 import socket
 import time
 import uuid
@@ -108,13 +109,20 @@ def normalized_source(path: Path) -> str:
     return _normalized_source(str(path), path.read_text(encoding="utf-8"))
 
 
+# CPython 3.11's parser keeps its AST recursion depth per interpreter, not per thread: two threads parsing at
+# once (the flow plans inside task threads) can fail with "SystemError: AST constructor recursion depth
+# mismatch" (python/cpython#106905). One parse at a time.
+PARSE_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=None)
 def _normalized_source(path: str, text: str) -> str:
     """normalized_source, once per text of a file in a process: the stages share most of their modules, and
     parsing them once per stage took ~1.4 s of a cached run (keyed by the text itself: an edit made within
     the file system's timestamp resolution is still seen)."""
-    tree = _Normalizer().visit(ast.parse(text, filename=path))
-    return ast.dump(tree, annotate_fields=False, include_attributes=False)
+    with PARSE_LOCK:
+        tree = _Normalizer().visit(ast.parse(text, filename=path))
+        return ast.dump(tree, annotate_fields=False, include_attributes=False)
 
 
 def module_files(module: str, root: Path | None = None, package: str = "nanopipe") -> list[Path]:

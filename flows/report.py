@@ -36,7 +36,7 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 import nanopipe
-from flows.artifacts import ArtifactRef
+from flows.artifacts import PARSE_LOCK, ArtifactRef
 from flows.gate import (CHAT_COLUMNS, KEY_METRICS_KEY, GateResult, fmt, gate_section, key_metrics,
                         key_metrics_markdown, lineage, number, regression_gate, run_logger, tag_lineage)
 from flows.plan import StagePlan
@@ -126,7 +126,8 @@ def _torch_build(name: str) -> str | None:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / "version.py"
     try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
+        with PARSE_LOCK:   # see flows.artifacts.PARSE_LOCK
+            tree = ast.parse(path.read_text(encoding="utf-8"))
     except (OSError, SyntaxError):
         return None
     for node in tree.body:
