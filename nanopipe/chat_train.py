@@ -31,7 +31,8 @@ import torch
 from nanopipe.checkpoint import (CHECKPOINT_DIRS, CheckpointError, build_model, check_resumable, find_last_step,
                                  load_resume_checkpoint, meta_path, model_from_state, resolve_checkpoint_dir,
                                  save_checkpoint)
-from nanopipe.common import atomic_write_json, compute_cleanup, compute_init, get_base_dir, print0
+from nanopipe.common import (atomic_write_json, compute_cleanup, compute_init, get_base_dir, print0,
+                             write_metrics)
 from nanopipe.configs.base import ConfigError
 from nanopipe.gpt import GPT, ROTARY_OVERCOMPUTE, GPTConfig, build_model_config
 from nanopipe.tokenizer import TokenizerNotFoundError, get_tokenizer
@@ -204,7 +205,10 @@ def train_from_source(cfg, stage: str, load_data: Callable, make_trainer: Callab
     check_row_length(getattr(cfg, "max_seq_len", None), src.model_config,
                      f"source checkpoint {src.ckpt_dir} step {src.step}")
     with contextlib.ExitStack() as stack:
-        stack.enter_context(exclusive_out_dir(out_dir, stage))  # one run at a time writes out_dir
+        if getattr(cfg, "dry_run", False):  # nanochat's --dry_run: train and evaluate, write nothing
+            print0(f"--dry_run: training without writing checkpoints or metrics.json (to {out_dir})")
+        else:
+            stack.enter_context(exclusive_out_dir(out_dir, stage))  # one run at a time writes out_dir
         rt = compute_init(cfg.device_type, cfg.dtype, cfg.seed)
         if rt.device_type == "cpu":
             keep_freed_memory_for_reuse()
@@ -287,11 +291,23 @@ class ChatTrainerBase:
             "loop_state": dict(self.loop),
         }
 
+    @property
+    def writes(self) -> bool:
+        """False under --dry_run (nanochat's meaning): the run trains and evaluates but writes no file."""
+        return not getattr(self.cfg, "dry_run", False)
+
     def save(self, loader_state: dict, extra_meta: dict | None = None) -> None:
+        if not self.writes:
+            return
         meta = {**self.checkpoint_meta(loader_state), **(extra_meta or {})}
         optim_state = {"optimizers": [opt.state_dict() for opt in self.optimizers], "rng": rng_state()}
         save_checkpoint(self.out_dir, self.step, self.orig_model.state_dict(), optim_state, meta, rank=self.rt.rank)
         barrier(self.rt)  # every rank's optimizer file is on disk before anyone moves on
+
+    def write_metrics(self, metrics: dict) -> None:
+        """metrics.json in out_dir (rank 0), unless --dry_run."""
+        if self.writes:
+            write_metrics(self.out_dir, metrics)
 
     def final_save_needed(self) -> bool:
         """False when the run resumed at its very end (the final checkpoint is already there)."""
@@ -299,7 +315,7 @@ class ChatTrainerBase:
 
     def complete_final_meta(self, values: dict) -> None:
         """Add the final evaluations to the final checkpoint's meta (rank 0), after the weights were saved."""
-        if self.rt.master:
+        if self.rt.master and self.writes:
             path = meta_path(self.out_dir, self.step)
             meta = json.loads(path.read_text(encoding="utf-8"))
             meta.update(values)

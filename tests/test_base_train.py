@@ -60,7 +60,7 @@ def test_defaults_are_the_seeds():
     assert (cfg.embedding_lr, cfg.unembedding_lr, cfg.matrix_lr, cfg.weight_decay) == (0.3, 0.004, 0.02, 0.0)
     assert (cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac) == (0.0, 0.4, 0.0)
     assert (cfg.eval_every, cfg.eval_tokens, cfg.core_metric_every, cfg.sample_every) == (250, 20 * 524288, 2000, 2000)
-    assert (cfg.save_every, cfg.resume_from_step, cfg.dry_run) == (None, None, False)
+    assert (cfg.save_every, cfg.resume_from_step, cfg.plan_only) == (None, None, False)
     assert {"eval_every", "save_every", "resume_from_step", "out_dir"} <= set(BaseTrainConfig.NON_SEMANTIC)
     assert "depth" not in BaseTrainConfig.NON_SEMANTIC
 
@@ -108,8 +108,8 @@ def test_flag_errors_exit_2_from_the_command_line(tmp_path):
     assert "--total_batch_size=1000 is not a multiple" in result.stderr
 
 
-def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "nanopipe.stages.base_train", "--dry_run",
+def test_plan_only_prints_the_plan_and_trains_nothing(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "nanopipe.stages.base_train", "--plan_only",
                              f"--out_dir={tmp_path / 'out'}"],
                             capture_output=True, text=True, env=subprocess_env(tmp_path), timeout=120)
     assert result.returncode == 0, result.stderr
@@ -124,9 +124,9 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "base_checkpoints").exists()
 
 
-def test_dry_run_numbers(monkeypatch, tmp_path):
+def test_plan_only_numbers(monkeypatch, tmp_path):
     monkeypatch.setenv("NANOPIPE_HOME", str(tmp_path))
-    info = base_train.run(build_config(BaseTrainConfig, {"dry_run": True, "depth": 12, "num_iterations": 100,
+    info = base_train.run(build_config(BaseTrainConfig, {"plan_only": True, "depth": 12, "num_iterations": 100,
                                                          "device_batch_size": 16}))
     assert info["num_iterations"] == 100 and info["total_tokens"] == 100 * 524288
     assert info["grad_accum_steps"] == 16 and info["model_config"]["n_embd"] == 768

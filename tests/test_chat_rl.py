@@ -138,7 +138,7 @@ def test_defaults_are_the_reference_recipe():
     assert (cfg.max_new_tokens, cfg.temperature, cfg.top_k) == (256, 1.0, 50)
     assert (cfg.embedding_lr, cfg.unembedding_lr, cfg.matrix_lr, cfg.weight_decay) == (0.2, 0.004, 0.02, 0.0)
     assert (cfg.init_lr_frac, cfg.eval_every, cfg.eval_examples, cfg.save_every) == (0.05, 60, 400, 60)
-    assert (cfg.resume_from_step, cfg.dry_run) == (None, False)
+    assert (cfg.resume_from_step, cfg.plan_only) == (None, False)
 
 
 def test_seed_and_kebab_spellings_and_disabled_values():
@@ -398,11 +398,11 @@ def test_builtin_arithmetic_runs_offline(tiny, tmp_path, capsys, home):
 # -----------------------------------------------------------------------------
 # Dry run and errors
 
-def test_dry_run_plans_without_joining_a_process_group(tiny, tmp_path):
+def test_plan_only_plans_without_joining_a_process_group(tiny, tmp_path):
     """The flow's preflight: plain python with torchrun's variables. Joining a group of 2 would hang."""
     env = subprocess_env(tmp_path, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                          MASTER_PORT="1")
-    result = subprocess.run([sys.executable, "-m", "nanopipe.stages.chat_rl", "--dry_run",
+    result = subprocess.run([sys.executable, "-m", "nanopipe.stages.chat_rl", "--plan_only",
                              f"--checkpoint_dir={tiny['ckpt']}", f"--out_dir={tmp_path / 'out'}"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -413,13 +413,13 @@ def test_dry_run_plans_without_joining_a_process_group(tiny, tmp_path):
     assert "16 questions per step (8 per rank, 2 rank(s)); samples per step: 256" in out
     assert re.search(r"Estimated peak memory per device: [\d.]+ GiB", out)
     assert not (tmp_path / "out").exists()
-    bad = subprocess.run([sys.executable, "-m", "nanopipe.stages.chat_rl", "--dry_run", "--examples_per_step=3"],
+    bad = subprocess.run([sys.executable, "-m", "nanopipe.stages.chat_rl", "--plan_only", "--examples_per_step=3"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "--examples_per_step=3 does not split over 2 ranks" in bad.stderr
 
 
-def test_dry_run_before_the_source_exists_assumes_the_depth_hint(tmp_path, home, capsys):
-    info = chat_rl.run(build_config(ChatRLConfig, {"dry_run": True, "depth": 4, "task": "builtin-arithmetic",
+def test_plan_only_before_the_source_exists_assumes_the_depth_hint(tmp_path, home, capsys):
+    info = chat_rl.run(build_config(ChatRLConfig, {"plan_only": True, "depth": 4, "task": "builtin-arithmetic",
                                                    "examples_per_step": 8, "checkpoint_dir": str(tmp_path / "none")}))
     assert "assuming --depth=4" in capsys.readouterr().out
     assert info["model_config"]["n_layer"] == 4 and info["num_iterations"] == 1000 // 8

@@ -191,7 +191,7 @@ def test_dry_runs_are_given_the_planned_vocabulary_and_model_shape(tmp_path):
     for stage, cls in (("base_train", BaseTrainConfig), ("chat_sft", ChatSFTConfig)):
         cmd, _ = dry_run_command(by_stage[stage], shape)
         flags = cmd[cmd.index(get_stage(stage).module) + 1:]
-        assert "--vocab_size=512" in flags and "--dry_run=true" in flags
+        assert "--vocab_size=512" in flags and "--plan_only=true" in flags
         parsed = cls.model_validate(parse_flags(cls, flags, prog=stage))   # the stage takes these flags
         assert parsed.vocab_size == 512 and (parsed.depth, parsed.aspect_ratio, parsed.head_dim) == (4, 32, 32)
     sft_flags = dry_run_command(by_stage["chat_sft"], shape)[0]

@@ -161,11 +161,11 @@ def mid_flags(inputs, out_dir: Path, **overrides) -> list[str]:
 def test_rows_longer_than_the_rotary_tables_are_refused_before_loading(inputs, tmp_path, home, capsys):
     # the base model's context is 128 tokens: its rotary tables hold 1280 positions
     long_rows = dict(max_seq_len=2048, device_batch_size=1, total_batch_size=2048, eval_tokens=2048)
-    for extra in ([], ["--dry_run=true"]):
+    for extra in ([], ["--plan_only=true"]):
         one_line_exit_2(capsys, lambda: mid_train.main(mid_flags(inputs, tmp_path / "mid", **long_rows) + extra),
                         "--max_seq_len=2048", "rotary tables", "1280 positions")
     assert not (tmp_path / "mid").exists()
-    mid_train.main(mid_flags(inputs, tmp_path / "mid", dry_run="true", max_seq_len=1280, device_batch_size=1,
+    mid_train.main(mid_flags(inputs, tmp_path / "mid", plan_only="true", max_seq_len=1280, device_batch_size=1,
                              total_batch_size=1280, eval_tokens=1280))
 
 

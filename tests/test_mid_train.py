@@ -71,7 +71,7 @@ def test_defaults_are_the_seeds():
     assert (cfg.device_batch_size, cfg.total_batch_size, cfg.max_seq_len, cfg.init_lr_frac) == (32, 524288, 2048, 1.0)
     assert (cfg.embedding_lr, cfg.unembedding_lr, cfg.matrix_lr, cfg.weight_decay) == (0.2, 0.004, 0.02, 0.0)
     assert (cfg.eval_every, cfg.eval_tokens, cfg.num_iterations, cfg.save_every) == (150, 20 * 524288, None, None)
-    assert (cfg.source, cfg.mixture, cfg.resume_from_step, cfg.dry_run) == ("base", "seed", None, False)
+    assert (cfg.source, cfg.mixture, cfg.resume_from_step, cfg.plan_only) == ("base", "seed", None, False)
 
 
 def test_both_spellings_minus_one_and_bad_batch_sizes():
@@ -240,9 +240,9 @@ def test_hub_datasets_unavailable_offline_fail_before_training(inputs, tmp_path)
     assert "step 0" not in result.stdout and not (tmp_path / "out").exists()
 
 
-def test_dry_run_needs_no_process_group(inputs, tmp_path):
+def test_plan_only_needs_no_process_group(inputs, tmp_path):
     env = subprocess_env(tmp_path, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")  # as the flow runs it: no torchrun
-    result = subprocess.run([sys.executable, "-m", "nanopipe.stages.mid_train", "--dry_run",
+    result = subprocess.run([sys.executable, "-m", "nanopipe.stages.mid_train", "--plan_only",
                              *flags(inputs, tmp_path / "out", total_batch_size=2048)],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -253,9 +253,17 @@ def test_dry_run_needs_no_process_group(inputs, tmp_path):
     assert "World size 2, gradient accumulation steps: 2" in out
     assert not (tmp_path / "out").exists()
     # planning before base_train has run: the shape comes from the flags
-    info = mid_train.run(build_config(MidTrainConfig, {"dry_run": True, "checkpoint_dir": str(tmp_path / "none"),
+    info = mid_train.run(build_config(MidTrainConfig, {"plan_only": True, "checkpoint_dir": str(tmp_path / "none"),
                                                        "depth": 12, "num_iterations": 10}))
     assert info["model_config"]["n_embd"] == 768 and info["total_tokens"] == 10 * 524288
+
+
+def test_dry_run_trains_and_writes_nothing(inputs, tmp_path, home, capsys):
+    """nanochat's --dry_run: the steps and the final evaluation run, no checkpoint or metrics.json is written."""
+    metrics = mid_train.main(flags(inputs, tmp_path / "out", dry_run="true", num_iterations=2, save_every=1))
+    log = capsys.readouterr().out
+    assert sorted(step_losses(log)) == [1, 2] and metrics["step"] == 2 and metrics["val_loss"] is not None
+    assert not (tmp_path / "out").exists()
 
 
 # -----------------------------------------------------------------------------

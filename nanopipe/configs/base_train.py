@@ -50,9 +50,9 @@ class BaseTrainConfig(CpuMatmulFlags, CommonConfig, DataFlags):
         None, description="where checkpoints and metrics.json go (default: NANOPIPE_HOME/base_checkpoints/<model_tag>)")
     checkpoint_dir: str | None = Field(None, description="checkpoint directory, if not out_dir")
     eval_bundle_dir: str | None = Field(None, description="CORE eval bundle (default: NANOPIPE_HOME/eval_bundle)")
-    dry_run: bool = Field(False, description="print the model shape, FLOPs, steps and memory estimate, then exit")
+    plan_only: bool = Field(False, description="print the model shape, FLOPs, steps and memory estimate, then exit")
     vocab_size: int | None = Field(
-        None, ge=MIN_VOCAB_SIZE, description="dry run only, before the tokenizer exists: the vocabulary to plan "
+        None, ge=MIN_VOCAB_SIZE, description="--plan_only, before the tokenizer exists: the vocabulary to plan "
                                              "for (none: tok_train's default; a real run reads the tokenizer's)")
     compile: bool | None = Field(None, description="torch.compile the model (none: auto, on CUDA for runs of at "
                                                    "least 50 steps, never on CPU, where the eager hand-fused "
@@ -63,7 +63,7 @@ class BaseTrainConfig(CpuMatmulFlags, CommonConfig, DataFlags):
     NON_SEMANTIC = tuple(dict.fromkeys(
         CommonConfig.NON_SEMANTIC + getattr(DataFlags, "NON_SEMANTIC", ()) + (
             "eval_every", "eval_tokens", "core_metric_every", "core_metric_max_per_task", "sample_every",
-            "save_every", "resume_from_step", "model_tag", "checkpoint_dir", "eval_bundle_dir", "dry_run",
+            "save_every", "resume_from_step", "model_tag", "checkpoint_dir", "eval_bundle_dir", "plan_only",
             "allow_over_memory", "vocab_size")))
 
     @model_validator(mode="after")

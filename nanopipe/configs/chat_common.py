@@ -14,16 +14,16 @@ ChatSource = Literal["base", "mid"]
 
 
 class PlanningFlags(NanoConfig):
-    """Flags of a chat training stage's planning: the model shape its dry run assumes before the source
+    """Flags of a chat training stage's planning: the model shape --plan_only assumes before the source
     checkpoint exists (the flow's preflight passes the base model's), and the memory check's override."""
 
-    depth: int = Field(20, ge=1, description="dry run only, when the source checkpoint does not exist yet: the depth "
+    depth: int = Field(20, ge=1, description="--plan_only, when the source checkpoint does not exist yet: the depth "
                                              "to assume (a real run takes the shape from the checkpoint)")
-    aspect_ratio: int = Field(64, ge=1, description="dry run only, without a source checkpoint: width / depth")
-    head_dim: int = Field(128, ge=2, description="dry run only, without a source checkpoint: channels per head")
-    model_seq_len: int = Field(2048, ge=2, description="dry run only, without a source checkpoint: the model's "
+    aspect_ratio: int = Field(64, ge=1, description="--plan_only, without a source checkpoint: width / depth")
+    head_dim: int = Field(128, ge=2, description="--plan_only, without a source checkpoint: channels per head")
+    model_seq_len: int = Field(2048, ge=2, description="--plan_only, without a source checkpoint: the model's "
                                                     "context length (base_train's --max_seq_len)")
-    vocab_size: int | None = Field(None, ge=MIN_VOCAB_SIZE, description="dry run only, without a source checkpoint or "
+    vocab_size: int | None = Field(None, ge=MIN_VOCAB_SIZE, description="--plan_only, without a source checkpoint or "
                                    "tokenizer: the vocabulary to assume (none: tok_train's default)")
     allow_over_memory: bool = Field(False, description="train even when the peak-memory estimate exceeds the "
                                                        "device's available memory (the estimate is rough)")
@@ -69,6 +69,9 @@ class ChatTrainFlags(CpuMatmulFlags, ChatDataFlags, PlanningFlags):
         None, description="tokenizer directory (default: the one the source checkpoint records)")
     out_dir: str | None = Field(None, description="where checkpoints and metrics.json go "
                                                   "(default: NANOPIPE_HOME/<stage dir>/<source model tag>)")
-    dry_run: bool = Field(False, description="print parameters, steps, tokens and a memory estimate, then exit")
+    plan_only: bool = Field(False, description="print parameters, steps, tokens and a memory estimate, then exit "
+                                               "(the flow's preflight)")
+    dry_run: bool = Field(False, description="train and evaluate, but write no checkpoint and no metrics.json "
+                                             "(nanochat's --dry_run)")
 
-    NON_SEMANTIC = ("save_every", "resume_from_step", "dry_run")
+    NON_SEMANTIC = ("save_every", "resume_from_step", "plan_only", "dry_run")

@@ -55,10 +55,10 @@ class ChatRLConfig(CpuMatmulFlags, DownstreamConfig, PlanningFlags):
     tokenizer_dir: str | None = Field(None, description="tokenizer (default: the one the source checkpoint records)")
     out_dir: str | None = Field(None, description="where checkpoints and metrics.json go "
                                                   "(default: NANOPIPE_HOME/chatrl_checkpoints/<source model tag>)")
-    dry_run: bool = Field(False, description="print parameters, steps, samples per step and a memory estimate, "
+    plan_only: bool = Field(False, description="print parameters, steps, samples per step and a memory estimate, "
                                              "then exit")
 
-    NON_SEMANTIC = ("eval_every", "eval_examples", "save_every", "resume_from_step", "dry_run", "model_tag",
+    NON_SEMANTIC = ("eval_every", "eval_examples", "save_every", "resume_from_step", "plan_only", "model_tag",
                     "checkpoint_dir")
 
     @field_validator("top_k", mode="before")

@@ -257,6 +257,8 @@ def _unknown_flag_message(model: type[BaseModel], token: str, fields: dict[str, 
     name = key.replace("-", "_")
     close = [f"--{f}" for f in fields if f.rpartition(".")[2].startswith(name.rpartition(".")[2][:3])]
     hint = f"; did you mean {', '.join(close[:8])}?" if close else ""
+    if name == "dry_run" and "plan_only" in fields:  # the seed's planning flag, renamed for nanochat's meaning
+        hint = "; to plan (shapes, steps, memory) without training use --plan_only"
     return f"unknown flag --{key} for {model.__name__}{hint} (see --help)"
 
 

@@ -6,7 +6,7 @@ Run alone (a tiny CPU run, then a real one):
     python -m nanopipe.stages.base_train --depth=4 --max_seq_len=256 --device_batch_size=8 \
         --total_batch_size=8192 --num_iterations=100 --eval_every=50 --eval_tokens=65536 \
         --core_metric_every=-1 --sample_every=-1
-    python -m nanopipe.stages.base_train --depth=20 --dry_run      # shapes, FLOPs, memory; no training
+    python -m nanopipe.stages.base_train --depth=20 --plan_only    # shapes, FLOPs, memory; no training
 
 Under torchrun (one process per GPU; on CPU the gloo backend):
 
@@ -155,7 +155,7 @@ def run(cfg: BaseTrainConfig) -> dict:
     check_batch_sizes(cfg, world_size)  # before any work: a bad batch size fails in a second
     tokenizer_dir, ckpt_dir, out_dir = resolve_paths(cfg)
 
-    if cfg.dry_run:
+    if cfg.plan_only:
         device_type = cfg.device_type or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             vocab_size = get_tokenizer(tokenizer_dir).get_vocab_size()
@@ -166,7 +166,7 @@ def run(cfg: BaseTrainConfig) -> dict:
         model_config = build_model_config(cfg.depth, cfg.aspect_ratio, cfg.head_dim, cfg.max_seq_len, vocab_size)
         info = describe_run(cfg, model_config, world_size, device_type)
         print_description(info)
-        return {"dry_run": True, **info}
+        return {"plan_only": True, **info}
 
     # the named inputs, before any process group, lock or output directory: a bad one fails in a second
     get_tokenizer(tokenizer_dir)

@@ -11,7 +11,7 @@ Run alone (GSM8K from the hub, or a local copy; or the offline builtin arithmeti
     python -m nanopipe.stages.chat_rl --task=builtin-arithmetic --synthetic_size=64 --num_epochs=6 \\
         --device_type=cpu --examples_per_step=8 --num_samples=8 --device_batch_size=8 --max_new_tokens=128 \\
         --init_lr_frac=0.1 --eval_every=-1 --eval_examples=64           # the CPU preset (bench/bench_chat_rl.py)
-    python -m nanopipe.stages.chat_rl --dry_run                          # parameters, steps, memory; no training
+    python -m nanopipe.stages.chat_rl --plan_only                        # parameters, steps, memory; no training
 
 Under torchrun (the questions of a step are split over the ranks):
 
@@ -38,7 +38,7 @@ import torch
 from nanopipe.chat_batches import sum_across_ranks
 from nanopipe.chat_train import (ChatTrainerBase, SourceCheckpoint, model_plan, planned_model, print_plan,
                                  train_from_source)
-from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_progress, write_metrics
+from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_progress
 from nanopipe.configs.base import ConfigError
 from nanopipe.configs.chat_rl import GSM8K_TRAIN_QUESTIONS, ChatRLConfig, check_world_size, plan_iterations
 from nanopipe.configs.flags import stage_main
@@ -125,7 +125,7 @@ def dry_run(cfg: ChatRLConfig, world_size: int) -> dict:
     model_config, model_from, _ = planned_model(cfg)
     info = describe_run(cfg, model_config, count_train_questions(cfg), world_size, device_type)
     print_description(info, model_from)
-    return {"dry_run": True, **info}
+    return {"plan_only": True, **info}
 
 
 # -----------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def dry_run(cfg: ChatRLConfig, world_size: int) -> dict:
 def run(cfg: ChatRLConfig) -> dict:
     _, _, _, world_size = get_dist_info()
     check_world_size(cfg, world_size)  # before any work
-    if cfg.dry_run:
+    if cfg.plan_only:
         return dry_run(cfg, world_size)
     # a missing source checkpoint, a wrong tokenizer or missing data fail before any process group
     return train_from_source(cfg, "rl", load_tasks,
@@ -286,7 +286,7 @@ class Trainer(ChatTrainerBase):
         }
         print0(f"Final reward {metrics['reward']} | pass@1 {metrics['pass@1']:.4f} | pass@{self.k} "
                f"{metrics['pass@k']:.4f} | training time {self.loop['training_time'] / 60:.2f}m")
-        write_metrics(self.out_dir, metrics)
+        self.write_metrics(metrics)
         self.wandb.finish()
         return metrics
 

@@ -6,7 +6,7 @@ Run alone (offline demo size on CPU, then nanochat's run on the real datasets):
 
     python -m nanopipe.stages.chat_sft --mixture=builtin --device_type=cpu --device_batch_size=8 \
         --target_examples_per_step=16 --eval_every=-1 --eval_steps=8 --eval_metrics_every=-1
-    python -m nanopipe.stages.chat_sft --dry_run                  # parameters, steps, memory
+    python -m nanopipe.stages.chat_sft --plan_only                # parameters, steps, memory
 
 Under torchrun (one process per GPU; on CPU the gloo backend):
 
@@ -37,7 +37,7 @@ from nanopipe.chat_scoring import evaluate_categorical
 from nanopipe.chat_batches import (PaddedChatBatcher, evaluate_chat_loss, show_metric, sum_across_ranks,
                                    supervised_loss)
 from nanopipe.chat_train import ChatTrainerBase, model_plan, planned_model, print_plan, train_from_source
-from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_progress, write_metrics
+from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_progress
 from nanopipe.configs.chat_sft import ChatSFTConfig, check_sft_batch_sizes
 from nanopipe.configs.flags import stage_main
 from nanopipe.tasks.mixtures import ChatMixtures, sft_mixtures
@@ -61,7 +61,7 @@ def plan_iterations(cfg: ChatSFTConfig, num_examples: int) -> int:
 
 
 # -----------------------------------------------------------------------------
-# Dry run
+# Planning (--plan_only)
 
 def dry_run(cfg: ChatSFTConfig, world_size: int) -> dict:
     device_type = cfg.device_type or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,7 +82,7 @@ def dry_run(cfg: ChatSFTConfig, world_size: int) -> dict:
            f"Iterations: {num_iterations:,} (--num_iterations)")
     print0(f"Tokens: at most {max_tokens:,} (rows padded to at most {model_config.sequence_len} tokens)")
     print0(f"World size {world_size}, gradient accumulation steps: {grad_accum}")
-    return {"dry_run": True, **plan, "num_iterations": num_iterations, "train_examples": examples,
+    return {"plan_only": True, **plan, "num_iterations": num_iterations, "train_examples": examples,
             "max_tokens": max_tokens, "grad_accum_steps": grad_accum, "world_size": world_size}
 
 
@@ -92,7 +92,7 @@ def dry_run(cfg: ChatSFTConfig, world_size: int) -> dict:
 def run(cfg: ChatSFTConfig) -> dict:
     _, _, _, world_size = get_dist_info()
     check_sft_batch_sizes(cfg, world_size)  # before any work
-    if cfg.dry_run:
+    if cfg.plan_only:
         return dry_run(cfg, world_size)
     return train_from_source(cfg, "sft", sft_mixtures, SFTTrainer)
 
@@ -249,7 +249,7 @@ class SFTTrainer(ChatTrainerBase):
         accuracies = ", ".join(f"{k} {v:.4f}" for k, v in loop["accuracy"].items())
         print0(f"SFT done: {self.step} steps | final val loss {show_metric(loop['val_loss'])} | accuracy: "
                f"{accuracies}")
-        write_metrics(self.out_dir, metrics)
+        self.write_metrics(metrics)
         self.wandb.finish()
         return metrics
 

@@ -6,7 +6,8 @@ Run alone (offline demo size on CPU, then nanochat's run on the real datasets):
 
     python -m nanopipe.stages.mid_train --mixture=builtin --device_type=cpu --max_seq_len=256 \
         --device_batch_size=8 --total_batch_size=4096 --eval_every=-1 --eval_tokens=16384
-    python -m nanopipe.stages.mid_train --dry_run                 # parameters, steps, tokens, memory
+    python -m nanopipe.stages.mid_train --plan_only               # parameters, steps, tokens, memory
+    python -m nanopipe.stages.mid_train --dry_run                 # train and evaluate, write nothing
 
 Under torchrun (one process per GPU; on CPU the gloo backend):
 
@@ -39,7 +40,7 @@ from nanopipe.chat_format import render_conversation
 from nanopipe.chat_batches import PackedChatLoader, evaluate_chat_loss, show_metric, sum_across_ranks
 from nanopipe.chat_train import (ChatTrainerBase, check_row_length, model_plan, planned_model, print_plan,
                                  train_from_source)
-from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_progress, write_metrics
+from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_progress
 from nanopipe.configs.flags import stage_main
 from nanopipe.configs.mid_train import MidTrainConfig, check_mid_batch_sizes
 from nanopipe.optim import batch_lr_scale, muon_momentum
@@ -61,7 +62,7 @@ def lr_multiplier(progress: float) -> float:
 
 
 # -----------------------------------------------------------------------------
-# Dry run
+# Planning (--plan_only)
 
 def estimate_pass(mixtures: ChatMixtures, tokenizer, seq_len: int, sample: int = DRY_RUN_SAMPLE) -> dict:
     """Tokens of one pass over the training mixture, from the mean rendered length of an even sample."""
@@ -80,7 +81,7 @@ def dry_run(cfg: MidTrainConfig, world_size: int) -> dict:
     plan = model_plan(model_config, cfg.max_seq_len, cfg.device_batch_size, world_size, device_type == "cuda")
     print_plan(plan, model_from)
     grad_accum = check_mid_batch_sizes(cfg, world_size)
-    info = {"dry_run": True, **plan, "grad_accum_steps": grad_accum, "world_size": world_size,
+    info = {"plan_only": True, **plan, "grad_accum_steps": grad_accum, "world_size": world_size,
             "num_iterations": cfg.num_iterations, "total_tokens": None, "mixture": cfg.mixture}
     if cfg.num_iterations is not None:
         info["total_tokens"] = cfg.num_iterations * cfg.total_batch_size
@@ -108,7 +109,7 @@ def dry_run(cfg: MidTrainConfig, world_size: int) -> dict:
 def run(cfg: MidTrainConfig) -> dict:
     _, _, _, world_size = get_dist_info()
     check_mid_batch_sizes(cfg, world_size)  # before any work: a bad batch size fails in a second
-    if cfg.dry_run:
+    if cfg.plan_only:
         return dry_run(cfg, world_size)
     return train_from_source(cfg, "mid", mid_mixtures, MidTrainer)
 
@@ -273,7 +274,7 @@ class MidTrainer(ChatTrainerBase):
         print0(f"Mid-training done: {self.step} steps, {100 * loop['progress']:.1f}% of the mixture | final val "
                f"loss {show_metric(loop['val_loss'])}, bpb {show_metric(loop['val_bpb'])} | peak memory "
                f"{metrics['peak_memory_mib']:,.0f} MiB")
-        write_metrics(self.out_dir, metrics)
+        self.write_metrics(metrics)
         self.wandb.finish()
         return metrics
 
