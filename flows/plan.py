@@ -34,7 +34,9 @@ from nanopipe.configs.chat_sft import check_sft_batch_sizes
 from nanopipe.configs.mid_train import check_mid_batch_sizes
 from nanopipe.configs.chat_eval import DATA_PATH_FIELDS
 from nanopipe.common import get_base_dir
+from nanopipe.remote import RemoteFile, availability_problem, is_url, remote_file
 from nanopipe.tasks import arc, gsm8k, humaneval, mmlu, smoltalk
+from nanopipe.tasks.spelling import is_remote_words, word_list_remote
 
 
 class StagePlan(BaseModel):
@@ -335,13 +337,31 @@ def hub_cached(repo: str, env: dict[str, str]) -> bool:
     return False
 
 
+def remote_inputs(plan: StagePlan) -> dict[str, RemoteFile]:
+    """{config field: file} of the files a stage will download from a URL (identity conversations, word lists)."""
+    cfg, wanted = plan.config, {}
+    if is_url(cfg.get("identity_path")):
+        wanted["identity_path"] = remote_file(cfg["identity_path"])
+    for name in ("spelling_words", "spelling_words_path"):
+        if cfg.get(name) and is_remote_words(cfg[name]) and (name != "spelling_words_path"
+                                                               or "SpellingBee" in cfg.get("task", [])):
+            wanted[name] = word_list_remote(cfg[name])
+    return wanted
+
+
 def input_problems(plan: StagePlan) -> list[str]:
     """What a stage would fail on only once it runs: a local data path that does not exist, a dataset it needs
-    from the hub while the hub is offline and the dataset is not in its cache. One line each, naming the flag."""
+    from the hub while the hub is offline and the dataset is not in its cache, a file to download from a URL
+    that is neither cached nor reachable. One line each, naming the flag."""
     prefix = get_stage(plan.stage).config_field
     problems = []
-    local = [name for name in plan.config if name.endswith("_path") and name not in plan.upstream]
-    local += ["spelling_words"] if plan.config.get("spelling_words") not in (None, "builtin", "download") else []
+    for name, file in remote_inputs(plan).items():
+        if problem := availability_problem(file):
+            problems.append(f"stage {plan.stage}: --{prefix}.{name}: {problem}")
+    local = [name for name in plan.config if name.endswith("_path") and name not in plan.upstream
+             and not is_url(plan.config[name]) and plan.config[name] != "download"]
+    words = plan.config.get("spelling_words")
+    local += ["spelling_words"] if words not in (None, "builtin") and not is_remote_words(words) else []
     for name in local:
         value = plan.config.get(name)
         if value and not Path(value).expanduser().exists():

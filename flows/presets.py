@@ -15,8 +15,11 @@ says in one line what each is for (the run form's preset picker and `nanopipe pr
     single-gpu    one GPU: depth 12, device batch 4
 
 The GPU presets read FineWeb-Edu shards through huggingface-hub (`data.data_source=hf`): the tokenizer
-the first 8 shards, pretraining as many as its token budget needs. Settings every stage shares (device,
-dtype, seed) go in `common`, the text source in `data` (see flows/config.py for the precedence).
+the first 8 shards, pretraining as many as its token budget needs. Their chat stages use nanochat's data: the
+identity conversations its speedrun downloads and the 370K-word English list of the spelling tasks (both
+fetched once into NANOPIPE_HOME and checked, nanopipe.remote); the CPU presets stay offline. Settings every
+stage shares (device, dtype, seed) go in `common`, the text source in `data` (see flows/config.py for the
+precedence).
 """
 
 from __future__ import annotations
@@ -24,8 +27,12 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from nanopipe.configs.chat_common import IDENTITY_CONVERSATIONS_URL
+
 _GPU_NODE = {"resources": {"nproc_per_node": 8, "env": {"OMP_NUM_THREADS": "1"}, "retries": 2,
                            "retry_delay_seconds": 60}}
+# nanochat's chat data: its speedrun's identity conversations, the public 370K-word list for the spelling tasks
+_REFERENCE_CHAT_DATA = {"identity_path": IDENTITY_CONVERSATIONS_URL, "spelling_words": "download"}
 
 
 def _gpu_run(depth: int, device_batch_size: int, base_shards: int, **resources) -> dict[str, Any]:
@@ -40,9 +47,10 @@ def _gpu_run(depth: int, device_batch_size: int, base_shards: int, **resources) 
         "base_eval": {"device_batch_size": device_batch_size},
         # mid-training packs rows like pretraining (same device batch, so the same memory); SFT keeps the seed's
         # 4 conversations per micro-step everywhere (at most base's memory); RL samples in batches of at most 8
-        "mid_train": {"device_batch_size": device_batch_size},
+        "mid_train": {"device_batch_size": device_batch_size, **_REFERENCE_CHAT_DATA},
+        "chat_sft": dict(_REFERENCE_CHAT_DATA),
         "chat_rl": {"device_batch_size": min(8, device_batch_size)},
-        "chat_eval": {"batch_size": min(8, device_batch_size)},
+        "chat_eval": {"batch_size": min(8, device_batch_size), "spelling_words_path": "download"},
     }
 
 

@@ -12,6 +12,11 @@ from nanopipe.vocab import MIN_VOCAB_SIZE
 
 ChatSource = Literal["base", "mid"]
 
+# The reference's chat data (nanopipe.remote fetches, caches and checks them): the identity conversations its
+# speedrun script downloads, and the English word list of its spelling tasks
+IDENTITY_CONVERSATIONS_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
+WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
+
 
 class PlanningFlags(NanoConfig):
     """Flags of a chat training stage's planning: the model shape --plan_only assumes before the source
@@ -39,7 +44,8 @@ class ChatDataFlags(DownstreamConfig):
         "seed", description="training mixture: 'seed' (nanochat's, real datasets from the hub or local paths) or "
                             "'builtin' (offline generated chats for demo/CI; plus GSM8K when --gsm8k_path is given)")
     identity_path: str | None = Field(
-        None, description="JSONL of identity conversations (none: nanopipe's builtin offline identity set)")
+        None, description="JSONL of identity conversations, a file or an http(s) URL downloaded once into "
+                           "NANOPIPE_HOME (none: nanopipe's builtin offline identity set)")
     smoltalk_path: str | None = Field(None, description="local SmolTalk data, file or directory (none: the hub)")
     mmlu_path: str | None = Field(None, description="local MMLU 'all' data with auxiliary_train and test splits "
                                                     "(none: the hub)")
@@ -48,7 +54,7 @@ class ChatDataFlags(DownstreamConfig):
     arc_challenge_path: str | None = Field(None, description="local ARC-Challenge data (none: the hub)")
     spelling_words: str = Field(
         "builtin", description="word list of the spelling tasks: 'builtin' (offline), 'download' (the public "
-                               "370K-word English list, cached under NANOPIPE_HOME/words) or a file")
+                               "370K-word English list, cached under NANOPIPE_HOME/words), an http(s) URL or a file")
     builtin_size: int = Field(1000, ge=1, description="examples per builtin task in --mixture=builtin "
                                                       "(identity counts twice)")
 

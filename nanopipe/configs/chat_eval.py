@@ -46,8 +46,9 @@ class ChatEvalConfig(DownstreamConfig):
     mmlu_path: str | None = Field(None, description="local MMLU 'all' data, file or directory (none: the hub)")
     gsm8k_path: str | None = Field(None, description="local GSM8K data, file or directory (none: the hub)")
     humaneval_path: str | None = Field(None, description="local HumanEval data, file or directory (none: the hub)")
-    spelling_words_path: str | None = Field(None, description="word list for SpellingBee, one word per line "
-                                                              "(none: the builtin list)")
+    spelling_words_path: str | None = Field(None, description="word list for SpellingBee: a file, one word per "
+                                                              "line, 'download' (the public 370K-word list) or an "
+                                                              "http(s) URL (none: the builtin list)")
     tokenizer_dir: str | None = Field(None, description="tokenizer to use (default: the one the checkpoint records)")
     out_dir: str | None = Field(None, description="where metrics.json goes "
                                                   "(default: NANOPIPE_HOME/chat_eval/<source>-<model tag>)")

@@ -41,6 +41,7 @@ from nanopipe.configs.chat_eval import CHATCORE_TASKS, DATA_PATH_FIELDS, SYNTHET
 from nanopipe.engine import Engine
 from nanopipe.tasks import build_task
 from nanopipe.tasks.gsm8k import in_answer_format, reference_answer
+from nanopipe.tasks.spelling import is_remote_words, word_list_path
 
 PROG = "python -m nanopipe.stages.chat_eval"
 NUM_SAMPLES_SHOWN = 5   # multiple-choice problems with the model's answer kept in metrics.json, over the tasks
@@ -57,6 +58,8 @@ def task_data_path(name: str, cfg: ChatEvalConfig) -> Path | None:
     value = getattr(cfg, field) if field else None
     if value is None:
         return None
+    if field == "spelling_words_path" and is_remote_words(value):
+        return word_list_path(value)  # 'download' or a URL: fetched (or found in the cache) before the model loads
     path = Path(value).expanduser()
     if not path.exists():
         raise ConfigError(f"--{field}: {value} does not exist")

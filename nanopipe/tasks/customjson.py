@@ -4,7 +4,8 @@ Conversations from any JSONL file, e.g. identity conversations that teach the mo
 Each non-blank line is one conversation: either a JSON list of messages
     [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am nanopipe..."}]
 or an object with a "messages" list (other keys are kept on the conversation). The whole file is
-validated when the task is created; an error names the file and line.
+validated when the task is created; an error names the file and line. An http(s) URL is downloaded once into
+NANOPIPE_HOME (nanopipe.remote) and read from there.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from nanopipe.remote import RemoteFileError, fetch_source
 from nanopipe.tasks.base import Task, TaskDataError, checked_conversation
 from nanopipe.tasks.sources import read_json_records
 
@@ -21,7 +23,10 @@ class CustomJSON(Task):
 
     def __init__(self, path: str | Path, **slicing: int | None):
         super().__init__(**slicing)
-        self.path = Path(path).expanduser()
+        try:
+            self.path = fetch_source(path)
+        except RemoteFileError as err:
+            raise TaskDataError(str(err)) from None
         if not self.path.is_file():
             raise TaskDataError(f"conversation file {self.path} does not exist")
         if self.path.suffix != ".jsonl":

@@ -7,7 +7,8 @@ Synthetic spelling tasks, generated on the fly from a word list and deterministi
   a calculator call `'strawberry'.count('r')`, and ends with "#### 3" (scored like GSM8K).
 
 Words come from `load_words(source)`: "builtin" (offline, from text that ships with Python), "download"
-(the public words_alpha.txt list, cached under NANOPIPE_HOME/words), or a local file with one word per line.
+(the public 370K-word words_alpha.txt list, nanochat's, cached under NANOPIPE_HOME/words and checked against its
+size and sha256), an http(s) URL (downloaded once, see nanopipe.remote), or a local file, one word per line.
 Train and test use disjoint words (a stable hash of the word picks its side).
 """
 
@@ -15,15 +16,15 @@ from __future__ import annotations
 
 import random
 import re
-import urllib.request
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from nanopipe.configs.chat_common import WORD_LIST_URL
+from nanopipe.remote import RemoteFile, RemoteFileError, fetch, is_url, remote_file
 from nanopipe.tasks.base import Task, TaskDataError, check_synthetic_split, is_held_out
 from nanopipe.tasks.gsm8k import score_final_answer
 
-WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _WORD = re.compile(r"[a-z]{3,16}")
 
@@ -80,25 +81,37 @@ def read_word_file(path: str | Path) -> list[str]:
     return words
 
 
-def download_word_list(url: str = WORD_LIST_URL) -> Path:
-    """The public English word list, downloaded once into NANOPIPE_HOME/words (atomically)."""
-    from nanopipe.common import atomic_write_bytes, get_base_dir, print0
+def word_list_remote(source: str) -> RemoteFile:
+    """The download behind a remote word source ("download" or an http(s) URL), cached in NANOPIPE_HOME/words."""
+    return remote_file(WORD_LIST_URL if source == "download" else source, subdir="words")
 
-    target = get_base_dir() / "words" / url.rsplit("/", 1)[-1]
-    if not target.exists():
-        print0(f"downloading the word list {url} -> {target}")
-        with urllib.request.urlopen(url, timeout=60) as response:
-            atomic_write_bytes(target, response.read())
-    return target
+
+def download_word_list(url: str = "download") -> Path:
+    """A word list downloaded once into NANOPIPE_HOME/words (the public list: checked against its pinned size
+    and sha256; another URL: against the sha256 recorded at its first download)."""
+    try:
+        return fetch(word_list_remote(url))
+    except RemoteFileError as err:
+        raise TaskDataError(f"word list: {err}") from None
+
+
+def is_remote_words(source: str | Path) -> bool:
+    """Is this word source a download ("download": the public list, or an http(s) URL)?"""
+    return source == "download" or is_url(source)
+
+
+def word_list_path(source: str | Path) -> Path:
+    """The local file of a word source other than "builtin": downloaded (or found in the cache) if remote."""
+    if is_remote_words(source):
+        return download_word_list(str(source))
+    return Path(source).expanduser()
 
 
 def load_words(source: str | Path = "builtin") -> list[str]:
-    """Words from "builtin", "download" or a local file path."""
+    """Words from "builtin", "download" (the public 370K-word list), an http(s) URL or a local file path."""
     if source == "builtin":
         return list(builtin_words())
-    if source == "download":
-        return read_word_file(download_word_list())
-    return read_word_file(source)
+    return read_word_file(word_list_path(source))
 
 
 def split_words(words: Sequence[str], split: str, task_name: str) -> list[str]:
