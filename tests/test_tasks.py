@@ -25,6 +25,7 @@ from nanopipe.tasks import (ARC, GSM8K, MMLU, OFFLINE_EVAL_TASKS, TASK_NAMES, Ar
 from nanopipe.tasks.base import is_held_out
 from nanopipe.tasks.gsm8k import extract_final_answer, parse_calculator_annotations, reference_answer
 from nanopipe.tasks.humaneval import build_program, extract_imports, extract_program
+from nanopipe.tasks.sources import datasets_permutation
 from nanopipe.tasks.spelling import builtin_words, download_word_list, load_words, read_word_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +120,22 @@ def test_gsm8k_task_from_local_files(gsm8k_dir):
     assert [task[i] for i in range(5)] == [again[i] for i in range(5)] != [unshuffled[i] for i in range(5)]
     assert sorted(json.dumps(task[i]) for i in range(len(task))) == \
         sorted(json.dumps(unshuffled[i]) for i in range(len(unshuffled)))
+
+
+def test_hub_tasks_are_shuffled_as_datasets_shuffles_them(gsm8k_dir, tmp_path):
+    """nanochat loads each hub split with `.shuffle(seed=42)`: numpy's generator, whose permutation of 10 rows
+    starts 5, 6, 0 (Python's random.Random(42) would start 7, 3, 2), and of GSM8K's 1,319 test rows 30, 754."""
+    assert datasets_permutation(10, 42) == [5, 6, 0, 7, 3, 2, 4, 9, 1, 8]
+    rows = [{"question": f"question {i}", "answer": f"so {i}\n#### {i}"} for i in range(10)]
+    task = GSM8K("main", "test", data_path=write_jsonl(tmp_path / "gsm8k" / "test.jsonl", rows))
+    assert [task[i]["messages"][0]["content"] for i in range(4)] == [f"question {i}" for i in (5, 6, 0, 7)]
+    chats = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello"}]}
+             for i in range(10)]
+    smoltalk = SmolTalk("train", data_path=write_jsonl(tmp_path / "smoltalk" / "train.jsonl", chats), stop=3)
+    assert [c["messages"][0]["content"] for c in smoltalk] == ["hi 5", "hi 6", "hi 0"]
+    real = GSM8K("main", "test", data_path=gsm8k_dir)
+    stored = GSM8K("main", "test", data_path=gsm8k_dir, shuffle_seed=None)
+    assert [real[i] for i in range(2)] == [stored[30], stored[754]]
 
 
 def test_gsm8k_evaluate_and_reward(gsm8k_dir):

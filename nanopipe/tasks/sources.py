@@ -14,7 +14,6 @@ from __future__ import annotations
 import abc
 import bisect
 import json
-import random
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -52,15 +51,24 @@ class Rows(abc.ABC):
         return self._where(self._physical(index))
 
     def shuffle(self, seed: int | None) -> "Rows":
-        """Put the rows in a fixed pseudo-random order (None keeps the stored order); returns self."""
-        self._order = None
-        if seed is not None:
-            self._order = list(range(self._count()))
-            random.Random(seed).shuffle(self._order)
+        """Put the rows in the order `datasets.Dataset.shuffle(seed=seed)` gives them (None keeps the stored
+        order); returns self."""
+        self._order = None if seed is None else datasets_permutation(self._count(), seed)
         return self
 
     def _physical(self, index: int) -> int:
         return self._order[index] if self._order is not None else index
+
+
+def datasets_permutation(num_rows: int, seed: int) -> list[int]:
+    """The row order of `datasets.Dataset.shuffle(seed=seed)` over num_rows rows (numpy's default_rng, not
+    Python's random). nanochat shuffles each hub split this way as it loads it, so taking the first N rows of
+    ours (SFT's 10K SmolTalk rows, --max_problems, ...) picks the rows nanochat picks. The permutation depends on
+    the row count and the seed only; it is drawn by `datasets` itself, on a one-column table of row numbers."""
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"row": list(range(num_rows))}).shuffle(seed=seed)
+    return [int(i) for i in rows["row"]]
 
 
 class ListRows(Rows):
