@@ -16,17 +16,15 @@ it were generated alone: a prompt's completions do not depend on the other promp
 prompt through generate_multi equals generate_batch. A row ends on <|assistant_end|> or <|bos|>, or when its
 own token budget is spent.
 
-Tool use: when a row writes <|python_start|> expr <|python_end|>, `expr` goes to `use_calculator` (an AST
-evaluator for arithmetic and `'word'.count('l')`, never `eval`); if it yields a value, the row is fed
+Tool use: when a row writes <|python_start|> expr <|python_end|>, `expr` goes to `use_calculator`
+(nanopipe.calculator: nanochat's outputs and refusals, from an AST walk, never `eval`; `extended_calculator=True`
+for nanopipe's own); if it yields a value, the row is fed
 <|output_start|> value <|output_end|> instead of sampling, and those tokens carry mask 0 so that RL can
 leave them out of the loss.
 """
 
 from __future__ import annotations
 
-import ast
-import math
-import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -34,113 +32,9 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from nanopipe.calculator import (CalculatorError, evaluate_expression, format_number,  # noqa: F401
+                                 use_calculator)
 from nanopipe.gpt import KVCache
-
-# -----------------------------------------------------------------------------
-# Calculator: a whitelist walk over Python's AST. Nothing is ever passed to eval/exec.
-
-CALC_MAX_CHARS = 1000       # longer "expressions" are rejected before parsing
-CALC_MAX_INT_BITS = 1024    # integers up to ~308 digits, operands and results alike
-CALC_MAX_STRING_CHARS = 10_000
-
-_BINARY_OPS = {
-    ast.Add: lambda a, b: a + b,
-    ast.Sub: lambda a, b: a - b,
-    ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b,
-    ast.FloorDiv: lambda a, b: a // b,
-    ast.Mod: lambda a, b: a % b,
-}
-
-
-class CalculatorError(ValueError):
-    """The expression is outside what the calculator evaluates (or its value is out of range)."""
-
-
-def _check_number(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CalculatorError(f"not a real number: {value!r}")
-    if isinstance(value, int) and value.bit_length() > CALC_MAX_INT_BITS:
-        raise CalculatorError(f"integer over {CALC_MAX_INT_BITS} bits")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise CalculatorError(f"non-finite result {value}")
-    return value
-
-
-def _power(base, exponent):
-    if isinstance(base, int) and isinstance(exponent, int) and exponent >= 0:
-        # |base ** exponent| has about bit_length(base) * exponent bits: refuse before computing it
-        if abs(base) > 1 and base.bit_length() * exponent > CALC_MAX_INT_BITS + 64:
-            raise CalculatorError(f"{base} ** {exponent} is too large")
-        if abs(base) <= 1 and exponent > CALC_MAX_INT_BITS:
-            raise CalculatorError(f"exponent {exponent} is too large")
-    elif abs(exponent) > CALC_MAX_INT_BITS:
-        raise CalculatorError(f"exponent {exponent} is too large")
-    return base ** exponent  # float overflow raises OverflowError; a complex result fails _check_number
-
-
-def _evaluate(node):
-    if isinstance(node, ast.Expression):
-        return _evaluate(node.body)
-    if isinstance(node, ast.Constant):
-        if isinstance(node.value, str):
-            if len(node.value) > CALC_MAX_STRING_CHARS:
-                raise CalculatorError("string literal too long")
-            return node.value
-        return _check_number(node.value)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        operand = _check_number(_evaluate(node.operand))
-        return -operand if isinstance(node.op, ast.USub) else operand
-    if isinstance(node, ast.BinOp) and (type(node.op) in _BINARY_OPS or isinstance(node.op, ast.Pow)):
-        left = _check_number(_evaluate(node.left))
-        right = _check_number(_evaluate(node.right))
-        if isinstance(node.op, ast.Pow):
-            return _check_number(_power(left, right))
-        return _check_number(_BINARY_OPS[type(node.op)](left, right))
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
-            and isinstance(node.func.value, ast.Constant) and isinstance(node.func.value.value, str)
-            and len(node.args) == 1 and not node.keywords
-            and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
-        return _evaluate(node.func.value).count(_evaluate(node.args[0]))
-    raise CalculatorError(f"unsupported syntax: {type(node).__name__}")
-
-
-def evaluate_expression(expr: str) -> int | float:
-    """Value of an arithmetic expression (+ - * / // % **, parentheses, unary minus) or of
-    `'literal'.count('literal')`. Raises CalculatorError for anything else."""
-    if len(expr) > CALC_MAX_CHARS:
-        raise CalculatorError(f"expression longer than {CALC_MAX_CHARS} characters")
-    if "'" not in expr and '"' not in expr:
-        expr = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", expr)  # thousands separators: 1,200 -> 1200
-    try:
-        tree = ast.parse(expr.strip(), mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as err:
-        raise CalculatorError(f"cannot parse {expr!r}: {err}") from None
-    try:
-        value = _evaluate(tree)
-    except (ArithmeticError, RecursionError) as err:  # ZeroDivisionError, OverflowError
-        raise CalculatorError(f"{type(err).__name__}: {err}") from None
-    return _check_number(value)
-
-
-def format_number(value: int | float) -> str:
-    """How a result is shown to the model: integers plainly (48/2 -> '24', as GSM8K writes it), other
-    floats rounded to 6 decimals."""
-    if isinstance(value, float):
-        rounded = round(value, 6)
-        if rounded.is_integer() and abs(rounded) < 1e15:
-            return str(int(rounded))
-        return repr(rounded)
-    return str(value)
-
-
-def use_calculator(expr: str) -> str | None:
-    """The tool: the formatted value of `expr`, or None when the calculator does not evaluate it."""
-    try:
-        return format_number(evaluate_expression(expr))
-    except CalculatorError:
-        return None
-
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -189,9 +83,10 @@ class _Row:
 class Engine:
     """Generation for a GPT (nanopipe.gpt) and its Tokenizer (special tokens drive the tool state machine)."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, extended_calculator: bool = False):
         self.model = model
         self.tokenizer = tokenizer
+        self.extended_calculator = extended_calculator  # nanochat's calculator unless asked (nanopipe.calculator)
         special = tokenizer.encode_special
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
@@ -250,7 +145,8 @@ class Engine:
             row.in_python, row.python_tokens = True, []
         elif token == self.python_end and row.in_python:
             row.in_python = False
-            result = use_calculator(self.tokenizer.decode(row.python_tokens)) if row.python_tokens else None
+            expr = self.tokenizer.decode(row.python_tokens) if row.python_tokens else None
+            result = use_calculator(expr, self.extended_calculator) if expr is not None else None
             if result is not None:
                 row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
             row.python_tokens = []

@@ -19,7 +19,7 @@ from nanopipe.engine import Engine
 from nanopipe.gpt import GPT, build_model_config
 from nanopipe.stages import chat_cli, chat_eval
 from nanopipe.stages.chat_cli import ChatSession, interactive
-from nanopipe.configs.chat_eval import CHATCORE_TASKS, ChatEvalConfig
+from nanopipe.configs.chat_eval import CHATCORE_TASKS, SHORT_FLAGS, ChatEvalConfig
 from nanopipe.configs.flags import parse_config
 from nanopipe.chat_scoring import chatcore, evaluate_categorical, evaluate_generative
 from nanopipe.tasks import build_task
@@ -111,8 +111,9 @@ def test_chat_eval_end_to_end_on_every_task(checkpoint, tmp_path, home):
     tasks = list(CHATCORE_TASKS) + ["Arithmetic", "MultipleChoice"]
     metrics = chat_eval.main(eval_args(checkpoint, tmp_path / "out", "--task=" + ",".join(tasks)))
     written = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert written["chatcore"] == pytest.approx(metrics["chatcore"])
-    assert written["chatcore_tasks"] == tasks and written["chatcore_complete"] is True
+    assert written["chatcore"] == pytest.approx(metrics["chatcore"]) and "chatcore_partial" not in written
+    # nanochat's ChatCORE: its six tasks only, the builtin ones left out
+    assert written["chatcore_tasks"] == list(CHATCORE_TASKS) and written["chatcore_complete"] is True
     expected_totals = {**{name: 4 for name in tasks}, "HumanEval": 2, "GSM8K": 3}
     for name in tasks:
         result = written["tasks"][name]
@@ -123,7 +124,7 @@ def test_chat_eval_end_to_end_on_every_task(checkpoint, tmp_path, home):
                                              else 0.0)
         assert result["problems_per_second"] > 0
     centered = [(written["accuracy"][n] - written["tasks"][n]["chance_accuracy"])
-                / (1 - written["tasks"][n]["chance_accuracy"]) for n in tasks]
+                / (1 - written["tasks"][n]["chance_accuracy"]) for n in CHATCORE_TASKS]
     assert written["chatcore"] == pytest.approx(sum(centered) / len(centered))
     assert math.isfinite(written["chatcore"]) and written["step"] == 5
     # GSM8K-format answers report their format rate; '#### N' tasks the score of always giving the commonest answer
@@ -238,7 +239,7 @@ def test_two_ranks_under_torchrun_match_one_process(checkpoint, tmp_path):
         one, two_ranks = single["tasks"][name], metrics["tasks"][name]
         assert one["total"] == 7
         assert (two_ranks["passed"], two_ranks["total"]) == (one["passed"], one["total"])
-    assert metrics["chatcore"] == pytest.approx(single["chatcore"])
+    assert metrics["chatcore"] is None and metrics["chatcore_partial"] == pytest.approx(single["chatcore_partial"])
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -264,6 +265,44 @@ def test_real_gsm8k_rows_evaluate(checkpoint, shared_dir, tmp_path, home):
     metrics = chat_eval.main(eval_args(checkpoint, tmp_path, "--task=GSM8K", "--max_problems=2",
                                        f"--gsm8k_path={shared_dir / 'data' / 'gsm8k'}"))
     assert metrics["tasks"]["GSM8K"]["total"] == 2 and metrics["chatcore_complete"] is False
+    assert metrics["chatcore"] is None and metrics["chatcore_partial"] == metrics["accuracy"]["GSM8K"]
+    assert metrics["chatcore_tasks"] == ["GSM8K"]
+
+
+def test_partial_chatcore_has_its_own_name():
+    accuracies = {"ARC-Easy": 0.5, "GSM8K": 0.1, "Arithmetic": 0.3}
+    chance = {"ARC-Easy": 0.25, "GSM8K": 0.0, "Arithmetic": 0.0}
+    metrics = chat_eval.chatcore_metrics(accuracies, chance)
+    assert metrics["chatcore"] is None and metrics["chatcore_complete"] is False
+    assert metrics["chatcore_partial"] == pytest.approx((1 / 3 + 0.1 + 0.3) / 3)
+    line = chat_eval.chatcore_line(metrics)
+    assert line.startswith("ChatCORE (partial: 2 of 6 tasks) over ARC-Easy, GSM8K, Arithmetic: ")
+    six = chat_eval.chatcore_metrics({**{name: 1.0 for name in CHATCORE_TASKS}, "Arithmetic": 0.0},
+                                     {**{name: 0.25 for name in CHATCORE_TASKS}, "Arithmetic": 0.0})
+    assert six == {"chatcore": 1.0, "chatcore_tasks": list(CHATCORE_TASKS), "chatcore_complete": True}
+    assert chat_eval.chatcore_line(six).startswith("ChatCORE over ARC-Easy, ARC-Challenge, MMLU,")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["-i", "mid"], {"source": "mid", "task": list(CHATCORE_TASKS)}),
+    (["-i", "rl", "-a", "GSM8K"], {"source": "rl", "task": ["GSM8K"]}),
+    (["-i", "sft", "-a", "ARC-Easy|GSM8K", "-x", "200", "-s", "700", "-g", "d20"],
+     {"task": ["ARC-Easy", "GSM8K"], "max_problems": 200, "model_step": 700, "model_tag": "d20"}),
+    (["-i", "sft", "-t", "0.7", "-n", "4", "-k", "20", "-b", "16", "-m", "256", "-d", "float32"],
+     {"temperature": 0.7, "num_samples": 4, "top_k": 20, "batch_size": 16, "max_new_tokens": 256,
+      "dtype": "float32"}),
+    (["--source", "sft", "--task-name", "MMLU|ARC-Challenge", "--step", "3", "--max-problems", "5",
+      "--device-type", "cpu"], {"task": ["MMLU", "ARC-Challenge"], "model_step": 3, "max_problems": 5,
+                                "device_type": "cpu"}),
+    (["--task=ARC-Easy,GSM8K", "--gsm8k_lenient", "--extended_calculator"],
+     {"task": ["ARC-Easy", "GSM8K"], "gsm8k_lenient": True, "extended_calculator": True}),
+])
+def test_nanochats_command_lines_parse(argv, expected):
+    """nanochat's chat_eval flags (short ones, '|' between tasks) beside ours."""
+    cfg = parse_config(ChatEvalConfig, argv, short_aliases=SHORT_FLAGS)
+    assert {key: getattr(cfg, key) for key in expected} == expected
+    assert (cfg.gsm8k_lenient, cfg.extended_calculator) == (expected.get("gsm8k_lenient", False),
+                                                            expected.get("extended_calculator", False))
 
 
 # -----------------------------------------------------------------------------

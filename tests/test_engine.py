@@ -224,29 +224,52 @@ def test_stop_tokens_and_per_sample_budgets(model, tokenizer):
 # -----------------------------------------------------------------------------
 # Calculator
 
+# nanochat's calculator (061f83c): Python's str() of the value, commas dropped, no ** or %, count calls alone
+@pytest.mark.parametrize("expr, value", [
+    ("12*3", "36"), ("48/2", "24.0"), ("10/4", "2.5"), ("7//2", "3"), ("7.0//2", "3.0"), ("-(2+3)*4", "-20"),
+    ("0.1+0.2", "0.30000000000000004"), ("1,200/3", "400.0"), ("1/3", "0.3333333333333333"), ("1,2,3+1", "124"),
+    ("'strawberry'.count('r')", "3"), ('"banana".count("an")', "2"), ("  3 + 4  ", "7"), ("3.", "3.0"),
+    ("'Hello'.lower().count('h')", "1"),
+    ("'a,b,c'.count(',')", "4"), ("10000000000000000.0*1", "1e+16"), ("1" * 400 + "*" + "1" * 400,
+                                                                     str(int("1" * 400) ** 2)),
+])
+def test_calculator_gives_nanochats_outputs(expr, value):
+    assert use_calculator(expr) == value
+
+
+@pytest.mark.parametrize("expr", [
+    "2**10", "7 % 3", "1e5", "1_000", "0x10", "3\n+4", "'abc'.count('a') + 1", "2*'ab'.count('a')",
+    "'directory'.count('d')", "'profile'.count('f')", "'Evaluate'.count('e')", "'abc'.upper()", "len('abc')",
+    "'a'.count", "x.count('a')", "'abc'.count('a', 1)", "1/0", "5//0", "",
+])
+def test_calculator_refuses_what_nanochat_refuses(expr):
+    assert use_calculator(expr) is None
+
+
 @pytest.mark.parametrize("expr, value", [
     ("12*3", "36"), ("48/2", "24"), ("10/4", "2.5"), ("7//2", "3"), ("7 % 3", "1"), ("-(2+3)*4", "-20"),
     ("2**10", "1024"), ("2**-1", "0.5"), ("0.1+0.2", "0.3"), ("1,200/3", "400"), ("1/3", "0.333333"),
     ("'strawberry'.count('r')", "3"), ('"banana".count("an")', "2"), ("  3 + 4  ", "7"),
+    ("2*'abc'.count('a')", "2"),
 ])
-def test_calculator_evaluates_arithmetic_and_count(expr, value):
-    assert use_calculator(expr) == value
+def test_extended_calculator_evaluates_arithmetic_and_count(expr, value):
+    assert use_calculator(expr, extended=True) == value
 
 
 @pytest.mark.parametrize("expr", [
     "__import__('os').system('true')", "import os", "(1).__class__", "'a'.upper()", "'a'.count", "x + 1",
     "'abc'.count('a', 1)", "str(1)", "open('f')", "[1, 2]", "lambda: 1", "1 if 1 else 2", "2**100000",
     "9**9**9", "10.0**400", "2.0**1e10", "1/0", "5 % 0", "'a' * 10", "'a' + 'b'", "True + 1", "-'a'",
-    "(-8) ** 0.5", "1" * 400 + "*" + "1" * 400, "1 < 2", "(" * 600 + "1" + ")" * 600, "'a'.count('a')" * 80,
+    "(-8) ** 0.5", "1" * 600 + "*" + "1" * 600, "1 < 2", "(" * 600 + "1" + ")" * 600, "'a'.count('a')" * 80,
     "", "1;2", "globals()",
 ])
 def test_calculator_rejects_everything_else(expr):
-    assert use_calculator(expr) is None
+    assert use_calculator(expr) is None and use_calculator(expr, extended=True) is None
     with pytest.raises(CalculatorError):
         evaluate_expression(expr)
 
 
-def test_calculator_formats_numbers_like_the_training_data():
+def test_extended_calculator_formats_numbers_like_the_training_data():
     assert format_number(24.0) == "24"
     assert format_number(2.5) == "2.5"
     assert format_number(10 ** 20) == str(10 ** 20)

@@ -149,17 +149,21 @@ def test_gsm8k_evaluate_and_reward(gsm8k_dir):
         assert task.reward(conversation, "I don't know") == 0.0
     conversation = {"messages": [{"role": "user", "content": "q"},
                                  {"role": "assistant", "content": [{"type": "text", "text": "x\n#### 1,200"}]}]}
-    assert task.evaluate(conversation, "#### 1200") == 1
-    assert task.evaluate(conversation, "#### 1,200.00") == 1
+    assert task.evaluate(conversation, "#### 1200") == 1 and task.evaluate(conversation, "#### 1,2,00") == 1
     assert task.evaluate(conversation, "#### 120") == 0
+    # nanochat's exact match: these score 0 by default, 1 with the lenient option
+    lenient = GSM8K(split="train", data_path=gsm8k_dir, stop=1, lenient=True)
+    for near_miss in ("#### 1,200.00", "####1200", "#### 1200.", "####  1200"):
+        assert (task.evaluate(conversation, near_miss), lenient.evaluate(conversation, near_miss)) == (0, 1)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("#### 18", "18"), ("so\n#### -3", "-3"), ("#### 1,000", "1000"), ("#### 2.5", "2.5"), ("#### 7.", "7"),
-    ("####42", "42"), ("no marker 42", None), ("#### abc", None), ("#### 1\n#### 2", "1"),
+@pytest.mark.parametrize("text, expected, lenient", [
+    ("#### 18", "18", "18"), ("so\n#### -3", "-3", "-3"), ("#### 1,000", "1000", "1000"), ("#### 2.5", "2.5", "2.5"),
+    ("#### 7.", "7.", "7"), ("####42", None, "42"), ("no marker 42", None, None), ("#### abc", None, None),
+    ("#### 1\n#### 2", "1", "1"), ("#### 18.00", "18.00", "18.00"), ("#### ,", "", None),
 ])
-def test_extract_final_answer(text, expected):
-    assert extract_final_answer(text) == expected
+def test_extract_final_answer(text, expected, lenient):
+    assert extract_final_answer(text) == expected and extract_final_answer(text, lenient=True) == lenient
 
 
 def test_gsm8k_rejects_bad_arguments_and_rows(tmp_path):

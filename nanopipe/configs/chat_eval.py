@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, field_validator
 
 from nanopipe.configs.base import CheckpointSource, DownstreamConfig, Off
 
@@ -19,6 +19,11 @@ EvalTaskName = Literal["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"
 DATA_PATH_FIELDS = {"ARC-Easy": "arc_easy_path", "ARC-Challenge": "arc_challenge_path", "MMLU": "mmlu_path",
                     "GSM8K": "gsm8k_path", "HumanEval": "humaneval_path", "SpellingBee": "spelling_words_path"}
 
+# nanochat's chat_eval flags (061f83c): `-i sft -a "ARC-Easy|GSM8K" -x 100` works here too
+SHORT_FLAGS = {"-i": "source", "-a": "task", "--task-name": "task", "-d": "dtype", "-t": "temperature",
+               "-m": "max_new_tokens", "-n": "num_samples", "-k": "top_k", "-b": "batch_size", "-g": "model_tag",
+               "-s": "model_step", "--step": "model_step", "-x": "max_problems"}
+
 # top-k sampling: 0 means "all tokens" as well as -1/none
 TopK = Annotated[Off[int], BeforeValidator(lambda value: None if value in (0, "0") else value)]
 
@@ -29,7 +34,7 @@ class ChatEvalConfig(DownstreamConfig):
     source: CheckpointSource = Field("sft", description="which stage's checkpoints to load")
     task: list[EvalTaskName] = Field(
         list(CHATCORE_TASKS), min_length=1,
-        description=f"tasks to evaluate, comma-separated, from: {', '.join(EVAL_TASKS)}")
+        description=f"tasks to evaluate, separated by ',' or '|', from: {', '.join(EVAL_TASKS)}")
     batch_size: int = Field(8, ge=1, description="problems per forward pass (generative tasks: decoded together, "
                                                 "batch_size * num_samples sequences)")
     max_problems: int | None = Field(None, ge=1, description="evaluate at most this many problems per task "
@@ -52,8 +57,21 @@ class ChatEvalConfig(DownstreamConfig):
     tokenizer_dir: str | None = Field(None, description="tokenizer to use (default: the one the checkpoint records)")
     out_dir: str | None = Field(None, description="where metrics.json goes "
                                                   "(default: NANOPIPE_HOME/chat_eval/<source>-<model tag>)")
+    gsm8k_lenient: bool = Field(False, description="nanopipe's lenient GSM8K scoring: '####18', '#### 18.00' and "
+                                                   "'#### 18.' match 18 (default: nanochat's exact match)")
+    extended_calculator: bool = Field(False, description="nanopipe's calculator: % and ** too, 48/2 gives '24' "
+                                                         "(default: nanochat's outputs and refusals, '24.0')")
     allow_unsandboxed_code: bool = Field(
         False, description="run HumanEval completions even where the kernel cannot isolate them (no user, PID or "
                            "mount namespaces): only rlimits, a privilege drop and Python-level guards then")
 
     NON_SEMANTIC = ("allow_unsandboxed_code",)  # the same scores, or a refusal to run
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _split_tasks(cls, value):
+        """nanochat separates tasks with '|' (-a "ARC-Easy|GSM8K"); commas work as well."""
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            return value
+        return [part.strip() for item in items for part in str(item).replace("|", ",").split(",") if part.strip()]

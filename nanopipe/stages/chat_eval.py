@@ -1,13 +1,16 @@
 """
 Evaluate a chat model on ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval and SpellingBee, and compute
-ChatCORE: the mean over tasks of accuracy centred on the task's chance level, (acc - chance) / (1 - chance),
-so 0 is random guessing and 1 is perfect. Multiple-choice tasks are scored from the logits of the answer
+ChatCORE: the mean over these six tasks of accuracy centred on the task's chance level, (acc - chance) /
+(1 - chance), so 0 is random guessing and 1 is perfect. As in nanochat, ChatCORE exists only when all six were
+evaluated; over any other set of tasks the same mean is reported as the partial ChatCORE (`chatcore_partial`,
+"ChatCORE (partial: k of 6 tasks)"), a different number. Multiple-choice tasks are scored from the logits of the answer
 letters (batched, no sampling); generative tasks by sampling completions and checking them exactly (GSM8K
 final answer, HumanEval tests in a sandbox, SpellingBee count); with --num_samples=k a problem passes if
 any of its k samples does.
 
 Run alone (tasks download from the Hugging Face hub unless given a local --<task>_path):
     python -m nanopipe.stages.chat_eval --source=sft --task=ARC-Easy,GSM8K --max_problems=200
+    python -m nanopipe.stages.chat_eval -i sft -a "ARC-Easy|GSM8K" -x 200      # nanochat's flags work too
     python -m nanopipe.stages.chat_eval --checkpoint_dir=<dir> --task=Arithmetic,MultipleChoice,SpellingBee
     python -m nanopipe.stages.chat_eval --source=sft --task=GSM8K --gsm8k_path=<dir or .jsonl> --num_samples=4 \\
         --temperature=1.0
@@ -37,7 +40,7 @@ from nanopipe.common import (compute_cleanup, compute_init, get_base_dir, print0
                              write_metrics)
 from nanopipe.configs.base import ConfigError
 from nanopipe.configs.flags import stage_main
-from nanopipe.configs.chat_eval import CHATCORE_TASKS, DATA_PATH_FIELDS, SYNTHETIC_TASKS, ChatEvalConfig
+from nanopipe.configs.chat_eval import CHATCORE_TASKS, DATA_PATH_FIELDS, SHORT_FLAGS, SYNTHETIC_TASKS, ChatEvalConfig
 from nanopipe.engine import Engine
 from nanopipe.tasks import build_task
 from nanopipe.tasks.gsm8k import in_answer_format, reference_answer
@@ -70,6 +73,8 @@ def load_eval_task(name: str, cfg: ChatEvalConfig):
     kwargs = {"size": cfg.synthetic_size} if name in SYNTHETIC_TASKS else {}
     if name == "HumanEval":
         kwargs["allow_weaker_sandbox"] = cfg.allow_unsandboxed_code
+    if name == "GSM8K":
+        kwargs["lenient"] = cfg.gsm8k_lenient
     task = build_task(name, split="test", data_path=task_data_path(name, cfg), **kwargs)
     if task.eval_type not in ("categorical", "generative"):
         raise ConfigError(f"--task: {name} has no evaluation (eval_type={task.eval_type!r})")
@@ -112,20 +117,40 @@ def run(cfg: ChatEvalConfig) -> dict:
         "world_size": rt.world_size,
         "tasks": results,
         "accuracy": accuracies,
-        "chatcore": chatcore(accuracies, chance),
-        "chatcore_tasks": list(accuracies),
-        # nanochat reports ChatCORE only over its six tasks; True when all six are in this one
-        "chatcore_complete": all(name in accuracies for name in CHATCORE_TASKS),
+        **chatcore_metrics(accuracies, chance),
         "samples": samples,
     }
     print0("-" * 60)
     for name, r in results.items():
         print0(f"{name:<16} accuracy {100 * r['accuracy']:6.2f}%  ({r['passed']}/{r['total']}, "
                f"chance {100 * r['chance_accuracy']:.0f}%, {r['problems_per_second']:.2f} problems/s)")
-    print0(f"ChatCORE over {', '.join(accuracies)}: {metrics['chatcore']:.4f}")
+    print0(chatcore_line(metrics))
     write_metrics(out_dir, metrics)
     print0(f"wrote {out_dir / 'metrics.json'}")
     return metrics
+
+
+def chatcore_metrics(accuracies: dict[str, float], chance: dict[str, float]) -> dict:
+    """{"chatcore"} over nanochat's six tasks when all six were evaluated (other tasks left out), else
+    {"chatcore": None, "chatcore_partial"} over the tasks evaluated; "chatcore_tasks" names the tasks of
+    the number given and "chatcore_complete" says which of the two it is."""
+    if all(name in accuracies for name in CHATCORE_TASKS):
+        six = {name: accuracies[name] for name in CHATCORE_TASKS}
+        return {"chatcore": chatcore(six, chance), "chatcore_tasks": list(six), "chatcore_complete": True}
+    return {"chatcore": None, "chatcore_partial": chatcore(accuracies, chance), "chatcore_tasks": list(accuracies),
+            "chatcore_complete": False}
+
+
+def chatcore_name(tasks: list[str]) -> str:
+    """'ChatCORE', or 'ChatCORE (partial: k of 6 tasks)' for a mean over another set of tasks."""
+    if all(name in tasks for name in CHATCORE_TASKS):
+        return "ChatCORE"
+    return f"ChatCORE (partial: {sum(name in CHATCORE_TASKS for name in tasks)} of {len(CHATCORE_TASKS)} tasks)"
+
+
+def chatcore_line(metrics: dict) -> str:
+    value = metrics["chatcore"] if metrics["chatcore_complete"] else metrics["chatcore_partial"]
+    return f"{chatcore_name(metrics['chatcore_tasks'])} over {', '.join(metrics['chatcore_tasks'])}: {value:.4f}"
 
 
 class GenerativeRecord:
@@ -160,7 +185,7 @@ def majority_answer(task, num_problems: int) -> dict:
 
 def evaluate_tasks(cfg: ChatEvalConfig, model, tokenizer, rt) -> tuple[dict[str, dict], list[dict]]:
     """({task: scores}, this rank's samples of the generative tasks)."""
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, extended_calculator=cfg.extended_calculator)
     results, samples = {}, []
     names = list(dict.fromkeys(cfg.task))
     for task_index, name in enumerate(names):
@@ -222,7 +247,7 @@ def show_samples(cfg: ChatEvalConfig, model, tokenizer, counts: dict[str, int]) 
     """[{task, question, reference, answer, correct}] of the first counts[task] problems of each task: for
     multiple choice the letter the logits pick, for generative tasks one completion sampled with the seed the
     evaluation uses for that problem."""
-    engine, letter_cache, samples = Engine(model, tokenizer), {}, []
+    engine, letter_cache, samples = Engine(model, tokenizer, extended_calculator=cfg.extended_calculator), {}, []
     for name, count in counts.items():
         task = load_eval_task(name, cfg)
         for i in range(min(count, len(task))):
@@ -245,7 +270,7 @@ def show_samples(cfg: ChatEvalConfig, model, tokenizer, counts: dict[str, int]) 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return stage_main(ChatEvalConfig, run, argv, prog=PROG)
+    return stage_main(ChatEvalConfig, run, argv, prog=PROG, short_aliases=SHORT_FLAGS)
 
 
 if __name__ == "__main__":

@@ -163,14 +163,14 @@ class TaskMixture(TaskSequence):
 def render_mc(question: str, letters: Sequence[str], choices: Sequence[str]) -> str:
     """The user message of a multiple-choice question; the expected answer is the bare letter.
 
+    The wording is nanochat's, word for word: the prompts, and so the scores, are comparable with its.
     Two details matter for small models: each letter comes after its choice (the letter token then sits
     next to the text it names), and there is no space before it, so "=A" in the prompt and the answer "A"
     share the same token.
     """
     assert len(letters) == len(choices), f"{len(letters)} letters for {len(choices)} choices"
-    lines = [f"Multiple choice question: {question}"]
-    lines += [f"- {choice}={letter}" for letter, choice in zip(letters, choices)]
-    return "\n".join(lines) + "\n\nAnswer with the letter of the correct choice only."
+    options = "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
+    return f"Multiple Choice question: {question}\n{options}\nRespond only with the letter of the correct answer."
 
 
 def is_held_out(key: str, held_out_per_mille: int = 100) -> bool:

@@ -4,6 +4,10 @@ GSM8K: grade-school math word problems with worked solutions (https://huggingfac
 A row is {"question": str, "answer": str}. The answer's calculator annotations `<<48/2=24>>` become a
 python call ("48/2") followed by its output ("24"), so the model learns to call the calculator; the last
 line `#### 72` is the final answer that evaluation compares.
+
+Scoring is nanochat's (and OpenAI's grader's): the number right after the first '#### ' (one space), commas
+removed, must equal the reference's as a string, so '#### 18.00', '####18' and '#### 18.' score 0 against
+18. `lenient=True` (an explicit option) reads any spacing, drops a trailing '.', and compares numerically.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ SUBSETS = ("main", "socratic")
 SPLITS = ("train", "test")
 
 _ANNOTATION = re.compile(r"<<([^<>]*)>>")
-_FINAL_ANSWER = re.compile(r"####\s*(-?[0-9.,]+)")
+_FINAL_ANSWER = re.compile(r"#### (-?[0-9.,]+)")         # nanochat's: exactly one space after the marker
+_LENIENT_FINAL_ANSWER = re.compile(r"####\s*(-?[0-9.,]+)")
 
 
 def parse_calculator_annotations(answer: str) -> list[dict]:
@@ -42,19 +47,26 @@ def parse_calculator_annotations(answer: str) -> list[dict]:
     return parts
 
 
-def extract_final_answer(text: str) -> str | None:
-    """The number after the first '####' with thousands separators removed ('1,200.' -> '1200'), or None."""
-    match = _FINAL_ANSWER.search(text)
+def extract_final_answer(text: str, lenient: bool = False) -> str | None:
+    """The number after the first '#### ' with its commas removed ('1,200.' -> '1200.'), or None. lenient:
+    after '####' and any spacing, a trailing '.' dropped too ('####1,200.' -> '1200')."""
+    if not lenient:
+        match = _FINAL_ANSWER.search(text)
+        return None if match is None else match.group(1).strip().replace(",", "")
+    match = _LENIENT_FINAL_ANSWER.search(text)
     if match is None:
         return None
     number = match.group(1).replace(",", "").rstrip(".")
     return number or None
 
 
-def same_number(predicted: str | None, reference: str | None) -> bool:
-    """Numeric equality of two extracted answers ('18' == '18.00'); False when either is missing."""
+def same_answer(predicted: str | None, reference: str | None, lenient: bool = False) -> bool:
+    """Two extracted answers agree: the same string (nanochat's rule), or with lenient the same number
+    ('18' == '18.00'). False when the prediction is missing."""
     if predicted is None or reference is None:
         return False
+    if not lenient:
+        return predicted == reference
     try:
         return Decimal(predicted) == Decimal(reference)
     except InvalidOperation:
@@ -69,17 +81,17 @@ def gsm8k_conversation(question: str, answer: str) -> dict:
     ]}
 
 
-def reference_answer(conversation: dict) -> str | None:
+def reference_answer(conversation: dict, lenient: bool = False) -> str | None:
     """The final answer of a conversation's reference solution (its last assistant message)."""
     message = conversation["messages"][-1]
     assert message["role"] == "assistant", f"last message must be the reference answer, got {message['role']!r}"
     text = "".join(p["text"] for p in assistant_parts(message) if p["type"] == "text")
-    return extract_final_answer(text)
+    return extract_final_answer(text, lenient)
 
 
-def score_final_answer(conversation: dict, completion: str) -> int:
-    """1 if the completion's '#### N' equals the reference's, else 0."""
-    return int(same_number(extract_final_answer(completion), reference_answer(conversation)))
+def score_final_answer(conversation: dict, completion: str, lenient: bool = False) -> int:
+    """1 if the completion's '#### N' equals the reference's, else 0 (see the module docstring)."""
+    return int(same_answer(extract_final_answer(completion, lenient), reference_answer(conversation, lenient), lenient))
 
 
 PYTHON_START = "<|python_start|>"
@@ -97,8 +109,9 @@ class GSM8K(Task):
     eval_type = "generative"
 
     def __init__(self, subset: str = "main", split: str = "test", data_path: str | Path | None = None,
-                 shuffle_seed: int | None = 42, **slicing: int | None):
+                 shuffle_seed: int | None = 42, lenient: bool = False, **slicing: int | None):
         super().__init__(**slicing)
+        self.lenient = lenient  # nanopipe's lenient answer matching instead of nanochat's exact one
         if subset not in SUBSETS:
             raise ValueError(f"GSM8K subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
         if split not in SPLITS:
@@ -113,4 +126,4 @@ class GSM8K(Task):
         return gsm8k_conversation(row["question"], row["answer"])
 
     def evaluate(self, conversation: dict, completion: str) -> int:
-        return score_final_answer(conversation, completion)
+        return score_final_answer(conversation, completion, self.lenient)
