@@ -2,7 +2,7 @@
 Content-addressed stage outputs: `NANOPIPE_HOME/artifacts/<stage>/<tag>-<hash>/`.
 
 The hash covers everything that decides what a stage computes: the stage name, its config digest
-(`nanopipe.config.config_digest`, which leaves out logging names and output paths), the hashes of the
+(`nanopipe.configs.base.config_digest`, which leaves out logging names and output paths), the hashes of the
 artifacts it reads, and the code version: the package version plus a hash of the modules the stage declares
 as deciding its result (`Stage.code` in flows/stages.py), with comments, docstrings and log messages left
 out. Same inputs, same directory; any change, a new one. The manifest records each module's hash, so

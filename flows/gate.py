@@ -4,8 +4,9 @@ The regression gate: this run's key metrics against those of the last Completed 
 `TOLERANCES` says how much worse a metric may get before the run counts as regressed; metrics measured on
 other configs (or, for ChatCORE, other tasks) are shown as not comparable instead.
 
-Each run publishes its record (the `nanopipe-key-metrics` artifact: a table for people, a JSON block for the
-next run's gate), and the gate reads the previous one back through the Prefect API. flows/report.py puts the
+Each run publishes its record (the `nanopipe-key-metrics` table artifact: one row per metric with its value,
+basis and lineage, which people read in the UI and the next run's gate reads back as data through the
+Prefect API; nothing is parsed out of text). flows/report.py puts the
 gate's table on the report card; flows/pipeline.py ends the run Failed when something regressed.
 """
 
@@ -15,9 +16,10 @@ import hashlib
 import json
 import logging
 import math
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, Field, ValidationError
 
 from flows.plan import StagePlan
 
@@ -167,20 +169,32 @@ def gate_section(gate: GateResult) -> list[str]:
     return lines
 
 
-def key_metrics_markdown(record: dict) -> str:
-    """The record the next run's gate reads back: a table for people, the JSON block for the gate."""
-    lines = [f"# Key metrics ({record['lineage']})", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {fmt(v, 6)} |" for k, v in record["metrics"].items()]
-    return "\n".join(lines) + "\n\n```json\n" + json.dumps(record, sort_keys=True) + "\n```\n"
+class KeyMetricRow(BaseModel):
+    """One row of the key-metrics record: a metric of this run, what it was measured on, its lineage."""
+
+    lineage: str = Field(description="preset and model depth, e.g. demo-cpu-d4")
+    metric: str = Field(description="e.g. 'SFT ChatCORE'")
+    value: float
+    basis: str | None = Field(None, description="the configs (and tasks) it was measured on")
 
 
-def parse_key_metrics(markdown: str) -> dict | None:
-    match = re.search(r"```json\n(.*?)\n```", markdown or "", re.DOTALL)
+def key_metrics_table(record: dict) -> list[dict]:
+    """The record ({"lineage", "metrics", "basis"}) as the rows of a table artifact."""
+    return [KeyMetricRow(lineage=record["lineage"], metric=name, value=value,
+                         basis=record["basis"].get(name)).model_dump() for name, value in record["metrics"].items()]
+
+
+def record_from_table(data: str | None) -> dict | None:
+    """The record a key-metrics table artifact holds ({"lineage", "metrics", "basis"}); None when it holds
+    none (no rows, or rows of another shape)."""
     try:
-        record = json.loads(match.group(1)) if match else None
-    except json.JSONDecodeError:
+        rows = [KeyMetricRow.model_validate(row) for row in json.loads(data or "null") or []]
+    except (json.JSONDecodeError, TypeError, ValidationError):
         return None
-    return record if isinstance(record, dict) and isinstance(record.get("metrics"), dict) else None
+    if not rows or len({r.lineage for r in rows}) != 1:
+        return None
+    return {"lineage": rows[0].lineage, "metrics": {r.metric: r.value for r in rows},
+            "basis": {r.metric: r.basis for r in rows if r.basis is not None}}
 
 
 def previous_record(lineage_name: str, flow_run_id, deployment_id, flow_name: str) -> tuple[dict | None, str]:
@@ -206,7 +220,7 @@ def previous_record(lineage_name: str, flow_run_id, deployment_id, flow_name: st
             return None, ""
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=[KEY_METRICS_KEY]), flow_run_id=ArtifactFilterFlowRunId(any_=[r.id for r in runs])))
-    records = {a.flow_run_id: parse_key_metrics(a.data if isinstance(a.data, str) else "") for a in artifacts}
+    records = {a.flow_run_id: record_from_table(a.data if isinstance(a.data, str) else None) for a in artifacts}
     for run in runs:   # newest first
         record = records.get(run.id)
         if record and record.get("lineage") == lineage_name:

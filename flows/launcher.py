@@ -33,7 +33,7 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from nanopipe.common import parse_progress
+from nanopipe.events import MemoryEstimate, Progress, Record, StageFailure, last, parse_record
 from nanopipe.exit_codes import ExitCode
 
 LAUNCH_ENV = "NANOPIPE_LAUNCH_ID"   # every process of one launch inherits this marker
@@ -207,6 +207,7 @@ class LaunchResult:
     log_path: Path
     last_progress: dict = field(default_factory=dict)
     oom_killed: bool = False            # the kernel's OOM killer struck in our memory cgroup during the launch
+    records: list[Record] = field(default_factory=list)   # the stage's records but progress (nanopipe/events.py)
 
 
 def oom_kill_count(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int | None:
@@ -245,13 +246,14 @@ def _pump(stream, lines: queue.Queue) -> None:
 
 def launch(cmd: list[str], *, log_path: str | os.PathLike, env: dict[str, str] | None = None,
            on_line: Callable[[str], None] | None = None, on_progress: Callable[[dict], None] | None = None,
-           timeout_seconds: float | None = None, cwd: str | os.PathLike | None = None,
-           grace_seconds: float = 10.0) -> LaunchResult:
+           on_record: Callable[[Record], None] | None = None, timeout_seconds: float | None = None,
+           cwd: str | os.PathLike | None = None, grace_seconds: float = 10.0) -> LaunchResult:
     """Run `cmd` to completion, streaming every line to `log_path` (appended) and to `on_line`.
 
-    Progress lines (`@@nanopipe-progress {json}`) are parsed and handed to `on_progress` instead of
-    `on_line`: the log file keeps them, a person reading the run's log sees the stage's own human line per
-    step, and the tail that failure messages quote is free of them. The whole process tree is killed on
+    The stage's records (`@@nanopipe-<kind> {json}`, nanopipe/events.py) are parsed instead of handed to
+    `on_line`: progress goes to `on_progress` (its figures), every other record to `on_record` and the
+    result's `records`. The log file keeps them, a person reading the run's log sees the stage's own human
+    lines, and the tail that failure messages quote is free of them. The whole process tree is killed on
     return, on timeout and on any exception in the caller's thread (KeyboardInterrupt, Prefect's
     termination signal), so nothing outlives the launch.
     """
@@ -262,6 +264,7 @@ def launch(cmd: list[str], *, log_path: str | os.PathLike, env: dict[str, str] |
     child_env = {**os.environ, **(env or {}), LAUNCH_ENV: launch_id, "PYTHONUNBUFFERED": "1"}
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     last_progress: dict = {}
+    records: list[Record] = []
     start = time.monotonic()
     deadline = start + timeout_seconds if timeout_seconds else None
     timed_out = False
@@ -295,11 +298,16 @@ def launch(cmd: list[str], *, log_path: str | os.PathLike, env: dict[str, str] |
                 log.write(line + "\n")
                 if lines.empty():   # flush at every pause, so `tail -f` on the log follows along
                     log.flush()
-                progress = parse_progress(line)
-                if progress is not None:
-                    last_progress = progress
+                record = parse_record(line)
+                if isinstance(record, Progress):
+                    last_progress = record.model_dump(exclude_unset=True)
                     if on_progress is not None:
-                        on_progress(progress)
+                        on_progress(last_progress)
+                    continue
+                if record is not None:
+                    records.append(record)
+                    if on_record is not None:
+                        on_record(record)
                     continue
                 tail.append(line)
                 if on_line is not None:
@@ -316,7 +324,8 @@ def launch(cmd: list[str], *, log_path: str | os.PathLike, env: dict[str, str] |
     oom_kills_after = oom_kill_count()
     oom_killed = returncode != 0 and None not in (oom_kills_before, oom_kills_after) and \
         oom_kills_after > oom_kills_before
-    return LaunchResult(cmd, returncode, seconds, timed_out, list(tail), log_path, last_progress, oom_killed)
+    return LaunchResult(cmd, returncode, seconds, timed_out, list(tail), log_path, last_progress, oom_killed,
+                        records)
 
 
 # -----------------------------------------------------------------------------
@@ -329,7 +338,6 @@ _NETWORK = re.compile(r"NCCL (error|WARN|timeout)|nccl\w*Error|collective operat
                       r"Connection reset by peer|Connection refused|Connection closed by peer|Broken pipe|"
                       r"Socket Timeout|TimeoutError|timed out|connectFullMesh|No route to host|"
                       r"Network is unreachable", re.I)
-_ESTIMATE = re.compile(r"Estimated peak memory per device: ([\d.]+ GiB)")
 _ROOT_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)")
 
 
@@ -391,8 +399,8 @@ def classify(result: LaunchResult) -> tuple[str, bool, str]:
         return "nan", False, "the loss became NaN/inf (exit code 3); lower the learning rate or check the data"
     if _OOM.search(text) or result.oom_killed:
         how = "killed by the kernel's out-of-memory killer" if result.oom_killed else "out of memory"
-        estimate = _ESTIMATE.search(_log_text(result))
-        said = f" (the stage estimated {estimate.group(1)} per device)" if estimate else ""
+        estimate = last(result.records, MemoryEstimate)
+        said = f" (the stage estimated {estimate.peak_bytes / 2**30:.2f} GiB per device)" if estimate else ""
         return "oom", False, f"{how}{said}: lower device_batch_size (gradient accumulation keeps the total batch)"
     if code < 0 or result.returncode < 0 or code in (128 + signal.SIGKILL, 128 + signal.SIGTERM):
         signum = -code if code < 0 else (-result.returncode if result.returncode < 0 else code - 128)
@@ -402,13 +410,6 @@ def classify(result: LaunchResult) -> tuple[str, bool, str]:
     return "error", False, f"exit code {code}"
 
 
-def _log_text(result: LaunchResult) -> str:
-    try:
-        return result.log_path.read_text(errors="replace")
-    except OSError:
-        return "\n".join(result.tail)
-
-
 def _signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -416,20 +417,24 @@ def _signal_name(signum: int) -> str:
         return str(signum)
 
 
-# A stage's own one-line reason: `<prog>: error: ...` (bad flag or input) or `<prog>: SomeError: ...`
-# (a StageError), or the last line of a traceback. torchrun's own report of the failed child is not one.
-_STAGE_REASON = re.compile(r"(?:^|: )(?:error: (?P<said>.+)|(?P<exc>[A-Z]\w*(?:Error|Exception): .+))$")
+# The last line of a Python traceback (`SomeError: ...`), for a stage that stopped without its error record (a
+# bug, an import error). torchrun's own report of the failed child is not one.
+_TRACEBACK_END = re.compile(r"(?:^|: )(?P<exc>[A-Z]\w*(?:Error|Exception): .+)$")
 _NOT_A_REASON = re.compile(r"^(torch\.distributed|\s)|ChildFailedError")
 
 
-def stage_reason(lines: list[str]) -> str | None:
-    """The last line in which the stage said why it stopped, without its program prefix; None if none."""
+def stage_reason(lines: list[str], records: list[Record] = ()) -> str | None:
+    """Why the stage stopped: the message of its error record (in `records`, or a record line among `lines`),
+    else the exception a traceback in `lines` ends with; None if neither."""
+    failure = last([*records, *filter(None, map(parse_record, lines))], StageFailure)
+    if failure is not None:
+        return failure.reason()
     for line in reversed(lines):
         if _NOT_A_REASON.search(line):
             continue
-        match = _STAGE_REASON.search(line)
+        match = _TRACEBACK_END.search(line)
         if match:
-            return (match.group("said") or match.group("exc")).strip()
+            return match.group("exc").strip()
     return None
 
 
@@ -440,7 +445,7 @@ def failure_from(result: LaunchResult, stage: str) -> StageFailed:
     kind, retryable, reason = classify(result)
     advice = "will be retried" if retryable else "not retried"
     lines = without_torchrun_report(result.tail)
-    said = stage_reason(lines)
+    said = stage_reason(lines, result.records)
     said = f": {said}" if said and said not in reason else ""
     tail = "\n".join(lines[-25:])
     message = (f"{stage} failed: {reason}{said} [{kind}, {advice}] (log: {result.log_path})\n"

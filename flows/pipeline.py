@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from flows.artifacts import ArtifactRef, artifact_lock, discard, ref_from_manifest
 from flows.config import PipelineConfig, StageName, resolved_config_markdown
-from flows.launcher import StageFailed, stage_reason
+from flows.launcher import StageFailed
 from flows.plan import (PlanError, StagePlan, is_complete, model_shape, plan_pipeline, preflight, produced_by,
                         stages_from)
 from flows.report import StageOutcome, publish_summary
@@ -48,28 +48,15 @@ class Regression(Exception):
 
 
 def failure_sentence(exc: BaseException) -> str:
-    """Why a run failed, in one line: the first line of our own errors, which name the stage; an
-    introduction ending in ":" (preflight) is followed by each stage's own reason; a pydantic error lists
-    each field and what is wrong with it."""
+    """Why a run failed, in one line: the first line of our own errors, which name the stage (and, for a
+    stage that failed, its own reason); a pydantic error lists each field and what is wrong with it."""
     if isinstance(exc, ValidationError):
         fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
                            for e in exc.errors())
         return _clip(f"invalid config ({exc.title}): {fields}")
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)   # str() quotes a KeyError
-    lines = [line for line in str(text).strip().splitlines()]
+    lines = str(text).strip().splitlines()
     head = lines[0].strip() if lines else type(exc).__name__
-    if head.endswith(":") and len(lines) > 1:   # "preflight failed before any stage ran:" then blocks
-        blocks: list[list[str]] = []
-        for line in lines[1:]:
-            if line.startswith("stage ") or not blocks:
-                blocks.append([line])
-            elif line.strip():
-                blocks[-1].append(line)
-        parts = []
-        for block in blocks:
-            reason = stage_reason(block[1:])
-            parts.append(block[0].rstrip(":") + (f": {reason}" if reason else ""))
-        head = f"{head} {'; '.join(parts)}"
     if isinstance(exc, ConfigError):
         head = f"invalid config: {head}"
     elif not isinstance(exc, (StageFailed, PlanError, Regression)):
@@ -171,16 +158,15 @@ def run_stages(plans: list[StagePlan], config: PipelineConfig, title: str,
 
 def _publish(outcomes: list[StageOutcome], plans: list[StagePlan], title: str, config: PipelineConfig,
              logger) -> list[str]:
-    """Publish the run summary however the run ended and print its stage table into the log; return the
-    regressions it found (the summary is its markdown, or a report with `.markdown` and `.regressions`
-    whose str() is the short table: the report card's images have no place in a log)."""
+    """Publish the run summary however the run ended and print its stage table into the log (the report's
+    str(): the report card's images have no place in a log); return the regressions it found."""
     try:
-        summary = publish_summary(outcomes, plans, title, config=config)
+        report = publish_summary(outcomes, plans, title, config=config)
     except Exception as err:   # never let the report hide why the run ended
         logger.warning(f"could not publish the run summary: {type(err).__name__}: {err}")
         return []
-    print(str(summary) or getattr(summary, "markdown", ""))
-    return [] if isinstance(summary, str) else list(getattr(summary, "regressions", None) or [])
+    print(str(report) or report.markdown)
+    return list(report.regressions)
 
 
 def pipeline_run_name() -> str:

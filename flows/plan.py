@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from flows.artifacts import (MANIFEST, artifact_dir, artifact_hash, code_hashes, code_version, read_manifest,
                              verify)
 from flows.config import PipelineConfig
-from flows.launcher import Resources, launch, stage_command
+from flows.launcher import Resources, launch, stage_command, stage_reason
 from flows.stages import STAGE_NAMES, Stage, get_stage
 from flows.store import StoreError, check_store
 from nanopipe.configs.flags import to_cli_args
@@ -34,6 +34,7 @@ from nanopipe.configs.chat_sft import check_sft_batch_sizes
 from nanopipe.configs.mid_train import check_mid_batch_sizes
 from nanopipe.configs.chat_eval import DATA_PATH_FIELDS
 from nanopipe.common import get_base_dir
+from nanopipe.events import Plan, last
 from nanopipe.remote import RemoteFile, availability_problem, is_url, remote_file
 from nanopipe.tasks import arc, gsm8k, humaneval, mmlu, smoltalk
 from nanopipe.tasks.spelling import is_remote_words, word_list_remote
@@ -247,39 +248,55 @@ def dry_run_command(plan: StagePlan, shape: dict[str, Any] | None = None) -> tup
                          distributed=False), env
 
 
-def dry_run(plan: StagePlan, shape: dict[str, Any] | None = None, timeout_seconds: float = 600) -> str:
+def dry_run(plan: StagePlan, shape: dict[str, Any] | None = None, timeout_seconds: float = 600) -> Plan:
     """Run the stage's own dry run through the launcher (same process-tree handling as a real launch).
-    Returns what it printed; raises PlanError naming the stage and quoting the end of its output."""
+    Returns the plan record it reported; raises PlanError whose first line names the stage and gives its
+    reason (its error record), the end of its output following."""
     cmd, env = dry_run_command(plan, shape)
     with tempfile.TemporaryDirectory(prefix=f"nanopipe-preflight-{plan.stage}-") as tmp:
         result = launch(cmd, log_path=Path(tmp) / "dry_run.log", env=env, timeout_seconds=timeout_seconds)
-        output = "\n".join(result.tail)
-    if result.returncode != 0 or result.timed_out:
-        why = "timed out" if result.timed_out else f"exit code {result.returncode}"
-        tail = "\n".join(output.strip().splitlines()[-15:])
-        raise PlanError(f"stage {plan.stage}: dry run failed ({why}):\n{tail}".rstrip())
-    return output
+    planned = last(result.records, Plan)
+    if result.returncode == 0 and not result.timed_out and planned is not None:
+        return planned
+    why = ("timed out" if result.timed_out else f"exit code {result.returncode}" if result.returncode else
+           f"exit code 0 without a plan record: --{plan.dry_run_flag} planned nothing")
+    reason = stage_reason(result.tail, result.records)
+    tail = "\n".join(result.tail[-15:])
+    raise PlanError(f"stage {plan.stage}: dry run failed ({why}){': ' + reason if reason else ''}\n{tail}".rstrip())
+
+
+def plan_summary(planned: Plan) -> str:
+    """A plan record in words: "1,234 parameters, context 256, vocab 512, 40 steps, 0.12 GiB per device"."""
+    model = planned.model
+    parts = [f"{planned.num_params:,} parameters" if planned.num_params is not None else None,
+             f"context {model['sequence_len']}, vocab {model['vocab_size']:,}" if
+             {"sequence_len", "vocab_size"} <= model.keys() else None,
+             f"{planned.num_iterations:,} steps" if planned.num_iterations else "steps known once the data is read",
+             f"{planned.peak_bytes / 2**30:.2f} GiB per device (estimated)" if planned.peak_bytes is not None else None,
+             f"world size {planned.world_size}" if planned.world_size else None]
+    return ", ".join(p for p in parts if p)
 
 
 def preflight(plans: list[StagePlan], shape: dict[str, Any] | None = None, log=print) -> None:
     """Check the local inputs of every plan (`check_inputs`), then dry-run every plan that has a dry-run flag,
     all at once (a stage whose inputs this very run will produce plans with `shape`); raise naming each
-    failing stage, with the end of its output."""
+    failing stage and its reason in the first line, the end of each one's output below."""
     check_inputs(plans)
     runnable = [p for p in plans if p.dry_run_flag]
-    failures, outputs = [], {}
+    failures, planned = [], {}
     with ThreadPoolExecutor(max_workers=max(1, len(runnable))) as pool:
         futures = {pool.submit(dry_run, plan, shape): plan for plan in runnable}
         for future, plan in futures.items():
             try:
-                outputs[plan.stage] = future.result()
+                planned[plan.stage] = future.result()
             except PlanError as err:
                 failures.append(str(err))
     for plan in runnable:
-        if plan.stage in outputs:
-            log(f"preflight {plan.stage}: ok\n" + "\n".join(outputs[plan.stage].strip().splitlines()[-12:]))
+        if plan.stage in planned:
+            log(f"preflight {plan.stage}: ok ({plan_summary(planned[plan.stage])})")
     if failures:
-        raise PlanError("preflight failed before any stage ran:\n" + "\n\n".join(failures))
+        sentence = "; ".join(failure.splitlines()[0] for failure in failures)
+        raise PlanError(f"preflight failed before any stage ran: {sentence}\n\n" + "\n\n".join(failures))
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,8 @@ import os
 import time
 from pathlib import Path
 
-from nanopipe.common import atomic_write_bytes, parse_progress
+from nanopipe.common import atomic_write_bytes
+from nanopipe.events import parse_progress
 
 PROGRESS_FILE = "progress.jsonl"
 LOG_FILE = "stage.log"

@@ -7,7 +7,7 @@ What a person sees of a pipeline run in the Prefect UI after it ends, however it
                            (also written to NANOPIPE_HOME/report.md)
     nanopipe-summary       the stages with their key metrics and artifact paths
     nanopipe-metrics       every key metric in long format (stage, metric, value)
-    nanopipe-key-metrics   the metrics the regression gate compares, as JSON, for the next run to read
+    nanopipe-key-metrics   the metrics the regression gate compares, a table the next run reads back as data
     <stage>-curves         a training stage's loss / val bpb / reward curves (e.g. base-train-curves)
     <stage>-samples        what a stage's model wrote (base-eval-samples, chat-eval-sft-samples, ...)
 
@@ -38,7 +38,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 import nanopipe
 from flows.artifacts import PARSE_LOCK, ArtifactRef
 from flows.gate import (CHAT_COLUMNS, KEY_METRICS_KEY, GateResult, fmt, gate_section, key_metrics,
-                        key_metrics_markdown, lineage, number, regression_gate, run_logger, tag_lineage)
+                        key_metrics_table, lineage, number, regression_gate, run_logger, tag_lineage)
 from flows.plan import StagePlan
 from flows.plots import PROGRESS_FILE, markdown_image, stage_curves
 from flows.stages import get_stage
@@ -438,9 +438,7 @@ def publish_summary(outcomes: list[StageOutcome], plans: list[StagePlan], title:
     _try("write report.md", atomic_write_text, report_home(plans) / REPORT_FILE, markdown)
 
     # each artifact on its own: one the API refuses never keeps the others (or the gate's answer) back
-    record = {"lineage": name, "metrics": current, "basis": basis, "title": title}
-    markdowns = [("nanopipe-report", markdown, f"{title}: report card"), ("nanopipe-summary", summary, title),
-                 (KEY_METRICS_KEY, key_metrics_markdown(record), f"{title}: key metrics for the regression gate")]
+    markdowns = [("nanopipe-report", markdown, f"{title}: report card"), ("nanopipe-summary", summary, title)]
     markdowns += [(artifact_key(stage, "curves"), f"# {stage} curves\n\n{markdown_image(png, stage + ' curves')}\n",
                    f"{title}: {stage} training curves") for stage, png in curves.items()]
     markdowns += [(artifact_key(o.plan.stage, "samples"), text, f"{title}: {o.plan.stage} samples")
@@ -449,5 +447,8 @@ def publish_summary(outcomes: list[StageOutcome], plans: list[StagePlan], title:
         _try(f"publish {key}", create_markdown_artifact, text, key, description)
     _try("publish nanopipe-metrics", create_table_artifact, metrics_table(rows), "nanopipe-metrics",
          f"{title}: metrics per stage")
+    _try(f"publish {KEY_METRICS_KEY}", create_table_artifact,
+         key_metrics_table({"lineage": name, "metrics": current, "basis": basis}), KEY_METRICS_KEY,
+         f"{title}: key metrics for the regression gate")
     _try("tag the run with its lineage", tag_lineage, name)
     return RunReport(markdown, gate.regressions, summary=summary, key_metrics=current, gate=gate.note)

@@ -13,9 +13,10 @@ a planted or stale record would run code or hide a damaged artifact, while the m
 is checked file by file. Retries happen only for failures a retry can fix, and a retry of a checkpointing
 stage resumes from its last checkpoint.
 
-What the run's page shows of a stage: one human line per step in the logs (the machine-readable progress
-lines go to stage.log, the progress artifact and `progress.jsonl` instead), the cache key and code version
-in the final state's message, and, when the run is cancelled from the UI, a Cancelled task run.
+What the run's page shows of a stage: its human lines in the logs (its records, nanopipe/events.py, go to
+stage.log only: progress to the progress artifact and `progress.jsonl`, the resumed step and the memory
+estimate to the manifest), the cache key and code version in the final state's message, and, when the run
+is cancelled from the UI, a Cancelled task run. Nothing here reads a human line.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ from flows.store_lock import store_lock
 from flows.multinode import launch_across_nodes, node_command, with_endpoint
 from flows.plan import StagePlan
 from flows.report import PROGRESS_FILE
+from nanopipe.events import MemoryEstimate, Resumed, last, read_metrics
 
 LOG_FILE = "stage.log"
-_RESUMING = re.compile(r"Resuming from step (\d+)")
 
 
 def cache_key(plan: StagePlan) -> str:
@@ -129,19 +130,6 @@ class _Progress:
     def finish(self, ending: str = "done") -> None:
         update_progress_artifact(self.artifact_id, 100.0 if ending == "done" else self.percent(),
                                  description=self.describe(ending))
-
-
-class _Lines:
-    """The stage's human lines into the run's log; notes the step a resumed run starts from."""
-
-    def __init__(self, logger, resumed_from: int | None):
-        self.logger, self.resumed_from = logger, resumed_from
-
-    def __call__(self, line: str) -> None:
-        match = _RESUMING.search(line)
-        if match:   # the stage's own word is exact (a damaged newest checkpoint is skipped, for one)
-            self.resumed_from = int(match.group(1))
-        self.logger.info(line)
 
 
 def _prepare(plan: StagePlan, logger) -> int | None:
@@ -229,7 +217,7 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
                             f"{restored.seconds:.1f} s)")
                 return Completed(name="Cached", data=ref_from_manifest(directory),
                                  message=f"restored {name} from the artifact store ({cache_note(plan)})")
-        lines = _Lines(logger, _prepare(plan, logger))
+        _prepare(plan, logger)
         uploader = None
         if store and plan.resume_flag:
             checkpoints = checkpoints_name(directory, plan.out_dir)
@@ -249,10 +237,10 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
         timeout = plan.resources.timeout_minutes * 60 if plan.resources.timeout_minutes else None
         try:
             if multinode:
-                result = launch_across_nodes(plan, log_path=directory / LOG_FILE, on_line=lines, on_progress=progress,
-                                             timeout_seconds=timeout)
+                result = launch_across_nodes(plan, log_path=directory / LOG_FILE, on_line=logger.info,
+                                             on_progress=progress, timeout_seconds=timeout)
             else:
-                result = launch(cmd, log_path=directory / LOG_FILE, env=plan.resources.env, on_line=lines,
+                result = launch(cmd, log_path=directory / LOG_FILE, env=plan.resources.env, on_line=logger.info,
                                 on_progress=progress, timeout_seconds=timeout)
         except TerminationSignal:
             # the launch has already stopped the stage's process tree on its way out
@@ -268,23 +256,27 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
         if result.returncode != 0 or result.timed_out:
             progress.finish("failed")
             raise failure_from(result, plan.stage)
-        metrics_path = Path(plan.out_dir) / "metrics.json"
-        if not metrics_path.is_file():
-            raise StageFailed(f"stage {plan.stage} exited 0 but wrote no {metrics_path}; log: {result.log_path}",
-                              kind="incomplete", retryable=False)
-        metrics = json.loads(metrics_path.read_text())
+        metrics = read_metrics(plan.out_dir)
+        if metrics is None:
+            raise StageFailed(f"stage {plan.stage} exited 0 but wrote no metrics in {plan.out_dir}; log: "
+                              f"{result.log_path}", kind="incomplete", retryable=False)
+        # the stage's own word on where it resumed is exact (a damaged newest checkpoint is skipped, for one)
+        resumed = last(result.records, Resumed)
+        resumed_from = resumed.step if resumed else None
+        memory = last(result.records, MemoryEstimate)
         timings = {"started": started, "finished": time.time(), "seconds": round(result.seconds, 3),
-                   "attempt": task_run.run_count, "resumed_from": lines.resumed_from}
+                   "attempt": task_run.run_count, "resumed_from": resumed_from}
         write_manifest(directory, stage=plan.stage, digest=plan.hash, config=plan.config, upstream=plan.upstream,
                        metrics=metrics, timings=timings,
                        extra={"command": cmd, "code_version": plan.code_version, "code": plan.code,
                               "semantic_config": plan.semantic_config, "data": plan.data,
+                              "memory_estimate": memory.model_dump() if memory else None,
                               "flow_run_id": flow_run.id,
                               "task_run_id": task_run.id})
         progress.finish()
         _keep_in_store(directory, store, plan, logger, uploader.uploaded if uploader else None)
-        resumed = f", resumed from step {lines.resumed_from}" if lines.resumed_from is not None else ""
+        resumed = f", resumed from step {resumed_from}" if resumed_from is not None else ""
         logger.info(f"{plan.stage}: done in {result.seconds:.1f} s{resumed} -> {directory}")
         ref = ArtifactRef(stage=plan.stage, hash=plan.hash, path=str(directory), metrics=metrics,
-                          seconds=round(result.seconds, 3), resumed_from=lines.resumed_from)
+                          seconds=round(result.seconds, 3), resumed_from=resumed_from)
         return Completed(data=ref, message=f"produced {directory.name}{resumed} ({cache_note(plan)})")

@@ -182,8 +182,3 @@ def conversation_text(conversation: dict) -> str:
     """The rendered conversation as text, special tokens spelled out: tokenizer.decode of
     render_conversation's ids (untruncated) gives back exactly this string."""
     return "".join(payload for _, payload, _ in _segments(normalize_messages(conversation)))
-
-
-def completion_text(message: dict) -> str:
-    """Everything an assistant message says, tool calls and outputs included, as one plain string."""
-    return "".join(part["text"] for part in assistant_parts(message))

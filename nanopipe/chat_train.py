@@ -34,6 +34,7 @@ from nanopipe.checkpoint import (CHECKPOINT_DIRS, CheckpointError, build_model, 
 from nanopipe.common import (atomic_write_json, compute_cleanup, compute_init, get_base_dir, print0,
                              write_metrics)
 from nanopipe.configs.base import ConfigError
+from nanopipe.events import MemoryEstimate, Resumed, emit
 from nanopipe.gpt import GPT, ROTARY_OVERCOMPUTE, GPTConfig, build_model_config
 from nanopipe.tokenizer import TokenizerNotFoundError, get_tokenizer
 from nanopipe.training import (NonFiniteLossError, all_ranks_ok, barrier, check_memory_fits, cpu_matmul_precision,
@@ -126,15 +127,6 @@ def load_source_model(src: SourceCheckpoint, device: torch.device | str, phase: 
     except CheckpointError as err:
         raise SourceCheckpointError(f"source checkpoint {src.ckpt_dir}: {err}") from None
     return model, tokenizer
-
-
-def load_source(cfg, device: torch.device | str, phase: str = "train"):
-    """(model, tokenizer, SourceCheckpoint) from a DownstreamConfig-style config (source, model_tag, model_step,
-    checkpoint_dir, and tokenizer_dir when it has one)."""
-    src = find_source(cfg.source, cfg.model_tag, cfg.model_step, cfg.checkpoint_dir,
-                      getattr(cfg, "tokenizer_dir", None))
-    model, tokenizer = load_source_model(src, device, phase)
-    return model, tokenizer, src
 
 
 def output_dir(stage_source: str, src: SourceCheckpoint, out_dir: str | None) -> Path:
@@ -241,6 +233,7 @@ class ChatTrainerBase:
         row_tokens, rows = self.memory_rows()
         sized = dataclasses.replace(src.model_config, sequence_len=row_tokens)
         memory = estimate_peak_memory(sized, rows, rt.world_size, cuda=rt.device_type == "cuda")
+        emit(MemoryEstimate.of(memory))
         check_memory_fits(memory["total"], rt.device, "--device_batch_size", getattr(cfg, "allow_over_memory", False))
         resume = load_resume_checkpoint(out_dir, cfg.resume_from_step, rt.world_size, rt.device, rank=rt.rank,
                                         all_ranks_ok=lambda ok: all_ranks_ok(ok, rt),
@@ -249,6 +242,7 @@ class ChatTrainerBase:
         if resume:
             check_resumable(cfg, self.stage, resume.meta, out_dir, resume.step)
             print0(f"Resuming from step {resume.step} of {out_dir}")
+            emit(Resumed(step=resume.step, checkpoint_dir=str(out_dir)))
             self.orig_model, self.tokenizer = model_from_state(resume.model_state, resume.meta, out_dir, resume.step,
                                                                rt.device, "train", tokenizer_dir=src.tokenizer_dir)
             ckpt = (resume.optim_state, resume.meta)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import logging
 import os
 import random
@@ -22,15 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from nanopipe.events import METRICS_FILE, PROGRESS_PREFIX, parse_progress, report_progress  # noqa: F401 (re-exported)
+
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger("nanopipe")
-
-
-def setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 # -----------------------------------------------------------------------------
@@ -288,45 +284,9 @@ def init_wandb(run: str, project: str, config: dict, master: bool):
 
 
 # -----------------------------------------------------------------------------
-# Progress lines: a stage prints them on rank 0; the orchestrator parses them from the log stream.
-
-PROGRESS_PREFIX = "@@nanopipe-progress "
-
-
-def _json_value(value: Any) -> Any:
-    """A progress value as strict JSON: NaN and infinities become null (JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (int, float, str, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    try:
-        return _json_value(float(value))   # e.g. a 0-d tensor or numpy scalar
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def report_progress(**metrics: Any) -> None:
-    """Print one machine-readable progress line, e.g. report_progress(step=10, total=100, loss=3.2). A value
-    that is not finite (a loss with nothing to measure) is written as null, so the line stays strict JSON."""
-    clean = {key: _json_value(value) for key, value in metrics.items()}
-    print0(PROGRESS_PREFIX + json.dumps(clean, sort_keys=True, allow_nan=False))
-
-
-def parse_progress(line: str) -> dict | None:
-    """The metrics dict of a progress line, or None for any other line."""
-    if not line.startswith(PROGRESS_PREFIX):
-        return None
-    try:
-        return json.loads(line[len(PROGRESS_PREFIX):])
-    except json.JSONDecodeError:
-        return None
-
+# What the flow reads of a stage: its records (nanopipe/events.py) and, last, metrics.json
 
 def write_metrics(out_dir: str | os.PathLike, metrics: dict) -> None:
     """Every stage ends by writing metrics.json into its output directory (rank 0, atomically)."""
     if int(os.environ.get("RANK", 0)) == 0:
-        atomic_write_json(Path(out_dir) / "metrics.json", metrics)
+        atomic_write_json(Path(out_dir) / METRICS_FILE, metrics)

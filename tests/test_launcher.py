@@ -128,6 +128,22 @@ def test_every_line_reaches_the_callback_and_the_log(tmp_path):
     assert "line 49" in text and "to stderr" in text and PROGRESS_PREFIX in text and "exit code 0" in text
 
 
+def test_records_reach_their_callback_and_the_result_not_the_lines(tmp_path):
+    code = ("from nanopipe.events import MemoryEstimate, Resumed, emit\n"
+            "print('Resuming, in words a person may change any day')\n"
+            "emit(Resumed(step=4, checkpoint_dir='ckpt'))\n"
+            "emit(MemoryEstimate(peak_bytes=2**30, parts={'weights': 2**29}))\n"
+            "print('@@nanopipe-resumed {\"step\": ')\n")   # cut short: not a record, a line like any other
+    seen, records = [], []
+    result = launch([sys.executable, "-c", code], log_path=tmp_path / "stage.log", on_line=seen.append,
+                    on_record=records.append)
+    assert result.returncode == 0
+    assert [type(r).__name__ for r in records] == ["Resumed", "MemoryEstimate"] and result.records == records
+    assert records[0].step == 4 and records[1].peak_bytes == 2**30 and records[1].parts == {"weights": 2**29}
+    assert seen == ["Resuming, in words a person may change any day", '@@nanopipe-resumed {"step": ']
+    assert "@@nanopipe-memory " in (tmp_path / "stage.log").read_text()
+
+
 def test_log_is_appended_across_attempts(tmp_path):
     log = tmp_path / "stage.log"
     launch([sys.executable, "-c", "print('first attempt')"], log_path=log)
@@ -262,16 +278,21 @@ def test_timeout_is_retryable_even_with_a_signal_exit():
 
 
 def test_the_first_line_of_a_failure_is_the_stage_s_own_reason():
-    """A torchrun launch whose worker exited 2 with its one-line error: the first line of the StageFailed
-    (the run's state message) names the stage, the stage's own words, the verdict and the log."""
-    tail = ["step 00003/00010 | loss: 2.1",
-            "python -m nanopipe.stages.base_train: error: BaseTrainConfig: --total_batch_size=1000 is bad",
+    """A torchrun launch whose worker exited 2 with its error record: the first line of the StageFailed (the
+    run's state message) names the stage, the stage's own words (the record's, whatever its human line
+    says), the verdict and the log."""
+    from nanopipe.events import StageFailure
+    tail = ["step 00003/00010 | loss: 2.1", "the stage's human line, worded any way it likes",
             "E1202 17:00:00 torch/distributed/elastic/multiprocessing/api.py:882] failed (exitcode: 2)",
             "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
             "Root Cause (first observed failure):", "[0]:", "  exitcode  : 2 (pid: 12)"]
-    first = str(failure_from(_result(1, tail), "base_train")).splitlines()[0]
+    said = StageFailure(message="BaseTrainConfig: --total_batch_size=1000 is bad", exit_code=2)
+    result = _result(1, tail)
+    result.records.append(said)
+    first = str(failure_from(result, "base_train")).splitlines()[0]
     assert first == ("base_train failed: the stage rejected a flag, a value or an input file (exit code 2): "
                      "BaseTrainConfig: --total_batch_size=1000 is bad [config, not retried] (log: stage.log)")
+    assert "the stage's human line" not in first and stage_reason(tail) is None
     assert stage_reason(["Traceback (most recent call last):", '  File "x.py", line 1', "KeyError: 'model_config'"]) \
         == "KeyError: 'model_config'"
     assert stage_reason(["step 1", "step 2"]) is None
@@ -312,9 +333,10 @@ def test_oom_kills_are_counted_from_the_memory_cgroup(tmp_path, membership, file
 
 def test_a_stage_the_oom_killer_ended_is_not_retried_and_says_its_estimate(tmp_path):
     from flows.launcher import LaunchResult, classify
+    from nanopipe.events import MemoryEstimate
     log = tmp_path / "stage.log"
-    log.write_text("Estimated peak memory per device: 4425.00 GiB (weights ...)\nstep 00001 ...\n")
-    killed = LaunchResult(["x"], -9, 1.0, False, ["step 00001 ..."], log, oom_killed=True)
+    estimate = MemoryEstimate(peak_bytes=4425 * 2**30, parts={"weights": 2**30})   # the stage's memory record
+    killed = LaunchResult(["x"], -9, 1.0, False, ["step 00001 ..."], log, oom_killed=True, records=[estimate])
     kind, retryable, reason = classify(killed)
     assert (kind, retryable) == ("oom", False) and "out-of-memory killer" in reason and "4425.00 GiB" in reason
     # the same SIGKILL without an OOM kill in the cgroup is a kill a retry can fix

@@ -18,7 +18,7 @@ from flows.config import PipelineConfig
 from flows.plan import plan_pipeline
 from flows.plots import curve_series, markdown_image, read_progress, stage_curves
 from tests.test_chat_eval import GSM8K_ROWS, checkpoint, eval_args  # noqa: F401 (a fixture: a tiny chat checkpoint)
-from flows.gate import KEY_METRICS_KEY, compare, key_metrics, key_metrics_markdown, lineage, parse_key_metrics
+from flows.gate import KEY_METRICS_KEY, compare, key_metrics, key_metrics_table, lineage, record_from_table
 from flows.report import (DEFAULT_COST_PER_GPU_HOUR, REPORT_FILE, StageOutcome, publish_summary, report_card,
                           samples_markdown)
 
@@ -310,9 +310,12 @@ def test_the_gate_compares_only_runs_of_the_same_configs_whatever_the_code(tmp_p
 def test_the_key_metrics_record_reads_back_and_names_its_lineage(tmp_path):
     config, plans = plans_for(tmp_path)
     assert lineage(config, plans) == "demo-cpu-d4" and lineage(None, plans) == "custom-d4"
-    record = {"lineage": "demo-cpu-d4", "metrics": {"CORE": 0.18}, "basis": {}, "title": "t"}
-    assert parse_key_metrics(key_metrics_markdown(record)) == record
-    assert parse_key_metrics("# no record here") is None
+    record = {"lineage": "demo-cpu-d4", "metrics": {"CORE": 0.18, "SFT ChatCORE": 0.25},
+              "basis": {"CORE": "abc", "SFT ChatCORE": "def on ARC-Easy"}}
+    # published as a table artifact (Prefect stores its rows as JSON) and read back as data
+    assert record_from_table(json.dumps(key_metrics_table(record))) == record
+    assert record_from_table(json.dumps([])) is None and record_from_table(None) is None
+    assert record_from_table("# Key metrics\n| CORE | 0.18 |") is None
 
 
 # -----------------------------------------------------------------------------

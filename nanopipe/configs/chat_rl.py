@@ -10,7 +10,6 @@ from pydantic import Field, field_validator, model_validator
 from nanopipe.configs.base import ConfigError, CpuMatmulFlags, DownstreamConfig, Off, ResumeStep
 from nanopipe.configs.chat_common import PlanningFlags
 
-RL_TASKS = ("gsm8k", "builtin-arithmetic")
 GSM8K_TRAIN_QUESTIONS = 7473   # openai/gsm8k main/train: lets a dry run count steps without the data
 
 

@@ -33,6 +33,7 @@ from pydantic.fields import FieldInfo
 
 from nanopipe.configs.base import (ConfigError, build_config, describe_range, dict_value_model, model_class,
                                    unwrap_optional)
+from nanopipe.events import StageFailure, emit
 from nanopipe.exit_codes import ExitCode, StageError
 
 HELP_FLAGS = ("-h", "--help")
@@ -293,6 +294,7 @@ def parse_config(cls: type[BaseModel], argv: list[str] | None = None, *, prog: s
         return build_config(cls, parse_flags(cls, argv, prog=prog, short_aliases=short_aliases))
     except ConfigError as err:
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        emit(StageFailure(message=str(err), exit_code=ExitCode.BAD_INPUT))
         raise SystemExit(ExitCode.BAD_INPUT)
 
 
@@ -306,6 +308,7 @@ def stage_main(cls: type[BaseModel], run: Callable[[Any], Any], argv: list[str] 
         return run(cfg)
     except StageError as err:
         print(f"{prog}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        emit(StageFailure(error=type(err).__name__, message=str(err), exit_code=err.exit_code))
         raise SystemExit(err.exit_code)
 
 

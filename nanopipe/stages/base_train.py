@@ -42,6 +42,7 @@ from nanopipe.configs.flags import stage_main
 from nanopipe.configs.tok_train import DEFAULT_VOCAB_SIZE
 from nanopipe.core_eval import bundle_missing_message, evaluate_core, find_eval_bundle
 from nanopipe.dataloader import BestFitLoader
+from nanopipe.events import MemoryEstimate, Plan, Resumed, emit
 from nanopipe.data import ensure_shards
 from nanopipe.gpt import GPT, GPTConfig, build_model_config
 from nanopipe.loss_eval import evaluate_split_bpb
@@ -166,6 +167,7 @@ def run(cfg: BaseTrainConfig) -> dict:
         model_config = build_model_config(cfg.depth, cfg.aspect_ratio, cfg.head_dim, cfg.max_seq_len, vocab_size)
         info = describe_run(cfg, model_config, world_size, device_type)
         print_description(info)
+        emit(Plan.of(info))
         return {"plan_only": True, **info}
 
     # the named inputs, before any process group, lock or output directory: a bad one fails in a second
@@ -220,6 +222,7 @@ class Trainer:
                                                self.tokenizer.get_vocab_size())
         self.info = describe_run(cfg, self.model_config, rt.world_size, rt.device_type)
         print_description(self.info)
+        emit(MemoryEstimate.of(self.info["estimated_peak_memory_bytes"]))
         self.num_iterations, self.grad_accum = self.info["num_iterations"], self.info["grad_accum_steps"]
         check_memory_fits(self.info["estimated_peak_memory_bytes"]["total"], rt.device,
                           "--device_batch_size (or --max_seq_len, --depth)", cfg.allow_over_memory)
@@ -250,6 +253,7 @@ class Trainer:
             raise ConfigError(f"checkpoint step {checkpoint.step} in {self.ckpt_dir} is a different model "
                               f"({checkpoint.meta.get('model_config')}) from these flags ({self.model_config.__dict__})")
         print0(f"Resuming from step {checkpoint.step} of {self.ckpt_dir}")
+        emit(Resumed(step=checkpoint.step, checkpoint_dir=str(self.ckpt_dir)))
         return checkpoint
 
     def _build_model(self, checkpoint: ResumePoint | None) -> None:

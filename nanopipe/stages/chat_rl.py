@@ -42,6 +42,7 @@ from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_p
 from nanopipe.configs.base import ConfigError
 from nanopipe.configs.chat_rl import GSM8K_TRAIN_QUESTIONS, ChatRLConfig, check_world_size, plan_iterations
 from nanopipe.configs.flags import stage_main
+from nanopipe.events import Plan, emit
 from nanopipe.engine import Engine
 from nanopipe.gpt import GPTConfig
 from nanopipe.rl import (accumulate_policy_gradient, evaluate_pass_at_k, rng_from_json, rng_state_to_json,
@@ -125,6 +126,7 @@ def dry_run(cfg: ChatRLConfig, world_size: int) -> dict:
     model_config, model_from, _ = planned_model(cfg)
     info = describe_run(cfg, model_config, count_train_questions(cfg), world_size, device_type)
     print_description(info, model_from)
+    emit(Plan.of(info))
     return {"plan_only": True, **info}
 
 

@@ -40,6 +40,7 @@ from nanopipe.chat_train import ChatTrainerBase, model_plan, planned_model, prin
 from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_progress
 from nanopipe.configs.chat_sft import ChatSFTConfig, check_sft_batch_sizes
 from nanopipe.configs.flags import stage_main
+from nanopipe.events import Plan, emit
 from nanopipe.tasks.mixtures import ChatMixtures, sft_mixtures
 from nanopipe.tokenizer import get_token_bytes
 from nanopipe.training import gc_frozen_after_first_step, mean_across_ranks, peak_memory_mib
@@ -82,8 +83,10 @@ def dry_run(cfg: ChatSFTConfig, world_size: int) -> dict:
            f"Iterations: {num_iterations:,} (--num_iterations)")
     print0(f"Tokens: at most {max_tokens:,} (rows padded to at most {model_config.sequence_len} tokens)")
     print0(f"World size {world_size}, gradient accumulation steps: {grad_accum}")
-    return {"plan_only": True, **plan, "num_iterations": num_iterations, "train_examples": examples,
+    info = {"plan_only": True, **plan, "num_iterations": num_iterations, "train_examples": examples,
             "max_tokens": max_tokens, "grad_accum_steps": grad_accum, "world_size": world_size}
+    emit(Plan.of(info))
+    return info
 
 
 # -----------------------------------------------------------------------------

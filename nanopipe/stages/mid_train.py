@@ -42,6 +42,7 @@ from nanopipe.chat_train import (ChatTrainerBase, check_row_length, model_plan, 
                                  train_from_source)
 from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_progress
 from nanopipe.configs.flags import stage_main
+from nanopipe.events import Plan, emit
 from nanopipe.configs.mid_train import MidTrainConfig, check_mid_batch_sizes
 from nanopipe.optim import batch_lr_scale, muon_momentum
 from nanopipe.tasks.mixtures import ChatMixtures, mid_mixtures
@@ -100,6 +101,7 @@ def dry_run(cfg: MidTrainConfig, world_size: int) -> dict:
     tokens = f"{info['total_tokens']:,}" if info["total_tokens"] else "unknown"
     print0(f"Iterations: {steps} ({how}); tokens: {tokens}; {cfg.total_batch_size:,} tokens per step")
     print0(f"World size {world_size}, gradient accumulation steps: {grad_accum}")
+    emit(Plan.of(info))
     return info
 
 
