@@ -195,6 +195,17 @@ def test_gpu_presets_name_the_reference_chat_data_and_cpu_presets_stay_offline()
                                                  "identity_conversations.jsonl")
 
 
+def test_the_speedrun_plans_its_chat_stages_on_the_reference_data(home):
+    from flows.config import PipelineConfig
+    from flows.plan import plan_pipeline
+
+    data = {p.stage: [a for a in p.args if a.startswith(("--identity_path", "--spelling_words"))]
+            for p in plan_pipeline(PipelineConfig(preset="speedrun-d20"), home=home)}
+    identity = f"--identity_path={remote.IDENTITY_CONVERSATIONS.url}"
+    assert data["mid_train"] == data["chat_sft"] == [identity, "--spelling_words=download"]
+    assert data["chat_eval_mid"] == data["chat_eval_sft"] == ["--spelling_words_path=download"]
+
+
 def test_planning_reports_a_download_it_cannot_reach_before_any_stage_runs(home, monkeypatch):
     from flows import plan as planning
     from flows.config import PipelineConfig
