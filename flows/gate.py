@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, Field, ValidationError
 
 from flows.plan import StagePlan
+from nanopipe.configs.chat_eval import chatcore_of
 
 if TYPE_CHECKING:
     from flows.report import StageOutcome
@@ -106,12 +107,13 @@ def key_metrics(outcomes: list[StageOutcome]) -> tuple[dict[str, float], dict[st
     basis = {"base val bpb": config_digest_upto(plans, base_stage), "CORE": config_digest_upto(plans, base_stage)}
     for stage, label in CHAT_COLUMNS.items():
         chat = m.get(stage, {})
-        values[f"{label} ChatCORE"] = number(chat.get("chatcore"))
+        # nanochat's ChatCORE (all six tasks) and the partial one (other tasks) are different metrics
+        values[f"{label} ChatCORE"], values[f"{label} partial ChatCORE"] = map(number, chatcore_of(chat))
         values[f"{label} GSM8K"] = number((chat.get("accuracy") or {}).get("GSM8K"))
         digest = config_digest_upto(plans, stage)
         basis[f"{label} GSM8K"] = digest
-        basis[f"{label} ChatCORE"] = digest + (f" on {','.join(chat['chatcore_tasks'])}"
-                                               if chat.get("chatcore_tasks") else "")
+        basis[f"{label} ChatCORE"] = basis[f"{label} partial ChatCORE"] = digest + (
+            f" on {','.join(chat['chatcore_tasks'])}" if chat.get("chatcore_tasks") else "")
     values = {k: v for k, v in values.items() if v is not None}
     return values, {k: v for k, v in basis.items() if k in values}
 

@@ -44,6 +44,7 @@ from flows.plots import PROGRESS_FILE, markdown_image, stage_curves
 from flows.stages import get_stage
 from flows.taught import taught_markdown, taught_rows
 from nanopipe.common import atomic_write_text
+from nanopipe.configs.chat_eval import chatcore_label, chatcore_of
 
 REPORT_FILE = "report.md"
 DEFAULT_COST_PER_GPU_HOUR = 3.0   # USD, an 8xH100 node at ~$24/h; PipelineConfig.cost_per_gpu_hour overrides it
@@ -290,12 +291,15 @@ def chat_section(metrics: dict[str, dict]) -> list[str]:
     for task in rows:
         cells = [fmt(number((m.get("accuracy") or {}).get(task))) for m in columns.values()]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    lines.append("| ChatCORE | " + " | ".join(fmt(number(m.get("chatcore"))) for m in columns.values()) + " |")
-    notes = [f"{label} over {', '.join(m['chatcore_tasks'])}" for label, m in columns.items()
-             if m.get("chatcore_tasks") and not m.get("chatcore_complete")]
-    if notes:
-        lines += ["", "ChatCORE here is the mean centred accuracy over the tasks evaluated ("
-                  + "; ".join(notes) + "), not over nanochat's six."]
+    cores = {label: tuple(map(number, chatcore_of(m))) for label, m in columns.items()}
+    lines.append("| ChatCORE | " + " | ".join(fmt(full) for full, _ in cores.values()) + " |")
+    if any(partial is not None for _, partial in cores.values()):
+        lines.append("| ChatCORE (partial) | " + " | ".join(fmt(partial) for _, partial in cores.values()) + " |")
+        notes = [f"{label}: {chatcore_label(m['chatcore_tasks'])} over {', '.join(m['chatcore_tasks'])}"
+                 for label, m in columns.items() if cores[label][1] is not None and m.get("chatcore_tasks")]
+        lines += ["", "ChatCORE is nanochat's: the mean centred accuracy over all six of its tasks, given only where "
+                  "all six were evaluated. ChatCORE (partial) is that mean over the tasks evaluated instead ("
+                  + "; ".join(notes) + "): another number, not comparable with it."]
     return lines + [""]
 
 

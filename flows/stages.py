@@ -103,14 +103,14 @@ STAGES: list[Stage] = [
           tag=lambda cfg: "mid", key_metrics=("val_loss", "val_bpb", "train_loss")),
     Stage("chat_eval_mid", "nanopipe.stages.chat_eval", "chat_eval", _code("nanopipe.stages.chat_eval", *_CHAT_EVAL),
           inputs={"checkpoint_dir": ("mid_train", "checkpoints"), **_TOKENIZER_INPUT}, fixed={"source": "mid"},
-          tag=lambda cfg: "mid", key_metrics=("chatcore", "accuracy")),
+          tag=lambda cfg: "mid", key_metrics=("chatcore", "chatcore_partial", "accuracy")),
     Stage("chat_sft", "nanopipe.stages.chat_sft", "chat_sft", _code("nanopipe.stages.chat_sft", *_CHAT),
           inputs={"checkpoint_dir": ("mid_train", "checkpoints"), **_TOKENIZER_INPUT}, output="checkpoints",
           fixed={"source": "mid"}, resume_flag=("resume_from_step", "latest"), dry_run_flag="plan_only",
           tag=lambda cfg: "sft", key_metrics=("val_loss", "train_loss")),
     Stage("chat_eval_sft", "nanopipe.stages.chat_eval", "chat_eval", _code("nanopipe.stages.chat_eval", *_CHAT_EVAL),
           inputs={"checkpoint_dir": ("chat_sft", "checkpoints"), **_TOKENIZER_INPUT}, fixed={"source": "sft"},
-          tag=lambda cfg: "sft", key_metrics=("chatcore", "accuracy")),
+          tag=lambda cfg: "sft", key_metrics=("chatcore", "chatcore_partial", "accuracy")),
     Stage("chat_rl", "nanopipe.stages.chat_rl", "chat_rl",
           _code("nanopipe.stages.chat_rl", *_CHAT, "nanopipe.engine", "nanopipe.execution", "nanopipe.sandbox_child",
                 "nanopipe.rl"),
@@ -119,7 +119,7 @@ STAGES: list[Stage] = [
           tag=lambda cfg: "rl", when="run_rl", key_metrics=("reward", "pass@1")),
     Stage("chat_eval_rl", "nanopipe.stages.chat_eval", "chat_eval", _code("nanopipe.stages.chat_eval", *_CHAT_EVAL),
           inputs={"checkpoint_dir": ("chat_rl", "checkpoints"), **_TOKENIZER_INPUT}, fixed={"source": "rl"},
-          tag=lambda cfg: "rl", when="run_rl", key_metrics=("chatcore", "accuracy")),
+          tag=lambda cfg: "rl", when="run_rl", key_metrics=("chatcore", "chatcore_partial", "accuracy")),
 ]
 
 STAGE_NAMES = [s.name for s in STAGES]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Sequence
 
 from pydantic import BeforeValidator, Field, field_validator
 
@@ -14,6 +14,25 @@ EVAL_TASKS = CHATCORE_TASKS + OFFLINE_TASKS
 SYNTHETIC_TASKS = ("SpellingBee",) + OFFLINE_TASKS
 EvalTaskName = Literal["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "Arithmetic",
                        "MultipleChoice"]
+
+
+
+def chatcore_label(tasks: Sequence[str]) -> str:
+    """'ChatCORE' for a mean over all of nanochat's six tasks, 'ChatCORE (partial: k of 6 tasks)' otherwise."""
+    if all(name in tasks for name in CHATCORE_TASKS):
+        return "ChatCORE"
+    return f"ChatCORE (partial: {sum(name in CHATCORE_TASKS for name in tasks)} of {len(CHATCORE_TASKS)} tasks)"
+
+
+def chatcore_of(metrics: dict) -> tuple[float | None, float | None]:
+    """(ChatCORE, partial ChatCORE) of chat_eval's metrics, at most one of them set. Metrics written before the
+    partial one had its own key kept it under "chatcore" with "chatcore_complete" false: read as partial."""
+    if metrics.get("chatcore_partial") is not None:
+        return None, metrics["chatcore_partial"]
+    tasks = metrics.get("chatcore_tasks") or CHATCORE_TASKS
+    complete = metrics.get("chatcore_complete", all(name in tasks for name in CHATCORE_TASKS))
+    return (metrics.get("chatcore"), None) if complete else (None, metrics.get("chatcore"))
+
 
 # config field holding the local data of each task (None: the task's hub dataset / builtin word list)
 DATA_PATH_FIELDS = {"ARC-Easy": "arc_easy_path", "ARC-Challenge": "arc_challenge_path", "MMLU": "mmlu_path",

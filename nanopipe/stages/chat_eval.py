@@ -40,7 +40,8 @@ from nanopipe.common import (compute_cleanup, compute_init, get_base_dir, print0
                              write_metrics)
 from nanopipe.configs.base import ConfigError
 from nanopipe.configs.flags import stage_main
-from nanopipe.configs.chat_eval import CHATCORE_TASKS, DATA_PATH_FIELDS, SHORT_FLAGS, SYNTHETIC_TASKS, ChatEvalConfig
+from nanopipe.configs.chat_eval import (CHATCORE_TASKS, DATA_PATH_FIELDS, SHORT_FLAGS, SYNTHETIC_TASKS, ChatEvalConfig,
+                                        chatcore_label)
 from nanopipe.engine import Engine
 from nanopipe.tasks import build_task
 from nanopipe.tasks.gsm8k import in_answer_format, reference_answer
@@ -141,16 +142,9 @@ def chatcore_metrics(accuracies: dict[str, float], chance: dict[str, float]) -> 
             "chatcore_complete": False}
 
 
-def chatcore_name(tasks: list[str]) -> str:
-    """'ChatCORE', or 'ChatCORE (partial: k of 6 tasks)' for a mean over another set of tasks."""
-    if all(name in tasks for name in CHATCORE_TASKS):
-        return "ChatCORE"
-    return f"ChatCORE (partial: {sum(name in CHATCORE_TASKS for name in tasks)} of {len(CHATCORE_TASKS)} tasks)"
-
-
 def chatcore_line(metrics: dict) -> str:
     value = metrics["chatcore"] if metrics["chatcore_complete"] else metrics["chatcore_partial"]
-    return f"{chatcore_name(metrics['chatcore_tasks'])} over {', '.join(metrics['chatcore_tasks'])}: {value:.4f}"
+    return f"{chatcore_label(metrics['chatcore_tasks'])} over {', '.join(metrics['chatcore_tasks'])}: {value:.4f}"
 
 
 class GenerativeRecord:
