@@ -35,9 +35,9 @@ from tests.procs import pids_with_cmdline
 REPO = Path(__file__).resolve().parents[1]
 STEP_LINE = re.compile(r"^step (\d+) \| progress +([\d.]+)% \| loss: ([\d.]+) \(this step ([\d.]+)\)", re.M)
 # a tiny run: 4 rows of 128 tokens per micro-step, 2 micro-steps per step; learning rates high enough that the
-# loss moves visibly in a few steps (the batch-size scaling divides them by sqrt(2^19 / 1024) ~ 23)
+# loss moves visibly in a few steps (used as given: mid-training does not scale them with the batch size)
 TINY = dict(max_seq_len=128, device_batch_size=4, total_batch_size=1024, eval_every=-1, eval_tokens=1024,
-            builtin_size=12, matrix_lr=0.3, embedding_lr=3, unembedding_lr=0.06)
+            builtin_size=12, matrix_lr=0.0133, embedding_lr=0.133, unembedding_lr=0.00265)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -288,6 +288,9 @@ def test_one_pass_learns_and_resume_is_exact(inputs, tmp_path, home, capsys):
     assert written["progress"] >= 1.0 and "builtin offline identity" in written["identity"]
     assert written["data"]["parts"]["train"]["identity"] == 6 and written["total_tokens"] == last * 1024
     assert list_steps(straight)[-1] == last and 3 in list_steps(straight)
+    # the flags' learning rates, whatever the batch size: nanochat's mid-training does not scale them
+    muon_groups = torch.load(optim_path(straight, last, 0), weights_only=False)["optimizers"][1]["param_groups"]
+    assert {group["initial_lr"] for group in muon_groups} == {TINY["matrix_lr"]}
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()

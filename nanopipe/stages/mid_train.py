@@ -44,13 +44,12 @@ from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_p
 from nanopipe.configs.flags import stage_main
 from nanopipe.events import Plan, emit
 from nanopipe.configs.mid_train import MidTrainConfig, check_mid_batch_sizes
-from nanopipe.optim import batch_lr_scale, muon_momentum
+from nanopipe.optim import muon_momentum
 from nanopipe.tasks.mixtures import ChatMixtures, mid_mixtures
 from nanopipe.tokenizer import get_token_bytes, get_tokenizer
 from nanopipe.training import gc_frozen_after_first_step, mean_across_ranks, peak_memory_mib
 
 PROG = "python -m nanopipe.stages.mid_train"
-REFERENCE_BATCH_TOKENS = 2**19    # the learning rates were tuned at this batch size (as in base_train)
 WARMDOWN_START = 0.8              # the learning rate holds until this fraction of the mixture, then decays to 0
 DRY_RUN_SAMPLE = 2000             # conversations rendered to estimate a one-pass run's length
 
@@ -123,8 +122,9 @@ class MidTrainer(ChatTrainerBase):
     stage = "mid"
 
     def __init__(self, cfg: MidTrainConfig, rt: Runtime, src, out_dir: Path, mixtures: ChatMixtures):
-        lr_scale = batch_lr_scale(cfg.total_batch_size, REFERENCE_BATCH_TOKENS)  # sqrt(B / 2^19), as base_train
-        super().__init__(cfg, rt, src, out_dir, lr_scale=lr_scale)
+        # the flags' learning rates as they are, whatever --total_batch_size: nanochat's mid-training does not
+        # scale them with the batch (base_train does)
+        super().__init__(cfg, rt, src, out_dir)
         self.mixtures = mixtures
         self.wandb = init_wandb(cfg.run, "nanopipe-mid", cfg.model_dump(mode="json"), rt.master)
         self.grad_accum = check_mid_batch_sizes(cfg, rt.world_size)
