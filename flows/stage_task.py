@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 import time
 from pathlib import Path
@@ -132,27 +131,25 @@ class _Progress:
                                  description=self.describe(ending))
 
 
-def _prepare(plan: StagePlan, logger) -> int | None:
-    """Make the artifact directory ready to (re)run into. Returns the step of the last checkpoint the stage
-    will resume from (None: it starts from scratch, and its progress history starts afresh too)."""
+def _prepare(plan: StagePlan, logger) -> None:
+    """Make the artifact directory ready to (re)run into. A stage with no checkpoint to resume from starts
+    from scratch, and its progress history starts afresh too."""
     directory, out = Path(plan.artifact_dir), Path(plan.out_dir)
     if read_manifest(directory) is not None:
         # a manifest that does not verify: the directory is damaged, nothing in it can be trusted
         logger.warning(f"{directory}: {verify(directory, plan.hash).reason}; recomputing from scratch")
         discard(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    resumed_from = None
+    resumable = False
     if plan.resume_flag:
         checkpoints = sorted(out.glob(plan.checkpoint_glob)) if out.is_dir() else []
         if checkpoints:
             logger.info(f"{plan.stage} will resume from its checkpoints in {out} (last: {checkpoints[-1].name})")
-            steps = re.findall(r"\d+", checkpoints[-1].name)
-            resumed_from = int(steps[-1]) if steps else None
+            resumable = True
     elif out.exists():   # leftovers of an interrupted run of a stage that cannot resume
         shutil.rmtree(out)
-    if resumed_from is None:
+    if not resumable:
         (directory / PROGRESS_FILE).unlink(missing_ok=True)
-    return resumed_from
 
 
 def _produced_meanwhile(plan: StagePlan) -> bool:

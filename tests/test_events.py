@@ -140,6 +140,11 @@ def test_a_planning_run_is_read_from_its_records(tmp_path, renamed_lines):
     preflight([base], model_shape(plans), log=said.append)
     assert said and said[0].startswith("preflight base_train: ok (") and "context 64, vocab 512" in said[0]
 
+    # a stage that exits 0 without planning (here: it printed its help) has no plan record: not a pass
+    helped = base.model_copy(update={"args": [*base.args, "--help"]})
+    with pytest.raises(PlanError, match="exit code 0 without a plan record: --plan_only planned nothing"):
+        dry_run(helped, timeout_seconds=300)
+
     # a flag the stage rejects: its reason comes from its error record, its human lines say nothing readable
     broken = base.model_copy(update={"args": [*base.args, "--depth=0"]})
     with pytest.raises(PlanError) as err:
