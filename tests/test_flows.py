@@ -72,7 +72,7 @@ def tiny(data_dir: Path, **overrides) -> dict:
                       "total_batch_size": 256, "num_iterations": 6, "eval_every": None, "eval_tokens": 512,
                       "save_every": 3},
         "chat_sft": {"mixture": "builtin", "builtin_size": 12, "device_batch_size": 2, "target_examples_per_step": 4,
-                     "num_iterations": 4, "eval_every": None, "eval_steps": 2, "eval_metrics_every": None,
+                     "num_iterations": 5, "eval_every": None, "eval_steps": 2, "eval_metrics_every": None,
                      "eval_metrics_max_problems": 4, "save_every": 2},
         "chat_eval": {"task": ["Arithmetic", "MultipleChoice"], "max_problems": 4, "synthetic_size": 8,
                       "max_new_tokens": 12, "batch_size": 4},

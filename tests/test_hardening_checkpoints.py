@@ -174,7 +174,7 @@ def base_flags(inputs: Path, out_dir: Path, **overrides) -> list[str]:
 
 def sft_flags(inputs: Path, out_dir: Path, **overrides) -> list[str]:
     tiny = dict(source="base", builtin_size=16, device_batch_size=4, target_examples_per_step=8, eval_every=-1,
-                eval_steps=1, eval_metrics_every=-1, num_iterations=4)
+                eval_steps=1, eval_metrics_every=-1, num_iterations=5)   # 4 optimizer steps
     return tiny_chat_flags(inputs / "base" / "d2", out_dir, **{**tiny, **overrides})
 
 

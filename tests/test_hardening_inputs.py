@@ -248,14 +248,14 @@ def test_sft_drops_conversations_cut_before_their_answer_and_reports_no_nan(inpu
     monkeypatch.setattr(chat_sft, "sft_mixtures", lambda cfg: mixtures)
     out = tmp_path / "sft"
     chat_sft.main(tiny_chat_flags(inputs["base"], out, source="base", device_batch_size=4, target_examples_per_step=4,
-                                  num_iterations=4, eval_every=2, eval_steps=1, eval_metrics_every=-1))
+                                  num_iterations=5, eval_every=2, eval_steps=1, eval_metrics_every=-1))
     log = capsys.readouterr().out
     warnings = [line for line in log.splitlines() if line.startswith("warning:")]
     counts = re.search(r"(\d+) of the (\d+) training conversations read were longer than the model's context "
                        r"\(128 tokens\) and were cut; (\d+) of them kept no assistant token and were dropped",
                        warnings[0]) if len(warnings) == 1 else None
     cut, read, dropped = map(int, counts.groups())
-    assert cut == dropped >= 1 and read == 4 * 4 + dropped  # 4 steps of 4 trained conversations
+    assert cut == dropped >= 1 and read == 4 * 4 + dropped  # 4 optimizer steps of 4 trained conversations
     metrics = strict_json((out / "metrics.json").read_text())
     assert metrics["val_loss"] is None and metrics["val_bpb"] is None
     assert (metrics["cut_conversations"], metrics["dropped_conversations"]) == (cut, dropped)

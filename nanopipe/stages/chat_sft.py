@@ -13,7 +13,8 @@ Under torchrun (one process per GPU; on CPU the gloo backend):
     torchrun --standalone --nproc_per_node=8 -m nanopipe.stages.chat_sft
 
 The model starts from the last mid-training checkpoint (--source=mid; base also works) with fresh
-optimizers at --init_lr_frac of the learning rates, decayed linearly to 0. The mixture (--mixture=seed) is
+optimizers at --init_lr_frac of the learning rates, decayed linearly towards 0. As in nanochat, a run of
+--num_iterations=N makes N - 1 optimizer steps: its last iteration only evaluates. The mixture (--mixture=seed) is
 nanochat's: ARC-Easy and ARC-Challenge train, GSM8K train, the first 10K SmolTalk conversations, identity
 conversations (--identity_path; without one, a builtin offline set), SimpleSpelling and SpellingBee. Every
 --eval_every steps: the assistant-only loss on SmolTalk test; every --eval_metrics_every steps:
@@ -51,14 +52,20 @@ SEED_MIXTURE_EXAMPLES = 2251 + 1119 + 7473 + 10_000 + 1000 + 300 + 300
 
 
 def lr_multiplier(step: int, num_iterations: int) -> float:
-    """Linear decay from 1 at the first step to 0 at the end."""
+    """Linear decay from 1 at the first step, by 1 / num_iterations a step (nanochat's schedule)."""
     return 1.0 - step / num_iterations
 
 
 def plan_iterations(cfg: ChatSFTConfig, num_examples: int) -> int:
+    """--num_iterations, else nanochat's count: whole steps of one epoch, times the epochs."""
     if cfg.num_iterations is not None:
         return cfg.num_iterations
-    return max(1, cfg.num_epochs * num_examples // cfg.target_examples_per_step)
+    return max(1, num_examples // cfg.target_examples_per_step * cfg.num_epochs)
+
+
+def optimizer_steps(num_iterations: int) -> int:
+    """nanochat's SFT loop runs num_iterations iterations and the last one only evaluates."""
+    return num_iterations - 1
 
 
 # -----------------------------------------------------------------------------
@@ -77,10 +84,11 @@ def dry_run(cfg: ChatSFTConfig, world_size: int) -> dict:
     else:
         examples, how = SEED_MIXTURE_EXAMPLES, "seed mixture, hub dataset sizes"
     num_iterations = plan_iterations(cfg, examples)
-    max_tokens = num_iterations * cfg.target_examples_per_step * model_config.sequence_len
+    max_tokens = optimizer_steps(num_iterations) * cfg.target_examples_per_step * model_config.sequence_len
     print0(f"Iterations: {num_iterations:,} ({cfg.num_epochs} epoch(s) of {examples:,} conversations, {how}, "
            f"{cfg.target_examples_per_step} per step)" if cfg.num_iterations is None else
            f"Iterations: {num_iterations:,} (--num_iterations)")
+    print0(f"Optimizer steps: {optimizer_steps(num_iterations):,} (the last iteration only evaluates)")
     print0(f"Tokens: at most {max_tokens:,} (rows padded to at most {model_config.sequence_len} tokens)")
     print0(f"World size {world_size}, gradient accumulation steps: {grad_accum}")
     info = {"plan_only": True, **plan, "num_iterations": num_iterations, "train_examples": examples,
@@ -101,7 +109,8 @@ def run(cfg: ChatSFTConfig) -> dict:
 
 
 class SFTTrainer(ChatTrainerBase):
-    """One fine-tuning run: steps 0..num_iterations-1, then save and the final evaluations."""
+    """One fine-tuning run: optimizer steps 0..num_iterations-2, then save and the final evaluations (nanochat's
+    last iteration, which only evaluates)."""
 
     stage = "sft"
 
@@ -112,6 +121,7 @@ class SFTTrainer(ChatTrainerBase):
         self.token_bytes = get_token_bytes(src.tokenizer_dir, device=rt.device)
         self.grad_accum = check_sft_batch_sizes(cfg, rt.world_size)
         self.num_iterations = plan_iterations(cfg, len(mixtures.train))
+        self.num_steps = optimizer_steps(self.num_iterations)
         self.max_tokens = self.orig_model.config.sequence_len  # conversations are cut to the model's context
         # variable shapes (one conversation per row, padded per micro-batch): no torch.compile
         self.model = self.orig_model
@@ -125,7 +135,7 @@ class SFTTrainer(ChatTrainerBase):
         print0(f"Training mixture ({cfg.mixture}): {len(mixtures.train):,} conversations "
                f"({', '.join(f'{k} {v:,}' for k, v in mixtures.parts['train'].items())}); identity "
                f"conversations: {mixtures.identity}")
-        print0(f"Training {self.num_iterations:,} steps of {cfg.target_examples_per_step} conversations "
+        print0(f"Training {self.num_steps:,} steps of {cfg.target_examples_per_step} conversations "
                f"({self.grad_accum} micro-steps of {cfg.device_batch_size} per rank) from step {self.step}")
 
     # --- the loop ------------------------------------------------------------
@@ -133,7 +143,7 @@ class SFTTrainer(ChatTrainerBase):
     def fit(self) -> None:
         cfg = self.cfg
         with gc_frozen_after_first_step() as after_step:
-            while self.step < self.num_iterations:
+            while self.step < self.num_steps:
                 if self.due(cfg.eval_every):
                     self.evaluate_loss()
                 if self.due(cfg.eval_metrics_every, at_zero=False):
@@ -177,7 +187,7 @@ class SFTTrainer(ChatTrainerBase):
         print0(f"step {step:05d}/{self.num_iterations:05d} | loss: {smooth:.6f} (this step {loss:.6f}) | "
                f"lrm: {lrm:.4f} | supervised tokens: {tokens:,} | dt: {dt * 1000:.2f}ms | "
                f"epoch: {self.train_loader.epoch} | mem: {peak_memory_mib(self.rt.device_type):,.0f}MiB")
-        report_progress(step=step, total=self.num_iterations, loss=smooth)   # the step the line above prints
+        report_progress(step=step, total=self.num_steps, loss=smooth)   # the step the line above prints
         if step % 10 == 0:
             self.wandb.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/tokens": tokens})
 
