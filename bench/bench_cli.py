@@ -32,7 +32,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-PROGRESS_PREFIX = "@@nanopipe-progress "
+from nanopipe.events import PROGRESS_PREFIX  # noqa: E402  (a stage's progress record, nanopipe/events.py)
+
 RETRYABLE = "Encountered retryable exception in request"
 
 
