@@ -138,11 +138,11 @@ def test_plan_only_plans_without_a_process_group(inputs, tmp_path, home, monkeyp
     info = chat_sft.main(flags(inputs, tmp_path / "out", plan_only=True))
     out = capsys.readouterr().out
     assert not dist.is_initialized() and not (tmp_path / "out").exists()
-    # builtin_size x BUILTIN_SFT_WEIGHTS: identity 4, arithmetic 32, MC 32, SimpleSpelling 4, SpellingBee 16
-    assert info["train_examples"] == 4 + 32 + 32 + 4 + 16
+    # builtin_size x BUILTIN_SFT_WEIGHTS: identity 4, arithmetic 32, MC 32, SimpleSpelling 4, SpellingBee 32
+    assert info["train_examples"] == 4 + 32 + 32 + 4 + 32
     assert info["num_iterations"] == info["train_examples"] // 8 and info["grad_accum_steps"] == 1
     assert re.search(r"parameters total\s+: [\d,]+", out) and "Estimated peak memory per device" in out
-    assert f"Iterations: {info['num_iterations']} (1 epoch(s) of 88 conversations" in out and "Tokens: at most" in out
+    assert f"Iterations: {info['num_iterations']} (1 epoch(s) of 104 conversations" in out and "Tokens: at most" in out
     seed = chat_sft.run(build_config(ChatSFTConfig, {"plan_only": True, "checkpoint_dir": str(tmp_path / "none")}))
     assert seed["num_iterations"] == 22443 // 32 and seed["model_config"]["n_layer"] == 20
 

@@ -249,7 +249,7 @@ def test_plan_only_needs_no_process_group(inputs, tmp_path):
     out = result.stdout
     assert re.search(r"Model \(source checkpoint .*d2 step 10\): 2 layers, width 64", out)
     assert re.search(r"parameters total\s+: [\d,]+", out) and "Estimated peak memory per device" in out
-    assert re.search(r"Iterations: \d+ \(about one pass over 90 conversations", out)
+    assert re.search(r"Iterations: \d+ \(about one pass over 162 conversations", out)
     assert "World size 2, gradient accumulation steps: 2" in out
     assert not (tmp_path / "out").exists()
     # planning before base_train has run: the shape comes from the flags
