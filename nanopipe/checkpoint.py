@@ -13,7 +13,8 @@ optimizer files, which is what a resume needs.
 A resume goes through `load_resume_checkpoint`: the newest step that verifies (meta parses, every file there
 and non-empty) and loads (torch.load of the model and this rank's optimizer file, agreed by every rank) wins;
 a damaged newer step is skipped with one line saying why. A checkpoint written by a different number of
-processes is refused (WorldSizeMismatchError, exit 2), never silently replaced by a fresh start.
+processes is refused (WorldSizeMismatchError, exit 2), never silently replaced by a fresh start, unless the
+caller re-shards it (reshard=True: every rank loads all the old optimizer files, nanopipe.reshard splits them).
 
     model, tokenizer, meta = load_model("base", device, phase="eval")            # NANOPIPE_HOME layout
     model, tokenizer, meta = load_model("base", device, "eval", checkpoint_dir=d) # explicit directory
@@ -187,10 +188,12 @@ def checkpoint_world_size(ckpt_dir: str | os.PathLike, step: int, meta: dict) ->
     return max(ranks) + 1 if ranks else 1
 
 
-def verify_checkpoint(ckpt_dir: str | os.PathLike, step: int, world_size: int) -> tuple[dict | None, str | None]:
-    """(meta, None) when checkpoint `step` looks whole for `world_size` ranks (the meta parses, the model and
-    every optimizer file are there and non-empty), else (meta or None, why not). Reads only the meta.
-    Raises WorldSizeMismatchError when a readable meta says another number of processes wrote it."""
+def verify_checkpoint(ckpt_dir: str | os.PathLike, step: int, world_size: int,
+                      reshard: bool = False) -> tuple[dict | None, str | None]:
+    """(meta, None) when checkpoint `step` looks whole (the meta parses, the model and every optimizer file of
+    the ranks that wrote it are there and non-empty), else (meta or None, why not). Reads only the meta.
+    Raises WorldSizeMismatchError when a readable meta says another number of processes than `world_size`
+    wrote it, unless `reshard`."""
     ckpt_dir = Path(ckpt_dir)
     mpath = meta_path(ckpt_dir, step)
     try:
@@ -202,12 +205,12 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, step: int, world_size: int) -
     if not isinstance(meta, dict):
         return None, f"{mpath.name} is not a JSON object"
     written_by = checkpoint_world_size(ckpt_dir, step, meta)
-    if written_by != world_size:
+    if written_by != world_size and not reshard:
         raise WorldSizeMismatchError(
             f"checkpoint step {step} in {ckpt_dir} was written by {written_by} process(es) but this run has "
             f"{world_size}: resume with --nproc_per_node={written_by} (the same number of processes), or start "
             f"a new run in another --out_dir")
-    for path in [model_path(ckpt_dir, step)] + [optim_path(ckpt_dir, step, r) for r in range(world_size)]:
+    for path in [model_path(ckpt_dir, step)] + [optim_path(ckpt_dir, step, r) for r in range(written_by)]:
         if not path.is_file():
             return meta, f"{path.name} is missing"
         if path.stat().st_size == 0:
@@ -226,24 +229,29 @@ def resume_candidates(ckpt_dir: str | os.PathLike) -> list[int]:
 
 @dataclass
 class ResumePoint:
-    """What a resume restores: the step, the model state, this rank's optimizer state and the meta."""
+    """What a resume restores: the step, the model state, this rank's optimizer state and the meta. Written by
+    another number of processes (`written_by`), optim_state is None and `all_optim_states` holds every old
+    rank's optimizer file, in rank order, for nanopipe.reshard."""
 
     step: int
     model_state: dict
     optim_state: Any
     meta: dict
+    written_by: int = 0
+    all_optim_states: list | None = None
 
 
 def load_resume_checkpoint(ckpt_dir: str | os.PathLike, resume_from_step: int | str | None, world_size: int,
                            device: torch.device | str, rank: int = 0,
                            all_ranks_ok: Callable[[bool], bool] = lambda ok: ok,
-                           fresh_start: str = "from scratch") -> ResumePoint | None:
+                           fresh_start: str = "from scratch", reshard: bool = False) -> ResumePoint | None:
     """The checkpoint a --resume_from_step resumes, or None for a fresh start.
 
     'latest' tries the steps newest first and takes the first one that verifies and loads on every rank
     (`all_ranks_ok` is the collective that agrees: a rank whose optimizer file is damaged makes every rank
     move on), printing one line for the skipped ones; none at all is a fresh start. An explicit step that
-    does not verify or load is a CheckpointError. A different world size is a WorldSizeMismatchError either way.
+    does not verify or load is a CheckpointError. A different world size is a WorldSizeMismatchError either way,
+    unless `reshard`: then every old rank's optimizer file is loaded (to the CPU) into all_optim_states.
     """
     if resume_from_step is None:
         return None
@@ -252,13 +260,17 @@ def load_resume_checkpoint(ckpt_dir: str | os.PathLike, resume_from_step: int | 
     steps = [int(resume_from_step)] if explicit else resume_candidates(ckpt_dir)
     skipped = []
     for step in steps:
-        meta, problem = verify_checkpoint(ckpt_dir, step, world_size)
+        meta, problem = verify_checkpoint(ckpt_dir, step, world_size, reshard)
         point = None
         if problem is None:
+            written_by = checkpoint_world_size(ckpt_dir, step, meta)
+            same = written_by == world_size
+            paths = [optim_path(ckpt_dir, step, r) for r in ([rank] if same else range(written_by))]
             states = []
-            for path in (model_path(ckpt_dir, step), optim_path(ckpt_dir, step, rank)):
+            for i, path in enumerate([model_path(ckpt_dir, step)] + paths):
                 try:
-                    states.append(torch.load(path, map_location=device, weights_only=True))
+                    states.append(torch.load(path, map_location=device if same or i == 0 else "cpu",
+                                             weights_only=True))
                 except Exception as err:  # a truncated or garbled file: its name and the gist of why
                     gist = str(err).splitlines()[0].split(". ")[0] if str(err) else ""
                     problem = f"{path.name} is unreadable ({type(err).__name__}: {gist})"
@@ -268,7 +280,8 @@ def load_resume_checkpoint(ckpt_dir: str | os.PathLike, resume_from_step: int | 
                 if bad:
                     problem = f"{model_path(ckpt_dir, step).name} holds non-finite weights (NaN or Inf in {bad[0]})"
                 else:
-                    point = ResumePoint(step, states[0], states[1], meta)
+                    point = (ResumePoint(step, states[0], states[1], meta, written_by) if same else
+                             ResumePoint(step, states[0], None, meta, written_by, states[1:]))
         if not all_ranks_ok(point is not None):
             problem = problem or "another rank's optimizer file is unreadable"
             point = None

@@ -418,7 +418,8 @@ class BestFitLoader:
                                             num_threads=self.tokenizer_threads) if ids else []
         for doc_id, tokens in zip(ids, token_lists):
             self.packer.add(doc_id, tokens)
-        if self.packer.num_tokens != state["buffer_tokens"]:
+        # None: a buffer re-dealt for another world size (nanopipe.reshard), no saved count to check
+        if state["buffer_tokens"] is not None and self.packer.num_tokens != state["buffer_tokens"]:
             raise DataLoaderError(
                 f"resuming the loader re-read {self.packer.num_tokens} buffered tokens, the checkpoint had "
                 f"{state['buffer_tokens']}: the shards ({self.reader.files[0].parent}) or the tokenizer changed")
