@@ -8,13 +8,14 @@ and pass@k.
     groups = sample_groups(engine, tokenizer, task, conversations, num_samples=4, device_batch_size=32, ...)
     advantages = group_advantages(group.rewards)                 # reward - the group's mean
     inputs, targets = policy_batch(group.sequences, group.masks, pad_id)
-    loss = policy_loss_sum(model, inputs, targets, advantages) / num_sampled_tokens
+    loss = policy_loss_sum(model, inputs, targets, advantages) / (pass_tokens * passes * questions)
 
 The recipe is nanochat's simplified GRPO, i.e. REINFORCE with a group baseline: no value network, no KL
 penalty to a reference model, no ratio clipping (the samples come from the current weights, so the ratio is
 1), advantages are reward - group mean (not divided by the group's standard deviation), and the loss is a
-token-level mean over the tokens the model sampled (DAPO, https://arxiv.org/abs/2503.14476): the prompt and
-the calculator's forced output tokens carry no loss.
+mean over the tokens the model sampled in each forward pass of a question's samples, averaged over the passes
+and the rank's questions, as nanochat normalises it: the prompt and the calculator's forced output tokens carry
+no loss.
 """
 
 from __future__ import annotations
@@ -143,26 +144,27 @@ def policy_loss_sum(model, inputs: torch.Tensor, targets: torch.Tensor, advantag
 
 
 def accumulate_policy_gradient(model, groups: Sequence[Group], pad_id: int, device_batch_size: int,
-                               total_sampled_tokens: float, world_size: int = 1,
                                autocast=contextlib.nullcontext()) -> float:
-    """Backward of -sum(advantage * log p) over the sampled tokens of `groups`, divided by the sampled tokens
-    of the whole step (total_sampled_tokens, every rank's) and multiplied by world_size, because the
-    distributed optimizers average the ranks' gradients. Forward passes take device_batch_size sequences.
-    Groups whose rewards are all equal have zero advantages: they are skipped, as they add exactly nothing.
+    """Backward of the policy-gradient loss of this rank's `groups` (one per question), normalised per forward
+    pass as nanochat's RL normalises it: a pass over device_batch_size sequences of one group contributes
+    -sum(advantage * log p) over its sampled tokens / (those tokens x the group's passes x the rank's groups).
+    The distributed optimizers then average the ranks' gradients. Groups whose rewards are all equal have zero
+    advantages: they are skipped, as they add exactly nothing (they still count among the rank's groups).
     Every parameter ends with a gradient (zeros if none flowed), so all ranks step all parameters alike.
-    Returns this rank's share of the loss."""
-    scale = world_size / max(total_sampled_tokens, 1.0)
+    Returns this rank's loss."""
     device = model.get_device()
     loss_sum = 0.0
     for group in groups:
         advantages = group_advantages(group.rewards)
         if not advantages.any():
             continue
-        for b0 in range(0, len(group.sequences), device_batch_size):
+        starts = range(0, len(group.sequences), device_batch_size)
+        for b0 in starts:
             b1 = b0 + device_batch_size
             inputs, targets = policy_batch(group.sequences[b0:b1], group.masks[b0:b1], pad_id, device)
+            scored = max(int((targets >= 0).sum()), 1)
             with autocast:
-                loss = policy_loss_sum(model, inputs, targets, advantages[b0:b1]) * scale
+                loss = policy_loss_sum(model, inputs, targets, advantages[b0:b1]) / (scored * len(starts) * len(groups))
             loss.backward()
             loss_sum += loss.item()
     for p in model.parameters():
