@@ -236,7 +236,7 @@ SHAPE_FIELDS = ("depth", "aspect_ratio", "head_dim")
 
 
 def dry_run_command(plan: StagePlan, shape: dict[str, Any] | None = None) -> tuple[list[str], dict[str, str]]:
-    """`python -m <stage> <flags> --dry_run` and its environment: torchrun's variables without torchrun,
+    """`python -m <stage> <flags> --plan_only` and its environment: torchrun's variables without torchrun,
     so the stage checks its batch arithmetic for the world size it will train with, and never joins a
     process group. `shape` (the base model's depth, aspect ratio, head size) tells a stage whose source
     checkpoint this run will produce what model to plan for."""
