@@ -96,3 +96,14 @@ def test_extraction_reads_code_spans_continuations_and_placeholders():
     assert [stage_args(line) for line in lines] == [
         ("chat_eval", ["-i", "sft", "-a", "ARC-Easy|GSM8K"]),
         ("chat_rl", ["--gsm8k_path=placeholder", "--source=mid"])]
+
+
+def test_the_stages_without_nanochats_dry_run_point_to_plan_only(capsys):
+    """base_train and chat_rl have no --dry_run in nanochat: the flag is refused, naming the planning mode."""
+    from nanopipe.configs.base_train import BaseTrainConfig
+
+    for cls in (BaseTrainConfig, ChatRLConfig):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_config(cls, ["--dry_run"], prog=cls.__name__)
+        assert exit_info.value.code == 2 and "use --plan_only" in capsys.readouterr().err
+        assert parse_config(cls, ["--plan_only"], prog=cls.__name__).plan_only is True
