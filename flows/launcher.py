@@ -209,6 +209,13 @@ class LaunchResult:
     oom_killed: bool = False            # the kernel's OOM killer struck in our memory cgroup during the launch
     records: list[Record] = field(default_factory=list)   # the stage's records but progress (nanopipe/events.py)
 
+    def fails_with(self, reason: str) -> LaunchResult:
+        """Give the flow's own reason for this failure (a node that never started, say): the last line of the
+        tail, for the log, and an error record, for the failure's first line."""
+        self.tail.append(f"nanopipe: error: {reason}")
+        self.records.append(StageFailure(message=reason, exit_code=self.returncode))
+        return self
+
 
 def oom_kill_count(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int | None:
     """How many processes the kernel's OOM killer has killed in this process's memory cgroup (cgroup v2

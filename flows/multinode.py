@@ -159,13 +159,13 @@ def _remote_result(remote: _Remote, cmd: list[str], log_path: Path, started: flo
         lines = text.split("--- last lines ---\n", 1)[-1].splitlines()
         said = stage_reason(lines)
         # the last line is what the failure's first line quotes: which node, and the stage's own words there
-        note = (f"nanopipe: error: {where} failed first{': ' + said if said else ''}; the other nodes were "
-                f"stopped (its log: {remote.log_path} on that node)")
+        note = (f"{where} failed first{': ' + said if said else ''}; the other nodes were stopped (its log: "
+                f"{remote.log_path} on that node)")
         return LaunchResult(cmd, facts["returncode"], time.monotonic() - started, facts["timed_out"],
-                            [*lines, note], log_path, oom_killed=facts["oom_killed"])
+                            lines, log_path, oom_killed=facts["oom_killed"]).fails_with(note)
     first = message.strip().splitlines()[0] if message.strip() else "no message"
-    return LaunchResult(cmd, -signal.SIGKILL, time.monotonic() - started, False,
-                        [f"nanopipe: error: {where} ended {state.name} without a result: {first}"], log_path)
+    return LaunchResult(cmd, -signal.SIGKILL, time.monotonic() - started, False, [],
+                        log_path).fails_with(f"{where} ended {state.name} without a result: {first}")
 
 
 def _started(state) -> bool:
@@ -215,9 +215,8 @@ def node_wait(client, remote: _Remote, pool: str, endpoint: str | None) -> str:
 
 def _never_started(remote: _Remote, cmd: list[str], log_path: Path, started: float, seconds: float, pool: str,
                    why: str, gave_up: str) -> LaunchResult:
-    line = (f"nanopipe: error: node {remote.node_rank} never started: {why}; node 0 gave up after {seconds:.0f} s "
-            f"({gave_up})")
-    return LaunchResult(cmd, 1, time.monotonic() - started, False, [line], log_path)
+    return LaunchResult(cmd, 1, time.monotonic() - started, False, [], log_path).fails_with(
+        f"node {remote.node_rank} never started: {why}; node 0 gave up after {seconds:.0f} s ({gave_up})")
 
 
 class _Supervisor:
@@ -431,8 +430,8 @@ def _node0_failed(supervisor: _Supervisor, node0: LaunchResult, stop_seconds: fl
         if never is not None:
             return never
         if notes:   # every node started, but the rendezvous never completed
-            node0.tail.append(f"nanopipe: error: the rendezvous at {supervisor.endpoint} never completed, "
-                              f"{gave_up}: {'; '.join(notes)}")
+            node0.fails_with(f"the rendezvous at {supervisor.endpoint} never completed, {gave_up}: "
+                             f"{'; '.join(notes)}")
     return _root_failure(node0, _wait_remotes(supervisor, min(stop_seconds, 30.0)))
 
 

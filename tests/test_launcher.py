@@ -298,6 +298,15 @@ def test_the_first_line_of_a_failure_is_the_stage_s_own_reason():
     assert stage_reason(["step 1", "step 2"]) is None
 
 
+def test_the_flow_s_own_reason_for_a_failure_is_a_record_too():
+    """A failure the flow itself explains (a node that never started): the reason is the first line's, and
+    the log's last line says it to people."""
+    result = _result(1, ["step 1"]).fails_with("node 1 never started: no worker; node 0 gave up after 300 s")
+    first = str(failure_from(result, "base_train")).splitlines()[0]
+    assert first.startswith("base_train failed: exit code 1: node 1 never started: no worker; node 0 gave up")
+    assert result.tail[-1] == "nanopipe: error: node 1 never started: no worker; node 0 gave up after 300 s"
+
+
 def test_stage_failed_survives_pickling():
     err = failure_from(_result(-9, ["step 1"]), "base_train")
     back = pickle.loads(pickle.dumps(err))
