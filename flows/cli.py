@@ -38,7 +38,9 @@ class UsageError(ValueError):
 
 # Flags of the commands that are not fields of PipelineConfig
 EXTRA_FLAGS = {"home": "NANOPIPE_HOME for this command (where artifacts live)",
-               "json": "status: print JSON", "exec": "command: become the launch command instead of printing it"}
+               "json": "status: print JSON",
+               "server": "the Prefect API: a URL, or 'temporary' (default: PREFECT_API_URL or the active "
+                         "profile's, else a temporary server)", "exec": "command: become the launch command instead of printing it"}
 
 
 def parse_command(argv: list[str], stage=None, extra: tuple[str, ...] = ()) -> tuple[Any, dict[str, str]]:
@@ -80,27 +82,39 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def server_choice(extras: dict[str, str]):
+    """The Prefect API this command uses (flows/local_server.py): --server, else the configured one, else a
+    temporary server."""
+    from flows.local_server import choose_server
+    try:
+        return choose_server(extras.get("server"))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 @contextlib.contextmanager
-def prefect_api():
-    """Point Prefect at a server for this command (see flows/local_server.py for which one); yields a
-    function that blocks until that server answers. Call it after importing the flow: a temporary server
-    boots while the flow's code imports."""
+def prefect_api(choice):
+    """Point Prefect at the server `choice` names for this command; yields a function that blocks until that
+    server answers. Call it after importing the flow: a temporary server boots while the flow's code imports.
+    Never a server that merely listens on this machine: only the configured API or --server."""
     _prefect_defaults()
-    from flows.local_server import TemporaryServer, answers, configured_api_url, local_api_url
-    if configured_api_url():
-        yield lambda: None
-        return
-    local = local_api_url()
-    if local and answers(local, timeout=0.3):
-        print(f"nanopipe: using the Prefect server running at {local}", file=sys.stderr)
-        os.environ["PREFECT_API_URL"] = local
+    from flows.local_server import TemporaryServer
+    if not choice.temporary:
+        print(f"nanopipe: using the Prefect API at {choice.url} ({choice.reason})", file=sys.stderr)
+        before = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = choice.url
         try:
             yield lambda: None
         finally:
-            os.environ.pop("PREFECT_API_URL", None)
+            if before is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = before
         return
     server = TemporaryServer()
-    print(f"nanopipe: starting a temporary Prefect server on {server.api_url} for this run", file=sys.stderr)
+    print(f"nanopipe: starting a temporary Prefect server on {server.api_url} for this run ({choice.reason})",
+          file=sys.stderr)
+    before = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
         yield functools.partial(server.wait_ready, float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
@@ -113,7 +127,10 @@ def prefect_api():
             for service in (APILogWorker, EventsWorker):
                 with contextlib.suppress(Exception):
                     service.drain_all(timeout=15)
-        os.environ.pop("PREFECT_API_URL", None)
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
         server.stop()
 
 
@@ -136,17 +153,17 @@ def writable_directory(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def check_outputs() -> None:
+def check_outputs(temporary_server: bool = True) -> None:
     """Where this run writes: NANOPIPE_HOME (artifacts) and PREFECT_HOME (the temporary server's database)."""
     home = os.environ.get("NANOPIPE_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "nanopipe")
     writable_directory(home, "NANOPIPE_HOME (--home)")
-    if not os.environ.get("PREFECT_API_URL"):
+    if temporary_server:
         writable_directory(os.environ.get("PREFECT_HOME") or os.path.join(os.path.expanduser("~"), ".prefect"),
                            "PREFECT_HOME")
 
 
-def _run_flow(flow_name: str, *args) -> int:
+def _run_flow(choice, flow_name: str, *args) -> int:
     """Run a flow of flows/pipeline.py to its end; Ctrl-C / SIGTERM stop the stage, write the summary, exit
     130 / 143. The flow module is imported while the Prefect server starts."""
     from flows.local_server import ServerUnavailable
@@ -154,7 +171,7 @@ def _run_flow(flow_name: str, *args) -> int:
         raise Interrupted("terminated (SIGTERM)")
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        with prefect_api() as server_ready:
+        with prefect_api(choice) as server_ready:
             import flows.pipeline
             flow = getattr(flows.pipeline, flow_name)
             server_ready()
@@ -189,16 +206,18 @@ def _interrupted(state) -> int:
 
 
 def cmd_run(argv: list[str]) -> int:
-    config = build_pipeline_config(argv)
-    check_outputs()
-    return _run_flow("full_pipeline", config)
+    config, extras = parse_command(argv, extra=("server",))
+    choice = server_choice(extras)
+    check_outputs(choice.temporary)
+    return _run_flow(choice, "full_pipeline", config)
 
 
 def cmd_stage(argv: list[str]) -> int:
     stage = _stage_argument(argv, "nanopipe stage NAME [--preset P] [flags]")
-    config = build_pipeline_config(argv[1:], stage=stage)
-    check_outputs()
-    return _run_flow("stage_flow", stage.name, config)
+    config, extras = parse_command(argv[1:], stage=stage, extra=("server",))
+    choice = server_choice(extras)
+    check_outputs(choice.temporary)
+    return _run_flow(choice, "stage_flow", stage.name, config)
 
 
 def _stage_argument(argv: list[str], usage: str):

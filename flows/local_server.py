@@ -1,10 +1,10 @@
 """
 Which Prefect API a `nanopipe` command talks to, and the temporary server it starts when there is none.
 
-In order: PREFECT_API_URL (environment or the active Prefect profile); else a Prefect server already
-running on this machine at Prefect's default address (`prefect server start`; see `local_api_url`), so that runs from the
-command line show up in the UI a person already has open and a cached re-run costs seconds; else a
-temporary server of our own, for this one command.
+As Prefect itself decides: `--server URL` or `--server temporary` when given; else PREFECT_API_URL from the
+environment or the active Prefect profile; else a temporary server of our own, for this one command. A
+server that merely happens to listen on this machine (say `prefect server start` on 127.0.0.1:4200, maybe
+another user's) is never joined: point PREFECT_API_URL (or a profile, or --server) at it to use it.
 
 The temporary server is Prefect's own API app under uvicorn, the way Prefect starts its ephemeral server,
 with three differences that matter to us:
@@ -25,18 +25,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
-# Where `prefect server start` listens by default. NANOPIPE_LOCAL_PREFECT_URL names another address to try,
-# or "off" to always start a temporary server (the tests do, so that a server a developer has open is never
-# written to by them).
-DEFAULT_LOCAL_API_URL = "http://127.0.0.1:4200/api"
-
-
-def local_api_url() -> str | None:
-    """The address of a Prefect server this machine may already run, or None when reuse is turned off."""
-    url = os.environ.get("NANOPIPE_LOCAL_PREFECT_URL", DEFAULT_LOCAL_API_URL).strip()
-    return None if url.lower() in ("", "off", "0", "no", "false") else url
+TEMPORARY = "temporary"
 
 
 def answers(api_url: str, timeout: float = 0.5) -> bool:
@@ -48,13 +40,14 @@ def answers(api_url: str, timeout: float = 0.5) -> bool:
         return False
 
 
-def configured_api_url() -> str | None:
-    """PREFECT_API_URL from the environment or the active profile of Prefect's profiles.toml.
+def configured_api() -> tuple[str, str] | None:
+    """(PREFECT_API_URL, where it was found) from the environment or the active profile of Prefect's
+    profiles.toml; None when neither sets one.
 
     Read without importing Prefect: its settings, once read in a process, stay fixed, and the temporary
     server's address must be in the environment before that happens."""
     if os.environ.get("PREFECT_API_URL"):
-        return os.environ["PREFECT_API_URL"]
+        return os.environ["PREFECT_API_URL"], "PREFECT_API_URL"
     try:
         import tomllib
     except ImportError:   # Python 3.10: no profile lookup; the environment still works
@@ -66,7 +59,44 @@ def configured_api_url() -> str | None:
     except (OSError, ValueError):
         return None
     active = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
-    return (profiles.get("profiles", {}).get(active) or {}).get("PREFECT_API_URL") or None
+    url = (profiles.get("profiles", {}).get(active) or {}).get("PREFECT_API_URL")
+    return (url, f"Prefect profile {active!r}") if url else None
+
+
+def configured_api_url() -> str | None:
+    """PREFECT_API_URL from the environment or the active profile (see configured_api)."""
+    found = configured_api()
+    return found[0] if found else None
+
+
+@dataclass(frozen=True)
+class ServerChoice:
+    """The API a command uses: `url` (None: a temporary server of its own) and why, in words."""
+
+    url: str | None
+    reason: str
+
+    @property
+    def temporary(self) -> bool:
+        return self.url is None
+
+
+def choose_server(explicit: str | None = None) -> ServerChoice:
+    """--server (a URL, or `temporary`) when given, else the configured API, else a temporary server.
+
+    ValueError names what --server accepts when `explicit` is neither."""
+    if explicit is not None:
+        value = explicit.strip()
+        if value.lower() == TEMPORARY:
+            return ServerChoice(None, "--server temporary")
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"--server takes a Prefect API URL (http://HOST:4200/api) or '{TEMPORARY}', "
+                             f"not {explicit!r}")
+        return ServerChoice(value, "--server")
+    found = configured_api()
+    if found:
+        return ServerChoice(*found)
+    return ServerChoice(None, "no PREFECT_API_URL in the environment or the active Prefect profile")
 
 
 class ServerUnavailable(RuntimeError):

@@ -3,12 +3,16 @@
 from pathlib import Path
 
 import os
+import tempfile
 
 import pytest
 
-# `nanopipe run` reuses a Prefect server already running on this machine (flows/local_server.py): the tests
-# (and the commands they start) never do, so a server a developer has open is never written to by them.
-os.environ["NANOPIPE_LOCAL_PREFECT_URL"] = "off"
+# `nanopipe run` uses the configured Prefect API (PREFECT_API_URL, or the active profile's) when there is one
+# (flows/local_server.py): the tests (and the commands they start) see neither, so a server a developer has
+# configured is never written to by them; a test that wants a server names its own.
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("PREFECT_PROFILE", None)
+os.environ["PREFECT_PROFILES_PATH"] = os.path.join(tempfile.mkdtemp(prefix="nanopipe-test-profiles-"), "profiles.toml")
 
 # The workspace keeps real test data (tinyshakespeare, GSM8K, ...) in a `shared` folder next to the repo.
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"

@@ -1,16 +1,53 @@
-"""Which Prefect server a `nanopipe` command uses: PREFECT_API_URL (environment or profile), a server already
-running on the machine, or a temporary one of its own (flows/local_server.py)."""
+"""Which Prefect server a `nanopipe` command uses: --server, else PREFECT_API_URL (environment or profile), else a
+temporary one of its own (flows/local_server.py); never a server that merely listens on the machine."""
 
+import contextlib
+import http.server
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from flows.local_server import TemporaryServer, answers, configured_api_url, local_api_url
+from flows.cli import UsageError, prefect_api, server_choice
+from flows.local_server import ServerChoice, TemporaryServer, answers, choose_server, configured_api_url
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    """Answers every GET like a healthy Prefect API and counts the requests."""
+
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"true")
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def lookalike_server():
+    """A plain HTTP listener that looks like a Prefect server to a health check, on Prefect's default address
+    127.0.0.1:4200 when that is free (else a free port); yields it (`.requests`, `.api_url`)."""
+    try:
+        server = http.server.HTTPServer(("127.0.0.1", 4200), _Health)
+    except OSError:
+        server = http.server.HTTPServer(("127.0.0.1", 0), _Health)
+    server.requests = []
+    server.api_url = f"http://127.0.0.1:{server.server_address[1]}/api"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_the_api_url_comes_from_the_environment_then_the_active_profile(tmp_path, monkeypatch):
@@ -19,24 +56,48 @@ def test_the_api_url_comes_from_the_environment_then_the_active_profile(tmp_path
     monkeypatch.delenv("PREFECT_PROFILES_PATH", raising=False)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
     assert configured_api_url() is None   # no profiles file
+    assert choose_server().temporary
     (tmp_path / "profiles.toml").write_text(
         'active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://prefect.example:4200/api"\n'
         '[profiles.local]\n')
     assert configured_api_url() == "http://prefect.example:4200/api"
+    assert choose_server() == ServerChoice("http://prefect.example:4200/api", "Prefect profile 'team'")
     monkeypatch.setenv("PREFECT_PROFILE", "local")
-    assert configured_api_url() is None
+    assert configured_api_url() is None and choose_server().temporary
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")
-    assert configured_api_url() == "http://127.0.0.1:1/api"
+    assert choose_server() == ServerChoice("http://127.0.0.1:1/api", "PREFECT_API_URL")
 
 
-def test_reusing_a_local_server_can_be_turned_off_or_pointed_elsewhere(monkeypatch):
-    monkeypatch.delenv("NANOPIPE_LOCAL_PREFECT_URL", raising=False)
-    assert local_api_url() == "http://127.0.0.1:4200/api"
-    monkeypatch.setenv("NANOPIPE_LOCAL_PREFECT_URL", "off")
-    assert local_api_url() is None
-    monkeypatch.setenv("NANOPIPE_LOCAL_PREFECT_URL", "http://127.0.0.1:4300/api")
-    assert local_api_url() == "http://127.0.0.1:4300/api"
-    assert not answers("http://127.0.0.1:9/api", timeout=0.5)   # nothing listens on the discard port
+def test_an_explicit_server_overrides_the_configured_one(monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://configured.example/api")
+    assert choose_server("https://other.example/api") == ServerChoice("https://other.example/api", "--server")
+    assert choose_server("temporary").temporary and choose_server("Temporary").reason == "--server temporary"
+    with pytest.raises(UsageError, match="--server takes a Prefect API URL"):
+        server_choice({"server": "localhost:4200"})
+
+
+def test_without_a_configured_api_a_run_starts_its_own_server_and_ignores_one_listening(monkeypatch, capsys):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("NANOPIPE_LOCAL_PREFECT_URL", "http://127.0.0.1:4200/api")   # meant something once
+    with lookalike_server() as other:
+        choice = server_choice({})
+        assert choice.temporary
+        with prefect_api(choice) as ready:
+            ready()
+            used = os.environ["PREFECT_API_URL"]
+            assert used != other.api_url and answers(used, timeout=30)
+        assert other.requests == [], "the command must not talk to a server it was not pointed at"
+    assert "PREFECT_API_URL" not in os.environ   # restored
+    assert "starting a temporary Prefect server" in capsys.readouterr().err
+
+
+def test_a_configured_api_is_used_without_starting_a_server(monkeypatch, capsys):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    with prefect_api(server_choice({"server": "http://127.0.0.1:8/api"})) as ready:
+        ready()
+        assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:8/api"
+    assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:9/api"
+    assert capsys.readouterr().err.strip() == "nanopipe: using the Prefect API at http://127.0.0.1:8/api (--server)"
 
 
 def test_the_temporary_server_sends_no_telemetry_unless_asked(monkeypatch, capfd):
@@ -56,20 +117,21 @@ def test_the_temporary_server_sends_no_telemetry_unless_asked(monkeypatch, capfd
 
 
 @pytest.mark.slow
-def test_a_run_uses_the_prefect_server_already_running_on_the_machine(tmp_path, monkeypatch):
+def test_a_run_uses_the_configured_server_or_the_one_named_by_server(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "server"))   # a database of its own: only our runs in it
     server = TemporaryServer()   # stands in for `prefect server start`
     try:
         server.wait_ready(timeout=180)
-        env = {**os.environ, "NANOPIPE_LOCAL_PREFECT_URL": server.api_url, "NANOPIPE_HOME": str(tmp_path / "home"),
-               "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1"}
-        env.pop("PREFECT_API_URL", None)
+        env = {**os.environ, "NANOPIPE_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect"),
+               "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "flows.cli", "run", "--preset=demo-cpu", "--stop_after=tok_train",
                "--tok_train.max_chars=200000", "--tok_train.vocab_size=512", "--resources.nproc_per_node=1"]
-        for _ in range(2):   # produce the tokenizer, then reuse it (Cached)
-            done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        # produce the tokenizer with the API configured in the environment, then reuse it (Cached) with --server
+        for extra, key in (({"PREFECT_API_URL": server.api_url}, "PREFECT_API_URL"), ({}, "--server")):
+            argv = cmd + ([f"--server={server.api_url}"] if key == "--server" else [])
+            done = subprocess.run(argv, cwd=REPO, env={**env, **extra}, capture_output=True, text=True, timeout=600)
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-            assert f"using the Prefect server running at {server.api_url}" in done.stderr
+            assert f"using the Prefect API at {server.api_url} ({key})" in done.stderr
             assert "temporary Prefect server" not in done.stderr
         assert "Cached" in done.stdout + done.stderr
 
