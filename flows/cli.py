@@ -1,18 +1,11 @@
 """
-The `nanopipe` command.
-
-    nanopipe run --preset demo-cpu                               # the whole pipeline as a Prefect flow
-    nanopipe run --preset d12 --base_train.num_iterations=100 --resources.nproc_per_node=4
-    nanopipe run --preset demo-cpu --recompute_from=base_train   # redo base_train and what follows
-    nanopipe stage tok_train --preset demo-cpu --vocab_size=1024 # one stage as its own flow
-    nanopipe status --preset demo-cpu                            # which artifacts exist and verify
-    nanopipe command base_train --preset d12 [--exec]            # a stage's exact launch command
-    nanopipe data builtin                                        # = python -m nanopipe.data builtin
-    nanopipe presets                                             # the presets and what they set
+The `nanopipe` command: `nanopipe --help` lists the commands, `nanopipe COMMAND --help` a command's options
+with their defaults (flows/cli_help.py).
 
 Overrides address `PipelineConfig` fields with dots (`--tok_train.vocab_size=1024`, `--resources.env.X=1`);
-`nanopipe stage` and `nanopipe command` also take the stage's own flags undotted. `--home DIR` sets NANOPIPE_HOME. Without
-PREFECT_API_URL the flow runs against Prefect's embedded temporary server: no server to start first.
+`nanopipe stage` and `nanopipe command` also take the stage's own flags undotted. `--home DIR` sets
+NANOPIPE_HOME. The Prefect server: `--server`, else the configured API (PREFECT_API_URL, environment or
+profile), else a temporary server for the command (flows/local_server.py).
 
 This module lives in flows/ because it drives flows; it imports Prefect only inside the commands that run one.
 """
@@ -28,9 +21,6 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
-
-USAGE = __doc__.split("\n\n")[1]
-
 
 class UsageError(ValueError):
     """A bad command line: the message names the flag and what is valid."""
@@ -263,8 +253,12 @@ def cmd_status(argv: list[str]) -> int:
     """Which artifacts of a config exist and verify, what is running, and why a stage would run again."""
     from flows.artifacts import lock_holder, read_manifest, verify
     from flows.plan import plan_pipeline, rerun_reasons
+    from flows.cli_help import home_and_source
     config, extras = parse_command(argv, extra=("json",))
     as_json = _true(extras.get("json"))
+    home, source = home_and_source(extras.get("home"))
+    missing = "" if home.is_dir() else "; it does not exist: nothing has run with this home"
+    print(f"home: {home} ({source}){missing}", file=sys.stderr if as_json else sys.stdout)
     rows = []
     for plan in plan_pipeline(config):
         directory = Path(plan.artifact_dir)
@@ -321,17 +315,18 @@ COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status, "command":
 
 
 def main(argv: list[str] | None = None) -> None:
+    from flows.cli_help import command_parser, main_parser
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(main_parser().format_help())
         raise SystemExit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"nanopipe: error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}\n{USAGE}",
-              file=sys.stderr)
+        print(f"nanopipe: error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}\n"
+              f"{main_parser().format_usage()}", file=sys.stderr)
         raise SystemExit(2)
-    if command != "data" and rest and rest[0] in ("-h", "--help"):
-        print(USAGE)
+    if command != "data" and any(arg in ("-h", "--help") for arg in rest):
+        print(command_parser(command).format_help())
         raise SystemExit(0)
     from flows.plan import PlanError
     try:

@@ -203,3 +203,69 @@ def test_a_prefect_home_under_a_file_fails_at_once(tmp_path, capsys, monkeypatch
     with pytest.raises(SystemExit) as exc:
         main(["run", "--preset=demo-cpu", "--home", str(tmp_path / "home")])
     assert exc.value.code == 2 and "PREFECT_HOME" in capsys.readouterr().err
+
+
+HELP_OPTIONS = {   # what each command's --help must list (its own options), and what it must not
+    "run": (["--preset", "--stop_after", "--recompute_from", "--run_rl", "--SECTION.FIELD", "--home", "--server"],
+            ["--json", "--exec", "--FIELD "]),
+    "stage": (["NAME", "--preset", "--FIELD", "--home", "--server"], ["--json", "--exec"]),
+    "status": (["--preset", "--home", "--json"], ["--server", "--exec"]),
+    "command": (["NAME", "--preset", "--FIELD", "--home", "--exec"], ["--server", "--json"]),
+    "presets": (["NAME"], ["--home", "--server"]),
+}
+
+
+def _help(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", list(HELP_OPTIONS))
+def test_each_command_help_lists_its_own_options_with_defaults(command, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("NANOPIPE_HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("PREFECT_API_URL", "http://prefect.example:4200/api")
+    text = _help(capsys, command, "--help")
+    assert text.startswith(f"usage: nanopipe {command} ")
+    listed, absent = HELP_OPTIONS[command]
+    for option in listed:
+        assert option in text, f"{command} --help lacks {option}"
+    for option in absent:
+        assert option not in text, f"{command} --help lists {option}, which is another command's"
+    if "--home" in listed:   # the defaults as this shell would resolve them
+        squeezed = "".join(text.split())   # argparse wraps long paths anywhere
+        assert "".join(f"(default: {tmp_path / 'h'}, from NANOPIPE_HOME)".split()) in squeezed
+    if "--server" in listed:
+        assert "(default:http://prefect.example:4200/api(fromPREFECT_API_URL))" in "".join(text.split())
+    if "--preset" in listed:
+        assert "demo-cpu" in text and "(default: none)" in text
+    assert text == _help(capsys, command, "--preset=d12", "-h")   # -h anywhere on the line
+
+
+def test_top_level_help_names_every_command_once(capsys):
+    from flows.cli import COMMANDS
+    text = _help(capsys, "--help")
+    assert all(f"    {name} " in text for name in COMMANDS)
+    assert text != _help(capsys, "run", "--help") != _help(capsys, "status", "--help")
+
+
+@pytest.mark.parametrize("how", ["--home", "NANOPIPE_HOME", "default"])
+def test_status_says_which_home_it_read_and_why(how, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("NANOPIPE_HOME", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ["status", "--preset=demo-cpu"]
+    if how == "--home":
+        args.append(f"--home={tmp_path / 'mine'}")
+    elif how == "NANOPIPE_HOME":
+        monkeypatch.setenv("NANOPIPE_HOME", str(tmp_path / "env"))
+    expected = {"--home": tmp_path / "mine", "NANOPIPE_HOME": tmp_path / "env", "default": tmp_path / "cache" / "nanopipe"}
+    with pytest.raises(SystemExit):
+        main(args)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"home: {expected[how]} ({how if how != 'default' else 'the default; give --home'}")
+    assert first.endswith("it does not exist: nothing has run with this home")
+    with pytest.raises(SystemExit):
+        main([*args, "--json"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[0]["stage"] == "tok_train" and captured.err.startswith(f"home: {expected[how]} (")
