@@ -274,3 +274,21 @@ def test_extended_calculator_formats_numbers_like_the_training_data():
     assert format_number(2.5) == "2.5"
     assert format_number(10 ** 20) == str(10 ** 20)
     assert format_number(1e300) == "1e+300"
+
+
+def test_cpu_presets_sample_with_the_calculator_their_builtin_problems_are_written_for():
+    """The builtin arithmetic annotations write 48/2 as 24 (as GSM8K does); nanochat's calculator answers 24.0.
+    The CPU presets' sampling stages use nanopipe's calculator, whose every output matches the annotation."""
+    import re
+
+    from flows.presets import PRESETS
+    from nanopipe.calculator import use_calculator
+    from nanopipe.tasks.builtin import ArithmeticProblems
+
+    calls = [call for i in range(200) for call in re.findall(r"<<([^=>]+)=([^>]+)>>",
+                                                             ArithmeticProblems(200, "test").get_row(i)["answer"])]
+    assert any("/" in expr for expr, _ in calls)
+    assert all(use_calculator(expr, extended=True) == result for expr, result in calls)
+    assert any(use_calculator(expr) != result for expr, result in calls)  # why the presets need the flag
+    for name in ("demo-cpu", "cpu-small"):
+        assert PRESETS[name]["chat_rl"]["extended_calculator"] and PRESETS[name]["chat_eval"]["extended_calculator"]

@@ -109,6 +109,13 @@ class CpuMatmulFlags(NanoConfig):
                             "auto is bf16 where the CPU has native bf16")
 
 
+class CalculatorFlags(NanoConfig):
+    """Which calculator answers the model's tool calls (nanopipe.calculator), for every stage that samples."""
+
+    extended_calculator: bool = Field(False, description="nanopipe's calculator: % and ** too, 48/2 gives '24' "
+                                                         "(default: nanochat's outputs and refusals, '24.0')")
+
+
 CheckpointSource = Literal["base", "mid", "sft", "rl"]
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from nanopipe.configs.base import CheckpointSource, DownstreamConfig
+from nanopipe.configs.base import CalculatorFlags, CheckpointSource, DownstreamConfig
 from nanopipe.configs.chat_eval import TopK
 
 SHORT_FLAGS = {"-p": "prompt", "-t": "temperature", "-k": "top_k", "-i": "source"}
 
 
-class ChatCliConfig(DownstreamConfig):
+class ChatCliConfig(CalculatorFlags, DownstreamConfig):
     """Flags of the terminal chat."""
 
     source: CheckpointSource = Field("sft", description="which stage's checkpoints to load")

@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Sequence
 
 from pydantic import BeforeValidator, Field, field_validator
 
-from nanopipe.configs.base import CheckpointSource, DownstreamConfig, Off
+from nanopipe.configs.base import CalculatorFlags, CheckpointSource, DownstreamConfig, Off
 
 CHATCORE_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
 OFFLINE_TASKS = ("Arithmetic", "MultipleChoice")  # builtin stand-ins for GSM8K and MMLU, generated locally
@@ -47,7 +47,7 @@ SHORT_FLAGS = {"-i": "source", "-a": "task", "--task-name": "task", "-d": "dtype
 TopK = Annotated[Off[int], BeforeValidator(lambda value: None if value in (0, "0") else value)]
 
 
-class ChatEvalConfig(DownstreamConfig):
+class ChatEvalConfig(CalculatorFlags, DownstreamConfig):
     """Flags of the chat evaluation stage."""
 
     source: CheckpointSource = Field("sft", description="which stage's checkpoints to load")
@@ -78,8 +78,6 @@ class ChatEvalConfig(DownstreamConfig):
                                                   "(default: NANOPIPE_HOME/chat_eval/<source>-<model tag>)")
     gsm8k_lenient: bool = Field(False, description="nanopipe's lenient GSM8K scoring: '####18', '#### 18.00' and "
                                                    "'#### 18.' match 18 (default: nanochat's exact match)")
-    extended_calculator: bool = Field(False, description="nanopipe's calculator: % and ** too, 48/2 gives '24' "
-                                                         "(default: nanochat's outputs and refusals, '24.0')")
     allow_unsandboxed_code: bool = Field(
         False, description="run HumanEval completions even where the kernel cannot isolate them (no user, PID or "
                            "mount namespaces): only rlimits, a privilege drop and Python-level guards then")

@@ -7,13 +7,13 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from nanopipe.configs.base import ConfigError, CpuMatmulFlags, DownstreamConfig, Off, ResumeStep
+from nanopipe.configs.base import CalculatorFlags, ConfigError, CpuMatmulFlags, DownstreamConfig, Off, ResumeStep
 from nanopipe.configs.chat_common import PlanningFlags
 
 GSM8K_TRAIN_QUESTIONS = 7473   # openai/gsm8k main/train: lets a dry run count steps without the data
 
 
-class ChatRLConfig(CpuMatmulFlags, DownstreamConfig, PlanningFlags):
+class ChatRLConfig(CalculatorFlags, CpuMatmulFlags, DownstreamConfig, PlanningFlags):
     """Flags of chat_rl (defaults: nanochat's GSM8K RL recipe)."""
 
     source: Literal["base", "mid", "sft"] = Field("sft", description="which stage's checkpoints to start from")

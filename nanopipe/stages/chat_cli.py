@@ -146,7 +146,7 @@ def run(cfg: ChatCliConfig) -> dict:
         model, tokenizer, meta = load_model(cfg.source, rt.device, phase="eval", model_tag=cfg.model_tag,
                                             step=cfg.model_step, checkpoint_dir=cfg.checkpoint_dir,
                                             tokenizer_dir=cfg.tokenizer_dir)
-        session = ChatSession(Engine(model, tokenizer), cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed)
+        session = ChatSession(Engine(model, tokenizer, extended_calculator=cfg.extended_calculator), cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed)
         autocast = (torch.amp.autocast(device_type=rt.device_type, dtype=torch.bfloat16)
                     if rt.dtype == torch.bfloat16 else contextlib.nullcontext())
         start = time.perf_counter()

@@ -159,7 +159,7 @@ class Trainer(ChatTrainerBase):
         print0(f"Device: {rt.device} ({rt.world_size} process(es)), compute dtype {rt.dtype}; "
                f"source {src.ckpt_dir} step {src.step}")
         self.model = self.orig_model
-        self.engine = Engine(self.model, self.tokenizer)
+        self.engine = Engine(self.model, self.tokenizer, extended_calculator=cfg.extended_calculator)
         self.pad_id = self.tokenizer.encode_special("<|assistant_end|>")  # padding only: it never carries loss
         self.info = describe_run(cfg, self.model.config, len(train_task), rt.world_size, rt.device_type)
         print_description(self.info, f"source checkpoint {src.ckpt_dir} step {src.step}")
