@@ -146,6 +146,21 @@ def restore_optimizers(optimizers: Sequence[torch.optim.Optimizer], own: Sequenc
         opt.load_state_dict(reshard_optimizer_state(opt, [states[i] for states in all_ranks], rank, world))
 
 
+def resharded_line(point, world_size: int, grad_accum: int) -> str:
+    """What a resume on another number of ranks did, in one line; the old gradient accumulation from the
+    batch sizes in the meta (None where a stage has none)."""
+    meta, old = point.meta, point.written_by
+    ranks = lambda n: f"{n} rank{'s' if n != 1 else ''}"
+    line = (f"resuming step {point.step:,} written by {ranks(old)} on {ranks(world_size)}: optimizer re-sharded")
+    try:
+        before = meta["total_batch_size"] // (meta["device_batch_size"] * meta["max_seq_len"] * old)
+    except (KeyError, TypeError, ZeroDivisionError):
+        before = None
+    if grad_accum is not None:
+        line += f", grad accumulation {before if before is not None else '?'} \u2192 {grad_accum}"
+    return line
+
+
 # -----------------------------------------------------------------------------
 # Data loader state
 

@@ -14,7 +14,9 @@ Under torchrun (one process per GPU; on CPU the gloo backend):
 
 Resume after a crash with --resume_from_step=latest (or a step number): model, optimizer, data loader
 position and loop state are restored exactly, so the run continues as if it had never stopped. 'latest' skips
-a damaged newest checkpoint (saying so) for the one before; a checkpoint of another world size is refused.
+a damaged newest checkpoint (saying so) for the one before. A checkpoint written by another number of processes
+resumes too (nanopipe.reshard): the optimizer state is re-sharded, gradient accumulation is recomputed so the
+global batch stays --total_batch_size, and the data continues where the furthest rank stopped, no document twice.
 One run at a time per --out_dir (a second exits 2 naming the first); a run whose memory estimate exceeds the
 device's available memory exits 2 before training unless --allow_over_memory.
 Checkpoints and metrics.json go to --out_dir (default NANOPIPE_HOME/base_checkpoints/<model_tag>).
@@ -47,6 +49,7 @@ from nanopipe.data import ensure_shards
 from nanopipe.gpt import GPT, GPTConfig, build_model_config
 from nanopipe.loss_eval import evaluate_split_bpb
 from nanopipe.optim import batch_lr_scale, lr_multiplier, muon_momentum
+from nanopipe.reshard import reshard_loader_states, resharded_line, restore_optimizers
 from nanopipe.sampling import SAMPLE_PROMPTS, generate_samples
 from nanopipe.tokenizer import default_tokenizer_dir, get_token_bytes, get_tokenizer
 from nanopipe.training import (NonFiniteLossError, all_ranks_ok, barrier, check_memory_fits, cpu_matmul_precision,
@@ -246,7 +249,7 @@ class Trainer:
         """The checkpoint --resume_from_step names (the newest usable one for 'latest'), or None: start fresh."""
         rt = self.rt
         checkpoint = load_resume_checkpoint(self.ckpt_dir, self.cfg.resume_from_step, rt.world_size, rt.device,
-                                            rank=rt.rank, all_ranks_ok=lambda ok: all_ranks_ok(ok, rt))
+                                            rank=rt.rank, all_ranks_ok=lambda ok: all_ranks_ok(ok, rt), reshard=True)
         if checkpoint is None:
             return None
         if checkpoint.meta.get("model_config") != self.model_config.__dict__:
@@ -254,6 +257,8 @@ class Trainer:
                               f"({checkpoint.meta.get('model_config')}) from these flags ({self.model_config.__dict__})")
         print0(f"Resuming from step {checkpoint.step} of {self.ckpt_dir}")
         emit(Resumed(step=checkpoint.step, checkpoint_dir=str(self.ckpt_dir)))
+        if checkpoint.written_by != rt.world_size:
+            print0(resharded_line(checkpoint, rt.world_size, self.grad_accum))
         return checkpoint
 
     def _build_model(self, checkpoint: ResumePoint | None) -> None:
@@ -276,11 +281,16 @@ class Trainer:
             matrix_lr=cfg.matrix_lr * lr_scale, weight_decay=cfg.weight_decay)
         self.muon = self.optimizers[1]
         if checkpoint:
-            for opt, state in zip(self.optimizers, checkpoint.optim_state):
-                opt.load_state_dict(state)
+            restore_optimizers(self.optimizers, checkpoint.optim_state, checkpoint.all_optim_states, self.rt.rank,
+                               self.rt.world_size)
 
     def _build_train_loader(self, checkpoint) -> None:
-        state = checkpoint.meta["loader_state"]["ranks"][self.rt.rank] if checkpoint else None
+        state = None
+        if checkpoint and checkpoint.written_by != self.rt.world_size:
+            state = reshard_loader_states(checkpoint.meta["loader_state"]["ranks"], self.shards.train,
+                                          self.rt.world_size)[self.rt.rank]
+        elif checkpoint:
+            state = checkpoint.meta["loader_state"]["ranks"][self.rt.rank]
         self.train_loader = BestFitLoader(self.tokenizer, self.shards.train, self.cfg.device_batch_size,
                                           self.cfg.max_seq_len, device=self.rt.device, rank=self.rt.rank,
                                           world_size=self.rt.world_size, resume_state=state,
