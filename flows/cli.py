@@ -310,8 +310,21 @@ def cmd_data(argv: list[str]) -> int:
     return 0
 
 
+def cmd_deploy(argv: list[str]) -> int:
+    """Create the work pools prefect.yaml needs, deploy it, print the worker commands (flows/deploy.py)."""
+    from flows.cli_help import command_parser
+    from flows.deploy import DeployError, run_deploy
+    args = command_parser("deploy").parse_args(argv)
+    _prefect_defaults()
+    try:
+        return run_deploy(server_choice({"server": args.server} if args.server else {}), gpu=args.gpu)
+    except DeployError as err:
+        print(f"nanopipe deploy: error: {err}", file=sys.stderr)
+        return 1
+
+
 COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status, "command": cmd_command, "presets": cmd_presets,
-            "data": cmd_data}
+            "deploy": cmd_deploy, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,7 @@ COMMANDS = {
     "stage": "run one stage as its own Prefect flow (its inputs must exist)",
     "status": "which artifacts of a config exist and verify, and why a stage would run again",
     "command": "print (or --exec) one stage's exact launch command",
+    "deploy": "set up a Prefect server: work pools, deployments, and the worker commands for this machine",
     "presets": "the presets, one line each; with NAME, the values that preset sets",
     "data": "download or build the data shards (python -m nanopipe.data)",
 }
@@ -31,6 +32,7 @@ EXAMPLES = {
     "status": ["nanopipe status --preset demo-cpu --home ~/runs/demo"],
     "command": ["nanopipe command base_train --preset d12 --resources.nnodes=2 "
                 "--resources.rdzv_endpoint=node0:29400 --exec"],
+    "deploy": ["export PREFECT_API_URL=http://HOST:4200/api", "nanopipe deploy   # again after changing prefect.yaml"],
     "presets": ["nanopipe presets d12"],
 }
 
@@ -55,10 +57,14 @@ def _home_default() -> str:
     return f"{home}, from NANOPIPE_HOME" if source == "NANOPIPE_HOME" else str(home)
 
 
-def _server_default() -> str:
+def _server_default(command: str) -> str:
     from flows.local_server import configured_api
     found = configured_api()
-    return f"{found[0]} (from {found[1]})" if found else "a temporary server for this command (no PREFECT_API_URL set)"
+    if found:
+        return f"{found[0]} (from {found[1]})"
+    if command == "deploy":
+        return "none: no PREFECT_API_URL set, and a temporary server cannot hold deployments"
+    return "a temporary server for this command (no PREFECT_API_URL set)"
 
 
 def _config_options(parser: argparse.ArgumentParser, stage_flags: bool = False) -> None:
@@ -102,7 +108,7 @@ def command_parser(command: str) -> argparse.ArgumentParser:
                                                           f"(default: {_home_default()})")
     if command in ("run", "stage", "deploy"):
         parser.add_argument("--server", metavar="URL|temporary",
-                            help=f"the Prefect API to use (default: {_server_default()})")
+                            help=f"the Prefect API to use (default: {_server_default(command)})")
     if command == "status":
         parser.add_argument("--json", action="store_true", help="print the rows as JSON (default: a table)")
     if command == "command":
