@@ -376,9 +376,9 @@ def lr_items(sides: Sides, steps: int = 40) -> dict[str, tuple[list, list]]:
         progress = max(progress, mid["approx_progress"])
         theirs.append(mid["get_lr_multiplier"](progress))
     items["lr:mid"] = ([mid_train.lr_multiplier(s / steps) for s in range(steps)], theirs)
-    # SFT: ours trains steps 0..num_iterations-1; the reference's loop breaks at its last step before training it
+    # SFT: both loops run num_iterations iterations and the last only evaluates (chat_sft.optimizer_steps)
     sft = sides.script(sides.sft_dir / "scripts" / "chat_sft.py", {"get_lr_multiplier"}, num_iterations=steps)
-    items["lr:sft"] = ([chat_sft.lr_multiplier(s, steps) for s in range(steps)],
+    items["lr:sft"] = ([chat_sft.lr_multiplier(s, steps) for s in range(chat_sft.optimizer_steps(steps))],
                        [sft["get_lr_multiplier"](s) for s in range(steps - 1)])
     # RL: both decay linearly over num_steps steps (ours inline in ChatRLTrainer.train_step)
     rl = sides.script(sides.sft_dir / "scripts" / "chat_rl.py", {"get_lr_multiplier"}, num_steps=steps)
