@@ -36,6 +36,7 @@ from nanopipe.common import (atomic_write_json, compute_cleanup, compute_init, g
 from nanopipe.configs.base import ConfigError
 from nanopipe.events import MemoryEstimate, Resumed, emit
 from nanopipe.gpt import GPT, ROTARY_OVERCOMPUTE, GPTConfig, build_model_config
+from nanopipe.reshard import reshard_chat_loader_states, resharded_line, restore_optimizers
 from nanopipe.tokenizer import TokenizerNotFoundError, get_tokenizer
 from nanopipe.training import (NonFiniteLossError, all_ranks_ok, barrier, check_memory_fits, cpu_matmul_precision,
                                estimate_peak_memory, exclusive_out_dir, gather_loader_state,
@@ -237,15 +238,17 @@ class ChatTrainerBase:
         check_memory_fits(memory["total"], rt.device, "--device_batch_size", getattr(cfg, "allow_over_memory", False))
         resume = load_resume_checkpoint(out_dir, cfg.resume_from_step, rt.world_size, rt.device, rank=rt.rank,
                                         all_ranks_ok=lambda ok: all_ranks_ok(ok, rt),
-                                        fresh_start="from the source checkpoint")
+                                        fresh_start="from the source checkpoint", reshard=True)
         self.resume_step = resume.step if resume else None
         if resume:
             check_resumable(cfg, self.stage, resume.meta, out_dir, resume.step)
             print0(f"Resuming from step {resume.step} of {out_dir}")
             emit(Resumed(step=resume.step, checkpoint_dir=str(out_dir)))
+            if resume.written_by != rt.world_size:
+                print0(resharded_line(resume, rt.world_size, None))
             self.orig_model, self.tokenizer = model_from_state(resume.model_state, resume.meta, out_dir, resume.step,
                                                                rt.device, "train", tokenizer_dir=src.tokenizer_dir)
-            ckpt = (resume.optim_state, resume.meta)
+            ckpt = resume
         else:
             self.orig_model, self.tokenizer, _ = build_model(src.ckpt_dir, src.step, rt.device, "train",
                                                              tokenizer_dir=src.tokenizer_dir)
@@ -257,14 +260,22 @@ class ChatTrainerBase:
         self.loop: dict = {}
         loader_state = None
         if ckpt:
-            optim_state, meta = ckpt
-            for opt, state in zip(self.optimizers, optim_state["optimizers"]):
-                opt.load_state_dict(state)
+            meta, own, old = ckpt.meta, ckpt.optim_state, ckpt.all_optim_states
+            restore_optimizers(self.optimizers, own and own["optimizers"], old and [s["optimizers"] for s in old],
+                               rt.rank, rt.world_size)
             self.step = meta["step"]
             self.loop.update(meta["loop_state"])
-            loader_state = meta["loader_state"]["ranks"][rt.rank]
-            restore_rng_state(optim_state["rng"])
+            if old is None:
+                loader_state = meta["loader_state"]["ranks"][rt.rank]
+                restore_rng_state(own["rng"])
+            else:  # another number of ranks: the data position re-dealt, an old rank's random state
+                loader_state = self.resharded_loader_state(meta["loader_state"]["ranks"], meta["step"])
+                restore_rng_state(old[rt.rank % len(old)]["rng"])
         self.loader_state_at_start = loader_state
+
+    def resharded_loader_state(self, states: list[dict], step: int) -> dict:
+        """This rank's loader state from the states of a checkpoint written by another number of ranks."""
+        return reshard_chat_loader_states(states, self.rt.world_size)[self.rt.rank]
 
     def memory_rows(self) -> tuple[int, int]:
         """(tokens per row, rows per device) of the largest forward pass, for the memory check: --max_seq_len

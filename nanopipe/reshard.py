@@ -32,6 +32,7 @@ from typing import Sequence
 
 import torch
 
+from nanopipe.common import print0
 from nanopipe.dataloader import STATE_VERSION, DataLoaderError, RowGroupReader
 from nanopipe.exit_codes import ExitCode, StageError
 from nanopipe.optim import DistAdamW, DistMuon, Muon
@@ -258,3 +259,67 @@ def _next_owned(layout: _Layout, linear: int, rank: int, world: int) -> int:
     if g >= layout.total:
         epoch, g = epoch + 1, rank % world
     return epoch * layout.total + g
+
+
+# -----------------------------------------------------------------------------
+# Chat loader states (nanopipe.chat_batches: rank r of W reads examples r, r+W, ... of each pass)
+
+def _chat_linear(state: dict, position: int) -> tuple[int, int]:
+    """(linear position over the passes, dataset index) of read position `position` of the rank of `state`."""
+    n, rank, world = state["dataset_len"], state["rank"], state["world_size"]
+    per_pass = len(range(rank, n, world))
+    epoch, k = divmod(position, per_pass)
+    index = rank + k * world
+    return epoch * n + index, index
+
+
+def _chat_position(frontier: int, n: int, rank: int, world: int) -> int:
+    """The read position of rank `rank` of `world` whose next example is the first of its own from `frontier` on."""
+    epoch, g0 = divmod(frontier, n)
+    k = max(0, -(-(g0 - rank) // world))
+    if rank + k * world >= n:
+        epoch, k = epoch + 1, 0
+    return epoch * len(range(rank, n, world)) + k
+
+
+def reshard_chat_loader_states(states: Sequence[dict], world_size: int) -> list[dict]:
+    """Chat loader resume states for `world_size` ranks from a checkpoint's W states. The new ranks read on from
+    the example after the furthest rank's. A packed (mid-training) loader also gets the conversations waiting in
+    the old buffers and those the slower ranks had not read yet, dealt round-robin: none twice, none skipped.
+    A padded (SFT) batcher has no buffer: the examples the slower ranks had not reached are skipped, at most
+    the difference in examples read between ranks (it reads one conversation per row, so ranks differ only by
+    the unsupervised ones they dropped; with equal progress nothing is skipped)."""
+    old_world = len(states)
+    kinds = {state.get("kind") for state in states}
+    if len(kinds) != 1 or kinds - {"packed", "padded"}:
+        raise ReshardError(f"loader states of kinds {sorted(map(str, kinds))} cannot be re-sharded")
+    kind = kinds.pop()
+    for r, state in enumerate(states):
+        if state["rank"] != r or state["world_size"] != old_world:
+            raise ReshardError(f"loader state {r} of the checkpoint says rank {state['rank']} of "
+                               f"{state['world_size']}, not rank {r} of {old_world}: the meta is damaged")
+    n = states[0]["dataset_len"]
+    # packed: just past the furthest rank's next example; padded: where ranks that read as many examples as the
+    # furthest one would all be (rank r's next example is r past it), so equal progress loses nothing
+    frontier = max(_chat_linear(state, state["position"])[0] - (r if kind == "padded" else 0)
+                   for r, state in enumerate(states))
+    pending = [index for state in states for index in state.get("buffer", [])]
+    for state in states:
+        position = state["position"]
+        while (here := _chat_linear(state, position))[0] < frontier:
+            pending.append(here[1])
+            position += 1
+    skipped = 0 if kind == "packed" else len(pending)
+    new_states = []
+    for r in range(world_size):
+        state = {**states[0], "rank": r, "world_size": world_size,
+                 "position": _chat_position(frontier, n, r, world_size)}
+        for key in ("consumed", "cropped", "pad_tokens", "rows", "cut", "dropped"):
+            if key in state:
+                state[key] = sum(s[key] for s in states) // world_size
+        if kind == "packed":
+            state["buffer"] = pending[r::world_size]
+        new_states.append(state)
+    if skipped:
+        print0(f"re-sharding the SFT data position skipped {skipped} example(s) the slower ranks had not reached")
+    return new_states

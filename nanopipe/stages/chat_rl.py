@@ -172,6 +172,12 @@ class Trainer(ChatTrainerBase):
 
     # --- checkpoints and evaluation ------------------------------------------------
 
+    def resharded_loader_state(self, states: list[dict], step: int) -> dict:
+        """Resumed on another number of ranks: the questions of a step are a function of the step alone; each
+        rank's sampling generator is derived afresh from (seed, rank, world size, step)."""
+        rng = random.Random(f"chat_rl/{self.cfg.seed}/{self.rt.rank}/{self.rt.world_size}/{step}")
+        return {"sampler_rng": rng_state_to_json(rng)}
+
     def save_checkpoint(self) -> None:
         self.save({"sampler_rng": rng_state_to_json(self.rng)}, {"num_iterations": self.num_iterations})
 
