@@ -94,6 +94,7 @@ def assert_same_state(got: dict, want: dict) -> None:
     assert got["param_groups"] == want["param_groups"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("old, new", [(2, 1), (1, 2), (2, 3), (3, 2), (3, 1)])
 def test_resharded_state_is_the_state_the_new_world_holds(trained_states, old, new):
     fresh = optimizers_for(new)
@@ -109,6 +110,7 @@ def test_resharded_state_is_the_state_the_new_world_holds(trained_states, old, n
     assert_same_state(opt.state_dict(), trained_states[new][new - 1][0])
 
 
+@pytest.mark.slow
 def test_a_foreign_optimizer_file_is_refused(trained_states):
     adamw, muon = optimizers_for(2)
     with pytest.raises(ReshardError, match="param groups of sizes"):
@@ -259,6 +261,7 @@ def straight(equal_docs, tmp_path_factory) -> dict[int, tuple]:
     return {n: (root / f"w{n}", *train(equal_docs, root / f"w{n}", n)) for n in (1, 2)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("old, new", [(2, 1), (1, 2), (2, 3)])
 def test_base_train_resumes_on_another_number_of_processes(equal_docs, straight, tmp_path, old, new):
     out_old, losses_old, metrics_old, _ = straight[old]
@@ -398,6 +401,7 @@ def run_chat(stage: str, chat_inputs, out_dir: Path, nproc: int, **overrides) ->
     return {int(s): float(loss) for s, loss in CHAT_STEP.findall(done.stdout)}, done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["chat_sft", "mid_train"])
 def test_chat_stages_resume_two_processes_on_one(chat_inputs, tmp_path, stage):
     straight, _ = run_chat(stage, chat_inputs, tmp_path / "straight", 2)
@@ -416,6 +420,7 @@ def test_chat_stages_resume_two_processes_on_one(chat_inputs, tmp_path, stage):
 # -----------------------------------------------------------------------------
 # chat_rl resumed on one process after two
 
+@pytest.mark.slow
 def test_chat_rl_resumes_two_processes_on_one_deterministically(tiny, tmp_path, capsys):
     """The questions of a step depend on the step alone; each new rank's sampling generator is derived from
     (seed, rank, world size, step): two 2 -> 1 resumes from the same checkpoint sample and train identically."""
