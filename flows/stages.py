@@ -48,10 +48,12 @@ _DATA = ("nanopipe.data.shards", "nanopipe.data.builtin")
 _TOKENIZER = ("nanopipe.tokenizer", "nanopipe.vocab", *_DATA)
 _MODEL = ("nanopipe.gpt", "nanopipe.fused_kernels", "nanopipe.optim", "nanopipe.checkpoint", "nanopipe.tokenizer",
           "nanopipe.vocab")
-_TRAINING = _MODEL + ("nanopipe.training", "nanopipe.dataloader", *_DATA, "nanopipe.loss_eval")
+_TRAINING = _MODEL + ("nanopipe.training", "nanopipe.dataloader", *_DATA, "nanopipe.loss_eval", "nanopipe.reshard")
 _CHAT = _MODEL + ("nanopipe.training", "nanopipe.chat_format", "nanopipe.tasks", "nanopipe.chat_train",
-                  "nanopipe.chat_batches", *_DATA, "nanopipe.configs.chat_common")
-_CHAT_EVAL = _MODEL + ("nanopipe.chat_format", "nanopipe.tasks", "nanopipe.engine", "nanopipe.execution",
+                  "nanopipe.chat_batches", *_DATA, "nanopipe.configs.chat_common", "nanopipe.dataloader",
+                  "nanopipe.reshard")
+_CHAT_EVAL = _MODEL + ("nanopipe.chat_format", "nanopipe.tasks", "nanopipe.engine", "nanopipe.calculator",
+                       "nanopipe.execution",
                        "nanopipe.sandbox_child", "nanopipe.chat_scoring", *_DATA)
 
 # The nanopipe modules that stages import but that do not decide what a stage produces: editing one of them
@@ -61,6 +63,7 @@ OUTSIDE_THE_KEY = {
     "nanopipe": "the package; its version is part of every code version",
     "nanopipe.common": "run-time plumbing: process group, logging, progress lines, atomic writes",
     "nanopipe.exit_codes": "the exit statuses a stage ends with",
+    "nanopipe.events": "the typed records a stage prints for the flow (progress, resume, memory, plan, error)",
     "nanopipe.configs": "the config models and the command-line parser: the values they resolve to are the "
                         "config digest",
     "nanopipe.data": "the data package's entry point",
@@ -69,6 +72,10 @@ OUTSIDE_THE_KEY = {
     "nanopipe.core_eval": "base_train's closing CORE score, a reported figure (base_eval is the evaluation stage)",
     "nanopipe.sampling": "base_train's sample completions, printed for a person to read",
     "nanopipe.engine": "the decoding engine, which base_train and chat_sft use only for reported figures",
+    "nanopipe.calculator": "the engine's tool, in base_train's and chat_sft's reported figures only (base_eval, "
+                           "chat_eval and chat_rl have it in their code)",
+    "nanopipe.remote": "the download client: the URL in the config and the checked size and sha256 identify what "
+                       "it fetched",
     "nanopipe.chat_scoring": "chat_sft's in-training evaluation and chat_rl's pass@k, reported figures "
                              "(chat_eval is the stage)",
 }
@@ -94,7 +101,7 @@ STAGES: list[Stage] = [
           key_metrics=("val_bpb", "core_metric", "train_loss", "num_params", "tokens_per_sec")),
     Stage("base_eval", "nanopipe.stages.base_eval", "base_eval",
           _code("nanopipe.stages.base_eval", *_MODEL, "nanopipe.core_eval", "nanopipe.loss_eval",
-                "nanopipe.dataloader", *_DATA, "nanopipe.engine"),
+                "nanopipe.dataloader", *_DATA, "nanopipe.engine", "nanopipe.calculator"),
           inputs={"checkpoint_dir": ("base_train", "checkpoints"), "tokenizer_dir": ("tok_train", "tokenizer")},
           fixed={"source": "base"}, tag=lambda cfg: "eval", key_metrics=("core_metric", "val_bpb", "train_bpb")),
     Stage("mid_train", "nanopipe.stages.mid_train", "mid_train", _code("nanopipe.stages.mid_train", *_CHAT),
@@ -112,8 +119,8 @@ STAGES: list[Stage] = [
           inputs={"checkpoint_dir": ("chat_sft", "checkpoints"), **_TOKENIZER_INPUT}, fixed={"source": "sft"},
           tag=lambda cfg: "sft", key_metrics=("chatcore", "chatcore_partial", "accuracy")),
     Stage("chat_rl", "nanopipe.stages.chat_rl", "chat_rl",
-          _code("nanopipe.stages.chat_rl", *_CHAT, "nanopipe.engine", "nanopipe.execution", "nanopipe.sandbox_child",
-                "nanopipe.rl"),
+          _code("nanopipe.stages.chat_rl", *_CHAT, "nanopipe.engine", "nanopipe.calculator", "nanopipe.execution",
+                "nanopipe.sandbox_child", "nanopipe.rl"),
           inputs={"checkpoint_dir": ("chat_sft", "checkpoints"), **_TOKENIZER_INPUT}, output="checkpoints",
           fixed={"source": "sft"}, resume_flag=("resume_from_step", "latest"), dry_run_flag="plan_only",
           tag=lambda cfg: "rl", when="run_rl", key_metrics=("reward", "pass@1")),
