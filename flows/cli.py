@@ -195,8 +195,19 @@ def _interrupted(state) -> int:
     return 0
 
 
+def check_before_starting(config) -> None:
+    """The rules the flow checks at its start (each stage's batch arithmetic for its world size, ...), checked
+    here first: a bad value costs a second and no server, with advice for the run's real world size."""
+    from flows.plan import PlanError, check_config
+    try:
+        check_config(config, config.planned_stages())
+    except PlanError as err:
+        raise UsageError(str(err)) from None
+
+
 def cmd_run(argv: list[str]) -> int:
     config, extras = parse_command(argv, extra=("server",))
+    check_before_starting(config)
     choice = server_choice(extras)
     check_outputs(choice.temporary)
     return _run_flow(choice, "full_pipeline", config)
@@ -205,6 +216,7 @@ def cmd_run(argv: list[str]) -> int:
 def cmd_stage(argv: list[str]) -> int:
     stage = _stage_argument(argv, "nanopipe stage NAME [--preset P] [flags]")
     config, extras = parse_command(argv[1:], stage=stage, extra=("server",))
+    check_before_starting(config.model_copy(update={"stop_after": None, **({stage.when: True} if stage.when else {})}))
     choice = server_choice(extras)
     check_outputs(choice.temporary)
     return _run_flow(choice, "stage_flow", stage.name, config)

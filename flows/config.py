@@ -39,7 +39,7 @@ from flows.presets import PRESET_DESCRIPTIONS, PRESETS, deep_merge, preset_value
 from flows.stages import STAGE_NAMES, STAGES, Stage
 from nanopipe.configs import (BaseEvalConfig, BaseTrainConfig, CommonConfig, DataFlags, NanoConfig, TokEvalConfig,
                               TokTrainConfig, build_config)
-from nanopipe.configs.base import is_off_field
+from nanopipe.configs.base import is_off_field, world_size_checked_later
 from nanopipe.configs.chat_eval import ChatEvalConfig
 from nanopipe.configs.chat_rl import ChatRLConfig
 from nanopipe.configs.chat_sft import ChatSFTConfig
@@ -120,6 +120,15 @@ class PipelineConfig(BaseModel):
         """Where artifacts are kept beyond this node: artifact_store, else $NANOPIPE_ARTIFACT_STORE, else None."""
         import os
         return self.artifact_store or os.environ.get("NANOPIPE_ARTIFACT_STORE") or None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _batches_for_the_real_world_size(cls, data, handler):
+        """A stage's batch arithmetic is checked by the planner (flows/plan.py check_config) for the world size
+        its resources give, with advice for that size; the stage models' own check for one process would
+        advise values that fail again on two."""
+        with world_size_checked_later():
+            return handler(data)
 
     @model_validator(mode="before")
     @classmethod

@@ -27,6 +27,7 @@ from flows.stages import STAGE_NAMES, Stage, get_stage
 from flows.store import StoreError, check_store
 from nanopipe.configs.flags import to_cli_args
 from nanopipe.configs import ConfigError, config_digest, non_semantic_fields
+from nanopipe.configs.base import world_size_checked_later
 from nanopipe.configs.base_eval import check_bpb_batches
 from nanopipe.configs.base_train import check_batch_sizes
 from nanopipe.configs.chat_rl import check_world_size
@@ -105,7 +106,8 @@ def check_config(config: PipelineConfig, stages: list[Stage]) -> None:
         resources = config.resources_for(stage)
         world = resources.nproc_per_node * resources.nnodes
         try:
-            cfg = config.stage_config(stage, wired={f: None for f in stage.inputs})
+            with world_size_checked_later():   # checked just below, for the world size the stage gets
+                cfg = config.stage_config(stage, wired={f: None for f in stage.inputs})
         except ConfigError as err:
             raise PlanError(f"stage {stage.name}: {err}") from None
         try:

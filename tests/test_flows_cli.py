@@ -269,3 +269,31 @@ def test_status_says_which_home_it_read_and_why(how, tmp_path, monkeypatch, caps
         main([*args, "--json"])
     captured = capsys.readouterr()
     assert json.loads(captured.out)[0]["stage"] == "tok_train" and captured.err.startswith(f"home: {expected[how]} (")
+
+
+def test_batch_advice_is_for_the_runs_world_size(capsys, tmp_path):
+    """demo-cpu runs 2 processes: the advice for total_batch_size=5000 is for 2 (4096 or 8192), not for 1
+    (6144, which fails again), and `nanopipe run` gives it before any server starts."""
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--preset=demo-cpu", "--base_train.total_batch_size=5000", f"--home={tmp_path / 'home'}",
+              "--server=http://127.0.0.1:9/api"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err and "Prefect" not in err
+    assert "stage base_train on 2 process(es)" in err and "world size (2)" in err
+    assert "--total_batch_size=4096 or 8192" in err and "6144" not in err
+    assert not (tmp_path / "home").exists()   # refused before anything was written
+    for advice in (4096, 8192):   # the advice holds on 2 processes
+        plan_pipeline(PipelineConfig(preset="demo-cpu", base_train={"total_batch_size": advice},
+                                     mid_train={"total_batch_size": advice}), home=tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["stage", "chat_sft", "--preset=demo-cpu", "--target_examples_per_step=5", "--server=temporary"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "world size (2) = 16; try --target_examples_per_step=16" in err
+
+
+def test_a_stage_alone_still_checks_its_batch_for_one_process():
+    """Outside the pipeline (python -m nanopipe.stages.base_train), the stage's model checks for one process at
+    parse time and the stage checks its real world size once launched."""
+    from nanopipe.configs import BaseTrainConfig, ConfigError, build_config
+    with pytest.raises(ConfigError, match=r"world size \(1\) = 2048 tokens.*=4096 or 6144"):
+        build_config(BaseTrainConfig, {"max_seq_len": 256, "device_batch_size": 8, "total_batch_size": 5000})

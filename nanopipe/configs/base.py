@@ -9,6 +9,8 @@ command line (`nanopipe.configs.flags`), the Prefect parameter form and the cach
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import types
@@ -25,6 +27,26 @@ class ConfigError(StageError, ValueError):
     """A stage was given a bad flag or value. The message names the flag and the valid choices."""
 
     exit_code = ExitCode.BAD_INPUT
+
+
+_WORLD_SIZE_LATER = contextvars.ContextVar("world_size_later", default=False)
+
+
+@contextlib.contextmanager
+def world_size_checked_later():
+    """Within: a config's batch arithmetic is not checked for one process when it is validated, because the
+    caller checks it for the world size the stage will run on (the pipeline's planner, flows/plan.py), and a
+    suggestion of valid values must be made for that world size, not for one process."""
+    token = _WORLD_SIZE_LATER.set(True)
+    try:
+        yield
+    finally:
+        _WORLD_SIZE_LATER.reset(token)
+
+
+def check_for_one_process() -> bool:
+    """Should a config validator check its batch arithmetic for one process? (Not within world_size_checked_later.)"""
+    return not _WORLD_SIZE_LATER.get()
 
 
 def _minus_one_is_none(value: Any) -> Any:

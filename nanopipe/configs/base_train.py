@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from nanopipe.configs.base import CommonConfig, ConfigError, CpuMatmulFlags, Off, PlainName, ResumeStep
+from nanopipe.configs.base import (CommonConfig, ConfigError, CpuMatmulFlags, Off, PlainName, ResumeStep,
+                                   check_for_one_process)
 from nanopipe.configs.data import DataFlags
 from nanopipe.vocab import MIN_VOCAB_SIZE
 
@@ -75,7 +76,8 @@ class BaseTrainConfig(CpuMatmulFlags, CommonConfig, DataFlags):
             raise ValueError(f"--head_dim={self.head_dim} must be even (rotary embeddings rotate channel pairs)")
         if self.warmup_ratio + self.warmdown_ratio > 1:
             raise ValueError(f"--warmup_ratio ({self.warmup_ratio}) + --warmdown_ratio ({self.warmdown_ratio}) > 1")
-        check_batch_sizes(self, world_size=1)
+        if check_for_one_process():
+            check_batch_sizes(self, world_size=1)
         return self
 
     def _one_horizon(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from nanopipe.configs.base import ConfigError, Off
+from nanopipe.configs.base import ConfigError, Off, check_for_one_process
 from nanopipe.configs.chat_common import ChatSource, ChatTrainFlags
 
 
@@ -27,7 +27,8 @@ class MidTrainConfig(ChatTrainFlags):
 
     @model_validator(mode="after")
     def _batch_sizes_divide(self):
-        check_mid_batch_sizes(self, world_size=1)
+        if check_for_one_process():
+            check_mid_batch_sizes(self, world_size=1)
         return self
 
 
