@@ -193,6 +193,8 @@ class ArtifactRef(BaseModel):
     seconds: float = Field(0.0, description="wall time of the run that produced it")
     resumed_from: int | None = Field(None, description="checkpoint step the run that produced it resumed from; "
                                      "none = it ran from the start (or was reused)")
+    segments: list[dict] = Field(default_factory=list, description="[{from_step, to_step, world_size}]: which "
+                                 "number of processes trained which steps (flows/world.py); empty when reused")
 
 
 # -----------------------------------------------------------------------------
