@@ -72,6 +72,10 @@ class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     nproc_per_node: int = Field(1, ge=1, le=64, description="processes (usually GPUs) per node for torchrun")
+    min_nproc_per_node: int | None = Field(None, ge=1, le=64, description="the fewest processes per node a retry "
+                                           "accepts: a retry after a lost rank or node runs on the devices usable "
+                                           "then, between this and nproc_per_node (flows/world.py); none = "
+                                           "nproc_per_node")
     nnodes: int = Field(1, ge=1, le=1024, description="number of nodes; above 1, every node runs the same "
                         "command against rdzv_endpoint")
     rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous for multi-node "
@@ -94,6 +98,9 @@ class Resources(BaseModel):
     def _multinode_needs_endpoint(self):
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError(f"nnodes={self.nnodes} needs rdzv_endpoint=host:port (the rendezvous of the nodes)")
+        if self.min_nproc_per_node is not None and self.min_nproc_per_node > self.nproc_per_node:
+            raise ValueError(f"min_nproc_per_node={self.min_nproc_per_node} is more than nproc_per_node="
+                             f"{self.nproc_per_node}: a retry never runs more processes than a first attempt")
         return self
 
 

@@ -14,8 +14,8 @@ is checked file by file. Retries happen only for failures a retry can fix, and a
 stage resumes from its last checkpoint.
 
 What the run's page shows of a stage: its human lines in the logs (its records, nanopipe/events.py, go to
-stage.log only: progress to the progress artifact and `progress.jsonl`, the resumed step and the memory
-estimate to the manifest), the cache key and code version in the final state's message, and, when the run
+stage.log only: progress to the progress artifact and `progress.jsonl`, the resumed step, the memory
+estimate and the world size of each segment of training (`launches.jsonl`, flows/world.py) to the manifest), the cache key and code version in the final state's message, and, when the run
 is cancelled from the UI, a Cancelled task run. Nothing here reads a human line.
 """
 
@@ -43,6 +43,7 @@ from flows.store_lock import store_lock
 from flows.multinode import launch_across_nodes, node_command, with_endpoint
 from flows.plan import StagePlan
 from flows.report import PROGRESS_FILE
+from flows.world import LAUNCHES_FILE, record_launch, retry_plan, segments_of
 from nanopipe.events import MemoryEstimate, Resumed, last, read_metrics
 
 LOG_FILE = "stage.log"
@@ -150,6 +151,7 @@ def _prepare(plan: StagePlan, logger) -> None:
         shutil.rmtree(out)
     if not resumable:
         (directory / PROGRESS_FILE).unlink(missing_ok=True)
+        (directory / LAUNCHES_FILE).unlink(missing_ok=True)
 
 
 def _produced_meanwhile(plan: StagePlan) -> bool:
@@ -215,6 +217,10 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
                 return Completed(name="Cached", data=ref_from_manifest(directory),
                                  message=f"restored {name} from the artifact store ({cache_note(plan)})")
         _prepare(plan, logger)
+        if task_run.run_count > 1:   # a lost device need not stop a retry (flows/world.py)
+            plan, layout = retry_plan(plan)
+            if layout:
+                logger.info(layout)
         uploader = None
         if store and plan.resume_flag:
             checkpoints = checkpoints_name(directory, plan.out_dir)
@@ -250,6 +256,8 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
         finally:
             if uploader is not None:   # the last checkpoint goes up even when the stage failed: a retry elsewhere
                 uploader.stop()        # resumes from it
+        if plan.resume_flag:
+            record_launch(directory / LAUNCHES_FILE, plan.resources, result)
         if result.returncode != 0 or result.timed_out:
             progress.finish("failed")
             raise failure_from(result, plan.stage)
@@ -263,11 +271,13 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
         memory = last(result.records, MemoryEstimate)
         timings = {"started": started, "finished": time.time(), "seconds": round(result.seconds, 3),
                    "attempt": task_run.run_count, "resumed_from": resumed_from}
+        segments = segments_of(directory / LAUNCHES_FILE, metrics.get("step"))
         write_manifest(directory, stage=plan.stage, digest=plan.hash, config=plan.config, upstream=plan.upstream,
                        metrics=metrics, timings=timings,
                        extra={"command": cmd, "code_version": plan.code_version, "code": plan.code,
                               "semantic_config": plan.semantic_config, "data": plan.data,
                               "memory_estimate": memory.model_dump() if memory else None,
+                              "segments": segments,
                               "flow_run_id": flow_run.id,
                               "task_run_id": task_run.id})
         progress.finish()
@@ -275,5 +285,5 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
         resumed = f", resumed from step {resumed_from}" if resumed_from is not None else ""
         logger.info(f"{plan.stage}: done in {result.seconds:.1f} s{resumed} -> {directory}")
         ref = ArtifactRef(stage=plan.stage, hash=plan.hash, path=str(directory), metrics=metrics,
-                          seconds=round(result.seconds, 3), resumed_from=resumed_from)
+                          seconds=round(result.seconds, 3), resumed_from=resumed_from, segments=segments)
         return Completed(data=ref, message=f"produced {directory.name}{resumed} ({cache_note(plan)})")

@@ -243,7 +243,8 @@ class ChatTrainerBase:
         if resume:
             check_resumable(cfg, self.stage, resume.meta, out_dir, resume.step)
             print0(f"Resuming from step {resume.step} of {out_dir}")
-            emit(Resumed(step=resume.step, checkpoint_dir=str(out_dir)))
+            emit(Resumed(step=resume.step, checkpoint_dir=str(out_dir), written_by=resume.written_by,
+                         world_size=rt.world_size))
             if resume.written_by != rt.world_size:
                 print0(resharded_line(resume, rt.world_size, None))
             self.orig_model, self.tokenizer = model_from_state(resume.model_state, resume.meta, out_dir, resume.step,

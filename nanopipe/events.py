@@ -7,7 +7,8 @@ so it lands where the flow already reads: the launch's stream and the stage's `s
 are the one exception: `metrics.json` in the stage's output directory, written last.
 
     progress   {"step": 10, "total": 100, "loss": 3.2}      per step; any further figure of that step
-    resumed    {"step": 40, "checkpoint_dir": "..."}       the checkpoint a training stage resumes from
+    resumed    {"step": 40, "checkpoint_dir": "...",       the checkpoint a training stage resumes from, the
+                "written_by": 2, "world_size": 1}           processes that wrote it and the processes now
     memory     {"peak_bytes": 123, "parts": {...}}          the peak-memory estimate per device, before training
     plan       {"num_params": .., "model": {..}, ..}        a planning run (`--plan_only`) found nothing wrong
     error      {"error": "CheckpointError", "message": ..,  why the stage stops, in its own words, and the exit
@@ -53,6 +54,9 @@ class Resumed(Record):
     kind: ClassVar[str] = "resumed"
     step: int = Field(ge=0, description="the checkpoint's step")
     checkpoint_dir: str = Field(description="the directory the checkpoint is in")
+    written_by: int | None = Field(None, ge=1, description="processes that wrote the checkpoint (its world size)")
+    world_size: int | None = Field(None, ge=1, description="processes that resume from it; another number than "
+                                   "written_by means the optimizer state was re-sharded (nanopipe.reshard)")
 
 
 class MemoryEstimate(Record):

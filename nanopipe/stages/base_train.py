@@ -256,7 +256,8 @@ class Trainer:
             raise ConfigError(f"checkpoint step {checkpoint.step} in {self.ckpt_dir} is a different model "
                               f"({checkpoint.meta.get('model_config')}) from these flags ({self.model_config.__dict__})")
         print0(f"Resuming from step {checkpoint.step} of {self.ckpt_dir}")
-        emit(Resumed(step=checkpoint.step, checkpoint_dir=str(self.ckpt_dir)))
+        emit(Resumed(step=checkpoint.step, checkpoint_dir=str(self.ckpt_dir), written_by=checkpoint.written_by,
+                     world_size=rt.world_size))
         if checkpoint.written_by != rt.world_size:
             print0(resharded_line(checkpoint, rt.world_size, self.grad_accum))
         return checkpoint
