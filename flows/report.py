@@ -43,6 +43,7 @@ from flows.plan import StagePlan
 from flows.plots import PROGRESS_FILE, markdown_image, stage_curves
 from flows.stages import get_stage
 from flows.taught import taught_markdown, taught_rows
+from flows.world import segments_line
 from nanopipe.common import atomic_write_text
 from nanopipe.configs.chat_eval import chatcore_label, chatcore_of
 
@@ -231,6 +232,10 @@ def stages_section(rows: list[StageOutcome], gpus: list[str], rate: float) -> li
                      f"nothing)")
     else:
         lines.append("Estimated cost: CPU run: no GPU cost.")
+    shifts = [line for o in rows if o.status == "Completed" and o.ref is not None
+              and (line := segments_line(o.plan.stage, o.ref.segments))]
+    if shifts:   # a retry resumed on another number of processes (flows/world.py)
+        lines += ["", "Resumed on another number of processes:", "", *(f"- {line}" for line in shifts)]
     return lines + [""]
 
 
