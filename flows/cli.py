@@ -257,7 +257,7 @@ def _report(state) -> int:
     if state.is_completed():
         print(f"nanopipe: {state.name}")
         return 0
-    print(f"nanopipe: the run ended {state.name}: {state.message}", file=sys.stderr)
+    print(f"nanopipe: {state.name}: {state.message}", file=sys.stderr)   # "Out of memory: base_train failed: ..."
     return 1
 
 

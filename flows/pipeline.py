@@ -10,16 +10,21 @@ so Prefect's graph links every stage to what it reads. A stage whose artifact ve
 re-run after a failure therefore executes only the failed stage onward, and the failed stage resumes from
 its checkpoints. `recompute_from` forces a stage and everything after it.
 
-How a run ends, as the UI shows it: a failure ends the flow run Failed with one sentence as its state message
-(the stage and why, in the stage's own words; the traceback stays in the log), a regression of the nightly
-gate ends it Failed with "regression: ...", and a cancel from the UI ends the running stage and the flow
-run Cancelled.
+How a run ends, as the UI shows it: a failure ends the flow run Failed, its state named by the failure's
+class ("Bad config", "Out of memory", "Node lost", "Regression", ...: what the run header and the runs list
+show) with one sentence as its state message (the stage and why, in the stage's own words; the traceback
+stays in the log); an unknown parameter is refused before any stage runs, with the closest field names; a
+cancel from the UI ends the running stage and the flow run Cancelled.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
 import signal
 import time
+import types
+import typing
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -28,7 +33,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Failed
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from flows.artifacts import ArtifactRef, artifact_lock, discard, ref_from_manifest
 from flows.config import PipelineConfig, StageName, resolved_config_markdown
@@ -47,12 +52,38 @@ class Regression(Exception):
     """Every stage completed, but the summary found metrics worse than the gate allows."""
 
 
+# The class of a failure, as the flow run's state name: what the run header and the runs list show
+FAILURE_NAMES = {"config": "Bad config", "oom": "Out of memory", "nan": "Loss diverged", "killed": "Killed",
+                 "network": "Node lost", "timeout": "Timed out", "plan": "Wrong input", "incomplete": "No metrics",
+                 "error": "Stage error"}
+# A node of a multi-node stage that never started, or whose run ended without a result (flows/multinode.py)
+_NODE_LOST = re.compile(r"\bnode \d+ (never started|\(flow run [^)]*\) ended \w+ without a result)")
+
+
+def failure_name(exc: BaseException) -> str:
+    """The class of a failure in a few words ("Out of memory", "Bad config", "Regression"): the state name of
+    the run it ended, so the run header and the runs list say what kind of failure it was."""
+    if isinstance(exc, StageFailed):
+        if _NODE_LOST.search(str(exc).split("\n", 1)[0]):
+            return "Node lost"
+        return FAILURE_NAMES.get(exc.kind, "Stage error")
+    if isinstance(exc, Regression):
+        return "Regression"
+    if isinstance(exc, PlanError):
+        if str(exc).startswith("preflight failed"):
+            return "Preflight failed"
+        return "Missing inputs" if "run those stages first" in str(exc) else "Bad config"
+    if isinstance(exc, (ValidationError, ConfigError)):
+        return "Bad config"
+    return "Failed"
+
+
 def failure_sentence(exc: BaseException) -> str:
     """Why a run failed, in one line: the first line of our own errors, which name the stage (and, for a
-    stage that failed, its own reason); a pydantic error lists each field and what is wrong with it."""
+    stage that failed, its own reason); a pydantic error lists each field and what is wrong with it (an
+    unknown field with the closest known names)."""
     if isinstance(exc, ValidationError):
-        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
-                           for e in exc.errors())
+        fields = "; ".join(_field_error(exc.title, e) for e in exc.errors())
         return _clip(f"invalid config ({exc.title}): {fields}")
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)   # str() quotes a KeyError
     lines = str(text).strip().splitlines()
@@ -62,6 +93,39 @@ def failure_sentence(exc: BaseException) -> str:
     elif not isinstance(exc, (StageFailed, PlanError, Regression)):
         head = f"{type(exc).__name__}: {head}"
     return _clip(head)
+
+
+def _field_error(title: str, error: dict) -> str:
+    """One field's error: "base_eval.eval: Input should be ...", or for a field no model has, "unknown field
+    'depht' in base_train; did you mean 'depth'?" (pydantic says only "Extra inputs are not permitted")."""
+    where = ".".join(map(str, error["loc"]))
+    if error["type"] != "extra_forbidden":
+        return f"{where or 'config'}: {error['msg'].removeprefix('Value error, ')}"
+    *section, name = map(str, error["loc"])
+    place = f" in {'.'.join(section)}" if section else ""
+    model = _model_at(PipelineConfig, section) if title == PipelineConfig.__name__ else None
+    known = list(model.model_fields) if model is not None else []
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6) or [k for k in known if name in k][:3]
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else (
+        f"; its fields: {', '.join(known)}" if 0 < len(known) <= 12 else "")
+    return f"unknown field {name!r}{place}{hint}"
+
+
+def _model_at(model: Any, loc: list[str]) -> type[BaseModel] | None:
+    """The pydantic model that holds the fields at `loc` under `model` (through dicts and optional values)."""
+    for part in loc:
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            field = model.model_fields.get(part)
+            if field is None:
+                return None
+            model = field.annotation
+        elif typing.get_origin(model) is dict:
+            model = typing.get_args(model)[1]   # `part` is a key of the dict
+        else:
+            return None
+        if typing.get_origin(model) in (typing.Union, types.UnionType):   # Optional[X]: X
+            model = next((a for a in typing.get_args(model) if a is not type(None)), None)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
 def _clip(text: str) -> str:
@@ -79,7 +143,7 @@ def ended(run: Callable[[], Any]) -> Any:
         sentence = failure_sentence(exc)
         if not isinstance(exc, Regression):
             get_run_logger().error(f"{sentence}\n(the full error follows)", exc_info=exc)
-        return Failed(message=sentence, data=exc)
+        return Failed(name=failure_name(exc), message=sentence, data=exc)
 
 
 def execute(plan: StagePlan, *, force: bool, complete: bool, upstream: dict[str, Any], logger,

@@ -21,7 +21,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.artifacts import read_manifest, verify
 from flows.config import PipelineConfig
-from flows.pipeline import failure_sentence, full_pipeline, stage_flow
+from flows.pipeline import Regression, failure_name, failure_sentence, full_pipeline, stage_flow
 from flows.plan import PlanError, plan_pipeline
 from flows.presets import deep_merge
 from flows.report import PROGRESS_FILE
@@ -117,6 +117,12 @@ def read_task_runs(flow_run_id: UUID, patience: float = 120.0, expect_runs: bool
             return runs
         previous = seen
         time.sleep(0.5)
+
+
+def server_state(state):
+    """The flow run's state as the server holds it (what the run header and the runs list show)."""
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(state.state_details.flow_run_id).state
 
 
 def task_states(flow_run_id: UUID, expect_runs: bool = True) -> dict[str, str]:
@@ -390,6 +396,7 @@ def test_bad_late_stage_setting_fails_before_any_stage_runs(home, data_dir):
     # the run's state message is one sentence: which stage, and why
     assert "stage base_train" in state.message and "--total_batch_size" in state.message
     assert "\n" not in state.message and not state.message.startswith("Flow run encountered")
+    assert state.name == "Bad config" and server_state(state).name == "Bad config"   # the header and runs list
     assert states == {} and not (home / "artifacts").exists()
     with pytest.raises(PlanError, match="total_batch_size"):   # called without return_state, the flow raises
         full_pipeline(values)
@@ -398,12 +405,21 @@ def test_bad_late_stage_setting_fails_before_any_stage_runs(home, data_dir):
     records_before = result_records()
     state = full_pipeline(tiny(data_dir, base_eval={"eval": "nope"}), return_state=True)
     assert state.is_failed() and state.message.startswith("invalid config (PipelineConfig): base_eval.eval: ")
-    assert "nope" in state.message and "\n" not in state.message
+    assert "nope" in state.message and "\n" not in state.message and state.name == "Bad config"
     horizons = tiny(data_dir, base_train={"target_param_data_ratio": 10})   # and num_iterations=12
     state = full_pipeline(horizons, return_state=True)
     assert state.is_failed() and state.message.startswith("invalid config (PipelineConfig): base_train: ")
     assert "training horizons" in state.message and "\n" not in state.message
     assert result_records() == records_before   # Prefect's own parameter check would pickle the error
+
+
+def test_an_unknown_field_is_refused_at_once_with_the_closest_names(home, data_dir):
+    state = full_pipeline(tiny(data_dir, base_train={"depht": 3}, stage_resources={"tok_train": {"nproc": 1}}),
+                          return_state=True)
+    assert state.is_failed() and server_state(state).name == "Bad config"
+    assert "unknown field 'depht' in base_train; did you mean 'depth'?" in state.message
+    assert "unknown field 'nproc' in stage_resources.tok_train; did you mean 'nproc_per_node'" in state.message
+    assert "Extra inputs" not in state.message and not (home / "artifacts").exists()   # before any stage
 
 
 def test_concurrent_runs_of_one_config_produce_it_once(home, data_dir):
@@ -423,6 +439,7 @@ def test_a_single_stage_flow_needs_its_inputs(home, data_dir):
     values = tiny(data_dir)
     state = stage_flow("tok_eval", values, return_state=True)
     assert state.is_failed() and "tok_train" in state.message and "run those stages first" in state.message
+    assert state.name == "Missing inputs"
     assert stage_flow("tok_train", values, return_state=True).is_completed()
     ref = stage_flow("tok_eval", values)
     assert ref.stage == "tok_eval" and verify(ref.path, ref.hash)
@@ -451,6 +468,7 @@ def test_a_failure_a_retry_cannot_fix_is_not_retried(home, data_dir, tmp_path):
     assert state.is_failed() and states == {"tok_train": "Failed"}
     assert "not retried" in state.message and str(missing) in state.message   # the stage's own reason
     assert state.message.startswith("tok_train failed: ") and "\n" not in state.message
+    assert server_state(state).name == "Bad config"   # the stage refused its input: the class, as the state name
     assert "(log: " in state.message and not state.message.startswith("Flow run encountered")
     assert isinstance(state.result(raise_on_failure=False), StageFailed)   # the exception stays the data
     assert launches(plans_of(values)["tok_train"].artifact_dir) == 1
@@ -476,6 +494,7 @@ def test_a_regression_ends_the_run_failed_and_keeps_the_artifacts(home, data_dir
         state, states, _ = run(values)
     assert state.is_failed() and states == {"tok_train": "Completed"}
     assert state.message == "regression: tok_train val_bytes_per_token 3.1 < 3.2 (last good)"
+    assert server_state(state).name == "Regression"
     state, states, _ = run(values)
     assert state.is_completed() and states == {"tok_train": "Cached"}
 
@@ -495,6 +514,25 @@ def test_a_failure_is_told_in_one_sentence():
     assert sentence.startswith("invalid config (PipelineConfig): base_eval.eval: ") and "nope" in sentence
     assert failure_sentence(KeyError("model_config")) == "KeyError: model_config"   # not str()'s quotes
     assert len(failure_sentence(RuntimeError("x" * 5000))) <= 600
+
+
+@pytest.mark.parametrize("exc, name", [
+    (StageFailed("base_train failed: out of memory [oom, not retried]", kind="oom"), "Out of memory"),
+    (StageFailed("base_train failed: exit code 2 [config, not retried]", kind="config"), "Bad config"),
+    (StageFailed("base_train failed: the loss became NaN [nan, not retried]", kind="nan"), "Loss diverged"),
+    (StageFailed("base_train failed: a collective ... [network, will be retried]", kind="network"), "Node lost"),
+    (StageFailed("base_train failed: killed by signal SIGKILL: node 1 (flow run base_train-node-1) ended Crashed "
+                 "without a result: boom [killed, will be retried]", kind="killed"), "Node lost"),
+    (StageFailed("base_train failed: exit code 1: node 2 never started: no worker [error, not retried]"), "Node lost"),
+    (StageFailed("base_train failed: killed by signal SIGKILL [killed, will be retried]", kind="killed"), "Killed"),
+    (StageFailed("base_train failed: exit code 1 [error, not retried]"), "Stage error"),
+    (PlanError("preflight failed before any stage ran: stage base_train: dry run failed"), "Preflight failed"),
+    (PlanError("stage base_train on 2 process(es): --total_batch_size=5000 ..."), "Bad config"),
+    (Regression("regression: base_eval core 0.1 < 0.2"), "Regression"),
+    (RuntimeError("something else"), "Failed"),
+])
+def test_a_failure_is_named_by_its_class(exc, name):
+    assert failure_name(exc) == name
 
 
 # -----------------------------------------------------------------------------
