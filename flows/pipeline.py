@@ -26,6 +26,7 @@ import time
 import types
 import typing
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable
 
 from prefect import flow, get_run_logger
@@ -36,6 +37,7 @@ from prefect.states import Failed
 from pydantic import BaseModel, ValidationError
 
 from flows.artifacts import ArtifactRef, artifact_lock, discard, ref_from_manifest
+from flows.cancel_note import cancel_note, start as start_cancel_note
 from flows.config import PipelineConfig, StageName, resolved_config_markdown
 from flows.launcher import StageFailed
 from flows.plan import (PlanError, StagePlan, is_complete, model_shape, plan_pipeline, preflight, produced_by,
@@ -207,7 +209,9 @@ def run_stages(plans: list[StagePlan], config: PipelineConfig, title: str,
             outcomes.append(outcome)
             states[plan.stage] = outcome.state
             if outcome.status == "Cancelled":
-                # the stage stopped on the runner's cancel: let the flow engine end the run Cancelled
+                # the stage stopped on the runner's cancel: let the flow engine end the run Cancelled, then
+                # name that state by the stage and step it stopped at (flows/cancel_note.py)
+                _note_cancel(plan, outcome, logger)
                 raise TerminationSignal(signal.SIGTERM)
             if outcome.exception is not None:
                 raise outcome.exception
@@ -218,6 +222,21 @@ def run_stages(plans: list[StagePlan], config: PipelineConfig, title: str,
     if regressions:   # every stage completed (a failure raised above): the artifacts stay, cached next time
         raise Regression("regression: " + "; ".join(regressions))
     return {o.plan.stage: o.ref for o in outcomes}
+
+
+def _note_cancel(plan: StagePlan, outcome: StageOutcome, logger) -> None:
+    """Rename the run's Cancelled state "Cancelled at <stage> step <n>", once its worker has written it."""
+    step = re.search(r"at step (\d+)", outcome.error or "")
+    out = Path(plan.out_dir)
+    checkpoints = sorted(out.glob(plan.checkpoint_glob)) if plan.resume_flag and out.is_dir() else []
+    saved = re.search(r"(\d+)", checkpoints[-1].name) if checkpoints else None
+    name, message = cancel_note(plan.stage, int(step.group(1)) if step else None,
+                                int(saved.group(1)) if saved else None, plan.out_dir)
+    logger.warning(f"{name}: {message}")
+    try:
+        start_cancel_note(str(flow_run.id), name, message)
+    except Exception as err:   # the run is Cancelled either way; only its name would be Prefect's
+        logger.warning(f"could not name the cancelled run: {type(err).__name__}: {err}")
 
 
 def _publish(outcomes: list[StageOutcome], plans: list[StagePlan], title: str, config: PipelineConfig,

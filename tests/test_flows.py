@@ -474,6 +474,49 @@ def test_a_failure_a_retry_cannot_fix_is_not_retried(home, data_dir, tmp_path):
     assert launches(plans_of(values)["tok_train"].artifact_dir) == 1
 
 
+@pytest.mark.slow
+def test_a_cancelled_run_is_named_by_the_stage_and_step_it_stopped_at(kill_home, data_dir):
+    """The cancel a worker's runner sends (its intent on the control channel, then SIGTERM), in-process: the run
+    ends Cancelled, its state named "Cancelled at base_train step N" and its message saying where a re-run
+    resumes; the process that renames it ends by itself."""
+    from prefect._internal import control_listener
+    from flows.cancel_note import rename_when_cancelled   # noqa: F401  (the module the flow starts)
+    values = tiny(data_dir, stop_after="base_train", base_train={"num_iterations": 100_000, "save_every": 2})
+    out_dir = Path(plans_of(values)["base_train"].out_dir)
+
+    def cancel_after_a_checkpoint():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not list(out_dir.glob("meta_*.json")):
+            time.sleep(0.05)
+        control_listener._set_intent("cancel")   # what the runner says before its SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    canceller = threading.Thread(target=cancel_after_a_checkpoint, daemon=True)
+    canceller.start()
+    try:
+        full_pipeline(values, return_state=True)
+    except BaseException as exc:   # the engine re-raises the termination once the run is Cancelled
+        assert type(exc).__name__ == "TerminationSignal", exc
+    finally:
+        control_listener.clear_intent()
+        signal.signal(signal.SIGTERM, before)
+    canceller.join()
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(flow_run_filter=None, limit=1, sort="START_TIME_DESC")[0]
+        deadline = time.monotonic() + 120
+        while not run.state.name.startswith("Cancelled at") and time.monotonic() < deadline:
+            time.sleep(0.5)
+            run = client.read_flow_run(run.id)
+    assert run.state.type.value == "CANCELLED", run.state
+    saved = max(int(p.stem.split("_")[1]) for p in out_dir.glob("model_*.pt"))
+    name = run.state.name
+    # the step the stage last reported (0-based) is at or after the checkpoint's (steps done), never before it
+    assert name.startswith("Cancelled at base_train step ") and int(name.rsplit(" ", 1)[1]) + 1 >= saved, name
+    assert run.state.message == (f"base_train cancelled at step {name.rsplit(' ', 1)[1]} on the run's cancel; a "
+                                 f"re-run resumes from its checkpoint at step {saved} in {out_dir}")
+
+
 def test_a_regression_ends_the_run_failed_and_keeps_the_artifacts(home, data_dir, monkeypatch):
     """The summary's regression gate (publish_summary returning `.markdown` and `.regressions`) fails a run
     whose stages all completed, naming each regression; the artifacts stay valid and are reused."""

@@ -159,12 +159,13 @@ def flow_run_state(stack: PrefectStack, flow_run_id: str):
         return client.read_flow_run(flow_run_id).state
 
 
-def wait_for_state(stack: PrefectStack, flow_run_id: str, final: set[str], timeout: float):
+def wait_for_state(stack: PrefectStack, flow_run_id: str, final: set[str], timeout: float, name: str = ""):
+    """The run's state once its type is one of `final` (and, with `name`, its name starts with that)."""
     deadline = time.monotonic() + timeout
     state = None
     while time.monotonic() < deadline:
         state = flow_run_state(stack, flow_run_id)
-        if state.type.value in final:
+        if state.type.value in final and state.name.startswith(name):
             return state
         time.sleep(0.5)
     raise AssertionError(f"flow run {flow_run_id} still {state and state.name} after {timeout} s; worker log:\n"
