@@ -15,8 +15,9 @@ stage resumes from its last checkpoint.
 
 What the run's page shows of a stage: its human lines in the logs (its records, nanopipe/events.py, go to
 stage.log only: progress to the progress artifact and `progress.jsonl`, the resumed step, the memory
-estimate and the world size of each segment of training (`launches.jsonl`, flows/world.py) to the manifest), the cache key and code version in the final state's message, and, when the run
-is cancelled from the UI, a Cancelled task run. Nothing here reads a human line.
+estimate and the world size of each segment of training (`launches.jsonl`, flows/world.py) to the manifest),
+the cache key and code version in the final state's message, and, when the run is cancelled from the UI, a
+Cancelled task run. Nothing here reads a human line.
 """
 
 from __future__ import annotations

@@ -128,7 +128,8 @@ def retry_plan(plan: StagePlan) -> tuple[StagePlan, str | None]:
     can run now; any other plan is unchanged. Also returns the line that says what was chosen (None when
     nothing was to choose)."""
     res = plan.resources
-    if not plan.resume_flag or not plan.distributed or (res.min_nproc_per_node or res.nproc_per_node) >= res.nproc_per_node:
+    fewest = res.min_nproc_per_node or res.nproc_per_node
+    if not plan.resume_flag or not plan.distributed or fewest >= res.nproc_per_node:
         return plan, None
     usable = usable_processes(res.env, str(plan.config.get("device_type") or ""))
     nproc, why = retry_nproc(res, usable, batch_refusal(plan))

@@ -41,7 +41,8 @@ def test_the_resumed_record_carries_both_world_sizes():
     record = Resumed(step=40, checkpoint_dir="/ckpt", written_by=8, world_size=7)
     assert parse_record(record_line(record)) == record
     # a line from before the world sizes were reported still reads
-    assert parse_record('@@nanopipe-resumed {"checkpoint_dir": "/c", "step": 4}') == Resumed(step=4, checkpoint_dir="/c")
+    old_line = '@@nanopipe-resumed {"checkpoint_dir": "/c", "step": 4}'
+    assert parse_record(old_line) == Resumed(step=4, checkpoint_dir="/c")
     with pytest.raises(ValidationError):
         Resumed(step=4, checkpoint_dir="/c", written_by=0)
 
@@ -144,7 +145,8 @@ def test_a_retry_plan_shrinks_only_a_training_stage_that_allows_it(tmp_path, mon
 
 def _launch(tmp_path: Path, world: int, resumed: tuple[int, int] | None, last_step: int | None,
             returncode: int = 0) -> LaunchResult:
-    records = [Resumed(step=resumed[0], checkpoint_dir="/c", written_by=resumed[1], world_size=world)] if resumed else []
+    records = ([Resumed(step=resumed[0], checkpoint_dir="/c", written_by=resumed[1], world_size=world)]
+               if resumed else [])
     return LaunchResult(["torchrun"], returncode, 1.0, False, [], tmp_path / "stage.log",
                         last_progress={"step": last_step} if last_step is not None else {}, records=records)
 
