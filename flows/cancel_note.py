@@ -28,13 +28,17 @@ DROPPED_ENV = ("PREFECT__FLOW_RUN_ID", "PREFECT__CONTROL_PORT", "PREFECT__CONTRO
                "NANOPIPE_NODE0_ID")
 
 
-def cancel_note(stage: str, step: int | None, checkpoint_step: int | None, out_dir: str) -> tuple[str, str]:
-    """(state name, message) of a run cancelled while `stage` ran, at `step` (None: before its first step)."""
+def cancel_note(stage: str, step: int | None, checkpoint_step: int | None, out_dir: str,
+                recomputing: str | None = None) -> tuple[str, str]:
+    """(state name, message) of a run cancelled while `stage` ran, at `step` (None: before its first step);
+    `recomputing` is the artifact a recompute would have replaced (flows/recompute.py)."""
     at = f" step {step}" if step is not None else ""
     name = f"Cancelled at {stage}{at}"
-    resume = (f"a re-run resumes from its checkpoint at step {checkpoint_step} in {out_dir}"
-              if checkpoint_step is not None else f"a re-run starts {stage} afresh (no checkpoint yet)")
-    return name, f"{stage} cancelled at{at or ' its start'} on the run's cancel; {resume}"
+    who = "a retry of this run resumes the recompute" if recomputing else "a re-run resumes"
+    resume = (f"{who} from its checkpoint at step {checkpoint_step} in {out_dir}" if checkpoint_step is not None
+              else f"{'a retry of this run' if recomputing else 'a re-run'} starts {stage} afresh (no checkpoint yet)")
+    kept = f"; {recomputing} stays as it was (a plain re-run uses it)" if recomputing else ""
+    return name, f"{stage} cancelled at{at or ' its start'} on the run's cancel{kept}; {resume}"
 
 
 def start(flow_run_id: str, name: str, message: str) -> None:

@@ -266,6 +266,7 @@ def cmd_status(argv: list[str]) -> int:
     from flows.artifacts import lock_holder, read_manifest, verify
     from flows.plan import plan_pipeline, rerun_reasons
     from flows.cli_help import home_and_source
+    from flows.recompute import staging_dir, staging_owner
     config, extras = parse_command(argv, extra=("json",))
     as_json = _true(extras.get("json"))
     home, source = home_and_source(extras.get("home"))
@@ -288,7 +289,10 @@ def cmd_status(argv: list[str]) -> int:
         if holder:
             state = f"running ({holder})"
         metrics = (read_manifest(directory) or {}).get("metrics", {}) if check else {}
-        rows.append({"stage": plan.stage, "state": state, "artifact": str(directory),
+        staging = staging_dir(directory)
+        recompute = (f"{staging} (flow run {staging_owner(directory) or '?'}; a retry of that run continues it)"
+                     if staging.is_dir() else None)
+        rows.append({"stage": plan.stage, "state": state, "artifact": str(directory), "unfinished_recompute": recompute,
                      "why": [] if check else rerun_reasons(plan),
                      "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
     if as_json:
@@ -300,6 +304,8 @@ def cmd_status(argv: list[str]) -> int:
             print(f"{r['stage']:<{width}}  {r['state']}\n{'':<{width}}  {r['artifact']}")
             if r["why"]:
                 print(f"{'':<{width}}  will run: {'; '.join(r['why'])}")
+            if r["unfinished_recompute"]:
+                print(f"{'':<{width}}  unfinished recompute beside it: {r['unfinished_recompute']}")
             if shown:
                 print(f"{'':<{width}}  {shown}")
     return 0 if all(r["state"] == "complete" for r in rows) else 3

@@ -8,7 +8,9 @@ The nanopipe pipeline as Prefect flows: tokenizer -> base -> mid -> SFT -> optio
 Each stage is the `run_stage` task over a plan (flows/plan.py), given its upstream stages' task-run states,
 so Prefect's graph links every stage to what it reads. A stage whose artifact verifies comes back Cached; a
 re-run after a failure therefore executes only the failed stage onward, and the failed stage resumes from
-its checkpoints. `recompute_from` forces a stage and everything after it.
+its checkpoints. `recompute_from` forces a stage and everything after it, each built beside the artifact it
+replaces and swapped in once it verifies (flows/recompute.py): a failed or cancelled recompute loses nothing,
+and a retry of the same flow run continues it from its checkpoints.
 
 How a run ends, as the UI shows it: a failure ends the flow run Failed, its state named by the failure's
 class ("Bad config", "Out of memory", "Node lost", "Regression", ...: what the run header and the runs list
@@ -36,12 +38,13 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 from pydantic import BaseModel, ValidationError
 
-from flows.artifacts import ArtifactRef, artifact_lock, discard, ref_from_manifest
+from flows.artifacts import ArtifactRef, ref_from_manifest
 from flows.cancel_note import cancel_note, start as start_cancel_note
 from flows.config import PipelineConfig, StageName, resolved_config_markdown
 from flows.launcher import StageFailed
 from flows.plan import (PlanError, StagePlan, is_complete, model_shape, plan_pipeline, preflight, produced_by,
                         stages_from)
+from flows.recompute import stage_beside, staging_dir, swap_in
 from flows.report import StageOutcome, publish_summary
 from flows.stage_task import run_stage
 from flows.stages import get_stage
@@ -149,13 +152,16 @@ def ended(run: Callable[[], Any]) -> Any:
 
 
 def execute(plan: StagePlan, *, force: bool, complete: bool, upstream: dict[str, Any], logger,
-            preset: str = "custom", store: str | None = None) -> StageOutcome:
+            preset: str = "custom", store: str | None = None, run_id: str | None = None) -> StageOutcome:
     """Run one stage's task. `complete` is this run's verdict on the artifact on disk (a cache hit counts
-    only if it verifies); `upstream` maps input fields to the upstream task runs' states."""
+    only if it verifies); `upstream` maps input fields to the upstream task runs' states. `force`
+    (recompute_from) builds the artifact beside the one it replaces and swaps it in once it verifies
+    (flows/recompute.py); the store gets it then, under its own name."""
+    launched = plan
     if force:
-        logger.info(f"{plan.stage}: recomputing as asked (recompute_from); discarding {plan.artifact_dir}")
-        with artifact_lock(plan.artifact_dir, on_wait=logger.info):
-            discard(plan.artifact_dir)
+        logger.info(f"{plan.stage}: recomputing as asked (recompute_from) beside {plan.artifact_dir}, which stays "
+                    "until the new one verifies")
+        launched = stage_beside(plan, str(run_id), logger.info)
     # The tags (for filters and tag concurrency limits) go on task runs that may do work. A verified artifact's
     # task run only reports it Cached: tagged, it would still ask the server for concurrency slots, a request
     # that Prefect's SQLite database sometimes refuses ("database is locked") and the client retries 2 s later.
@@ -164,7 +170,8 @@ def execute(plan: StagePlan, *, force: bool, complete: bool, upstream: dict[str,
         name=plan.stage, retries=plan.resources.retries, retry_delay_seconds=plan.resources.retry_delay_seconds,
         tags=tags)
     started = time.monotonic()
-    state = stage_task(plan=plan, upstream=upstream, verified=complete, store=store, fresh=force, return_state=True)
+    state = stage_task(plan=launched, upstream=upstream, verified=complete, store=None if force else store,
+                       fresh=force, return_state=True)
     seconds = time.monotonic() - started
     if state.is_cancelled():
         return StageOutcome(plan, "Cancelled", seconds, error=state.message or "cancelled", state=state)
@@ -176,8 +183,22 @@ def execute(plan: StagePlan, *, force: bool, complete: bool, upstream: dict[str,
             return StageOutcome(plan, state.name or "Failed", seconds, error=first_line, exception=exc, state=state)
         return StageOutcome(plan, state.name or "Failed", seconds, error="no result", state=state)
     ref = state.result()
+    if force:
+        ref = swap_in(plan, ref, logger.info)
+        _keep_recomputed(plan, store, logger)
     return StageOutcome(plan, state.name, seconds, ref=ref, metrics=ref.metrics, state=state,
                         resumed_from=ref.resumed_from)
+
+
+def _keep_recomputed(plan: StagePlan, store: str | None, logger) -> None:
+    """Replace the store's copy of a recomputed artifact (a store that cannot be written costs a warning)."""
+    if not store:
+        return
+    from flows.store import artifact_name, upload_artifact
+    try:
+        upload_artifact(plan.artifact_dir, store, artifact_name(plan.artifact_dir))
+    except Exception as err:
+        logger.warning(f"{plan.stage}: could not upload the recomputed artifact to {store}: {type(err).__name__}: {err}")
 
 
 def run_stages(plans: list[StagePlan], config: PipelineConfig, title: str,
@@ -202,7 +223,8 @@ def run_stages(plans: list[StagePlan], config: PipelineConfig, title: str,
             upstream = {role: states[up["stage"]] for role, up in plan.upstream.items() if up["stage"] in states}
             try:
                 outcome = execute(plan, force=plan.stage in force, complete=complete[plan.stage], upstream=upstream,
-                                  logger=logger, preset=config.preset or "custom", store=config.store_url())
+                                  logger=logger, preset=config.preset or "custom", store=config.store_url(),
+                                  run_id=str(this_run))
             except BaseException:   # killed or interrupted mid-stage: say so in the summary, then go on unwinding
                 outcomes.append(StageOutcome(plan, "Interrupted", time.monotonic() - started))
                 raise
@@ -211,7 +233,7 @@ def run_stages(plans: list[StagePlan], config: PipelineConfig, title: str,
             if outcome.status == "Cancelled":
                 # the stage stopped on the runner's cancel: let the flow engine end the run Cancelled, then
                 # name that state by the stage and step it stopped at (flows/cancel_note.py)
-                _note_cancel(plan, outcome, logger)
+                _note_cancel(plan, outcome, logger, recomputing=plan.stage in force)
                 raise TerminationSignal(signal.SIGTERM)
             if outcome.exception is not None:
                 raise outcome.exception
@@ -224,14 +246,16 @@ def run_stages(plans: list[StagePlan], config: PipelineConfig, title: str,
     return {o.plan.stage: o.ref for o in outcomes}
 
 
-def _note_cancel(plan: StagePlan, outcome: StageOutcome, logger) -> None:
-    """Rename the run's Cancelled state "Cancelled at <stage> step <n>", once its worker has written it."""
+def _note_cancel(plan: StagePlan, outcome: StageOutcome, logger, recomputing: bool = False) -> None:
+    """Rename the run's Cancelled state "Cancelled at <stage> step <n>", once its worker has written it. (A
+    recompute's checkpoints are beside the artifact, which stays as it was.)"""
     step = re.search(r"at step (\d+)", outcome.error or "")
-    out = Path(plan.out_dir)
+    out = staging_dir(plan.artifact_dir) / Path(plan.out_dir).name if recomputing else Path(plan.out_dir)
     checkpoints = sorted(out.glob(plan.checkpoint_glob)) if plan.resume_flag and out.is_dir() else []
     saved = re.search(r"(\d+)", checkpoints[-1].name) if checkpoints else None
     name, message = cancel_note(plan.stage, int(step.group(1)) if step else None,
-                                int(saved.group(1)) if saved else None, plan.out_dir)
+                                int(saved.group(1)) if saved else None, str(out),
+                                recomputing=plan.artifact_dir if recomputing else None)
     logger.warning(f"{name}: {message}")
     try:
         start_cancel_note(str(flow_run.id), name, message)

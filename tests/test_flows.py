@@ -388,6 +388,55 @@ def test_recompute_from_forces_that_stage_and_later_ones(home, data_dir):
     assert launches(plans_of(values)["tok_eval"].artifact_dir) == 1   # discarded, then produced afresh
 
 
+@pytest.mark.slow
+def test_a_failed_recompute_keeps_the_good_artifact(home, data_dir):
+    """recompute_from builds beside the artifact: one that fails leaves it in place, verified and reused; the
+    next recompute (another run) discards the unfinished one and swaps its own in once it verifies."""
+    from flows.recompute import staging_dir, staging_owner
+    values = tiny(data_dir, stop_after="tok_eval")
+    first, _, _ = run(values)
+    assert first.is_completed()
+    plan = plans_of(values)["tok_eval"]
+    before = read_manifest(plan.artifact_dir)
+    # the same artifact (resources are not in its hash), recomputed without the time to do it
+    no_time = {"tok_eval": {"timeout_minutes": 0.001, "retries": 0, "env": {"OMP_NUM_THREADS": "1"}}}
+    state, states, _ = run({**values, "recompute_from": "tok_eval", "stage_resources": no_time})
+    assert state.is_failed() and state.name == "Timed out" and states == {"tok_train": "Cached", "tok_eval": "Failed"}
+    assert verify(plan.artifact_dir, plan.hash) and read_manifest(plan.artifact_dir) == before
+    assert staging_owner(plan.artifact_dir) == str(state.state_details.flow_run_id)
+    assert run(values)[1] == {"tok_train": "Cached", "tok_eval": "Cached"}   # still the good one
+
+    state, states, _ = run({**values, "recompute_from": "tok_eval"})
+    assert state.is_completed() and states == {"tok_train": "Cached", "tok_eval": "Completed"}
+    assert not staging_dir(plan.artifact_dir).exists() and verify(plan.artifact_dir, plan.hash)
+    after = read_manifest(plan.artifact_dir)
+    assert after["flow_run_id"] == str(state.state_details.flow_run_id) != before["flow_run_id"]
+    assert after["config"]["out_dir"] == plan.out_dir   # where it lives now, not where it was built
+    assert launches(plan.artifact_dir) == 1   # the other run's unfinished attempt was not continued
+
+
+@pytest.mark.slow
+def test_a_retried_recompute_continues_from_its_own_checkpoints(kill_home, data_dir):
+    """A recompute killed mid-stage, then retried as the same flow run (the UI's Retry; here the flow's own
+    retry): the good artifact stays until the end, and the retry resumes the recompute's checkpoints."""
+    from flows.recompute import staging_dir
+    values = tiny(data_dir, stop_after="base_train")
+    assert run(values)[0].is_completed()
+    plan = plans_of(values)["base_train"]
+    before = read_manifest(plan.artifact_dir)
+    staged_out = str(staging_dir(plan.artifact_dir) / Path(plan.out_dir).name)
+    killer = kill_torchrun_after_checkpoint(staged_out)
+    retried = full_pipeline.with_options(retries=1, retry_delay_seconds=0)
+    state = retried({**values, "recompute_from": "base_train"}, return_state=True)
+    killer.join()
+    assert state.is_completed(), state.message
+    after = read_manifest(plan.artifact_dir)
+    assert after["flow_run_id"] == str(state.state_details.flow_run_id) != before["flow_run_id"]
+    assert verify(plan.artifact_dir, plan.hash) and not staging_dir(plan.artifact_dir).exists()
+    log = (Path(plan.artifact_dir) / LOG_FILE).read_text()
+    assert launches(plan.artifact_dir) == 2 and "Resuming from step" in log, log[-2000:]
+
+
 def test_bad_late_stage_setting_fails_before_any_stage_runs(home, data_dir):
     # 256 tokens per step do not split over 3 processes x 4 sequences x 64 tokens: only the dry run knows
     values = tiny(data_dir, resources={"nproc_per_node": 3})

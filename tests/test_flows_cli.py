@@ -297,3 +297,22 @@ def test_a_stage_alone_still_checks_its_batch_for_one_process():
     from nanopipe.configs import BaseTrainConfig, ConfigError, build_config
     with pytest.raises(ConfigError, match=r"world size \(1\) = 2048 tokens.*=4096 or 6144"):
         build_config(BaseTrainConfig, {"max_seq_len": 256, "device_batch_size": 8, "total_batch_size": 5000})
+
+
+def test_status_shows_the_artifact_complete_beside_an_unfinished_recompute(home, capsys):
+    """A recompute that stopped (flows/recompute.py) leaves the good artifact complete, and status says both."""
+    from flows.recompute import OWNER_FILE, staging_dir
+    args = ["--preset=demo-cpu", f"--home={home}", "--stop_after=tok_train"]
+    plan = plan_pipeline(config_from(*args), home=home)[0]
+    tok = Path(plan.artifact_dir)
+    (tok / "tokenizer").mkdir(parents=True)
+    (tok / "tokenizer" / "metrics.json").write_text('{"vocab_size": 2048}')
+    write_manifest(tok, stage="tok_train", digest=plan.hash, config={}, upstream={}, metrics={}, timings={})
+    staging = staging_dir(tok)
+    (staging / "tokenizer").mkdir(parents=True)
+    (staging / OWNER_FILE).write_text("run-1234\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["status", *args])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and f"tok_train  complete\n           {tok}\n" in out
+    assert f"unfinished recompute beside it: {staging} (flow run run-1234; a retry of that run continues it)" in out
