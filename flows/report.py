@@ -46,6 +46,7 @@ from flows.taught import taught_markdown, taught_rows
 from flows.world import segments_line
 from nanopipe.common import atomic_write_text
 from nanopipe.configs.chat_eval import chatcore_label, chatcore_of
+from nanopipe.stats import wilson_interval
 
 REPORT_FILE = "report.md"
 DEFAULT_COST_PER_GPU_HOUR = 3.0   # USD, an 8xH100 node at ~$24/h; PipelineConfig.cost_per_gpu_hour overrides it
@@ -279,33 +280,63 @@ def base_section(metrics: dict[str, dict]) -> list[str]:
             ("train bpb (base_eval)", evaluation.get("train_bpb")), ("val bpb (base_eval)", evaluation.get("val_bpb")),
             ("CORE", evaluation.get("core_metric", train.get("core_metric"))),
             ("tokens per second", train.get("tokens_per_sec")), ("MFU %", train.get("mfu_percent"))]
-    lines = ["## Base model", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {f'{value:,}' if isinstance(value, int) else fmt(value, 5)} |"
-              for name, value in rows if value is not None]
+    lines = ["## Base model", "", "Bits per byte (bpb) here are on pretraining text: val on the pinned validation "
+             "shard, train on the training shards. (Mid-training's val bpb, in the table above, is on held-out "
+             "chat conversations: other text, not comparable.)", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {_rounded(name, value)} |" for name, value in rows if value is not None]
     return lines + [""]
 
 
+def _rounded(name: str, value) -> str:
+    """A base-model figure rounded to what it can show: counts and rates as integers, the rest to 4 digits."""
+    if isinstance(value, int) or name in ("tokens per second",):
+        return f"{value:,.0f}"
+    return fmt(value, 4) if isinstance(value, float) else str(value)
+
+
 def chat_section(metrics: dict[str, dict]) -> list[str]:
-    """One table: a row per task (the standard six first), a column per chat model (MID, SFT, RL)."""
+    """One table: a row per task that ran (the standard six first), its chance level, and a column per chat
+    model (MID, SFT, RL) with each accuracy's n and 95 % interval; the tasks no model was evaluated on are
+    named once, below."""
     columns = {label: metrics.get(stage, {}) for stage, label in CHAT_COLUMNS.items()}
     if not any(columns.values()):
         return []
-    seen = [t for m in columns.values() for t in (m.get("accuracy") or {})]
-    rows = [*CHAT_ROWS, *sorted(set(seen) - set(CHAT_ROWS))]
-    lines = ["## Chat model", "", "| task | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    seen = [t for m in columns.values() for t, v in (m.get("accuracy") or {}).items() if number(v) is not None]
+    rows = [t for t in CHAT_ROWS if t in seen] + sorted(set(seen) - set(CHAT_ROWS))
+    lines = ["## Chat model", "", "Accuracy on held-out problems: passed/n and the 95 % Wilson interval.", "",
+             "| task | chance | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for task in rows:
-        cells = [fmt(number((m.get("accuracy") or {}).get(task))) for m in columns.values()]
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        chance = next((number(((m.get("tasks") or {}).get(task) or {}).get("chance_accuracy"))
+                       for m in columns.values() if ((m.get("tasks") or {}).get(task) or {}).get("chance_accuracy")
+                       is not None), None)
+        cells = [_accuracy_cell(m, task) for m in columns.values()]
+        lines.append(f"| {task} | {'-' if chance is None else f'{100 * chance:.0f}%'} | " + " | ".join(cells) + " |")
     cores = {label: tuple(map(number, chatcore_of(m))) for label, m in columns.items()}
-    lines.append("| ChatCORE | " + " | ".join(fmt(full) for full, _ in cores.values()) + " |")
+    lines.append("| ChatCORE | | " + " | ".join(fmt(full) for full, _ in cores.values()) + " |")
     if any(partial is not None for _, partial in cores.values()):
-        lines.append("| ChatCORE (partial) | " + " | ".join(fmt(partial) for _, partial in cores.values()) + " |")
+        lines.append("| ChatCORE (partial) | | " + " | ".join(fmt(partial) for _, partial in cores.values()) + " |")
         notes = [f"{label}: {chatcore_label(m['chatcore_tasks'])} over {', '.join(m['chatcore_tasks'])}"
                  for label, m in columns.items() if cores[label][1] is not None and m.get("chatcore_tasks")]
         lines += ["", "ChatCORE is nanochat's: the mean centred accuracy over all six of its tasks, given only where "
                   "all six were evaluated. ChatCORE (partial) is that mean over the tasks evaluated instead ("
                   + "; ".join(notes) + "): another number, not comparable with it."]
+    unevaluated = [t for t in CHAT_ROWS if t not in rows]
+    if unevaluated:
+        lines += ["", f"Not evaluated in this run: {', '.join(unevaluated)}."]
     return lines + [""]
+
+
+def _accuracy_cell(metrics: dict, task: str) -> str:
+    """"31.2% (20/64, 20.9-43.9%)": the accuracy, with its n and 95 % interval where the counts are known."""
+    accuracy = number((metrics.get("accuracy") or {}).get(task))
+    if accuracy is None:
+        return "-"
+    counts = (metrics.get("tasks") or {}).get(task) or {}
+    passed, total = counts.get("passed"), counts.get("total")
+    if not (isinstance(passed, int) and isinstance(total, int) and total > 0):
+        return f"{100 * accuracy:.1f}%"
+    low, high = wilson_interval(passed, total)
+    return f"{100 * accuracy:.1f}% ({passed}/{total}, {100 * low:.1f}-{100 * high:.1f}%)"
 
 
 # -----------------------------------------------------------------------------
@@ -357,7 +388,8 @@ def metrics_table(rows: list[StageOutcome]) -> list[dict]:
     for o in rows:
         table.append({"stage": o.plan.stage, "metric": "status", "value": o.status})
         table.append({"stage": o.plan.stage, "metric": "seconds", "value": round(o.seconds, 2)})
-        table += [{"stage": o.plan.stage, "metric": k, "value": v} for k, v in _key_metrics(o).items()]
+        table += [{"stage": o.plan.stage, "metric": k, "value": float(f"{v:.4g}") if isinstance(v, float) else v}
+                  for k, v in _key_metrics(o).items()]   # 6345.087024328551 -> 6345.0
     return table
 
 

@@ -42,6 +42,8 @@ METRICS = {
     "chat_eval_mid": {"accuracy": {"ARC-Easy": 0.3125, "GSM8K": 0.0156, "SpellingBee": 0.5, "Arithmetic": 0.25},
                       "chatcore": None, "chatcore_partial": 0.1102, "chatcore_complete": False,
                       "chatcore_tasks": ["ARC-Easy", "GSM8K", "SpellingBee", "Arithmetic"],
+                      "tasks": {"ARC-Easy": {"passed": 20, "total": 64, "chance_accuracy": 0.25},
+                                "GSM8K": {"passed": 1, "total": 64, "chance_accuracy": 0.0}},
                       "samples": [{"task": "GSM8K", "question": "Tom has 3 apples and buys 4. How many?",
                                    "reference": "3+4=7 #### 7", "answer": "#### 7", "correct": True},
                                   {"task": "ARC-Easy", "question": "Which gas? A | B", "reference": "B",
@@ -94,18 +96,23 @@ def test_a_completed_cpu_run_shows_every_section_and_one_chat_table(tmp_path):
     assert table_rows(card, "**total**")[0][2] == f"**{len(plans) * 60 / 60:.1f} min**"
     assert "Estimated cost: CPU run: no GPU cost." in card
     assert "| val | 3.87 |" in card and "| code | 2.25 |" in card   # tokenizer compression per text
-    assert table_rows(card, "val bpb (base_eval)")[0][1] == "1.9011" and table_rows(card, "CORE")[0][1] == "0.1812"
+    # rounded to what they show; each bpb says on which text it was measured
+    assert table_rows(card, "val bpb (base_eval)")[0][1] == "1.901" and table_rows(card, "CORE")[0][1] == "0.1812"
+    assert table_rows(card, "tokens per second")[0][1] == "2,100" and table_rows(card, "parameters")[0][1] == "1,234,567"
+    assert "bpb) here are on pretraining text" in card and "held-out chat conversations" in card
 
-    assert table_rows(card, "task") == [["task", "MID", "SFT", "RL"]]   # the chat table's header
-    assert table_rows(card, "ARC-Easy")[0][1:] == ["0.3125", "0.375", "-"]
-    assert table_rows(card, "GSM8K")[0][1:] == ["0.0156", "0.0469", "0.0781"]
-    assert table_rows(card, "MMLU")[0][1:] == ["-", "-", "-"]
-    assert table_rows(card, "HumanEval")[0][1:] == ["-", "-", "-"]
-    assert table_rows(card, "Arithmetic")[0][1:] == ["0.25", "0.3", "0.4"]     # a builtin task joins the rows
+    assert table_rows(card, "task") == [["task", "chance", "MID", "SFT", "RL"]]   # the chat table's header
+    # n, chance level and 95 % interval beside an accuracy whose counts are known
+    assert table_rows(card, "ARC-Easy")[0][1:] == ["25%", "31.2% (20/64, 21.2-43.4%)", "37.5%", "-"]
+    assert table_rows(card, "GSM8K")[0][1:] == ["0%", "1.6% (1/64, 0.3-8.3%)", "4.7%", "7.8%"]
+    assert table_rows(card, "Arithmetic")[0][1:] == ["-", "25.0%", "30.0%", "40.0%"]   # a builtin task joins
+    # rows only for tasks that ran; the others named once
+    assert table_rows(card, "MMLU") == [] and table_rows(card, "HumanEval") == []
+    assert "Not evaluated in this run: ARC-Challenge, MMLU, HumanEval." in card
     # nanochat's ChatCORE needs all six tasks; a mean over others is the partial one (SFT's and RL's metrics are
     # in the earlier format, a partial mean under "chatcore": read as partial too)
-    assert table_rows(card, "ChatCORE")[0][1:] == ["-", "-", "-"]
-    assert table_rows(card, "ChatCORE (partial)")[0][1:] == ["0.1102", "0.1766", "0.2391"]
+    assert table_rows(card, "ChatCORE")[0][1:] == ["", "-", "-", "-"]
+    assert table_rows(card, "ChatCORE (partial)")[0][1:] == ["", "0.1102", "0.1766", "0.2391"]
     assert "MID: ChatCORE (partial: 3 of 6 tasks) over ARC-Easy, GSM8K, SpellingBee, Arithmetic" in card
     assert card.index("| ARC-Easy |") < card.index("| SpellingBee |") < card.index("| Arithmetic |") \
         < card.index("| ChatCORE |")
@@ -402,4 +409,4 @@ def test_a_dead_prefect_api_never_fails_the_report(prefect_server, tmp_path):
     report = publish_with_dead_api(str(tmp_path))
     assert report.regressions == [] and report.gate.startswith("could not read earlier runs from the Prefect API")
     assert (tmp_path / "home" / REPORT_FILE).read_text() == report.markdown
-    assert "| ChatCORE (partial) | 0.1102 | 0.1766 | 0.2391 |" in report.markdown
+    assert "| ChatCORE (partial) | | 0.1102 | 0.1766 | 0.2391 |" in report.markdown
