@@ -43,7 +43,7 @@ from flows.store import (CheckpointUploader, artifact_name, checkpoints_name, re
 from flows.store_lock import store_lock
 from flows.multinode import launch_across_nodes, node_command, with_endpoint
 from flows.plan import StagePlan
-from flows.report import PROGRESS_FILE
+from flows.report import PROGRESS_FILE, artifact_key
 from flows.world import LAUNCHES_FILE, record_launch, retry_plan, segments_of
 from nanopipe.events import MemoryEstimate, Resumed, last, read_metrics
 
@@ -101,7 +101,9 @@ class _Progress:
                 with contextlib.suppress(ValueError):
                     record = json.loads(line)
                     self.latest.update({k: v for k, v in record.items() if k not in ("attempt", "t")})
-        self.artifact_id = create_progress_artifact(0.0, description=f"{stage} progress")
+        # keyed, so the Artifacts tab titles the card by its stage
+        self.artifact_id = create_progress_artifact(0.0, key=artifact_key(stage, "progress"),
+                                                    description=f"{stage} progress")
 
     def __call__(self, progress: dict) -> None:
         with open(self.history, "a", encoding="utf-8") as f:
@@ -125,7 +127,8 @@ class _Progress:
             return f"{self.stage}: {ending or 'started'}"
         figures = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in self.latest.items() if k not in ("step", "total"))
-        text = f"{self.stage}: {self.latest.get('step', '?')}/{self.latest['total']} {figures}".strip()
+        step = self.latest["total"] if ending == "done" else self.latest.get("step", "?")   # done: N/N
+        text = f"{self.stage}: {step}/{self.latest['total']} {figures}".strip()
         return f"{text} ({ending})" if ending else text
 
     def finish(self, ending: str = "done") -> None:
