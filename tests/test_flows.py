@@ -316,6 +316,7 @@ def test_killed_stage_is_retried_and_resumes_from_its_checkpoint(kill_home, data
     progress = [a for a in artifacts_of(state.state_details.flow_run_id) if a.type == "progress"]
     assert any(a.description.startswith("base_train: 80/80 loss=") and "val_bpb=" in a.description
                and a.description.endswith("(done)") for a in progress), [a.description for a in progress]
+    assert "base-train-progress" in {a.key for a in progress}   # the card is titled by its stage
     assert result_records() == records_before
 
 
