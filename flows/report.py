@@ -29,6 +29,7 @@ import platform
 import re
 import socket
 import subprocess
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from flows.gate import (CHAT_COLUMNS, KEY_METRICS_KEY, GateResult, fmt, gate_sec
                         key_metrics_table, lineage, number, regression_gate, run_logger, tag_lineage)
 from flows.plan import StagePlan
 from flows.plots import PROGRESS_FILE, markdown_image, stage_curves
+from flows.samples import samples_markdown
 from flows.stages import get_stage
 from flows.taught import taught_markdown, taught_rows
 from flows.world import segments_line
@@ -52,7 +54,7 @@ REPORT_FILE = "report.md"
 DEFAULT_COST_PER_GPU_HOUR = 3.0   # USD, an 8xH100 node at ~$24/h; PipelineConfig.cost_per_gpu_hour overrides it
 REPO = Path(__file__).resolve().parents[1]
 
-__all__ = ["PROGRESS_FILE", "RunReport", "StageOutcome", "publish_summary"]
+__all__ = ["PROGRESS_FILE", "RunReport", "StageOutcome", "publish_summary", "samples_markdown"]
 
 
 @dataclass
@@ -165,20 +167,13 @@ def environment_section(env: dict[str, Any], plans: list[StagePlan]) -> list[str
     else:
         code = "unknown (not a git checkout)"
     gpus = env.get("gpus") or []
-    gpu_text = (", ".join(f"{n}x {name}" for name, n in _counted(gpus).items()) if gpus else "none visible")
+    gpu_text = (", ".join(f"{n}x {name}" for name, n in Counter(gpus).items()) if gpus else "none visible")
     rows = [("code commit", code), ("nanopipe", nanopipe.__version__),
             ("host", env.get("host")), ("CPUs", env.get("cpus")), ("platform", env.get("platform")),
             ("Python", env.get("python")), ("torch", env.get("torch")),
             ("CUDA (torch build)", env.get("cuda") or "none (CPU build)"), ("GPUs", gpu_text),
             ("Prefect", env.get("prefect"))]
     return ["## Environment", "", "| | |", "|---|---|", *[f"| {k} | {_cell(v)} |" for k, v in rows], ""]
-
-
-def _counted(names: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for name in names:
-        counts[name] = counts.get(name, 0) + 1
-    return counts
 
 
 # -----------------------------------------------------------------------------
@@ -391,34 +386,6 @@ def metrics_table(rows: list[StageOutcome]) -> list[dict]:
         table += [{"stage": o.plan.stage, "metric": k, "value": float(f"{v:.4g}") if isinstance(v, float) else v}
                   for k, v in _key_metrics(o).items()]   # 6345.087024328551 -> 6345.0
     return table
-
-
-# -----------------------------------------------------------------------------
-# Samples: what the models wrote
-
-def _fence(text: str) -> str:
-    return "```text\n" + str(text).replace("```", "'''") + "\n```"
-
-
-def samples_markdown(stage: str, metrics: dict) -> str | None:
-    """base_train / base_eval completions of the sample prompts (and unconditioned ones); a chat
-    evaluation's problems with the model's answer and whether it was right. None when there are none."""
-    lines = []
-    texts = [("completions of the sample prompts", metrics.get("samples")),
-             ("unconditioned samples", metrics.get("unconditioned_samples"))]
-    for heading, items in texts:
-        items = [t for t in (items or []) if isinstance(t, str)]
-        if items:
-            lines += [f"## {heading}", ""] + [_fence(t) + "\n" for t in items]
-    chats = [s for s in (metrics.get("samples") or []) if isinstance(s, dict)]
-    for s in chats:
-        verdict = "correct" if s.get("correct") else "wrong"
-        lines += [f"### {s.get('task', '?')}: {verdict}", "", "question:", _fence(s.get("question", "")),
-                  "model answer:", _fence(s.get("answer", ""))]
-        if s.get("reference"):
-            lines += ["reference:", _fence(s["reference"])]
-        lines.append("")
-    return f"# {stage} samples\n\n" + "\n".join(lines) if lines else None
 
 
 def artifact_key(stage: str, kind: str) -> str:

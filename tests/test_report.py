@@ -165,6 +165,19 @@ def test_samples_of_the_base_model_and_of_a_chat_evaluation(tmp_path):
     assert samples_markdown("chat_sft", METRICS["chat_sft"]) is None
 
 
+def test_samples_that_say_nothing_are_flagged():
+    from flows.samples import sample_prompts
+    assert "The capital of Italy is" in sample_prompts()   # read from nanopipe/sampling.py without torch
+    text = samples_markdown("base_eval", {"samples": ["The capital of Italy is", "The opposite of up is down",
+                                                      "Water freezes at a temperature of the the the the"],
+                                          "unconditioned_samples": ["  \n"]})
+    assert "2 of 3 say nothing (flagged below)." in text and "1 of 1 say nothing" in text
+    assert "**empty:** the model wrote nothing after the prompt\n\n```text\nThe capital of Italy is\n```" in text
+    assert "**degenerate:** one word repeated\n\n```text\nWater freezes" in text
+    assert "**empty:** the model wrote nothing\n\n" in text
+    assert text.count("**") == 6   # "down" is a completion: not flagged
+
+
 def test_chat_eval_keeps_a_few_answered_problems(checkpoint, tmp_path, home):
     """chat_eval's metrics.json holds a few problems per task, in the order the tasks were given, each with the
     model's answer and whether it was right, scored as the evaluation scores it: multiple choice its first
