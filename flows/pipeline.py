@@ -16,7 +16,8 @@ How a run ends, as the UI shows it: a failure ends the flow run Failed, its stat
 class ("Bad config", "Out of memory", "Node lost", "Regression", ...: what the run header and the runs list
 show) with one sentence as its state message (the stage and why, in the stage's own words; the traceback
 stays in the log); an unknown parameter is refused before any stage runs, with the closest field names; a
-cancel from the UI ends the running stage and the flow run Cancelled.
+cancel from the UI ends the running stage and the flow run Cancelled, named by where it stopped ("Cancelled at
+base_train step 9", flows/cancel_note.py).
 """
 
 from __future__ import annotations
