@@ -290,9 +290,10 @@ def cmd_status(argv: list[str]) -> int:
             state = f"running ({holder})"
         metrics = (read_manifest(directory) or {}).get("metrics", {}) if check else {}
         staging = staging_dir(directory)
-        recompute = (f"{staging} (flow run {staging_owner(directory) or '?'}; a retry of that run continues it)"
-                     if staging.is_dir() else None)
-        rows.append({"stage": plan.stage, "state": state, "artifact": str(directory), "unfinished_recompute": recompute,
+        running = lock_holder(staging) if staging.is_dir() else None
+        recompute = (None if not staging.is_dir() else f"{staging} (flow run {staging_owner(directory) or '?'}; "
+                     + (f"running: {running})" if running else "a retry of that run continues it)"))
+        rows.append({"stage": plan.stage, "state": state, "artifact": str(directory), "recompute": recompute,
                      "why": [] if check else rerun_reasons(plan),
                      "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
     if as_json:
@@ -304,8 +305,8 @@ def cmd_status(argv: list[str]) -> int:
             print(f"{r['stage']:<{width}}  {r['state']}\n{'':<{width}}  {r['artifact']}")
             if r["why"]:
                 print(f"{'':<{width}}  will run: {'; '.join(r['why'])}")
-            if r["unfinished_recompute"]:
-                print(f"{'':<{width}}  unfinished recompute beside it: {r['unfinished_recompute']}")
+            if r["recompute"]:
+                print(f"{'':<{width}}  recompute beside it: {r['recompute']}")
             if shown:
                 print(f"{'':<{width}}  {shown}")
     return 0 if all(r["state"] == "complete" for r in rows) else 3

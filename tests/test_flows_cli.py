@@ -315,4 +315,10 @@ def test_status_shows_the_artifact_complete_beside_an_unfinished_recompute(home,
         main(["status", *args])
     out = capsys.readouterr().out
     assert exc.value.code == 0 and f"tok_train  complete\n           {tok}\n" in out
-    assert f"unfinished recompute beside it: {staging} (flow run run-1234; a retry of that run continues it)" in out
+    assert f"recompute beside it: {staging} (flow run run-1234; a retry of that run continues it)" in out
+    from flows.artifacts import artifact_lock
+    with artifact_lock(staging):   # a recompute in progress
+        with pytest.raises(SystemExit):
+            main(["status", *args, "--json"])
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["state"] == "complete" and row["recompute"].startswith(f"{staging} (flow run run-1234; running: pid ")
