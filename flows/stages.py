@@ -46,8 +46,8 @@ class Stage:
 # that the data fingerprint and the hub repo identify).
 _DATA = ("nanopipe.data.shards", "nanopipe.data.builtin")
 _TOKENIZER = ("nanopipe.tokenizer", "nanopipe.vocab", *_DATA)
-_MODEL = ("nanopipe.gpt", "nanopipe.fused_kernels", "nanopipe.optim", "nanopipe.checkpoint", "nanopipe.tokenizer",
-          "nanopipe.vocab")
+_MODEL = ("nanopipe.gpt", "nanopipe.kv_cache", "nanopipe.fused_kernels", "nanopipe.optim", "nanopipe.checkpoint",
+          "nanopipe.tokenizer", "nanopipe.vocab")
 _TRAINING = _MODEL + ("nanopipe.training", "nanopipe.dataloader", *_DATA, "nanopipe.loss_eval", "nanopipe.reshard")
 _CHAT = _MODEL + ("nanopipe.training", "nanopipe.chat_format", "nanopipe.tasks", "nanopipe.chat_train",
                   "nanopipe.chat_batches", *_DATA, "nanopipe.configs.chat_common", "nanopipe.dataloader",

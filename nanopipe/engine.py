@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from nanopipe.calculator import (CalculatorError, evaluate_expression, format_number,  # noqa: F401
                                  use_calculator)
-from nanopipe.gpt import KVCache
+from nanopipe.kv_cache import KVCache
 
 # -----------------------------------------------------------------------------
 # Sampling

@@ -11,7 +11,8 @@ import torch
 from nanopipe.chat_format import render_for_completion
 from nanopipe.chat_scoring import evaluate_generative
 from nanopipe.engine import Engine
-from nanopipe.gpt import GPT, KVCache, build_model_config
+from nanopipe.gpt import GPT, build_model_config
+from nanopipe.kv_cache import KVCache
 from nanopipe.rl import draw_seed, sample_group, sample_groups
 from nanopipe.tasks.builtin import ArithmeticProblems
 from nanopipe.tokenizer import Tokenizer

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from nanopipe.gpt import GPT, GPTConfig, KVCache, build_model_config
+from nanopipe.gpt import GPT, GPTConfig, build_model_config
+from nanopipe.kv_cache import KVCache
 from nanopipe.optim import Muon
 
 VOCAB = 300  # not a multiple of 64: exercises the padded embedding tables
