@@ -264,8 +264,8 @@ def test_without_the_node_agent_deployment_the_stage_fails_at_once_and_is_not_re
 def test_a_supervisor_that_never_started_stops_without_error(tmp_path):
     """The old cause of "cannot join thread before it is started": stopping a supervisor whose thread was
     never started (the remotes failed to start) must let the real error through."""
-    from flows.multinode import _Supervisor
-    supervisor = _Supervisor([], "id", ["true"], tmp_path / "stage.log", 300, 2, NODE_POOL)
+    from flows.node_watch import Supervisor
+    supervisor = Supervisor([], "id", ["true"], tmp_path / "stage.log", 300, 2, NODE_POOL)
     supervisor.stop()
     supervisor.stop()
 
@@ -276,8 +276,8 @@ def test_node_0_says_what_it_waits_for_and_why_it_gave_up(nodes, idle_deployment
     """Node 1's run waits on a queue no worker polls: node 0 says so (and how to start the worker) every
     WAIT_REPORT_SECONDS in its log and stage.log, and when it gives up (the start timeout, or node 0's own
     timeout) the failure names node 1, its run's state and the queue; nothing stays running or scheduled."""
-    import flows.multinode as multinode
-    monkeypatch.setattr(multinode, "WAIT_REPORT_SECONDS", 1.0)
+    import flows.node_watch as node_watch
+    monkeypatch.setattr(node_watch, "WAIT_REPORT_SECONDS", 1.0)
     out_dir = tmp_path / "run" / "checkpoints"
     plan = base_train_plan(inputs, tmp_path / "run", two_nodes(f"127.0.0.1:{free_port()}"))
     limits = ({"start_timeout_seconds": 30, "timeout_seconds": 900} if gives_up == "start timeout" else
