@@ -78,6 +78,9 @@ class Resources(BaseModel):
                                            "nproc_per_node")
     nnodes: int = Field(1, ge=1, le=1024, description="number of nodes; above 1, every node runs the same "
                         "command against rdzv_endpoint")
+    min_nnodes: int | None = Field(None, ge=1, le=1024, description="the fewest nodes a retry accepts: a retry "
+                                   "after a lost node runs on the nodes whose worker is still there, between "
+                                   "this and nnodes (flows/world.py); none = nnodes")
     rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous for multi-node "
                                       "runs; none means a standalone single-node run")
     rdzv_id: str = Field("nanopipe", description="rendezvous id shared by the nodes of one multi-node run")
@@ -101,6 +104,9 @@ class Resources(BaseModel):
         if self.min_nproc_per_node is not None and self.min_nproc_per_node > self.nproc_per_node:
             raise ValueError(f"min_nproc_per_node={self.min_nproc_per_node} is more than nproc_per_node="
                              f"{self.nproc_per_node}: a retry never runs more processes than a first attempt")
+        if self.min_nnodes is not None and self.min_nnodes > self.nnodes:
+            raise ValueError(f"min_nnodes={self.min_nnodes} is more than nnodes={self.nnodes}: a retry never runs "
+                             f"on more nodes than a first attempt")
         return self
 
 
