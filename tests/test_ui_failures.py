@@ -48,6 +48,9 @@ def test_a_failed_run_page_says_why_in_one_sentence(stack, tmp_path):
     text = page_text(stack, f"/v2/runs/flow-run/{flow_run_id}", "tok_train failed:")
     assert "tok_train failed:" in text and str(missing) in text, text[:3000]
     assert "Traceback" not in text.split("tok_train failed:")[0]
+    # the class of the failure is the state's name: the run header and the runs list show it
+    assert state.name == "Bad config" and "Bad config" in text, text[:3000]
+    assert "Bad config" in page_text(stack, "/v2/runs", "Bad config")
 
 
 def test_a_run_cancelled_mid_stage_shows_the_stage_cancelled(stack):
@@ -67,6 +70,10 @@ def test_a_run_cancelled_mid_stage_shows_the_stage_cancelled(stack):
     assert done.returncode == 0, done.stdout + done.stderr
     state = wait_for_state(stack, flow_run_id, {"CANCELLED", "CRASHED", "FAILED", "COMPLETED"}, timeout=120)
     assert state.type.value == "CANCELLED", state.name
+    # named by where it stopped (flows/cancel_note.py renames the worker's "Cancelled"): header and runs list
+    state = wait_for_state(stack, flow_run_id, {"CANCELLED"}, timeout=60, name="Cancelled at base_train")
+    assert "Cancelled at base_train" in page_text(stack, f"/v2/runs/flow-run/{flow_run_id}", "Cancelled at base_train")
+    assert "Cancelled at base_train" in page_text(stack, "/v2/runs", "Cancelled at base_train")
 
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
