@@ -28,6 +28,10 @@ stage.log) what it waits for: which node, its run's state, and whether any worke
 When it gives up (the start timeout, or node 0's own timeout before the others joined), the failure names
 the node that never started and its run's state. Without a node-agent deployment on the server (a temporary
 server, or nothing deployed) the stage fails at once, not retried, before anything starts.
+
+A retry with `resources.min_nnodes` below `nnodes` (`retry_layout`) runs on the nodes that are there: node 0
+and each node whose worker polls its queue; node ranks are renumbered over them, so node rank r may run on
+node k's queue (`launch_across_nodes(nodes=...)`), and one node left runs standalone.
 """
 
 from __future__ import annotations
@@ -46,10 +50,11 @@ from prefect.exceptions import ObjectNotFound
 from prefect.states import Completed, Failed
 
 from flows.launcher import LaunchResult, StageFailed, check_stage_env, classify, failure_from, launch
-from flows.node_watch import (NODE_MARK, RESULT_MARK, Remote, Supervisor, node_queue, node_wait, stop_remotes,
-                              wait_remotes)
+from flows.node_watch import (NODE_MARK, RESULT_MARK, Remote, Supervisor, live_nodes, node_queue, node_wait,
+                              stop_remotes, wait_remotes)
 from flows.plan import StagePlan
 from flows.stages import get_stage
+from flows.world import retry_nodes_plan, retry_plan
 
 NODE_AGENT_DEPLOYMENT = "node-agent/node-agent"
 NODE_POOL = "nanopipe-nodes"
@@ -120,6 +125,19 @@ def node_agent(plan: StagePlan, node_rank: int):
 # The supervisor, in the stage task on node 0
 
 
+def retry_layout(plan: StagePlan, pool: str = NODE_POOL,
+                 wait_seconds: float = 20.0) -> tuple[StagePlan, list[int] | None, str | None]:
+    """The plan of a training stage's retry, the node that runs each node rank (None: node k runs rank k) and
+    the line saying what was chosen (None: nothing to choose). With resources.min_nnodes below nnodes the
+    retry runs on the nodes whose worker still polls its queue (flows/world.py), else on as many processes
+    per node as node 0 can run now (`retry_plan`)."""
+    res = plan.resources
+    if not plan.resume_flag or not plan.distributed or (res.min_nnodes or res.nnodes) >= res.nnodes:
+        plan, line = retry_plan(plan)
+        return plan, None, line
+    return retry_nodes_plan(plan, live_nodes(res.nnodes, pool, wait_seconds))
+
+
 def no_deployment(plan: StagePlan, deployment: str, pool: str) -> StageFailed:
     """The failure of a multi-node stage on a server without the node-agent deployment: a setup error that no
     retry fixes (a temporary server never has it)."""
@@ -138,18 +156,19 @@ def check_deployment(plan: StagePlan, deployment: str, pool: str) -> None:
             raise no_deployment(plan, deployment, pool) from None
 
 
-def _start_remotes(plan: StagePlan, deployment: str, pool: str, remotes: list[Remote]) -> None:
-    """One node-agent run per node 1.., each on its node's queue; appended to `remotes` as they start, so
-    that a failure halfway leaves nothing the caller cannot cancel."""
+def _start_remotes(plan: StagePlan, deployment: str, pool: str, remotes: list[Remote], nodes: list[int]) -> None:
+    """One node-agent run per node rank 1.., each on the queue of node `nodes[rank]`; appended to `remotes` as
+    they start, so that a failure halfway leaves nothing the caller cannot cancel."""
     for node_rank in range(1, plan.resources.nnodes):
+        queue = node_queue(nodes[node_rank])
         try:
             run = run_deployment(deployment, parameters={"plan": plan.model_dump(mode="json"), "node_rank": node_rank},
-                                 timeout=0, work_queue_name=node_queue(node_rank),
+                                 timeout=0, work_queue_name=queue,
                                  flow_run_name=f"{plan.stage}-node-{node_rank}",
                                  tags=["nanopipe", "node-agent", f"stage:{plan.stage}", f"node:{node_rank}"])
         except ObjectNotFound:   # deleted since check_deployment
             raise no_deployment(plan, deployment, pool) from None
-        remotes.append(Remote(node_rank, str(run.id), run.name, node_log(plan, node_rank), run.state))
+        remotes.append(Remote(node_rank, str(run.id), run.name, node_log(plan, node_rank), run.state, queue))
 
 
 def _root_failure(node0: LaunchResult, remote: LaunchResult | None) -> LaunchResult:
@@ -189,7 +208,7 @@ def launch_across_nodes(plan: StagePlan, *, log_path: str | os.PathLike, on_line
                         on_progress: Callable[[dict], None] | None = None, timeout_seconds: float | None = None,
                         deployment: str | None = None, pool: str = NODE_POOL,
                         start_timeout_seconds: float = 300.0, stop_seconds: float = 120.0,
-                        poll_seconds: float = 2.0) -> LaunchResult:
+                        poll_seconds: float = 2.0, nodes: list[int] | None = None) -> LaunchResult:
     """Run a `resources.nnodes > 1` stage: nodes 1.. through the node-agent deployment, node 0 here.
 
     Same contract as `launch`: node 0's lines go to `log_path` and `on_line`, its progress to `on_progress`;
@@ -201,6 +220,8 @@ def launch_across_nodes(plan: StagePlan, *, log_path: str | os.PathLike, on_line
     and every remote run is cancelled and waited for.
     """
     deployment = deployment or NODE_AGENT_DEPLOYMENT
+    nodes = nodes or list(range(plan.resources.nnodes))
+    assert len(nodes) == plan.resources.nnodes and nodes[0] == 0, f"nodes {nodes} for nnodes={plan.resources.nnodes}"
     plan = with_endpoint(plan)
     log_path = Path(log_path)
     cmd = node_command(plan, 0)
@@ -222,7 +243,7 @@ def launch_across_nodes(plan: StagePlan, *, log_path: str | os.PathLike, on_line
             on_progress(progress)
 
     try:
-        _start_remotes(plan, deployment, pool, remotes)
+        _start_remotes(plan, deployment, pool, remotes, nodes)
         supervisor.start()
         node0 = launch(cmd, log_path=log_path, env={**plan.resources.env, NODE_MARK: node0_id}, on_line=node0_line,
                        on_progress=node0_progress, timeout_seconds=timeout_seconds)

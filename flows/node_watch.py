@@ -39,9 +39,10 @@ QUEUE_GONE_SECONDS = 90.0    # a queue polled longer ago than this has lost its 
 _AGENT_LINE = re.compile(r"^(\[?[DIWEF]\d{4} |\*{5})|torch[./]distributed")
 
 
-def node_queue(node_rank: int) -> str:
-    """The work queue of the node agent for `node_rank`: one worker on that node serves it alone."""
-    return f"node-{node_rank}"
+def node_queue(node: int) -> str:
+    """The work queue of the node agent for node `node`: one worker on that node serves it alone. (A retry on
+    fewer nodes may run node rank r on another node than node r: flows/world.py.)"""
+    return f"node-{node}"
 
 
 
@@ -52,6 +53,10 @@ class Remote:
     name: str
     log_path: Path         # the node's own stage log, on that node
     state: object = None   # the last state read from the API
+    queue: str = ""        # the work queue its run waits on; "" for node_queue(node_rank)
+
+    def __post_init__(self):
+        self.queue = self.queue or node_queue(self.node_rank)
 
 
 def _remote_result(remote: Remote, cmd: list[str], log_path: Path, started: float) -> LaunchResult:
@@ -82,7 +87,7 @@ def _started(state) -> bool:
 
 def _queue_note(client, remote: Remote, pool: str) -> str:
     """What Prefect knows of the queue a node's run waits on: whether any worker polls it, and how to start one."""
-    queue_name = node_queue(remote.node_rank)
+    queue_name = remote.queue
     start = f"start one with: prefect worker start --pool {pool} --work-queue {queue_name}"
     try:
         queue = client.read_work_queue_by_name(queue_name, work_pool_name=pool)
@@ -101,6 +106,34 @@ def _queue_note(client, remote: Remote, pool: str) -> str:
             f"concurrency limit, or the pool {pool} paused?)")
 
 
+def live_nodes(nnodes: int, pool: str, wait_seconds: float = 20.0, poll_seconds: float = 1.0) -> list[int]:
+    """The nodes that are there for a retry: node 0 (this machine) and each node 1.. whose worker polls its
+    work queue within `wait_seconds` of this call (a worker polls every ~10 s; a lost node's worker no longer
+    does). Polls are told by the queue's last_polled advancing, so no clock is compared with the server's; a
+    paused queue, or one that does not exist, counts as gone. Returns early once every node has polled."""
+    queues = {node: node_queue(node) for node in range(1, nnodes)}
+    with get_client(sync_client=True) as client:
+        first = {node: _last_polled(client, queue, pool) for node, queue in queues.items()}
+        there = [0]
+        deadline = time.monotonic() + wait_seconds
+        while len(there) < nnodes and time.monotonic() < deadline:
+            time.sleep(poll_seconds)
+            for node, queue in queues.items():
+                polled = _last_polled(client, queue, pool)
+                if node not in there and polled is not None and polled != first[node]:
+                    there.append(node)
+    return sorted(there)
+
+
+def _last_polled(client, queue_name: str, pool: str):
+    """When a worker last polled `queue_name` (None: never, or the queue is paused or does not exist)."""
+    try:
+        queue = client.read_work_queue_by_name(queue_name, work_pool_name=pool)
+    except ObjectNotFound:
+        return None
+    return None if queue.is_paused else queue.last_polled
+
+
 def node_wait(client, remote: Remote, pool: str, endpoint: str | None) -> str:
     """Why node `remote.node_rank` has not joined yet, from its run's state (and its queue, while no worker has
     taken the run): "its node-agent run base_train-node-1 is Scheduled on queue node-1 of pool nanopipe-nodes,
@@ -110,10 +143,10 @@ def node_wait(client, remote: Remote, pool: str, endpoint: str | None) -> str:
     if state is None:
         return f"{run} is not readable on the server yet"
     if state.is_scheduled():
-        return (f"{run} is {state.name} on queue {node_queue(remote.node_rank)} of pool {pool}, "
+        return (f"{run} is {state.name} on queue {remote.queue} of pool {pool}, "
                 f"{_queue_note(client, remote, pool) if client is not None else 'waiting for a worker'}")
     if state.is_pending():
-        return f"{run} is Pending: a worker took it from queue {node_queue(remote.node_rank)} and is starting it"
+        return f"{run} is Pending: a worker took it from queue {remote.queue} and is starting it"
     if state.is_running():
         return (f"{run} is Running, but its torchrun has not joined the rendezvous at {endpoint} yet (can that "
                 f"node reach {endpoint}? its log: {remote.log_path} on that node)")

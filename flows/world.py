@@ -12,8 +12,13 @@ a count that fails them is passed over for the next smaller one).
 What the node can run now: NANOPIPE_AVAILABLE_NPROC in the worker's environment when set (an operator's
 word, and how a CPU run, which has no device to lose, is told); else, for a stage that may run on CUDA, the
 GPUs `nvidia-smi -L` still lists, counting only those CUDA_VISIBLE_DEVICES leaves visible; else (a CPU stage,
-no nvidia-smi) every planned process. Multi-node retries keep their number of nodes; each node runs the
-count node 0 found (the nodes of a static rendezvous run the same command).
+no nvidia-smi) every planned process. Each node runs the count node 0 found (the nodes of a static rendezvous
+run the same command).
+
+A multi-node retry with `resources.min_nnodes` below `nnodes` likewise runs on the nodes that are there
+(flows/multinode.py asks which nodes' workers still poll their work queues): the most of them, never fewer
+than `min_nnodes`, passing over a number of nodes whose world size fails the batch arithmetic; node ranks are
+renumbered over the nodes chosen, node 0 (the flow's own machine) first.
 
 Torch-free: the flow process imports it.
 """
@@ -104,23 +109,29 @@ def retry_nproc(resources: Resources, usable: int | None, refusal: Callable[[int
                       kind="devices", retryable=True)
 
 
-def batch_refusal(plan: StagePlan) -> Callable[[int], str | None]:
-    """The stage's world-size rules (planning's WORLD_CHECKS) as a function of processes per node: None when
-    that count works, else the stage's one-line reason."""
+def world_refusal(plan: StagePlan) -> Callable[[int], str | None]:
+    """The stage's world-size rules (planning's WORLD_CHECKS) as a function of the world size: None when that
+    size works, else the stage's one-line reason."""
     check = WORLD_CHECKS.get(plan.stage)
     if check is None:
-        return lambda nproc: None
+        return lambda world_size: None
     cls = PipelineConfig.model_fields[get_stage(plan.stage).config_field].annotation
-    with world_size_checked_later():   # checked below, for each count
+    with world_size_checked_later():   # checked below, for each size
         cfg = cls.model_validate(plan.config)
 
-    def refusal(nproc: int) -> str | None:
+    def refusal(world_size: int) -> str | None:
         try:
-            check(cfg, nproc * plan.resources.nnodes)
+            check(cfg, world_size)
         except ConfigError as err:
             return str(err)
         return None
     return refusal
+
+
+def batch_refusal(plan: StagePlan) -> Callable[[int], str | None]:
+    """`world_refusal` as a function of processes per node, on the plan's number of nodes."""
+    refusal = world_refusal(plan)
+    return lambda nproc: refusal(nproc * plan.resources.nnodes)
 
 
 def retry_plan(plan: StagePlan) -> tuple[StagePlan, str | None]:
@@ -136,6 +147,51 @@ def retry_plan(plan: StagePlan) -> tuple[StagePlan, str | None]:
     if nproc != res.nproc_per_node:
         plan = plan.model_copy(update={"resources": res.model_copy(update={"nproc_per_node": nproc})})
     return plan, f"{plan.stage} retry on {why}"
+
+
+def retry_nnodes(resources: Resources, live: list[int], usable: int | None,
+                 refusal: Callable[[int], str | None]) -> tuple[list[int], int, str]:
+    """(nodes, processes per node, why) for a multi-node retry: the first nodes of `live` (node numbers whose
+    worker is there, node 0 among them), as many as from min(nnodes, len(live)) down to min_nnodes, whose
+    world size `refusal` accepts with some number of processes per node (`retry_nproc`, given `usable`).
+    Raises a retryable StageFailed (kind "devices") when no number of nodes qualifies."""
+    planned = resources.nnodes
+    fewest = resources.min_nnodes or planned
+    live = sorted(set(live))
+    assert live[:1] == [0], f"node 0 runs the flow's task, so it is there; got live nodes {live}"
+    gone = [node for node in range(planned) if node not in live]
+    missing = f"node{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone))} gone" if gone else "all there"
+    top = min(planned, len(live))
+    if top < fewest:
+        raise StageFailed(f"only {len(live)} of the {planned} nodes are there now ({missing}), fewer than "
+                          f"resources.min_nnodes={fewest} [devices, will be retried]", kind="devices", retryable=True)
+    refused = []
+    for nnodes in range(top, fewest - 1, -1):
+        try:
+            nproc, why = retry_nproc(resources, usable, lambda nproc: refusal(nproc * nnodes))
+        except StageFailed as failed:
+            refused.append(f"{nnodes} node{'s' if nnodes > 1 else ''} ({str(failed).split(' [devices')[0]})")
+            continue
+        skipped = f"; passed over {'; '.join(refused)}" if refused else ""
+        return live[:nnodes], nproc, f"{nnodes} of {planned} nodes ({missing}) x {why}{skipped}"
+    raise StageFailed(f"no number of nodes from {top} down to resources.min_nnodes={fewest} fits: "
+                      f"{'; '.join(refused)} [devices, will be retried]", kind="devices", retryable=True)
+
+
+def retry_nodes_plan(plan: StagePlan, live: list[int]) -> tuple[StagePlan, list[int], str]:
+    """The plan of a multi-node retry on the nodes `live` (node numbers whose worker is there): its nnodes and
+    processes per node as `retry_nnodes` chooses, the node numbers that run node ranks 0.. , and the line that
+    says so. A retry on one node runs standalone (no rendezvous endpoint to reach)."""
+    res = plan.resources
+    usable = usable_processes(res.env, str(plan.config.get("device_type") or ""))
+    nodes, nproc, why = retry_nnodes(res, live, usable, world_refusal(plan))
+    update = {"nnodes": len(nodes), "nproc_per_node": nproc, "min_nnodes": None}
+    if len(nodes) == 1:
+        update["rdzv_endpoint"] = None
+    plan = plan.model_copy(update={"resources": res.model_copy(update=update)})
+    ranks = "" if nodes == list(range(len(nodes))) else \
+        "; " + ", ".join(f"node rank {rank} on node {node}" for rank, node in enumerate(nodes) if rank != node)
+    return plan, nodes, f"{plan.stage} retry on {why}{ranks}"
 
 
 # -----------------------------------------------------------------------------
