@@ -39,7 +39,7 @@ from flows.presets import PRESET_DESCRIPTIONS, PRESETS, deep_merge, preset_value
 from flows.stages import STAGE_NAMES, STAGES, Stage
 from nanopipe.configs import (BaseEvalConfig, BaseTrainConfig, CommonConfig, DataFlags, NanoConfig, TokEvalConfig,
                               TokTrainConfig, build_config)
-from nanopipe.configs.base import is_off_field, world_size_checked_later
+from nanopipe.configs.base import is_none_text, is_off_field, world_size_checked_later
 from nanopipe.configs.chat_eval import ChatEvalConfig
 from nanopipe.configs.chat_rl import ChatRLConfig
 from nanopipe.configs.chat_sft import ChatSFTConfig
@@ -51,7 +51,7 @@ PresetName = Literal[tuple(PRESETS)]    # type: ignore[valid-type]
 
 def _none_choice(value: Any) -> Any:
     """The form's "none" choice (and the CLI's `--stop_after=none`) means None."""
-    return None if isinstance(value, str) and value.strip().lower() in ("", "none", "null") else value
+    return None if is_none_text(value) else value
 
 
 OptionalStage = Annotated[StageName | None, BeforeValidator(_none_choice)]

@@ -1,25 +1,16 @@
 """
 Named starting points for `PipelineConfig`: partial nested dicts laid over the config's defaults (which are
 the seed's defaults, i.e. the d20 speedrun's stage settings). `nanopipe run --preset NAME --a.b=c` and a
-deployment's `{"config": {"preset": NAME, ...}}` both start here; given values win. `PRESET_DESCRIPTIONS`
-says in one line what each is for (the run form's preset picker and `nanopipe presets` show it):
-
-    demo-cpu      whole pipeline on a 2-core CPU in under 10 minutes, offline builtin data (the README's
-                  demo, which adds run_rl=true: the RL stage on builtin arithmetic)
-    cpu-small     demo-cpu with 3x the mid and SFT training, under 30 minutes on 2 cores
-    d12           a quick GPU model: depth 12 on one 8-GPU node
-    speedrun-d20  nanochat's $100 speedrun: depth 20 on 8xH100, ~4 h
-    d26           depth 26 on 8xH100 (device batch 16 to fit 80 GB)
-    mem-40gb      speedrun-d20 on 40 GB GPUs: device batch 16 (gradient accumulation keeps the total batch)
-    mem-24gb      24 GB GPUs: depth 16, device batch 8
-    single-gpu    one GPU: depth 12, device batch 4
+deployment's `{"config": {"preset": NAME, ...}}` both start here; given values win. A preset states only what
+differs from those defaults. `PRESET_DESCRIPTIONS` says in one line what each is for (the run form's preset
+picker and `nanopipe presets` show it).
 
 The GPU presets read FineWeb-Edu shards through huggingface-hub (`data.data_source=hf`): the tokenizer
 the first 8 shards, pretraining as many as its token budget needs. Their chat stages use nanochat's data: the
 identity conversations its speedrun downloads and the 370K-word English list of the spelling tasks (both
-fetched once into NANOPIPE_HOME and checked, nanopipe.remote); the CPU presets stay offline. Settings every
-stage shares (device, dtype, seed) go in `common`, the text source in `data` (see flows/config.py for the
-precedence).
+fetched once into NANOPIPE_HOME and checked, nanopipe.remote); the CPU presets stay offline (the default
+builtin data). Settings every stage shares (device, dtype, seed) go in `common`, the text source in `data`
+(see flows/config.py for the precedence).
 """
 
 from __future__ import annotations
@@ -27,31 +18,48 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from nanopipe.configs.base import deep_merge  # noqa: F401 (flows.config lays presets over the given values)
 from nanopipe.configs.chat_common import IDENTITY_CONVERSATIONS_URL
+from nanopipe.configs.chat_eval import ChatEvalConfig
+from nanopipe.configs.chat_rl import ChatRLConfig
 
-_GPU_NODE = {"resources": {"nproc_per_node": 8, "env": {"OMP_NUM_THREADS": "1"}, "retries": 2,
-                           "retry_delay_seconds": 60}}
 # nanochat's chat data: its speedrun's identity conversations, the public 370K-word list for the spelling tasks
 _REFERENCE_CHAT_DATA = {"identity_path": IDENTITY_CONVERSATIONS_URL, "spelling_words": "download"}
 
 
-def _gpu_run(depth: int, device_batch_size: int, base_shards: int, **resources) -> dict[str, Any]:
-    """A FineWeb-Edu run on GPUs in nanochat's shape: the tokenizer on ~2B chars of 8 shards, the model
-    trained for 20 tokens per parameter, evaluated on CORE and bits per byte."""
-    return {
-        "resources": {**_GPU_NODE["resources"], **resources},
+def _default(config: type, field: str) -> Any:
+    return config.model_fields[field].default
+
+
+def _gpu_run(depth: int | None, base_shards: int, device_batch_size: int | None = None,
+             gpus_per_node: int = 8) -> dict[str, Any]:
+    """A FineWeb-Edu run on GPUs in nanochat's shape (the stages' defaults): the tokenizer on ~2B chars of 8
+    shards, the model trained for 20 tokens per parameter, evaluated on CORE and bits per byte. None: the
+    default (depth 20, 32 sequences per device)."""
+    run: dict[str, Any] = {
+        "resources": {"env": {"OMP_NUM_THREADS": "1"}, "retry_delay_seconds": 60},
         "data": {"data_source": "hf"},
-        "tok_train": {"max_chars": 2_000_000_000, "vocab_size": 32768, "num_shards": 8},
-        "base_train": {"depth": depth, "device_batch_size": device_batch_size, "target_param_data_ratio": 20,
-                       "num_shards": base_shards},
-        "base_eval": {"device_batch_size": device_batch_size},
-        # mid-training packs rows like pretraining (same device batch, so the same memory); SFT keeps the seed's
-        # 4 conversations per micro-step everywhere (at most base's memory); RL samples in batches of at most 8
-        "mid_train": {"device_batch_size": device_batch_size, **_REFERENCE_CHAT_DATA},
+        "tok_train": {"max_chars": 2_000_000_000, "num_shards": 8},
+        "base_train": {"num_shards": base_shards},
+        "mid_train": dict(_REFERENCE_CHAT_DATA),
         "chat_sft": dict(_REFERENCE_CHAT_DATA),
-        "chat_rl": {"device_batch_size": min(8, device_batch_size)},
-        "chat_eval": {"batch_size": min(8, device_batch_size), "spelling_words_path": "download"},
+        "chat_eval": {"spelling_words_path": "download"},
     }
+    if gpus_per_node > 1:  # one process per node is the default
+        run["resources"]["nproc_per_node"] = gpus_per_node
+    if depth is not None:
+        run["base_train"]["depth"] = depth
+    if device_batch_size is not None:
+        # mid-training packs rows like pretraining (same device batch, so the same memory); SFT keeps the seed's
+        # 4 conversations per micro-step everywhere (at most base's memory); RL and chat_eval sample in batches
+        # of their default size or of the device batch, the smaller
+        for stage in ("base_train", "base_eval", "mid_train"):
+            run.setdefault(stage, {})["device_batch_size"] = device_batch_size
+        if device_batch_size < _default(ChatRLConfig, "device_batch_size"):
+            run["chat_rl"] = {"device_batch_size": device_batch_size}
+        if device_batch_size < _default(ChatEvalConfig, "batch_size"):
+            run["chat_eval"]["batch_size"] = device_batch_size
+    return run
 
 
 def _cpu_run(scale: int) -> dict[str, Any]:
@@ -72,7 +80,6 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     94.5 % at 375 steps, 98.4 % at 400, 97.3 % at 500; seeds 1-3 were at 74-87 % by step 250)."""
     mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 60
     return {
-        "data": {"data_source": "builtin"},
         "common": {"device_type": "cpu"},
         # two single-threaded processes (torchrun + gloo) beat one two-threaded one on a 2-core CPU
         "resources": {"nproc_per_node": 2, "retries": 1, "retry_delay_seconds": 1, "env": {"OMP_NUM_THREADS": "1"}},
@@ -88,18 +95,18 @@ def _cpu_run(scale: int) -> dict[str, Any]:
                       "init_lr_frac": 0.88, "eval_every": mid_steps // 2, "eval_tokens": 16384,
                       "save_every": 50},
         "chat_sft": {"mixture": "builtin", "builtin_size": 32 * sft_steps // 6 + 20, "device_batch_size": 8,
-                     "target_examples_per_step": 32, "num_iterations": sft_steps, "init_lr_frac": 0.2,
+                     "num_iterations": sft_steps, "init_lr_frac": 0.2,
                      "eval_every": sft_steps // 2, "eval_steps": 8, "eval_metrics_every": None,
                      "eval_metrics_max_problems": 256, "save_every": 50},
         # RL evaluates itself at step 0 (the SFT model) and at its end on the same held-out questions: pass@1 of
         # one sampled answer, the report card's RL row
-        "chat_rl": {"task": "builtin-arithmetic", "synthetic_size": 8 * rl_steps, "num_epochs": 1,
+        "chat_rl": {"task": "builtin-arithmetic", "synthetic_size": 8 * rl_steps,
                     "examples_per_step": 8, "num_samples": 8, "device_batch_size": 32, "max_new_tokens": 200,
-                    "init_lr_frac": 0.05, "eval_every": rl_steps, "eval_examples": 128 if scale == 1 else 256,
+                    "eval_every": rl_steps, "eval_examples": 128 if scale == 1 else 256,
                     "extended_calculator": True, "save_every": 20},
         # held-out problems of the builtin tasks: 256 each, whole answers (the longest run to ~200 tokens)
         "chat_eval": {"task": ["Arithmetic", "MultipleChoice", "SpellingBee"],
-                      "max_problems": 256, "synthetic_size": 256, "max_new_tokens": 200, "batch_size": 32,
+                      "max_problems": 256, "max_new_tokens": 200, "batch_size": 32,
                       "extended_calculator": True},
     }
 
@@ -109,15 +116,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the same chain with 3x the mid-training and SFT: under 30 minutes on 2 cores
     "cpu-small": _cpu_run(3),
     # depth 12, ~135M parameters: a couple of hours' worth of nanochat-style training on one 8-GPU node
-    "d12": _gpu_run(12, 32, base_shards=80),
+    "d12": _gpu_run(12, base_shards=80),
     # nanochat's speedrun: d20 (561M parameters), 8xH100, ~4 h; 370 shards cover 11.2B tokens plus cropping
-    "speedrun-d20": _gpu_run(20, 32, base_shards=370),
+    "speedrun-d20": _gpu_run(None, base_shards=370),
     # d26 on 8xH100: batch 16 per device fits 80 GB, gradient accumulation keeps the 524,288-token batch
-    "d26": _gpu_run(26, 16, base_shards=450),
+    "d26": _gpu_run(26, base_shards=450, device_batch_size=16),
     # the seed's memory-constrained settings
-    "mem-40gb": _gpu_run(20, 16, base_shards=370),                       # A100 40 GB class
-    "mem-24gb": _gpu_run(16, 8, base_shards=160),                        # 24 GB consumer GPUs
-    "single-gpu": _gpu_run(12, 4, base_shards=80, nproc_per_node=1),    # one GPU of >= 24 GB
+    "mem-40gb": _gpu_run(None, base_shards=370, device_batch_size=16),                # A100 40 GB class
+    "mem-24gb": _gpu_run(16, base_shards=160, device_batch_size=8),                   # 24 GB consumer GPUs
+    "single-gpu": _gpu_run(12, base_shards=80, device_batch_size=4, gpus_per_node=1),  # one GPU of >= 24 GB
 }
 
 
@@ -133,17 +140,6 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
     "single-gpu": "one GPU of 24 GB or more: depth 12, device batch 4",
 }
 assert set(PRESET_DESCRIPTIONS) == set(PRESETS), "every preset needs a one-line description"
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    """`override` laid over `base`, recursing into dicts that are present in both."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def preset_values(name: str) -> dict[str, Any]:

@@ -16,9 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from nanopipe.configs.base import model_tag_for_depth
+
 
 def _tag_field(template: str) -> Callable[[Any], str]:
-    """A readable directory tag from config values, e.g. 'd{depth}' -> 'd12'."""
+    """A readable directory tag from config values, e.g. 'v{vocab_size}' -> 'v32768'."""
     return lambda cfg: template.format(**cfg.model_dump())
 
 
@@ -97,7 +99,8 @@ STAGES: list[Stage] = [
           key_metrics=("val_bytes_per_token",)),
     Stage("base_train", "nanopipe.stages.base_train", "base_train", _code("nanopipe.stages.base_train", *_TRAINING),
           inputs={"tokenizer_dir": ("tok_train", "tokenizer")}, output="checkpoints",
-          resume_flag=("resume_from_step", "latest"), dry_run_flag="plan_only", tag=_tag_field("d{depth}"),
+          resume_flag=("resume_from_step", "latest"), dry_run_flag="plan_only",
+          tag=lambda cfg: model_tag_for_depth(cfg.depth),
           key_metrics=("val_bpb", "core_metric", "train_loss", "num_params", "tokens_per_sec")),
     Stage("base_eval", "nanopipe.stages.base_eval", "base_eval",
           _code("nanopipe.stages.base_eval", *_MODEL, "nanopipe.core_eval", "nanopipe.loss_eval",

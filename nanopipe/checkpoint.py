@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from nanopipe.common import atomic_torch_save, atomic_write_json, get_base_dir, print0
-from nanopipe.configs.base import ConfigError
+from nanopipe.configs.base import ConfigError, depth_of_model_tag
 from nanopipe.exit_codes import ExitCode, StageError
 from nanopipe.gpt import GPT, GPTConfig
 from nanopipe.tokenizer import get_tokenizer
@@ -405,7 +405,7 @@ def find_largest_model(root: str | os.PathLike) -> str:
     tags = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
     if not tags:
         raise CheckpointError(f"no model checkpoints under {root}")
-    depths = [(int(m.group(1)), tag) for tag in tags if (m := re.fullmatch(r"d(\d+)", tag))]
+    depths = [(depth, tag) for tag in tags if (depth := depth_of_model_tag(tag)) is not None]
     if depths:
         return max(depths)[1]
     return max(tags, key=lambda tag: (root / tag).stat().st_mtime)

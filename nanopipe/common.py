@@ -32,14 +32,18 @@ logger = logging.getLogger("nanopipe")
 # -----------------------------------------------------------------------------
 # Base directory
 
-def get_base_dir() -> Path:
-    """NANOPIPE_HOME, default ~/.cache/nanopipe: data shards, tokenizers, checkpoints, artifacts."""
+def base_dir_path() -> Path:
+    """NANOPIPE_HOME, default $XDG_CACHE_HOME/nanopipe (~/.cache/nanopipe), without creating it."""
     env = os.environ.get("NANOPIPE_HOME")
     if env:
-        base = Path(env).expanduser()
-    else:
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        base = Path(cache) / "nanopipe"
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "nanopipe"
+
+
+def get_base_dir() -> Path:
+    """NANOPIPE_HOME (created if missing): data shards, tokenizers, checkpoints, artifacts."""
+    base = base_dir_path()
     base.mkdir(parents=True, exist_ok=True)
     return base
 

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from nanopipe.configs.base import REFERENCE_BATCH_TOKENS
+
 # Quintic Newton-Schulz coefficients (Keller Jordan's): chosen for a steep slope at zero rather than exact
 # convergence, so singular values land roughly in [0.7, 1.2] after 5 steps instead of exactly at 1.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -61,8 +63,9 @@ def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float = 0.0, war
     return progress + (1.0 - progress) * final_lr_frac
 
 
-def batch_lr_scale(total_batch_tokens: int, reference_batch_tokens: int = 2**19) -> float:
-    """Learning rates were tuned at a batch of 2^19 tokens; other batches scale them by sqrt(B / B_ref)."""
+def batch_lr_scale(total_batch_tokens: int, reference_batch_tokens: int = REFERENCE_BATCH_TOKENS) -> float:
+    """Learning rates were tuned at a batch of REFERENCE_BATCH_TOKENS (2^19); other batches scale them by
+    sqrt(B / B_ref)."""
     return math.sqrt(total_batch_tokens / reference_batch_tokens)
 
 

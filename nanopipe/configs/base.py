@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import hashlib
 import json
+import re
 import types
 import typing
 from typing import Annotated, Any, Literal
@@ -49,9 +51,31 @@ def check_for_one_process() -> bool:
     return not _WORLD_SIZE_LATER.get()
 
 
+# nanochat's total batch, in tokens per optimizer step: the learning rates were tuned at it (base_train scales
+# them by sqrt(batch / this)), and validation measures 20 of it
+REFERENCE_BATCH_TOKENS = 2**19
+EVAL_TOKENS = 20 * REFERENCE_BATCH_TOKENS
+
+
+def is_none_text(value: Any) -> bool:
+    """Is this the typed spelling of None: '', 'none' or 'null' (any case, surrounding blanks ignored)?"""
+    return isinstance(value, str) and value.strip().lower() in ("", "none", "null")
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """`override` laid over `base` (neither is changed), recursing into dicts that are present in both."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def _minus_one_is_none(value: Any) -> Any:
     """The CLI's -1 (nanochat's spelling of "disabled" / "all") is None inside configs."""
-    if isinstance(value, str) and value.strip().lower() in ("-1", "-1.0", "none", "null"):
+    if is_none_text(value) or (isinstance(value, str) and value.strip() in ("-1", "-1.0")):
         return None
     return None if value is not None and not isinstance(value, bool) and value == -1 else value
 
@@ -65,13 +89,16 @@ class _Off:
 
 Off = _Off
 
+# top-k sampling: 0 means "all tokens" as well as -1/none
+TopK = Annotated[Off[int], BeforeValidator(lambda value: None if value in (0, "0") else value)]
+
 
 def _resume_step_text(value: Any) -> Any:
     """--resume_from_step as typed: '', none, null mean None; 'latest' in any case; a step, signed or not."""
+    if is_none_text(value):
+        return None
     if isinstance(value, str):
         value = value.strip().lower()
-        if value in ("", "none", "null"):
-            return None
         if value.lstrip("+-").isdigit():
             return int(value)
     return value
@@ -154,6 +181,44 @@ class DownstreamConfig(CommonConfig):
 def model_tag_for_depth(depth: int) -> str:
     """The default model tag of a GPT of this depth: checkpoint directory and artifact names ('d12')."""
     return f"d{depth}"
+
+
+def depth_of_model_tag(tag: str) -> int | None:
+    """The depth a default model tag names ('d12' -> 12), None for any other tag."""
+    match = re.fullmatch(r"d(\d+)", tag)
+    return int(match.group(1)) if match else None
+
+
+# -----------------------------------------------------------------------------
+# torch.compile: one rule for every training stage
+
+COMPILE_MIN_STEPS = 50   # --compile auto compiles on CUDA for runs of at least this many steps
+
+
+class CompileFlag(NanoConfig):
+    """--compile of the stages that train on fixed-shape rows (base_train, mid_train)."""
+
+    compile: bool | None = Field(None, description="torch.compile the model (none: auto, the rule of "
+                                                   "nanopipe.configs.base.compile_decision; the run prints it)")
+
+
+def compile_decision(flag: bool | None, device_type: str, num_steps: int | None) -> tuple[bool, str]:
+    """(compile the model?, why) for --compile (None: auto: on CUDA, for runs of at least COMPILE_MIN_STEPS
+    steps or of a horizon not known yet (one pass over the data); never on CPU or MPS).
+
+    Measured at bench_base_train's d4 on one CPU thread: the eager step with the hand-fused CPU kernels of
+    nanopipe.gpt takes 366 ms of CPU, the compiled one 487 ms, after 8-30 s of compilation, so compiling never
+    pays on CPU. On CUDA the compiled step is the fast one (fused elementwise kernels around the GEMMs), and
+    its minute or so of compilation is repaid within a few dozen steps of a real model."""
+    if flag is not None:
+        return flag, f"--compile={str(flag).lower()}"
+    if device_type != "cuda":
+        return False, f"auto: on {device_type} the eager step with hand-fused kernels is faster than the compiled one"
+    if num_steps is None:
+        return True, "auto: CUDA, a horizon of one pass over the data"
+    if num_steps < COMPILE_MIN_STEPS:
+        return False, f"auto: {num_steps} steps are too few to repay compilation (< {COMPILE_MIN_STEPS})"
+    return True, f"auto: CUDA, {num_steps} steps"
 
 
 # -----------------------------------------------------------------------------

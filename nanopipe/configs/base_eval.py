@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from nanopipe.configs.base import ConfigError, DownstreamConfig, Off
+from nanopipe.configs.base import EVAL_TOKENS, ConfigError, DownstreamConfig, Off
 from nanopipe.configs.data import DataFlags
 
 EVAL_MODES = ("core", "bpb", "sample")
@@ -16,7 +16,7 @@ class BaseEvalConfig(DownstreamConfig, DataFlags):
     eval: str = Field("core,bpb,sample", description="comma-separated evaluations: core, bpb, sample")
     max_per_task: Off[int] = Field(None, ge=1, description="examples per CORE task (-1/none: all)")
     device_batch_size: int = Field(32, ge=1, description="sequences per device per bpb batch")
-    split_tokens: int = Field(20 * 524288, ge=1, description="tokens per split (train, val) for bits per byte")
+    split_tokens: int = Field(EVAL_TOKENS, ge=1, description="tokens per split (train, val) for bits per byte")
     eval_bundle_dir: str | None = Field(None, description="CORE eval bundle (default: NANOPIPE_HOME/eval_bundle)")
     tokenizer_dir: str | None = Field(None, description="tokenizer directory (default: the one the checkpoint names)")
     out_dir: str | None = Field(None, description="where metrics.json and core.csv go "

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from nanopipe.configs.base import (CommonConfig, ConfigError, CpuMatmulFlags, Off, PlainName, ResumeStep,
-                                   check_for_one_process)
+from nanopipe.configs.base import (EVAL_TOKENS, REFERENCE_BATCH_TOKENS, CommonConfig, CompileFlag, ConfigError,
+                                   CpuMatmulFlags, Off, PlainName, ResumeStep, check_for_one_process)
 from nanopipe.configs.data import DataFlags
 from nanopipe.vocab import MIN_VOCAB_SIZE
 
 
-class BaseTrainConfig(CpuMatmulFlags, CommonConfig, DataFlags):
+class BaseTrainConfig(CompileFlag, CpuMatmulFlags, CommonConfig, DataFlags):
     """Flags of base pretraining (defaults: nanochat's speedrun d20)."""
 
     # --- model --------------------------------------------------------------
@@ -27,7 +27,8 @@ class BaseTrainConfig(CpuMatmulFlags, CommonConfig, DataFlags):
                               "only without the two above)")
     # --- optimisation -------------------------------------------------------
     device_batch_size: int = Field(32, ge=1, description="sequences per device per micro-step (lower it on OOM)")
-    total_batch_size: int = Field(524288, ge=1, description="tokens per optimizer step, all ranks and micro-steps")
+    total_batch_size: int = Field(REFERENCE_BATCH_TOKENS, ge=1,
+                                  description="tokens per optimizer step, all ranks and micro-steps")
     embedding_lr: float = Field(0.3, gt=0, description="AdamW learning rate of the token embedding")
     unembedding_lr: float = Field(0.004, gt=0, description="AdamW learning rate of the LM head")
     matrix_lr: float = Field(0.02, gt=0, description="Muon learning rate of the Transformer matrices")
@@ -37,7 +38,7 @@ class BaseTrainConfig(CpuMatmulFlags, CommonConfig, DataFlags):
     final_lr_frac: float = Field(0.0, ge=0, le=1, description="LR at the end of the decay, as a fraction of the peak")
     # --- evaluation and checkpoints (none of these change the trained weights) --------------------
     eval_every: Off[int] = Field(250, ge=1, description="val bits-per-byte every N steps and at the end (-1: only at the end)")
-    eval_tokens: int = Field(20 * 524288, ge=1, description="validation tokens per val bpb evaluation")
+    eval_tokens: int = Field(EVAL_TOKENS, ge=1, description="validation tokens per val bpb evaluation")
     core_metric_every: Off[int] = Field(2000, ge=1, description="CORE metric every N steps and at the end (-1: never)")
     core_metric_max_per_task: Off[int] = Field(500, ge=1, description="examples per CORE task (-1: all)")
     sample_every: Off[int] = Field(2000, ge=1, description="print samples every N steps and at the end (-1: never)")
@@ -55,9 +56,6 @@ class BaseTrainConfig(CpuMatmulFlags, CommonConfig, DataFlags):
     vocab_size: int | None = Field(
         None, ge=MIN_VOCAB_SIZE, description="--plan_only, before the tokenizer exists: the vocabulary to plan "
                                              "for (none: tok_train's default; a real run reads the tokenizer's)")
-    compile: bool | None = Field(None, description="torch.compile the model (none: auto, on CUDA for runs of at "
-                                                   "least 50 steps, never on CPU, where the eager hand-fused "
-                                                   "kernels are faster; the run prints the decision)")
     allow_over_memory: bool = Field(False, description="train even when the peak-memory estimate exceeds the "
                                                        "device's available memory (the estimate is rough)")
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from nanopipe.configs.base import CalculatorFlags, CheckpointSource, DownstreamConfig
-from nanopipe.configs.chat_eval import TopK
+from nanopipe.configs.base import CalculatorFlags, CheckpointSource, DownstreamConfig, TopK
 
 SHORT_FLAGS = {"-p": "prompt", "-t": "temperature", "-k": "top_k", "-i": "source"}
 

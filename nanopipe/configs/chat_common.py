@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from nanopipe.configs.base import CpuMatmulFlags, DownstreamConfig, NanoConfig, Off, ResumeStep
+from nanopipe.configs.base_train import BaseTrainConfig
 from nanopipe.vocab import MIN_VOCAB_SIZE
 
 ChatSource = Literal["base", "mid"]
@@ -18,15 +19,20 @@ IDENTITY_CONVERSATIONS_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 
 
+def _base_model(field: str):
+    """base_train's default of a model-shape field: what a chat stage plans for without a source checkpoint."""
+    return BaseTrainConfig.model_fields[field].default
+
+
 class PlanningFlags(NanoConfig):
     """Flags of a chat training stage's planning: the model shape --plan_only assumes before the source
     checkpoint exists (the flow's preflight passes the base model's), and the memory check's override."""
 
-    depth: int = Field(20, ge=1, description="--plan_only, when the source checkpoint does not exist yet: the depth "
+    depth: int = Field(_base_model("depth"), ge=1, description="--plan_only, when the source checkpoint does not exist yet: the depth "
                                              "to assume (a real run takes the shape from the checkpoint)")
-    aspect_ratio: int = Field(64, ge=1, description="--plan_only, without a source checkpoint: width / depth")
-    head_dim: int = Field(128, ge=2, description="--plan_only, without a source checkpoint: channels per head")
-    model_seq_len: int = Field(2048, ge=2, description="--plan_only, without a source checkpoint: the model's "
+    aspect_ratio: int = Field(_base_model("aspect_ratio"), ge=1, description="--plan_only, without a source checkpoint: width / depth")
+    head_dim: int = Field(_base_model("head_dim"), ge=2, description="--plan_only, without a source checkpoint: channels per head")
+    model_seq_len: int = Field(_base_model("max_seq_len"), ge=2, description="--plan_only, without a source checkpoint: the model's "
                                                     "context length (base_train's --max_seq_len)")
     vocab_size: int | None = Field(None, ge=MIN_VOCAB_SIZE, description="--plan_only, without a source checkpoint or "
                                    "tokenizer: the vocabulary to assume (none: tok_train's default)")
@@ -61,13 +67,19 @@ class ChatDataFlags(DownstreamConfig):
     NON_SEMANTIC = ("run", "out_dir")
 
 
-class ChatTrainFlags(CpuMatmulFlags, ChatDataFlags, PlanningFlags):
-    """Optimiser, checkpoint and path flags of a chat training stage."""
+class ChatOptimFlags(NanoConfig):
+    """The learning rates of every chat stage that trains (mid_train, chat_sft, chat_rl): nanochat's, which each
+    stage's --init_lr_frac scales."""
 
     embedding_lr: float = Field(0.2, gt=0, description="AdamW learning rate of the token embedding")
     unembedding_lr: float = Field(0.004, gt=0, description="AdamW learning rate of the LM head")
     matrix_lr: float = Field(0.02, gt=0, description="Muon learning rate of the Transformer matrices")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (embedding and LM head)")
+
+
+class ChatTrainFlags(ChatOptimFlags, CpuMatmulFlags, ChatDataFlags, PlanningFlags):
+    """Optimiser, checkpoint and path flags of a chat training stage."""
+
     save_every: Off[int] = Field(None, ge=1, description="checkpoint every N steps (-1/none: only at the end)")
     resume_from_step: ResumeStep = Field(
         None, description="resume from this checkpoint step in --out_dir, or 'latest' (starts fresh if none)")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Sequence
+from typing import Literal, Sequence
 
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import Field, field_validator
 
-from nanopipe.configs.base import CalculatorFlags, CheckpointSource, DownstreamConfig, Off
+from nanopipe.configs.base import CalculatorFlags, CheckpointSource, DownstreamConfig, TopK
 
 CHATCORE_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
 OFFLINE_TASKS = ("Arithmetic", "MultipleChoice")  # builtin stand-ins for GSM8K and MMLU, generated locally
@@ -42,10 +42,6 @@ DATA_PATH_FIELDS = {"ARC-Easy": "arc_easy_path", "ARC-Challenge": "arc_challenge
 SHORT_FLAGS = {"-i": "source", "-a": "task", "--task-name": "task", "-d": "dtype", "-t": "temperature",
                "-m": "max_new_tokens", "-n": "num_samples", "-k": "top_k", "-b": "batch_size", "-g": "model_tag",
                "-s": "model_step", "--step": "model_step", "-x": "max_problems"}
-
-# top-k sampling: 0 means "all tokens" as well as -1/none
-TopK = Annotated[Off[int], BeforeValidator(lambda value: None if value in (0, "0") else value)]
-
 
 class ChatEvalConfig(CalculatorFlags, DownstreamConfig):
     """Flags of the chat evaluation stage."""

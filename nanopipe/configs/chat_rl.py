@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from nanopipe.configs.base import CalculatorFlags, ConfigError, CpuMatmulFlags, DownstreamConfig, Off, ResumeStep
-from nanopipe.configs.chat_common import PlanningFlags
+from nanopipe.configs.base import (CalculatorFlags, ConfigError, CpuMatmulFlags, DownstreamConfig, Off, ResumeStep,
+                                   TopK)
+from nanopipe.configs.chat_common import ChatOptimFlags, PlanningFlags
 
 GSM8K_TRAIN_QUESTIONS = 7473   # openai/gsm8k main/train: lets a dry run count steps without the data
 
 
-class ChatRLConfig(CalculatorFlags, CpuMatmulFlags, DownstreamConfig, PlanningFlags):
+class ChatRLConfig(ChatOptimFlags, CalculatorFlags, CpuMatmulFlags, DownstreamConfig, PlanningFlags):
     """Flags of chat_rl (defaults: nanochat's GSM8K RL recipe)."""
 
     source: Literal["base", "mid", "sft"] = Field("sft", description="which stage's checkpoints to start from")
@@ -34,12 +35,8 @@ class ChatRLConfig(CalculatorFlags, CpuMatmulFlags, DownstreamConfig, PlanningFl
                                                         "(lower it on OOM); also k of the pass@k evaluation")
     max_new_tokens: int = Field(256, ge=1, description="tokens generated at most per completion")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature of the rollouts and of pass@k")
-    top_k: int | None = Field(50, ge=1, description="sample among the k most likely tokens (none, 0 or -1: all)")
-    # --- optimisation -------------------------------------------------------
-    embedding_lr: float = Field(0.2, gt=0, description="AdamW learning rate of the token embedding")
-    unembedding_lr: float = Field(0.004, gt=0, description="AdamW learning rate of the LM head")
-    matrix_lr: float = Field(0.02, gt=0, description="Muon learning rate of the Transformer matrices")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of embedding and LM head")
+    top_k: TopK = Field(50, ge=1, description="sample among the k most likely tokens (none, 0 or -1: all)")
+    # --- optimisation (the learning rates: ChatOptimFlags) -------------------
     init_lr_frac: float = Field(0.05, gt=0, le=1, description="learning rates start at this fraction of the "
                                                               "above, then decay linearly to 0")
     # --- evaluation, checkpoints --------------------------------------------
@@ -59,11 +56,6 @@ class ChatRLConfig(CalculatorFlags, CpuMatmulFlags, DownstreamConfig, PlanningFl
 
     NON_SEMANTIC = ("eval_every", "eval_examples", "save_every", "resume_from_step", "plan_only", "model_tag",
                     "checkpoint_dir")
-
-    @field_validator("top_k", mode="before")
-    @classmethod
-    def _top_k_disabled(cls, value):
-        return None if value in (0, -1, "0", "-1") else value
 
     @model_validator(mode="after")
     def _consistent(self):

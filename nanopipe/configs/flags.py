@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterator
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from nanopipe.configs.base import (ConfigError, build_config, describe_range, dict_value_model, model_class,
-                                   unwrap_optional)
+from nanopipe.configs.base import (ConfigError, build_config, deep_merge, describe_range, dict_value_model,
+                                   is_none_text, model_class, unwrap_optional)
 from nanopipe.events import StageFailure, emit
 from nanopipe.exit_codes import ExitCode, StageError
 
@@ -45,7 +45,7 @@ HELP_FLAGS = ("-h", "--help")
 def coerce_cli_value(field: FieldInfo, raw: str) -> Any:
     """Turn a CLI string into something pydantic validates; pydantic does the real checking."""
     inner, optional = unwrap_optional(field.annotation)
-    if optional and raw.lower() in ("none", "null", ""):
+    if optional and is_none_text(raw):
         return None
     if inner is bool:
         lowered = raw.lower()
@@ -238,17 +238,9 @@ def parse_flags(model: type[BaseModel], argv: list[str], *, prog: str, short_ali
         for part in dest.split("."):
             target = target.setdefault(part, {})
         if isinstance(value, dict) and isinstance(target.get(entry_key), dict):
-            value = _deep_merge(target[entry_key], value)
+            value = deep_merge(target[entry_key], value)
         target[entry_key] = value
     return values
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
-            merged.get(key), dict) else value
-    return merged
 
 
 def _unknown_flag_message(model: type[BaseModel], token: str, fields: dict[str, FieldInfo]) -> str:

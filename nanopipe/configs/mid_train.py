@@ -4,24 +4,25 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from nanopipe.configs.base import ConfigError, Off, check_for_one_process
+from nanopipe.configs.base import (EVAL_TOKENS, REFERENCE_BATCH_TOKENS, CompileFlag, ConfigError, Off,
+                                   check_for_one_process)
 from nanopipe.configs.chat_common import ChatSource, ChatTrainFlags
 
 
-class MidTrainConfig(ChatTrainFlags):
+class MidTrainConfig(CompileFlag, ChatTrainFlags):
     """Mid-training: conversations, multiple choice, tool use and spelling, packed like pretraining."""
 
     source: ChatSource = Field("base", description="which stage's checkpoints to start from")
     num_iterations: Off[int] = Field(
         None, ge=1, description="optimizer steps (-1/none: one pass over the training mixture)")
     device_batch_size: int = Field(32, ge=1, description="rows per device per micro-step (lower it on OOM)")
-    total_batch_size: int = Field(524288, ge=1, description="tokens per optimizer step, all ranks and micro-steps")
+    total_batch_size: int = Field(REFERENCE_BATCH_TOKENS, ge=1,
+                                  description="tokens per optimizer step, all ranks and micro-steps")
     max_seq_len: int = Field(2048, ge=2, description="row length in tokens (conversations are packed into rows)")
     init_lr_frac: float = Field(1.0, gt=0, le=10, description="starting learning rates as a fraction of the flags'")
     eval_every: Off[int] = Field(150, ge=1, description="val loss/bpb every N steps and at the end "
                                                        "(-1: only at the end)")
-    eval_tokens: int = Field(20 * 524288, ge=1, description="validation tokens per evaluation")
-    compile: bool | None = Field(None, description="torch.compile the model (default: on CUDA only)")
+    eval_tokens: int = Field(EVAL_TOKENS, ge=1, description="validation tokens per evaluation")
 
     NON_SEMANTIC = ("eval_every", "eval_tokens", "compile")
 

@@ -34,11 +34,12 @@ from pathlib import Path
 
 import torch
 
-from nanopipe.checkpoint import ResumePoint, load_resume_checkpoint, meta_path, save_checkpoint
+from nanopipe.checkpoint import CHECKPOINT_DIRS, ResumePoint, load_resume_checkpoint, meta_path, save_checkpoint
 from nanopipe.common import (Runtime, atomic_write_json, compute_cleanup, compute_init, get_base_dir, get_dist_info,
                              init_wandb, print0, report_progress, write_metrics)
 from nanopipe.configs.base import ConfigError
-from nanopipe.configs.base import model_tag_for_depth
+from nanopipe.configs.base import (COMPILE_MIN_STEPS, REFERENCE_BATCH_TOKENS, compile_decision,  # noqa: F401
+                                   model_tag_for_depth)
 from nanopipe.configs.base_train import BaseTrainConfig, check_batch_sizes
 from nanopipe.configs.flags import stage_main
 from nanopipe.configs.tok_train import DEFAULT_VOCAB_SIZE
@@ -57,10 +58,8 @@ from nanopipe.training import (NonFiniteLossError, all_ranks_ok, barrier, check_
                                keep_freed_memory_for_reuse, mean_across_ranks, peak_flops, peak_memory_mib)
 
 PROG = "python -m nanopipe.stages.base_train"
-REFERENCE_BATCH_TOKENS = 2**19      # the learning rates were tuned at this batch size
 EMA_BETA = 0.9                      # smoothing of the logged training loss
 UNTIMED_STEPS = 10                  # the first steps (compilation, warm-up) are left out of the timings
-COMPILE_MIN_STEPS = 50              # --compile auto compiles on CUDA for runs of at least this many steps
 
 
 # -----------------------------------------------------------------------------
@@ -82,21 +81,6 @@ def torch_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def compile_decision(flag: bool | None, device_type: str, num_iterations: int) -> tuple[bool, str]:
-    """(compile the model?, why) for --compile (None: auto). Measured at bench_base_train's d4 on one CPU
-    thread: the eager step with the hand-fused CPU kernels of nanopipe.gpt takes 366 ms of CPU, the compiled
-    one 487 ms, after 8-30 s of compilation, so compiling never pays on CPU. On CUDA the compiled step is
-    the fast one (fused elementwise kernels around the GEMMs), and its minute or so of compilation is repaid
-    within a few dozen steps of a real model."""
-    if flag is not None:
-        return flag, f"--compile={str(flag).lower()}"
-    if device_type != "cuda":
-        return False, f"auto: on {device_type} the eager step with hand-fused kernels is faster than the compiled one"
-    if num_iterations < COMPILE_MIN_STEPS:
-        return False, f"auto: {num_iterations} steps are too few to repay compilation (< {COMPILE_MIN_STEPS})"
-    return True, f"auto: CUDA, {num_iterations} steps"
-
-
 # -----------------------------------------------------------------------------
 # Paths
 
@@ -104,7 +88,7 @@ def resolve_paths(cfg: BaseTrainConfig) -> tuple[Path, Path, Path]:
     """(tokenizer_dir, checkpoint_dir, out_dir)."""
     tokenizer_dir = Path(cfg.tokenizer_dir).expanduser() if cfg.tokenizer_dir else default_tokenizer_dir()
     model_tag = cfg.model_tag or model_tag_for_depth(cfg.depth)
-    out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else get_base_dir() / "base_checkpoints" / model_tag
+    out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else get_base_dir() / CHECKPOINT_DIRS["base"] / model_tag
     ckpt_dir = Path(cfg.checkpoint_dir).expanduser() if cfg.checkpoint_dir else out_dir
     return tokenizer_dir.resolve(), ckpt_dir, out_dir
 
@@ -273,7 +257,7 @@ class Trainer:
 
     def _build_optimizers(self, checkpoint) -> None:
         cfg = self.cfg
-        lr_scale = batch_lr_scale(cfg.total_batch_size, REFERENCE_BATCH_TOKENS)  # sqrt(B / 2^19)
+        lr_scale = batch_lr_scale(cfg.total_batch_size)  # sqrt(B / 2^19)
         if lr_scale != 1.0:
             print0(f"Learning rates x {lr_scale:.4f} for a batch of {cfg.total_batch_size:,} tokens "
                    f"(reference {REFERENCE_BATCH_TOKENS:,})")

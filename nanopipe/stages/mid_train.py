@@ -41,6 +41,7 @@ from nanopipe.chat_batches import PackedChatLoader, evaluate_chat_loss, show_met
 from nanopipe.chat_train import (ChatTrainerBase, check_row_length, model_plan, planned_model, print_plan,
                                  train_from_source)
 from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_progress
+from nanopipe.configs.base import compile_decision
 from nanopipe.configs.flags import stage_main
 from nanopipe.events import Plan, emit
 from nanopipe.configs.mid_train import MidTrainConfig, check_mid_batch_sizes
@@ -129,7 +130,8 @@ class MidTrainer(ChatTrainerBase):
         self.wandb = init_wandb(cfg.run, "nanopipe-mid", cfg.model_dump(mode="json"), rt.master)
         self.grad_accum = check_mid_batch_sizes(cfg, rt.world_size)
         self.token_bytes = get_token_bytes(src.tokenizer_dir, device=rt.device)
-        use_compile = cfg.compile if cfg.compile is not None else rt.device_type == "cuda"
+        use_compile, why = compile_decision(cfg.compile, rt.device_type, cfg.num_iterations)
+        print0(f"torch.compile: {'on' if use_compile else 'off'} ({why})")
         # rows never change shape; evaluation uses the same shapes, so it can share the compiled module
         self.model = torch.compile(self.orig_model, dynamic=False) if use_compile else self.orig_model
         self.train_loader = PackedChatLoader(self.tokenizer, mixtures.train, cfg.device_batch_size, cfg.max_seq_len,

@@ -28,7 +28,7 @@ from nanopipe.common import get_base_dir, get_dist_info, print0, report_progress
 from nanopipe.configs.flags import stage_main
 from nanopipe.configs.tok_eval import TokEvalConfig
 from nanopipe.data import ensure_shards, iter_documents
-from nanopipe.tokenizer import get_tokenizer
+from nanopipe.tokenizer import default_tokenizer_dir, get_tokenizer
 
 PROG = "python -m nanopipe.stages.tok_eval"
 
@@ -143,7 +143,7 @@ def run(cfg: TokEvalConfig) -> dict:
     _, rank, _, _ = get_dist_info()
     if rank != 0:
         return {}
-    tokenizer_dir = Path(cfg.tokenizer_dir) if cfg.tokenizer_dir else get_base_dir() / "tokenizer"
+    tokenizer_dir = Path(cfg.tokenizer_dir) if cfg.tokenizer_dir else default_tokenizer_dir()
     out_dir = Path(cfg.out_dir) if cfg.out_dir else get_base_dir() / "tok_eval"
     tok = get_tokenizer(tokenizer_dir)
     shards = ensure_shards(cfg)

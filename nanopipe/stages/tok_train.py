@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from nanopipe.common import get_dist_info, get_base_dir, print0, report_progress
+from nanopipe.common import get_dist_info, print0, report_progress
 from nanopipe.configs.flags import stage_main
 from nanopipe.configs.tok_train import TokTrainConfig
 from nanopipe.data import DataError, ensure_shards, iter_documents
-from nanopipe.tokenizer import Tokenizer
+from nanopipe.tokenizer import Tokenizer, default_tokenizer_dir
 
 PROG = "python -m nanopipe.stages.tok_train"
 
@@ -32,7 +32,7 @@ ROUND_TRIP_PROBE = ("Tokenizers, tested: 'don't', 3.14159, 1,000,000; tabs\tand\
 
 
 def tokenizer_out_dir(cfg: TokTrainConfig) -> Path:
-    return Path(cfg.out_dir) if cfg.out_dir else get_base_dir() / "tokenizer"
+    return Path(cfg.out_dir) if cfg.out_dir else default_tokenizer_dir()
 
 
 class ProgressCounter:
