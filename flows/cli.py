@@ -145,9 +145,8 @@ def writable_directory(path: str | os.PathLike, what: str) -> Path:
 
 def check_outputs(temporary_server: bool = True) -> None:
     """Where this run writes: NANOPIPE_HOME (artifacts) and PREFECT_HOME (the temporary server's database)."""
-    home = os.environ.get("NANOPIPE_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "nanopipe")
-    writable_directory(home, "NANOPIPE_HOME (--home)")
+    from nanopipe.common import base_dir_path
+    writable_directory(base_dir_path(), "NANOPIPE_HOME (--home)")
     if temporary_server:
         writable_directory(os.environ.get("PREFECT_HOME") or os.path.join(os.path.expanduser("~"), ".prefect"),
                            "PREFECT_HOME")

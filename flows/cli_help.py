@@ -37,19 +37,14 @@ EXAMPLES = {
 }
 
 
-def default_home() -> Path:
-    """Where artifacts live when neither --home nor NANOPIPE_HOME says (as nanopipe.common.get_base_dir)."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "nanopipe"
-
-
 def home_and_source(flag: str | None) -> tuple[Path, str]:
     """(NANOPIPE_HOME this command uses, how it was chosen): --home, else NANOPIPE_HOME, else the default."""
+    from nanopipe.common import base_dir_path
     if flag:
         return Path(flag).expanduser().absolute(), "--home"
     if os.environ.get("NANOPIPE_HOME"):
-        return Path(os.environ["NANOPIPE_HOME"]).expanduser().absolute(), "NANOPIPE_HOME"
-    return default_home(), "the default; give --home DIR or set NANOPIPE_HOME for another"
+        return base_dir_path().absolute(), "NANOPIPE_HOME"
+    return base_dir_path(), "the default; give --home DIR or set NANOPIPE_HOME for another"
 
 
 def _home_default() -> str:
