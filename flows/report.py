@@ -373,6 +373,9 @@ def summary_table(title: str, rows: list[StageOutcome]) -> str:
         shown = ", ".join(f"{k}={fmt(v)}" for k, v in metrics.items()) or o.error
         lines.append(f"| {o.plan.stage} | {o.status} | {o.seconds:.1f} s | {produced} | {_cell(shown)} | "
                      f"`{o.plan.artifact_dir}` |")
+    if any("bpb" in k for o in rows if o.plan.stage == "mid_train" for k in _key_metrics(o)):
+        lines += ["", "bpb: base_train's and base_eval's on pretraining text (the validation shard), mid_train's on "
+                  "held-out chat conversations: other text, not comparable."]
     return "\n".join(lines) + "\n"
 
 

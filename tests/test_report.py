@@ -100,6 +100,10 @@ def test_a_completed_cpu_run_shows_every_section_and_one_chat_table(tmp_path):
     assert table_rows(card, "val bpb (base_eval)")[0][1] == "1.901" and table_rows(card, "CORE")[0][1] == "0.1812"
     assert table_rows(card, "tokens per second")[0][1] == "2,100" and table_rows(card, "parameters")[0][1] == "1,234,567"
     assert "bpb) here are on pretraining text" in card and "held-out chat conversations" in card
+    from flows.report import summary_table
+    summary = summary_table("run", outcomes)
+    assert "mid_train's on held-out chat conversations: other text, not comparable" in summary
+    assert "not comparable" not in summary_table("run", [o for o in outcomes if o.plan.stage != "mid_train"])
 
     assert table_rows(card, "task") == [["task", "chance", "MID", "SFT", "RL"]]   # the chat table's header
     # n, chance level and 95 % interval beside an accuracy whose counts are known
