@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from nanopipe.checkpoint import find_last_step, list_steps, load_checkpoint, meta_path, optim_path
-from nanopipe.configs.base import ConfigError, build_config
+from nanopipe.configs.base import COMPILE_MIN_STEPS, ConfigError, build_config, compile_decision
 from nanopipe.configs.base_train import BaseTrainConfig
 from nanopipe.stages import base_train
 from nanopipe.exit_codes import ExitCode
@@ -135,10 +135,10 @@ def test_plan_only_numbers(monkeypatch, tmp_path):
 
 
 def test_compile_is_decided_by_device_and_run_length():
-    decide = base_train.compile_decision
+    decide = compile_decision
     assert decide(None, "cpu", 10**6)[0] is False  # eager with the hand-fused kernels is the faster CPU step
-    assert decide(None, "cuda", base_train.COMPILE_MIN_STEPS - 1)[0] is False  # too short to repay compilation
-    on, why = decide(None, "cuda", base_train.COMPILE_MIN_STEPS)
+    assert decide(None, "cuda", COMPILE_MIN_STEPS - 1)[0] is False  # too short to repay compilation
+    on, why = decide(None, "cuda", COMPILE_MIN_STEPS)
     assert on and why.startswith("auto")
     assert decide(True, "cpu", 1) == (True, "--compile=true") and decide(False, "cuda", 10**6)[0] is False
 

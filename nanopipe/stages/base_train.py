@@ -38,8 +38,7 @@ from nanopipe.checkpoint import CHECKPOINT_DIRS, ResumePoint, load_resume_checkp
 from nanopipe.common import (Runtime, atomic_write_json, compute_cleanup, compute_init, get_base_dir, get_dist_info,
                              init_wandb, print0, report_progress, write_metrics)
 from nanopipe.configs.base import ConfigError
-from nanopipe.configs.base import (COMPILE_MIN_STEPS, REFERENCE_BATCH_TOKENS, compile_decision,  # noqa: F401
-                                   model_tag_for_depth)
+from nanopipe.configs.base import REFERENCE_BATCH_TOKENS, compile_decision, model_tag_for_depth
 from nanopipe.configs.base_train import BaseTrainConfig, check_batch_sizes
 from nanopipe.configs.flags import stage_main
 from nanopipe.configs.tok_train import DEFAULT_VOCAB_SIZE
