@@ -41,10 +41,10 @@ from flows.launcher import StageFailed, failure_from, launch
 from flows.store import (CheckpointUploader, artifact_name, checkpoints_name, restore_artifact, restore_checkpoints,
                          store_has, upload_artifact)
 from flows.store_lock import store_lock
-from flows.multinode import launch_across_nodes, node_command, with_endpoint
+from flows.multinode import launch_across_nodes, node_command, retry_layout, with_endpoint
 from flows.plan import StagePlan
 from flows.report import PROGRESS_FILE, artifact_key
-from flows.world import LAUNCHES_FILE, record_launch, retry_plan, segments_of
+from flows.world import LAUNCHES_FILE, record_launch, segments_of
 from nanopipe.events import MemoryEstimate, Resumed, last, read_metrics
 
 LOG_FILE = "stage.log"
@@ -221,8 +221,9 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
                 return Completed(name="Cached", data=ref_from_manifest(directory),
                                  message=f"restored {name} from the artifact store ({cache_note(plan)})")
         _prepare(plan, logger)
-        if task_run.run_count > 1:   # a lost device need not stop a retry (flows/world.py)
-            plan, layout = retry_plan(plan)
+        nodes = None   # the node that runs each node rank of a multi-node stage; None: node k runs rank k
+        if task_run.run_count > 1:   # a lost device or node need not stop a retry (flows/world.py)
+            plan, nodes, layout = retry_layout(plan)
             if layout:
                 logger.info(layout)
         uploader = None
@@ -245,7 +246,7 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
         try:
             if multinode:
                 result = launch_across_nodes(plan, log_path=directory / LOG_FILE, on_line=logger.info,
-                                             on_progress=progress, timeout_seconds=timeout)
+                                             on_progress=progress, timeout_seconds=timeout, nodes=nodes)
             else:
                 result = launch(cmd, log_path=directory / LOG_FILE, env=plan.resources.env, on_line=logger.info,
                                 on_progress=progress, timeout_seconds=timeout)
