@@ -6,7 +6,8 @@ after a checkpoint fails the stage retryably with node 0 stopped, and calling ag
 node no worker starts fails the stage (not retried) and stops the others, node 0 saying meanwhile what it waits
 for and, when it gives up, which node never started and its run's state; a server without the node-agent
 deployment fails the stage at once (not retried); an exception in the caller (what a cancelled pipeline run
-raises in the task) stops every node."""
+raises in the task) stops every node; with resources.min_nnodes=1, a pipeline whose node 1 is lost (its worker
+gone) retries base_train on node 0 alone."""
 
 from __future__ import annotations
 
@@ -39,15 +40,23 @@ STEP_LINE = re.compile(r"^step (\d+)/\d+ .*\| loss: [\d.]+ \(this step ([\d.]+)\
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):
     """The shared server stack (which deploys prefect.yaml's node-agent to its own pool) plus one worker
-    serving queue node-1 only (node 1); the worker is stopped, with whatever it runs, at the end of the module."""
+    serving queue node-1 only (node 1, WORKERS[1]); the worker is stopped, with whatever it runs, at the end of
+    the module."""
     stack = prefect_stack()
-    worker = stack.spawn("worker", "start", "--pool", NODE_POOL, "--work-queue", node_queue(1),
-                         log_name="node-1-worker.log")
+    WORKERS[1] = start_worker(stack, 1)
     try:
         yield stack
     finally:
         with temporary_settings({PREFECT_API_URL: stack.api_url}):
-            _stop(stack, worker)
+            _stop(stack, WORKERS.pop(1))
+
+
+WORKERS: dict[int, subprocess.Popen] = {}   # node -> the worker serving its queue (a test may replace one)
+
+
+def start_worker(stack: PrefectStack, node: int) -> subprocess.Popen:
+    return stack.spawn("worker", "start", "--pool", NODE_POOL, "--work-queue", node_queue(node),
+                       log_name=f"node-{node}-worker.log")
 
 
 @pytest.fixture(autouse=True)
@@ -376,5 +385,66 @@ def test_the_pipeline_runs_base_train_on_two_nodes_and_its_retry_resumes_after_a
     manifest = read_manifest(plan.artifact_dir)
     assert manifest["timings"]["attempt"] == 2 and manifest["timings"]["resumed_from"] is not None
     assert "--node_rank=0" in manifest["command"] and "stage.node1.log" in manifest["files"]
+    assert verify(plan.artifact_dir, plan.hash)
+    assert processes_of(out_dir) == []
+
+
+@pytest.mark.skipif(not _run_stage_goes_multinode(),
+                    reason="run_stage does not launch multi-node stages through flows.multinode yet")
+def test_a_two_node_base_train_whose_node_1_is_lost_retries_on_node_0_alone(nodes, home):
+    """resources.min_nnodes=1: node 1 is lost after a checkpoint (its worker and its torchrun killed), so no
+    worker polls queue node-1 any more; Prefect's retry of the task runs base_train on node 0 alone
+    (standalone, 1 process), resumes the 2-rank checkpoint re-sharded and completes; the manifest's segments
+    say 2 processes then 1. Node 1's worker is started again for the tests after this one."""
+    from flows.artifacts import read_manifest, verify
+    from flows.config import PipelineConfig
+    from flows.pipeline import full_pipeline
+    from flows.plan import plan_pipeline
+    from tests.test_flows_server_support import TINY
+    config = {**TINY, "stop_after": "base_train",
+              "base_train": {"depth": 2, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 64, "device_batch_size": 4,
+                             "total_batch_size": 512, "num_iterations": 30, "eval_every": None, "eval_tokens": 512,
+                             "save_every": 5},
+              "stage_resources": {"base_train": {"nproc_per_node": 1, "nnodes": 2, "min_nnodes": 1,
+                                                 "rdzv_endpoint": f"127.0.0.1:{free_port()}", "retries": 1,
+                                                 "retry_delay_seconds": 0, "env": {"OMP_NUM_THREADS": "1"}}}}
+    plan = next(p for p in plan_pipeline(PipelineConfig.model_validate(config), home=home) if p.stage == "base_train")
+    out_dir = Path(plan.out_dir)
+    lost: list[int] = []
+
+    def lose_node_1_after_a_checkpoint() -> None:
+        deadline = time.monotonic() + 600
+        while not lost and time.monotonic() < deadline:
+            node_1 = [pid for pid in processes_of(out_dir) if b"--node_rank=1" in
+                      Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+            if list(out_dir.glob("meta_*.json")) and node_1:
+                worker = WORKERS[1]
+                os.killpg(worker.pid, signal.SIGKILL)
+                for pid in node_1:
+                    os.kill(pid, signal.SIGKILL)
+                worker.wait()
+                nodes.processes.remove(worker)
+                lost.append(worker.pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=lose_node_1_after_a_checkpoint, daemon=True)
+    killer.start()
+    try:
+        state = full_pipeline(config, return_state=True)
+    finally:
+        killer.join(timeout=10)
+        if lost:
+            WORKERS[1] = start_worker(nodes, 1)
+    assert lost, "node 1 never ran after a checkpoint"
+    assert state.is_completed(), state.message
+    manifest = read_manifest(plan.artifact_dir)
+    resumed_from = manifest["timings"]["resumed_from"]
+    assert manifest["timings"]["attempt"] == 2 and resumed_from is not None
+    assert "--standalone" in manifest["command"] and "--nproc_per_node=1" in manifest["command"]
+    assert json.loads((out_dir / "metrics.json").read_text())["world_size"] == 1
+    assert f"resuming step {resumed_from} written by 2 ranks on 1 rank" in (Path(plan.artifact_dir) /
+                                                                           "stage.log").read_text()
+    assert manifest["segments"] == [{"from_step": 0, "to_step": resumed_from, "world_size": 2},
+                                    {"from_step": resumed_from, "to_step": 30, "world_size": 1}]
     assert verify(plan.artifact_dir, plan.hash)
     assert processes_of(out_dir) == []
