@@ -61,7 +61,7 @@ class Regression(Exception):
 # The class of a failure, as the flow run's state name: what the run header and the runs list show
 FAILURE_NAMES = {"config": "Bad config", "oom": "Out of memory", "nan": "Loss diverged", "killed": "Killed",
                  "network": "Node lost", "timeout": "Timed out", "plan": "Wrong input", "incomplete": "No metrics",
-                 "error": "Stage error"}
+                 "devices": "Devices lost", "error": "Stage error"}
 # A node of a multi-node stage that never started, or whose run ended without a result (flows/multinode.py)
 _NODE_LOST = re.compile(r"\bnode \d+ (never started|\(flow run [^)]*\) ended \w+ without a result)")
 

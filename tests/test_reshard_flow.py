@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from flows.artifacts import ArtifactRef, read_manifest
 from flows.config import PipelineConfig
 from flows.launcher import LaunchResult, Resources, StageFailed
+from flows.pipeline import failure_name
 from flows.plan import plan_pipeline
 from flows.report import StageOutcome, stages_section
 from flows.store import CheckpointUploader, restore_checkpoints
@@ -277,3 +278,10 @@ def test_a_pipeline_that_loses_one_of_two_ranks_finishes_on_one(home, tmp_path, 
     ours, theirs = manifest["metrics"]["val_bpb"], straight["metrics"]["val_bpb"]
     print(f"\nval bpb after losing a rank at step {resumed}: {ours:.5f}; uninterrupted 2-process run: {theirs:.5f}")
     assert abs(ours - theirs) <= 0.05 * theirs
+
+
+def test_a_retry_without_enough_devices_names_its_class():
+    """The run's state name says what kind of failure ended it (the runs list shows it)."""
+    exc = StageFailed("base_train: 1 usable process, fewer than resources.min_nproc_per_node=2 [devices, will be "
+                      "retried]", kind="devices", retryable=True)
+    assert failure_name(exc) == "Devices lost"
