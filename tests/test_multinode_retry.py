@@ -141,6 +141,15 @@ def test_without_min_nnodes_a_retry_keeps_its_nodes_and_asks_nothing(tmp_path, n
                          [0, 1, 2])
 
 
+def test_a_single_node_retry_chooses_its_processes_as_before(tmp_path, nodes_there, monkeypatch):
+    monkeypatch.setenv(AVAILABLE_ENV, "1")
+    plan = plan_of(tiny(tmp_path / "data", resources={"nproc_per_node": 2, "min_nproc_per_node": 1, "retries": 1},
+                        base_train={"device_batch_size": 2}, stop_after="base_train"))
+    retry, nodes, line = retry_layout(plan)
+    assert nodes is None and retry.resources.nproc_per_node == 1 and nodes_there.asked == []
+    assert line == "base_train retry on 1 of 2 processes per node (1 usable now)"
+
+
 # -----------------------------------------------------------------------------
 # Which nodes are there: their worker polls their work queue
 
