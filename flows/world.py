@@ -180,7 +180,7 @@ def retry_nnodes(resources: Resources, live: list[int], usable: int | None,
 
 def retry_nodes_plan(plan: StagePlan, live: list[int]) -> tuple[StagePlan, list[int], str]:
     """The plan of a multi-node retry on the nodes `live` (node numbers whose worker is there): its nnodes and
-    processes per node as `retry_nnodes` chooses, the node numbers that run node ranks 0.. , and the line that
+    processes per node as `retry_nnodes` chooses, the node numbers that run node ranks 0.., and the line that
     says so. A retry on one node runs standalone (no rendezvous endpoint to reach)."""
     res = plan.resources
     usable = usable_processes(res.env, str(plan.config.get("device_type") or ""))
