@@ -21,6 +21,7 @@ from flows.config import PipelineConfig
 from flows.launcher import LaunchResult, Resources, StageFailed
 from flows.pipeline import failure_name
 from flows.plan import plan_pipeline
+from flows.recompute import staging_dir
 from flows.report import StageOutcome, stages_section
 from flows.store import CheckpointUploader, restore_checkpoints
 from flows.world import (AVAILABLE_ENV, LAUNCHES_FILE, batch_refusal, listed_gpus, record_launch, retry_nproc,
@@ -257,7 +258,9 @@ def test_a_pipeline_that_loses_one_of_two_ranks_finishes_on_one(home, tmp_path, 
         straight = read_manifest(plan.artifact_dir)
         assert straight["segments"] == [{"from_step": 0, "to_step": 30, "world_size": 2}]
 
-        killer = kill_rank_after_checkpoint(plan.out_dir, rank=1, then={AVAILABLE_ENV: "1"})
+        # the recompute is built beside the good artifact (flows/recompute.py) and swapped in once it verifies
+        staged_out = staging_dir(plan.artifact_dir) / Path(plan.out_dir).relative_to(plan.artifact_dir)
+        killer = kill_rank_after_checkpoint(str(staged_out), rank=1, then={AVAILABLE_ENV: "1"})
         state = full_pipeline({**values, "recompute_from": "base_train"}, return_state=True)
         killer.join()
         assert state.is_completed(), state.message
