@@ -168,7 +168,7 @@ def prefect_backend():
 
 def test_the_pipeline_runs_and_resumes_on_records_alone(prefect_backend, home, tmp_path, renamed_lines):
     from flows.pipeline import full_pipeline
-    from tests.test_flows import tiny
+    from tests.flow_support import tiny
     values = tiny(tmp_path / "data" / "builtin", stop_after="base_train")
     base = next(p for p in plan_pipeline(PipelineConfig.model_validate(values)) if p.stage == "base_train")
     state = full_pipeline(values, return_state=True)

@@ -20,7 +20,7 @@ import flows.node_watch as node_watch
 from flows.launcher import LaunchResult, Resources, StageFailed
 from flows.multinode import _start_remotes, node_command, retry_layout
 from flows.world import AVAILABLE_ENV, record_launch, retry_nnodes
-from tests.test_flows import tiny
+from tests.flow_support import tiny
 from tests.test_reshard_flow import plan_of
 
 ENDPOINT = "127.0.0.1:29500"

@@ -27,7 +27,7 @@ from flows.store import CheckpointUploader, restore_checkpoints
 from flows.world import (AVAILABLE_ENV, LAUNCHES_FILE, batch_refusal, listed_gpus, record_launch, retry_nproc,
                          retry_plan, segments, segments_of, usable_processes, visible_count)
 from nanopipe.events import Resumed, parse_record, record_line
-from tests.test_flows import tiny
+from tests.flow_support import tiny
 
 GPUS = [("0", "GPU-aaaa-0"), ("1", "GPU-bbbb-1"), ("2", "GPU-cccc-2")]
 
