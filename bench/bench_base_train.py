@@ -4,7 +4,7 @@ Benchmark base pretraining: our base_train against nanochat's, at one tiny CPU c
     python bench/bench_base_train.py                                   # our side alone
     NANOCHAT_DIR=/path/to/nanochat python bench/bench_base_train.py    # side by side
     NANOCHAT_DIR=/path/to/nanochat python bench/bench_base_train.py --repeats=4 --corpus=builtin
-    python bench/bench_base_train.py --steps=60 --depth=4 --threads=2 --workdir=/tmp/bench
+    python bench/bench_base_train.py --num_iterations=100 --depth=2 --threads=1 --workdir=DIR
 
 The corpus (--corpus) is tinyshakespeare from the `../shared` folder beside the repo (the default when present),
 or the builtin corpus (Python's documentation, built locally); it is prepared into parquet shards and a BPE tokenizer is trained on it. nanochat gets the very
@@ -41,6 +41,9 @@ SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 CORPORA = ("tinyshakespeare", "builtin")
 sys.path.insert(0, str(REPO))
 
+from bench.stage_flags import parse_bench_flags  # noqa: E402
+from nanopipe.configs.base_train import BaseTrainConfig  # noqa: E402
+from nanopipe.configs.tok_train import TokTrainConfig  # noqa: E402
 from nanopipe.data import ensure_builtin, iter_documents, prepare_shards, select_shards  # noqa: E402
 from nanopipe.tokenizer import Tokenizer  # noqa: E402
 
@@ -54,30 +57,35 @@ def init(*args, **kwargs):
 '''
 
 
-def parse_args():
+# The stage settings this bench takes, as base_train and tok_train define them, and the bench's scale: the
+# README's figures were measured at these (d4, seq 256, 60 steps; --threads=2)
+STAGE_FLAGS = [(BaseTrainConfig, ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size",
+                                  "total_batch_size", "num_iterations", "eval_every", "eval_tokens", "embedding_lr",
+                                  "unembedding_lr", "matrix_lr", "weight_decay", "warmdown_ratio", "final_lr_frac",
+                                  "core_metric_every", "sample_every", "device_type")),
+               (TokTrainConfig, ("vocab_size",))]
+BENCH_SCALE = dict(depth=4, head_dim=64, max_seq_len=256, device_batch_size=8, total_batch_size=2048,
+                   num_iterations=60, eval_every=20, eval_tokens=16384, core_metric_every=None, sample_every=None,
+                   device_type="cpu", vocab_size=2048)
+
+
+def parse_args(argv: list[str] | None = None):
+    """(the bench's options, the stage settings) from the command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--aspect_ratio", type=int, default=64)
-    p.add_argument("--head_dim", type=int, default=64)
-    p.add_argument("--max_seq_len", type=int, default=128)
-    p.add_argument("--device_batch_size", type=int, default=8)
-    p.add_argument("--total_batch_size", type=int, default=2048)
-    p.add_argument("--vocab_size", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--eval_every", type=int, default=20)
-    p.add_argument("--eval_tokens", type=int, default=16384)
     p.add_argument("--warmup_steps", type=int, default=5, help="steps left out of the tokens/s median")
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for both runs")
+    p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for both runs")
     p.add_argument("--repeats", type=int, default=1, help="runs of each side, in alternating order")
     p.add_argument("--also_compiled", action="store_true",
                    help="also run ours with --compile=true (nanochat compiles on CPU too; ours does not by default)")
     p.add_argument("--corpus", choices=CORPORA, default=None,
                    help="training text (default: tinyshakespeare where ../shared has it, else builtin)")
     p.add_argument("--workdir", type=str, default=None, help="kept afterwards if given (default: a temp dir)")
-    args = p.parse_args()
+    args, stage = parse_bench_flags(p, STAGE_FLAGS, scale=BENCH_SCALE, argv=argv)
+    if stage.num_iterations is None:
+        p.error("--num_iterations: the bench times a fixed number of steps; give one")
     if args.corpus is None:
         args.corpus = "tinyshakespeare" if SHAKESPEARE.is_file() else "builtin"
-    return args
+    return args, stage
 
 
 # -----------------------------------------------------------------------------
@@ -101,12 +109,10 @@ def prepare_inputs(work: Path, vocab_size: int, corpus: str = "tinyshakespeare")
     return data_dir, tok_dir, Tokenizer.load(tok_dir)
 
 
-def shared_flags(args) -> dict:
-    return dict(depth=args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, max_seq_len=args.max_seq_len,
-                device_batch_size=args.device_batch_size, total_batch_size=args.total_batch_size,
-                num_iterations=args.steps, eval_every=args.eval_every, eval_tokens=args.eval_tokens,
-                embedding_lr=0.3, unembedding_lr=0.004, matrix_lr=0.02, weight_decay=0.0, warmdown_ratio=0.4,
-                final_lr_frac=0.0, core_metric_every=-1, sample_every=-1, device_type="cpu")
+def shared_flags(stage) -> dict:
+    """The base_train flags both sides get (off is -1, a spelling both command lines take)."""
+    return {name: -1 if value is None else value for name, value in stage.model_dump().items()
+            if name != "vocab_size"}
 
 
 STEP_LINE_START = re.compile(r"^step (\d+)/")
@@ -153,33 +159,33 @@ def run_logged(cmd: list[str], env: dict, cwd: Path, log: Path) -> dict:
             "cpu_per_step": cpu_per_step}
 
 
-def summarise(name: str, run: dict, step_re: re.Pattern, val_re: re.Pattern, warmup: int, args) -> dict:
+def summarise(name: str, run: dict, step_re: re.Pattern, val_re: re.Pattern, warmup: int, stage) -> dict:
     steps = [(int(s), float(dt), float(t.replace(",", ""))) for s, dt, t in step_re.findall(run["stdout"])]
     tok_s = [t for s, _, t in steps if s >= warmup]
     # step N's CPU time is measured from step N-1's line: it includes any evaluation at the start of step N
     # (those few steps are outliers the median ignores)
     cpu = [seconds for s, seconds in run["cpu_per_step"].items() if s >= warmup and seconds > 0]
     return {"name": name, "tok_per_sec": statistics.median(tok_s) if tok_s else float("nan"),
-            "tok_per_cpu_sec": args.total_batch_size / statistics.median(cpu) if cpu else float("nan"),
+            "tok_per_cpu_sec": stage.total_batch_size / statistics.median(cpu) if cpu else float("nan"),
             "val_bpb": {int(s): float(v) for s, v in val_re.findall(run["stdout"])}, "wall_s": run["seconds"],
             # the first step carries torch.compile's compilation where the model is compiled
             "first_step_s": steps[0][1] / 1000 if steps else float("nan"), "load": run["load"],
             # everything included: start-up, compilation, evaluations
-            "end_to_end_tok_per_sec": args.steps * args.total_batch_size / run["seconds"]}
+            "end_to_end_tok_per_sec": stage.num_iterations * stage.total_batch_size / run["seconds"]}
 
 
 # -----------------------------------------------------------------------------
 # The two sides
 
-def run_ours(args, work: Path, data_dir: Path, tok_dir: Path, compiled: bool = False) -> dict:
+def run_ours(args, stage, work: Path, data_dir: Path, tok_dir: Path, compiled: bool = False) -> dict:
     name = "nanopipe+compile" if compiled else "nanopipe"
-    flags = shared_flags(args) | dict(data_source="local", data_dir=data_dir, tokenizer_dir=tok_dir,
+    flags = shared_flags(stage) | dict(data_source="local", data_dir=data_dir, tokenizer_dir=tok_dir,
                                       out_dir=work / f"{name}_out", compile=str(compiled).lower())
     env = dict(os.environ, NANOPIPE_HOME=str(work / "nanopipe_home"), OMP_NUM_THREADS=str(args.threads),
                PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "nanopipe.stages.base_train", *[f"--{k}={v}" for k, v in flags.items()]]
     run = run_logged(cmd, env, REPO, work / f"{name}.log")
-    return summarise(name, run, OUR_STEP, OUR_VAL, args.warmup_steps, args)
+    return summarise(name, run, OUR_STEP, OUR_VAL, args.warmup_steps, stage)
 
 
 def nanochat_home(work: Path, data_dir: Path, tok_dir: Path, tok: Tokenizer) -> Path:
@@ -234,16 +240,16 @@ def nanochat_env(work: Path, nanochat_dir: Path, home: Path, **extra: str) -> di
     return dict(os.environ, NANOCHAT_BASE_DIR=str(home), PYTHONPATH=os.pathsep.join(path), **extra)
 
 
-def nanochat_runner(args, work: Path, nanochat_dir: Path, data_dir: Path, tok_dir: Path, tok: Tokenizer):
+def nanochat_runner(args, stage, work: Path, nanochat_dir: Path, data_dir: Path, tok_dir: Path, tok: Tokenizer):
     """Prepare nanochat's home, environment and flags once; return a function that does one run."""
     home = nanochat_home(work, data_dir, tok_dir, tok)
     env = nanochat_env(work, nanochat_dir, home, OMP_NUM_THREADS=str(args.threads))
-    flags = nanochat_flags(nanochat_dir, env, shared_flags(args))
+    flags = nanochat_flags(nanochat_dir, env, shared_flags(stage))
 
     def run_nanochat() -> dict:
         run = run_logged([sys.executable, "-m", "scripts.base_train", *flags], env, nanochat_dir,
                          work / "nanochat.log")
-        return summarise("nanochat", run, NANOCHAT_STEP, NANOCHAT_VAL, args.warmup_steps, args)
+        return summarise("nanochat", run, NANOCHAT_STEP, NANOCHAT_VAL, args.warmup_steps, stage)
 
     return run_nanochat
 
@@ -292,20 +298,21 @@ def report(sides: list[dict]) -> None:
 
 
 def main() -> None:
-    args = parse_args()
+    args, stage = parse_args()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_base_train_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPU(s), workdir {work}")
-    print(f"config: depth {args.depth}, aspect {args.aspect_ratio}, head_dim {args.head_dim}, seq {args.max_seq_len}, "
-          f"batch {args.device_batch_size} x {args.total_batch_size} tokens, {args.steps} steps, vocab {args.vocab_size}, "
+    print(f"config: depth {stage.depth}, aspect {stage.aspect_ratio}, head_dim {stage.head_dim}, seq {stage.max_seq_len}, "
+          f"batch {stage.device_batch_size} x {stage.total_batch_size} tokens, {stage.num_iterations} steps, "
+          f"vocab {stage.vocab_size}, "
           f"{args.repeats} repeat(s), corpus {args.corpus}")
-    data_dir, tok_dir, tok = prepare_inputs(work, args.vocab_size, args.corpus)
-    sides = {"nanopipe": lambda: run_ours(args, work, data_dir, tok_dir)}
+    data_dir, tok_dir, tok = prepare_inputs(work, stage.vocab_size, args.corpus)
+    sides = {"nanopipe": lambda: run_ours(args, stage, work, data_dir, tok_dir)}
     if args.also_compiled:
-        sides["nanopipe+compile"] = lambda: run_ours(args, work, data_dir, tok_dir, compiled=True)
+        sides["nanopipe+compile"] = lambda: run_ours(args, stage, work, data_dir, tok_dir, compiled=True)
     nanochat_dir = os.environ.get("NANOCHAT_DIR")
     if nanochat_dir:
-        sides["nanochat"] = nanochat_runner(args, work, Path(nanochat_dir).resolve(), data_dir, tok_dir, tok)
+        sides["nanochat"] = nanochat_runner(args, stage, work, Path(nanochat_dir).resolve(), data_dir, tok_dir, tok)
     else:
         print("NANOCHAT_DIR is not set: our side only")
     runs: dict[str, list[dict]] = {name: [] for name in sides}

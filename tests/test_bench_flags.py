@@ -1,0 +1,78 @@
+"""Bench scripts take stage settings through the stages' own flags: one definition (type, bound, default, help)
+in nanopipe.configs, the bench's scale laid under the command line, argparse only for the bench's options."""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from nanopipe.configs.base_train import BaseTrainConfig
+from nanopipe.configs.tok_train import TokTrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.stage_flags import parse_bench_flags, stage_model  # noqa: E402
+
+
+def load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench_x")
+    parser.add_argument("--repeats", type=int, default=1)
+    return parser
+
+
+def test_a_chosen_field_is_the_stages_own_field():
+    model = stage_model([(BaseTrainConfig, ("depth", "max_seq_len")), (TokTrainConfig, ("vocab_size",))])
+    assert set(model.model_fields) == {"depth", "max_seq_len", "vocab_size"}
+    for name, cls in (("depth", BaseTrainConfig), ("vocab_size", TokTrainConfig)):
+        assert model.model_fields[name].default == cls.model_fields[name].default
+        assert model.model_fields[name].description == cls.model_fields[name].description
+    assert stage_model([(BaseTrainConfig, None)]) is BaseTrainConfig  # taken whole: its validators too
+
+
+def test_scale_is_laid_under_the_command_line_and_the_bench_keeps_its_own_options():
+    sources = [(BaseTrainConfig, ("depth", "max_seq_len", "core_metric_every"))]
+    args, stage = parse_bench_flags(bench_parser(), sources, scale={"depth": 4, "max_seq_len": 256},
+                                    argv=["--repeats=3", "--max-seq-len", "128", "--core_metric_every=-1"])
+    assert args.repeats == 3
+    assert (stage.depth, stage.max_seq_len) == (4, 128)
+    assert stage.core_metric_every is None  # the stage's own "-1 means off"
+    _, stage = parse_bench_flags(bench_parser(), sources, argv=[])
+    assert stage.depth == BaseTrainConfig.model_fields["depth"].default
+
+
+@pytest.mark.parametrize("argv", [["--depth=0"], ["--steps=3"], ["--depth=four"]])
+def test_a_bad_stage_flag_exits_2_naming_it(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_bench_flags(bench_parser(), [(BaseTrainConfig, ("depth",))], argv=argv)
+    assert exit_info.value.code == 2
+    assert argv[0].split("=")[0] in capsys.readouterr().err
+
+
+def test_help_lists_the_bench_options_and_the_stage_flags_with_their_stage_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_bench_flags(bench_parser(), [(BaseTrainConfig, ("depth",))], scale={"depth": 4}, argv=["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--repeats" in out and "--depth" in out and "default: 20" in out and "'depth': 4" in out
+
+
+def test_the_readme_command_of_bench_base_train_parses_to_the_readme_scale(capsys):
+    bench = load_bench("bench_base_train")
+    args, stage = bench.parse_args(["--repeats=4", "--corpus=builtin"])
+    assert (args.repeats, args.corpus, args.threads) == (4, "builtin", 2)
+    assert (stage.depth, stage.max_seq_len, stage.num_iterations) == (4, 256, 60)
+    flags = bench.shared_flags(stage)
+    assert flags["core_metric_every"] == -1 and "vocab_size" not in flags
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--repeats=4", "--corpus=builtin", "--parse_only"])
+    assert exit_info.value.code == 0 and "'num_iterations': 60" in capsys.readouterr().out
