@@ -23,34 +23,43 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from nanopipe.chat_format import conversation_text
-from nanopipe.checkpoint import build_model, find_last_step
-from nanopipe.engine import Engine
-from nanopipe.gpt import GPT, build_model_config
-from nanopipe.chat_scoring import evaluate_categorical, evaluate_generative
-from nanopipe.rl import sample_groups
-from nanopipe.tasks import build_task, builtin_chat_mixture
-from nanopipe.tokenizer import Tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.stage_flags import parse_bench_flags  # noqa: E402
+from nanopipe.chat_format import conversation_text  # noqa: E402
+from nanopipe.chat_scoring import evaluate_categorical, evaluate_generative  # noqa: E402
+from nanopipe.checkpoint import build_model, find_last_step  # noqa: E402
+from nanopipe.configs.base_train import BaseTrainConfig  # noqa: E402
+from nanopipe.configs.chat_eval import ChatEvalConfig  # noqa: E402
+from nanopipe.configs.tok_train import TokTrainConfig  # noqa: E402
+from nanopipe.engine import Engine  # noqa: E402
+from nanopipe.gpt import GPT, build_model_config  # noqa: E402
+from nanopipe.rl import sample_groups  # noqa: E402
+from nanopipe.tasks import build_task, builtin_chat_mixture  # noqa: E402
+from nanopipe.tokenizer import Tokenizer  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
+# The stage settings this bench takes, as the stages define them, and the bench's scale (depth 4, width 256)
+STAGE_FLAGS = [(BaseTrainConfig, ("depth", "aspect_ratio", "head_dim", "max_seq_len")),
+               (TokTrainConfig, ("vocab_size",)), (ChatEvalConfig, ("synthetic_size", "tokenizer_dir"))]
+BENCH_SCALE = dict(depth=4, head_dim=64, max_seq_len=512, vocab_size=1024)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The bench's options and the stage settings, in one namespace."""
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--depth", type=int, default=4, help="number of layers")
-    parser.add_argument("--aspect_ratio", type=int, default=64, help="width = depth * aspect_ratio")
-    parser.add_argument("--head_dim", type=int, default=64, help="attention head dimension")
-    parser.add_argument("--seq_len", type=int, default=512, help="model context (tokens)")
-    parser.add_argument("--vocab_size", type=int, default=1024, help="tokenizer vocabulary size to train")
     parser.add_argument("--prompt_len", type=int, default=64, help="prompt tokens before decoding")
     parser.add_argument("--max_tokens", type=int, default=256, help="tokens decoded per timed run")
     parser.add_argument("--samples", default="1,8", help="num_samples values for the engine, comma-separated")
     parser.add_argument("--eval_problems", type=int, default=64, help="problems per chat_eval task")
     parser.add_argument("--eval_max_new_tokens", type=int, default=64, help="tokens per generative answer")
     parser.add_argument("--eval_batch_sizes", default="1,8,32", help="Arithmetic problems per batch, comma-separated")
-    parser.add_argument("--synthetic_size", type=int, default=256, help="problems generated for the builtin tasks")
     parser.add_argument("--rl_questions", type=int, default=4, help="questions of the timed RL rollouts")
     parser.add_argument("--rl_samples", type=int, default=8, help="samples per RL question")
     parser.add_argument("--rl_device_batch_sizes", default="8,32", help="RL sequences per batch, comma-separated")
@@ -58,16 +67,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sections", default="decode,eval,rl", help="what to time: decode, eval, rl")
     parser.add_argument("--checkpoint_dir", default=None, help="a chat checkpoint directory instead of random "
                                                                "weights (its last step)")
-    parser.add_argument("--tokenizer_dir", default=None, help="the checkpoint's tokenizer (default: its meta's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    return parser.parse_args()
+    args, stage = parse_bench_flags(parser, STAGE_FLAGS, scale=BENCH_SCALE, argv=argv)
+    return argparse.Namespace(**vars(args), **stage.model_dump())
 
 
 def build(args, device):
     texts = [conversation_text(c) for c in builtin_chat_mixture("train", size=200)]
     tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=args.vocab_size)
-    config = build_model_config(args.depth, args.aspect_ratio, args.head_dim, args.seq_len,
+    config = build_model_config(args.depth, args.aspect_ratio, args.head_dim, args.max_seq_len,
                                 tokenizer.get_vocab_size())
     torch.manual_seed(0)
     model = GPT.create(config, device).eval()

@@ -76,3 +76,13 @@ def test_the_readme_command_of_bench_base_train_parses_to_the_readme_scale(capsy
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(["--repeats=4", "--corpus=builtin", "--parse_only"])
     assert exit_info.value.code == 0 and "'num_iterations': 60" in capsys.readouterr().out
+
+
+def test_bench_engine_takes_the_model_shape_from_the_stages_and_keeps_its_sweeps():
+    bench = load_bench("bench_engine")
+    args = bench.parse_args(["--depth=2", "--aspect_ratio=32", "--threads=1", "--max_tokens=128"])
+    assert (args.depth, args.aspect_ratio, args.max_seq_len, args.threads, args.max_tokens) == (2, 32, 512, 1, 128)
+    assert args.synthetic_size == 256 and args.tokenizer_dir is None
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--seq_len=64"])  # the stage's flag is --max_seq_len
+    assert exit_info.value.code == 2
