@@ -56,8 +56,13 @@ GSM8K_TEST = REPO.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 sys.path.insert(0, str(REPO))
 
 from bench.bench_base_train import SHAKESPEARE, prepare_inputs  # noqa: E402
+from bench.stage_flags import parse_bench_flags  # noqa: E402
 from nanopipe.chat_format import render_for_completion  # noqa: E402
 from nanopipe.chat_scoring import evaluate_categorical, evaluate_generative  # noqa: E402
+from nanopipe.configs.base_eval import BaseEvalConfig  # noqa: E402
+from nanopipe.configs.base_train import BaseTrainConfig  # noqa: E402
+from nanopipe.configs.chat_eval import ChatEvalConfig  # noqa: E402
+from nanopipe.configs.tok_train import TokTrainConfig  # noqa: E402
 from nanopipe.core_eval import TASK_TYPES, TaskSpec, evaluate_task  # noqa: E402
 from nanopipe.data import iter_documents, select_shards  # noqa: E402
 from nanopipe.engine import Engine  # noqa: E402
@@ -66,21 +71,21 @@ from nanopipe.loss_eval import evaluate_bpb  # noqa: E402
 from nanopipe.tasks import GSM8K, build_task  # noqa: E402
 
 
-def parse_args():
+# The stage settings this bench takes, as the stages define them, and the bench's scale (d4, width 256)
+STAGE_FLAGS = [(BaseTrainConfig, ("depth", "aspect_ratio", "head_dim", "max_seq_len")),
+               (TokTrainConfig, ("vocab_size",)), (BaseEvalConfig, ("device_batch_size",)),
+               (ChatEvalConfig, ("batch_size", "max_new_tokens"))]
+BENCH_SCALE = dict(depth=4, head_dim=64, max_seq_len=512, vocab_size=2048, device_batch_size=8, max_new_tokens=64)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The bench's options and the stage settings, in one namespace."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--aspect_ratio", type=int, default=64)
-    p.add_argument("--head_dim", type=int, default=64)
-    p.add_argument("--seq_len", type=int, default=512, help="model context (tokens)")
-    p.add_argument("--vocab_size", type=int, default=2048, help="tokenizer vocabulary to train")
-    p.add_argument("--bpb_batch", type=int, default=8, help="rows per bits-per-byte batch (of --seq_len tokens)")
     p.add_argument("--bpb_steps", type=int, default=4, help="batches per bits-per-byte run")
     p.add_argument("--core_examples", type=int, default=32, help="items per CORE task type")
     p.add_argument("--core_fewshot", type=int, default=3, help="few-shot examples per CORE prompt")
     p.add_argument("--mc_problems", type=int, default=64, help="multiple-choice problems (categorical)")
-    p.add_argument("--mc_batch", type=int, default=8, help="batch size of categorical scoring")
     p.add_argument("--gsm8k_problems", type=int, default=8, help="GSM8K problems (generative)")
-    p.add_argument("--gen_tokens", type=int, default=64, help="new tokens per generative answer")
     p.add_argument("--prompt_len", type=int, default=64, help="engine prompt tokens")
     p.add_argument("--max_tokens", type=int, default=256, help="engine tokens decoded per sample")
     p.add_argument("--samples", default="1,8", help="engine num_samples values, comma-separated")
@@ -88,7 +93,8 @@ def parse_args():
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each side, alternating")
     p.add_argument("--workdir", default=None, help="tokenizer and corpus cache (default: a temp dir)")
-    return p.parse_args()
+    args, stage = parse_bench_flags(p, STAGE_FLAGS, scale=BENCH_SCALE, argv=argv)
+    return argparse.Namespace(**vars(args), **stage.model_dump())
 
 
 # -----------------------------------------------------------------------------
@@ -143,7 +149,7 @@ def core_items(words: list[str], task_type: str, count: int, seed: int = 0) -> l
 
 
 def bpb_batches(words: list[str], tok, args, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    B, T = args.bpb_batch, args.seq_len
+    B, T = args.device_batch_size, args.max_seq_len
     ids = tok.encode(" ".join(words), prepend=tok.get_bos_token_id())
     needed = args.bpb_steps * B * T + 1
     ids = (ids * (needed // len(ids) + 1))[:needed]  # repeated where the validation text is short
@@ -184,7 +190,7 @@ def counted(fn, units: int, quiet: bool = False):
 
 
 def side_runs(args, inputs, bpb, core, categorical, generative, decode) -> dict:
-    runs = {"bpb": counted(bpb, args.bpb_steps * args.bpb_batch * args.seq_len)}
+    runs = {"bpb": counted(bpb, args.bpb_steps * args.device_batch_size * args.max_seq_len)}
     for task_type in TASK_TYPES:
         data = inputs["core"][task_type]
         runs[f"core {task_type}"] = counted(lambda t=task_type, d=data: core(t, d), len(data))
@@ -196,7 +202,7 @@ def side_runs(args, inputs, bpb, core, categorical, generative, decode) -> dict:
 
 
 def our_side(args, tok, device, inputs) -> dict:
-    config = build_model_config(args.depth, args.aspect_ratio, args.head_dim, args.seq_len, tok.get_vocab_size())
+    config = build_model_config(args.depth, args.aspect_ratio, args.head_dim, args.max_seq_len, tok.get_vocab_size())
     torch.manual_seed(0)
     model = GPT.create(config, device).eval()
     silence_special_tokens(model, [tok.encode_special(name) for name in tok.get_special_tokens()])
@@ -209,9 +215,9 @@ def our_side(args, tok, device, inputs) -> dict:
         args, inputs,
         bpb=lambda: evaluate_bpb(model, inputs["bpb"], args.bpb_steps, inputs["token_bytes"]),
         core=lambda task_type, data: evaluate_task(model, tok, data, spec(task_type), device, config.sequence_len),
-        categorical=lambda: evaluate_categorical(mc, model, tok, len(mc), batch_size=args.mc_batch),
+        categorical=lambda: evaluate_categorical(mc, model, tok, len(mc), batch_size=args.batch_size),
         generative=lambda: evaluate_generative(gsm, engine, tok, len(gsm), num_samples=1,
-                                               max_new_tokens=args.gen_tokens, temperature=0.0, top_k=None, seed=0),
+                                               max_new_tokens=args.max_new_tokens, temperature=0.0, top_k=None, seed=0),
         decode=lambda n: count_decoded(engine.generate(inputs["prompt"], num_samples=n, max_tokens=args.max_tokens,
                                                        temperature=0.0), n, stops))
 
@@ -243,7 +249,7 @@ def load_nanochat(nanochat_dir: Path) -> dict:
 
 def reference_side(args, nc: dict, tok_dir: Path, device, inputs) -> dict:
     tok = nc["tokenizer"].RustBPETokenizer.from_directory(str(tok_dir))
-    ours = build_model_config(args.depth, args.aspect_ratio, args.head_dim, args.seq_len, tok.get_vocab_size())
+    ours = build_model_config(args.depth, args.aspect_ratio, args.head_dim, args.max_seq_len, tok.get_vocab_size())
     config = nc["gpt"].GPTConfig(sequence_len=ours.sequence_len, vocab_size=ours.vocab_size, n_layer=ours.n_layer,
                                  n_head=ours.n_head, n_kv_head=ours.n_kv_head, n_embd=ours.n_embd, window_pattern="L")
     torch.manual_seed(0)
@@ -262,9 +268,9 @@ def reference_side(args, nc: dict, tok_dir: Path, device, inputs) -> dict:
         args, inputs,
         bpb=lambda: nc["loss_eval"].evaluate_bpb(model, inputs["bpb"], args.bpb_steps, inputs["token_bytes"]),
         core=lambda task_type, data: nc["core_eval"].evaluate_task(model, tok, data, device, meta(task_type)),
-        categorical=lambda: chat_eval.run_categorical_eval(mc, tok, model, args.mc_batch),
+        categorical=lambda: chat_eval.run_categorical_eval(mc, tok, model, args.batch_size),
         generative=lambda: chat_eval.run_generative_eval(gsm, tok, model, engine, num_samples=1,
-                                                         max_new_tokens=args.gen_tokens, temperature=0.0, top_k=None),
+                                                         max_new_tokens=args.max_new_tokens, temperature=0.0, top_k=None),
         decode=lambda n: count_decoded(engine.generate(inputs["prompt"], num_samples=n, max_tokens=args.max_tokens,
                                                        temperature=0.0), n, stops))
 
@@ -342,11 +348,11 @@ def main() -> None:
               "prompt": [tok.get_bos_token_id()] + [(7 * i) % 256 for i in range(args.prompt_len - 1)],
               "samples": [int(s) for s in args.samples.split(",")]}
     lengths = [len(render_for_completion(tok, c)) for c in inputs["gsm8k"].conversations]
-    print(f"model: depth {args.depth}, aspect {args.aspect_ratio}, head_dim {args.head_dim}, seq {args.seq_len}, "
-          f"vocab {tok.get_vocab_size()} ({corpus}); bpb {args.bpb_steps} x {args.bpb_batch} x {args.seq_len} tokens; "
+    print(f"model: depth {args.depth}, aspect {args.aspect_ratio}, head_dim {args.head_dim}, seq {args.max_seq_len}, "
+          f"vocab {tok.get_vocab_size()} ({corpus}); bpb {args.bpb_steps} x {args.device_batch_size} x {args.max_seq_len} tokens; "
           f"CORE {args.core_examples} items per type, {args.core_fewshot}-shot; {len(inputs['mc'])} multiple-choice "
-          f"problems (batch {args.mc_batch}); {len(inputs['gsm8k'])} GSM8K problems (prompts {min(lengths)}-"
-          f"{max(lengths)} tokens, {args.gen_tokens} new); decode prompt {args.prompt_len}, {args.max_tokens} tokens; "
+          f"problems (batch {args.batch_size}); {len(inputs['gsm8k'])} GSM8K problems (prompts {min(lengths)}-"
+          f"{max(lengths)} tokens, {args.max_new_tokens} new); decode prompt {args.prompt_len}, {args.max_tokens} tokens; "
           f"{args.repeats} repeat(s)")
     sides = {"nanopipe": our_side(args, tok, device, inputs)}
     nanochat_dir = os.environ.get("NANOCHAT_DIR")

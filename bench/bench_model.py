@@ -3,7 +3,7 @@ Training-step throughput of nanopipe's GPT (forward + backward + AdamW and Muon 
 when NANOCHAT_DIR points at a nanochat checkout, of nanochat's GPT at the same configuration on the same
 tokens, side by side. Prints figures; asserts nothing.
 
-    python bench/bench_model.py --depth=4 --seq_len=128 --batch_size=8 --steps=30
+    python bench/bench_model.py --depth=4 --max_seq_len=128 --device_batch_size=8 --steps=30
     NANOCHAT_DIR=/path/to/nanochat python bench/bench_model.py --depth=4 --threads=1
 
 Both models live in one process and their steps alternate (ours, nanochat, nanochat, ours, ...), so that
@@ -23,20 +23,28 @@ import statistics
 import sys
 import time
 
+from pathlib import Path
+
 import torch
 
-from nanopipe.gpt import GPT, build_model_config
-from nanopipe.training import keep_freed_memory_for_reuse
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.stage_flags import parse_bench_flags  # noqa: E402
+from nanopipe.configs.base_train import BaseTrainConfig  # noqa: E402
+from nanopipe.configs.tok_train import TokTrainConfig  # noqa: E402
+from nanopipe.gpt import GPT, build_model_config  # noqa: E402
+from nanopipe.training import keep_freed_memory_for_reuse  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
+# The stage settings this bench takes, as the stages define them, and the bench's scale (d4, width 256)
+STAGE_FLAGS = [(BaseTrainConfig, ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size")),
+               (TokTrainConfig, ("vocab_size",))]
+BENCH_SCALE = dict(depth=4, head_dim=64, max_seq_len=256, device_batch_size=8, vocab_size=2048)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The bench's options and the stage settings, in one namespace."""
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--depth", type=int, default=4, help="number of layers")
-    parser.add_argument("--aspect_ratio", type=int, default=64, help="width = depth * aspect_ratio")
-    parser.add_argument("--head_dim", type=int, default=64, help="attention head dimension")
-    parser.add_argument("--seq_len", type=int, default=256, help="tokens per row")
-    parser.add_argument("--batch_size", type=int, default=8, help="rows per step")
-    parser.add_argument("--vocab_size", type=int, default=2048, help="vocabulary size")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--warmup_steps", type=int, default=3, help="untimed steps first (compilation, caches)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
@@ -44,7 +52,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile our model too")
     parser.add_argument("--nanochat_compile", default="true", choices=["true", "false"],
                         help="torch.compile nanochat's model, as its base_train does")
-    return parser.parse_args()
+    args, stage = parse_bench_flags(parser, STAGE_FLAGS, scale=BENCH_SCALE, argv=argv)
+    return argparse.Namespace(**vars(args), **stage.model_dump())
 
 
 def make_stepper(model, optimizers, device: torch.device):
@@ -86,7 +95,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def nanopipe_model(args, device):
-    config = build_model_config(args.depth, args.aspect_ratio, args.head_dim, args.seq_len, args.vocab_size)
+    config = build_model_config(args.depth, args.aspect_ratio, args.head_dim, args.max_seq_len, args.vocab_size)
     torch.manual_seed(0)
     model = GPT.create(config, device)
     return model, model.setup_optimizers(), config
@@ -122,9 +131,9 @@ def main() -> None:
         keep_freed_memory_for_reuse()
     steps = args.warmup_steps + args.steps
     g = torch.Generator().manual_seed(1)
-    data = torch.randint(0, args.vocab_size, (steps, args.batch_size, args.seq_len + 1), generator=g).to(device)
+    data = torch.randint(0, args.vocab_size, (steps, args.device_batch_size, args.max_seq_len + 1), generator=g).to(device)
     batches = [(row[:, :-1].contiguous(), row[:, 1:].contiguous()) for row in data]
-    tokens_per_step = args.batch_size * args.seq_len
+    tokens_per_step = args.device_batch_size * args.max_seq_len
 
     model, optimizers, config = nanopipe_model(args, device)
     print(f"config: {config}  params: {model.num_params():,}  FLOPs/token: {model.estimate_flops():,}")

@@ -86,3 +86,12 @@ def test_bench_engine_takes_the_model_shape_from_the_stages_and_keeps_its_sweeps
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(["--seq_len=64"])  # the stage's flag is --max_seq_len
     assert exit_info.value.code == 2
+
+
+def test_bench_eval_and_bench_model_name_stage_settings_by_the_stages_flags():
+    args = load_bench("bench_eval").parse_args([])  # the README's command: d4, width 256, 2 threads, 3 repeats
+    assert (args.depth, args.depth * args.aspect_ratio, args.threads, args.repeats) == (4, 256, 2, 3)
+    assert (args.device_batch_size, args.batch_size, args.max_new_tokens) == (8, 8, 64)
+    args = load_bench("bench_model").parse_args(["--depth=4", "--max_seq_len=128", "--device_batch_size=8",
+                                                 "--steps=30"])
+    assert (args.max_seq_len, args.device_batch_size, args.steps, args.vocab_size) == (128, 8, 30, 2048)
