@@ -315,7 +315,7 @@ def cmd_presets(argv: list[str]) -> int:
     from flows import presets
     width = max(map(len, presets.PRESET_DESCRIPTIONS))
     for name, text in presets.PRESET_DESCRIPTIONS.items():
-        print(f"{name:<{width}}  {text}")
+        print(f"{name:<{width}}  {text}\n{'':<{width}}  {presets.preset_key_values(name)}")
     if argv:
         name = argv[0]
         print(json.dumps(presets.preset_values(name), indent=2))

@@ -35,7 +35,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Serializati
                       model_serializer, model_validator)
 
 from flows.launcher import Resources
-from flows.presets import PRESET_DESCRIPTIONS, PRESETS, deep_merge, preset_values
+from flows.presets import PRESET_DESCRIPTIONS, PRESETS, deep_merge, preset_line, preset_values
 from flows.stages import STAGE_NAMES, STAGES, Stage
 from nanopipe.configs import (BaseEvalConfig, BaseTrainConfig, CommonConfig, DataFlags, NanoConfig, TokEvalConfig,
                               TokTrainConfig, build_config)
@@ -239,7 +239,7 @@ def _form_field(cls: type[BaseModel], name: str, prop: dict[str, Any]) -> dict[s
 def _section(name: str, cls: type[BaseModel], description: str) -> dict[str, Any]:
     props = cls.model_json_schema()["properties"]
     fields = {f: _form_field(cls, f, props[f]) for f in FORM_FIELDS[name]}
-    others = "" if name in SHARED_SECTIONS else "; every other field: JSON tab"
+    others = "" if name in SHARED_SECTIONS else "; every other field: in JSON"
     return {"title": name, "type": "object", "description": description + others, "properties": fields,
             "additionalProperties": True}
 
@@ -247,10 +247,11 @@ def _section(name: str, cls: type[BaseModel], description: str) -> dict[str, Any
 def form_schema() -> dict[str, Any]:
     """The JSON schema of the `config` parameter as the Prefect UI renders it (see the module docstring)."""
     fields = PipelineConfig.model_fields
-    presets = "; ".join(f"{name}: {text}" for name, text in PRESET_DESCRIPTIONS.items())
+    # one list item per preset: a list in V1's markdown, plain text in V2 (which shows no markup): no <, `, *
+    presets = "\n".join(f"- {preset_line(name)}" for name in PRESETS)
     properties: dict[str, Any] = {
         "preset": _choice("preset", list(PRESETS), f"start from this preset; the fields you fill in override it "
-                                                   f"(none: the stage defaults). {presets}"),
+                                                   f"(none: the stage defaults).\n\n{presets}"),
         "run_rl": {"title": "run_rl", "type": "boolean", "description": fields["run_rl"].description},
         "stop_after": _choice("stop_after", STAGE_NAMES, fields["stop_after"].description),
         "recompute_from": _choice("recompute_from", STAGE_NAMES, fields["recompute_from"].description),
@@ -261,8 +262,9 @@ def form_schema() -> dict[str, Any]:
             description += " (a stage's own non-default value wins)"
         properties[name] = _section(name, fields[name].annotation, description)
     hidden = [f for f in fields if f not in properties]
-    description = (f"{PipelineConfig.__doc__} Empty fields stay out of the run's parameters. In the JSON tab: "
-                   f"{', '.join(hidden)} and every field of a stage (python -m nanopipe.stages.<stage> --help).")
+    description = (f"{PipelineConfig.__doc__} Empty fields stay out of the run's parameters. In JSON (the "
+                   f"JSON tab; V1: Use JSON input): {', '.join(hidden)} and every field of a stage "
+                   f"(python -m nanopipe.stages.STAGE --help).")
     return {"title": "PipelineConfig", "type": "object", "description": description, "properties": properties,
             "additionalProperties": True}
 

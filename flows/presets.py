@@ -2,8 +2,10 @@
 Named starting points for `PipelineConfig`: partial nested dicts laid over the config's defaults (which are
 the seed's defaults, i.e. the d20 speedrun's stage settings). `nanopipe run --preset NAME --a.b=c` and a
 deployment's `{"config": {"preset": NAME, ...}}` both start here; given values win. A preset states only what
-differs from those defaults. `PRESET_DESCRIPTIONS` says in one line what each is for (the run form's preset
-picker and `nanopipe presets` show it).
+differs from those defaults. `PRESET_DESCRIPTIONS` says in one line what each is for; `preset_line` adds the
+key values computed from the resolved config (depth, parameters, base_train steps, batch, processes) and the
+expected time and cost where a figure is known (`PRESET_TIMES`): the run form's preset picker and `nanopipe
+presets` show them.
 
 The GPU presets read FineWeb-Edu shards through huggingface-hub (`data.data_source=hf`): the tokenizer
 the first 8 shards, pretraining as many as its token budget needs. Their chat stages use nanochat's data: the
@@ -22,6 +24,7 @@ from nanopipe.configs.base import deep_merge  # noqa: F401 (flows.config lays pr
 from nanopipe.configs.chat_common import IDENTITY_CONVERSATIONS_URL
 from nanopipe.configs.chat_eval import ChatEvalConfig
 from nanopipe.configs.chat_rl import ChatRLConfig
+from nanopipe.vocab import padded_vocab_size
 
 # nanochat's chat data: its speedrun's identity conversations, the public 370K-word list for the spelling tasks
 _REFERENCE_CHAT_DATA = {"identity_path": IDENTITY_CONVERSATIONS_URL, "spelling_words": "download"}
@@ -115,9 +118,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo-cpu": _cpu_run(1),
     # the same chain with 3x the mid-training and SFT: under 30 minutes on 2 cores
     "cpu-small": _cpu_run(3),
-    # depth 12, ~135M parameters: a couple of hours' worth of nanochat-style training on one 8-GPU node
+    # depth 12: a small nanochat-style model on one 8-GPU node
     "d12": _gpu_run(12, base_shards=80),
-    # nanochat's speedrun: d20 (561M parameters), 8xH100, ~4 h; 370 shards cover 11.2B tokens plus cropping
+    # nanochat's speedrun: d20, 8xH100, ~4 h; 370 shards cover 11.2B tokens plus cropping
     "speedrun-d20": _gpu_run(None, base_shards=370),
     # d26 on 8xH100: batch 16 per device fits 80 GB, gradient accumulation keeps the 524,288-token batch
     "d26": _gpu_run(26, base_shards=450, device_batch_size=16),
@@ -132,7 +135,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESET_DESCRIPTIONS: dict[str, str] = {
     "demo-cpu": "the whole pipeline on a 2-core CPU in under 10 minutes, offline builtin data (run_rl=true adds RL)",
     "cpu-small": "demo-cpu with 3x the mid-training and SFT: under 30 minutes on a 2-core CPU",
-    "d12": "a quick GPU model: depth 12 on one 8-GPU node, a couple of hours",
+    "d12": "a quick GPU model: depth 12 on one 8-GPU node",
     "speedrun-d20": "nanochat's $100 speedrun: depth 20 on 8xH100, about 4 hours",
     "d26": "depth 26 on 8xH100, device batch 16 to fit 80 GB",
     "mem-40gb": "the speedrun on 40 GB GPUs: device batch 16, same total batch",
@@ -140,6 +143,77 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
     "single-gpu": "one GPU of 24 GB or more: depth 12, device batch 4",
 }
 assert set(PRESET_DESCRIPTIONS) == set(PRESETS), "every preset needs a one-line description"
+
+
+# Expected wall time of the whole chain where one is known: (hours, the figure as stated and where it comes from).
+# The GPU cost is these hours x the run's GPUs x its cost_per_gpu_hour; other presets say "not measured".
+PRESET_TIMES: dict[str, tuple[float, str]] = {
+    "demo-cpu": (7 / 60, "about 7 min on 2 CPU cores (measured, README)"),
+    "cpu-small": (0.5, "under 30 min on 2 CPU cores (README)"),
+    "speedrun-d20": (4.0, "about 4 h on 8xH100 (nanochat's speedrun)"),
+    "d26": (12.0, "about 12 h on 8xH100 (nanochat's d26 tier)"),
+}
+
+
+def model_params(depth: int, aspect_ratio: int, head_dim: int, vocab_size: int) -> int:
+    """Parameters of the GPT these shape flags build (nanopipe.gpt, counted without torch): per layer 4 width^2
+    of attention and 8 width^2 of MLP, plus the untied embedding and LM head over the padded vocabulary."""
+    width = -(-depth * aspect_ratio // head_dim) * head_dim
+    return 12 * depth * width * width + 2 * padded_vocab_size(vocab_size) * width
+
+
+def preset_facts(name: str) -> dict[str, Any]:
+    """A preset's key values, computed from its resolved config: depth, parameters, base_train steps (and what
+    sets them), tokens per step, processes, base training FLOPs, and the expected time and cost where known."""
+    from flows.config import PipelineConfig   # flows.config builds on this module
+    config = PipelineConfig(preset=name)
+    base, res = config.base_train, config.resources
+    params = model_params(base.depth, base.aspect_ratio, base.head_dim, config.tok_train.vocab_size)
+    width = -(-base.depth * base.aspect_ratio // base.head_dim) * base.head_dim
+    flops_per_token = 6 * (params - padded_vocab_size(config.tok_train.vocab_size) * width) + \
+        12 * base.depth * width * base.max_seq_len
+    if base.num_iterations is not None:
+        steps, by = base.num_iterations, "num_iterations"
+    elif base.target_flops is not None:
+        steps, by = max(1, round(base.target_flops / (flops_per_token * base.total_batch_size))), "target_flops"
+    else:
+        steps = max(1, int(base.target_param_data_ratio * params) // base.total_batch_size)
+        by = f"{base.target_param_data_ratio:g} tokens per parameter"
+    hours, time = PRESET_TIMES.get(name, (None, "time not measured"))
+    gpus = 0 if config.common.device_type == "cpu" else res.nproc_per_node * res.nnodes
+    if not gpus:
+        cost = "no GPU cost"
+    elif hours is None:
+        cost = "cost not measured"
+    else:
+        usd = hours * gpus * config.cost_per_gpu_hour
+        cost = f"about {float(f'{usd:.1g}'):,.0f} USD at {config.cost_per_gpu_hour:g} USD/GPU-h"
+    return {"depth": base.depth, "params": params, "steps": steps, "steps_by": by, "batch": base.total_batch_size,
+            "nproc_per_node": res.nproc_per_node, "nnodes": res.nnodes, "flops": flops_per_token * steps *
+            base.total_batch_size, "time": time, "cost": cost}
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.0f}M" if n >= 1e7 else f"{n / 1e6:.1f}M"
+
+
+def preset_key_values(name: str) -> str:
+    """The preset's key values in words: depth, parameters, steps, batch, processes, expected time and cost."""
+    f = preset_facts(name)
+    steps = f"{f['steps']:,} steps" + ("" if f["steps_by"] == "num_iterations" else f" ({f['steps_by']})")
+    if f["time"] == "time not measured":
+        ratio = f["flops"] / preset_facts("speedrun-d20")["flops"]
+        when = f"time and cost not measured ({ratio:.2g}x the speedrun's pretraining compute)"
+    else:
+        when = f"{f['time']}, {f['cost']}"
+    return (f"depth {f['depth']} ({_millions(f['params'])} parameters), {steps} of {f['batch']:,} tokens, "
+            f"{f['nproc_per_node']} x {f['nnodes']} processes; {when}")
+
+
+def preset_line(name: str) -> str:
+    """One line (no markup: both Prefect UIs show it as written): what the preset is for, then its key values."""
+    values = preset_key_values(name)
+    return f"{name}: {PRESET_DESCRIPTIONS[name]}. {values[0].upper()}{values[1:]}"
 
 
 def preset_values(name: str) -> dict[str, Any]:

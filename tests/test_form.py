@@ -3,6 +3,7 @@ sections, the resolved config, the checks the flow makes before launching anythi
 for, and the deployments' schedules. No server: the schema is the one `prefect deploy` sends."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import yaml
 
 from flows.config import FORM_FIELDS, SHARED_SECTIONS, PipelineConfig, resolved_config_markdown
 from flows.plan import PlanError, dry_run_command, model_shape, plan_pipeline
-from flows.presets import PRESET_DESCRIPTIONS, PRESETS
+from flows.presets import (PRESET_DESCRIPTIONS, PRESETS, PRESET_TIMES, model_params, preset_key_values,
+                           preset_line)
 from flows.stages import STAGE_NAMES, get_stage
 from nanopipe.configs import BaseTrainConfig
 from nanopipe.configs.chat_sft import ChatSFTConfig
@@ -46,7 +48,11 @@ def test_the_form_is_short_titled_by_stage_keys_with_no_defaults_and_no_type_tog
     props = form["properties"]
     assert list(props)[:4] == ["preset", "run_rl", "stop_after", "recompute_from"]
     assert props["preset"]["enum"] == [*PRESETS, "none"]
-    assert all(f"{name}: {text}" in props["preset"]["description"] for name, text in PRESET_DESCRIPTIONS.items())
+    lines = props["preset"]["description"].splitlines()
+    assert [line for line in lines if line.startswith("- ")] == [f"- {preset_line(name)}" for name in PRESETS]
+    # V1 renders descriptions as markdown (a <tag> vanishes), V2 as plain text (markup shows): neither in the form
+    for node in walk(form):
+        assert not re.search(r"<[A-Za-z/]|`|\*\S|\S\*", node.get("description", "")), node["description"]
     nodes = list(walk(form))
     assert not [n for n in nodes if "anyOf" in n or "oneOf" in n or isinstance(n.get("type"), list)]
     assert not [n for n in nodes if "default" in n]          # untouched fields stay out of what is submitted
@@ -221,6 +227,42 @@ def test_every_preset_has_a_one_line_description_written_once():
     for name, text in PRESET_DESCRIPTIONS.items():
         assert text and "\n" not in text and len(text) <= 100, name
         assert f"\n    {name} " not in flows.presets.__doc__, f"{name}: described in PRESET_DESCRIPTIONS only"
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_each_preset_line_states_the_key_values_of_its_resolved_config(name):
+    """Depth, parameters, steps, batch and processes as the stages will compute them, so a line cannot go stale."""
+    import torch
+    from nanopipe.gpt import GPT, build_model_config
+    from nanopipe.stages.base_train import horizon
+    config = PipelineConfig(preset=name)
+    base, res = config.stage_config(get_stage("base_train")), config.resources
+    with torch.device("meta"):
+        model = GPT(build_model_config(base.depth, base.aspect_ratio, base.head_dim, base.max_seq_len,
+                                       config.tok_train.vocab_size))
+    steps, _ = horizon(base, model.estimate_flops(), model.num_params())
+    line = preset_key_values(name)
+    assert model_params(base.depth, base.aspect_ratio, base.head_dim, config.tok_train.vocab_size) == \
+        model.num_params()
+    assert line.startswith(f"depth {base.depth} (") and round(model.num_params() / 1e6) == \
+        round(float(line.split("(")[1].split("M parameters")[0]))
+    assert f" {steps:,} steps" in line and f" of {base.total_batch_size:,} tokens, " in line
+    assert f"{res.nproc_per_node} x {res.nnodes} processes; " in line
+    if name in PRESET_TIMES:
+        assert PRESET_TIMES[name][1] in line and ("no GPU cost" in line) == (config.common.device_type == "cpu")
+    else:
+        assert "time and cost not measured" in line
+    assert preset_line(name) == f"{name}: {PRESET_DESCRIPTIONS[name]}. {line[0].upper()}{line[1:]}"
+
+
+def test_nanopipe_presets_prints_each_presets_purpose_and_key_values(capsys):
+    from flows.cli import cmd_presets
+    assert cmd_presets([]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 * len(PRESETS)
+    for name, first, second in zip(PRESETS, out[::2], out[1::2]):
+        assert first.split() == [name, *PRESET_DESCRIPTIONS[name].split()]
+        assert second.strip() == preset_key_values(name)
 
 
 def test_prefect_yaml_never_activates_a_schedule_on_the_shared_pool():
