@@ -3,7 +3,7 @@ Benchmark the chat stack's quality at demo-cpu size, offline: tokenizer -> base 
 data, then figures on held-out builtin conversations that none of the stages trained on.
 
     python bench/bench_chat_quality.py                        # the demo-cpu chain, 2 processes, ~6-8 min on 2 cores
-    python bench/bench_chat_quality.py --workdir=/tmp/cq --keep --mid_builtin_size=1000
+    python bench/bench_chat_quality.py --workdir=DIR --keep --mid_train.builtin_size=1000
 
 Printed figures (each with the relation it is expected to show):
 - chat-format loss (every token of a conversation, nats/token): base vs mid        (mid lower)
@@ -33,6 +33,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from bench.stage_flags import parse_bench_flags, stage_cli_args, stages_model  # noqa: E402
+from nanopipe.configs.base_train import BaseTrainConfig  # noqa: E402
+from nanopipe.configs.chat_sft import ChatSFTConfig  # noqa: E402
+from nanopipe.configs.mid_train import MidTrainConfig  # noqa: E402
+from nanopipe.configs.tok_train import TokTrainConfig  # noqa: E402
 from nanopipe.chat_format import render_conversation, render_for_completion  # noqa: E402
 from nanopipe.chat_scoring import evaluate_categorical  # noqa: E402
 from nanopipe.chat_batches import collate_supervised, evaluate_chat_loss  # noqa: E402
@@ -44,43 +49,44 @@ from nanopipe.tasks.spelling import SimpleSpelling, SpellingBee  # noqa: E402
 
 HELD_OUT_SEED = 2024  # no stage draws builtin examples with this seed
 
-# the demo-cpu preset's tokenizer and base model (flows/presets.py), and the mid/SFT settings recommended for it
-TOK_FLAGS = dict(vocab_size=2048, max_chars=3_000_000, device_type="cpu")
-BASE_FLAGS = dict(device_type="cpu", depth=4, aspect_ratio=32, head_dim=32, max_seq_len=256, device_batch_size=8,
-                  total_batch_size=4096, num_iterations=40, eval_every=20, eval_tokens=16384, core_metric_every=-1,
-                  sample_every=-1, save_every=10)
-MID_FLAGS = dict(device_type="cpu", mixture="builtin", max_seq_len=256, device_batch_size=8, total_batch_size=4096,
-                 eval_every=25, eval_tokens=16384, save_every=25)
-SFT_FLAGS = dict(device_type="cpu", mixture="builtin", device_batch_size=8, target_examples_per_step=32,
-                 eval_every=20, eval_steps=8, eval_metrics_every=-1, eval_metrics_max_problems=128, save_every=20)
+# The stages' own flags (`--base_train.num_iterations=60`), starting from the demo-cpu preset's tokenizer and base
+# model (flows/presets.py) and the mid/SFT settings recommended for it. Mid-training uses the rates as given,
+# whatever the batch (as nanochat's); the tiny model learns the chat format far faster at 0.265 = 3 x sqrt(4096 /
+# 2^19) than at 0.088 (val loss 1.38 vs 2.71 after one pass); nanochat's SFT 0.02 barely moves it in 56 steps.
+STAGES = stages_model({"tok_train": TokTrainConfig, "base_train": BaseTrainConfig, "mid_train": MidTrainConfig,
+                       "chat_sft": ChatSFTConfig})
+BENCH_SCALE = {
+    "tok_train": dict(vocab_size=2048, max_chars=3_000_000, device_type="cpu"),
+    "base_train": dict(device_type="cpu", depth=4, aspect_ratio=32, head_dim=32, max_seq_len=256, device_batch_size=8,
+                       total_batch_size=4096, num_iterations=40, eval_every=20, eval_tokens=16384,
+                       core_metric_every=None, sample_every=None, save_every=10),
+    "mid_train": dict(device_type="cpu", mixture="builtin", max_seq_len=256, device_batch_size=8,
+                      total_batch_size=4096, eval_every=25, eval_tokens=16384, save_every=25, builtin_size=500,
+                      init_lr_frac=0.265),
+    "chat_sft": dict(device_type="cpu", mixture="builtin", device_batch_size=8, target_examples_per_step=32,
+                     eval_every=20, eval_steps=8, eval_metrics_every=None, eval_metrics_max_problems=128,
+                     save_every=20, builtin_size=500, init_lr_frac=0.2),
+}
 
 
-def parse_args():
+def parse_args(argv: list[str] | None = None):
+    """(the bench's options, the four stages' configs) from the command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=None, help="NANOPIPE_HOME of the run (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the workdir")
     p.add_argument("--nproc", type=int, default=2, help="processes per training stage (torchrun, gloo)")
-    p.add_argument("--base_iterations", type=int, default=BASE_FLAGS["num_iterations"])
-    p.add_argument("--mid_builtin_size", type=int, default=500, help="examples per builtin task in mid-training")
-    # mid-training uses the rates as given, whatever the batch (as nanochat's); the tiny model learns the chat
-    # format far faster at 0.265 = 3 x sqrt(4096 / 2^19) than at 0.088 (val loss 1.38 vs 2.71 after one pass)
-    p.add_argument("--mid_init_lr_frac", type=float, default=0.265)
-    p.add_argument("--sft_builtin_size", type=int, default=500, help="examples per builtin task in SFT")
-    p.add_argument("--sft_init_lr_frac", type=float, default=0.2, help="nanochat's 0.02 barely moves the tiny "
-                                                                        "model in 56 steps")
     p.add_argument("--held_out_per_task", type=int, default=40, help="held-out conversations per builtin task")
     p.add_argument("--generate_problems", type=int, default=48, help="Arithmetic problems completed per model")
-    p.add_argument("--max_new_tokens", type=int, default=160)
+    p.add_argument("--max_new_tokens", type=int, default=160, help="tokens per Arithmetic completion")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the evaluations in this process")
-    return p.parse_args()
+    return parse_bench_flags(p, STAGES, scale=BENCH_SCALE, argv=argv)
 
 
 # -----------------------------------------------------------------------------
 # Running the stages
 
-def run_stage(name: str, flags: dict, home: Path, nproc: int) -> float:
-    """Run one stage as its own command; return its wall time. Fails loudly with the log tail."""
-    args = [f"--{k}={v}" for k, v in flags.items()]
+def run_stage(name: str, args: list[str], home: Path, nproc: int) -> float:
+    """Run one stage as its own command with these flags; return its wall time. Fails loudly with the log tail."""
     if nproc > 1 and name not in ("tok_train",):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", f"nanopipe.stages.{name}", *args]
@@ -149,24 +155,21 @@ def multiple_choice_accuracy(model, tokenizer, problems: int = 200) -> float:
 # -----------------------------------------------------------------------------
 
 def main() -> None:
-    args = parse_args()
+    args, stages = parse_args()
     home = args.workdir or Path(tempfile.mkdtemp(prefix="chat-quality-"))
     home.mkdir(parents=True, exist_ok=True)
     print(f"workdir {home}; {args.nproc} process(es) per training stage; {os.cpu_count()} CPU(s); "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     t_start = time.perf_counter()
-    times = {"tok_train": run_stage("tok_train", TOK_FLAGS, home, 1)}
-    times["base_train"] = run_stage("base_train", {**BASE_FLAGS, "num_iterations": args.base_iterations},
+    base_dir, mid_dir, sft_dir = (home / "base_checkpoints" / "d4", home / "mid_checkpoints" / "d4",
+                                  home / "chatsft_checkpoints" / "d4")
+    times = {"tok_train": run_stage("tok_train", stage_cli_args(stages.tok_train), home, 1)}
+    times["base_train"] = run_stage("base_train", [*stage_cli_args(stages.base_train), f"--out_dir={base_dir}"],
                                     home, args.nproc)
-    base_dir = home / "base_checkpoints" / "d4"
-    times["mid_train"] = run_stage("mid_train", {**MID_FLAGS, "checkpoint_dir": base_dir,
-                                                 "builtin_size": args.mid_builtin_size,
-                                                 "init_lr_frac": args.mid_init_lr_frac}, home, args.nproc)
-    mid_dir = home / "mid_checkpoints" / "d4"
-    times["chat_sft"] = run_stage("chat_sft", {**SFT_FLAGS, "checkpoint_dir": mid_dir,
-                                               "builtin_size": args.sft_builtin_size,
-                                               "init_lr_frac": args.sft_init_lr_frac}, home, args.nproc)
-    sft_dir = home / "chatsft_checkpoints" / "d4"
+    times["mid_train"] = run_stage("mid_train", [*stage_cli_args(stages.mid_train), f"--checkpoint_dir={base_dir}",
+                                                 f"--out_dir={mid_dir}"], home, args.nproc)
+    times["chat_sft"] = run_stage("chat_sft", [*stage_cli_args(stages.chat_sft), f"--checkpoint_dir={mid_dir}",
+                                               f"--out_dir={sft_dir}"], home, args.nproc)
 
     t_eval = time.perf_counter()
     torch.set_num_threads(args.threads)

@@ -17,7 +17,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from nanopipe.configs.base import ConfigError, build_config, deep_merge
 from nanopipe.configs.flags import HELP_FLAGS, format_help, parse_flags
@@ -47,18 +47,27 @@ def stage_model(sources: Sequence[StageFields], name: str = "StageFlags") -> typ
     return create_model(name, __base__=_BenchStage, **fields)
 
 
-def parse_bench_flags(parser: argparse.ArgumentParser, sources: Sequence[StageFields], *,
+def stages_model(stages: dict[str, type[BaseModel]], name: str = "StagesFlags") -> type[BaseModel]:
+    """A model with one field per stage, each that stage's whole config: flags `--base_train.depth=4`."""
+    fields = {stage: (cls, Field(default_factory=cls, description=f"flags of {stage}"))
+              for stage, cls in stages.items()}
+    return create_model(name, __base__=_BenchStage, **fields)
+
+
+def parse_bench_flags(parser: argparse.ArgumentParser, sources: Sequence[StageFields] | type[BaseModel], *,
                       scale: dict[str, Any] | None = None,
                       argv: list[str] | None = None) -> tuple[argparse.Namespace, Any]:
     """(the bench's own options, the validated stage settings) from argv; a bad flag exits 2 naming it."""
     argv = sys.argv[1:] if argv is None else list(argv)
     scale = dict(scale or {})
-    model = stage_model(sources)
+    model = sources if isinstance(sources, type) else stage_model(sources)
+    names = ([cls.__name__ for cls, _ in sources] if not isinstance(sources, type)
+             else [field.annotation.__name__ for field in sources.model_fields.values()])
     parser.add_argument("--parse_only", action="store_true",
                         help="print the settings this command resolves to, then exit without running")
     if any(token in HELP_FLAGS for token in argv):
         parser.print_help()
-        print(f"\nStage flags (defined by {', '.join(cls.__name__ for cls, _ in sources)}); "
+        print(f"\nStage flags (defined by {', '.join(names)}); "
               f"this bench starts from {scale or 'the stage defaults'}:\n")
         print(format_help(model, parser.prog, description=" "))
         raise SystemExit(0)
@@ -76,9 +85,10 @@ def parse_bench_flags(parser: argparse.ArgumentParser, sources: Sequence[StageFi
 
 
 def stage_cli_args(stage: BaseModel, names: Sequence[str] | None = None) -> list[str]:
-    """The stage settings as the flags a stage's command takes (`--depth=4`), all or the named ones."""
+    """The stage settings as the flags a stage's command takes (`--depth=4`): the named ones, or (by default)
+    those the bench's scale or the command line set."""
     args = []
-    for name in names if names is not None else list(type(stage).model_fields):
+    for name in names if names is not None else sorted(stage.model_fields_set):
         value = getattr(stage, name)
         if isinstance(value, bool):
             value = "true" if value else "false"

@@ -95,3 +95,17 @@ def test_bench_eval_and_bench_model_name_stage_settings_by_the_stages_flags():
     args = load_bench("bench_model").parse_args(["--depth=4", "--max_seq_len=128", "--device_batch_size=8",
                                                  "--steps=30"])
     assert (args.max_seq_len, args.device_batch_size, args.steps, args.vocab_size) == (128, 8, 30, 2048)
+
+
+def test_bench_chat_quality_hands_each_stage_flags_its_own_parser_accepts():
+    from nanopipe.configs.flags import parse_config
+
+    bench = load_bench("bench_chat_quality")
+    from bench.stage_flags import stage_cli_args
+    args, stages = bench.parse_args(["--nproc=1", "--base_train.num_iterations=60", "--mid_train.builtin_size=1000"])
+    assert args.nproc == 1
+    assert (stages.base_train.num_iterations, stages.base_train.depth) == (60, 4)
+    assert (stages.mid_train.builtin_size, stages.mid_train.init_lr_frac) == (1000, 0.265)
+    for name in ("tok_train", "base_train", "mid_train", "chat_sft"):
+        config = getattr(stages, name)
+        assert parse_config(type(config), stage_cli_args(config), prog=name) == config
