@@ -6,6 +6,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 from uuid import UUID
 
 import pytest
@@ -160,21 +161,30 @@ def launches(artifact_dir: str) -> int:
     return sum(1 for line in log.read_text().splitlines() if line.startswith("# ") and LAUNCH_HEADER in line)
 
 
-def kill_torchrun_after_checkpoint(out_dir: str, timeout: float = 180) -> threading.Thread:
-    """SIGKILL the torchrun launcher writing into `out_dir` as soon as its first checkpoint is complete."""
+def kill_after_checkpoint(out_dir: str, chosen: Callable[[bytes, list[bytes]], bool], timeout: float,
+                          before: Callable[[], None] = lambda: None) -> threading.Thread:
+    """SIGKILL the first process writing into `out_dir` that `chosen(cmdline, environ)` picks, as soon as the
+    stage's first checkpoint there is complete; `before()` runs just before the kill."""
     def watch():
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if list(Path(out_dir).glob("meta_*.json")):
-                for entry in os.listdir("/proc"):
+                for entry in filter(str.isdigit, os.listdir("/proc")):
                     try:
                         cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-                    except (OSError, ValueError):
+                        environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+                    except OSError:
                         continue
-                    if b"torch.distributed.run" in cmdline and out_dir.encode() in cmdline:
+                    if out_dir.encode() in cmdline and chosen(cmdline, environ):
+                        before()
                         os.kill(int(entry), signal.SIGKILL)
                         return
             time.sleep(0.02)
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
+
+
+def kill_torchrun_after_checkpoint(out_dir: str, timeout: float = 180) -> threading.Thread:
+    """SIGKILL the torchrun launcher writing into `out_dir` as soon as its first checkpoint is complete."""
+    return kill_after_checkpoint(out_dir, lambda cmdline, _: b"torch.distributed.run" in cmdline, timeout)

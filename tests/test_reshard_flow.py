@@ -5,12 +5,9 @@ base_train loses one of its two ranks and finishes on one."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import stat
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +24,7 @@ from flows.store import CheckpointUploader, restore_checkpoints
 from flows.world import (AVAILABLE_ENV, LAUNCHES_FILE, batch_refusal, listed_gpus, record_launch, retry_nproc,
                          retry_plan, segments, segments_of, usable_processes, visible_count)
 from nanopipe.events import Resumed, parse_record, record_line
-from tests.flow_support import tiny
+from tests.flow_support import kill_after_checkpoint, tiny
 
 GPUS = [("0", "GPU-aaaa-0"), ("1", "GPU-bbbb-1"), ("2", "GPU-cccc-2")]
 
@@ -220,25 +217,9 @@ def test_the_store_restores_a_two_rank_checkpoint_for_a_one_rank_retry(tmp_path)
 def kill_rank_after_checkpoint(out_dir: str, rank: int, then: dict[str, str], timeout: float = 300) -> threading.Thread:
     """SIGKILL worker `rank` of the torchrun writing into `out_dir` once its first checkpoint is complete (the
     lost GPU), after setting `then` in this process's environment (what the node can run from now on)."""
-    def watch():
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if list(Path(out_dir).glob("meta_*.json")):
-                for entry in filter(str.isdigit, os.listdir("/proc")):
-                    try:
-                        cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-                        environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-                    except OSError:
-                        continue
-                    if (out_dir.encode() in cmdline and b"torch.distributed.run" not in cmdline
-                            and f"RANK={rank}".encode() in environ):
-                        os.environ.update(then)
-                        os.kill(int(entry), signal.SIGKILL)
-                        return
-            time.sleep(0.02)
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    def worker(cmdline: bytes, environ: list[bytes]) -> bool:
+        return b"torch.distributed.run" not in cmdline and f"RANK={rank}".encode() in environ
+    return kill_after_checkpoint(out_dir, worker, timeout, before=lambda: os.environ.update(then))
 
 
 @pytest.mark.slow
