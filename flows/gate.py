@@ -16,7 +16,8 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from datetime import timezone
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field, ValidationError
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from flows.report import StageOutcome
 
 KEY_METRICS_KEY = "nanopipe-key-metrics"
+TREND_RUNS = 30   # how many runs of a lineage the report card's trend shows (flows/trend.py), this one included
 NO_EARLIER_RUN = "no earlier run of this lineage to compare with"
 # How the chat evaluations are named in metric names and in the report's chat table ("SFT GSM8K")
 CHAT_COLUMNS = {"chat_eval_mid": "MID", "chat_eval_sft": "SFT", "chat_eval_rl": "RL"}
@@ -134,6 +136,9 @@ class GateResult:
     regressions: list[str]
     rows: list[tuple[str, float | None, float, str, str]]   # metric, previous, now, tolerance, verdict
     note: str                                               # compared with what, or why nothing
+    # the lineage's earlier Completed runs, newest first (at most TREND_RUNS - 1): {"run", "id", "ended",
+    # "metrics"} each, for the report card's trend (flows/trend.py)
+    history: list[dict] = field(default_factory=list)
 
 
 def compare(current: dict[str, float], current_basis: dict[str, str], previous: dict | None,
@@ -199,9 +204,11 @@ def record_from_table(data: str | None) -> dict | None:
             "basis": {r.metric: r.basis for r in rows if r.basis is not None}}
 
 
-def previous_record(lineage_name: str, flow_run_id, deployment_id, flow_name: str) -> tuple[dict | None, str]:
-    """The key-metrics record of the newest Completed earlier run of the same deployment (or of the same
-    flow run outside deployments) and lineage, read through the Prefect API; (None, "") when there is none."""
+def lineage_history(lineage_name: str, flow_run_id, deployment_id, flow_name: str,
+                    limit: int = TREND_RUNS - 1) -> list[dict]:
+    """The key-metrics records of the newest `limit` Completed earlier runs of the same deployment (or of the
+    same flow outside deployments) and lineage, newest first, read through the Prefect API: {"run": its name,
+    "id", "ended": "2026-12-05 03:00 UTC", "lineage", "metrics", "basis"} each; [] when there is none."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey,
                                                 DeploymentFilter, DeploymentFilterId, FlowFilter, FlowFilterName,
@@ -219,15 +226,17 @@ def previous_record(lineage_name: str, flow_run_id, deployment_id, flow_name: st
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])) if deployment_id else None,
             flow_filter=None if deployment_id else FlowFilter(name=FlowFilterName(any_=[flow_name])))
         if not runs:
-            return None, ""
+            return []
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=[KEY_METRICS_KEY]), flow_run_id=ArtifactFilterFlowRunId(any_=[r.id for r in runs])))
     records = {a.flow_run_id: record_from_table(a.data if isinstance(a.data, str) else None) for a in artifacts}
+    history = []
     for run in runs:   # newest first
         record = records.get(run.id)
         if record and record.get("lineage") == lineage_name:
-            return record, f"run {run.name} ({run.id})"
-    return None, ""
+            ended = run.end_time.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if run.end_time else ""
+            history.append({"run": run.name, "id": str(run.id), "ended": ended, **record})
+    return history[:limit]
 
 
 def regression_gate(current: dict[str, float], basis: dict[str, str], lineage_name: str) -> GateResult:
@@ -239,11 +248,13 @@ def regression_gate(current: dict[str, float], basis: dict[str, str], lineage_na
     if not flow_run.id:
         return GateResult([], [], "not inside a flow run: no earlier run to look up")
     try:
-        previous, against = previous_record(lineage_name, flow_run.id, deployment.id, flow_run.flow_name)
+        history = lineage_history(lineage_name, flow_run.id, deployment.id, flow_run.flow_name)
     except Exception as err:   # the API is down or answers nonsense: the report still goes out
         run_logger().warning(f"regression gate: could not read earlier runs: {type(err).__name__}: {err}")
         return GateResult([], [], f"could not read earlier runs from the Prefect API ({type(err).__name__}: {err})")
-    return compare(current, basis, previous, against)
+    previous = history[0] if history else None
+    against = f"run {previous['run']} ({previous['id']})" if previous else ""
+    return replace(compare(current, basis, previous, against), history=history)
 
 
 def tag_lineage(lineage_name: str) -> None:

@@ -1,13 +1,14 @@
 """
 A training stage's curves (loss, validation bits per byte or loss, RL reward) as a small PNG, from its
-progress history, for the run's Prefect artifacts and report card.
+progress history, for the run's Prefect artifacts and report card; `render_panels` also draws the trend of a
+lineage's key metrics (flows/trend.py).
 
 The history is `progress.jsonl` in the stage's artifact directory: one JSON object per progress line, e.g.
 {"step": 10, "total": 40, "loss": 3.2}, appended across attempts. An artifact made before that file existed
 still has its `stage.log`, whose progress lines are the same objects. A resumed stage repeats the steps
 after its last checkpoint: for each curve the last value reported for a step wins.
 
-matplotlib is imported inside `render_curves` only (Agg canvas, no display, no global backend switch): the
+matplotlib is imported inside `render_panels` only (Agg canvas, no display, no global backend switch): the
 flow process pays for it once, when a run ends.
 """
 
@@ -75,19 +76,32 @@ def curve_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
 def render_curves(series: dict[str, list[tuple[int, float]]], title: str) -> bytes:
     """One panel per curve, side by side, as a 640x360 palette PNG (~10 kB)."""
     assert series, f"{title}: no curve to draw"
+    return render_panels({CURVES[name]: points for name, points in series.items()}, title, "step")
+
+
+def render_panels(panels: dict[str, list[tuple[float, float]]], title: str, xlabel: str,
+                  per_row: int | None = None) -> bytes:
+    """One small line plot per panel ({panel title: [(x, y)]}), `per_row` to a row (all in one row when
+    None), as a palette PNG 640 px wide and 360 px high per row of panels at most."""
+    assert panels, f"{title}: no panel to draw"
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(WIDTH_PX / DPI, HEIGHT_PX / DPI), dpi=DPI)
+    ncols = min(per_row or len(panels), len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    height_px = HEIGHT_PX if nrows == 1 else 40 + 200 * nrows
+    figure = Figure(figsize=(WIDTH_PX / DPI, height_px / DPI), dpi=DPI)
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(series), squeeze=False)[0]
-    for ax, (name, points) in zip(axes, series.items()):
-        steps, values = zip(*points)
-        ax.plot(steps, values, marker="." if len(points) <= 20 else None, linewidth=1.2)
-        ax.set_title(CURVES[name], fontsize=10)
-        ax.set_xlabel("step", fontsize=9)
+    axes = figure.subplots(nrows, ncols, squeeze=False).flatten()
+    for ax, (name, points) in zip(axes, panels.items()):
+        xs, ys = zip(*points) if points else ((), ())
+        ax.plot(xs, ys, marker="." if len(points) <= 30 else None, linewidth=1.2)
+        ax.set_title(name, fontsize=10 if nrows == 1 else 9)
+        ax.set_xlabel(xlabel, fontsize=9 if nrows == 1 else 8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
+    for ax in axes[len(panels):]:   # the empty places of the last row
+        ax.set_axis_off()
     figure.suptitle(title, fontsize=11)
     figure.tight_layout()
     out = io.BytesIO()

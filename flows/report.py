@@ -7,7 +7,8 @@ What a person sees of a pipeline run in the Prefect UI after it ends, however it
                            (also written to NANOPIPE_HOME/report.md)
     nanopipe-summary       the stages with their key metrics and artifact paths
     nanopipe-metrics       every key metric in long format (stage, metric, value)
-    nanopipe-key-metrics   the metrics the regression gate compares, a table the next run reads back as data
+    nanopipe-key-metrics   the metrics the regression gate compares (and the trend's tokens per second and wall
+                           time), a table the next runs read back as data
     <stage>-curves         a training stage's loss / val bpb / reward curves (e.g. base-train-curves)
     <stage>-samples        what a stage's model wrote (base-eval-samples, chat-eval-sft-samples, ...)
 
@@ -16,7 +17,8 @@ Keyed artifacts keep every version, so the Artifacts page shows the latest of ea
 `StageOutcome` is what the flow knows of each stage when the run ends. A stage's progress history (one JSON
 object per progress line, appended across attempts) is `progress.jsonl` in its artifact directory.
 
-The regression gate (flows/gate.py) compares the run's key metrics with the lineage's last Completed run.
+The regression gate (flows/gate.py) compares the run's key metrics with the lineage's last Completed run; the
+trend (flows/trend.py) shows them over the lineage's last 30 runs, under the gate's verdict.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from flows.plots import PROGRESS_FILE, markdown_image, stage_curves
 from flows.samples import samples_markdown
 from flows.stages import get_stage
 from flows.taught import taught_markdown, taught_rows
+from flows.trend import trend_extras, trend_section
 from flows.world import segments_line
 from nanopipe.common import atomic_write_text
 from nanopipe.configs.chat_eval import chatcore_label, chatcore_of
@@ -338,8 +341,10 @@ def _accuracy_cell(metrics: dict, task: str) -> str:
 # The report card
 
 def report_card(title: str, outcomes: list[StageOutcome], plans: list[StagePlan], env: dict[str, Any],
-                config=None, gate: "GateResult | None" = None, curves: dict[str, bytes] | None = None) -> str:
-    """The run's report card as markdown (pure: everything it shows comes in as arguments)."""
+                config=None, gate: "GateResult | None" = None, curves: dict[str, bytes] | None = None,
+                trend: list[str] | None = None) -> str:
+    """The run's report card as markdown (pure: everything it shows comes in as arguments; `trend` is the
+    lineage's trend section, flows/trend.py)."""
     rows = _outcomes(outcomes, plans)
     rate = getattr(config, "cost_per_gpu_hour", None)
     rate = DEFAULT_COST_PER_GPU_HOUR if rate is None else rate
@@ -357,6 +362,7 @@ def report_card(title: str, outcomes: list[StageOutcome], plans: list[StagePlan]
     lines += tokenizer_section(metrics) + base_section(metrics) + chat_section(metrics)
     if gate is not None:
         lines += gate_section(gate)
+    lines += trend or []
     if curves:
         lines += ["## Training curves", ""]
         lines += [markdown_image(png, f"{stage} curves") + "\n" for stage, png in curves.items()]
@@ -445,7 +451,12 @@ def publish_summary(outcomes: list[StageOutcome], plans: list[StagePlan], title:
     current, basis = key_metrics(rows)
     name = lineage(config, plans)
     gate = regression_gate(current, basis, name)
-    markdown = report_card(title, outcomes, plans, env, config=config, gate=gate, curves=curves)
+    # tokens/s and wall time: in the record for the trend, not compared by the gate (a run with no key metric
+    # still records none, so the gate looks past it)
+    extras = trend_extras({o.plan.stage: o.metrics for o in rows}, sum(o.seconds for o in rows))
+    recorded = {**current, **extras} if current else {}
+    trend = _try("draw the lineage's trend", trend_section, gate, recorded, name, report_home(plans), default=[])
+    markdown = report_card(title, outcomes, plans, env, config=config, gate=gate, curves=curves, trend=trend)
     _try("write report.md", atomic_write_text, report_home(plans) / REPORT_FILE, markdown)
 
     # each artifact on its own: one the API refuses never keeps the others (or the gate's answer) back
@@ -459,7 +470,7 @@ def publish_summary(outcomes: list[StageOutcome], plans: list[StagePlan], title:
     _try("publish nanopipe-metrics", create_table_artifact, metrics_table(rows), "nanopipe-metrics",
          f"{title}: metrics per stage")
     _try(f"publish {KEY_METRICS_KEY}", create_table_artifact,
-         key_metrics_table({"lineage": name, "metrics": current, "basis": basis}), KEY_METRICS_KEY,
+         key_metrics_table({"lineage": name, "metrics": recorded, "basis": basis}), KEY_METRICS_KEY,
          f"{title}: key metrics for the regression gate")
     _try("tag the run with its lineage", tag_lineage, name)
     return RunReport(markdown, gate.regressions, summary=summary, key_metrics=current, gate=gate.note)
