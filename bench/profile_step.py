@@ -42,11 +42,15 @@ import torch  # noqa: E402
 import nanopipe.gpt as gpt  # noqa: E402
 import nanopipe.optim as optim  # noqa: E402
 from bench_base_train import CORPORA, SHAKESPEARE, prepare_inputs  # noqa: E402
+from bench.stage_flags import parse_bench_flags  # noqa: E402
+from nanopipe.configs.base import REFERENCE_BATCH_TOKENS  # noqa: E402
+from nanopipe.configs.base_train import BaseTrainConfig  # noqa: E402
+from nanopipe.configs.tok_train import TokTrainConfig  # noqa: E402
 from nanopipe.data import select_shards  # noqa: E402
 from nanopipe.dataloader import BestFitLoader  # noqa: E402
 from nanopipe.gpt import GPT, build_model_config  # noqa: E402
 from nanopipe.optim import muon_momentum  # noqa: E402
-from nanopipe.training import CPU_MATMUL_PRECISIONS, cpu_matmul_precision, keep_freed_memory_for_reuse  # noqa: E402
+from nanopipe.training import cpu_matmul_precision, keep_freed_memory_for_reuse  # noqa: E402
 
 # the hand-fused autograd functions whose backward is timed, by section
 BACKWARD_SECTIONS = {
@@ -60,26 +64,28 @@ ROWS = ["loader (waiting for the next batch)", "forward: embedding + norms", "fo
         "optimizer: Muon Newton-Schulz", "optimizer: AdamW", "zero_grad", "loss .item()"]
 
 
-def parse_args():
+# The stage settings this bench takes, as base_train and tok_train define them, and the bench's scale
+STAGE_FLAGS = [(BaseTrainConfig, ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size",
+                                  "total_batch_size", "embedding_lr", "unembedding_lr", "matrix_lr",
+                                  "cpu_matmul_precision")),
+               (TokTrainConfig, ("vocab_size",))]
+BENCH_SCALE = dict(depth=4, head_dim=64, max_seq_len=128, device_batch_size=8, total_batch_size=2048, vocab_size=2048)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The bench's options and the stage settings, in one namespace."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--max_seq_len", type=int, default=128)
-    p.add_argument("--device_batch_size", type=int, default=8)
-    p.add_argument("--total_batch_size", type=int, default=2048)
-    p.add_argument("--vocab_size", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup_steps)")
     p.add_argument("--warmup_steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (thread CPU time counts the "
                                                             "training thread only: keep 1)")
-    p.add_argument("--cpu_matmul_precision", choices=CPU_MATMUL_PRECISIONS, default="auto",
-                   help="float32 matmuls on CPU, as base_train's flag")
     p.add_argument("--corpus", choices=CORPORA, default=None,
                    help="training text (default: tinyshakespeare where ../shared has it, else builtin)")
     p.add_argument("--workdir", type=str, default=None, help="prepared inputs are kept here (default: a temp dir)")
-    args = p.parse_args()
+    args, stage = parse_bench_flags(p, STAGE_FLAGS, scale=BENCH_SCALE, argv=argv)
     if args.corpus is None:
         args.corpus = "tinyshakespeare" if SHAKESPEARE.is_file() else "builtin"
-    return args
+    return argparse.Namespace(**vars(args), **stage.model_dump())
 
 
 class Sections:
@@ -170,11 +176,11 @@ def profile(args, matmul: str) -> None:
     work.mkdir(parents=True, exist_ok=True)
     data_dir, _, tok = prepare_inputs(work, args.vocab_size, args.corpus)
     torch.manual_seed(42)
-    config = build_model_config(args.depth, 64, 64, args.max_seq_len, tok.get_vocab_size())
+    config = build_model_config(args.depth, args.aspect_ratio, args.head_dim, args.max_seq_len, tok.get_vocab_size())
     model = GPT.create(config, "cpu")
-    lr_scale = (args.total_batch_size / 2**19) ** 0.5  # as base_train
-    optimizers = model.setup_optimizers(unembedding_lr=0.004 * lr_scale, embedding_lr=0.3 * lr_scale,
-                                        matrix_lr=0.02 * lr_scale)
+    lr_scale = (args.total_batch_size / REFERENCE_BATCH_TOKENS) ** 0.5  # as base_train
+    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr * lr_scale,
+                                        embedding_lr=args.embedding_lr * lr_scale, matrix_lr=args.matrix_lr * lr_scale)
     loader = BestFitLoader(tok, select_shards(data_dir).train, args.device_batch_size, args.max_seq_len)
     loader_clock = time.pthread_getcpuclockid(loader._thread.ident)
     grad_accum = args.total_batch_size // (args.device_batch_size * args.max_seq_len)

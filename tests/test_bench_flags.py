@@ -109,3 +109,9 @@ def test_bench_chat_quality_hands_each_stage_flags_its_own_parser_accepts():
     for name in ("tok_train", "base_train", "mid_train", "chat_sft"):
         config = getattr(stages, name)
         assert parse_config(type(config), stage_cli_args(config), prog=name) == config
+
+
+def test_profile_step_takes_the_model_rates_and_matmul_precision_from_base_train():
+    args = load_bench("profile_step").parse_args(["--cpu_matmul_precision=ieee", "--steps=20"])
+    assert (args.cpu_matmul_precision, args.steps, args.max_seq_len, args.total_batch_size) == ("ieee", 20, 128, 2048)
+    assert args.matrix_lr == BaseTrainConfig.model_fields["matrix_lr"].default
