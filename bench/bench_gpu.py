@@ -4,9 +4,9 @@ the same data, tokenizer and batch shape, in one call.
 
     python bench/bench_gpu.py                                          # our side alone
     NANOCHAT_DIR=/path/to/nanochat python bench/bench_gpu.py           # side by side, d12 and d20
-    NANOCHAT_DIR=/path/to/nanochat python bench/bench_gpu.py --depths=12 --steps=30   # about 4 minutes
+    NANOCHAT_DIR=/path/to/nanochat python bench/bench_gpu.py --depths=12 --num_iterations=30   # about 4 minutes
 
-Each run trains --steps optimizer steps of device_batch_size x max_seq_len tokens (no gradient accumulation)
+Each run trains --num_iterations optimizer steps of device_batch_size x max_seq_len tokens (no gradient accumulation)
 with torch.compile on for both sides, and is timed from its own log lines. Printed per depth and side:
 tokens/s (median over the steps after --warmup_steps, which hold the compilation), MFU (the model's own
 training FLOPs per token x tokens/s over the GPU's dense bf16 peak, from the table below, by device name),
@@ -35,6 +35,11 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.stage_flags import parse_bench_flags  # noqa: E402
+from nanopipe.configs.base_train import BaseTrainConfig  # noqa: E402
+from nanopipe.configs.tok_train import TokTrainConfig  # noqa: E402
 
 # dense bf16 tensor-core peaks (FLOP/s), by a substring of torch.cuda.get_device_name(); the more specific
 # names first (an "H100 PCIe" must not match "H100")
@@ -53,17 +58,24 @@ NANOCHAT_MEMORY = re.compile(r"^Peak memory usage: ([\d,.]+) ?MiB", re.M)
 OOM = re.compile(r"out of memory|OutOfMemoryError|OverMemoryError|estimated peak memory", re.I)
 
 
-def parse_args():
+# The stage settings this bench takes, as base_train and tok_train define them (their defaults are nanochat's
+# speedrun: 32 x 2048 tokens per device, vocabulary 32768); the bench times 30 steps
+STAGE_FLAGS = [(BaseTrainConfig, ("num_iterations", "device_batch_size", "max_seq_len")),
+               (TokTrainConfig, ("vocab_size",))]
+BENCH_SCALE = dict(num_iterations=30)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The bench's options and the stage settings, in one namespace."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depths", type=str, default="12,20", help="comma-separated model depths")
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     p.add_argument("--warmup_steps", type=int, default=10, help="first steps left out of the tokens/s median")
-    p.add_argument("--device_batch_size", type=int, default=32, help="rows per step (lower it on OOM)")
-    p.add_argument("--max_seq_len", type=int, default=2048)
-    p.add_argument("--vocab_size", type=int, default=32768)
     p.add_argument("--repeats", type=int, default=1, help="runs of each side, in alternating order")
     p.add_argument("--workdir", type=str, default=None, help="kept afterwards if given (default: a temp dir)")
-    return p.parse_args()
+    args, stage = parse_bench_flags(p, STAGE_FLAGS, scale=BENCH_SCALE, argv=argv)
+    if stage.num_iterations is None:
+        p.error("--num_iterations: the bench times a fixed number of steps; give one")
+    return argparse.Namespace(**vars(args), **stage.model_dump())
 
 
 def detect_gpu() -> dict | None:
@@ -91,7 +103,7 @@ def detect_gpu() -> dict | None:
 def common_flags(args, depth: int) -> dict:
     tokens = args.device_batch_size * args.max_seq_len
     return dict(depth=depth, max_seq_len=args.max_seq_len, device_batch_size=args.device_batch_size,
-                total_batch_size=tokens, num_iterations=args.steps, eval_every=-1, eval_tokens=tokens,
+                total_batch_size=tokens, num_iterations=args.num_iterations, eval_every=-1, eval_tokens=tokens,
                 core_metric_every=-1, sample_every=-1, device_type="cuda")
 
 
@@ -186,7 +198,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"{gpu['name']} ({gpu['memory_gib']:.0f} GiB, {gpu['count']} visible), torch {gpu['torch']} CUDA "
           f"{gpu['cuda']}; bf16 peak {gpu['peak_flops'] / 1e12:.0f} TFLOP/s ({gpu['peak_from']}); depths {depths}, "
-          f"{args.steps} steps of {args.device_batch_size} x {args.max_seq_len} tokens, {args.repeats} repeat(s)")
+          f"{args.num_iterations} steps of {args.device_batch_size} x {args.max_seq_len} tokens, {args.repeats} repeat(s)")
     data_dir, tok_dir, tok = prepare_inputs(work, args.vocab_size, "builtin")
     nanochat_dir = os.environ.get("NANOCHAT_DIR")
     if not nanochat_dir:

@@ -115,3 +115,14 @@ def test_profile_step_takes_the_model_rates_and_matmul_precision_from_base_train
     args = load_bench("profile_step").parse_args(["--cpu_matmul_precision=ieee", "--steps=20"])
     assert (args.cpu_matmul_precision, args.steps, args.max_seq_len, args.total_batch_size) == ("ieee", 20, 128, 2048)
     assert args.matrix_lr == BaseTrainConfig.model_fields["matrix_lr"].default
+
+
+def test_bench_gpu_starts_from_the_stage_defaults_and_times_a_fixed_step_count():
+    bench = load_bench("bench_gpu")
+    args = bench.parse_args(["--depths=12", "--num_iterations=30"])
+    assert (args.device_batch_size, args.max_seq_len, args.vocab_size) == (
+        BaseTrainConfig.model_fields["device_batch_size"].default, BaseTrainConfig.model_fields["max_seq_len"].default,
+        TokTrainConfig.model_fields["vocab_size"].default)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--num_iterations=-1"])
+    assert exit_info.value.code == 2
