@@ -3,7 +3,7 @@ Does chat_rl learn on a CPU? Build a tiny chat model from nothing, run RL on the
 and print the reward curve next to that of a frozen policy on the same questions and sampling seeds.
 
     python bench/bench_chat_rl.py                      # the whole thing in a temporary NANOPIPE_HOME
-    python bench/bench_chat_rl.py --home /tmp/np_rl --rl_epochs 8
+    python bench/bench_chat_rl.py --home DIR --chat_rl.num_epochs 8 --base_train.depth 2
 
 1. tok_train on the builtin corpus, 2. base_train (a short run), 3. chat_sft on the builtin chat mixture (identity,
 spelling, quizzes, GSM8K-format arithmetic with the calculator), then more SFT on the arithmetic problems alone, so
@@ -30,19 +30,45 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# the recommended CPU preset of chat_rl (flags), found with this script
-# (max_new_tokens: the builtin problems' answers take up to ~150 tokens with a small builtin-corpus tokenizer,
-# and a cut answer scores 0; init_lr_frac: 0.5 collapses the policy within 10 steps, 0.2 gains more slowly than
-# 0.1; Muon makes every step full-sized, however noisy the gradient)
-CPU_RL_PRESET = {
-    "task": "builtin-arithmetic", "synthetic_size": 64, "device_type": "cpu", "examples_per_step": 8,
-    "num_samples": 8, "device_batch_size": 8, "max_new_tokens": 128, "temperature": 1.0, "top_k": 50,
-    "init_lr_frac": 0.1, "eval_every": -1, "eval_examples": 64, "save_every": 16,
+from bench.stage_flags import parse_bench_flags, stage_cli_args, stages_model  # noqa: E402
+from nanopipe.configs.base_train import BaseTrainConfig  # noqa: E402
+from nanopipe.configs.chat_rl import ChatRLConfig  # noqa: E402
+from nanopipe.configs.chat_sft import ChatSFTConfig  # noqa: E402
+from nanopipe.configs.tok_train import TokTrainConfig  # noqa: E402
+
+# Each stage takes its own flags (`--chat_rl.num_epochs=8`), starting from this bench's scale: a depth-2 model
+# (width 32 per layer) and the recommended CPU preset of chat_rl, found with this script (max_new_tokens: the
+# builtin problems' answers take up to ~150 tokens with a small builtin-corpus tokenizer, and a cut answer scores 0;
+# init_lr_frac: 0.5 collapses the policy within 10 steps, 0.2 gains more slowly than 0.1; Muon makes every step
+# full-sized, however noisy the gradient)
+STAGES = stages_model({"tok_train": TokTrainConfig, "base_train": BaseTrainConfig, "chat_sft": ChatSFTConfig,
+                       "chat_rl": ChatRLConfig})
+BENCH_SCALE = {
+    "tok_train": dict(max_chars=2_000_000, vocab_size=1024),
+    "base_train": dict(device_type="cpu", depth=2, aspect_ratio=32, head_dim=32, max_seq_len=256, device_batch_size=8,
+                       total_batch_size=2048, num_iterations=20, eval_every=None, eval_tokens=16384,
+                       core_metric_every=None, sample_every=None),
+    "chat_sft": dict(device_type="cpu", source="base", mixture="builtin", device_batch_size=8,
+                     target_examples_per_step=8, num_iterations=20, eval_every=None, eval_metrics_every=None),
+    "chat_rl": dict(task="builtin-arithmetic", synthetic_size=64, device_type="cpu", examples_per_step=8,
+                    num_samples=8, device_batch_size=8, max_new_tokens=128, temperature=1.0, top_k=50,
+                    init_lr_frac=0.1, eval_every=None, eval_examples=64, save_every=16, num_epochs=6),
 }
 
 
-def flags(**values) -> list[str]:
-    return [f"--{k}={v}" for k, v in values.items()]
+def parse_args(argv: list[str] | None = None):
+    """(the bench's options, the four stages' configs) from the command line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--home", default=None, help="NANOPIPE_HOME to build in (default: a temporary directory)")
+    parser.add_argument("--arith_sft_steps", type=int, default=200,
+                        help="then SFT steps on the arithmetic problems only (batches of 16)")
+    parser.add_argument("--threads", type=int, default=1)
+    return parse_bench_flags(parser, STAGES, scale=BENCH_SCALE, argv=argv)
+
+
+def control_of(rl: ChatRLConfig) -> ChatRLConfig:
+    """The control run: the same command with the learning rates x 1e-5 (the policy barely moves)."""
+    return rl.model_copy(update={"init_lr_frac": rl.init_lr_frac * 1e-5})
 
 
 def timed(name: str, fn, *args):
@@ -53,16 +79,7 @@ def timed(name: str, fn, *args):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--home", default=None, help="NANOPIPE_HOME to build in (default: a temporary directory)")
-    parser.add_argument("--depth", type=int, default=2, help="model depth (width 32 per layer)")
-    parser.add_argument("--base_steps", type=int, default=20)
-    parser.add_argument("--sft_steps", type=int, default=20, help="chat_sft steps on the builtin mixture")
-    parser.add_argument("--arith_sft_steps", type=int, default=200,
-                        help="then SFT steps on the arithmetic problems only (batches of 16)")
-    parser.add_argument("--rl_epochs", type=int, default=6, help="RL epochs over the 64 training problems")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args, stages = parse_args()
     home = Path(args.home or tempfile.mkdtemp(prefix="bench_chat_rl_"))
     os.environ["NANOPIPE_HOME"] = str(home)
 
@@ -73,24 +90,20 @@ def main() -> None:
     tok_dir, base_dir, sft_dir = home / "tokenizer", home / "base", home / "sft"
     arith_dir, rl_dir = home / "sft_arith", home / "rl"
     print(f"NANOPIPE_HOME={home}", flush=True)
-    timed("tok_train", tok_train.main, flags(max_chars=2_000_000, vocab_size=1024, out_dir=tok_dir))
-    timed("base_train", base_train.main, flags(
-        device_type="cpu", depth=args.depth, aspect_ratio=32, head_dim=32, max_seq_len=256, device_batch_size=8,
-        total_batch_size=2048, num_iterations=args.base_steps, eval_every=-1, eval_tokens=16384,
-        core_metric_every=-1, sample_every=-1, tokenizer_dir=tok_dir, out_dir=base_dir))
-    timed("chat_sft (builtin mixture)", chat_sft.main, flags(
-        device_type="cpu", source="base", checkpoint_dir=base_dir, mixture="builtin", device_batch_size=8,
-        target_examples_per_step=8, num_iterations=args.sft_steps, eval_every=-1, eval_metrics_every=-1,
-        out_dir=sft_dir))
+    timed("tok_train", tok_train.main, [*stage_cli_args(stages.tok_train), f"--out_dir={tok_dir}"])
+    timed("base_train", base_train.main, [*stage_cli_args(stages.base_train), f"--tokenizer_dir={tok_dir}",
+                                          f"--out_dir={base_dir}"])
+    timed("chat_sft (builtin mixture)", chat_sft.main, [*stage_cli_args(stages.chat_sft),
+                                                        f"--checkpoint_dir={base_dir}", f"--out_dir={sft_dir}"])
     timed("SFT on arithmetic", arithmetic_sft, sft_dir, arith_dir, args.arith_sft_steps)
 
-    preset = {**CPU_RL_PRESET, "num_epochs": args.rl_epochs}
-    print("chat_rl " + " ".join(flags(**preset)), flush=True)
-    rl = timed("chat_rl", chat_rl.main, flags(checkpoint_dir=arith_dir, out_dir=rl_dir, **preset))
-    control_preset = {**preset, "init_lr_frac": preset["init_lr_frac"] * 1e-5}
-    control = timed("chat_rl (control)", chat_rl.main,
-                    flags(checkpoint_dir=arith_dir, out_dir=home / "rl_control", **control_preset))
-    report(rl, control)
+    print("chat_rl " + " ".join(stage_cli_args(stages.chat_rl)), flush=True)
+    rl = timed("chat_rl", chat_rl.main, [*stage_cli_args(stages.chat_rl), f"--checkpoint_dir={arith_dir}",
+                                         f"--out_dir={rl_dir}"])
+    control = timed("chat_rl (control)", chat_rl.main, [*stage_cli_args(control_of(stages.chat_rl)),
+                                                        f"--checkpoint_dir={arith_dir}",
+                                                        f"--out_dir={home / 'rl_control'}"])
+    report(rl, control, stages.chat_rl)
 
 
 def arithmetic_sft(source_dir: Path, out_dir: Path, steps: int) -> None:
@@ -129,11 +142,11 @@ def arithmetic_sft(source_dir: Path, out_dir: Path, steps: int) -> None:
     save_checkpoint(out_dir, steps, model.state_dict(), None, meta)
 
 
-def report(rl: dict, control: dict) -> None:
+def report(rl: dict, control: dict, config: ChatRLConfig) -> None:
     ours, base = rl["rewards"], control["rewards"]
     print("reward per step, RL:      " + " ".join(f"{r:.2f}" for r in ours))
     print("reward per step, control: " + " ".join(f"{r:.2f}" for r in base))
-    steps_per_epoch = max(1, CPU_RL_PRESET["synthetic_size"] // CPU_RL_PRESET["examples_per_step"])
+    steps_per_epoch = max(1, config.synthetic_size // config.examples_per_step)
     epochs = []
     for start in range(0, len(ours), steps_per_epoch):
         a, b = ours[start:start + steps_per_epoch], base[start:start + steps_per_epoch]

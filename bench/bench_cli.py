@@ -32,6 +32,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.stage_flags import parse_bench_flags  # noqa: E402
+from flows.config import PipelineConfig  # noqa: E402
 from nanopipe.events import PROGRESS_PREFIX  # noqa: E402  (a stage's progress record, nanopipe/events.py)
 
 RETRYABLE = "Encountered retryable exception in request"
@@ -91,14 +93,19 @@ def stage_startup(plan, scratch: Path, env: dict, timeout: float = 600) -> tuple
     return first_line or 0.0, first_progress
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The bench's options and the pipeline command's own --preset and --stop_after, in one namespace."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="demo-cpu")
-    parser.add_argument("--stop_after", "--stop-after", default=None, help="end the pipeline after this stage")
     parser.add_argument("--repeats", type=int, default=5, help="cached re-runs per mode (alternating)")
     parser.add_argument("--workdir", default=None, help="where the artifacts live (kept; default: a temporary one)")
     parser.add_argument("--skip_startup", "--skip-startup", action="store_true", help="skip the per-stage start-up")
-    args = parser.parse_args()
+    args, pipeline = parse_bench_flags(parser, [(PipelineConfig, ("preset", "stop_after"))],
+                                       scale={"preset": "demo-cpu"}, argv=argv)
+    return argparse.Namespace(**vars(args), **pipeline.model_dump())
+
+
+def main() -> None:
+    args = parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="nanopipe-cli-bench-")).resolve()
     # Both servers log each request they answer 503 because SQLite said "database is locked" (a write racing
     # another: the client retries it about 2 s later), so that the figures can be read with that in mind.

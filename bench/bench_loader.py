@@ -31,26 +31,31 @@ sys.path.insert(0, str(REPO / "bench"))
 import torch  # noqa: E402
 
 from bench_base_train import CORPORA, SHAKESPEARE, prepare_inputs  # noqa: E402
+from bench.stage_flags import parse_bench_flags  # noqa: E402
+from nanopipe.configs.base_train import BaseTrainConfig  # noqa: E402
+from nanopipe.configs.tok_train import TokTrainConfig  # noqa: E402
 from nanopipe.data import select_shards  # noqa: E402
 from nanopipe.dataloader import BestFitLoader  # noqa: E402
 
 GPU_D20_TOKENS_PER_SEC = 130_000  # nanochat's d20 speedrun on one H100 (8 GPUs: about 1.05M tokens/s)
-SHAPES = {"bench (d4)": (8, 128), "d20-like": (32, 2048)}
+SHAPES = {"bench (d4)": (8, 128),  # base_train's defaults are nanochat's d20 rows x context
+          "d20-like": (BaseTrainConfig.model_fields["device_batch_size"].default,
+                       BaseTrainConfig.model_fields["max_seq_len"].default)}
 
 
-def parse_args():
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The bench's options and tok_train's --vocab_size, in one namespace."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", choices=CORPORA, default=None,
                    help="training text (default: tinyshakespeare where ../shared has it, else builtin)")
-    p.add_argument("--vocab_size", type=int, default=2048)
     p.add_argument("--batches", type=int, default=30, help="timed batches per shape (after the first)")
     p.add_argument("--tokenizer_threads", type=int, default=4, help="the loader's tokenizer threads")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the model measurement")
     p.add_argument("--workdir", type=str, default=None, help="kept afterwards if given (default: a temp dir)")
-    args = p.parse_args()
+    args, stage = parse_bench_flags(p, [(TokTrainConfig, ("vocab_size",))], scale={"vocab_size": 2048}, argv=argv)
     if args.corpus is None:
         args.corpus = "tinyshakespeare" if SHAKESPEARE.is_file() else "builtin"
-    return args
+    return argparse.Namespace(**vars(args), **stage.model_dump())
 
 
 def loader_rate(tok, files, batch_size: int, seq_len: int, batches: int, tokenizer_threads: int) -> dict:

@@ -126,3 +126,35 @@ def test_bench_gpu_starts_from_the_stage_defaults_and_times_a_fixed_step_count()
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(["--num_iterations=-1"])
     assert exit_info.value.code == 2
+
+
+def test_bench_chat_rl_gives_each_stage_its_own_flags_and_a_control_with_tiny_rates():
+    from nanopipe.configs.flags import parse_config
+
+    from bench.stage_flags import stage_cli_args
+    bench = load_bench("bench_chat_rl")
+    args, stages = bench.parse_args(["--home", "H", "--chat_rl.num_epochs", "8", "--base_train.depth=3"])
+    assert (args.home, stages.chat_rl.num_epochs, stages.base_train.depth) == ("H", 8, 3)
+    for name in ("tok_train", "base_train", "chat_sft", "chat_rl"):
+        config = getattr(stages, name)
+        assert parse_config(type(config), stage_cli_args(config), prog=name) == config
+    control = parse_config(type(stages.chat_rl), stage_cli_args(bench.control_of(stages.chat_rl)), prog="chat_rl")
+    assert control.init_lr_frac == pytest.approx(stages.chat_rl.init_lr_frac * 1e-5)
+    assert control.model_dump(exclude={"init_lr_frac"}) == stages.chat_rl.model_dump(exclude={"init_lr_frac"})
+
+
+def test_bench_cli_takes_the_pipeline_commands_own_preset_and_stop_after():
+    bench = load_bench("bench_cli")
+    args = bench.parse_args(["--repeats=5", "--workdir=DIR", "--skip_startup"])
+    assert (args.preset, args.stop_after, args.repeats, args.skip_startup) == ("demo-cpu", None, 5, True)
+    args = bench.parse_args(["--stop-after=base_eval", "--repeats=5"])
+    assert args.stop_after == "base_eval"
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--stop_after=no_such_stage"])
+    assert exit_info.value.code == 2
+
+
+def test_bench_loader_takes_tok_trains_vocab_size_and_base_trains_d20_shape():
+    bench = load_bench("bench_loader")
+    assert bench.parse_args(["--vocab_size=4096"]).vocab_size == 4096
+    assert bench.SHAPES["d20-like"] == (32, 2048)
