@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows.gate import TREND_RUNS, GateResult, fmt, number
-from flows.plots import markdown_image, render_panels
+from flows.plots import markdown_image, render_small_multiples
 
 TREND_FILE = "trend.png"   # under NANOPIPE_HOME, beside report.md: the last run's trend plot
 TOKENS_PER_SECOND, WALL_TIME = "tokens per second", "wall time (min)"
@@ -70,10 +70,10 @@ def trend_table(points: list[tuple[str, str, dict[str, float]]], columns: list[s
 
 
 def render_trend(points: list[tuple[str, str, dict[str, float]]], columns: list[str], title: str) -> bytes:
-    """One small plot: a panel per metric, x the run's place in the table (this run last)."""
+    """One small plot: a panel per metric, x the run's place in the table (this run last, circled)."""
     panels = {name: [(i, v) for i, (_, _, m) in enumerate(points, 1) if (v := number(m.get(name))) is not None]
               for name in columns}
-    return render_panels(panels, title, "run", per_row=PANELS_PER_ROW)
+    return render_small_multiples(panels, title, per_row=PANELS_PER_ROW)
 
 
 def verdict_line(gate: GateResult) -> str:

@@ -5,6 +5,7 @@ runs' records go through the key-metrics table's JSON, as the gate reads them ba
 import base64
 import json
 import re
+import struct
 
 from flows.gate import TREND_RUNS, compare, key_metrics_table, record_from_table
 from flows.report import report_card
@@ -59,6 +60,8 @@ def test_the_plot_is_written_and_is_the_one_on_the_card(tmp_path):
     lines = trend_section(gate_over(history(3)), NOW, LINEAGE, tmp_path)
     png = (tmp_path / TREND_FILE).read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    # five metrics (bpb, CORE, GSM8K, tokens per second, wall time): four small panels a row, two rows
+    assert struct.unpack(">II", png[16:24]) == (640, 26 + 2 * 150)
     images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)\)", "\n".join(lines))
     assert [base64.b64decode(i) for i in images] == [png]
 
