@@ -4,8 +4,8 @@ Tokenizer throughput: BPE training speed (chars/s) and encode speed (tokens/s), 
     python bench/bench_tokenizer.py                    # tinyshakespeare from ../shared if present
     python bench/bench_tokenizer.py --vocab_size=8192 --repeats=5
 
-The corpus is fixed: ../shared/data/tinyshakespeare.txt (cut into 10,000-character documents, the
-tokenizer stage's default --doc_cap) when that folder exists, else the built-in offline corpus of
+The corpus is fixed: ../shared/data/tinyshakespeare.txt (cut into documents of tok_train's --doc_cap
+characters) when that folder exists, else the built-in offline corpus of
 nanopipe.data. Figures only: nothing here asserts a speed. Take the best of --repeats runs.
 """
 
@@ -13,25 +13,42 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from nanopipe.tokenizer import Tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.stage_flags import parse_bench_flags  # noqa: E402
+from nanopipe.configs.tok_train import TokTrainConfig  # noqa: E402
+from nanopipe.tokenizer import Tokenizer  # noqa: E402
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-DOC_CHARS = 10_000
+# tok_train's own flags, at the bench's scale
+STAGE_FLAGS = [(TokTrainConfig, ("vocab_size", "max_chars", "doc_cap"))]
+BENCH_SCALE = dict(vocab_size=4096, max_chars=2_000_000)
 
 
-def load_corpus(max_chars: int) -> tuple[str, list[str]]:
-    """(name, documents) of the fixed benchmark corpus, at most max_chars characters in all."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The bench's options and tok_train's flags, in one namespace."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best is reported")
+    args, stage = parse_bench_flags(parser, STAGE_FLAGS, scale=BENCH_SCALE, argv=argv)
+    return argparse.Namespace(**vars(args), **stage.model_dump())
+
+
+def load_corpus(max_chars: int, doc_chars: int | None) -> tuple[str, list[str]]:
+    """(name, documents of at most doc_chars, None: uncut) of the fixed benchmark corpus, at most max_chars
+    characters in all."""
     if SHAKESPEARE.is_file():
         text = SHAKESPEARE.read_text(encoding="utf-8")[:max_chars]
-        return "tinyshakespeare", [text[i:i + DOC_CHARS] for i in range(0, len(text), DOC_CHARS)]
+        step = doc_chars or max(1, len(text))
+        return "tinyshakespeare", [text[i:i + step] for i in range(0, len(text), step)]
     from nanopipe.data import DataFlags, ensure_shards, iter_documents
     with tempfile.TemporaryDirectory() as tmp:
         shards = ensure_shards(DataFlags(data_source="builtin", data_dir=os.path.join(tmp, "builtin")))
-        docs = list(iter_documents(shards.train, max_chars=max_chars, doc_cap=DOC_CHARS))
+        docs = list(iter_documents(shards.train, max_chars=max_chars, doc_cap=doc_chars))
     return "builtin corpus", docs
 
 
@@ -45,13 +62,8 @@ def best_of(repeats: int, fn) -> tuple[float, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab_size", type=int, default=4096, help="vocabulary size to train (default 4096)")
-    parser.add_argument("--max_chars", type=int, default=2_000_000, help="corpus size cap in characters")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best is reported")
-    args = parser.parse_args()
-
-    name, docs = load_corpus(args.max_chars)
+    args = parse_args()
+    name, docs = load_corpus(args.max_chars, args.doc_cap)
     chars = sum(len(d) for d in docs)
     utf8_bytes = sum(len(d.encode("utf-8")) for d in docs)
     print(f"corpus: {name}, {len(docs):,} documents, {chars:,} characters, {utf8_bytes:,} bytes; "

@@ -158,3 +158,9 @@ def test_bench_loader_takes_tok_trains_vocab_size_and_base_trains_d20_shape():
     bench = load_bench("bench_loader")
     assert bench.parse_args(["--vocab_size=4096"]).vocab_size == 4096
     assert bench.SHAPES["d20-like"] == (32, 2048)
+
+
+def test_bench_tokenizer_cuts_documents_at_tok_trains_doc_cap():
+    args = load_bench("bench_tokenizer").parse_args(["--vocab_size=8192", "--repeats=5"])
+    assert (args.vocab_size, args.max_chars, args.repeats) == (8192, 2_000_000, 5)
+    assert args.doc_cap == TokTrainConfig.model_fields["doc_cap"].default
