@@ -20,7 +20,7 @@ from flows.plots import markdown_image, render_small_multiples
 
 TREND_FILE = "trend.png"   # under NANOPIPE_HOME, beside report.md: the last run's trend plot
 TOKENS_PER_SECOND, WALL_TIME = "tokens per second", "wall time (min)"
-# the order of the columns and panels, by a metric name's last words ("SFT GSM8K" -> GSM8K)
+# the order of the columns and panels, by a metric name's last word ("SFT GSM8K" -> GSM8K)
 ORDER = ("bpb", "CORE", "ChatCORE", "GSM8K", TOKENS_PER_SECOND, WALL_TIME)
 PANELS_PER_ROW = 4
 
@@ -36,7 +36,8 @@ def trend_extras(metrics: dict[str, dict], seconds: float) -> dict[str, float]:
 
 
 def _rank(name: str) -> int:
-    return next((i for i, suffix in enumerate(ORDER) if name.endswith(suffix)), len(ORDER))
+    last = name.split()[-1]   # "SFT ChatCORE" is a ChatCORE, not a CORE
+    return next((i for i, kind in enumerate(ORDER) if name == kind or last == kind), len(ORDER))
 
 
 def trend_points(history: list[dict], current: dict[str, float]) -> list[tuple[str, str, dict[str, float]]]:

@@ -9,7 +9,7 @@ import struct
 
 from flows.gate import TREND_RUNS, compare, key_metrics_table, record_from_table
 from flows.report import report_card
-from flows.trend import TOKENS_PER_SECOND, TREND_FILE, WALL_TIME, trend_extras, trend_section
+from flows.trend import TOKENS_PER_SECOND, TREND_FILE, WALL_TIME, trend_columns, trend_extras, trend_section
 from tests.test_report import CPU_ENV, completed, plans_for, prefect_server, publish_flow, table_rows  # noqa: F401
 
 LINEAGE = "demo-cpu-d4"
@@ -54,6 +54,13 @@ def test_the_table_lists_the_last_runs_in_order_with_their_values(tmp_path):
     assert first[3:] == ["1.88", "0.112", "0", "2,012", "6.5"]           # run-12's values, column by column
     assert rows[1][0][4] == "-"                                           # run-13 recorded no CORE
     assert last[2] == "-" and last[3:] == ["1.5", "0.2", "0.02", "2,500", "6"]
+
+
+def test_columns_go_bpb_core_chatcore_gsm8k_then_speed_and_time():
+    recorded = dict.fromkeys([WALL_TIME, "MID ChatCORE", "SFT GSM8K", "SFT ChatCORE", TOKENS_PER_SECOND, "CORE",
+                              "base val bpb"], 1.0)
+    assert trend_columns([("run-1", "", {"MID GSM8K": 0.1}), ("this run", "", recorded)]) == [
+        "base val bpb", "CORE", "MID ChatCORE", "SFT ChatCORE", "MID GSM8K", "SFT GSM8K", TOKENS_PER_SECOND, WALL_TIME]
 
 
 def test_the_plot_is_written_and_is_the_one_on_the_card(tmp_path):
