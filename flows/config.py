@@ -247,8 +247,9 @@ def _section(name: str, cls: type[BaseModel], description: str) -> dict[str, Any
 def form_schema() -> dict[str, Any]:
     """The JSON schema of the `config` parameter as the Prefect UI renders it (see the module docstring)."""
     fields = PipelineConfig.model_fields
-    # one list item per preset: a list in V1's markdown, plain text in V2 (which shows no markup): no <, `, *
-    presets = "\n".join(f"- {preset_line(name)}" for name in PRESETS)
+    # one list item per preset: V1 renders markdown and joins lines not separated by a blank one, V2 shows plain
+    # text (one paragraph): so blank-line-separated items, with no <, ` or * markup
+    presets = "\n\n".join(f"- {preset_line(name)}" for name in PRESETS)
     properties: dict[str, Any] = {
         "preset": _choice("preset", list(PRESETS), f"start from this preset; the fields you fill in override it "
                                                    f"(none: the stage defaults).\n\n{presets}"),
