@@ -302,7 +302,8 @@ def main() -> None:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_base_train_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPU(s), workdir {work}")
-    print(f"config: depth {stage.depth}, aspect {stage.aspect_ratio}, head_dim {stage.head_dim}, seq {stage.max_seq_len}, "
+    print(f"config: depth {stage.depth}, aspect {stage.aspect_ratio}, head_dim {stage.head_dim}, "
+          f"seq {stage.max_seq_len}, "
           f"batch {stage.device_batch_size} x {stage.total_batch_size} tokens, {stage.num_iterations} steps, "
           f"vocab {stage.vocab_size}, "
           f"{args.repeats} repeat(s), corpus {args.corpus}")

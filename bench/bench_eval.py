@@ -270,7 +270,8 @@ def reference_side(args, nc: dict, tok_dir: Path, device, inputs) -> dict:
         core=lambda task_type, data: nc["core_eval"].evaluate_task(model, tok, data, device, meta(task_type)),
         categorical=lambda: chat_eval.run_categorical_eval(mc, tok, model, args.batch_size),
         generative=lambda: chat_eval.run_generative_eval(gsm, tok, model, engine, num_samples=1,
-                                                         max_new_tokens=args.max_new_tokens, temperature=0.0, top_k=None),
+                                                         max_new_tokens=args.max_new_tokens, temperature=0.0,
+                                                         top_k=None),
         decode=lambda n: count_decoded(engine.generate(inputs["prompt"], num_samples=n, max_tokens=args.max_tokens,
                                                        temperature=0.0), n, stops))
 
@@ -349,10 +350,12 @@ def main() -> None:
               "samples": [int(s) for s in args.samples.split(",")]}
     lengths = [len(render_for_completion(tok, c)) for c in inputs["gsm8k"].conversations]
     print(f"model: depth {args.depth}, aspect {args.aspect_ratio}, head_dim {args.head_dim}, seq {args.max_seq_len}, "
-          f"vocab {tok.get_vocab_size()} ({corpus}); bpb {args.bpb_steps} x {args.device_batch_size} x {args.max_seq_len} tokens; "
+          f"vocab {tok.get_vocab_size()} ({corpus}); "
+          f"bpb {args.bpb_steps} x {args.device_batch_size} x {args.max_seq_len} tokens; "
           f"CORE {args.core_examples} items per type, {args.core_fewshot}-shot; {len(inputs['mc'])} multiple-choice "
           f"problems (batch {args.batch_size}); {len(inputs['gsm8k'])} GSM8K problems (prompts {min(lengths)}-"
-          f"{max(lengths)} tokens, {args.max_new_tokens} new); decode prompt {args.prompt_len}, {args.max_tokens} tokens; "
+          f"{max(lengths)} tokens, {args.max_new_tokens} new); "
+          f"decode prompt {args.prompt_len}, {args.max_tokens} tokens; "
           f"{args.repeats} repeat(s)")
     sides = {"nanopipe": our_side(args, tok, device, inputs)}
     nanochat_dir = os.environ.get("NANOCHAT_DIR")

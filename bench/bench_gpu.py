@@ -198,7 +198,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"{gpu['name']} ({gpu['memory_gib']:.0f} GiB, {gpu['count']} visible), torch {gpu['torch']} CUDA "
           f"{gpu['cuda']}; bf16 peak {gpu['peak_flops'] / 1e12:.0f} TFLOP/s ({gpu['peak_from']}); depths {depths}, "
-          f"{args.num_iterations} steps of {args.device_batch_size} x {args.max_seq_len} tokens, {args.repeats} repeat(s)")
+          f"{args.num_iterations} steps of {args.device_batch_size} x {args.max_seq_len} tokens, "
+          f"{args.repeats} repeat(s)")
     data_dir, tok_dir, tok = prepare_inputs(work, args.vocab_size, "builtin")
     nanochat_dir = os.environ.get("NANOCHAT_DIR")
     if not nanochat_dir:

@@ -131,7 +131,8 @@ def main() -> None:
         keep_freed_memory_for_reuse()
     steps = args.warmup_steps + args.steps
     g = torch.Generator().manual_seed(1)
-    data = torch.randint(0, args.vocab_size, (steps, args.device_batch_size, args.max_seq_len + 1), generator=g).to(device)
+    shape = (steps, args.device_batch_size, args.max_seq_len + 1)
+    data = torch.randint(0, args.vocab_size, shape, generator=g).to(device)
     batches = [(row[:, :-1].contiguous(), row[:, 1:].contiguous()) for row in data]
     tokens_per_step = args.device_batch_size * args.max_seq_len
 
