@@ -97,7 +97,7 @@ def test_non_semantic_fields_of_every_base_are_honoured():
 
 def test_configs_import_without_torch():
     import nanopipe.configs
-    modules = [f"nanopipe.configs.{name}" for name in nanopipe.configs.STAGE_CONFIGS] + [
+    modules = [f"nanopipe.configs.{name}" for name in nanopipe.configs.CONFIG_CLASSES] + [
         "nanopipe.configs", "nanopipe.configs.base", "nanopipe.configs.data", "nanopipe.exit_codes"]
     code = "; ".join(f"import {m}" for m in modules) + "; import sys; assert 'torch' not in sys.modules, " \
         "sorted(m for m in sys.modules if m.startswith('nanopipe'))"
@@ -106,10 +106,10 @@ def test_configs_import_without_torch():
 
 
 def test_every_stage_has_one_config_class():
-    from nanopipe.configs import STAGE_CONFIGS, config_class
+    from nanopipe.configs import CONFIG_CLASSES, config_class
     from nanopipe.configs.base import NanoConfig
-    assert {"tok_train", "tok_eval", "base_train", "base_eval", "chat_eval", "chat_cli"} <= set(STAGE_CONFIGS)
-    for name, cls in STAGE_CONFIGS.items():
+    assert {"tok_train", "tok_eval", "base_train", "base_eval", "chat_eval", "chat_cli"} <= set(CONFIG_CLASSES)
+    for name, cls in CONFIG_CLASSES.items():
         assert issubclass(cls, NanoConfig) and config_class(name) is cls
     with pytest.raises(KeyError, match="unknown stage"):
         config_class("nope")
