@@ -35,7 +35,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Serializati
                       model_serializer, model_validator)
 
 from flows.launcher import Resources
-from flows.presets import PRESET_DESCRIPTIONS, PRESETS, deep_merge, preset_line, preset_values
+from flows.presets import PRESET_DESCRIPTIONS, PRESETS, deep_merge, preset_key_values, preset_line, preset_values
 from flows.stages import STAGE_NAMES, STAGES, Stage
 from nanopipe.configs import (BaseEvalConfig, BaseTrainConfig, CommonConfig, DataFlags, NanoConfig, TokEvalConfig,
                               TokTrainConfig, build_config)
@@ -274,13 +274,15 @@ def form_schema() -> dict[str, Any]:
 # The config after the preset, for people: what this run will do
 
 def resolved_config_markdown(config: PipelineConfig) -> str:
-    """Markdown of the config after the preset: the stages that run, and per section the key fields (the
-    form's) and every value that differs from the stage default, with where it came from."""
+    """Markdown of the config after the preset: what the preset is for and its key values (as the form's picker
+    shows them), the stages that run, and per section the key fields (the form's) and every value that differs
+    from the stage default, with where it came from."""
     baseline = PipelineConfig(preset=config.preset)
     title = f"preset `{config.preset}`" if config.preset else "no preset (stage defaults)"
     lines = [f"### Resolved config: {title}", ""]
     if config.preset:
-        lines += [f"{PRESET_DESCRIPTIONS[config.preset]}.", ""]
+        lines += [f"{PRESET_DESCRIPTIONS[config.preset]}.", "",
+                  f"The preset's key values (before this run's overrides): {preset_key_values(config.preset)}.", ""]
     stages = ", ".join(s.name for s in config.planned_stages())
     lines += [f"Stages: {stages} (run_rl={str(config.run_rl).lower()}, stop_after={config.stop_after or 'none'}, "
               f"recompute_from={config.recompute_from or 'none'})",
