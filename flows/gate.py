@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, Field, ValidationError
 
 from flows.plan import StagePlan
+from nanopipe.configs.base import model_tag_for_depth
 from nanopipe.configs.chat_eval import chatcore_of
 
 if TYPE_CHECKING:
@@ -128,7 +129,8 @@ def lineage(config, plans: list[StagePlan]) -> str:
     """What makes two runs comparable: preset and model depth, e.g. 'demo-cpu-d4'."""
     base = next((p for p in plans if p.stage == "base_train"), None)
     depth = base.config.get("depth") if base else getattr(getattr(config, "base_train", None), "depth", None)
-    return f"{getattr(config, 'preset', None) or 'custom'}-d{depth if depth is not None else '?'}"
+    model = model_tag_for_depth(depth) if depth is not None else "d?"   # no base model in sight
+    return f"{getattr(config, 'preset', None) or 'custom'}-{model}"
 
 
 @dataclass

@@ -50,6 +50,7 @@ from flows.report import StageOutcome, publish_summary
 from flows.stage_task import run_stage
 from flows.stages import get_stage
 from nanopipe.configs import ConfigError
+from nanopipe.configs.base import model_tag_for_depth
 
 SENTENCE_CHARS = 600   # a state message is a header line in the UI, not a log
 
@@ -282,7 +283,8 @@ def pipeline_run_name() -> str:
     try:
         config = flow_run.parameters.get("config") or {}
         config = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
-        what = f"{config.preset or 'custom'} d{config.base_train.depth}" + (" +rl" if config.run_rl else "")
+        what = f"{config.preset or 'custom'} {model_tag_for_depth(config.base_train.depth)}" + (
+            " +rl" if config.run_rl else "")
     except Exception:   # a name must never fail the run; the parameters are validated where it matters
         what = "pipeline"
     return f"{what} {datetime.now(timezone.utc):%Y-%m-%d %H:%M}"
