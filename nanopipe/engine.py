@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from nanopipe.calculator import (CalculatorError, evaluate_expression, format_number,  # noqa: F401
                                  use_calculator)
+from nanopipe.gpt import top_k_limit
 from nanopipe.kv_cache import KVCache
 
 # -----------------------------------------------------------------------------
@@ -58,8 +59,8 @@ def sample_next_token(logits: torch.Tensor, rng: torch.Generator | Sequence[torc
     assert temperature >= 0.0, f"temperature must be >= 0, got {temperature}"
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
-    if top_k is not None and 0 < top_k < logits.size(-1):
-        values, indices = torch.topk(logits, top_k, dim=-1)
+    if (k := top_k_limit(top_k, logits.size(-1))) is not None:
+        values, indices = torch.topk(logits, k, dim=-1)
         probs = F.softmax(values.float() / temperature, dim=-1)
         return indices.gather(1, _multinomial(probs, rng))
     probs = F.softmax(logits.float() / temperature, dim=-1)

@@ -154,6 +154,14 @@ def softcapped_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: tor
     return F.cross_entropy(logits, targets, ignore_index=-1, reduction=reduction)
 
 
+def top_k_limit(top_k: int | None, vocab_size: int) -> int | None:
+    """How many of the most likely tokens sampling keeps: None keeps them all, as does a k at or above the
+    vocabulary. The flags' "0 or -1: all" becomes None in the config (nanopipe.configs.base.TopK), so a
+    sampler only ever gets None or a k of at least 1."""
+    assert top_k is None or top_k >= 1, f"top_k must be None (every token) or at least 1, got {top_k}"
+    return top_k if top_k is not None and top_k < vocab_size else None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -374,8 +382,8 @@ class GPT(nn.Module):
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         for _ in range(max_tokens):
             logits = self.forward(ids)[:, -1, :]
-            if top_k is not None and top_k > 0:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+            if (k := top_k_limit(top_k, logits.size(-1))) is not None:
+                kth = torch.topk(logits, k).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             if temperature > 0:
                 probs = F.softmax(logits / temperature, dim=-1)
