@@ -56,7 +56,7 @@ _CHAT = _MODEL + ("nanopipe.training", "nanopipe.chat_format", "nanopipe.tasks",
                   "nanopipe.reshard")
 _CHAT_EVAL = _MODEL + ("nanopipe.chat_format", "nanopipe.tasks", "nanopipe.engine", "nanopipe.calculator",
                        "nanopipe.execution",
-                       "nanopipe.sandbox_child", "nanopipe.chat_scoring", *_DATA)
+                       "nanopipe.sandbox", "nanopipe.chat_scoring", *_DATA)
 
 # The nanopipe modules that stages import but that do not decide what a stage produces: editing one of them
 # reuses every artifact. Each other module a stage imports, directly or through another, must be in its code
@@ -123,7 +123,7 @@ STAGES: list[Stage] = [
           tag=lambda cfg: "sft", key_metrics=("chatcore", "chatcore_partial", "accuracy")),
     Stage("chat_rl", "nanopipe.stages.chat_rl", "chat_rl",
           _code("nanopipe.stages.chat_rl", *_CHAT, "nanopipe.engine", "nanopipe.calculator", "nanopipe.execution",
-                "nanopipe.sandbox_child", "nanopipe.rl"),
+                "nanopipe.sandbox", "nanopipe.rl"),
           inputs={"checkpoint_dir": ("chat_sft", "checkpoints"), **_TOKENIZER_INPUT}, output="checkpoints",
           fixed={"source": "sft"}, resume_flag=("resume_from_step", "latest"), dry_run_flag="plan_only",
           tag=lambda cfg: "rl", when="run_rl", key_metrics=("reward", "pass@1")),

@@ -9,7 +9,7 @@ passes a problem's tests in another process, which never runs it.
 Threat model. The code checked is a model's completion; under RL the model is optimised against the score,
 so treat that code as written by an adversary who has read this repository: anything Python allows,
 introspection and the C API included. Trusted: the caller, the problem (its prompt's code and its test, from
-the dataset), this module and nanopipe/sandbox_child.py, the interpreter and the kernel. What must hold:
+the dataset), this module and the package nanopipe/sandbox/, the interpreter and the kernel. What must hold:
 1. the verdict: nothing the candidate executes changes the recorded outcome, other than through the values
    its function returns to the test;
 2. the host: it cannot write outside a private scratch directory, reach the network, outlive its deadline,
@@ -20,7 +20,7 @@ set the harness's `success` through `sys._getframe(1).f_locals`, write its own "
 harness's token and pipe, call the harness's exit, `os._exit(0)`, patch `builtins`, or return an object
 equal to everything (issue 21). So `check_candidate` runs three processes:
 - the sandbox (below) runs the candidate's code, then serves calls of its function;
-- the judge (`python -I sandbox_child.py --judge`) runs the prompt's code and the test's `check(candidate)`,
+- the judge (`python -I sandbox/entry.py --judge`) runs the prompt's code and the test's `check(candidate)`,
   where `candidate` is a proxy: each call goes to the sandbox and the answer comes back. The candidate's
   code never runs in the judge or in the caller, and the test never runs in the sandbox;
 - only literal values cross, as JSON with tags (None, bool, int, float, str, bytes, complex, and lists,
@@ -45,7 +45,7 @@ Out of scope: the candidate can read what the read-only filesystem shows (a copy
 solutions, say) and answer right without solving anything: a verdict says what the function returned.
 
 The boundary is the kernel. A fresh interpreter (`python -I`, no PYTHON* env) is started as a small launcher
-(nanopipe/sandbox_child.py) that, when running as root, first drops to `nobody`, then enters new user, mount,
+(nanopipe/sandbox/launcher.py) that, when running as root, first drops to `nobody`, then enters new user, mount,
 PID, network and IPC namespaces and forks the sandbox's init, which runs the program:
 - PID namespace: the program is process 1 of its namespace; when it ends, or when the launcher kills it at
   the deadline, the kernel kills every process left in the namespace (forked, `setsid`, re-parented: all);
@@ -82,9 +82,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanopipe import sandbox_child
-from nanopipe.sandbox_child import (CHILD_FLAG, JUDGE_FLAG, KILL_GRACE_SECONDS, NOBODY_GID, NOBODY_UID,
-                                    OPTIONAL_PROTECTIONS, REQUIRED_PROTECTIONS)
+from nanopipe.sandbox import (CHILD_FLAG, ENTRY_SCRIPT, JUDGE_FLAG, KILL_GRACE_SECONDS, NOBODY_GID, NOBODY_UID,
+                              OPTIONAL_PROTECTIONS, REQUIRED_PROTECTIONS)
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +305,7 @@ def _spawn(program: str, timeout: float, max_memory_bytes: int | None, require_i
             verdict_r, verdict_w = pipes.socketpair()
         env = {"PATH": os.defpath, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": str(work_dir),
                "TMPDIR": str(work_dir), "OMP_NUM_THREADS": "1"}
-        script = os.path.abspath(sandbox_child.__file__)
+        script = ENTRY_SCRIPT
         argv = [sys.executable, "-I", script, CHILD_FLAG, str(report_w), str(status_w), str(calls_r),
                 repr(float(timeout)), repr(deadline_s), str(max_memory_bytes or 0), "1" if drop_privileges else "0",
                 "1" if require_isolation else "0"]

@@ -14,7 +14,7 @@ import pytest
 
 from nanopipe import execution
 from nanopipe.execution import ExecutionResult, check_candidate, execute_code, sandbox_protections
-from nanopipe.sandbox_child import NotLiteral, decode_literal, encode_literal
+from nanopipe.sandbox.literals import NotLiteral, decode_literal, encode_literal
 from nanopipe.tasks.humaneval import HumanEval, build_program
 
 KERNEL = sandbox_protections()
