@@ -24,6 +24,9 @@ class ChatRLConfig(ChatOptimFlags, CalculatorFlags, CpuMatmulFlags, DownstreamCo
                              "builtin arithmetic word problems in GSM8K format")
     gsm8k_path: str | None = Field(None, description="local GSM8K data, directory or .jsonl (none: the hub)")
     synthetic_size: int = Field(1000, ge=1, description="training problems generated for builtin-arithmetic")
+    spelling_share: float = Field(0.0, ge=0.0, lt=1.0, description="builtin-arithmetic only: this share of the "
+                                  "training questions are SpellingBee letter counts (rewarded for the right count), "
+                                  "so RL rehearses what SFT taught besides arithmetic; evaluation stays arithmetic")
     # --- horizon ------------------------------------------------------------
     num_epochs: int = Field(1, ge=1, description="passes over the training questions")
     num_iterations: Off[int] = Field(
@@ -43,6 +46,8 @@ class ChatRLConfig(ChatOptimFlags, CalculatorFlags, CpuMatmulFlags, DownstreamCo
     eval_every: Off[int] = Field(60, ge=1, description="pass@k on the test questions every N steps (and at "
                                                        "the end; -1/none: at the end only)")
     eval_examples: int = Field(400, ge=1, description="test questions of each pass@k evaluation")
+    eval_samples: Off[int] = Field(None, ge=1, description="k of the pass@k evaluation: samples per test question "
+                                                        "(-1/none: min(device_batch_size, num_samples))")
     save_every: Off[int] = Field(60, ge=1, description="checkpoint every N steps (and at the end; -1/none: "
                                                        "at the end only)")
     resume_from_step: ResumeStep = Field(
@@ -54,13 +59,16 @@ class ChatRLConfig(ChatOptimFlags, CalculatorFlags, CpuMatmulFlags, DownstreamCo
     plan_only: bool = Field(False, description="print parameters, steps, samples per step and a memory estimate, "
                                              "then exit")
 
-    NON_SEMANTIC = ("eval_every", "eval_examples", "save_every", "resume_from_step", "plan_only", "model_tag",
-                    "checkpoint_dir")
+    NON_SEMANTIC = ("eval_every", "eval_examples", "eval_samples", "save_every", "resume_from_step", "plan_only",
+                    "model_tag", "checkpoint_dir")
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.gsm8k_path is not None and self.task != "gsm8k":
             raise ValueError(f"--gsm8k_path is only read with --task=gsm8k (this run has --task={self.task})")
+        if self.spelling_share and self.task != "builtin-arithmetic":
+            raise ValueError(f"--spelling_share mixes builtin tasks: it needs --task=builtin-arithmetic "
+                             f"(this run has --task={self.task})")
         return self
 
 
