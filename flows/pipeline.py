@@ -173,7 +173,7 @@ def execute(plan: StagePlan, *, force: bool, complete: bool, upstream: dict[str,
         tags=tags)
     started = time.monotonic()
     state = stage_task(plan=launched, upstream=upstream, verified=complete, store=None if force else store,
-                       fresh=force, return_state=True)
+                       recompute=force, return_state=True)
     seconds = time.monotonic() - started
     if state.is_cancelled():
         return StageOutcome(plan, "Cancelled", seconds, error=state.message or "cancelled", state=state)

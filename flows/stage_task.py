@@ -1,6 +1,16 @@
 """
-The Prefect task that runs one stage: lock its artifact directory, launch the stage (torchrun for the
-distributed ones), stream its output into the run's logs and progress, write the manifest, return a ref.
+The Prefect task that runs one stage, `run_stage`, whose body is the list of a stage's steps, each one
+function of this module, in order:
+
+    check_upstream       plan: the inputs given are the artifacts the plan expects
+    locked               lock: the artifact directory here, its name in the store across machines
+    produced_meanwhile   ...unless a concurrent run finished it while we waited
+    restored_from_store  restore: the whole artifact from the store, when it has it
+    prepare              a clean directory (checkpoints kept for a resume), this attempt's layout
+    checkpoints_kept     restore the store's last checkpoint; upload each new one while the stage trains
+    launch_attempt       launch: torchrun (or node 0 of a multi-node stage) with logs and progress
+    record               record: the launch, then the manifest, written last
+    keep_in_store        upload: the verified artifact goes to the store, its manifest last
 
 The task takes the upstream stages' references as a parameter (`upstream`, the upstream task runs' states),
 so Prefect records a real edge from each upstream task run, whether it ran or came back Cached: the run's
@@ -26,6 +36,7 @@ import contextlib
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -37,7 +48,7 @@ from prefect.states import Cancelled, Completed
 
 from flows.artifacts import (ArtifactRef, artifact_lock, discard, read_manifest, ref_from_manifest, verify,
                              write_manifest)
-from flows.launcher import StageFailed, failure_from, launch
+from flows.launcher import LaunchResult, StageFailed, failure_from, launch
 from flows.store import (CheckpointUploader, artifact_name, checkpoints_name, restore_artifact, restore_checkpoints,
                          store_has, upload_artifact)
 from flows.store_lock import store_lock
@@ -136,9 +147,60 @@ class _Progress:
                                  description=self.describe(ending))
 
 
-def _prepare(plan: StagePlan, logger) -> None:
-    """Make the artifact directory ready to (re)run into. A stage with no checkpoint to resume from starts
-    from scratch, and its progress history starts afresh too."""
+# -----------------------------------------------------------------------------
+# The steps of a stage's life, in the order run_stage takes them
+
+def check_upstream(plan: StagePlan, upstream: dict[str, ArtifactRef] | None) -> None:
+    """Plan: each input the task was given is the artifact its plan expects (by hash)."""
+    for role, ref in (upstream or {}).items():
+        expected = plan.upstream.get(role, {}).get("hash")
+        if ref.hash != expected:
+            raise StageFailed(f"stage {plan.stage}: input {role} is {ref.path} (hash {ref.hash}), but the plan "
+                              f"expects hash {expected}", kind="plan", retryable=False)
+
+
+@contextlib.contextmanager
+def locked(plan: StagePlan, store: str | None, logger):
+    """Lock: the artifact directory on this machine, and its name in the store across machines."""
+    directory = Path(plan.artifact_dir)
+    across_machines = (store_lock(store, artifact_name(directory), on_wait=logger.info) if store
+                       else contextlib.nullcontext())
+    with across_machines, artifact_lock(directory, on_wait=logger.info):
+        yield
+
+
+def produced_meanwhile(plan: StagePlan, store: str | None, logger) -> Completed | None:
+    """Did a concurrent run finish this artifact while we waited for its lock? (Verified only when a
+    manifest with our hash appeared, so the usual path costs no second checksum pass.)"""
+    directory = Path(plan.artifact_dir)
+    manifest = read_manifest(directory)
+    if not (manifest and manifest.get("hash") == plan.hash and verify(directory, plan.hash)):
+        return None
+    logger.info(f"{plan.stage}: {directory} is already complete (produced by another run)")
+    keep_in_store(plan, store, logger)
+    return Completed(data=ref_from_manifest(directory),
+                     message=f"{directory.name} was produced by another run meanwhile ({cache_note(plan)})")
+
+
+def restored_from_store(plan: StagePlan, store: str | None, logger) -> Completed | None:
+    """Restore: the whole verified artifact from the store, when the store has it."""
+    if not store:
+        return None
+    directory = Path(plan.artifact_dir)
+    name = artifact_name(directory)
+    restored = restore_artifact(store, name, directory, plan.hash)
+    if not restored:
+        return None
+    logger.info(f"{plan.stage}: restored {name} from {store} ({restored.bytes:,} bytes in "
+                f"{restored.seconds:.1f} s)")
+    return Completed(name="Cached", data=ref_from_manifest(directory),
+                     message=f"restored {name} from the artifact store ({cache_note(plan)})")
+
+
+def prepare(plan: StagePlan, logger) -> tuple[StagePlan, list[int] | None]:
+    """Make the artifact directory ready to (re)run into, and choose where this attempt runs: the plan of this
+    attempt and the node that runs each node rank of a multi-node stage (None: node k runs rank k). A stage
+    with no checkpoint to resume from starts from scratch, and its progress history starts afresh too."""
     directory, out = Path(plan.artifact_dir), Path(plan.out_dir)
     if read_manifest(directory) is not None:
         # a manifest that does not verify: the directory is damaged, nothing in it can be trusted
@@ -156,21 +218,123 @@ def _prepare(plan: StagePlan, logger) -> None:
     if not resumable:
         (directory / PROGRESS_FILE).unlink(missing_ok=True)
         (directory / LAUNCHES_FILE).unlink(missing_ok=True)
+    nodes = None
+    if task_run.run_count > 1:   # a lost device or node need not stop a retry (flows/world.py)
+        plan, nodes, layout = retry_layout(plan)
+        if layout:
+            logger.info(layout)
+    return plan, nodes
 
 
-def _produced_meanwhile(plan: StagePlan) -> bool:
-    """Did a concurrent run finish this artifact while we waited for its lock? (Verified only when a
-    manifest with our hash appeared, so the usual path costs no second checksum pass.)"""
-    manifest = read_manifest(plan.artifact_dir)
-    return bool(manifest and manifest.get("hash") == plan.hash and verify(plan.artifact_dir, plan.hash))
+@contextlib.contextmanager
+def checkpoints_kept(plan: StagePlan, store: str | None, recompute: bool, logger):
+    """Restore and upload a resumable stage's checkpoints: the store's last one comes back before the stage
+    starts (not for a recompute), and each new one goes up while it trains. Yields the uploader (None: no
+    store, or a stage without checkpoints); the last checkpoint goes up even when the stage fails, so that a
+    retry elsewhere resumes from it."""
+    if not (store and plan.resume_flag):
+        yield None
+        return
+    checkpoints = checkpoints_name(plan.artifact_dir, plan.out_dir)
+    if not recompute:
+        restored = restore_checkpoints(store, checkpoints, plan.out_dir)
+        if restored:
+            logger.info(f"{plan.stage}: restored checkpoint step {restored.step} from {store} "
+                        f"({restored.bytes:,} bytes in {restored.seconds:.1f} s): it resumes from there")
+    uploader = CheckpointUploader(plan.out_dir, store, checkpoints, log_line=logger.info).start()
+    try:
+        yield uploader
+    finally:
+        uploader.stop()
 
 
-def _keep_in_store(directory: Path, store: str | None, plan: StagePlan, logger, already_uploaded=None) -> None:
-    """Make sure the store holds this complete artifact (uploaded with its manifest last). A store that
-    cannot be written costs a warning, not the stage: the artifact is complete here, and the next run that
-    finds it will try the upload again."""
+@dataclass
+class Attempt:
+    """One launch of the stage: the plan and command it ran, when it started, its progress, and its result
+    (None: cancelled from the UI)."""
+    plan: StagePlan
+    command: list[str]
+    started: float
+    progress: _Progress
+    result: LaunchResult | None = None
+
+
+def launch_attempt(plan: StagePlan, nodes: list[int] | None, logger) -> Attempt:
+    """Launch: the stage's command here (torchrun for a distributed stage), or node 0 of a multi-node stage
+    here and the other nodes through their node-agent runs (flows/multinode.py); its lines go to the log, its
+    progress to the progress artifact. A cancel from the UI ends the attempt without a result."""
+    directory = Path(plan.artifact_dir)
+    multinode = plan.resources.nnodes > 1
+    if multinode:
+        plan = with_endpoint(plan)
+    cmd = node_command(plan, 0) if multinode else plan.command()
+    logger.info(f"{plan.stage} attempt {task_run.run_count}: {' '.join(cmd)}")
+    attempt = Attempt(plan, cmd, started=time.time(),
+                      progress=_Progress(plan.stage, directory / PROGRESS_FILE, attempt=task_run.run_count))
+    timeout = plan.resources.timeout_minutes * 60 if plan.resources.timeout_minutes else None
+    try:
+        if multinode:
+            attempt.result = launch_across_nodes(plan, log_path=directory / LOG_FILE, on_line=logger.info,
+                                                 on_progress=attempt.progress, timeout_seconds=timeout, nodes=nodes)
+        else:
+            attempt.result = launch(cmd, log_path=directory / LOG_FILE, env=plan.resources.env, on_line=logger.info,
+                                    on_progress=attempt.progress, timeout_seconds=timeout)
+    except TerminationSignal:
+        # the launch has already stopped the stage's process tree on its way out
+        if not cancel_requested():
+            raise   # a real termination: Prefect marks the task run Crashed
+        attempt.progress.finish("cancelled")
+        logger.warning(f"{plan.stage}: cancelled; the stage's processes were stopped")
+    return attempt
+
+
+def cancelled(attempt: Attempt) -> Cancelled:
+    """The task run's state after a cancel: "<stage> cancelled at step <n>" (flows/pipeline.py names the run)."""
+    step = attempt.progress.latest.get("step")
+    return Cancelled(message=f"{attempt.plan.stage} cancelled" + (f" at step {step}" if step is not None else ""))
+
+
+def record(attempt: Attempt) -> ArtifactRef:
+    """Record: the launch (a resumable stage's segments of training), then, if the stage succeeded and wrote
+    its metrics, the manifest, written last; raise StageFailed otherwise."""
+    plan, result = attempt.plan, attempt.result
+    directory = Path(plan.artifact_dir)
+    if plan.resume_flag:
+        record_launch(directory / LAUNCHES_FILE, plan.resources, result)
+    if result.returncode != 0 or result.timed_out:
+        attempt.progress.finish("failed")
+        raise failure_from(result, plan.stage)
+    metrics = read_metrics(plan.out_dir)
+    if metrics is None:
+        raise StageFailed(f"stage {plan.stage} exited 0 but wrote no metrics in {plan.out_dir}; log: "
+                          f"{result.log_path}", kind="incomplete", retryable=False)
+    # the stage's own word on where it resumed is exact (a damaged newest checkpoint is skipped, for one)
+    resumed = last(result.records, Resumed)
+    resumed_from = resumed.step if resumed else None
+    memory = last(result.records, MemoryEstimate)
+    timings = {"started": attempt.started, "finished": time.time(), "seconds": round(result.seconds, 3),
+               "attempt": task_run.run_count, "resumed_from": resumed_from}
+    segments = segments_of(directory / LAUNCHES_FILE, metrics.get("step"))
+    write_manifest(directory, stage=plan.stage, digest=plan.hash, config=plan.config, upstream=plan.upstream,
+                   metrics=metrics, timings=timings,
+                   extra={"command": attempt.command, "code_version": plan.code_version, "code": plan.code,
+                          "semantic_config": plan.semantic_config, "data": plan.data,
+                          "memory_estimate": memory.model_dump() if memory else None,
+                          "segments": segments,
+                          "flow_run_id": flow_run.id,
+                          "task_run_id": task_run.id})
+    attempt.progress.finish()
+    return ArtifactRef(stage=plan.stage, hash=plan.hash, path=str(directory), metrics=metrics,
+                       seconds=round(result.seconds, 3), resumed_from=resumed_from, segments=segments)
+
+
+def keep_in_store(plan: StagePlan, store: str | None, logger, already_uploaded=None) -> None:
+    """Upload: make sure the store holds this verified artifact (uploaded with its manifest last). A store
+    that cannot be written costs a warning, not the stage: the artifact is verified here, and the next run
+    that finds it will try the upload again."""
     if not store:
         return
+    directory = Path(plan.artifact_dir)
     name = artifact_name(directory)
     try:
         if store_has(store, name, plan.hash):
@@ -182,113 +346,40 @@ def _keep_in_store(directory: Path, store: str | None, plan: StagePlan, logger, 
         logger.warning(f"{plan.stage}: could not upload {name} to {store}: {type(err).__name__}: {err}")
 
 
+# -----------------------------------------------------------------------------
+# The task
+
 @task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_if_retryable,
       task_run_name="{plan.stage}")
 def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, verified: bool = False,
-              store: str | None = None, fresh: bool = False):
+              store: str | None = None, recompute: bool = False):
     """Produce one stage's artifact (or find it already produced by a concurrent run, or in the store).
 
     `upstream` maps each input field to the reference its upstream stage returned; `verified` says the
     flow already checked this artifact on disk in this run (then a cache miss only re-reads its manifest).
     `store` (an fsspec URL, flows/store.py) keeps artifacts and checkpoints beyond this node: a missing
     artifact is restored from it, a resumable stage's checkpoints are restored before it starts and uploaded
-    while it trains, and a finished artifact goes up with its manifest last. `fresh` (recompute_from) never
-    restores anything."""
+    while it trains, and a finished artifact goes up with its manifest last. `recompute` (recompute_from)
+    never restores anything."""
     logger = get_run_logger()
     directory = Path(plan.artifact_dir)
-    for role, ref in (upstream or {}).items():
-        expected = plan.upstream.get(role, {}).get("hash")
-        if ref.hash != expected:
-            raise StageFailed(f"stage {plan.stage}: input {role} is {ref.path} (hash {ref.hash}), but the plan "
-                              f"expects hash {expected}", kind="plan", retryable=False)
+    check_upstream(plan, upstream)
     if verified:
-        _keep_in_store(directory, store, plan, logger)
+        keep_in_store(plan, store, logger)
         return Completed(name="Cached", data=ref_from_manifest(directory),
                          message=f"reused {directory.name}: its manifest verified ({cache_note(plan)})")
-    name = artifact_name(directory)
-    across_machines = store_lock(store, name, on_wait=logger.info) if store else contextlib.nullcontext()
-    with across_machines, artifact_lock(directory, on_wait=logger.info):
-        if _produced_meanwhile(plan):
-            logger.info(f"{plan.stage}: {directory} is already complete (produced by another run)")
-            _keep_in_store(directory, store, plan, logger)
-            return Completed(data=ref_from_manifest(directory),
-                             message=f"{directory.name} was produced by another run meanwhile ({cache_note(plan)})")
-        if store and not fresh:
-            restored = restore_artifact(store, name, directory, plan.hash)
-            if restored:
-                logger.info(f"{plan.stage}: restored {name} from {store} ({restored.bytes:,} bytes in "
-                            f"{restored.seconds:.1f} s)")
-                return Completed(name="Cached", data=ref_from_manifest(directory),
-                                 message=f"restored {name} from the artifact store ({cache_note(plan)})")
-        _prepare(plan, logger)
-        nodes = None   # the node that runs each node rank of a multi-node stage; None: node k runs rank k
-        if task_run.run_count > 1:   # a lost device or node need not stop a retry (flows/world.py)
-            plan, nodes, layout = retry_layout(plan)
-            if layout:
-                logger.info(layout)
-        uploader = None
-        if store and plan.resume_flag:
-            checkpoints = checkpoints_name(directory, plan.out_dir)
-            if not fresh:
-                restored = restore_checkpoints(store, checkpoints, plan.out_dir)
-                if restored:
-                    logger.info(f"{plan.stage}: restored checkpoint step {restored.step} from {store} "
-                                f"({restored.bytes:,} bytes in {restored.seconds:.1f} s): it resumes from there")
-            uploader = CheckpointUploader(plan.out_dir, store, checkpoints, log_line=logger.info).start()
-        multinode = plan.resources.nnodes > 1
-        if multinode:   # node 0 runs here, the other nodes through their node-agent runs (flows/multinode.py)
-            plan = with_endpoint(plan)
-        cmd = node_command(plan, 0) if multinode else plan.command()
-        logger.info(f"{plan.stage} attempt {task_run.run_count}: {' '.join(cmd)}")
-        started = time.time()
-        progress = _Progress(plan.stage, directory / PROGRESS_FILE, attempt=task_run.run_count)
-        timeout = plan.resources.timeout_minutes * 60 if plan.resources.timeout_minutes else None
-        try:
-            if multinode:
-                result = launch_across_nodes(plan, log_path=directory / LOG_FILE, on_line=logger.info,
-                                             on_progress=progress, timeout_seconds=timeout, nodes=nodes)
-            else:
-                result = launch(cmd, log_path=directory / LOG_FILE, env=plan.resources.env, on_line=logger.info,
-                                on_progress=progress, timeout_seconds=timeout)
-        except TerminationSignal:
-            # the launch has already stopped the stage's process tree on its way out
-            if not cancel_requested():
-                raise   # a real termination: Prefect marks the task run Crashed
-            progress.finish("cancelled")
-            logger.warning(f"{plan.stage}: cancelled; the stage's processes were stopped")
-            step = progress.latest.get("step")
-            return Cancelled(message=f"{plan.stage} cancelled" + (f" at step {step}" if step is not None else ""))
-        finally:
-            if uploader is not None:   # the last checkpoint goes up even when the stage failed: a retry elsewhere
-                uploader.stop()        # resumes from it
-        if plan.resume_flag:
-            record_launch(directory / LAUNCHES_FILE, plan.resources, result)
-        if result.returncode != 0 or result.timed_out:
-            progress.finish("failed")
-            raise failure_from(result, plan.stage)
-        metrics = read_metrics(plan.out_dir)
-        if metrics is None:
-            raise StageFailed(f"stage {plan.stage} exited 0 but wrote no metrics in {plan.out_dir}; log: "
-                              f"{result.log_path}", kind="incomplete", retryable=False)
-        # the stage's own word on where it resumed is exact (a damaged newest checkpoint is skipped, for one)
-        resumed = last(result.records, Resumed)
-        resumed_from = resumed.step if resumed else None
-        memory = last(result.records, MemoryEstimate)
-        timings = {"started": started, "finished": time.time(), "seconds": round(result.seconds, 3),
-                   "attempt": task_run.run_count, "resumed_from": resumed_from}
-        segments = segments_of(directory / LAUNCHES_FILE, metrics.get("step"))
-        write_manifest(directory, stage=plan.stage, digest=plan.hash, config=plan.config, upstream=plan.upstream,
-                       metrics=metrics, timings=timings,
-                       extra={"command": cmd, "code_version": plan.code_version, "code": plan.code,
-                              "semantic_config": plan.semantic_config, "data": plan.data,
-                              "memory_estimate": memory.model_dump() if memory else None,
-                              "segments": segments,
-                              "flow_run_id": flow_run.id,
-                              "task_run_id": task_run.id})
-        progress.finish()
-        _keep_in_store(directory, store, plan, logger, uploader.uploaded if uploader else None)
-        resumed = f", resumed from step {resumed_from}" if resumed_from is not None else ""
-        logger.info(f"{plan.stage}: done in {result.seconds:.1f} s{resumed} -> {directory}")
-        ref = ArtifactRef(stage=plan.stage, hash=plan.hash, path=str(directory), metrics=metrics,
-                          seconds=round(result.seconds, 3), resumed_from=resumed_from, segments=segments)
+    with locked(plan, store, logger):
+        if (found := produced_meanwhile(plan, store, logger)) is not None:
+            return found
+        if not recompute and (restored := restored_from_store(plan, store, logger)) is not None:
+            return restored
+        plan, nodes = prepare(plan, logger)
+        with checkpoints_kept(plan, store, recompute, logger) as uploader:
+            attempt = launch_attempt(plan, nodes, logger)
+        if attempt.result is None:
+            return cancelled(attempt)
+        ref = record(attempt)
+        keep_in_store(plan, store, logger, uploader.uploaded if uploader else None)
+        resumed = f", resumed from step {ref.resumed_from}" if ref.resumed_from is not None else ""
+        logger.info(f"{plan.stage}: done in {attempt.result.seconds:.1f} s{resumed} -> {directory}")
         return Completed(data=ref, message=f"produced {directory.name}{resumed} ({cache_note(plan)})")
