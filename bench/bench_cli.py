@@ -9,6 +9,7 @@ What a person waits for at the command line: a fully cached `nanopipe run`, and 
    alternate: with the temporary Prefect server the command starts for itself (`--server=temporary`, what a
    run without PREFECT_API_URL gets), and with a running Prefect server (`prefect server start`, started here
    on a free port) named by `--server=URL` (as PREFECT_API_URL would). Target: <= 5 s for the cached re-run.
+   Each figure comes with the load average and the CPU time (user + system) of the command and its server.
 3. Start-up per stage: each planned stage command is launched into a scratch output directory and timed to
    its first output line (process spawn + interpreter + imports) and to its first progress line (plus data,
    tokenizer and model setup: the first step for a training stage), then stopped.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -39,11 +41,20 @@ from nanopipe.events import PROGRESS_PREFIX  # noqa: E402  (a stage's progress r
 RETRYABLE = "Encountered retryable exception in request"
 
 
+def children_cpu() -> float:
+    """User + system CPU seconds of this process's waited-for children (and theirs) so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def nanopipe(args: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
-    started = time.perf_counter()
+    """(wall seconds, the finished command); its CPU seconds (the command and the temporary server it waits
+    for) are in `done.cpu`."""
+    started, cpu = time.perf_counter(), children_cpu()
     done = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True)
     seconds = time.perf_counter() - started
+    done.cpu = children_cpu() - cpu
     if done.returncode != 0:
         sys.exit(f"nanopipe {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     return seconds, done
@@ -121,6 +132,7 @@ def main() -> None:
     server, url = start_prefect_server({**env, "PREFECT_HOME": str(workdir / "prefect-server")}, server_log)
     modes = {"temporary server": ["--server=temporary"], "running server": [f"--server={url}"]}
     times: dict[str, list[float]] = {m: [] for m in modes}
+    cpus: dict[str, list[float]] = {m: [] for m in modes}
     retried = {m: 0 for m in modes}
     try:
         for i in range(args.repeats):
@@ -133,8 +145,10 @@ def main() -> None:
                 locked = (done.stdout + done.stderr + (server_said if mode == "running server" else "")
                           ).count(RETRYABLE)
                 times[mode].append(seconds)
+                cpus[mode].append(done.cpu)
                 retried[mode] += locked
-                print(f"  cached re-run, {mode}: {seconds:.2f} s"
+                print(f"  cached re-run, {mode}: {seconds:.2f} s, CPU {done.cpu:.2f} s, load average "
+                      f"{os.getloadavg()[0]:.2f}"
                       + (f"   ({locked} request(s) answered 503 'database is locked', retried)" if locked else ""),
                       flush=True)
     finally:
@@ -144,7 +158,9 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     for mode, values in times.items():
         print(f"  {mode:<22} {statistics.median(values):6.2f} s   (min {min(values):.2f}, max {max(values):.2f}; "
-              f"{retried[mode]} retried request(s) in {len(values)} runs)")
+              f"{retried[mode]} retried request(s) in {len(values)} runs); CPU median "
+              f"{statistics.median(cpus[mode]):.2f} s")
+    print("  CPU: user + system seconds of the command and its temporary server together (not a running server's)")
     sizes = {name: (workdir / name / "prefect.db").stat().st_size / 2**20 for name in ("prefect", "prefect-server")
              if (workdir / name / "prefect.db").exists()}
     print("  Prefect databases: " + ", ".join(f"{name}/prefect.db {mb:.0f} MiB" for name, mb in sizes.items()))

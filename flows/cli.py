@@ -82,10 +82,44 @@ def server_choice(extras: dict[str, str]):
         raise UsageError(str(err)) from None
 
 
+def _explicit_server(argv: list[str]) -> str | None:
+    """--server's value on a command line (the last one given), read without the full parse."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--server="):
+            found = arg.split("=", 1)[1]
+        elif arg == "--server" and i + 1 < len(argv):
+            found = argv[i + 1]
+    return found
+
+
 @contextlib.contextmanager
-def prefect_api(choice):
+def early_server(argv: list[str]):
+    """Yields a temporary server started now, before the command line is parsed and the config checked, when
+    the command will want one (no --server URL, no configured API); else None. Its start-up (~4 s of CPU: the
+    server app's imports) is most of a cached run, so it starts first and everything else overlaps it. A
+    command that ends before using it (a bad flag or value) stops it; the choice the full parse makes stands."""
+    from flows.local_server import TemporaryServer, choose_server
+    _prefect_defaults()
+    try:
+        temporary = choose_server(_explicit_server(argv)).temporary
+        if temporary:
+            writable_directory(_prefect_home(), "PREFECT_HOME")
+    except (ValueError, UsageError):   # the full parse and check_outputs say what is wrong, as without this
+        temporary = False
+    server = TemporaryServer() if temporary else None
+    try:
+        yield server
+    finally:
+        if server is not None:
+            server.stop()   # no-op when the run stopped it
+
+
+@contextlib.contextmanager
+def prefect_api(choice, server=None):
     """Point Prefect at the server `choice` names for this command; yields a function that blocks until that
     server answers. Call it after importing the flow: a temporary server boots while the flow's code imports.
+    `server`: a temporary server already started (early_server), used when `choice` wants one.
     Never a server that merely listens on this machine: only the configured API or --server."""
     _prefect_defaults()
     from flows.local_server import TemporaryServer
@@ -101,7 +135,7 @@ def prefect_api(choice):
             else:
                 os.environ["PREFECT_API_URL"] = before
         return
-    server = TemporaryServer()
+    server = server or TemporaryServer()
     print(f"nanopipe: starting a temporary Prefect server on {server.api_url} for this run ({choice.reason})",
           file=sys.stderr)
     before = os.environ.get("PREFECT_API_URL")
@@ -143,26 +177,42 @@ def writable_directory(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def _prefect_home() -> str:
+    return os.environ.get("PREFECT_HOME") or os.path.join(os.path.expanduser("~"), ".prefect")
+
+
 def check_outputs(temporary_server: bool = True) -> None:
     """Where this run writes: NANOPIPE_HOME (artifacts) and PREFECT_HOME (the temporary server's database)."""
     from nanopipe.common import base_dir_path
     writable_directory(base_dir_path(), "NANOPIPE_HOME (--home)")
     if temporary_server:
-        writable_directory(os.environ.get("PREFECT_HOME") or os.path.join(os.path.expanduser("~"), ".prefect"),
-                           "PREFECT_HOME")
+        writable_directory(_prefect_home(), "PREFECT_HOME")
 
 
-def _run_flow(choice, flow_name: str, *args) -> int:
+def warm_up(config) -> None:
+    """What the flow computes or imports before its first result whatever the server says, done while the
+    server starts: the code hashes of the stages it plans (cached per process; ~0.3 s) and the encoder Prefect
+    imports to send the parameters (~0.1 s)."""
+    from flows.artifacts import code_version
+    import fastapi.encoders  # noqa: F401
+    for stage in config.planned_stages():
+        code_version(stage.code)
+
+
+def _run_flow(choice, flow_name: str, *args, server=None, warm=None) -> int:
     """Run a flow of flows/pipeline.py to its end; Ctrl-C / SIGTERM stop the stage, write the summary, exit
-    130 / 143. The flow module is imported while the Prefect server starts."""
+    130 / 143. The flow module is imported, and `warm` called, while the Prefect server starts (`server`: one
+    already started by early_server)."""
     from flows.local_server import ServerUnavailable
     def on_sigterm(signum, frame):
         raise Interrupted("terminated (SIGTERM)")
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        with prefect_api(choice) as server_ready:
+        with prefect_api(choice, server) as server_ready:
             import flows.pipeline
             flow = getattr(flows.pipeline, flow_name)
+            if warm:
+                warm()
             server_ready()
             state = flow(*args, return_state=True)
     except ServerUnavailable as err:
@@ -196,7 +246,8 @@ def _interrupted(state) -> int:
 
 def check_before_starting(config) -> None:
     """The rules the flow checks at its start (each stage's batch arithmetic for its world size, ...), checked
-    here first: a bad value costs a second and no server, with advice for the run's real world size."""
+    here first: a bad value costs a second and no run (the server started early for it is stopped), with
+    advice for the run's real world size."""
     from flows.plan import PlanError, check_config
     try:
         check_config(config, config.planned_stages())
@@ -205,20 +256,23 @@ def check_before_starting(config) -> None:
 
 
 def cmd_run(argv: list[str]) -> int:
-    config, extras = parse_command(argv, extra=("server",))
-    check_before_starting(config)
-    choice = server_choice(extras)
-    check_outputs(choice.temporary)
-    return _run_flow(choice, "full_pipeline", config)
+    with early_server(argv) as server:
+        config, extras = parse_command(argv, extra=("server",))
+        check_before_starting(config)
+        choice = server_choice(extras)
+        check_outputs(choice.temporary)
+        return _run_flow(choice, "full_pipeline", config, server=server, warm=lambda: warm_up(config))
 
 
 def cmd_stage(argv: list[str]) -> int:
     stage = _stage_argument(argv, "nanopipe stage NAME [--preset P] [flags]")
-    config, extras = parse_command(argv[1:], stage=stage, extra=("server",))
-    check_before_starting(config.model_copy(update={"stop_after": None, **({stage.when: True} if stage.when else {})}))
-    choice = server_choice(extras)
-    check_outputs(choice.temporary)
-    return _run_flow(choice, "stage_flow", stage.name, config)
+    with early_server(argv[1:]) as server:
+        config, extras = parse_command(argv[1:], stage=stage, extra=("server",))
+        planned = config.model_copy(update={"stop_after": None, **({stage.when: True} if stage.when else {})})
+        check_before_starting(planned)
+        choice = server_choice(extras)
+        check_outputs(choice.temporary)
+        return _run_flow(choice, "stage_flow", stage.name, config, server=server, warm=lambda: warm_up(planned))
 
 
 def _stage_argument(argv: list[str], usage: str):

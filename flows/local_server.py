@@ -18,13 +18,14 @@ with three differences that matter to us:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ TEMPORARY = "temporary"
 
 def answers(api_url: str, timeout: float = 0.5) -> bool:
     """Does a Prefect API answer its health check at `api_url` within `timeout` seconds?"""
+    import urllib.request   # not before the server is spawned: this module is imported on the way to it
     try:
         with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as response:
             return response.status == 200 and json.loads(response.read() or b"false") is True
@@ -109,12 +111,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int):
+    """preexec_fn: the kernel sends the server SIGTERM when the thread that spawned it dies (as
+    flows.launcher.die_with_parent does for stages; that module's imports would delay the spawn)."""
+    def preexec() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:   # the parent died before prctl took effect
+            os._exit(1)
+    return preexec
+
+
 class TemporaryServer:
-    """Prefect's API on a free loopback port, in a child process that starts now and is waited for later."""
+    """Prefect's API on a free loopback port, in a child process that starts now and is waited for later.
+    Spawned as early as a command can (flows/cli.py early_server): only the standard library before it."""
 
     def __init__(self):
         from importlib.util import find_spec
-        from flows.launcher import die_with_parent
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         # Telemetry off unless asked for: a server that lives for one command has nothing to report, and on a
@@ -126,7 +141,7 @@ class TemporaryServer:
             [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(find_spec("prefect").origin).parent.parent),
              "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
-            env=self.env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
+            env=self.env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
         self.started = time.monotonic()
 
     def wait_ready(self, timeout: float) -> None:

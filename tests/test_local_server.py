@@ -142,3 +142,49 @@ def test_a_run_uses_the_configured_server_or_the_one_named_by_server(tmp_path, m
     finally:
         server.stop()
     assert server.process.poll() is not None
+
+
+class _FakeServer:
+    """Stands in for TemporaryServer: records that it was started and stopped."""
+
+    started: list["_FakeServer"] = []
+
+    def __init__(self):
+        self.stopped = False
+        _FakeServer.started.append(self)
+
+    def stop(self):
+        self.stopped = True
+
+
+def test_the_explicit_server_is_read_from_the_command_line_before_parsing_it():
+    from flows.cli import _explicit_server
+    assert _explicit_server(["--preset=demo-cpu"]) is None
+    assert _explicit_server(["--server=temporary", "--x=1"]) == "temporary"
+    assert _explicit_server(["--server", "http://h:4200/api"]) == "http://h:4200/api"
+    assert _explicit_server(["--server=temporary", "--server", "http://h:4200/api"]) == "http://h:4200/api"
+
+
+def test_a_temporary_server_starts_before_the_parse_and_stops_when_the_command_line_is_bad(monkeypatch, tmp_path):
+    from flows import cli
+    monkeypatch.setattr("flows.local_server.TemporaryServer", _FakeServer)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    monkeypatch.setenv("NANOPIPE_HOME", str(tmp_path / "home"))
+    _FakeServer.started.clear()
+    with pytest.raises(UsageError, match="depht"):
+        cli.cmd_run(["--preset=demo-cpu", "--base_train.depht=3"])
+    assert len(_FakeServer.started) == 1 and _FakeServer.started[0].stopped
+    # a URL (on the command line or configured) starts nothing
+    for argv, env in ((["--server=http://127.0.0.1:9/api"], {}), ([], {"PREFECT_API_URL": "http://127.0.0.1:9/api"})):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            with cli.early_server(argv) as server:
+                assert server is None
+    assert len(_FakeServer.started) == 1
+    # nor does one whose database could not be written (check_outputs says so, as before)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "a-file"))
+    (tmp_path / "a-file").write_text("")
+    with cli.early_server([]) as server:
+        assert server is None
