@@ -3,8 +3,8 @@ What a person sees of a pipeline run in the Prefect UI after it ends, however it
 
     nanopipe-report        the report card: regressions first, environment, every stage's status and wall
                            time, estimated cost, what each stage taught (flows/taught.py), tokenizer, base
-                           model, one table of chat metrics, curves
-                           (also written to NANOPIPE_HOME/report.md)
+                           model, one table of chat metrics, curves (also written to NANOPIPE_HOME/report.md);
+                           published last, to be first on the run's Artifacts tab (flows/card_first.py)
     nanopipe-summary       the stages with their key metrics and artifact paths
     nanopipe-metrics       every key metric in long format (stage, metric, value)
     nanopipe-key-metrics   the metrics the regression gate compares (and the trend's tokens per second and wall
@@ -40,6 +40,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 import nanopipe
 from flows.artifacts import PARSE_LOCK, ArtifactRef
+from flows.card_first import publish_first
 from flows.gate import (CHAT_COLUMNS, KEY_METRICS_KEY, GateResult, fmt, gate_section, key_metrics,
                         key_metrics_table, lineage, number, regression_gate, run_logger, tag_lineage)
 from flows.plan import StagePlan
@@ -459,8 +460,9 @@ def publish_summary(outcomes: list[StageOutcome], plans: list[StagePlan], title:
     markdown = report_card(title, outcomes, plans, env, config=config, gate=gate, curves=curves, trend=trend)
     _try("write report.md", atomic_write_text, report_home(plans) / REPORT_FILE, markdown)
 
-    # each artifact on its own: one the API refuses never keeps the others (or the gate's answer) back
-    markdowns = [("nanopipe-report", markdown, f"{title}: report card"), ("nanopipe-summary", summary, title)]
+    # each artifact on its own: one the API refuses never keeps the others (or the gate's answer) back; the
+    # report card last, drawn to be first on the run's Artifacts tab (flows/card_first.py)
+    markdowns = [("nanopipe-summary", summary, title)]
     markdowns += [(artifact_key(stage, "curves"), f"# {stage} curves\n\n{markdown_image(png, stage + ' curves')}\n",
                    f"{title}: {stage} training curves") for stage, png in curves.items()]
     markdowns += [(artifact_key(o.plan.stage, "samples"), text, f"{title}: {o.plan.stage} samples")
@@ -472,5 +474,6 @@ def publish_summary(outcomes: list[StageOutcome], plans: list[StagePlan], title:
     _try(f"publish {KEY_METRICS_KEY}", create_table_artifact,
          key_metrics_table({"lineage": name, "metrics": recorded, "basis": basis}), KEY_METRICS_KEY,
          f"{title}: key metrics for the regression gate")
+    _try("publish nanopipe-report", publish_first, "nanopipe-report", markdown, f"{title}: report card")
     _try("tag the run with its lineage", tag_lineage, name)
     return RunReport(markdown, gate.regressions, summary=summary, key_metrics=current, gate=gate.note)
