@@ -19,11 +19,10 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, Field
 
-from flows.artifacts import (MANIFEST, artifact_dir, artifact_hash, code_hashes, code_version, read_manifest,
-                             verify)
+from flows.artifacts import MANIFEST, artifact_dir, artifact_hash, code_hashes, code_version, read_manifest
 from flows.config import PipelineConfig
 from flows.launcher import Resources, launch, stage_command, stage_reason
-from flows.stages import STAGE_NAMES, Stage, get_stage
+from flows.stages import Stage, get_stage
 from flows.store import StoreError, check_store
 from nanopipe.configs.flags import to_cli_args
 from nanopipe.configs import ConfigError, config_digest, non_semantic_fields
@@ -163,25 +162,6 @@ def data_fingerprint(cfg) -> str | None:
     if not entries:
         return None   # the stage itself says that the directory holds no shards
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
-
-
-def is_complete(plan: StagePlan) -> bool:
-    return bool(verify(plan.artifact_dir, plan.hash))
-
-
-def produced_by(plan: StagePlan) -> str | None:
-    """Flow run id recorded in the artifact's manifest (None when absent)."""
-    manifest = read_manifest(plan.artifact_dir) or {}
-    return manifest.get("flow_run_id")
-
-
-def stages_from(plans: list[StagePlan], name: str | None) -> set[str]:
-    """The planned stages at or after `name` in pipeline order (none for None)."""
-    if name is None:
-        return set()
-    get_stage(name)   # a clear error for an unknown name
-    first = STAGE_NAMES.index(name)
-    return {p.stage for p in plans if STAGE_NAMES.index(p.stage) >= first}
 
 
 # -----------------------------------------------------------------------------

@@ -176,7 +176,7 @@ def produced_meanwhile(plan: StagePlan, store: str | None, logger) -> Completed 
     manifest = read_manifest(directory)
     if not (manifest and manifest.get("hash") == plan.hash and verify(directory, plan.hash)):
         return None
-    logger.info(f"{plan.stage}: {directory} is already complete (produced by another run)")
+    logger.info(f"{plan.stage}: {directory} already verifies (produced by another run)")
     keep_in_store(plan, store, logger)
     return Completed(data=ref_from_manifest(directory),
                      message=f"{directory.name} was produced by another run meanwhile ({cache_note(plan)})")
