@@ -1,5 +1,5 @@
 """The pipeline as Prefect flows on a tiny CPU config: end to end, cached re-runs, kills and resume,
-damaged artifacts, preflight, concurrency. Against a temporary Prefect server (prefect_test_harness)."""
+damaged artifacts, preflight, concurrency. Against the session's temporary Prefect server (tests/conftest.py)."""
 
 import json
 import math
@@ -186,10 +186,10 @@ def test_a_killed_mid_training_resumes_that_stage_only(kill_home, data_dir):
     assert launches(upstream.artifact_dir) == 1    # the base model was trained once, never again
 
 
-def test_damaged_or_deleted_artifacts_are_recomputed(home, data_dir):
+def test_damaged_or_deleted_artifacts_are_recomputed(kill_home, data_dir):
     values = tiny(data_dir, stop_after="tok_eval")
     plans = plans_of(values)
-    assert run(values)[0].is_completed()
+    assert run(values)[0].is_completed()   # (cached when an earlier test of the module trained them)
 
     records_before = result_records()
     metrics = Path(plans["tok_eval"].out_dir) / "metrics.json"
@@ -209,7 +209,7 @@ def test_damaged_or_deleted_artifacts_are_recomputed(home, data_dir):
     assert verify(plans["tok_train"].artifact_dir, plans["tok_train"].hash)
 
 
-def test_recompute_from_forces_that_stage_and_later_ones(home, data_dir):
+def test_recompute_from_forces_that_stage_and_later_ones(kill_home, data_dir):
     values = tiny(data_dir, stop_after="tok_eval")
     assert run(values)[0].is_completed()
     state, states, _ = run({**values, "recompute_from": "tok_eval"})

@@ -26,7 +26,7 @@ from tests.flow_support import prefect_backend, data_dir, shared_home, kill_home
 
 
 @pytest.mark.slow
-def test_a_failed_recompute_keeps_the_good_artifact(home, data_dir):
+def test_a_failed_recompute_keeps_the_good_artifact(kill_home, data_dir):
     """recompute_from builds beside the artifact: one that fails leaves it in place, verified and reused; the
     next recompute (another run) discards the unfinished one and swaps its own in once it verifies."""
     from flows.recompute import staging_dir, staging_owner
