@@ -24,9 +24,6 @@ class ChatRLConfig(ChatOptimFlags, CalculatorFlags, CpuMatmulFlags, DownstreamCo
                              "builtin arithmetic word problems in GSM8K format")
     gsm8k_path: str | None = Field(None, description="local GSM8K data, directory or .jsonl (none: the hub)")
     synthetic_size: int = Field(1000, ge=1, description="training problems generated for builtin-arithmetic")
-    spelling_share: float = Field(0.0, ge=0.0, lt=1.0, description="builtin-arithmetic only: this share of the "
-                                  "training questions are SpellingBee letter counts (rewarded for the right count), "
-                                  "so RL rehearses what SFT taught besides arithmetic; evaluation stays arithmetic")
     # --- horizon ------------------------------------------------------------
     num_epochs: int = Field(1, ge=1, description="passes over the training questions")
     num_iterations: Off[int] = Field(
@@ -66,9 +63,6 @@ class ChatRLConfig(ChatOptimFlags, CalculatorFlags, CpuMatmulFlags, DownstreamCo
     def _consistent(self):
         if self.gsm8k_path is not None and self.task != "gsm8k":
             raise ValueError(f"--gsm8k_path is only read with --task=gsm8k (this run has --task={self.task})")
-        if self.spelling_share and self.task != "builtin-arithmetic":
-            raise ValueError(f"--spelling_share mixes builtin tasks: it needs --task=builtin-arithmetic "
-                             f"(this run has --task={self.task})")
         return self
 
 

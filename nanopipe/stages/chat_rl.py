@@ -11,7 +11,6 @@ Run alone (GSM8K from the hub, or a local copy; or the offline builtin arithmeti
     python -m nanopipe.stages.chat_rl --task=builtin-arithmetic --synthetic_size=64 --num_epochs=6 \\
         --device_type=cpu --examples_per_step=8 --num_samples=8 --device_batch_size=8 --max_new_tokens=128 \\
         --init_lr_frac=0.1 --eval_every=-1 --eval_examples=64           # the CPU preset (bench/bench_chat_rl.py)
-    python -m nanopipe.stages.chat_rl --task=builtin-arithmetic --spelling_share=0.25 --eval_samples=1  # + SpellingBee
     python -m nanopipe.stages.chat_rl --plan_only                        # parameters, steps, memory; no training
 
 Under torchrun (the questions of a step are split over the ranks):
@@ -48,8 +47,7 @@ from nanopipe.engine import Engine
 from nanopipe.gpt import GPTConfig
 from nanopipe.rl import (accumulate_policy_gradient, evaluate_pass_at_k, rng_from_json, rng_state_to_json,
                          sample_groups, step_questions)
-from nanopipe.tasks import GSM8K, ArithmeticProblems, SpellingBee, Task, TaskDataError, TaskMixture
-from nanopipe.tasks.gsm8k import score_final_answer
+from nanopipe.tasks import GSM8K, ArithmeticProblems, Task, TaskDataError
 from nanopipe.tasks.mixtures import DatasetUnavailableError
 from nanopipe.training import NonFiniteLossError, peak_memory_mib
 
@@ -61,26 +59,10 @@ PROMPT_TOKENS_ESTIMATE = 256   # a GSM8K question with its chat tokens is well u
 # -----------------------------------------------------------------------------
 # Inputs: the source checkpoint, the tasks
 
-class FinalAnswerMixture(TaskMixture):
-    """A shuffled mixture of tasks that all score a completion by its '#### N' line (the builtin arithmetic
-    problems, SpellingBee): rewards need no lookup of which task a conversation came from."""
-
-    eval_type = "generative"
-
-    def evaluate(self, conversation: dict, completion: str) -> int:
-        return score_final_answer(conversation, completion)
-
-
 def builtin_train_task(cfg: ChatRLConfig) -> Task:
-    """The builtin training questions: synthetic_size problems drawn with their own seed (cfg.seed +
-    RL_DATA_SEED_OFFSET), so RL does not revisit the problems mid-training and SFT drew; with --spelling_share,
-    that share of them SpellingBee questions, mixed in deterministically."""
-    seed = cfg.seed + RL_DATA_SEED_OFFSET
-    spelling = round(cfg.synthetic_size * cfg.spelling_share)
-    arithmetic = ArithmeticProblems(size=max(1, cfg.synthetic_size - spelling), split="train", seed=seed)
-    if not spelling:
-        return arithmetic
-    return FinalAnswerMixture([arithmetic, SpellingBee(size=spelling, split="train", seed=seed)], seed=seed)
+    """The builtin training questions: synthetic_size arithmetic problems drawn with their own seed (cfg.seed +
+    RL_DATA_SEED_OFFSET), so RL does not revisit the problems mid-training and SFT drew."""
+    return ArithmeticProblems(size=cfg.synthetic_size, split="train", seed=cfg.seed + RL_DATA_SEED_OFFSET)
 
 
 def load_tasks(cfg: ChatRLConfig):
@@ -138,7 +120,7 @@ def print_description(info: dict, model_from: str) -> None:
 def count_train_questions(cfg: ChatRLConfig) -> int:
     """Training questions, without downloading anything: GSM8K's known size unless a local copy is given."""
     if cfg.task == "builtin-arithmetic":
-        return len(builtin_train_task(cfg))
+        return cfg.synthetic_size
     if cfg.gsm8k_path is None:
         return GSM8K_TRAIN_QUESTIONS
     return len(load_tasks(cfg)[0])
