@@ -16,8 +16,9 @@ def prefect_server():
         yield
 
 
-def run_with_artifacts(count: int):
-    """A flow run with `count` other artifacts (a third made by a task, some with keys), then the card."""
+def run_with_artifacts(count: int, keyed: bool = False):
+    """A flow run with `count` other artifacts (a third made by a task; some with keys, or all when `keyed`),
+    then the card."""
     from prefect import flow, task
     from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
@@ -26,14 +27,14 @@ def run_with_artifacts(count: int):
         create_progress_artifact(100.0, key=f"stage-{i}-progress", description=f"stage {i}")
 
     @flow(name="card-first-test")
-    def publish(count: int):
+    def publish(count: int, keyed: bool):
         for i in range(count):
             if i % 3 == 0:
                 progress(i)
             else:
-                create_markdown_artifact(f"# card {i}", key=f"card-{i}" if i % 2 else None, description=f"card {i}")
+                create_markdown_artifact(f"# card {i}", key=f"card-{i}" if keyed or i % 2 else None, description=f"card {i}")
         return publish_first("nanopipe-report", "# the report card", "report card")
-    state = publish(count, return_state=True)
+    state = publish(count, keyed, return_state=True)
     return state.state_details.flow_run_id, state.result()
 
 
