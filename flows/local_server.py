@@ -8,9 +8,10 @@ another user's) is never joined: point PREFECT_API_URL (or a profile, or --serve
 
 The temporary server is Prefect's own API app under uvicorn, the way Prefect starts its ephemeral server,
 with three differences that matter to us:
-- it is spawned before the flow code is imported, so its start-up (a few seconds: the server app's imports
-  and its database migrations) overlaps ours instead of following it; Prefect's helper for this imports the
-  whole server app into the client process first (~3.5 s here) and only then spawns it;
+- it is spawned first, before the command line is parsed and the flow code imported, so its start-up (~4 s
+  of CPU: the server app's imports and its database migrations) overlaps all of ours instead of following
+  it; Prefect's helper for this imports the whole server app into the client process first (~3.5 s here)
+  and only then spawns it;
 - it runs in its own session, so a Ctrl-C or SIGTERM meant for the run never reaches it (the run still
   needs it to record how it ended);
 - it dies with this process even on SIGKILL (parent-death signal).
