@@ -7,13 +7,7 @@ from collections import Counter
 import pytest
 
 from flows.card_first import publish_first
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+from tests.flow_support import prefect_backend  # noqa: F401 (a fixture: the session's temporary Prefect server)
 
 
 def run_with_artifacts(count: int, keyed: bool = False):
@@ -51,7 +45,7 @@ def listed(flow_run_id, sort: str | None):
 
 
 @pytest.mark.parametrize("count", [14, 30])
-def test_the_report_card_is_listed_first_and_nothing_else_is_lost(prefect_server, count):
+def test_the_report_card_is_listed_first_and_nothing_else_is_lost(count):
     flow_run_id, card_id = run_with_artifacts(count)
     v2 = listed(flow_run_id, "ID_DESC")
     assert v2[0].key == "nanopipe-report" and v2[0].id == card_id and v2[0].data == "# the report card"
