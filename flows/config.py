@@ -22,8 +22,8 @@ tokenizer on the CPU and everything else on CUDA.
 The form (`form_schema`): the preset picker with a line per preset, the handful of fields people change,
 one section per stage titled by its key, the shared fields once. No field carries a default, so the form
 submits only what someone fills in and the preset supplies the rest. Every other stage field is still
-accepted in the form's JSON tab (`{"base_train": {"matrix_lr": 0.03}}`) and validated by the stage's model
-when the run starts. In JSON, a config is what differs from its preset (`model_dump(mode="json")`), which
+accepted as JSON (the `config` field's menu: "Use JSON input" in V1, "Use JSON Input" in V2), e.g.
+`{"base_train": {"matrix_lr": 0.03}}`, and validated by the stage's model when the run starts. In JSON, a config is what differs from its preset (`model_dump(mode="json")`), which
 is what the UI shows as a run's parameters and as the flow's default.
 """
 
@@ -200,7 +200,7 @@ def _differences(value: Any, baseline: Any) -> Any:
 # -----------------------------------------------------------------------------
 # The Custom run form: the JSON schema Prefect renders for the `config` parameter
 
-# The fields each section shows in the form (the handful people change; the JSON tab takes every field of the
+# The fields each section shows in the form (the handful people change; JSON input takes every field of the
 # section's model), and those shown without their description (the name says it): the form stays short.
 FORM_FIELDS: dict[str, tuple[str, ...]] = {
     "data": ("data_source", "data_dir"),
@@ -213,7 +213,7 @@ FORM_FIELDS: dict[str, tuple[str, ...]] = {
     "resources": ("nproc_per_node", "nnodes"),
 }
 FORM_BARE_FIELDS = ("data_dir", "seed", "depth", "nnodes")
-# JSON tab only: tok_eval, base_eval, chat_eval, stage_resources, cost_per_gpu_hour and the other stage fields
+# JSON input only: tok_eval, base_eval, chat_eval, stage_resources, cost_per_gpu_hour and the other stage fields
 
 
 def _choice(name: str, choices: list[str], description: str) -> dict[str, Any]:
@@ -264,7 +264,7 @@ def form_schema() -> dict[str, Any]:
         properties[name] = _section(name, fields[name].annotation, description)
     hidden = [f for f in fields if f not in properties]
     description = (f"{PipelineConfig.__doc__} Empty fields stay out of the run's parameters. In JSON (the "
-                   f"JSON tab; V1: Use JSON input): {', '.join(hidden)} and every field of a stage "
+                   f"config field's menu: Use JSON input): {', '.join(hidden)} and every field of a stage "
                    f"(python -m nanopipe.stages.STAGE --help).")
     return {"title": "PipelineConfig", "type": "object", "description": description, "properties": properties,
             "additionalProperties": True}

@@ -59,7 +59,7 @@ def test_the_form_is_short_titled_by_stage_keys_with_no_defaults_and_no_type_tog
     shared = {f for s in SHARED_SECTIONS for f in PipelineConfig.model_fields[s].annotation.model_fields}
     for section, fields in FORM_FIELDS.items():
         assert props[section]["title"] == section and list(props[section]["properties"]) == list(fields)
-        assert props[section]["additionalProperties"] is True   # the JSON tab takes any field of the section
+        assert props[section]["additionalProperties"] is True   # JSON input takes any field of the section
         if section not in SHARED_SECTIONS:
             assert not shared & set(fields), section             # device, seed, data: once, in data/common
     assert sum(len(f) for f in FORM_FIELDS.values()) + 4 <= 25
