@@ -18,6 +18,7 @@ from flows.config import PipelineConfig
 from flows.plan import plan_pipeline
 from flows.plots import curve_series, markdown_image, read_progress, stage_curves
 from tests.test_chat_eval import GSM8K_ROWS, checkpoint, eval_args  # noqa: F401 (a fixture: a tiny chat checkpoint)
+from tests.flow_support import prefect_backend  # noqa: F401 (a fixture: the session's temporary Prefect server)
 from flows.gate import KEY_METRICS_KEY, compare, key_metrics, key_metrics_table, lineage, record_from_table
 from flows.report import (DEFAULT_COST_PER_GPU_HOUR, REPORT_FILE, StageOutcome, publish_summary, report_card,
                           samples_markdown)
@@ -348,14 +349,7 @@ def test_the_key_metrics_record_reads_back_and_names_its_lineage(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# publish_summary inside real flow runs (temporary Prefect server)
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
+# publish_summary inside real flow runs (the session's temporary Prefect server)
 
 def publish_flow():
     from prefect import flow
@@ -385,7 +379,7 @@ def artifacts_of(flow_run_id) -> dict:
     return {a.key: a for a in found}, tags
 
 
-def test_publish_summary_publishes_the_card_and_gates_on_the_previous_run(prefect_server, tmp_path):
+def test_publish_summary_publishes_the_card_and_gates_on_the_previous_run(tmp_path):
     publish = publish_flow()
     first = publish(str(tmp_path), 1.0, return_state=True)
     report = first.result()
@@ -412,7 +406,7 @@ def test_publish_summary_publishes_the_card_and_gates_on_the_previous_run(prefec
     assert deeper.regressions == [] and deeper.gate == "no earlier run of this lineage to compare with"
 
 
-def test_a_dead_prefect_api_never_fails_the_report(prefect_server, tmp_path):
+def test_a_dead_prefect_api_never_fails_the_report(tmp_path):
     """The API gone mid-run: the gate says it could not look, report.md is still written, nothing raises."""
     from prefect import flow
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
