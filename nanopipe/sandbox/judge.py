@@ -51,7 +51,8 @@ class _Candidate:
         if reply.get("ready") is not True:
             load = reply.get("load_error")
             load = load if type(load) is dict else {}
-            raise self.fail(f"the candidate's program failed: {load.get('error')}", timeout=load.get("timeout") is True,
+            why = load.get("error") or "it did not report that it loaded (it broke the sandbox's protocol)"
+            raise self.fail(f"the candidate's program failed: {why}", timeout=load.get("timeout") is True,
                             memory_exceeded=load.get("memory_exceeded") is True)
 
     def __call__(self, *args, **kwargs):
