@@ -351,10 +351,12 @@ def test_the_key_metrics_record_reads_back_and_names_its_lineage(tmp_path):
 # -----------------------------------------------------------------------------
 # publish_summary inside real flow runs (the session's temporary Prefect server)
 
-def publish_flow():
+def publish_flow(name: str = "report-test"):
+    """A flow that publishes a report card; runs of one flow name and lineage are what the gate compares, so a
+    module sharing the session's server with another gives its flow its own name."""
     from prefect import flow
 
-    @flow(name="report-test")
+    @flow(name=name)
     def publish(home: str, scale: float, depth: int = 4):
         config, plans = plans_for(Path(home), base_train={"depth": depth})
         by_stage = {p.stage: p for p in plans}
