@@ -1,10 +1,8 @@
-"""Shared pytest fixtures: the `../shared` data folder beside the repo, a throwaway NANOPIPE_HOME, and the
-session's temporary Prefect server for the tests that run flows in this process."""
+"""Shared pytest fixtures: the `../shared` data folder beside the repo, and a throwaway NANOPIPE_HOME."""
 
 from pathlib import Path
 
 import os
-import socket
 import tempfile
 
 import pytest
@@ -26,26 +24,6 @@ def shared_dir() -> Path:
     if not (SHARED_DIR / "data").is_dir():
         pytest.skip(f"shared test data not found: expected a 'shared/data' folder beside the repo at {SHARED_DIR}")
     return SHARED_DIR
-
-
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory) -> tuple[str, str]:
-    """(API URL, database URL) of one temporary Prefect server on SQLite, started on first use and shared by every
-    module that runs flows in this process (tests/flow_support.py's `prefect_backend` points a module at it):
-    starting one costs ~10 s of CPU. Runs are told apart by their ids, never by what else the server holds."""
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
-    database = "sqlite+aiosqlite:///" + str(tmp_path_factory.mktemp("prefect-server") / "prefect.db")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with temporary_settings({PREFECT_SERVER_DATABASE_CONNECTION_URL: database}):   # passed on to the server
-        server = SubprocessASGIServer(port=port)
-        server.start(timeout=180)
-    try:
-        yield server.api_url, database
-    finally:
-        server.stop()
 
 
 @pytest.fixture

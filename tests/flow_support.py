@@ -1,8 +1,6 @@
-"""What the flow tests share: the session's temporary Prefect server, pointed at per module, the tiny pipeline
-config, and readers of what a run left on the server and on disk."""
+"""What the flow tests share: a temporary Prefect server per module, the tiny pipeline config, and readers
+of what a run left on the server and on disk."""
 
-import contextlib
-import inspect
 import os
 import signal
 import threading
@@ -15,8 +13,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId,
                                             LogFilter, LogFilterTaskRunId)
-from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
-from prefect.utilities.asyncutils import run_coro_as_sync
+from prefect.testing.utilities import prefect_test_harness
 
 from flows.config import PipelineConfig
 from flows.pipeline import full_pipeline
@@ -29,37 +26,11 @@ LAUNCH_HEADER = " $ "   # each attempt writes one "# <time> $ <command>" line in
 
 
 @pytest.fixture(scope="module", autouse=True)
-def prefect_backend(prefect_server):
-    """Every test of a module that imports this fixture runs its flows on the session's temporary server."""
-    with on_server(prefect_server):
+def prefect_backend():
+    """A temporary Prefect server per module, not one per session: the regression gate and the trend compare a
+    run with the earlier runs of its lineage on the server, so one module's runs must not be another's past."""
+    with prefect_test_harness(server_startup_timeout=180):
         yield
-
-
-@contextlib.contextmanager
-def on_server(prefect_server: tuple[str, str]):
-    """Flows run in this process (and its threads) use the `prefect_server` fixture's server (tests/conftest.py)
-    while this lasts, as they would use prefect_test_harness's own server: one start per session, not per use."""
-    import prefect.context
-    api_url, database = prefect_server
-    with temporary_settings({PREFECT_API_URL: api_url, PREFECT_SERVER_DATABASE_CONNECTION_URL: database}):
-        # threads start from the process-global settings, not this context's (prefect_test_harness does the same)
-        everywhere = getattr(prefect.context, "_temporary_global_settings_context", None)
-        with everywhere(prefect.context.get_settings_context()) if everywhere else contextlib.nullcontext():
-            yield
-            run_coro_as_sync(_drain())   # what the runs still send reaches the server before the next user
-
-
-async def _drain() -> None:
-    """Send the logs and events still queued in this process (as prefect_test_harness does on exit)."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    for drained in (APILogWorker.drain_all, EventsWorker.drain_all):
-        try:
-            result = drained()
-            if inspect.isawaitable(result):
-                await result
-        except RuntimeError:   # never started
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +41,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def shared_home(tmp_path_factory):
-    """A NANOPIPE_HOME kept across the module's tests that need a tokenizer trained but assert nothing about
-    training it (the kill tests, the recomputes), so they share one: each stage run costs seconds of CPU."""
+    """A NANOPIPE_HOME kept across the kill tests, so they share one trained tokenizer."""
     return tmp_path_factory.mktemp("shared-home")
 
 

@@ -160,9 +160,9 @@ def test_a_planning_run_is_read_from_its_records(tmp_path, renamed_lines):
 # The pipeline with every human line renamed: planning, progress, memory, metrics, resume
 
 @pytest.fixture(scope="module")
-def prefect_backend(prefect_server):
-    from tests.flow_support import on_server
-    with on_server(prefect_server):
+def prefect_backend():
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=180):
         yield
 
 

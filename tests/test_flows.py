@@ -1,5 +1,5 @@
 """The pipeline as Prefect flows on a tiny CPU config: end to end, cached re-runs, kills and resume,
-damaged artifacts, preflight, concurrency. Against the session's temporary Prefect server (tests/conftest.py)."""
+damaged artifacts, preflight, concurrency. Against a temporary Prefect server per module (tests/flow_support.py)."""
 
 import json
 import math

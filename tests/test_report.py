@@ -18,7 +18,7 @@ from flows.config import PipelineConfig
 from flows.plan import plan_pipeline
 from flows.plots import curve_series, markdown_image, read_progress, stage_curves
 from tests.test_chat_eval import GSM8K_ROWS, checkpoint, eval_args  # noqa: F401 (a fixture: a tiny chat checkpoint)
-from tests.flow_support import prefect_backend  # noqa: F401 (a fixture: the session's temporary Prefect server)
+from tests.flow_support import prefect_backend  # noqa: F401 (a fixture: the module's temporary Prefect server)
 from flows.gate import KEY_METRICS_KEY, compare, key_metrics, key_metrics_table, lineage, record_from_table
 from flows.report import (DEFAULT_COST_PER_GPU_HOUR, REPORT_FILE, StageOutcome, publish_summary, report_card,
                           samples_markdown)
@@ -349,11 +349,10 @@ def test_the_key_metrics_record_reads_back_and_names_its_lineage(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# publish_summary inside real flow runs (the session's temporary Prefect server)
+# publish_summary inside real flow runs (the module's temporary Prefect server)
 
 def publish_flow(name: str = "report-test"):
-    """A flow that publishes a report card; runs of one flow name and lineage are what the gate compares, so a
-    module sharing the session's server with another gives its flow its own name."""
+    """A flow that publishes a report card; the gate compares the runs of one flow name and lineage."""
     from prefect import flow
 
     @flow(name=name)

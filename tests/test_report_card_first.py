@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from flows.card_first import publish_first
-from tests.flow_support import prefect_backend  # noqa: F401 (a fixture: the session's temporary Prefect server)
+from tests.flow_support import prefect_backend  # noqa: F401 (a fixture: the module's temporary Prefect server)
 
 
 def run_with_artifacts(count: int, keyed: bool = False):

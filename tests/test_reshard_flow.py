@@ -24,7 +24,7 @@ from flows.store import CheckpointUploader, restore_checkpoints
 from flows.world import (AVAILABLE_ENV, LAUNCHES_FILE, batch_refusal, listed_gpus, record_launch, retry_nproc,
                          retry_plan, segments, segments_of, usable_processes, visible_count)
 from nanopipe.events import Resumed, parse_record, record_line
-from tests.flow_support import kill_after_checkpoint, on_server, tiny
+from tests.flow_support import kill_after_checkpoint, tiny
 
 GPUS = [("0", "GPU-aaaa-0"), ("1", "GPU-bbbb-1"), ("2", "GPU-cccc-2")]
 
@@ -223,7 +223,8 @@ def kill_rank_after_checkpoint(out_dir: str, rank: int, then: dict[str, str], ti
 
 
 @pytest.mark.slow
-def test_a_pipeline_that_loses_one_of_two_ranks_finishes_on_one(home, tmp_path, monkeypatch, prefect_server):
+def test_a_pipeline_that_loses_one_of_two_ranks_finishes_on_one(home, tmp_path, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
     from flows.pipeline import full_pipeline
     from flows.stage_task import LOG_FILE
     monkeypatch.setenv(AVAILABLE_ENV, "2")
@@ -232,7 +233,7 @@ def test_a_pipeline_that_loses_one_of_two_ranks_finishes_on_one(home, tmp_path, 
                   resources={"nproc_per_node": 2, "min_nproc_per_node": 1, "retries": 1},
                   base_train={"device_batch_size": 2, "num_iterations": 30, "save_every": 5, "eval_tokens": 2048})
     plan = plan_of(values)
-    with on_server(prefect_server):
+    with prefect_test_harness(server_startup_timeout=180):
         state = full_pipeline(values, return_state=True)   # the uninterrupted 2-process run
         assert state.is_completed(), state.message
         straight = read_manifest(plan.artifact_dir)

@@ -11,7 +11,7 @@ from flows.gate import TREND_RUNS, compare, key_metrics_table, record_from_table
 from flows.report import report_card
 from flows.trend import TOKENS_PER_SECOND, TREND_FILE, WALL_TIME, trend_columns, trend_extras, trend_section
 from tests.test_report import CPU_ENV, completed, plans_for, publish_flow, table_rows
-from tests.flow_support import prefect_backend  # noqa: F401 (a fixture: the session's temporary Prefect server)
+from tests.flow_support import prefect_backend  # noqa: F401 (a fixture: the module's temporary Prefect server)
 
 LINEAGE = "demo-cpu-d4"
 BASIS = {"base val bpb": "cfg", "CORE": "cfg", "SFT GSM8K": "cfg"}
@@ -112,7 +112,7 @@ def test_tokens_per_second_and_wall_time_are_recorded_but_not_gated():
 
 
 # -----------------------------------------------------------------------------
-# Inside real flow runs (the session's temporary Prefect server): the earlier runs come back through the API
+# Inside real flow runs (the module's temporary Prefect server): the earlier runs come back through the API
 
 def test_publish_summary_shows_the_lineage_trend_read_back_from_earlier_runs(tmp_path):
     publish = publish_flow("report-trend-test")
