@@ -20,7 +20,7 @@ set the harness's `success` through `sys._getframe(1).f_locals`, write its own "
 harness's token and pipe, call the harness's exit, `os._exit(0)`, patch `builtins`, or return an object
 equal to everything (issue 21). So `check_candidate` runs three processes:
 - the sandbox (below) runs the candidate's code, then serves calls of its function;
-- the judge (`python -I sandbox/entry.py --judge`) runs the prompt's code and the test's `check(candidate)`,
+- the judge (`python -I -S sandbox/entry.py --judge`) runs the prompt's code and the test's `check(candidate)`,
   where `candidate` is a proxy: each call goes to the sandbox and the answer comes back. The candidate's
   code never runs in the judge or in the caller, and the test never runs in the sandbox;
 - only literal values cross, as JSON with tags (None, bool, int, float, str, bytes, complex, and lists,
@@ -44,9 +44,10 @@ what holds against that.
 Out of scope: the candidate can read what the read-only filesystem shows (a copy of the dataset with its
 solutions, say) and answer right without solving anything: a verdict says what the function returned.
 
-The boundary is the kernel. A fresh interpreter (`python -I`, no PYTHON* env) is started as a small launcher
-(nanopipe/sandbox/launcher.py) that, when running as root, first drops to `nobody`, then enters new user, mount,
-PID, network and IPC namespaces and forks the sandbox's init, which runs the program:
+The boundary is the kernel. A fresh interpreter (`python -I -S`: no PYTHON* env, no site-packages and none of
+their .pth files) is started as a small launcher (nanopipe/sandbox/launcher.py) that, when running as root,
+first drops to `nobody`, then enters new user, mount, PID, network and IPC namespaces and forks the sandbox's
+init, which runs the program:
 - PID namespace: the program is process 1 of its namespace; when it ends, or when the launcher kills it at
   the deadline, the kernel kills every process left in the namespace (forked, `setsid`, re-parented: all);
   it dies with the launcher too (parent-death signal), and sees no process outside;
@@ -272,7 +273,7 @@ def _wait_or_kill(proc: subprocess.Popen, seconds: float) -> bool:
 def _start_judge(script: str, root: Path, env: dict, calls_w: int, replies_r: int, verdict_w: int) -> subprocess.Popen:
     """The judge, in a session of its own, its output (the test's prints, its own errors) in root/judge.log."""
     with open(root / "judge.log", "wb") as log_f:
-        argv = [sys.executable, "-I", script, JUDGE_FLAG, str(calls_w), str(replies_r), str(verdict_w)]
+        argv = [sys.executable, "-I", "-S", script, JUDGE_FLAG, str(calls_w), str(replies_r), str(verdict_w)]
         return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log_f, stderr=subprocess.STDOUT, cwd=root,
                                 env={**env, "HOME": str(root), "TMPDIR": str(root)},
                                 pass_fds=(calls_w, replies_r, verdict_w), start_new_session=True)
@@ -306,7 +307,7 @@ def _spawn(program: str, timeout: float, max_memory_bytes: int | None, require_i
         env = {"PATH": os.defpath, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": str(work_dir),
                "TMPDIR": str(work_dir), "OMP_NUM_THREADS": "1"}
         script = ENTRY_SCRIPT
-        argv = [sys.executable, "-I", script, CHILD_FLAG, str(report_w), str(status_w), str(calls_r),
+        argv = [sys.executable, "-I", "-S", script, CHILD_FLAG, str(report_w), str(status_w), str(calls_r),
                 repr(float(timeout)), repr(deadline_s), str(max_memory_bytes or 0), "1" if drop_privileges else "0",
                 "1" if require_isolation else "0"]
         # the sandbox never learns the judge's token; its own report (execute_code) carries it

@@ -1,5 +1,5 @@
 """The sandbox's own modules (nanopipe/sandbox/): they import only the standard library and each other, the
-entry script loads every one of them before the program runs, leaves sys.path as `python -I` made it, and
+entry script loads every one of them before the program runs, leaves sys.path as `python -I -S` made it, and
 (in the full sandbox) the program cannot change their files."""
 
 import ast
@@ -55,6 +55,19 @@ def test_the_program_finds_every_sandbox_module_loaded_and_sys_path_as_isolated_
     mine = (str(FOLDER.parent), seen["folder"], seen["cwd"])  # nanopipe's folders, the working directory
     assert all(entry and not entry.startswith(mine) for entry in seen["path"]), seen["path"]
     assert str(FOLDER.parent.parent) not in seen["path"], "nanopipe itself is not importable"
+    assert not any("site-packages" in entry for entry in seen["path"]), seen["path"]
+
+
+def test_the_program_cannot_import_nanopipe_or_anything_installed():
+    # no site: no site-packages on sys.path and none of their .pth files run (an editable install's finder
+    # would make nanopipe importable; setuptools' own .pth would run code before entry.py)
+    probe = ("import sys\nprint('site' in sys.modules)\n"
+             "for name in ('nanopipe', 'torch', 'pydantic'):\n"
+             "    try:\n        __import__(name)\n        print(name, 'imported')\n"
+             "    except ImportError:\n        print(name, 'missing')\n")
+    result = run(probe)
+    assert result.success, result
+    assert result.stdout.split("\n")[:4] == ["False", "nanopipe missing", "torch missing", "pydantic missing"], result
 
 
 @pytest.mark.skipif(not KERNEL.complete, reason=f"namespaces cannot be created here ({KERNEL.describe()})")

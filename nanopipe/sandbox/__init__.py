@@ -1,6 +1,6 @@
 """
 The processes nanopipe/execution.py starts to run untrusted code (read that module's docstring for the
-boundary and the threat model), each as `python -I entry.py FLAG ...`:
+boundary and the threat model), each as `python -I -S entry.py FLAG ...`:
 - the sandbox (`--sandbox-child`, launcher.py): the launcher drops privileges and enters the namespaces,
   then forks the init, which isolates the filesystem and drops every capability (kernel.py), puts up the
   limits and the Python guards (guards.py) and runs the untrusted program (program.py), reporting on two
@@ -14,8 +14,9 @@ nothing outside this folder (nanopipe, site-packages) decides what the judge and
 parent imports the package as `nanopipe.sandbox` for the names below and the literal codec; the children
 never import nanopipe: entry.py loads this folder as a package of its own from its file location, without
 touching sys.path (-I keeps the script's folder, the working directory, PYTHON* variables and the user's
-site off it), so no module the program writes can shadow one of these, and no module here can shadow the
-standard library. entry.py imports every module of the package before anything else happens, so all of
+site off it; -S keeps site-packages off it and runs none of their .pth files, so an editable install of
+nanopipe is not importable either), so no module the program writes can shadow one of these, and no module
+here can shadow the standard library. entry.py imports every module of the package before anything else happens, so all of
 them are loaded before privileges are dropped and before the untrusted program runs; in the full sandbox
 this folder is read-only besides (the whole filesystem is).
 """

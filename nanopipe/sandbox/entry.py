@@ -1,7 +1,7 @@
 """
-The script the sandbox and the judge run as: `python -I entry.py --sandbox-child|--judge ARGS`. It loads
+The script the sandbox and the judge run as: `python -I -S entry.py --sandbox-child|--judge ARGS`. It loads
 this folder as a package (under PACKAGE, not as nanopipe) straight from its own location, leaving sys.path
-as -I made it, then imports every module of the package, and only then starts the role the flag names.
+as -I -S made it, then imports every module of the package, and only then starts the role the flag names.
 """
 
 import importlib
