@@ -15,7 +15,6 @@ flows/stage_task.py pass in the logger and the progress callback.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import queue
 import re
@@ -33,6 +32,7 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flows.parent_death import die_with_parent
 from nanopipe.events import MemoryEstimate, Progress, Record, StageFailure, last, parse_record
 from nanopipe.exit_codes import ExitCode
 
@@ -129,22 +129,6 @@ def stage_command(module: str, args: list[str], resources: Resources, distribute
 
 # -----------------------------------------------------------------------------
 # Process tree handling
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """preexec_fn: ask the kernel to SIGTERM the child when the launching thread dies.
-
-    SIGTERM rather than SIGKILL so torchrun gets the chance to stop its own workers.
-    """
-    def preexec() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent_pid:   # the parent died before prctl took effect
-            os._exit(1)
-    return preexec
-
 
 def marked_pids(launch_id: str) -> list[int]:
     """Pids of live processes whose environment carries this launch's marker."""

@@ -19,16 +19,16 @@ with three differences that matter to us:
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from flows.parent_death import die_with_parent
 
 TEMPORARY = "temporary"
 
@@ -112,19 +112,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent_pid: int):
-    """preexec_fn: the kernel sends the server SIGTERM when the thread that spawned it dies (as
-    flows.launcher.die_with_parent does for stages; that module's imports would delay the spawn)."""
-    def preexec() -> None:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent_pid:   # the parent died before prctl took effect
-            os._exit(1)
-    return preexec
-
-
 class TemporaryServer:
     """Prefect's API on a free loopback port, in a child process that starts now and is waited for later.
     Spawned as early as a command can (flows/cli.py early_server): only the standard library before it."""
@@ -142,7 +129,7 @@ class TemporaryServer:
             [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(find_spec("prefect").origin).parent.parent),
              "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
-            env=self.env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
+            env=self.env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
         self.started = time.monotonic()
 
     def wait_ready(self, timeout: float) -> None:

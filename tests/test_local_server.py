@@ -188,3 +188,39 @@ def test_a_temporary_server_starts_before_the_parse_and_stops_when_the_command_l
     (tmp_path / "a-file").write_text("")
     with cli.early_server([]) as server:
         assert server is None
+
+
+def test_the_temporary_server_dies_with_the_command_even_on_sigkill(tmp_path):
+    """The command SIGKILLed (nothing of it runs on): the parent-death signal stops its server."""
+    import signal
+    import time
+    pid_file = tmp_path / "server.pid"
+    code = ("import time\nfrom flows.local_server import TemporaryServer\nserver = TemporaryServer()\n"
+            f"open({str(pid_file)!r}, 'w').write(str(server.process.pid))\ntime.sleep(600)\n")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env)
+    server_pid = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        server_pid = int(pid_file.read_text())
+        os.kill(server_pid, 0)   # it runs
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 60
+        while _alive(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(server_pid), "the temporary server outlived the command"
+    finally:
+        parent.kill()
+        if server_pid and _alive(server_pid):
+            os.kill(server_pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Is `pid` a live process (not a zombie: the server's parent is gone, so init reaps it)?"""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
