@@ -46,7 +46,7 @@ from flows.gate import (CHAT_COLUMNS, KEY_METRICS_KEY, GateResult, fmt, gate_sec
 from flows.plan import StagePlan
 from flows.plots import PROGRESS_FILE, markdown_image, stage_curves
 from flows.samples import samples_markdown
-from flows.stages import get_stage
+from flows.stages import STAGE_NAMES, get_stage
 from flows.taught import taught_markdown, taught_rows
 from flows.trend import trend_extras, trend_section
 from flows.world import segments_line
@@ -239,6 +239,17 @@ def stages_section(rows: list[StageOutcome], gpus: list[str], rate: float) -> li
     return lines + [""]
 
 
+def recomputed_line(rows: list[StageOutcome], recompute_from: str | None) -> list[str]:
+    """One line naming the stages this run recomputed on request: those at or after `recompute_from` that ran
+    to completion here (a recompute is swapped in before its stage counts as completed, flows/recompute.py)."""
+    first = STAGE_NAMES.index(recompute_from) if recompute_from else len(STAGE_NAMES)
+    redone = [o.plan.stage for o in rows if o.status == "Completed" and STAGE_NAMES.index(o.plan.stage) >= first]
+    if not redone:
+        return []
+    return [f"Recomputed on request (recompute_from={recompute_from}): {', '.join(redone)}; each new artifact "
+            "replaced the previous one only once it verified.", ""]
+
+
 def _duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:.2f} h"
@@ -357,6 +368,7 @@ def report_card(title: str, outcomes: list[StageOutcome], plans: list[StagePlan]
     ended = [o for o in rows if o.status not in ("Completed", "Cached", "Not run")]
     if ended:
         lines += [f"**Stage {o.plan.stage} {status_text(o)}**" for o in ended] + [""]
+    lines += recomputed_line(rows, getattr(config, "recompute_from", None))
     lines += environment_section(env, plans)
     lines += stages_section(rows, env.get("gpus") or [], rate)
     lines += taught_markdown(taught_rows(metrics))

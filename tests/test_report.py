@@ -144,6 +144,25 @@ def test_failed_cancelled_and_unreached_stages_say_so_at_the_top(tmp_path):
     assert "## Chat model" not in card   # no chat evaluation ran
 
 
+def test_a_recompute_on_request_says_which_stages_it_redid_in_one_line(tmp_path):
+    config, plans = plans_for(tmp_path, recompute_from="base_train", stop_after="mid_train")
+    by_stage = {p.stage: p for p in plans}
+    outcomes = [completed(by_stage["tok_train"], status="Cached"), completed(by_stage["tok_eval"]),
+                completed(by_stage["base_train"]), completed(by_stage["base_eval"]),
+                StageOutcome(by_stage["mid_train"], "Failed", 3.0, error="stage mid_train failed: no data")]
+    card = report_card("nanopipe pipeline (demo-cpu)", outcomes, plans, CPU_ENV, config=config)
+    # tok_eval ran too, but before the stage asked for: it was missing, not recomputed; mid_train never completed
+    line = ("Recomputed on request (recompute_from=base_train): base_train, base_eval; each new artifact replaced "
+            "the previous one only once it verified.")
+    assert line in card.split("## Environment")[0].splitlines(), card[:1500]
+    # a retry of the same flow run finds its own recompute done (Cached): nothing recomputed in this attempt
+    again = [completed(p, status="Cached") for p in plans if p.stage != "mid_train"]
+    assert "Recomputed" not in report_card("t", again, plans, CPU_ENV, config=config)
+    plain, _ = plans_for(tmp_path, stop_after="mid_train")
+    assert "Recomputed" not in report_card("t", outcomes, plans, CPU_ENV, config=plain)
+    assert "Recomputed" not in report_card("t", outcomes, plans, CPU_ENV)
+
+
 def test_gpu_stages_cost_their_gpu_hours_at_the_configured_rate(tmp_path):
     config, plans = plans_for(tmp_path, preset="d12", run_rl=False, stop_after="base_train",
                               cost_per_gpu_hour=2.5)
