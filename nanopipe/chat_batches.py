@@ -291,7 +291,18 @@ def sum_across_ranks(values: Sequence[float], device: torch.device) -> list[floa
     return tensor.tolist()
 
 
-def supervised_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the supervised targets; 0 (with a gradient of 0) when a batch has none."""
-    count = (targets >= 0).sum()
-    return model(inputs, targets, loss_reduction="sum") / count.clamp(min=1)
+def supervised_loss(model, inputs: torch.Tensor, targets: torch.Tensor, per: str = "token") -> torch.Tensor:
+    """Mean cross-entropy of the supervised targets; 0 (with a gradient of 0) when a batch has none.
+
+    per="token" (nanochat's): the mean over every supervised token of the batch, so a long answer weighs as
+    many times more as it has tokens. per="conversation": each row's mean, then the mean over the rows that
+    have a supervised token, so a one-letter answer weighs as much as a long one.
+    """
+    assert per in ("token", "conversation"), f"per must be token or conversation, got {per!r}"
+    supervised = targets >= 0
+    if per == "token":
+        return model(inputs, targets, loss_reduction="sum") / supervised.sum().clamp(min=1)
+    losses = model(inputs, targets, loss_reduction="none").view_as(targets)
+    per_row = supervised.sum(dim=1)
+    row_means = losses.sum(dim=1) / per_row.clamp(min=1)
+    return row_means.sum() / (per_row > 0).sum().clamp(min=1)

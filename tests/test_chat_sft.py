@@ -18,14 +18,16 @@ import torch
 import torch.distributed as dist
 
 from nanopipe.chat_format import render_conversation
-from nanopipe.chat_batches import PaddedChatBatcher
+from nanopipe.chat_batches import PaddedChatBatcher, supervised_loss
 from nanopipe.checkpoint import list_steps, load_checkpoint, load_model, optim_path
 from nanopipe.configs.base import ConfigError, build_config
+from nanopipe.configs.flags import parse_config
 from nanopipe.configs.chat_sft import ChatSFTConfig
 from nanopipe.exit_codes import ExitCode
 from nanopipe.stages import chat_eval, chat_sft
 from nanopipe.tasks import TaskMixture, builtin_chat_mixture
 from nanopipe.tasks.builtin import ArithmeticProblems
+from nanopipe.gpt import GPT, GPTConfig
 from tests.chat_fixtures import tiny_chat_flags, tokenizer_and_base, write_base_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +64,90 @@ def test_defaults_are_the_seeds():
     with pytest.raises(ConfigError, match=r"--target_examples_per_step=30 is not a multiple of --device_batch_size "
                                           r"\(4\) x world size \(1\) = 4; try --target_examples_per_step=28 or 32"):
         build_config(ChatSFTConfig, {"target_examples_per_step": 30})
+
+
+def test_loss_per_defaults_to_tokens_and_takes_both_spellings():
+    assert build_config(ChatSFTConfig, {}).loss_per == "token"   # nanochat's averaging unless asked
+    for argv in (["--loss_per=conversation"], ["--loss-per", "conversation"]):
+        assert parse_config(ChatSFTConfig, argv, prog="sft").loss_per == "conversation"
+    with pytest.raises(ConfigError, match="loss_per"):
+        build_config(ChatSFTConfig, {"loss_per": "example"})
+
+
+@pytest.mark.parametrize("flag", ["--chat_sft.loss_per=conversation", "--chat-sft.loss-per=conversation"])
+def test_loss_per_reaches_the_stage_command_and_its_hash(flag, tmp_path):
+    from flows.cli import build_pipeline_config
+    from flows.plan import plan_pipeline
+
+    def sft_plan(*argv):
+        config = build_pipeline_config(["--preset=demo-cpu", *argv])
+        return next(p for p in plan_pipeline(config, home=tmp_path) if p.stage == "chat_sft")
+
+    default, per_conversation = sft_plan(), sft_plan(flag)
+    assert "--loss_per=conversation" in per_conversation.args
+    assert not any(arg.startswith("--loss_per") for arg in default.args)
+    assert per_conversation.hash != default.hash
+    assert parse_config(ChatSFTConfig, per_conversation.args, prog="sft").loss_per == "conversation"
+
+
+def test_gpu_presets_average_the_loss_over_tokens():
+    from flows.config import PipelineConfig
+    from flows.presets import PRESETS
+    for name in PRESETS:
+        config = PipelineConfig(preset=name)
+        if config.common.device_type != "cpu":
+            assert config.chat_sft.loss_per == "token", name
+
+
+# -----------------------------------------------------------------------------
+# The loss
+
+def _tiny_model_and_batch() -> tuple[GPT, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
+    for param in model.parameters():   # random everywhere, so that every token has its own loss
+        torch.nn.init.normal_(param, std=0.5)
+    inputs, targets = torch.randint(0, 32, (3, 8)), torch.randint(0, 32, (3, 8))
+    targets[0, :7] = -1   # one supervised token, as a multiple-choice letter
+    targets[1, :2] = -1   # six
+    targets[2, :] = -1    # none: a row that does not count
+    return model, inputs, targets
+
+
+def test_token_loss_is_the_mean_over_supervised_tokens_by_default():
+    model, inputs, targets = _tiny_model_and_batch()
+    per_token = model(inputs, targets, loss_reduction="none").view_as(targets)
+    expected = per_token[targets >= 0].mean()
+    torch.testing.assert_close(supervised_loss(model, inputs, targets), expected)
+    torch.testing.assert_close(supervised_loss(model, inputs, targets, "token"), expected)
+
+
+def test_conversation_loss_is_the_mean_of_each_supervised_rows_mean():
+    model, inputs, targets = _tiny_model_and_batch()
+    per_token = model(inputs, targets, loss_reduction="none").view_as(targets)
+    loss = supervised_loss(model, inputs, targets, "conversation")
+    torch.testing.assert_close(loss, (per_token[0, 7] + per_token[1, 2:].mean()) / 2)
+    assert not torch.isclose(loss, supervised_loss(model, inputs, targets, "token"))
+
+
+@pytest.mark.parametrize("per, weights", [
+    ("token", [[0] * 7 + [1 / 7], [0, 0] + [1 / 7] * 6, [0] * 8]),
+    ("conversation", [[0] * 7 + [1 / 2], [0, 0] + [1 / 12] * 6, [0] * 8]),
+])
+def test_how_much_each_supervised_token_weighs(per, weights):
+    """The gradient of the loss with respect to each token's loss: by conversation, the one-letter answer weighs
+    as much as the whole six-token one."""
+    _, inputs, targets = _tiny_model_and_batch()
+    token_losses = torch.rand(targets.shape, requires_grad=True)
+
+    def model(inputs_, targets_, loss_reduction):
+        losses = torch.where(targets_ >= 0, token_losses, 0.0)
+        return losses.sum() if loss_reduction == "sum" else losses.reshape(-1)
+
+    supervised_loss(model, inputs, targets, per).backward()
+    torch.testing.assert_close(token_losses.grad, torch.tensor(weights))
+    nothing = torch.full_like(targets, -1)
+    assert supervised_loss(model, inputs, nothing, per).item() == 0.0
 
 
 # -----------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from nanopipe.configs.base import ConfigError, Off, check_for_one_process
@@ -18,6 +20,9 @@ class ChatSFTConfig(ChatTrainFlags):
     device_batch_size: int = Field(4, ge=1, description="conversations per device per micro-step")
     target_examples_per_step: int = Field(32, ge=1, description="conversations per optimizer step, all ranks "
                                                                 "and micro-steps")
+    loss_per: Literal["token", "conversation"] = Field(
+        "token", description="how the loss averages: over every supervised token (nanochat's) or per "
+                             "conversation, so a one-letter answer weighs as much as a long one")
     init_lr_frac: float = Field(0.02, gt=0, le=10, description="starting learning rates as a fraction of the flags'")
     eval_every: Off[int] = Field(100, ge=1, description="validation loss every N steps and at the end "
                                                        "(-1: only at the end)")

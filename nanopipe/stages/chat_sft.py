@@ -169,7 +169,7 @@ class SFTTrainer(ChatTrainerBase):
         for _ in range(self.grad_accum):
             inputs, targets = next(self.train_loader)
             with self.autocast:
-                loss = supervised_loss(self.model, inputs, targets)
+                loss = supervised_loss(self.model, inputs, targets, self.cfg.loss_per)
             loss_sum += loss.detach()
             tokens += (targets >= 0).sum()
             (loss / self.grad_accum).backward()
