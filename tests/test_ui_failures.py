@@ -1,6 +1,7 @@
-"""What the Prefect UI shows of runs that did not complete, in a real headless browser (Debian's chromium
-driven by the playwright package): a failed run's page says why in one sentence, and a run cancelled
-mid-stage shows that stage Cancelled. The runs go through the deployment and the process worker."""
+"""What the Prefect UI shows of runs that did not complete, or redid a stage, in a real headless browser
+(Debian's chromium driven by the playwright package): a failed run's page says why in one sentence, a run
+cancelled mid-stage shows that stage Cancelled, and a run with recompute_from shows Completed, its stage run
+(not Cached) and its report card saying so. The runs go through the deployment and the process worker."""
 
 import time
 from pathlib import Path
@@ -8,7 +9,10 @@ from pathlib import Path
 import pytest
 
 import tests.test_prefect_server as server_tests
-from tests.browser import browser_page
+from flows.artifacts import read_manifest, verify
+from flows.config import PipelineConfig
+from flows.plan import plan_pipeline
+from tests.browser import browser_page, expect
 from tests.test_flows_server_support import TINY, prefect_stack, wait_for_state
 
 
@@ -75,14 +79,58 @@ def test_a_run_cancelled_mid_stage_shows_the_stage_cancelled(stack):
     assert "Cancelled at base_train" in page_text(stack, f"/v2/runs/flow-run/{flow_run_id}", "Cancelled at base_train")
     assert "Cancelled at base_train" in page_text(stack, "/v2/runs", "Cancelled at base_train")
 
-    from prefect.client.orchestration import SyncPrefectClient
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    with SyncPrefectClient(stack.api_url) as client:
-        runs = {r.name: r for r in client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))}
-    stage = runs["base_train"]
+    stage = task_runs(stack, flow_run_id)["base_train"]
     assert stage.state.type.value == "CANCELLED", stage.state.name
     assert stage.state.message.startswith("base_train cancelled")
     text = page_text(stack, f"/v2/runs/task-run/{stage.id}", "Cancelled")
     assert "Cancelled" in text and "Crashed" not in text, text[:3000]
     assert "stage:base_train" in text and "preset:demo-cpu" in text   # the task run's tags
+
+
+def task_runs(stack, flow_run_id: str) -> dict:
+    """{name: task run} of one flow run, through the API."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    with SyncPrefectClient(stack.api_url) as client:
+        return {r.name: r for r in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))}
+
+
+def test_a_recomputed_run_shows_completed_and_its_card_says_what_it_redid(stack):
+    """recompute_from=tok_train over a verified tok_train artifact: the stage runs again beside it and the new
+    artifact replaces it (flows/recompute.py); the cheapest stage, so one extra run of seconds."""
+    plan = plan_pipeline(PipelineConfig.model_validate(TINY), home=stack.nanopipe_home)[0]
+    artifact = Path(plan.artifact_dir)
+    if not verify(artifact, plan.hash):   # the artifact to replace: the cancelled run's tok_train made it already
+        done = start_run(stack, TINY)     # when the module runs in order; run alone, a completed run makes it
+        state = wait_for_state(stack, done, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, timeout=300)
+        assert state.type.value == "COMPLETED", f"{state.name}: {state.message}\n{stack.log('worker.log')}"
+    before = read_manifest(artifact)["flow_run_id"]
+
+    flow_run_id = start_run(stack, {**TINY, "recompute_from": "tok_train"})
+    state = wait_for_state(stack, flow_run_id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, timeout=300)
+    assert state.type.value == "COMPLETED" and state.name == "Completed", f"{state.name}: {state.message}"
+    stage = task_runs(stack, flow_run_id)["tok_train"]
+    assert stage.state.name == "Completed", f"{stage.state.name}: {stage.state.message}"
+    # the artifact in its place is now the recompute's, and nothing is left beside it
+    assert read_manifest(artifact)["flow_run_id"] == flow_run_id != before
+    leftovers = [d.name for d in artifact.parent.iterdir() if d.is_dir() and artifact.name in d.name]
+    assert leftovers == [artifact.name], leftovers   # no <artifact>.recompute, no .<artifact>.replaced-...
+
+    header = page_text(stack, f"/v2/runs/flow-run/{flow_run_id}", "Completed").split("\nDetails\n")[0]
+    assert "Completed" in header and "Cached" not in header, header[-1500:]
+    text = page_text(stack, f"/v2/runs/task-run/{stage.id}", "Completed")
+    assert "Completed" in text and "Cached" not in text, text[:3000]
+    with browser_page(viewport={"width": 1400, "height": 1000}) as page:
+        page.goto(f"{stack.ui_url}/v2/runs", wait_until="networkidle")   # the run's card in the runs list
+        card = page.locator('[data-slot="card"]').filter(has=page.locator(f'a[href$="/flow-run/{flow_run_id}"]'))
+        expect(card).to_contain_text("Completed")
+
+        page.goto(f"{stack.ui_url}/v2/runs/flow-run/{flow_run_id}", wait_until="networkidle")
+        page.get_by_role("tab", name="Artifacts").click()
+        page.get_by_text("nanopipe-report", exact=True).first.click()   # the report card's own page
+        report = page.get_by_test_id("markdown-display")
+        expect(report).to_contain_text("Recomputed on request (recompute_from=tok_train): tok_train; each new "
+                                       "artifact replaced the previous one only once it verified.")
+        row = report.locator("tr").filter(has=page.get_by_role("cell", name="tok_train", exact=True))
+        expect(row.get_by_role("cell").nth(1)).to_have_text("ran")   # columns: stage, status, ...
