@@ -145,26 +145,53 @@ def test_arithmetic_problems_have_gsm8k_format_and_correct_tool_calls():
     assert len(kinds) > 5
 
 
-def test_some_arithmetic_problems_carry_a_number_the_answer_does_not_use():
-    from nanopipe.tasks.builtin import DISTRACTOR_SHARE, DISTRACTORS, PROBLEM_KINDS
+def test_some_arithmetic_problems_carry_numbers_the_answer_does_not_use():
+    from nanopipe.tasks.word_problems import DISTRACTOR_SHARE, DISTRACTORS, HARD_SHARE, PROBLEM_KINDS
 
     task = ArithmeticProblems(size=400, seed=3)
     openings = tuple(d.split("{")[0] for d in DISTRACTORS if not d.startswith("{"))
-    distracted = 0
+    distracted, twice = 0, 0
     for i in range(len(task)):
         row = task.get_row(i)
         sentences = row["question"].split(". ")
         extra = [s for s in sentences if s.startswith(openings) or " also has " in s or "'s friend owns " in s]
-        if extra:
-            distracted += 1
-            number = re.search(r"\d+", extra[0]).group()
-            # the distracting number is never an operand of the solution's calculator calls (unless it happens
-            # to equal one of the problem's own numbers or a result computed on the way)
-            operands = {n for expr in re.findall(r"<<([^=<>]+)=", row["answer"]) for n in re.findall(r"\d+", expr)}
-            known = set(re.findall(r"\d+", row["question"].replace(extra[0], "")))
-            known |= set(re.findall(r"=(\d+)>>", row["answer"])) | {"2", "100"}   # "twice", percentages
+        distracted += bool(extra)
+        twice += len(extra) == 2
+        bare = row["question"]
+        for sentence in extra:
+            bare = bare.replace(sentence, "")
+        # a distracting number is never an operand of the solution's calculator calls (unless it happens to equal
+        # one of the problem's own numbers or a result computed on the way)
+        operands = {n for expr in re.findall(r"<<([^=<>]+)=", row["answer"]) for n in re.findall(r"\d+", expr)}
+        known = set(re.findall(r"\d+", bare)) | set(re.findall(r"=(\d+)>>", row["answer"])) | {"2", "100"}
+        for sentence in extra:
+            number = re.search(r"\d+", sentence).group()
             assert number not in operands or number in known, row
-    assert abs(distracted / len(task) - DISTRACTOR_SHARE) < 0.1 and len(PROBLEM_KINDS) == 8
+    # the original kinds carry one with DISTRACTOR_SHARE, the harder ones always carry one or two
+    expected = (1 - HARD_SHARE) * DISTRACTOR_SHARE + HARD_SHARE
+    assert abs(distracted / len(task) - expected) < 0.1 and twice > 0.1 * HARD_SHARE * len(task)
+    assert len(PROBLEM_KINDS) == 8
+
+
+def test_harder_arithmetic_problems_replace_a_share_of_rows_and_leave_the_others_as_they_were(monkeypatch):
+    """The harder kinds (three or four calculator steps) are drawn after everything else, so a row that is not
+    replaced is the row the generator gave without them: earlier seeds' problems stay reproducible."""
+    import random
+
+    from nanopipe.tasks import word_problems
+    from nanopipe.tasks.word_problems import HARD_PROBLEM_KINDS, HARD_SHARE, arithmetic_problem
+
+    seeds = [f"Arithmetic/7/{i}/0" for i in range(400)]
+    rows = [arithmetic_problem(random.Random(s)) for s in seeds]
+    monkeypatch.setattr(word_problems, "HARD_SHARE", 0.0)
+    before = [arithmetic_problem(random.Random(s)) for s in seeds]
+    changed = [(row, old) for row, old in zip(rows, before) if row != old]
+    assert abs(len(changed) / len(rows) - HARD_SHARE) < 0.1
+    for row, old in changed:  # every replaced row is a harder one: at least three calculator calls
+        assert row["answer"].count("<<") >= 3 and row["question"] != old["question"], row
+    markers = ("each, and pays with", "% off, then another", "machines. Each", "club sells")
+    assert len(HARD_PROBLEM_KINDS) == len(markers)
+    assert all(sum(marker in row["question"] for row, _ in changed) > 0.1 * len(changed) for marker in markers)
 
 
 def test_multiple_choice_quiz_has_mmlu_format():

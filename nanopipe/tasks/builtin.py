@@ -4,7 +4,8 @@ generated from templates written for this project and deterministic per (seed, s
 
 - IdentityChat: conversations about who the model is (nanopipe) and how it was made.
 - ArithmeticProblems: word problems in GSM8K's exact format, `<<expr=result>>` calculator annotations and
-  a `#### N` line, turned into conversations by the GSM8K code path itself.
+  a `#### N` line, turned into conversations by the GSM8K code path itself (templates: word_problems.py;
+  half of them take three or four calculator steps).
 - MultipleChoiceQuiz: questions in MMLU's row format (question, subject, four choices, answer index),
   rendered by the MMLU code path.
 - builtin_chat_mixture(): those three plus SimpleSpelling and SpellingBee on builtin words.
@@ -22,6 +23,7 @@ from nanopipe.tasks.base import Task, TaskMixture, check_synthetic_split, genera
 from nanopipe.tasks.gsm8k import gsm8k_conversation, score_final_answer
 from nanopipe.tasks.mmlu import mmlu_conversation
 from nanopipe.tasks.spelling import SimpleSpelling, SpellingBee
+from nanopipe.tasks.word_problems import arithmetic_problem
 
 
 class _GeneratedTask(Task):
@@ -162,162 +164,7 @@ class IdentityChat(_GeneratedTask):
 
 
 # -----------------------------------------------------------------------------
-# Arithmetic word problems in GSM8K format
-
-NAMES = (("Ana", "she"), ("Ben", "he"), ("Chloe", "she"), ("Dev", "he"), ("Elena", "she"), ("Farid", "he"),
-         ("Grace", "she"), ("Hiro", "he"), ("Ines", "she"), ("Jamal", "he"), ("Kira", "she"), ("Leo", "he"),
-         ("Maya", "she"), ("Noah", "he"), ("Olga", "she"), ("Pablo", "he"), ("Quinn", "they"), ("Rosa", "she"),
-         ("Sam", "they"), ("Tariq", "he"), ("Uma", "she"), ("Victor", "he"), ("Wen", "she"), ("Yusuf", "he"))
-ITEMS = ("apples", "notebooks", "pencils", "stickers", "muffins", "marbles", "postcards", "candles", "socks",
-         "batteries", "cookies", "tickets", "plants", "mugs", "buttons", "comic books")
-MACHINES = (("bakery oven", "loaves"), ("printer", "pages"), ("factory robot", "toys"), ("loom", "scarves"),
-            ("juice press", "bottles"), ("3D printer", "figurines"))
-
-
-def _problem_change(rng: random.Random) -> tuple[str, str]:
-    (name, pronoun), item = rng.choice(NAMES), rng.choice(ITEMS)
-    count, price = rng.randint(2, 12), rng.randint(2, 15)
-    cost = count * price
-    bill = next(b for b in (20, 50, 100, 200) if b > cost)
-    change = bill - cost
-    question = (f"{name} buys {count} {item} that cost ${price} each and pays with a ${bill} bill. "
-                f"How much change does {name} get back?")
-    answer = (f"The {item} cost {count} * ${price} = $<<{count}*{price}={cost}>>{cost} in total.\n"
-              f"So the change is ${bill} - ${cost} = $<<{bill}-{cost}={change}>>{change}.\n#### {change}")
-    return question, answer
-
-
-def _problem_rate(rng: random.Random) -> tuple[str, str]:
-    machine, things = rng.choice(MACHINES)
-    per_hour, hours, days = rng.randint(3, 40), rng.randint(2, 10), rng.randint(2, 7)
-    per_day, total = per_hour * hours, per_hour * hours * days
-    question = (f"A {machine} makes {per_hour} {things} every hour. It runs {hours} hours a day. "
-                f"How many {things} does it make in {days} days?")
-    answer = (f"Each day it makes {per_hour} * {hours} = <<{per_hour}*{hours}={per_day}>>{per_day} {things}.\n"
-              f"In {days} days it makes {per_day} * {days} = <<{per_day}*{days}={total}>>{total} {things}.\n"
-              f"#### {total}")
-    return question, answer
-
-
-def _problem_sharing(rng: random.Random) -> tuple[str, str]:
-    (name, pronoun), item = rng.choice(NAMES), rng.choice(ITEMS)
-    friends, each = rng.randint(2, 8), rng.randint(2, 12)
-    kept = rng.randint(1, 10)
-    boxes = rng.randint(2, 6)
-    total = friends * each + kept
-    # pick a per-box count that makes the total exact; otherwise describe loose items
-    if total % boxes == 0:
-        per_box = total // boxes
-        setup = f"{name} has {boxes} boxes with {per_box} {item} in each box."
-        first = f"{name} has {boxes} * {per_box} = <<{boxes}*{per_box}={total}>>{total} {item}."
-    else:
-        setup = f"{name} has {total} {item}."
-        first = f"{name} starts with {total} {item}."
-    shared = total - kept
-    question = (f"{setup} {pronoun.capitalize()} {'keep' if pronoun == 'they' else 'keeps'} {kept} and shares "
-                f"the rest equally among {friends} friends. How many {item} does each friend get?")
-    answer = (f"{first}\nAfter keeping {kept}, {total} - {kept} = <<{total}-{kept}={shared}>>{shared} {item} "
-              f"are shared.\nEach friend gets {shared} / {friends} = <<{shared}/{friends}={each}>>{each} {item}.\n"
-              f"#### {each}")
-    return question, answer
-
-
-def _problem_reading(rng: random.Random) -> tuple[str, str]:
-    name, _ = rng.choice(NAMES)
-    monday, fewer = rng.randint(5, 40), rng.randint(1, 9)
-    tuesday = 2 * monday
-    wednesday = tuesday - fewer
-    first_two = monday + tuesday
-    total = first_two + wednesday
-    question = (f"{name} read {monday} pages on Monday and twice as many on Tuesday. On Wednesday {name} read "
-                f"{fewer} pages fewer than on Tuesday. How many pages did {name} read over the three days?")
-    answer = (f"On Tuesday {name} read 2 * {monday} = <<2*{monday}={tuesday}>>{tuesday} pages.\n"
-              f"On Wednesday {name} read {tuesday} - {fewer} = <<{tuesday}-{fewer}={wednesday}>>{wednesday} pages.\n"
-              f"Monday and Tuesday make {monday} + {tuesday} = <<{monday}+{tuesday}={first_two}>>{first_two} pages.\n"
-              f"In total {first_two} + {wednesday} = <<{first_two}+{wednesday}={total}>>{total} pages.\n#### {total}")
-    return question, answer
-
-
-def _problem_discount(rng: random.Random) -> tuple[str, str]:
-    item = rng.choice(ITEMS).rstrip("s")
-    percent = rng.choice((10, 20, 25, 50))
-    price = 20 * rng.randint(1, 30)  # a multiple of 20, so every listed percentage gives whole dollars
-    discount = price * percent // 100
-    sale = price - discount
-    question = (f"A {item} normally costs ${price}. This week it is {percent}% off. "
-                f"What is the sale price of the {item} in dollars?")
-    answer = (f"The discount is {price} * {percent} / 100 = $<<{price}*{percent}/100={discount}>>{discount}.\n"
-              f"The sale price is {price} - {discount} = $<<{price}-{discount}={sale}>>{sale}.\n#### {sale}")
-    return question, answer
-
-
-def _problem_ages(rng: random.Random) -> tuple[str, str]:
-    (older, _), (younger, _) = rng.sample(NAMES, 2)
-    gap, years = rng.randint(2, 15), rng.randint(2, 10)
-    future = rng.randint(years + 1, years + 30)
-    now = future - years
-    older_now = now + gap
-    question = (f"{older} is {gap} years older than {younger}. In {years} years {younger} will be {future} years "
-                f"old. How old is {older} now?")
-    answer = (f"{younger} is {future} - {years} = <<{future}-{years}={now}>>{now} years old now.\n"
-              f"So {older} is {now} + {gap} = <<{now}+{gap}={older_now}>>{older_now} years old.\n#### {older_now}")
-    return question, answer
-
-
-def _problem_two_items(rng: random.Random) -> tuple[str, str]:
-    (name, _), (first, second) = rng.choice(NAMES), rng.sample(ITEMS, 2)
-    a, p, b, q = rng.randint(2, 12), rng.randint(2, 15), rng.randint(2, 12), rng.randint(2, 15)
-    cost_a, cost_b = a * p, b * q
-    total = cost_a + cost_b
-    question = (f"{name} buys {a} {first} at ${p} each and {b} {second} at ${q} each. "
-                f"How much does {name} spend in total?")
-    answer = (f"The {first} cost {a} * ${p} = $<<{a}*{p}={cost_a}>>{cost_a}.\n"
-              f"The {second} cost {b} * ${q} = $<<{b}*{q}={cost_b}>>{cost_b}.\n"
-              f"In total {name} spends ${cost_a} + ${cost_b} = $<<{cost_a}+{cost_b}={total}>>{total}.\n#### {total}")
-    return question, answer
-
-
-def _problem_savings(rng: random.Random) -> tuple[str, str]:
-    (name, _), item = rng.choice(NAMES), rng.choice(ITEMS)
-    weekly, weeks = rng.randint(3, 25), rng.randint(2, 12)
-    saved = weekly * weeks
-    spent = rng.randint(1, saved - 1)
-    left = saved - spent
-    question = (f"{name} saves ${weekly} every week for {weeks} weeks, then spends ${spent} on {item}. "
-                f"How much money does {name} have left?")
-    answer = (f"{name} saves {weekly} * {weeks} = $<<{weekly}*{weeks}={saved}>>{saved}.\n"
-              f"After buying the {item}, {name} has {saved} - {spent} = $<<{saved}-{spent}={left}>>{left} left.\n"
-              f"#### {left}")
-    return question, answer
-
-
-PROBLEM_KINDS = (_problem_change, _problem_rate, _problem_sharing, _problem_reading, _problem_discount,
-                 _problem_ages, _problem_two_items, _problem_savings)
-
-# A sentence with a number the answer does not use, as GSM8K's problems often have: the solver must pick the
-# quantities that matter, not copy every number it sees.
-DISTRACTORS = ("{name} also has {n} {item} at home.", "Last year {name} had {n} {item}.",
-               "The shop is {n} minutes from {name}'s house.", "{name}'s friend owns {n} {item}.")
-
-
-def _with_distractor(rng: random.Random, question: str) -> str:
-    """`question` with an irrelevant sentence before its last sentence."""
-    name, _ = rng.choice(NAMES)
-    sentence = rng.choice(DISTRACTORS).format(name=name, n=rng.randint(2, 60), item=rng.choice(ITEMS))
-    head, _, last = question.rpartition(". ")
-    return f"{head}. {sentence} {last}" if head else f"{sentence} {question}"
-
-
-DISTRACTOR_SHARE = 0.5
-
-
-def arithmetic_problem(rng: random.Random) -> dict:
-    """One GSM8K-format row {"question", "answer"}; DISTRACTOR_SHARE of them carry a distracting number."""
-    question, answer = rng.choice(PROBLEM_KINDS)(rng)
-    if rng.random() < DISTRACTOR_SHARE:
-        question = _with_distractor(rng, question)
-    return {"question": question, "answer": answer}
-
+# Arithmetic word problems in GSM8K format (the templates: nanopipe.tasks.word_problems)
 
 class ArithmeticProblems(_GeneratedTask):
     """Procedural multi-step word problems, GSM8K format and scoring (compare the '#### N' answers)."""
