@@ -247,7 +247,7 @@ def recomputed_line(rows: list[StageOutcome], recompute_from: str | None) -> lis
     if not redone:
         return []
     return [f"Recomputed on request (recompute_from={recompute_from}): {', '.join(redone)}; each new artifact "
-            "replaced the previous one only once it verified.", ""]
+            "was swapped in for the old one (if any) only once it verified.", ""]
 
 
 def _duration(seconds: float) -> str:

@@ -152,8 +152,8 @@ def test_a_recompute_on_request_says_which_stages_it_redid_in_one_line(tmp_path)
                 StageOutcome(by_stage["mid_train"], "Failed", 3.0, error="stage mid_train failed: no data")]
     card = report_card("nanopipe pipeline (demo-cpu)", outcomes, plans, CPU_ENV, config=config)
     # tok_eval ran too, but before the stage asked for: it was missing, not recomputed; mid_train never completed
-    line = ("Recomputed on request (recompute_from=base_train): base_train, base_eval; each new artifact replaced "
-            "the previous one only once it verified.")
+    line = ("Recomputed on request (recompute_from=base_train): base_train, base_eval; each new artifact was "
+            "swapped in for the old one (if any) only once it verified.")
     assert line in card.split("## Environment")[0].splitlines(), card[:1500]
     # a retry of the same flow run finds its own recompute done (Cached): nothing recomputed in this attempt
     again = [completed(p, status="Cached") for p in plans if p.stage != "mid_train"]

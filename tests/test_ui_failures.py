@@ -131,6 +131,6 @@ def test_a_recomputed_run_shows_completed_and_its_card_says_what_it_redid(stack)
         page.get_by_text("nanopipe-report", exact=True).first.click()   # the report card's own page
         report = page.get_by_test_id("markdown-display")
         expect(report).to_contain_text("Recomputed on request (recompute_from=tok_train): tok_train; each new "
-                                       "artifact replaced the previous one only once it verified.")
+                                       "artifact was swapped in for the old one (if any) only once it verified.")
         row = report.locator("tr").filter(has=page.get_by_role("cell", name="tok_train", exact=True))
         expect(row.get_by_role("cell").nth(1)).to_have_text("ran")   # columns: stage, status, ...
