@@ -79,9 +79,16 @@ def swap_in(plan: StagePlan, ref: ArtifactRef, log: Callable[[str], None]) -> Ar
     atomic_write_json(staging / MANIFEST, json.loads(text))
     with artifact_lock(final, on_wait=log):
         old = final.with_name(f".{final.name}.replaced-{uuid.uuid4().hex[:8]}")
-        if final.exists():
-            os.replace(final, old)   # two renames: a reader never sees a half-deleted artifact
-        os.replace(staging, final)
+        try:
+            if final.exists():
+                os.replace(final, old)   # two renames: a reader never sees a half-deleted artifact
+            os.replace(staging, final)
+        except BaseException:
+            # stopped between the renames (the run's cancel or Ctrl-C raises wherever the flow is): the old
+            # artifact goes back where it was, and the recompute stays in staging
+            if old.exists() and not final.exists():
+                os.replace(old, final)
+            raise
         (final / OWNER_FILE).unlink(missing_ok=True)
     shutil.rmtree(old, ignore_errors=True)
     log(f"{plan.stage}: the recomputed artifact verified and replaced the previous one in {final}")

@@ -1,0 +1,190 @@
+"""A recompute cancelled mid-stage never loses work: the good artifact stays in place, verified, and the next
+run reuses it (flows/recompute.py); a cancel that lands between the swap's two renames puts it back. Against a
+temporary Prefect server, on the tiny CPU config of tests/flow_support.py.
+
+The cancelled run is a child process, cancelled the way a worker's runner does it: "cancel" over the runner's
+control channel (Prefect's own listener in the flow process acknowledges it), then SIGTERM to that process. In
+this test process, a SIGTERM would hit whatever the process is doing when it lands, pytest and Prefect's own
+event workers included; in a child it reaches only the flow, as in a deployment. The stage is held right
+after its first checkpoint (a `sitecustomize` on the flow process's PYTHONPATH, which its stages inherit), so
+the cancel always finds it mid-stage, however fast the machine."""
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.exceptions import TerminationSignal
+
+import flows.recompute
+from flows.artifacts import read_manifest, verify, write_manifest
+from flows.config import PipelineConfig
+from flows.plan import plan_pipeline
+from flows.recompute import stage_beside, staging_dir, swap_in
+from tests.flow_support import REPO, plans_of, run, tiny
+from tests.flow_support import prefect_backend, data_dir, shared_home, kill_home  # noqa: F401 (fixtures)
+
+# Imported first by every Python process of the stage: its first checkpoint is saved, then the stage waits
+# there, as if still training, until it is stopped.
+HOLD_AFTER_FIRST_CHECKPOINT = '''
+import importlib.abc, importlib.util, sys, time
+
+class HoldAfterFirstCheckpoint(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "nanopipe.checkpoint":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            save = module.save_checkpoint
+
+            def save_then_hold(*args, **kwargs):
+                save(*args, **kwargs)
+                while True:
+                    time.sleep(60)
+            module.save_checkpoint = save_then_hold
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, HoldAfterFirstCheckpoint())
+'''
+# The flow process a worker starts, in short: the pipeline with SIGTERM at its default until Prefect's engine
+# takes it over
+FLOW_PROCESS = "import json, sys; from flows.pipeline import full_pipeline; full_pipeline(json.loads(sys.argv[1]))"
+
+
+def held_after_first_checkpoint(gate: Path) -> dict[str, str]:
+    """The environment of a flow process whose stages wait after their first checkpoint (a stage inherits
+    the flow process's environment)."""
+    gate.mkdir(parents=True, exist_ok=True)
+    (gate / "sitecustomize.py").write_text(HOLD_AFTER_FIRST_CHECKPOINT)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(gate), os.environ.get("PYTHONPATH")]))}
+
+
+class Runner:
+    """The runner's side of a flow process: its control channel (Prefect's version-one protocol: the child
+    connects and sends its token; the runner sends an intent byte, the child acknowledges with b"a" once its
+    engine has armed its SIGTERM handler) and the signal that follows."""
+
+    def __init__(self, values: dict, log: Path, env: dict[str, str]):
+        from prefect.settings import get_current_settings
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(600)   # only so that a flow process that never connects cannot hang the test
+        self.token = secrets.token_hex(16)
+        env = {**os.environ, **env, "PREFECT_API_URL": str(get_current_settings().api.url),
+               "PREFECT__CONTROL_PORT": str(self.server.getsockname()[1]), "PREFECT__CONTROL_TOKEN": self.token}
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-c", FLOW_PROCESS, json.dumps(values)], cwd=REPO,
+                                         env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        self.conn, _ = self.server.accept()
+        self.conn.settimeout(600)
+        assert self._read_line() == self.token, "the flow process sent another token"
+
+    def _read_line(self) -> str:
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = self.conn.recv(1)
+            assert chunk, f"the flow process closed its control channel; its output:\n{self.output()}"
+            line += chunk
+        return line.decode().strip()
+
+    def cancel(self) -> int:
+        """Cancel as the runner does: the intent, its acknowledgement, then SIGTERM; the process's exit code."""
+        self.conn.sendall(b"c")
+        ack = b""
+        while ack != b"a":   # a version-two child's hello may come first; the runner ignores it
+            ack = self.conn.recv(1)
+            assert ack, f"the flow process never acknowledged the cancel; its output:\n{self.output()}"
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait()
+
+    def wait(self) -> int:
+        try:
+            return self.proc.wait(timeout=600)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.conn.close()
+            self.server.close()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-5000:]
+
+
+def wait_for_checkpoint(runner: Runner, out_dir: Path) -> None:
+    """Until the stage's first checkpoint is complete (its meta file is written last); fail if the flow
+    process ends first."""
+    while not list(out_dir.glob("meta_*.json")):
+        assert runner.proc.poll() is None, f"the recompute ended before its first checkpoint:\n{runner.output()}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_cancelled_recompute_keeps_the_good_artifact_for_the_next_run(kill_home, data_dir, tmp_path):
+    values = tiny(data_dir, stop_after="base_train", base_train={"save_every": 2})
+    assert run(values)[0].is_completed()
+    plan = plans_of(values)["base_train"]
+    before = read_manifest(plan.artifact_dir)
+    staged_out = staging_dir(plan.artifact_dir) / Path(plan.out_dir).name
+    # the same artifact again, in a flow process of its own, cancelled at its recompute's first checkpoint
+    runner = Runner({**values, "recompute_from": "base_train"}, tmp_path / "flow.log",
+                    env=held_after_first_checkpoint(tmp_path / "gate"))
+    wait_for_checkpoint(runner, staged_out)
+    code = runner.cancel()
+    assert code != -signal.SIGTERM, f"SIGTERM killed the flow process instead of cancelling its run:\n{runner.output()}"
+    with get_client(sync_client=True) as client:
+        cancelled = client.read_flow_runs(limit=1, sort="START_TIME_DESC")[0]
+    assert cancelled.state.type.value == "CANCELLED", (cancelled.state, runner.output())
+    assert list(staged_out.glob("meta_*.json")), "the recompute's checkpoint is kept for a retry of its run"
+    # the good artifact is where it was, unchanged and verified
+    assert verify(plan.artifact_dir, plan.hash) and read_manifest(plan.artifact_dir) == before
+    state, states, _ = run(values)
+    assert state.is_completed() and states["base_train"] == "Cached", states
+    assert read_manifest(plan.artifact_dir) == before
+
+
+def test_a_cancel_between_the_swaps_two_renames_puts_the_artifact_back(tmp_path, monkeypatch):
+    """The run's cancel raises wherever the flow is: between moving the old artifact aside and moving the
+    recompute in, the old one goes back, and the verified recompute stays in staging."""
+    plan = next(p for p in plan_pipeline(PipelineConfig(preset="demo-cpu"), home=tmp_path) if p.stage == "base_train")
+    produce(plan, "old")
+    staged = stage_beside(plan, "run-a", print)
+    produce(staged, "new")
+    replace = os.replace
+
+    def cancelled_before_the_second(src, dst):
+        if Path(src) == staging_dir(plan.artifact_dir):
+            raise TerminationSignal(signal.SIGTERM)
+        return replace(src, dst)
+    monkeypatch.setattr(flows.recompute.os, "replace", cancelled_before_the_second)
+    with pytest.raises(TerminationSignal):
+        swap_in(plan, ref_of(staged), print)
+    monkeypatch.undo()
+    assert verify(plan.artifact_dir, plan.hash) and read_manifest(plan.artifact_dir)["metrics"] == {"marker": "old"}
+    assert verify(staged.artifact_dir, plan.hash)   # the recompute, kept for a retry to swap in
+    assert [p.name for p in Path(plan.artifact_dir).parent.iterdir() if "replaced" in p.name] == []
+
+
+def produce(plan, marker: str) -> None:
+    """A complete artifact of `plan` (its checkpoint directory holding `marker`)."""
+    out = Path(plan.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model_000010.pt").write_text(marker)
+    write_manifest(plan.artifact_dir, stage=plan.stage, digest=plan.hash, config=plan.config, upstream={},
+                   metrics={"marker": marker}, timings={}, extra={"command": plan.command()})
+
+
+def ref_of(staged):
+    from flows.artifacts import ArtifactRef
+    return ArtifactRef(stage=staged.stage, hash=staged.hash, path=staged.artifact_dir, metrics={}, seconds=1.0)
