@@ -79,7 +79,6 @@ class Runner:
     def __init__(self, values: dict, log: Path, env: dict[str, str]):
         from prefect.settings import get_current_settings
         self.server = socket.create_server(("127.0.0.1", 0))
-        self.server.settimeout(600)   # only so that a flow process that never connects cannot hang the test
         self.token = secrets.token_hex(16)
         env = {**os.environ, **env, "PREFECT_API_URL": str(get_current_settings().api.url),
                "PREFECT__CONTROL_PORT": str(self.server.getsockname()[1]), "PREFECT__CONTROL_TOKEN": self.token}
@@ -87,8 +86,17 @@ class Runner:
         with open(log, "wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-c", FLOW_PROCESS, json.dumps(values)], cwd=REPO,
                                          env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        self.conn, _ = self.server.accept()
-        self.conn.settimeout(600)
+
+    def connected(self) -> None:
+        """Accept the flow process's control connection and check its token."""
+        self.server.settimeout(0.5)
+        while True:   # the flow engine connects once it has armed its SIGTERM handler
+            try:
+                self.conn, _ = self.server.accept()
+                break
+            except TimeoutError:
+                assert self.proc.poll() is None, f"the flow process ended before its run began:\n{self.output()}"
+        self.conn.settimeout(600)   # only so that a flow process that stops answering cannot hang the test
         assert self._read_line() == self.token, "the flow process sent another token"
 
     def _read_line(self) -> str:
@@ -110,13 +118,23 @@ class Runner:
         return self.wait()
 
     def wait(self) -> int:
-        try:
-            return self.proc.wait(timeout=600)
-        finally:
-            if self.proc.poll() is None:
+        return self.proc.wait(timeout=600)   # only so that a flow process that never ends cannot hang the test
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """A flow process still running when the test ends (it failed) is stopped with its stage."""
+        if self.proc.poll() is None:
+            self.proc.terminate()   # no intent: Prefect's crash path, which stops the stage too
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        if hasattr(self, "conn"):
             self.conn.close()
-            self.server.close()
+        self.server.close()
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-5000:]
@@ -124,10 +142,27 @@ class Runner:
 
 def wait_for_checkpoint(runner: Runner, out_dir: Path) -> None:
     """Until the stage's first checkpoint is complete (its meta file is written last); fail if the flow
-    process ends first."""
+    process ends first. (The stage then waits there: no race with its end.) The bound only keeps a hung
+    recompute from hanging the test."""
+    hung = time.monotonic() + 900
     while not list(out_dir.glob("meta_*.json")):
         assert runner.proc.poll() is None, f"the recompute ended before its first checkpoint:\n{runner.output()}"
+        assert time.monotonic() < hung, f"no checkpoint after 15 minutes: the recompute hangs\n{runner.output()}"
         time.sleep(0.1)
+
+
+def processes_writing_into(out_dir: Path) -> list[str]:
+    """Live processes whose command line names `out_dir` (the stage's torchrun and its worker)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            zombie = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z"
+        except (OSError, IndexError):
+            continue
+        if str(out_dir).encode() in cmdline and not zombie:
+            found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return found
 
 
 @pytest.mark.slow
@@ -138,14 +173,16 @@ def test_a_cancelled_recompute_keeps_the_good_artifact_for_the_next_run(kill_hom
     before = read_manifest(plan.artifact_dir)
     staged_out = staging_dir(plan.artifact_dir) / Path(plan.out_dir).name
     # the same artifact again, in a flow process of its own, cancelled at its recompute's first checkpoint
-    runner = Runner({**values, "recompute_from": "base_train"}, tmp_path / "flow.log",
-                    env=held_after_first_checkpoint(tmp_path / "gate"))
-    wait_for_checkpoint(runner, staged_out)
-    code = runner.cancel()
+    with Runner({**values, "recompute_from": "base_train"}, tmp_path / "flow.log",
+                env=held_after_first_checkpoint(tmp_path / "gate")) as runner:
+        runner.connected()
+        wait_for_checkpoint(runner, staged_out)
+        code = runner.cancel()
     assert code != -signal.SIGTERM, f"SIGTERM killed the flow process instead of cancelling its run:\n{runner.output()}"
     with get_client(sync_client=True) as client:
         cancelled = client.read_flow_runs(limit=1, sort="START_TIME_DESC")[0]
     assert cancelled.state.type.value == "CANCELLED", (cancelled.state, runner.output())
+    assert not processes_writing_into(staged_out), "the cancel left the stage's processes running"
     assert list(staged_out.glob("meta_*.json")), "the recompute's checkpoint is kept for a retry of its run"
     # the good artifact is where it was, unchanged and verified
     assert verify(plan.artifact_dir, plan.hash) and read_manifest(plan.artifact_dir) == before
