@@ -27,6 +27,7 @@ from nanopipe.exit_codes import ExitCode
 from nanopipe.stages import chat_eval, chat_sft
 from nanopipe.tasks import TaskMixture, builtin_chat_mixture
 from nanopipe.tasks.builtin import ArithmeticProblems
+from nanopipe.tasks.mixtures import sft_mixtures
 from nanopipe.gpt import GPT, GPTConfig
 from tests.chat_fixtures import tiny_chat_flags, tokenizer_and_base, write_base_checkpoint
 
@@ -74,8 +75,13 @@ def test_loss_per_defaults_to_tokens_and_takes_both_spellings():
         build_config(ChatSFTConfig, {"loss_per": "example"})
 
 
-@pytest.mark.parametrize("flag", ["--chat_sft.loss_per=conversation", "--chat-sft.loss-per=conversation"])
-def test_loss_per_reaches_the_stage_command_and_its_hash(flag, tmp_path):
+@pytest.mark.parametrize("flag, arg", [
+    ("--chat_sft.loss_per=conversation", "--loss_per=conversation"),
+    ("--chat-sft.loss-per=conversation", "--loss_per=conversation"),
+    ("--chat_sft.mc_first=64", "--mc_first=64"),
+    ("--chat-sft.mc-first=64", "--mc_first=64"),
+])
+def test_sft_data_and_loss_flags_reach_the_stage_command_and_its_hash(flag, arg, tmp_path):
     from flows.cli import build_pipeline_config
     from flows.plan import plan_pipeline
 
@@ -83,11 +89,24 @@ def test_loss_per_reaches_the_stage_command_and_its_hash(flag, tmp_path):
         config = build_pipeline_config(["--preset=demo-cpu", *argv])
         return next(p for p in plan_pipeline(config, home=tmp_path) if p.stage == "chat_sft")
 
-    default, per_conversation = sft_plan(), sft_plan(flag)
-    assert "--loss_per=conversation" in per_conversation.args
-    assert not any(arg.startswith("--loss_per") for arg in default.args)
-    assert per_conversation.hash != default.hash
-    assert parse_config(ChatSFTConfig, per_conversation.args, prog="sft").loss_per == "conversation"
+    default, changed = sft_plan(), sft_plan(flag)
+    name, value = arg[2:].split("=")
+    assert arg in changed.args and not any(a.startswith(f"--{name}=") for a in default.args)
+    assert changed.hash != default.hash
+    assert str(getattr(parse_config(ChatSFTConfig, changed.args, prog="sft"), name)) == value
+
+
+def test_mc_first_opens_the_builtin_mixture_and_needs_it():
+    cfg = build_config(ChatSFTConfig, {"mixture": "builtin", "builtin_size": 20})
+    plain, first = sft_mixtures(cfg), sft_mixtures(cfg.model_copy(update={"mc_first": 6}))
+    assert len(first.train) == len(plain.train) + 6
+    assert first.describe()["parts"]["train"]["MultipleChoice first"] == 6
+    for index in range(6):   # multiple choice: one letter of the four as the whole answer
+        assert first.train[index]["messages"][-1]["content"] in "ABCD"
+    assert [first.train[6 + i] for i in range(len(plain.train))] == [plain.train[i] for i in range(len(plain.train))]
+    assert parse_config(ChatSFTConfig, ["--mc-first", "6", "--mixture=builtin"], prog="sft").mc_first == 6
+    with pytest.raises(ConfigError, match="--mc_first=6 opens the builtin mixture"):
+        build_config(ChatSFTConfig, {"mc_first": 6})
 
 
 def test_gpu_presets_average_the_loss_over_tokens():

@@ -23,6 +23,9 @@ class ChatSFTConfig(ChatTrainFlags):
     loss_per: Literal["token", "conversation"] = Field(
         "token", description="how the loss averages: over every supervised token (nanochat's) or per "
                              "conversation, so a one-letter answer weighs as much as a long one")
+    mc_first: int = Field(0, ge=0, description="--mixture=builtin: multiple-choice conversations that open the "
+                                               "training data, before the shuffled mixture (a curriculum: the "
+                                               "answer letter is learnt alone first; 0: none)")
     init_lr_frac: float = Field(0.02, gt=0, le=10, description="starting learning rates as a fraction of the flags'")
     eval_every: Off[int] = Field(100, ge=1, description="validation loss every N steps and at the end "
                                                        "(-1: only at the end)")
@@ -32,6 +35,13 @@ class ChatSFTConfig(ChatTrainFlags):
     eval_metrics_max_problems: int = Field(1024, ge=1, description="problems per multiple-choice evaluation")
 
     NON_SEMANTIC = ("eval_every", "eval_steps", "eval_metrics_every", "eval_metrics_max_problems")
+
+    @model_validator(mode="after")
+    def _mc_first_is_builtin(self):
+        if self.mc_first and self.mixture != "builtin":
+            raise ConfigError(f"--mc_first={self.mc_first} opens the builtin mixture; with --mixture={self.mixture} "
+                              f"use --mc_first=0 or --mixture=builtin")
+        return self
 
     @model_validator(mode="after")
     def _batch_sizes_divide(self):

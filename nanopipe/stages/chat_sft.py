@@ -18,7 +18,9 @@ optimizers at --init_lr_frac of the learning rates, decayed linearly towards 0. 
 nanochat's: ARC-Easy and ARC-Challenge train, GSM8K train, the first 10K SmolTalk conversations, identity
 conversations (--identity_path; without one, a builtin offline set), SimpleSpelling and SpellingBee. Every
 --eval_every steps: the assistant-only loss on SmolTalk test; every --eval_metrics_every steps:
-multiple-choice accuracy on MMLU and ARC-Easy (offline: the builtin MultipleChoice task).
+multiple-choice accuracy on MMLU and ARC-Easy (offline: the builtin MultipleChoice task). The loss averages
+over the supervised tokens (nanochat's); --loss_per=conversation weighs each conversation once instead, and
+--mc_first=N opens the builtin mixture with N multiple-choice conversations (a curriculum for small CPU runs).
 
 Resume with --resume_from_step=latest (or a step). Checkpoints and metrics.json go to --out_dir (default
 NANOPIPE_HOME/chatsft_checkpoints/<source model tag>); the final checkpoint is written before the final
