@@ -152,16 +152,16 @@ def wait_for_checkpoint(runner: Runner, out_dir: Path) -> None:
 
 
 def processes_writing_into(out_dir: Path) -> list[str]:
-    """Live processes whose command line names `out_dir` (the stage's torchrun and its worker)."""
-    found = []
+    """Live processes given `--out_dir=<out_dir>` (the stage's torchrun and its worker)."""
+    flag, found = f"--out_dir={out_dir}".encode(), []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
             zombie = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z"
         except (OSError, IndexError):
             continue
-        if str(out_dir).encode() in cmdline and not zombie:
-            found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+        if flag in args and not zombie:
+            found.append(b" ".join(args).decode(errors="replace"))
     return found
 
 
