@@ -28,15 +28,18 @@ def start_run(stack, config: dict) -> str:
         return str(client.create_flow_run_from_deployment(deployment.id, parameters={"config": config}).id)
 
 
-def page_text(stack, path: str, expected: str) -> str:
-    """The visible text of a UI page once `expected` shows on it (what a person reads there)."""
-    with browser_page() as page:
-        page.goto(f"{stack.ui_url}{path}", wait_until="networkidle")
-        try:
-            page.get_by_text(expected).first.wait_for(state="visible")
-        except Exception:   # the assertion below shows what the page said instead
-            pass
-        return page.inner_text("body")
+def page_text(stack, path: str, expected: str, page=None) -> str:
+    """The visible text of a UI page once `expected` shows on it (what a person reads there), in `page` or in a
+    browser of its own."""
+    if page is None:
+        with browser_page() as page:
+            return page_text(stack, path, expected, page)
+    page.goto(f"{stack.ui_url}{path}", wait_until="networkidle")
+    try:
+        page.get_by_text(expected).first.wait_for(state="visible")
+    except Exception:   # the assertion below shows what the page said instead
+        pass
+    return page.inner_text("body")
 
 
 def test_a_failed_run_page_says_why_in_one_sentence(stack, tmp_path):
@@ -117,11 +120,11 @@ def test_a_recomputed_run_shows_completed_and_its_card_says_what_it_redid(stack)
     leftovers = [d.name for d in artifact.parent.iterdir() if d.is_dir() and artifact.name in d.name]
     assert leftovers == [artifact.name], leftovers   # no <artifact>.recompute, no .<artifact>.replaced-...
 
-    header = page_text(stack, f"/v2/runs/flow-run/{flow_run_id}", "Completed").split("\nDetails\n")[0]
-    assert "Completed" in header and "Cached" not in header, header[-1500:]
-    text = page_text(stack, f"/v2/runs/task-run/{stage.id}", "Completed")
-    assert "Completed" in text and "Cached" not in text, text[:3000]
-    with browser_page(viewport={"width": 1400, "height": 1000}) as page:
+    with browser_page(viewport={"width": 1400, "height": 1000}) as page:   # one browser: a launch costs seconds
+        header = page_text(stack, f"/v2/runs/flow-run/{flow_run_id}", "Completed", page).split("\nDetails\n")[0]
+        assert "Completed" in header and "Cached" not in header, header[-1500:]
+        text = page_text(stack, f"/v2/runs/task-run/{stage.id}", "Completed", page)
+        assert "Completed" in text and "Cached" not in text, text[:3000]
         page.goto(f"{stack.ui_url}/v2/runs", wait_until="networkidle")   # the run's card in the runs list
         card = page.locator('[data-slot="card"]').filter(has=page.locator(f'a[href$="/flow-run/{flow_run_id}"]'))
         expect(card).to_contain_text("Completed")
