@@ -322,3 +322,35 @@ def test_status_shows_the_artifact_complete_beside_an_unfinished_recompute(home,
             main(["status", *args, "--json"])
     row = json.loads(capsys.readouterr().out)[0]
     assert row["state"] == "complete" and row["recompute"].startswith(f"{staging} (flow run run-1234; running: pid ")
+
+
+def test_a_run_ends_like_a_normal_exit_without_the_teardown(tmp_path):
+    """How `nanopipe run` ends: other threads finish, atexit handlers run, buffered output is written, and
+    the exit code is the run's."""
+    code = ("import atexit, sys, threading, time\nfrom pathlib import Path\n"
+            f"out = Path({str(tmp_path)!r})\n"
+            "atexit.register(lambda: (out / 'atexit').write_text('ran'))\n"
+            "threading.Thread(target=lambda: (time.sleep(0.5), (out / 'thread').write_text('done'))).start()\n"
+            "sys.stdout.write('buffered, no newline')\n"
+            "from flows.cli import _exit_without_teardown\n_exit_without_teardown(3)\n"
+            "(out / 'after').write_text('the process went on')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "buffered, no newline"
+    assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "done"
+    assert not (tmp_path / "after").exists()
+
+
+def test_the_server_is_spawned_before_the_planning_code_is_imported(tmp_path, monkeypatch):
+    """`nanopipe run` spawns its temporary server before importing flows.plan (~0.4 s of CPU)."""
+    code = ("import sys\nimport flows.local_server as ls\n"
+            "def spawned(self):\n    print('flows.plan' in sys.modules, 'pydantic' in sys.modules)\n"
+            "    raise SystemExit(0)\n"
+            "ls.TemporaryServer.__init__ = spawned\n"
+            "from flows.cli import main\nmain()\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), NANOPIPE_HOME=str(tmp_path / "home"))
+    done = subprocess.run([sys.executable, "-c", code, "run", "--preset=demo-cpu"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from flows.cli import UsageError, prefect_api, server_choice
-from flows.local_server import ServerChoice, TemporaryServer, answers, choose_server, configured_api_url
+from flows.local_server import (ServerChoice, TemporaryServer, answers, choose_server, configured_api_url,
+                                database_at_head)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -224,3 +225,92 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+PREFECT_DIR = Path(__import__("importlib.util").util.find_spec("prefect").origin).parent
+SERVER_DEFAULTS = ("PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED",
+                   "PREFECT_API_DATABASE_MIGRATE_ON_START")
+
+
+def _server_settings(server: TemporaryServer) -> dict:
+    """The settings the running server itself reports (Prefect's /admin/settings)."""
+    import json
+    import urllib.request
+    with urllib.request.urlopen(f"{server.api_url}/admin/settings", timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_the_temporary_server_runs_no_automations_and_checks_migrations_only_when_behind(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    for name in SERVER_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    assert not database_at_head(PREFECT_DIR)   # no database yet
+    seen = []
+    for _ in range(2):   # the first creates the database, the second finds it at the newest revision
+        server = TemporaryServer()
+        try:
+            server.wait_ready(timeout=180)
+            seen.append(_server_settings(server)["server"])
+        finally:
+            server.stop()
+    assert [s["services"]["triggers"]["enabled"] for s in seen] == [False, False]
+    assert [s["database"]["migrate_on_start"] for s in seen] == [True, False]
+    assert database_at_head(PREFECT_DIR)
+    # a database configured elsewhere, or one a revision behind, is always checked
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/other.db")
+    assert not database_at_head(PREFECT_DIR)
+    monkeypatch.delenv("PREFECT_API_DATABASE_CONNECTION_URL")
+    import sqlite3
+    with contextlib.closing(sqlite3.connect(tmp_path / "prefect" / "prefect.db")) as db, db:
+        db.execute("UPDATE alembic_version SET version_num = 'older'")
+    assert not database_at_head(PREFECT_DIR)
+    assert "PREFECT_API_DATABASE_MIGRATE_ON_START" not in TemporaryServer.defaults(PREFECT_DIR)
+    # a person's own choice stands
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED", "true")
+    server = TemporaryServer()
+    server.stop()
+    assert server.env["PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED"] == "true"
+
+
+def test_a_run_on_the_temporary_server_leaves_its_runs_logs_and_events_in_the_database(tmp_path):
+    """What the UI shows later: a command's flow run, task run, log lines and events, read back after its
+    temporary server stopped (by the next command's server, on the same database)."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1"}
+    for name in (*SERVER_DEFAULTS, "PREFECT_API_URL"):
+        env.pop(name, None)
+    code = ("from flows.cli import prefect_api\nfrom flows.local_server import choose_server\n"
+            "with prefect_api(choose_server('temporary')) as ready:\n"
+            "    from prefect import flow, get_run_logger, task\n"
+            "    @task\n    def double(x):\n        get_run_logger().info('doubling %s', x)\n        return 2 * x\n"
+            "    @flow(name='records-check')\n    def check():\n        return double(21)\n"
+            "    ready()\n    assert check() == 42\n"
+            "from flows.cli import _exit_without_teardown\n_exit_without_teardown(0)\n")   # as `nanopipe run` ends
+    for _ in range(2):   # the second run's server skips the migration check: its records land all the same
+        done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    import json
+    import urllib.request
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("PREFECT_HOME", env["PREFECT_HOME"])
+        server = TemporaryServer()
+    try:
+        server.wait_ready(timeout=180)
+        def post(path: str, body: dict):
+            request = urllib.request.Request(f"{server.api_url}{path}", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"}, method="POST")
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        flow_runs = post("/flow_runs/filter", {})
+        task_runs = post("/task_runs/filter", {})
+        logs = post("/logs/filter", {})
+        events = post("/events/filter", {"filter": {"event": {"name": ["prefect.flow-run.Completed",
+                                                                         "prefect.task-run.Completed"]}},
+                                          "limit": 50})["events"]
+    finally:
+        server.stop()
+    assert sorted(r["state_type"] for r in flow_runs) == ["COMPLETED", "COMPLETED"]
+    assert sorted(r["state_type"] for r in task_runs) == ["COMPLETED", "COMPLETED"]
+    assert sum("doubling 21" in line["message"] for line in logs) == 2
+    names = [e["event"] for e in events]
+    assert names.count("prefect.flow-run.Completed") == 2 and names.count("prefect.task-run.Completed") == 2
