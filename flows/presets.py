@@ -85,9 +85,15 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     (+0.0) and SpellingBee 0.4 %; 180 steps at 0.1 with a quarter of the questions SpellingBee -> 86.3 % (+9.6,
     z 4.0), but RL on SpellingBee learns to answer "#### 1", the builtin words' most common count (65.6 % of
     held-out questions), so it is not used. Sampled failures are tail tokens of top-50 sampling, which RL
-    prunes slowly; cpu-small's SFT model starts RL at 98.4 % (seed 42): a 10-point RL gain needs harder
-    problems. Earlier: arithmetic alone at 0.1 made SpellingBee fall (58 % -> 10 % in 180 steps); 0.2 lost 10
-    points; 16 questions a step gained +4.3 in 60."""
+    prunes slowly; cpu-small's SFT model started RL at 98.4 % (seed 42): no room for a 10-point RL gain.
+    Earlier: arithmetic alone at 0.1 made SpellingBee fall (58 % -> 10 % in 180 steps); 0.2 lost 10 points; 16
+    questions a step gained +4.3 in 60. (Figures above: the builtin problems before the harder half.)
+    With the harder half (nanopipe/tasks/word_problems.py; seed 42, a machine at load 15-22): demo-cpu mid
+    greedy Arithmetic 77.0 %, SFT 82.8 % (z 1.7), sampled pass@1 63.1 % -> 65.8 % after RL's 60 steps (+2.7,
+    z 0.9; SpellingBee 32.8 % -> 19.5 %); cpu-small mid 90.2 %, SFT 89.8 %, sampled pass@1 88.3 %, every kind
+    near 100 % but the workshop's machines (4/30: the model multiplies by a wrong machine count, the number
+    stated first); 90 RL steps at 0.05 from there: 88.3 % -> 88.1 % (no gain). Sampled answers after RL are
+    honest attempts (no reward hacking), wrong by a slipped digit or the machine count."""
     mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 60
     return {
         "common": {"device_type": "cpu"},
