@@ -153,12 +153,12 @@ def mid_mixtures(cfg) -> ChatMixtures:
 # and mid-training's per-token loss gives it almost none. So SFT's --loss_per=conversation (the letter weighs
 # as much as a long answer) alone stays at chance in 300 mixed steps; --mc_first puts the plateau first
 # (multiple choice alone, then the mixture). Held-out MultipleChoice / SpellingBee / Arithmetic after SFT
-# (n = 256; mid: 25 / 0 / 99 %): 200 + 300 steps 38 / 38 / 100 %; 300 + 300 steps 41 / 41 / 99 % (seed 1 from
-# a 750-step mid: 41 / 33 / 99 %; per token instead of per conversation: 37 / 43 / 99 %); at 0.4 instead of
-# 0.2 still at chance after 300. What is learnt: even 93-100 %, units 70-79 %, the rest near chance. Alone,
-# 900 steps of multiple choice reach 46 % (shapes 44 %), so the 60 % of issue 20 needs more than these minutes.
-# The letter-only phase makes the model forget the other tasks for a while (Arithmetic and SpellingBee 0 %
-# after it); the mixture's steps bring them back.
+# (n = 256; mid: 25 / 0 / 99 %): 200 + 300 steps 38 / 38 / 100 %; 300 + 300 steps 41 / 41 / 99 % (per token
+# instead of per conversation: 37 / 43 / 99 %; seed 1 from a 750-step mid: 41 / 33 / 99 %, and with 600 mixed
+# steps 45 / 66 / 100 %); at 0.4 instead of 0.2 still at chance after 300. What is learnt: even 93-100 %,
+# units 70-79 %, the rest near chance. Alone, 900 steps of multiple choice reach 46 % (shapes 44 %), so the
+# 60 % of issue 20 needs more than these minutes. The letter-only phase makes the model forget the other
+# tasks for a while (Arithmetic and SpellingBee 0 % after it); the mixture's steps bring them back.
 BUILTIN_MID_WEIGHTS = {"identity": 0.5, "Arithmetic": 3.0, "MultipleChoice": 2.0, "SimpleSpelling": 8.0,
                        "SpellingBee": 0.0}
 BUILTIN_SFT_WEIGHTS = {"identity": 0.25, "Arithmetic": 2.0, "MultipleChoice": 2.0, "SimpleSpelling": 0.25,
