@@ -54,6 +54,7 @@ from flows.store import (CheckpointUploader, artifact_name, checkpoints_name, re
 from flows.store_lock import store_lock
 from flows.multinode import launch_across_nodes, node_command, retry_layout, with_endpoint
 from flows.plan import StagePlan
+from flows.recompute import SUFFIX as STAGING_SUFFIX
 from flows.report import PROGRESS_FILE, artifact_key
 from flows.world import LAUNCHES_FILE, record_launch, segments_of
 from nanopipe.events import MemoryEstimate, Resumed, last, read_metrics
@@ -382,4 +383,8 @@ def run_stage(plan: StagePlan, upstream: dict[str, ArtifactRef] | None = None, v
         keep_in_store(plan, store, logger, uploader.uploaded if uploader else None)
         resumed = f", resumed from step {ref.resumed_from}" if ref.resumed_from is not None else ""
         logger.info(f"{plan.stage}: done in {attempt.result.seconds:.1f} s{resumed} -> {directory}")
+        if recompute:   # built beside the old artifact (flows/recompute.py); the flow swaps it in once it verifies
+            name = directory.name.removesuffix(STAGING_SUFFIX)
+            return Completed(data=ref, message=f"recomputed {name}{resumed}, built beside the old one and swapped "
+                                               f"in once it verifies ({cache_note(plan)})")
         return Completed(data=ref, message=f"produced {directory.name}{resumed} ({cache_note(plan)})")

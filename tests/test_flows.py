@@ -215,7 +215,11 @@ def test_recompute_from_forces_that_stage_and_later_ones(kill_home, data_dir):
     state, states, _ = run({**values, "recompute_from": "tok_eval"})
     assert state.is_completed()
     assert states == {"tok_train": "Cached", "tok_eval": "Completed"}
-    assert launches(plans_of(values)["tok_eval"].artifact_dir) == 1   # discarded, then produced afresh
+    artifact = Path(plans_of(values)["tok_eval"].artifact_dir)
+    assert launches(artifact) == 1   # discarded, then produced afresh
+    # the stage's message names the artifact it replaced, not the staging folder it was built in
+    message = task_runs(state.state_details.flow_run_id)["tok_eval"].state.message
+    assert message.startswith(f"recomputed {artifact.name}, built beside") and ".recompute" not in message, message
 
 
 # -----------------------------------------------------------------------------
