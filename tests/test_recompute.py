@@ -1,9 +1,15 @@
 """Recompute beside the artifact (flows/recompute.py): the staging directory, whose it is, and the swap that
-replaces an artifact only by one that verifies. Files only; the flows' own tests run it end to end."""
+replaces an artifact only by one that verifies, and puts the old one back when a cancel lands between its two
+renames. Files only; the flows' own tests (and tests/test_recompute_cancel.py) run it end to end."""
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
+from prefect.exceptions import TerminationSignal
+
+import flows.recompute as recompute_module
 
 from flows.artifacts import read_manifest, verify, write_manifest
 from flows.cancel_note import cancel_note
@@ -70,6 +76,27 @@ def test_the_swap_replaces_the_artifact_only_by_one_that_verifies(plan):
     assert manifest["metrics"] == {"marker": "new"} and manifest["config"]["out_dir"] == plan.out_dir
     assert f"--out_dir={plan.out_dir}" in manifest["command"] and ".recompute" not in str(manifest)
     assert not staging_dir(plan.artifact_dir).exists() and not (Path(plan.artifact_dir) / OWNER_FILE).exists()
+    assert [p.name for p in Path(plan.artifact_dir).parent.iterdir() if "replaced" in p.name] == []
+
+
+def test_a_cancel_between_the_swaps_two_renames_puts_the_artifact_back(plan, monkeypatch):
+    """The run's cancel raises wherever the flow is: between moving the old artifact aside and moving the
+    recompute in, the old one goes back, and the verified recompute stays in staging."""
+    produce(plan, "old")
+    staged = stage_beside(plan, "run-a", print)
+    produce(staged, "new")
+    replace = os.replace
+
+    def cancelled_before_the_second(src, dst):
+        if Path(src) == staging_dir(plan.artifact_dir):
+            raise TerminationSignal(signal.SIGTERM)
+        return replace(src, dst)
+    monkeypatch.setattr(recompute_module.os, "replace", cancelled_before_the_second)
+    with pytest.raises(TerminationSignal):
+        swap_in(plan, ref_of(staged), print)
+    monkeypatch.undo()
+    assert verify(plan.artifact_dir, plan.hash) and read_manifest(plan.artifact_dir)["metrics"] == {"marker": "old"}
+    assert verify(staged.artifact_dir, plan.hash)   # the recompute, kept for a retry to swap in
     assert [p.name for p in Path(plan.artifact_dir).parent.iterdir() if "replaced" in p.name] == []
 
 
