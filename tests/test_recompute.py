@@ -1,6 +1,6 @@
 """Recompute beside the artifact (flows/recompute.py): the staging directory, whose it is, and the swap that
 replaces an artifact only by one that verifies, and puts the old one back when a cancel lands between its two
-renames. Files only; the flows' own tests (and tests/test_recompute_cancel.py) run it end to end."""
+renames. Files only; the flows' own tests run it end to end."""
 
 import os
 import signal
