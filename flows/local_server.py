@@ -15,16 +15,14 @@ with three differences that matter to us:
 - it runs in its own session, so a Ctrl-C or SIGTERM meant for the run never reaches it (the run still
   needs it to record how it ended);
 - it dies with this process even on SIGKILL (parent-death signal, flows/parent_death.py);
-- what it has no use for is off (TemporaryServer.defaults): telemetry, automations, and the migration check
-  when the database is already at the newest revision. Every record of the run is written as before.
+- what it has no use for is off (TemporaryServer.DEFAULTS): telemetry and automations. Every record of the run
+  is written as before.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -126,47 +124,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# Settings that would put the server's database somewhere else than PREFECT_HOME/prefect.db, or change it
-_DATABASE_SETTINGS = ("PREFECT_API_DATABASE_", "PREFECT_SERVER_DATABASE_")
-
-
-def _migration_heads(prefect_dir: Path) -> set[str]:
-    """The newest revisions of the installed Prefect's SQLite migrations: those no other one follows."""
-    revisions, followed = set(), set()
-    for path in (prefect_dir / "server" / "database" / "_migrations" / "versions" / "sqlite").glob("*.py"):
-        text = path.read_text(encoding="utf-8")
-        found = re.search(r"^revision\s*=\s*['\"](\w+)['\"]", text, re.M)
-        if found:
-            revisions.add(found.group(1))
-        below = re.search(r"^down_revision\s*=\s*(.*)$", text, re.M)
-        followed.update(re.findall(r"['\"](\w+)['\"]", below.group(1)) if below else ())
-    return revisions - followed
-
-
-def database_at_head(prefect_dir: Path) -> bool:
-    """Is the temporary server's database (Prefect's default SQLite file in PREFECT_HOME) already at the newest
-    migration of the installed Prefect (`prefect_dir`)? Then its start-up skips Alembic's check. False when in
-    doubt: a database configured anywhere (environment, profile, a settings file here), none yet, another
-    revision, several heads."""
-    _, profile = active_profile()
-    if any(name.startswith(_DATABASE_SETTINGS) for name in (*os.environ, *profile)):
-        return False
-    for name in (".env", "prefect.toml", "pyproject.toml"):   # Prefect also reads settings from these
-        with contextlib.suppress(OSError):
-            if "database" in Path(name).read_text(encoding="utf-8", errors="replace").lower():
-                return False
-    database = prefect_home() / "prefect.db"
-    heads = _migration_heads(prefect_dir) if database.is_file() else set()
-    if len(heads) != 1:
-        return False
-    import sqlite3
-    try:
-        with contextlib.closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=1)) as db:
-            return db.execute("SELECT version_num FROM alembic_version").fetchall() == [(heads.pop(),)]
-    except sqlite3.Error:
-        return False
-
-
 class TemporaryServer:
     """Prefect's API on a free loopback port, in a child process that starts now and is waited for later.
     Spawned as early as a command can (flows/cli.py early_server): only the standard library before it."""
@@ -176,7 +133,7 @@ class TemporaryServer:
         prefect_dir = Path(find_spec("prefect").origin).parent
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
-        self.env = {**self.defaults(prefect_dir), **os.environ, "PREFECT_UI_ENABLED": "0",
+        self.env = {**self.DEFAULTS, **os.environ, "PREFECT_UI_ENABLED": "0",
                     "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         self.env.pop("PREFECT_API_URL", None)
         self.process = subprocess.Popen(
@@ -186,20 +143,12 @@ class TemporaryServer:
             env=self.env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
         self.started = time.monotonic()
 
-    @staticmethod
-    def defaults(prefect_dir: Path) -> dict[str, str]:
-        """Prefect settings of the temporary server that the environment may override. All of the run's
-        records (flow and task runs, states, logs, events, artifacts) are written as by any Prefect server;
-        off are what a server living for one command has no use for:
-        - telemetry: nothing to report, and on a machine without internet access its service prints an error
-          into the run's output;
-        - automations (triggers and actions): a run's events are kept, but no automation reacts to them here;
-        - the migration check at start-up, when the database is already at the installed Prefect's newest
-          revision (database_at_head): about 0.3 s of CPU before the server answers."""
-        found = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false"}
-        if database_at_head(prefect_dir):
-            found["PREFECT_API_DATABASE_MIGRATE_ON_START"] = "false"
-        return found
+    # Prefect settings of the temporary server that the environment may override. All of the run's records (flow
+    # and task runs, states, logs, events, artifacts) are written as by any Prefect server; off are what a server
+    # living for one command has no use for: telemetry (nothing to report, and on a machine without internet
+    # access its service prints an error into the run's output) and automations (a run's events are kept, but
+    # no automation reacts to them here).
+    DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false"}
 
     def wait_ready(self, timeout: float) -> None:
         """Block until the server answers; ServerUnavailable naming the cause when it exits or times out."""

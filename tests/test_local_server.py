@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import UsageError, prefect_api, server_choice
-from flows.local_server import (ServerChoice, TemporaryServer, answers, choose_server, configured_api_url,
-                                database_at_head)
+from flows.local_server import ServerChoice, TemporaryServer, answers, choose_server, configured_api_url
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -227,11 +226,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-PREFECT_DIR = Path(__import__("importlib.util").util.find_spec("prefect").origin).parent
-SERVER_DEFAULTS = ("PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED",
-                   "PREFECT_API_DATABASE_MIGRATE_ON_START")
-
-
 def _server_settings(server: TemporaryServer) -> dict:
     """The settings the running server itself reports (Prefect's /admin/settings)."""
     import json
@@ -240,31 +234,17 @@ def _server_settings(server: TemporaryServer) -> dict:
         return json.loads(response.read())
 
 
-def test_the_temporary_server_runs_no_automations_and_checks_migrations_only_when_behind(tmp_path, monkeypatch):
+def test_the_temporary_server_runs_without_telemetry_or_automations_unless_asked(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
-    for name in SERVER_DEFAULTS:
+    for name in TemporaryServer.DEFAULTS:
         monkeypatch.delenv(name, raising=False)
-    assert not database_at_head(PREFECT_DIR)   # no database yet
-    seen = []
-    for _ in range(2):   # the first creates the database, the second finds it at the newest revision
-        server = TemporaryServer()
-        try:
-            server.wait_ready(timeout=180)
-            seen.append(_server_settings(server)["server"])
-        finally:
-            server.stop()
-    assert [s["services"]["triggers"]["enabled"] for s in seen] == [False, False]
-    assert [s["database"]["migrate_on_start"] for s in seen] == [True, False]
-    assert database_at_head(PREFECT_DIR)
-    # a database configured elsewhere, or one a revision behind, is always checked
-    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/other.db")
-    assert not database_at_head(PREFECT_DIR)
-    monkeypatch.delenv("PREFECT_API_DATABASE_CONNECTION_URL")
-    import sqlite3
-    with contextlib.closing(sqlite3.connect(tmp_path / "prefect" / "prefect.db")) as db, db:
-        db.execute("UPDATE alembic_version SET version_num = 'older'")
-    assert not database_at_head(PREFECT_DIR)
-    assert "PREFECT_API_DATABASE_MIGRATE_ON_START" not in TemporaryServer.defaults(PREFECT_DIR)
+    server = TemporaryServer()
+    try:
+        server.wait_ready(timeout=180)
+        seen = _server_settings(server)["server"]
+    finally:
+        server.stop()
+    assert seen["services"]["triggers"]["enabled"] is False and seen["analytics_enabled"] is False, seen
     # a person's own choice stands
     monkeypatch.setenv("PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED", "true")
     server = TemporaryServer()
@@ -276,7 +256,7 @@ def test_a_run_on_the_temporary_server_leaves_its_runs_logs_and_events_in_the_da
     """What the UI shows later: a command's flow run, task run, log lines and events, read back after its
     temporary server stopped (by the next command's server, on the same database)."""
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1"}
-    for name in (*SERVER_DEFAULTS, "PREFECT_API_URL"):
+    for name in (*TemporaryServer.DEFAULTS, "PREFECT_API_URL"):
         env.pop(name, None)
     code = ("from flows.cli import prefect_api\nfrom flows.local_server import choose_server\n"
             "with prefect_api(choose_server('temporary')) as ready:\n"
@@ -285,7 +265,7 @@ def test_a_run_on_the_temporary_server_leaves_its_runs_logs_and_events_in_the_da
             "    @flow(name='records-check')\n    def check():\n        return double(21)\n"
             "    ready()\n    assert check() == 42\n"
             "from flows.cli import _exit_without_teardown\n_exit_without_teardown(0)\n")   # as `nanopipe run` ends
-    for _ in range(2):   # the second run's server skips the migration check: its records land all the same
+    for _ in range(2):   # two commands, two temporary servers on one database
         done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
