@@ -119,7 +119,8 @@ def main() -> None:
     args = parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="nanopipe-cli-bench-")).resolve()
     # Both servers log each request they answer 503 because SQLite said "database is locked" (a write racing
-    # another: the client retries it about 2 s later), so that the figures can be read with that in mind.
+    # another: Prefect's client retries it 2 s later, the report card's requests 0.05 s later, flows/card_first.py),
+    # so that the figures can be read with that in mind.
     env = {**os.environ, "NANOPIPE_HOME": str(workdir / "home"), "PREFECT_HOME": str(workdir / "prefect"),
            "PYTHONUNBUFFERED": "1", "PREFECT_API_LOG_RETRYABLE_ERRORS": "true"}
     env.pop("PREFECT_API_URL", None)

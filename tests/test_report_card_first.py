@@ -2,8 +2,11 @@
 highest first (V1 the flow run's own above its task runs'), and flows/card_first.py draws ids until the card's
 is the highest, keeping every other artifact as it was."""
 
+import http.server
+import threading
 from collections import Counter
 
+import httpx
 import pytest
 
 from flows.card_first import publish_first
@@ -56,3 +59,56 @@ def test_the_report_card_is_listed_first_and_nothing_else_is_lost(count):
                        (f"card-{i}" if i % 2 else None, f"card {i}", f"# card {i}", True) for i in range(count))
     assert rest == expected
     assert len({a.id for a in v2}) == count + 1
+
+
+class _FlakyDeletes(http.server.BaseHTTPRequestHandler):
+    """A local HTTP server that answers each DELETE 503 (as Prefect's server does when SQLite says "database is
+    locked") until it has refused `refusals` of them, then 204."""
+
+    refusals = 2
+    seen: list[str] = []
+
+    def do_DELETE(self):
+        self.seen.append(self.path)
+        refused = len(self.seen) <= self.refusals
+        self.send_response(503 if refused else 204)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_503_is_tried_again_in_a_twentieth_of_a_second_by_prefects_own_client(monkeypatch):
+    """Prefect's client waits 2 s before retrying a 503 that does not say when; the card's requests say
+    SOONER, x4 per attempt, and Prefect's client retries as told."""
+    import prefect.client.base
+    from prefect.client.base import PrefectHttpxSyncClient
+    from flows.card_first import SOONER, retry_sooner
+    pauses = []
+    monkeypatch.setattr(prefect.client.base.time, "sleep", pauses.append)
+    _FlakyDeletes.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyDeletes)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with PrefectHttpxSyncClient(base_url=f"http://127.0.0.1:{server.server_port}/api",
+                                    event_hooks={"response": [retry_sooner]}) as client:
+            response = client.delete("/artifacts/1")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert response.status_code == 204 and _FlakyDeletes.seen == ["/api/artifacts/1"] * 3
+    assert len(pauses) == 2
+    assert SOONER <= pauses[0] <= SOONER * 1.5 and 4 * SOONER <= pauses[1] <= 4 * SOONER * 1.5   # asked, not timed
+
+
+def test_a_503_that_says_when_and_other_answers_keep_their_headers():
+    from flows.card_first import retry_sooner
+    request = httpx.Request("DELETE", "http://127.0.0.1/api/artifacts/1")
+    told = httpx.Response(503, headers={"Retry-After": "7"}, request=request)
+    retry_sooner(told)
+    assert told.headers["Retry-After"] == "7"
+    for status in (204, 404, 500):
+        answer = httpx.Response(status, request=request)
+        retry_sooner(answer)
+        assert "retry-after" not in answer.headers
