@@ -1,5 +1,7 @@
-"""A real Prefect server on loopback, the `nanopipe` process work pool, `prefect deploy --all` and a worker:
-started once per test session and shared by tests/test_prefect_server.py and tests/test_ui.py.
+"""A real Prefect server on loopback, set up as deployments/README.md's setup block says (the server, its API in
+PREFECT_API_URL, `nanopipe deploy` for the pools and the deployments, a worker on the `nanopipe` pool):
+started once per test session and shared by the server, UI and work-pool tests (tests/test_deploy.py runs
+the block itself, line by line, as written).
 
 (No tests here; the module name only keeps it among the orchestration test files.)
 """
@@ -96,14 +98,6 @@ def _wait_healthy(stack: PrefectStack, timeout: float) -> None:
     raise RuntimeError(f"prefect server did not come up on {stack.api_url}:\n{stack.log('server.log')}")
 
 
-def deployment_pools() -> list[str]:
-    """The work pools prefect.yaml deploys to (the test pool first): `deploy --all` needs each to exist."""
-    import yaml
-    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    names = {d["work_pool"]["name"] for d in spec["deployments"] if d.get("work_pool")}
-    return [POOL, *sorted(names - {POOL})]
-
-
 def _start() -> PrefectStack:
     root = Path(tempfile.mkdtemp(prefix="nanopipe-prefect-"))
     port = free_port()
@@ -129,11 +123,11 @@ def _start() -> PrefectStack:
     stack.spawn("server", "start", "--host", "127.0.0.1", "--port", str(port), log_name="server.log")
     try:
         _wait_healthy(stack, timeout=180)
-        pools = [("work-pool", "create", name, "--type", "process") for name in deployment_pools()]
-        for args in (*pools, ("--no-prompt", "deploy", "--all")):
-            done = stack.prefect(*args)
-            if done.returncode != 0:
-                raise RuntimeError(f"prefect {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        # the README's `nanopipe deploy` (its pools, then `prefect deploy --all`), at the API in PREFECT_API_URL
+        done = subprocess.run([str(Path(sys.executable).parent / "nanopipe"), "deploy"], env=stack.env, cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"nanopipe deploy failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         stack.spawn("worker", "start", "--pool", POOL, "--limit", "2", log_name="worker.log")
     except BaseException:
         stack.stop()
