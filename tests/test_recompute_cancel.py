@@ -59,12 +59,16 @@ class HoldAfterFirstCheckpoint(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, HoldAfterFirstCheckpoint())
 '''
 # The flow process a worker starts, in short: the pipeline with SIGTERM at its default until Prefect's engine
-# takes it over
-FLOW_PROCESS = "import json, sys; from flows.pipeline import full_pipeline; full_pipeline(json.loads(sys.argv[1]))"
-# The same, for a run that is not cancelled: it prints its flow run's id
-FLOW_RUN = ("import json, sys; from flows.pipeline import full_pipeline; "
-            "state = full_pipeline(json.loads(sys.argv[1]), return_state=True); "
-            "print('flow run', state.state_details.flow_run_id, flush=True)")
+# takes it over; a run that ends (not cancelled) prints its flow run's id
+FLOW_PROCESS = ("import json, sys; from flows.pipeline import full_pipeline; "
+                "state = full_pipeline(json.loads(sys.argv[1]), return_state=True); "
+                "print('flow run', state.state_details.flow_run_id, flush=True)")
+
+
+def flow_process_env(**extra: str) -> dict[str, str]:
+    """A flow process's environment: this one's, on this module's Prefect server."""
+    from prefect.settings import get_current_settings
+    return {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url), **extra}
 
 
 def held_after_first_checkpoint(gate: Path) -> dict[str, str]:
@@ -81,11 +85,10 @@ class Runner:
     engine has armed its SIGTERM handler) and the signal that follows."""
 
     def __init__(self, values: dict, log: Path, env: dict[str, str]):
-        from prefect.settings import get_current_settings
         self.server = socket.create_server(("127.0.0.1", 0))
         self.token = secrets.token_hex(16)
-        env = {**os.environ, **env, "PREFECT_API_URL": str(get_current_settings().api.url),
-               "PREFECT__CONTROL_PORT": str(self.server.getsockname()[1]), "PREFECT__CONTROL_TOKEN": self.token}
+        env = flow_process_env(**env, PREFECT__CONTROL_PORT=str(self.server.getsockname()[1]),
+                               PREFECT__CONTROL_TOKEN=self.token)
         self.log = log
         with open(log, "wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-c", FLOW_PROCESS, json.dumps(values)], cwd=REPO,
@@ -147,11 +150,10 @@ class Runner:
 def run_in_child(values: dict, log: Path) -> dict[str, str]:
     """Run the pipeline in a flow process of its own, to its end; {stage: task run state name} as the server
     recorded them. The flow run must complete."""
-    from prefect.settings import get_current_settings
-    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
+    command = [sys.executable, "-c", FLOW_PROCESS, json.dumps(values)]
     with open(log, "wb") as out:
-        done = subprocess.run([sys.executable, "-c", FLOW_RUN, json.dumps(values)], cwd=REPO, env=env,
-                              stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, timeout=900)
+        done = subprocess.run(command, cwd=REPO, env=flow_process_env(), stdin=subprocess.DEVNULL, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=900)
     text = log.read_text(errors="replace")
     assert done.returncode == 0, text[-5000:]
     flow_run_id = UUID(text.rsplit("flow run ", 1)[1].split()[0])
