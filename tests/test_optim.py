@@ -1,7 +1,5 @@
 """Muon, the schedules, and the distributed optimizers (2 processes on gloo) against one process."""
 
-import datetime
-import math
 import socket
 import threading
 import time
@@ -15,6 +13,7 @@ import nanopipe.optim as optim
 from nanopipe.gpt import GPT, GPTConfig
 from nanopipe.optim import (DistAdamW, DistMuon, Muon, aspect_scale, batch_lr_scale, lr_multiplier, muon_momentum,
                             newton_schulz)
+from tests.gloo import init_gloo
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -170,10 +169,7 @@ def _train(model, optimizers, extra, extra_opt, grads_for_step) -> None:
 
 
 def _dist_worker(rank: int, port: int, out_dir: str) -> None:
-    import torch.distributed.nn.functional  # noqa: F401  (before init, as compute_init does: a late import aborted)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, WORLD, f"tcp://127.0.0.1:{port}")
     try:
         # the gloo route (all_reduce + slice), then the reduce_scatter route NCCL takes, forced onto gloo
         for route, backends in (("fallback", {"nccl"}), ("native", {"nccl", "gloo"})):

@@ -23,6 +23,7 @@ from nanopipe.optim import DistAdamW, DistMuon, Muon
 from nanopipe.reshard import ReshardError, reshard_loader_states, reshard_optimizer_state
 from nanopipe.checkpoint import find_last_step, meta_path, optim_path
 from tests.fixtures.tiny_corpus import tiny_model_flags, write_shard
+from tests.gloo import init_gloo
 from tests.test_chat_rl import rl_flags, tiny  # noqa: F401 (the RL test's tiny policy, a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,8 +58,7 @@ def step_on_identical_gradients(optimizers: list) -> None:
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init_gloo(rank, world, f"file://{init_file}")
     try:
         optimizers = optimizers_for(world)
         step_on_identical_gradients(optimizers)
