@@ -124,7 +124,9 @@ def test_the_run_shows_its_report_card_curves_and_metrics_table(stack, quick_run
         expect(row.get_by_role("cell").nth(1)).to_have_text("ran")   # columns: stage, status, wall time, ...
         expect(card.get_by_text("Estimated cost: CPU run: no GPU cost.")).to_be_visible()
         image = card.locator('img[src^="data:image/png;base64,"]').first
-        image.scroll_into_view_if_needed()
+        # hover() scrolls the image into view and, like every pointer action, starts again on the new element
+        # when a re-render replaces it; scroll_into_view_if_needed() fails at once ("not attached to the DOM")
+        image.hover()
         expect(image).to_be_visible()
         expect(image).to_have_js_property("complete", True)
         expect(image).to_have_js_property("naturalWidth", 640)   # decoded, not a broken icon
