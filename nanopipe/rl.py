@@ -7,6 +7,7 @@ and pass@k.
                          max_new_tokens=256, temperature=1.0, top_k=50, rng=random.Random(0))
     groups = sample_groups(engine, tokenizer, task, conversations, num_samples=4, device_batch_size=32, ...)
     advantages = group_advantages(group.rewards)                 # reward - the group's mean
+    advantages = group_advantages(group.rewards, baseline="zero")  # the reward itself
     inputs, targets = policy_batch(group.sequences, group.masks, pad_id)
     loss = policy_loss_sum(model, inputs, targets, advantages) / (pass_tokens * passes * questions)
 
@@ -16,6 +17,12 @@ penalty to a reference model, no ratio clipping (the samples come from the curre
 mean over the tokens the model sampled in each forward pass of a question's samples, averaged over the passes
 and the rank's questions, as nanochat normalises it: the prompt and the calculator's forced output tokens carry
 no loss.
+
+The baseline is nanochat's group mean by default. With baseline "zero" the advantage is the reward itself
+(plain REINFORCE): every correct sample is reinforced, also in a group that got everything right, and wrong
+ones are not pushed down. That sharpens the policy (the answers it already gives most often become more
+likely) much faster, which is what a small model sampled at temperature 1 needs: its sampled answers fail on
+tail tokens its greedy answers avoid.
 """
 
 from __future__ import annotations
@@ -113,11 +120,16 @@ def sample_groups(engine, tokenizer, task, conversations: Sequence[dict], num_sa
 # -----------------------------------------------------------------------------
 # Advantages and loss
 
-def group_advantages(rewards: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """reward - mean reward of the group (float32). All-equal rewards give all-zero advantages: no signal."""
+BASELINES = ("mean", "zero")
+
+
+def group_advantages(rewards: Sequence[float] | torch.Tensor, baseline: str = "mean") -> torch.Tensor:
+    """reward - baseline (float32): the mean reward of the group, or zero. With the mean, all-equal rewards give
+    all-zero advantages: no signal; with zero, only a group whose rewards are all 0 gives none."""
+    assert baseline in BASELINES, f"baseline must be one of {BASELINES}, got {baseline!r}"
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
     assert rewards.ndim == 1 and rewards.numel() > 0, f"rewards must be a non-empty vector, got {tuple(rewards.shape)}"
-    return rewards - rewards.mean()
+    return rewards - rewards.mean() if baseline == "mean" else rewards.clone()
 
 
 def policy_batch(sequences: Sequence[list[int]], masks: Sequence[list[int]], pad_id: int,
@@ -144,18 +156,18 @@ def policy_loss_sum(model, inputs: torch.Tensor, targets: torch.Tensor, advantag
 
 
 def accumulate_policy_gradient(model, groups: Sequence[Group], pad_id: int, device_batch_size: int,
-                               autocast=contextlib.nullcontext()) -> float:
+                               autocast=contextlib.nullcontext(), baseline: str = "mean") -> float:
     """Backward of the policy-gradient loss of this rank's `groups` (one per question), normalised per forward
     pass as nanochat's RL normalises it: a pass over device_batch_size sequences of one group contributes
     -sum(advantage * log p) over its sampled tokens / (those tokens x the group's passes x the rank's groups).
-    The distributed optimizers then average the ranks' gradients. Groups whose rewards are all equal have zero
-    advantages: they are skipped, as they add exactly nothing (they still count among the rank's groups).
+    The distributed optimizers then average the ranks' gradients. Groups whose advantages (against `baseline`)
+    are all zero are skipped, as they add exactly nothing (they still count among the rank's groups).
     Every parameter ends with a gradient (zeros if none flowed), so all ranks step all parameters alike.
     Returns this rank's loss."""
     device = model.get_device()
     loss_sum = 0.0
     for group in groups:
-        advantages = group_advantages(group.rewards)
+        advantages = group_advantages(group.rewards, baseline)
         if not advantages.any():
             continue
         starts = range(0, len(group.sequences), device_batch_size)

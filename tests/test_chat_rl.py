@@ -138,7 +138,7 @@ def test_defaults_are_the_reference_recipe():
     assert (cfg.max_new_tokens, cfg.temperature, cfg.top_k) == (256, 1.0, 50)
     assert (cfg.embedding_lr, cfg.unembedding_lr, cfg.matrix_lr, cfg.weight_decay) == (0.2, 0.004, 0.02, 0.0)
     assert (cfg.init_lr_frac, cfg.eval_every, cfg.eval_examples, cfg.save_every) == (0.05, 60, 400, 60)
-    assert (cfg.resume_from_step, cfg.plan_only) == (None, False)
+    assert (cfg.resume_from_step, cfg.plan_only, cfg.baseline) == (None, False, "mean")
 
 
 def test_seed_and_kebab_spellings_and_disabled_values():
@@ -147,7 +147,8 @@ def test_seed_and_kebab_spellings_and_disabled_values():
     assert (a.examples_per_step, a.num_samples, a.top_k, a.eval_every) == (4, 8, None, None)
     assert (a.resume_from_step, a.task, a.source) == ("latest", "builtin-arithmetic", "mid")
     assert parse_cli(ChatRLConfig, ["--resume_from_step=12"]).resume_from_step == 12
-    for bad, needle in (({"source": "rl"}, "--source"), ({"task": "MATH"}, "--task"),
+    assert parse_cli(ChatRLConfig, ["--baseline", "zero"]).baseline == "zero"
+    for bad, needle in (({"source": "rl"}, "--source"), ({"task": "MATH"}, "--task"), ({"baseline": "std"}, "--baseline"),
                         ({"num_samples": 0}, "--num_samples"), ({"temperature": 0}, "--temperature"),
                         ({"task": "builtin-arithmetic", "gsm8k_path": "x"}, "--gsm8k_path is only read")):
         with pytest.raises(ConfigError, match=needle):
@@ -180,6 +181,14 @@ def test_advantage_is_reward_minus_the_group_mean():
     torch.testing.assert_close(group_advantages([1.0, 0.0, 0.0, 1.0]), torch.tensor([0.5, -0.5, -0.5, 0.5]))
     torch.testing.assert_close(group_advantages([1.0, 0.0, 0.0, 0.0]), torch.tensor([0.75, -0.25, -0.25, -0.25]))
     assert not group_advantages([1.0, 1.0, 1.0]).any() and not group_advantages([0.0, 0.0]).any()
+
+
+def test_with_a_zero_baseline_the_advantage_is_the_reward():
+    torch.testing.assert_close(group_advantages([1.0, 0.0, 0.0, 1.0], "zero"), torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    torch.testing.assert_close(group_advantages([1.0, 1.0, 1.0], "zero"), torch.tensor([1.0, 1.0, 1.0]))
+    assert not group_advantages([0.0, 0.0], "zero").any()
+    with pytest.raises(AssertionError, match="baseline"):
+        group_advantages([1.0], "median")
 
 
 def test_loss_mask_leaves_out_prompt_forced_tool_output_and_padding(tiny):
@@ -217,12 +226,13 @@ def test_loss_mask_leaves_out_prompt_forced_tool_output_and_padding(tiny):
         assert inputs[row, :len(sequence) - 1].tolist() == sequence[:-1]
 
 
-def _manual_loss(model, groups: list[Group], per_pass: int) -> torch.Tensor:
+def _manual_loss(model, groups: list[Group], per_pass: int, baseline: str = "mean") -> torch.Tensor:
     """nanochat's normalisation, from full log-softmaxes one sequence at a time: each pass of `per_pass`
     sequences of a group adds -sum(A * log p) over its sampled tokens / (those tokens x passes x groups)."""
     loss = torch.zeros(())
     for group in groups:
-        advantages = torch.tensor(group.rewards) - sum(group.rewards) / len(group.rewards)
+        mean = sum(group.rewards) / len(group.rewards) if baseline == "mean" else 0.0
+        advantages = torch.tensor(group.rewards) - mean
         passes = [range(b0, min(b0 + per_pass, len(group.sequences))) for b0 in range(0, len(group.sequences),
                                                                                        per_pass)]
         for rows in passes:
@@ -236,9 +246,11 @@ def _manual_loss(model, groups: list[Group], per_pass: int) -> torch.Tensor:
     return loss
 
 
-def test_policy_gradient_is_normalised_per_pass_as_nanochats(tiny):
+@pytest.mark.parametrize("baseline", ["mean", "zero"])
+def test_policy_gradient_is_normalised_per_pass_as_nanochats(tiny, baseline):
     """The accumulated gradient equals that of a hand-written loss over the masked tokens, normalised per
-    forward pass as nanochat does (the pass's sampled tokens, the group's passes, the rank's groups)."""
+    forward pass as nanochat does (the pass's sampled tokens, the group's passes, the rank's groups), with either
+    baseline (a group that got everything right teaches only with the zero baseline)."""
     tokenizer = tiny["tokenizer"]
     model = GPT.create(tiny["model"].config, "cpu")
     model.load_state_dict(tiny["model"].state_dict())
@@ -258,22 +270,23 @@ def test_policy_gradient_is_normalised_per_pass_as_nanochats(tiny):
             g.rewards.append(reward)
         return g
 
-    groups = [group([1.0, 0.0, 0.0]), group([0.0, 0.0, 0.0]), group([1.0, 1.0, 0.0])]
+    groups = [group([1.0, 0.0, 0.0]), group([0.0, 0.0, 0.0]), group([1.0, 1.0, 0.0]), group([1.0, 1.0, 1.0])]
     total = sum(g.sampled_tokens() for g in groups)
     assert total == sum(sum(m[1:]) for g in groups for m in g.masks) > 0
     for per_pass in (1, 2, 3):   # one, two (3 = 2 + 1 sequences) and one pass per group
-        expected = _manual_loss(model, groups, per_pass)
+        expected = _manual_loss(model, groups, per_pass, baseline)
         expected.backward()
         want = {name: p.grad.clone() for name, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
-        loss = accumulate_policy_gradient(model, groups, pad_id=0, device_batch_size=per_pass)
+        loss = accumulate_policy_gradient(model, groups, pad_id=0, device_batch_size=per_pass, baseline=baseline)
         assert loss == pytest.approx(expected.item(), rel=1e-4, abs=1e-7)
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-6, msg=f"{name} ({per_pass} per pass)")
         model.zero_grad(set_to_none=True)
 
-    model.zero_grad(set_to_none=True)  # groups with equal rewards teach nothing, but every parameter steps
-    accumulate_policy_gradient(model, [groups[1]], pad_id=0, device_batch_size=2)
+    model.zero_grad(set_to_none=True)  # groups whose advantages are all 0 teach nothing, but every parameter steps
+    accumulate_policy_gradient(model, [groups[1 if baseline == "zero" else 3]], pad_id=0, device_batch_size=2,
+                               baseline=baseline)
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
@@ -327,6 +340,17 @@ def test_one_rl_step_learns_from_rewards_and_logs_them(tiny, tmp_path, capsys, h
     changed = [name for name in before if not torch.equal(before[name], after[name])]
     assert changed, "an RL step with mixed rewards must change the weights"
     assert meta["eval"]["pass@1"] == metrics["pass@1"] and meta["tokenizer_dir"] == str(tiny["root"] / "tokenizer")
+
+
+def test_the_baseline_flag_sets_the_advantages_of_the_step(tiny, tmp_path, home):
+    """The same step (same samples, same rewards) with each baseline: the weights it leaves differ."""
+    weights = {}
+    for baseline in ("mean", "zero"):
+        out = tmp_path / baseline
+        metrics = chat_rl.main(rl_flags(tiny, out, num_iterations=1, eval_every=-1, baseline=baseline))
+        weights[baseline] = load_checkpoint(out, 1, "cpu")[0]
+        assert 0.0 < metrics["rewards"][0] < 1.0, "mixed rewards: either baseline has something to learn"
+    assert any(not torch.equal(weights["mean"][name], weights["zero"][name]) for name in weights["mean"])
 
 
 def test_resume_continues_exactly(tiny, tmp_path, capsys, home):

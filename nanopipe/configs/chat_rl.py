@@ -36,6 +36,10 @@ class ChatRLConfig(ChatOptimFlags, CalculatorFlags, CpuMatmulFlags, DownstreamCo
     max_new_tokens: int = Field(256, ge=1, description="tokens generated at most per completion")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature of the rollouts and of pass@k")
     top_k: TopK = Field(50, ge=1, description="sample among the k most likely tokens (none, 0 or -1: all)")
+    baseline: Literal["mean", "zero"] = Field(
+        "mean", description="what a sample's reward is compared with: its group's mean (nanochat's: only groups "
+                            "with mixed outcomes teach) or zero (every correct sample is reinforced: sharpens the "
+                            "policy faster)")
     # --- optimisation (the learning rates: ChatOptimFlags) -------------------
     init_lr_frac: float = Field(0.05, gt=0, le=1, description="learning rates start at this fraction of the "
                                                               "above, then decay linearly to 0")

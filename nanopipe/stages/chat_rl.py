@@ -233,7 +233,8 @@ class Trainer(ChatTrainerBase):
         total_reward, total_length, total_sampled, sequences = sum_across_ranks(
             [sum(rewards), sum(lengths), sampled, len(rewards)], self.rt.device)
         self.model.train()
-        loss = accumulate_policy_gradient(self.model, groups, self.pad_id, self.cfg.device_batch_size, self.autocast)
+        loss = accumulate_policy_gradient(self.model, groups, self.pad_id, self.cfg.device_batch_size, self.autocast,
+                                          self.cfg.baseline)
         loss = sum_across_ranks([loss], self.rt.device)[0] / self.rt.world_size
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"policy-gradient loss is {loss} at step {self.step}: lower the learning rates "
