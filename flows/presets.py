@@ -125,7 +125,7 @@ def _cpu_run(scale: int) -> dict[str, Any]:
                      "eval_metrics_max_problems": 256, "save_every": 50, **sft_extra},
         # RL evaluates itself at step 0 (the SFT model) and at its end on the same 512 held-out questions: pass@1
         # of one sampled answer, the report card's RL row
-        "chat_rl": {"task": "builtin-arithmetic", "synthetic_size": 8 * rl_steps, "baseline": "zero",
+        "chat_rl": {"task": "builtin-arithmetic", "synthetic_size": 8 * rl_steps, "baseline": "zero", "replay": 8,
                     "examples_per_step": 8, "num_samples": 8, "device_batch_size": 32, "max_new_tokens": 200,
                     "eval_every": rl_steps, "eval_examples": 512, "eval_samples": 1,
                     "extended_calculator": True, "save_every": 20},

@@ -25,7 +25,7 @@ from nanopipe.chat_format import render_conversation, render_for_completion
 from nanopipe.checkpoint import list_steps, load_checkpoint, meta_path, optim_path, save_checkpoint
 from nanopipe.configs.base import ConfigError, build_config
 from nanopipe.configs.flags import parse_config as parse_cli
-from nanopipe.configs.chat_rl import ChatRLConfig
+from nanopipe.configs.chat_rl import ChatRLConfig, check_world_size
 from nanopipe.engine import Engine
 from nanopipe.gpt import GPT, build_model_config
 from nanopipe.rl import (Group, accumulate_policy_gradient, group_advantages, pass_at_k_counts, policy_batch,
@@ -353,9 +353,28 @@ def test_the_baseline_flag_sets_the_advantages_of_the_step(tiny, tmp_path, home)
     assert any(not torch.equal(weights["mean"][name], weights["zero"][name]) for name in weights["mean"])
 
 
-def test_resume_continues_exactly(tiny, tmp_path, capsys, home):
-    """4 steps straight (checkpoint at 2) vs. the step-2 checkpoint resumed in a fresh directory."""
-    common = dict(num_iterations=4, save_every=2, eval_every=2)
+def test_replay_joins_the_supervised_loss_of_sft_conversations_to_the_step(tiny, tmp_path, capsys, home):
+    """--replay: the step also learns from builtin SFT conversations (logged loss > 0), so its update differs
+    from the same step without; the conversations must split over the ranks."""
+    plain = chat_rl.main(rl_flags(tiny, tmp_path / "plain", num_iterations=1))
+    assert "replay loss" not in capsys.readouterr().out
+    replayed = chat_rl.main(rl_flags(tiny, tmp_path / "replay", num_iterations=1, replay=4))
+    log = capsys.readouterr().out
+    assert "replayed SFT conversations per step: 4" in log
+    assert float(re.search(r"\| replay loss: ([\d.]+) \|", log).group(1)) > 0
+    assert replayed["rewards"] == plain["rewards"]   # the same samples ...
+    a, b = (load_checkpoint(tmp_path / name, 1, "cpu")[0] for name in ("plain", "replay"))
+    assert any(not torch.equal(a[name], b[name]) for name in a)   # ... and another update
+    check_world_size(build_config(ChatRLConfig, {"replay": 4}), 2)
+    with pytest.raises(ConfigError, match=r"--replay=3 does not split over 2 ranks; try --replay=2 or 4"):
+        check_world_size(build_config(ChatRLConfig, {"replay": 3, "examples_per_step": 4}), 2)
+
+
+@pytest.mark.parametrize("replay", [None, 4])
+def test_resume_continues_exactly(tiny, tmp_path, capsys, home, replay):
+    """4 steps straight (checkpoint at 2) vs. the step-2 checkpoint resumed in a fresh directory, also with
+    replayed SFT conversations (chosen by the step, like the questions)."""
+    common = dict(num_iterations=4, save_every=2, eval_every=2, **({"replay": replay} if replay else {}))
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     straight = chat_rl.main(rl_flags(tiny, straight_dir, **common))
     straight_log = logged_steps(capsys.readouterr().out)
@@ -381,8 +400,8 @@ def test_resume_continues_exactly(tiny, tmp_path, capsys, home):
 @pytest.mark.slow
 def test_torchrun_two_processes_resume_exactly(tiny, tmp_path):
     """Two gloo ranks: 4 steps straight vs. stopped at the step-2 checkpoint and resumed; same rewards, same
-    weights, and every rank's sampling generator saved."""
-    common = dict(num_iterations=4, save_every=2, num_samples=4)
+    weights, and every rank's sampling generator saved; each rank replays its share of SFT conversations."""
+    common = dict(num_iterations=4, save_every=2, num_samples=4, replay=2)
     env = subprocess_env(tmp_path)
 
     def torchrun(out: Path, **extra):

@@ -40,6 +40,10 @@ class ChatRLConfig(ChatOptimFlags, CalculatorFlags, CpuMatmulFlags, DownstreamCo
         "mean", description="what a sample's reward is compared with: its group's mean (nanochat's: only groups "
                             "with mixed outcomes teach) or zero (every correct sample is reinforced: sharpens the "
                             "policy faster)")
+    replay: Off[int] = Field(
+        None, ge=1, description="conversations of the builtin chat mixture (SFT's offline data) per step whose "
+                                "supervised loss joins the policy gradient, so RL keeps what SFT taught "
+                                "(-1/none: no replay)")
     # --- optimisation (the learning rates: ChatOptimFlags) -------------------
     init_lr_frac: float = Field(0.05, gt=0, le=1, description="learning rates start at this fraction of the "
                                                               "above, then decay linearly to 0")
@@ -71,12 +75,17 @@ class ChatRLConfig(ChatOptimFlags, CalculatorFlags, CpuMatmulFlags, DownstreamCo
 
 
 def check_world_size(cfg: ChatRLConfig, world_size: int) -> int:
-    """Questions per rank per step; a ConfigError naming the flag when the ranks cannot share them evenly."""
+    """Questions per rank per step; a ConfigError naming the flag when the ranks cannot share them (or the
+    replayed conversations) evenly."""
     if cfg.examples_per_step % world_size:
         fits = [n for n in (cfg.examples_per_step // world_size * world_size,
                             -(-cfg.examples_per_step // world_size) * world_size) if n > 0]
         raise ConfigError(f"--examples_per_step={cfg.examples_per_step} does not split over {world_size} ranks; "
                          f"try --examples_per_step={' or '.join(map(str, dict.fromkeys(fits)))}")
+    if cfg.replay is not None and cfg.replay % world_size:
+        fits = [n for n in (cfg.replay // world_size * world_size, -(-cfg.replay // world_size) * world_size) if n > 0]
+        raise ConfigError(f"--replay={cfg.replay} does not split over {world_size} ranks; "
+                          f"try --replay={' or '.join(map(str, dict.fromkeys(fits)))}")
     return cfg.examples_per_step // world_size
 
 

@@ -3,14 +3,16 @@ Reinforcement learning on GSM8K: on-policy policy gradient with a group-mean bas
 GRPO; see nanopipe/rl.py). Each step samples num_samples completions of examples_per_step training questions
 with the KV-cache engine and the calculator tool, rewards a completion 1 when its final answer is right, and
 pushes up the log-probability of the tokens it sampled in proportion to reward - the group's mean reward.
+--baseline=zero uses the reward itself (every right answer is reinforced: the policy sharpens faster);
+--replay=N adds the supervised loss of N builtin SFT conversations per step, so RL keeps what SFT taught.
 
 Run alone (GSM8K from the hub, or a local copy; or the offline builtin arithmetic problems):
 
     python -m nanopipe.stages.chat_rl                                    # from the last sft checkpoint
     python -m nanopipe.stages.chat_rl --gsm8k_path=<dir with train/test .jsonl> --source=mid
-    python -m nanopipe.stages.chat_rl --task=builtin-arithmetic --synthetic_size=64 --num_epochs=6 \\
-        --device_type=cpu --examples_per_step=8 --num_samples=8 --device_batch_size=8 --max_new_tokens=128 \\
-        --init_lr_frac=0.1 --eval_every=-1 --eval_examples=64           # the CPU preset (bench/bench_chat_rl.py)
+    python -m nanopipe.stages.chat_rl --task=builtin-arithmetic --synthetic_size=480 --device_type=cpu \\
+        --examples_per_step=8 --num_samples=8 --device_batch_size=32 --max_new_tokens=200 --baseline=zero \\
+        --replay=8 --eval_examples=512 --eval_samples=1                  # as the CPU presets run it
     python -m nanopipe.stages.chat_rl --plan_only                        # parameters, steps, memory; no training
 
 Under torchrun (the questions of a step are split over the ranks):
@@ -35,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from nanopipe.chat_batches import sum_across_ranks
+from nanopipe.chat_batches import collate_supervised, sum_across_ranks, supervised_loss
+from nanopipe.chat_format import render_conversation
 from nanopipe.chat_train import (ChatTrainerBase, SourceCheckpoint, model_plan, planned_model, print_plan,
                                  train_from_source)
 from nanopipe.common import Runtime, get_dist_info, init_wandb, print0, report_progress
@@ -48,7 +51,8 @@ from nanopipe.gpt import GPTConfig
 from nanopipe.rl import (accumulate_policy_gradient, evaluate_pass_at_k, rng_from_json, rng_state_to_json,
                          sample_groups, step_questions)
 from nanopipe.tasks import GSM8K, ArithmeticProblems, Task, TaskDataError
-from nanopipe.tasks.mixtures import DatasetUnavailableError
+from nanopipe.tasks.builtin import builtin_chat_mixture
+from nanopipe.tasks.mixtures import SFT_DATA_SEED_OFFSET, DatasetUnavailableError
 from nanopipe.training import NonFiniteLossError, peak_memory_mib
 
 PROG = "python -m nanopipe.stages.chat_rl"
@@ -63,6 +67,13 @@ def builtin_train_task(cfg: ChatRLConfig) -> Task:
     """The builtin training questions: synthetic_size arithmetic problems drawn with their own seed (cfg.seed +
     RL_DATA_SEED_OFFSET), so RL does not revisit the problems mid-training and SFT drew."""
     return ArithmeticProblems(size=cfg.synthetic_size, split="train", seed=cfg.seed + RL_DATA_SEED_OFFSET)
+
+
+def replay_mixture(cfg: ChatRLConfig, num_iterations: int) -> Task:
+    """The conversations --replay draws from: the builtin chat mixture's training split (identity, arithmetic,
+    multiple choice, spelling) with SFT's seed, as many as the run replays, so none comes twice."""
+    tasks = len(builtin_chat_mixture("train", cfg.seed, 1).tasks)   # a task listed twice counts twice
+    return builtin_chat_mixture("train", cfg.seed + SFT_DATA_SEED_OFFSET, -(-cfg.replay * num_iterations // tasks))
 
 
 def load_tasks(cfg: ChatRLConfig):
@@ -106,7 +117,7 @@ def describe_run(cfg: ChatRLConfig, model_config: GPTConfig, train_questions: in
     return {**plan, "train_questions": train_questions, "num_iterations": plan_iterations(cfg, train_questions),
             "examples_per_step": cfg.examples_per_step, "examples_per_rank": check_world_size(cfg, world_size),
             "samples_per_step": samples, "max_sampled_tokens_per_step": samples * cfg.max_new_tokens,
-            "world_size": world_size}
+            "world_size": world_size, "replay": cfg.replay}
 
 
 def print_description(info: dict, model_from: str) -> None:
@@ -114,7 +125,8 @@ def print_description(info: dict, model_from: str) -> None:
     print0(f"Steps: {info['num_iterations']:,} over {info['train_questions']:,} training questions; "
            f"{info['examples_per_step']} questions per step ({info['examples_per_rank']} per rank, "
            f"{info['world_size']} rank(s)); samples per step: {info['samples_per_step']:,} "
-           f"(at most {info['max_sampled_tokens_per_step']:,} sampled tokens)")
+           f"(at most {info['max_sampled_tokens_per_step']:,} sampled tokens)"
+           + (f"; replayed SFT conversations per step: {info['replay']}" if info.get("replay") else ""))
 
 
 def count_train_questions(cfg: ChatRLConfig) -> int:
@@ -171,6 +183,7 @@ class Trainer(ChatTrainerBase):
         self.info = describe_run(cfg, self.model.config, len(train_task), rt.world_size, rt.device_type)
         print_description(self.info, f"source checkpoint {src.ckpt_dir} step {src.step}")
         self.num_iterations = self.info["num_iterations"]
+        self.replayed = replay_mixture(cfg, self.num_iterations) if cfg.replay else None
         self.k = cfg.eval_samples or min(cfg.device_batch_size, cfg.num_samples)
         self.num_eval = min(cfg.eval_examples, len(test_task))
         self.loop = {"rewards": [], "sequence_lengths": [], "evals": [], "training_time": 0.0, **self.loop}
@@ -235,25 +248,41 @@ class Trainer(ChatTrainerBase):
         self.model.train()
         loss = accumulate_policy_gradient(self.model, groups, self.pad_id, self.cfg.device_batch_size, self.autocast,
                                           self.cfg.baseline)
-        loss = sum_across_ranks([loss], self.rt.device)[0] / self.rt.world_size
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(f"policy-gradient loss is {loss} at step {self.step}: lower the learning rates "
+        replay_loss = self.replay_gradient() if self.replayed is not None else 0.0
+        loss, replay_loss = (v / self.rt.world_size for v in sum_across_ranks([loss, replay_loss], self.rt.device))
+        if not math.isfinite(loss + replay_loss):
+            raise NonFiniteLossError(f"policy-gradient loss is {loss} (replay {replay_loss}) at step {self.step}: "
+                                     f"lower the learning rates "
                                      f"(--init_lr_frac, --matrix_lr, ...); the last checkpoint in {self.out_dir} "
                                      f"is intact")
         lrm = 1.0 - self.step / self.num_iterations  # linear decay to 0
         self.step_optimizers(lrm)
         return {"reward": total_reward / sequences, "sequence_length": total_length / sequences,
-                "sampled_tokens": total_sampled / sequences, "loss": loss, "lrm": lrm,
+                "sampled_tokens": total_sampled / sequences, "loss": loss, "replay_loss": replay_loss, "lrm": lrm,
                 "dt": time.perf_counter() - t0}
+
+    def replay_gradient(self) -> float:
+        """Backward of the supervised loss (mean over the assistant's tokens, as SFT's) of this rank's replayed
+        conversations of the step; the optimizers step it together with the policy gradient. Which
+        conversations is a function of the step, as for the questions. Returns the loss."""
+        indices = step_questions(self.step, self.cfg.replay, len(self.replayed), self.rt.rank, self.rt.world_size)
+        rows = self.model.config.sequence_len + 1   # inputs and targets are one shorter
+        rendered = [render_conversation(self.tokenizer, self.replayed[i], max_tokens=rows) for i in indices]
+        inputs, targets = collate_supervised(rendered, self.pad_id)
+        with self.autocast:
+            loss = supervised_loss(self.model, inputs.to(self.rt.device), targets.to(self.rt.device))
+        loss.backward()
+        return loss.item()
 
     def log_step(self, stats: dict) -> None:
         self.loop["rewards"].append(stats["reward"])
         self.loop["sequence_lengths"].append(stats["sequence_length"])
         self.loop["training_time"] += stats["dt"]
         step, total = self.step, self.num_iterations
+        replay = f" | replay loss: {stats['replay_loss']:.6f}" if self.replayed is not None else ""
         print0(f"step {step:05d}/{total:05d} ({100 * step / total:.2f}%) | reward: {stats['reward']:.4f} | "
                f"sequence length: {stats['sequence_length']:.1f} (sampled {stats['sampled_tokens']:.1f}) | "
-               f"loss: {stats['loss']:.6f} | lrm: {stats['lrm']:.3f} | dt: {stats['dt']:.2f}s")
+               f"loss: {stats['loss']:.6f}{replay} | lrm: {stats['lrm']:.3f} | dt: {stats['dt']:.2f}s")
         report_progress(step=step, total=total, reward=stats["reward"])   # the step the line above prints
         self.wandb.log({"step": step, "reward": stats["reward"], "sequence_length": stats["sequence_length"],
                         "loss": stats["loss"], "lrm": stats["lrm"]})
