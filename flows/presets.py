@@ -167,7 +167,7 @@ assert set(PRESET_DESCRIPTIONS) == set(PRESETS), "every preset needs a one-line 
 # Expected wall time of the whole chain where one is known: (hours, the figure as stated and where it comes from).
 # The GPU cost is these hours x the run's GPUs x its cost_per_gpu_hour; other presets say "not measured".
 PRESET_TIMES: dict[str, tuple[float, str]] = {
-    "demo-cpu": (7 / 60, "about 7 min on 2 CPU cores (measured, README)"),
+    "demo-cpu": (8 / 60, "about 8 min on 2 CPU cores, install included (measured, README)"),
     "cpu-small": (0.5, "under 30 min on 2 CPU cores (README)"),
     "speedrun-d20": (4.0, "about 4 h on 8xH100 (nanochat's speedrun)"),
     "d26": (12.0, "about 12 h on 8xH100 (nanochat's d26 tier)"),
