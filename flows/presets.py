@@ -91,7 +91,7 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     z 3.3-4.1, 3/3 seeds), SpellingBee +2.1 (-3.1 to 7.8), MultipleChoice -1.7 (within noise). RL on SpellingBee
     questions learns to answer "#### 1", the builtin words' most common count (65.6 % of held-out questions),
     so they are not RL's. cpu-small's SFT model starts RL at ~96 % sampled: no room for a 10-point gain."""
-    mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 60
+    mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 60 if scale == 1 else 120
     # cpu-small crosses multiple choice's plateau first (nanopipe/tasks/mixtures.py: 300 steps of the answer letter
     # alone, each conversation weighing once in the loss), then runs twice the mixed steps to bring the other tasks
     # back (seed 1, from a 750-step mid: held-out MultipleChoice 45 %, SpellingBee 66 %, Arithmetic 100 %); the
@@ -100,6 +100,9 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     if mc_first_steps:
         sft_steps *= 2
     sft_extra = {"loss_per": "conversation", "mc_first": 32 * mc_first_steps} if mc_first_steps else {}
+    # cpu-small's arithmetic curriculum: mid-training on the shorter word problems only (the format), SFT on the
+    # usual half of harder ones; the demo's 100 SFT steps are too few for that (below)
+    mid_extra = {"builtin_hard_share": 0.0} if scale > 1 else {}
     sft_iterations = mc_first_steps + sft_steps
     return {
         "common": {"device_type": "cpu"},
@@ -115,7 +118,7 @@ def _cpu_run(scale: int) -> dict[str, Any]:
         "mid_train": {"mixture": "builtin", "builtin_size": 4 * mid_steps + 100, "max_seq_len": 256,
                       "device_batch_size": 8, "total_batch_size": 4096, "num_iterations": mid_steps,
                       "init_lr_frac": 0.88, "eval_every": mid_steps // 2, "eval_tokens": 16384,
-                      "save_every": 50},
+                      "save_every": 50, **mid_extra},
         "chat_sft": {"mixture": "builtin", "builtin_size": 32 * sft_steps // 6 + 20, "device_batch_size": 8,
                      "num_iterations": sft_iterations, "init_lr_frac": 0.2,
                      "eval_every": sft_iterations // 2, "eval_steps": 8, "eval_metrics_every": None,

@@ -184,6 +184,33 @@ def test_real_gsm8k_joins_the_builtin_mixture_with_calculator_calls(shared_dir, 
     assert python_start in render_conversation(tok, gsm)[0]
 
 
+def test_builtin_hard_share_sets_the_harder_word_problems_of_the_builtin_mixtures():
+    """cpu-small's curriculum: --builtin_hard_share=0 leaves the harder word problems out of mid-training's
+    mixture (training and validation); by default both stages' have word_problems.HARD_SHARE of them."""
+    from nanopipe.configs.chat_sft import ChatSFTConfig
+    from nanopipe.tasks.mixtures import sft_mixtures
+    from nanopipe.tasks.word_problems import HARD_SHARE
+
+    def hard_share(mixtures, split: str) -> float:
+        markers = ("each, and pays with", "% off, then another", "machines. Each", "club sells")
+        mixture = getattr(mixtures, split)
+        questions = [mixture[i]["messages"][0]["content"] for i in range(len(mixture))]
+        return sum(any(m in q for m in markers) for q in questions) / mixtures.parts[split]["Arithmetic"]
+
+    builtin = {"mixture": "builtin", "builtin_size": 100}
+    assert MidTrainConfig().builtin_hard_share == ChatSFTConfig().builtin_hard_share == HARD_SHARE
+    short = mid_mixtures(build_config(MidTrainConfig, {**builtin, "builtin_hard_share": 0}))
+    assert hard_share(short, "train") == 0 and hard_share(short, "val") == 0
+    for mixtures in (mid_mixtures(build_config(MidTrainConfig, builtin)),
+                     sft_mixtures(build_config(ChatSFTConfig, builtin))):
+        assert 0.35 < hard_share(mixtures, "train") < 0.65 and hard_share(mixtures, "val") > 0.1
+    only_hard = sft_mixtures(build_config(ChatSFTConfig, {**builtin, "builtin_hard_share": 1}))
+    assert hard_share(only_hard, "train") == 1
+    assert parse_cli(MidTrainConfig, ["--builtin-hard-share", "0.25"], prog="mid").builtin_hard_share == 0.25
+    with pytest.raises(ConfigError, match="builtin_hard_share"):
+        build_config(MidTrainConfig, {"builtin_hard_share": 1.5})
+
+
 def test_identity_conversations_from_a_jsonl_count_twice(tmp_path):
     path = tmp_path / "identity.jsonl"
     lines = [[{"role": "user", "content": f"who are you {i}?"}, {"role": "assistant", "content": "nanopipe"}]

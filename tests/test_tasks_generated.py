@@ -173,25 +173,40 @@ def test_some_arithmetic_problems_carry_numbers_the_answer_does_not_use():
     assert len(PROBLEM_KINDS) == 8
 
 
-def test_harder_arithmetic_problems_replace_a_share_of_rows_and_leave_the_others_as_they_were(monkeypatch):
+HARD_MARKERS = ("each, and pays with", "% off, then another", "machines. Each", "club sells")
+
+
+def is_hard(row: dict) -> bool:
+    return any(marker in row["question"] for marker in HARD_MARKERS)
+
+
+def test_harder_arithmetic_problems_replace_a_share_of_rows_and_leave_the_others_as_they_were():
     """The harder kinds (three or four calculator steps) are drawn after everything else, so a row that is not
     replaced is the row the generator gave without them: earlier seeds' problems stay reproducible."""
     import random
 
-    from nanopipe.tasks import word_problems
     from nanopipe.tasks.word_problems import HARD_PROBLEM_KINDS, HARD_SHARE, arithmetic_problem
 
     seeds = [f"Arithmetic/7/{i}/0" for i in range(400)]
     rows = [arithmetic_problem(random.Random(s)) for s in seeds]
-    monkeypatch.setattr(word_problems, "HARD_SHARE", 0.0)
-    before = [arithmetic_problem(random.Random(s)) for s in seeds]
+    before = [arithmetic_problem(random.Random(s), hard_share=0.0) for s in seeds]
     changed = [(row, old) for row, old in zip(rows, before) if row != old]
     assert abs(len(changed) / len(rows) - HARD_SHARE) < 0.1
     for row, old in changed:  # every replaced row is a harder one: at least three calculator calls
         assert row["answer"].count("<<") >= 3 and row["question"] != old["question"], row
-    markers = ("each, and pays with", "% off, then another", "machines. Each", "club sells")
-    assert len(HARD_PROBLEM_KINDS) == len(markers)
-    assert all(sum(marker in row["question"] for row, _ in changed) > 0.1 * len(changed) for marker in markers)
+    assert len(HARD_PROBLEM_KINDS) == len(HARD_MARKERS)
+    assert all(sum(marker in row["question"] for row, _ in changed) > 0.1 * len(changed) for marker in HARD_MARKERS)
+    assert not any(is_hard(old) for old in before)
+    assert all(is_hard(arithmetic_problem(random.Random(s), hard_share=1.0)) for s in seeds[:50])
+
+
+def test_arithmetic_problems_take_the_share_of_harder_ones_they_are_given():
+    default, short = ArithmeticProblems(300, "test", 4), ArithmeticProblems(300, "test", 4, hard_share=0.0)
+    assert 0.4 < sum(is_hard(default.get_row(i)) for i in range(300)) / 300 < 0.6
+    assert not any(is_hard(short.get_row(i)) for i in range(300))
+    assert all(is_hard(row) for row in map(ArithmeticProblems(50, "train", 4, hard_share=1.0).get_row, range(50)))
+    with pytest.raises(ValueError, match="hard_share must be in"):
+        ArithmeticProblems(10, hard_share=1.5)
 
 
 def test_multiple_choice_quiz_has_mmlu_format():

@@ -63,6 +63,9 @@ class ChatDataFlags(DownstreamConfig):
                                "370K-word English list, cached under NANOPIPE_HOME/words), an http(s) URL or a file")
     builtin_size: int = Field(1000, ge=1, description="examples per builtin task in --mixture=builtin "
                                                       "(identity counts twice)")
+    builtin_hard_share: float = Field(  # the default: nanopipe.tasks.word_problems.HARD_SHARE
+        0.5, ge=0, le=1, description="share of the harder word problems (three or four calculator steps, "
+                                            "distracting sentences) in --mixture=builtin's Arithmetic")
 
     NON_SEMANTIC = ("run", "out_dir")
 

@@ -23,7 +23,7 @@ from nanopipe.tasks.base import Task, TaskMixture, check_synthetic_split, genera
 from nanopipe.tasks.gsm8k import gsm8k_conversation, score_final_answer
 from nanopipe.tasks.mmlu import mmlu_conversation
 from nanopipe.tasks.spelling import SimpleSpelling, SpellingBee
-from nanopipe.tasks.word_problems import arithmetic_problem
+from nanopipe.tasks.word_problems import HARD_SHARE, arithmetic_problem
 
 
 class _GeneratedTask(Task):
@@ -167,13 +167,22 @@ class IdentityChat(_GeneratedTask):
 # Arithmetic word problems in GSM8K format (the templates: nanopipe.tasks.word_problems)
 
 class ArithmeticProblems(_GeneratedTask):
-    """Procedural multi-step word problems, GSM8K format and scoring (compare the '#### N' answers)."""
+    """Procedural multi-step word problems, GSM8K format and scoring (compare the '#### N' answers).
+    `hard_share`: the share of three- and four-step problems (word_problems.HARD_SHARE by default; 0: the one-
+    and two-step kinds only)."""
 
     eval_type = "generative"
 
+    def __init__(self, size: int = 1000, split: str = "train", seed: int = 42, hard_share: float = HARD_SHARE,
+                 **slicing: int | None):
+        super().__init__(size, split, seed, **slicing)
+        if not 0 <= hard_share <= 1:
+            raise ValueError(f"{self.name} hard_share must be in [0, 1], got {hard_share}")
+        self.hard_share = hard_share
+
     def get_row(self, index: int) -> dict:
         """The raw GSM8K-format row of an example (the conversation is built from it)."""
-        return self._generate(index, arithmetic_problem, lambda row: row["question"])
+        return self._generate(index, lambda rng: arithmetic_problem(rng, self.hard_share), lambda row: row["question"])
 
     def get_example(self, index: int) -> dict:
         row = self.get_row(index)

@@ -225,14 +225,14 @@ DISTRACTOR_SHARE = 0.5
 HARD_SHARE = 0.5   # of the rows, a harder problem with one or two distracting sentences
 
 
-def arithmetic_problem(rng: random.Random) -> dict:
+def arithmetic_problem(rng: random.Random, hard_share: float = HARD_SHARE) -> dict:
     """One GSM8K-format row {"question", "answer"}; DISTRACTOR_SHARE of them carry a distracting number.
-    HARD_SHARE of the rows are then replaced by a harder problem; the draw comes last, so the other rows are
-    those the generator gave before the harder kinds existed."""
+    `hard_share` of the rows are then replaced by a harder problem; the draw comes last, so the other rows are
+    those the generator gave before the harder kinds existed (and those of any other share)."""
     question, answer = rng.choice(PROBLEM_KINDS)(rng)
     if rng.random() < DISTRACTOR_SHARE:
         question = _with_distractor(rng, question)
-    if rng.random() < HARD_SHARE:
+    if rng.random() < hard_share:
         question, answer = rng.choice(HARD_PROBLEM_KINDS)(rng)
         for _ in range(rng.randint(1, 2)):
             question = _with_distractor(rng, question)
