@@ -91,7 +91,7 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     z 3.3-4.1, 3/3 seeds), SpellingBee +2.1 (-3.1 to 7.8), MultipleChoice -1.7 (within noise). RL on SpellingBee
     questions learns to answer "#### 1", the builtin words' most common count (65.6 % of held-out questions),
     so they are not RL's. cpu-small's SFT model starts RL at ~96 % sampled: no room for a 10-point gain."""
-    mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 60 if scale == 1 else 120
+    mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 60 if scale == 1 else 180
     # cpu-small crosses multiple choice's plateau first (nanopipe/tasks/mixtures.py: 300 steps of the answer letter
     # alone, each conversation weighing once in the loss), then runs twice the mixed steps to bring the other tasks
     # back (seed 1, from a 750-step mid: held-out MultipleChoice 45 %, SpellingBee 66 %, Arithmetic 100 %); the
