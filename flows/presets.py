@@ -78,26 +78,25 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     74-87 % by step 250). The calculator is nanopipe's (`extended_calculator`): it writes 48/2 as '24', as the
     builtin problems do.
     RL: fresh builtin arithmetic questions every step (8 x 8 samples, each seen once, drawn apart from mid's and
-    SFT's) at the seed's 0.05, 60 steps in the demo, 180 in cpu-small; it evaluates itself on 512 held-out problems, one
-    sample each (pass@1 at the training temperature, 1.0). The room RL has is in sharpening: the demo's SFT
-    model (seed 1) answers 70 % of 128 held-out problems right sampled at temperature 1.0, 85 % at 0.7 and 89 %
-    at 0.4, its sampled failures being tail tokens (a number copied from the wrong sentence). nanochat's
-    group-mean baseline prunes them slowly: +4.0 points over seeds 1-3 (z 0.7-2.3), and neither twice the rate,
-    twice the questions, 4 x 16 samples, twice the steps nor a faster output head did better. The reward itself
-    as the advantage (baseline "zero": every right answer reinforced, also where all 8 were right) gained +9.6
-    (5.5 to 14.5, z 2.0-6.0), but greedy SpellingBee lost 11 points on average (z down to -6.4): RL on
-    arithmetic alone overwrote the letter copying. Replaying 8 of SFT's builtin conversations a step keeps it:
-    seeds 1-3, `python bench/bench_stage_gains.py --preset=demo-cpu --seeds=1,2,3`: pass@1 +9.8 (9.2 to 10.9,
-    z 3.3-4.1, 3/3 seeds), SpellingBee +2.1 (-3.1 to 7.8), MultipleChoice -1.7 (within noise). RL on SpellingBee
-    questions learns to answer "#### 1", the builtin words' most common count (65.6 % of held-out questions),
-    so they are not RL's.
+    SFT's) at the seed's 0.05, 60 steps in the demo, 180 in cpu-small; it evaluates itself on 512 held-out problems,
+    one sample each (pass@1 at the training temperature, 1.0). The room RL has is in sharpening: the demo's SFT
+    model (seed 1) answers 70 % of 128 held-out problems right sampled at temperature 1.0, 85 % at 0.7 and 89 % at
+    0.4, its sampled failures being tail tokens (a number copied from the wrong sentence). nanochat's group-mean
+    baseline prunes them slowly: +4.0 points over seeds 1-3 (z 0.7-2.3), and neither twice the rate, twice the
+    questions, 4 x 16 samples, twice the steps nor a faster output head did better. The reward itself as the
+    advantage (baseline "zero": every right answer reinforced, also where all 8 were right) gained +9.6 (5.5 to
+    14.5, z 2.0-6.0), but greedy SpellingBee lost 11 points on average (z down to -6.4): RL on arithmetic alone
+    overwrote the letter copying. Replaying 8 of SFT's builtin conversations a step keeps it: seeds 1-3, `python
+    bench/bench_stage_gains.py --preset=demo-cpu --seeds=1,2,3`: pass@1 +9.8 (9.2 to 10.9, z 3.3-4.1, 3/3 seeds),
+    SpellingBee +2.1 (-3.1 to 7.8), MultipleChoice -1.7 (within noise). RL on SpellingBee questions learns to answer
+    "#### 1", the builtin words' most common count (65.6 % of held-out questions), so they are not RL's.
     cpu-small's arithmetic curriculum (mid_train's builtin_hard_share 0): mid-training on the shorter word problems
     only teaches the format (calculator call and `#### N` on 99 % of held-out problems) and solves ~54 % of them;
     SFT's 600 mixed steps then teach the harder half (seed 1: 53.9 % -> 92.2 %). When mid-training saw the harder
-    ones too, it already solved 87-100 % and SFT added nothing; the demo keeps them in mid-training, as its 100
-    SFT steps do not learn them (seeds 1-3 with the curriculum: SFT 59-71 %, and RL's gain fell to +3.5 to +10.9,
-    z 1.1-3.6). cpu-small's SFT models start RL at 85-86 % sampled, 89-92 % greedy. On seed 1 the gain grows with the steps
-    (the same SFT model, runs of 60, 120 and 180 steps: +4.7, +9.2 and +11.5 points; SpellingBee and
+    ones too, it already solved 87-100 % and SFT added nothing; the demo keeps them in mid-training, as its 100 SFT
+    steps do not learn them (seeds 1-3 with the curriculum: SFT 59-71 %, and RL's gain fell to +3.5 to +10.9, z
+    1.1-3.6). cpu-small's SFT models start RL at 85-86 % sampled, 89-92 % greedy. On seed 1 the gain grows with the
+    steps (the same SFT model, runs of 60, 120 and 180 steps: +4.7, +9.2 and +11.5 points; SpellingBee and
     MultipleChoice within a point); on seeds 2 and 3, 180 steps gain +1.4 and +1.0: their errors are systematic
     (seed 3 writes a wrong number of machines in one kind of problem, sampled or greedy), not sharpened away."""
     mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 60 if scale == 1 else 180

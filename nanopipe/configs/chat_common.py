@@ -65,7 +65,7 @@ class ChatDataFlags(DownstreamConfig):
                                                       "(identity counts twice)")
     builtin_hard_share: float = Field(  # the default: nanopipe.tasks.word_problems.HARD_SHARE
         0.5, ge=0, le=1, description="share of the harder word problems (three or four calculator steps, "
-                                            "distracting sentences) in --mixture=builtin's Arithmetic")
+                                     "distracting sentences) in --mixture=builtin's Arithmetic")
 
     NON_SEMANTIC = ("run", "out_dir")
 

@@ -168,8 +168,8 @@ class IdentityChat(_GeneratedTask):
 
 class ArithmeticProblems(_GeneratedTask):
     """Procedural multi-step word problems, GSM8K format and scoring (compare the '#### N' answers).
-    `hard_share`: the share of three- and four-step problems (word_problems.HARD_SHARE by default; 0: the one-
-    and two-step kinds only)."""
+    `hard_share`: the share of the harder kinds (word_problems.HARD_PROBLEM_KINDS: larger numbers, three or four
+    calculator steps, distracting sentences); word_problems.HARD_SHARE by default, 0 for none."""
 
     eval_type = "generative"
 
@@ -182,7 +182,8 @@ class ArithmeticProblems(_GeneratedTask):
 
     def get_row(self, index: int) -> dict:
         """The raw GSM8K-format row of an example (the conversation is built from it)."""
-        return self._generate(index, lambda rng: arithmetic_problem(rng, self.hard_share), lambda row: row["question"])
+        return self._generate(index, lambda rng: arithmetic_problem(rng, self.hard_share),
+                              lambda row: row["question"])
 
     def get_example(self, index: int) -> dict:
         row = self.get_row(index)
