@@ -190,12 +190,12 @@ def test_builtin_hard_share_sets_the_harder_word_problems_of_the_builtin_mixture
     from nanopipe.configs.chat_sft import ChatSFTConfig
     from nanopipe.tasks.mixtures import sft_mixtures
     from nanopipe.tasks.word_problems import HARD_SHARE
+    from tests.test_tasks_generated import is_hard
 
     def hard_share(mixtures, split: str) -> float:
-        markers = ("each, and pays with", "% off, then another", "machines. Each", "club sells")
         mixture = getattr(mixtures, split)
         questions = [mixture[i]["messages"][0]["content"] for i in range(len(mixture))]
-        return sum(any(m in q for m in markers) for q in questions) / mixtures.parts[split]["Arithmetic"]
+        return sum(is_hard({"question": q}) for q in questions) / mixtures.parts[split]["Arithmetic"]
 
     builtin = {"mixture": "builtin", "builtin_size": 100}
     assert MidTrainConfig().builtin_hard_share == ChatSFTConfig().builtin_hard_share == HARD_SHARE

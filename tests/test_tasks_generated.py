@@ -177,7 +177,8 @@ HARD_MARKERS = ("each, and pays with", "% off, then another", "machines. Each", 
 
 
 def is_hard(row: dict) -> bool:
-    return any(marker in row["question"] for marker in HARD_MARKERS)
+    """Is this word problem of one of the harder kinds (word_problems.HARD_PROBLEM_KINDS, one marker each)?"""
+    return isinstance(row["question"], str) and any(marker in row["question"] for marker in HARD_MARKERS)
 
 
 def test_harder_arithmetic_problems_replace_a_share_of_rows_and_leave_the_others_as_they_were():
