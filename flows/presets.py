@@ -78,7 +78,7 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     74-87 % by step 250). The calculator is nanopipe's (`extended_calculator`): it writes 48/2 as '24', as the
     builtin problems do.
     RL: fresh builtin arithmetic questions every step (8 x 8 samples, each seen once, drawn apart from mid's and
-    SFT's) at the seed's 0.05, 60 steps in the demo, 180 in cpu-small; it evaluates itself on 512 held-out problems,
+    SFT's) at the seed's 0.05, 60 steps in the demo, 180 in cpu-small; it evaluates itself on 1,024 held-out problems,
     one sample each (pass@1 at the training temperature, 1.0). The room RL has is in sharpening: the demo's SFT
     model (seed 1) answers 70 % of 128 held-out problems right sampled at temperature 1.0, 85 % at 0.7 and 89 % at
     0.4, its sampled failures being tail tokens (a number copied from the wrong sentence). nanochat's group-mean
@@ -131,11 +131,11 @@ def _cpu_run(scale: int) -> dict[str, Any]:
                      "num_iterations": sft_iterations, "init_lr_frac": 0.2,
                      "eval_every": sft_iterations // 2, "eval_steps": 8, "eval_metrics_every": None,
                      "eval_metrics_max_problems": 256, "save_every": 50, **sft_extra},
-        # RL evaluates itself at step 0 (the SFT model) and at its end on the same 512 held-out questions: pass@1
+        # RL evaluates itself at step 0 (the SFT model) and at its end on the same 1,024 held-out questions: pass@1
         # of one sampled answer, the report card's RL row
         "chat_rl": {"task": "builtin-arithmetic", "synthetic_size": 8 * rl_steps, "baseline": "zero", "replay": 8,
                     "examples_per_step": 8, "num_samples": 8, "device_batch_size": 32, "max_new_tokens": 200,
-                    "eval_every": rl_steps, "eval_examples": 512, "eval_samples": 1,
+                    "eval_every": rl_steps, "eval_examples": 1024, "eval_samples": 1,
                     "extended_calculator": True, "save_every": 20},
         # held-out problems of the builtin tasks: 256 each, whole answers (the longest run to ~200 tokens)
         "chat_eval": {"task": ["Arithmetic", "MultipleChoice", "SpellingBee"],
