@@ -142,6 +142,8 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_g
     """Attention of Tq new queries over Tk cached keys, the queries being the last Tq positions. `mask`:
     the cache's attention_mask (padding), None when no row is padded."""
     Tq, Tk = q.size(2), k.size(2)
+    if Tq == 1 and q.device.type == "cpu":
+        return _decode_attention(q, k, v, mask)
     if mask is not None:  # padded rows: causality and padding in one explicit (B, 1, Tq, Tk) mask
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
     if Tq == Tk:  # prefill of an empty cache: plain causal attention
@@ -152,3 +154,19 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_g
     # aligns the triangle to the top-left corner, which would hide the prefix, hence an explicit mask.)
     mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One new query per row over the cache, on a CPU: two batched matmuls. In a process that decodes and trains
+    (chat_rl), SDPA's CPU kernel spent ~3.5 ms a call here against ~0.3 ms for these matmuls (B 32, 4 heads,
+    ~150 keys), most of it setting up oneDNN matmuls for each new shape; the whole RL step took 28 % less.
+    Grouped-query heads share their key head by a view (query head h reads key head h // group, as SDPA's
+    enable_gqa), so keys and values are never repeated."""
+    B, H, _, D = q.shape
+    H_kv = k.size(1)
+    grouped = q.reshape(B, H_kv, H // H_kv, D)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)) * D ** -0.5     # (B, H_kv, group, Tk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))                  # mask (B, 1, 1, Tk)
+    weights = scores.float().softmax(dim=-1).to(v.dtype)
+    return torch.matmul(weights, v).reshape(B, H, 1, D)
