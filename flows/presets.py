@@ -132,10 +132,11 @@ def _cpu_run(scale: int) -> dict[str, Any]:
                      "eval_every": sft_iterations // 2, "eval_steps": 8, "eval_metrics_every": None,
                      "eval_metrics_max_problems": 256, "save_every": 50, **sft_extra},
         # RL evaluates itself at step 0 (the SFT model) and at its end on the same 1,024 held-out questions: pass@1
-        # of one sampled answer, the report card's RL row
+        # of one sampled answer, the report card's RL row; 128 questions decode together (a CPU runs them ~15 % faster
+        # than 32, the same scores)
         "chat_rl": {"task": "builtin-arithmetic", "synthetic_size": 8 * rl_steps, "baseline": "zero", "replay": 8,
                     "examples_per_step": 8, "num_samples": 8, "device_batch_size": 32, "max_new_tokens": 200,
-                    "eval_every": rl_steps, "eval_examples": 1024, "eval_samples": 1,
+                    "eval_every": rl_steps, "eval_examples": 1024, "eval_samples": 1, "eval_batch_size": 128,
                     "extended_calculator": True, "save_every": 20},
         # held-out problems of the builtin tasks: 256 each, whole answers (the longest run to ~200 tokens)
         "chat_eval": {"task": ["Arithmetic", "MultipleChoice", "SpellingBee"],

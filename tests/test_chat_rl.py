@@ -281,6 +281,20 @@ def test_builtin_arithmetic_runs_offline(tiny, tmp_path, capsys, home):
     assert metrics["evals"][-1]["problems"] == 2
 
 
+def test_eval_batch_size_sets_the_evaluation_batches_not_the_scores(tiny, tmp_path, home, monkeypatch):
+    rows = []
+    evaluate = chat_rl.evaluate_pass_at_k
+    monkeypatch.setattr(chat_rl, "evaluate_pass_at_k",
+                        lambda *a, **kw: (rows.append(kw["rows_per_batch"]), evaluate(*a, **kw))[1])
+    flags = dict(task="builtin-arithmetic", gsm8k_path="none", num_iterations=1, examples_per_step=2, num_samples=2,
+                 eval_examples=6, eval_samples=1, temperature=1.0)
+    alone = chat_rl.main(rl_flags(tiny, tmp_path / "a", **flags))
+    together = chat_rl.main(rl_flags(tiny, tmp_path / "b", eval_batch_size=6, **flags))
+    assert rows == [4, 6]   # device_batch_size, then the evaluation's own
+    assert alone["evals"] == together["evals"] and alone["evals"][-1]["problems"] == 6
+    assert ChatRLConfig.model_fields["eval_batch_size"].default is None and "eval_batch_size" in ChatRLConfig.NON_SEMANTIC
+
+
 # -----------------------------------------------------------------------------
 # Dry run and errors
 
@@ -310,6 +324,11 @@ def test_plan_only_before_the_source_exists_assumes_the_depth_hint(tmp_path, hom
     assert "assuming --depth=4" in capsys.readouterr().out
     assert info["model_config"]["n_layer"] == 4 and info["num_iterations"] == 1000 // 8
     assert info["samples_per_step"] == 8 * 16 and info["estimated_peak_memory_bytes"]["kv_cache"] > 0
+    wide = chat_rl.run(build_config(ChatRLConfig, {"plan_only": True, "depth": 4, "task": "builtin-arithmetic",
+                                                   "examples_per_step": 8, "checkpoint_dir": str(tmp_path / "none"),
+                                                   "eval_batch_size": 32}))   # 4 x the default device batch
+    kv_cache = info["estimated_peak_memory_bytes"]["kv_cache"]
+    assert wide["estimated_peak_memory_bytes"]["kv_cache"] == 4 * kv_cache
 
 
 def _fails_with(args: list[str], tmp_path: Path, code: int, capsys) -> str:

@@ -53,6 +53,9 @@ class ChatRLConfig(ChatOptimFlags, CalculatorFlags, CpuMatmulFlags, DownstreamCo
     eval_examples: int = Field(400, ge=1, description="test questions of each pass@k evaluation")
     eval_samples: Off[int] = Field(None, ge=1, description="k of the pass@k evaluation: samples per test question "
                                                         "(-1/none: min(device_batch_size, num_samples))")
+    eval_batch_size: Off[int] = Field(None, ge=1, description="sequences per forward pass of the pass@k "
+                                                            "evaluation (-1/none: device_batch_size); the scores "
+                                                            "do not depend on it")
     save_every: Off[int] = Field(60, ge=1, description="checkpoint every N steps (and at the end; -1/none: "
                                                        "at the end only)")
     resume_from_step: ResumeStep = Field(
@@ -64,8 +67,8 @@ class ChatRLConfig(ChatOptimFlags, CalculatorFlags, CpuMatmulFlags, DownstreamCo
     plan_only: bool = Field(False, description="print parameters, steps, samples per step and a memory estimate, "
                                              "then exit")
 
-    NON_SEMANTIC = ("eval_every", "eval_examples", "eval_samples", "save_every", "resume_from_step", "plan_only",
-                    "model_tag", "checkpoint_dir")
+    NON_SEMANTIC = ("eval_every", "eval_examples", "eval_samples", "eval_batch_size", "save_every", "resume_from_step",
+                    "plan_only", "model_tag", "checkpoint_dir")
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -104,14 +104,14 @@ def describe_run(cfg: ChatRLConfig, model_config: GPTConfig, train_questions: in
                  device_type: str) -> dict:
     """Parameters, steps, samples per step and a rough peak memory per device: base_train's model of weights,
     gradients, optimizer state and activations for one device batch of (prompt + max_new_tokens) tokens,
-    plus the KV cache of one sampling batch."""
+    plus the KV cache of one sampling or evaluation batch, the larger."""
     cuda = device_type == "cuda"
     seq_tokens = PROMPT_TOKENS_ESTIMATE + cfg.max_new_tokens
     plan = model_plan(model_config, seq_tokens, cfg.device_batch_size, world_size, cuda)
     memory = plan["estimated_peak_memory_bytes"]
     c = model_config
-    memory["kv_cache"] = (2 * c.n_layer * cfg.device_batch_size * seq_tokens * c.n_kv_head * c.head_dim
-                          * (2 if cuda else 4))
+    rows = max(cfg.device_batch_size, cfg.eval_batch_size or 0)
+    memory["kv_cache"] = 2 * c.n_layer * rows * seq_tokens * c.n_kv_head * c.head_dim * (2 if cuda else 4)
     memory["total"] = sum(v for k, v in memory.items() if k != "total")
     samples = cfg.examples_per_step * cfg.num_samples
     return {**plan, "train_questions": train_questions, "num_iterations": plan_iterations(cfg, train_questions),
@@ -211,7 +211,8 @@ class Trainer(ChatTrainerBase):
         with self.autocast:
             counts, problems = evaluate_pass_at_k(self.engine, self.tokenizer, self.test_task, self.num_eval, self.k,
                                                   cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed,
-                                                  rt.rank, rt.world_size, rows_per_batch=cfg.device_batch_size)
+                                                  rt.rank, rt.world_size,
+                                                  rows_per_batch=cfg.eval_batch_size or cfg.device_batch_size)
         totals = sum_across_ranks([*counts, problems], rt.device)
         passes = [c / totals[-1] for c in totals[:-1]]
         record = {"step": self.step, "pass@1": passes[0], f"pass@{self.k}": passes[-1],
