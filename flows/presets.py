@@ -87,15 +87,17 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     advantage (baseline "zero": every right answer reinforced, also where all 8 were right) gained +9.6 (5.5 to
     14.5, z 2.0-6.0), but greedy SpellingBee lost 11 points on average (z down to -6.4): RL on arithmetic alone
     overwrote the letter copying. Replaying 8 of SFT's builtin conversations a step keeps it: seeds 1-3, `python
-    bench/bench_stage_gains.py --preset=demo-cpu --seeds=1,2,3`: pass@1 +9.8 (9.2 to 10.9, z 3.3-4.1, 3/3 seeds),
-    SpellingBee +2.1 (-3.1 to 7.8), MultipleChoice -1.7 (within noise). RL on SpellingBee questions learns to answer
+    bench/bench_stage_gains.py --preset=demo-cpu --seeds=1,2,3`: pass@1 on 1,024 questions +9.2 (8.0 to 11.4, z
+    4.3-6.3, 3/3 seeds; the default seed 42: +6.6, z 3.3), SpellingBee +2.1 (-3.1 to 7.8), MultipleChoice -1.7
+    (within noise). RL on SpellingBee questions learns to answer
     "#### 1", the builtin words' most common count (65.6 % of held-out questions), so they are not RL's.
     cpu-small's arithmetic curriculum (mid_train's builtin_hard_share 0): mid-training on the shorter word problems
     only teaches the format (calculator call and `#### N` on 99 % of held-out problems) and solves ~54 % of them;
     SFT's 600 mixed steps then teach the harder half (seed 1: 53.9 % -> 92.2 %). When mid-training saw the harder
     ones too, it already solved 87-100 % and SFT added nothing; the demo keeps them in mid-training, as its 100 SFT
     steps do not learn them (seeds 1-3 with the curriculum: SFT 59-71 %, and RL's gain fell to +3.5 to +10.9, z
-    1.1-3.6). cpu-small's SFT models start RL at 85-86 % sampled, 89-92 % greedy. On seed 1 the gain grows with the
+    1.1-3.6). cpu-small's SFT models start RL at 85-86 % sampled (of 512 questions, before the evaluation grew to
+    1,024), 89-92 % greedy. On seed 1 the gain grows with the
     steps (the same SFT model, runs of 60, 120 and 180 steps: +4.7, +9.2 and +11.5 points; SpellingBee and
     MultipleChoice within a point); on seeds 2 and 3, 180 steps gain +1.4 and +1.0: their errors are systematic
     (seed 3 writes a wrong number of machines in one kind of problem, sampled or greedy), not sharpened away."""
@@ -179,7 +181,7 @@ assert set(PRESET_DESCRIPTIONS) == set(PRESETS), "every preset needs a one-line 
 # Expected wall time of the whole chain where one is known: (hours, the figure as stated and where it comes from).
 # The GPU cost is these hours x the run's GPUs x its cost_per_gpu_hour; other presets say "not measured".
 PRESET_TIMES: dict[str, tuple[float, str]] = {
-    "demo-cpu": (8 / 60, "about 8 min on 2 CPU cores, install included (measured, README)"),
+    "demo-cpu": (9.5 / 60, "about 9.5 min on 2 CPU cores, install included (measured, README)"),
     "cpu-small": (0.5, "under 30 min on 2 CPU cores (README)"),
     "speedrun-d20": (4.0, "about 4 h on 8xH100 (nanochat's speedrun)"),
     "d26": (12.0, "about 12 h on 8xH100 (nanochat's d26 tier)"),
