@@ -292,7 +292,8 @@ def test_eval_batch_size_sets_the_evaluation_batches_not_the_scores(tiny, tmp_pa
     together = chat_rl.main(rl_flags(tiny, tmp_path / "b", eval_batch_size=6, **flags))
     assert rows == [4, 6]   # device_batch_size, then the evaluation's own
     assert alone["evals"] == together["evals"] and alone["evals"][-1]["problems"] == 6
-    assert ChatRLConfig.model_fields["eval_batch_size"].default is None and "eval_batch_size" in ChatRLConfig.NON_SEMANTIC
+    assert ChatRLConfig.model_fields["eval_batch_size"].default is None
+    assert "eval_batch_size" in ChatRLConfig.NON_SEMANTIC
 
 
 # -----------------------------------------------------------------------------
