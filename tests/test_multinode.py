@@ -249,6 +249,7 @@ def test_without_the_node_agent_deployment_the_stage_fails_at_once_and_is_not_re
     import flows.multinode as multinode
     from flows.launcher import StageFailed
     from flows.stage_task import run_stage
+    from prefect import flow
     monkeypatch.setattr(multinode, "NODE_AGENT_DEPLOYMENT", "node-agent/absent")
     checks: list[str] = []
     check = multinode.check_deployment
@@ -259,8 +260,13 @@ def test_without_the_node_agent_deployment_the_stage_fails_at_once_and_is_not_re
     monkeypatch.setattr(multinode, "launch", lambda *a, **kw: (started.append("node 0"), launch(*a, **kw))[1])
     out_dir = tmp_path / "run" / "checkpoints"
     plan = base_train_plan(inputs, tmp_path / "run", two_nodes(f"127.0.0.1:{free_port()}"))
+
+    @flow
+    def one_stage():   # in a flow run, as the pipeline calls it (a task alone has no flow run to log to)
+        return run_stage.with_options(retries=2, retry_delay_seconds=0)(plan)
+
     with pytest.raises(StageFailed) as failed:
-        run_stage.with_options(retries=2, retry_delay_seconds=0)(plan)
+        one_stage()
     print(f"\n{failed.value}")
     assert str(failed.value).startswith("multi-node stage base_train needs the node-agent deployment on this "
                                         "Prefect server (")
