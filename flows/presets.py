@@ -106,14 +106,15 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     within noise (+1.2), and so did it with nanochat's group-mean baseline (+0.9) or 3x the learning rate (+0.1);
     twice the steps (360) gained +2.1, the workshops still at 22 %."""
     mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 60 if scale == 1 else 180
-    # cpu-small crosses multiple choice's plateau first (nanopipe/tasks/mixtures.py: 300 steps of the answer letter
-    # alone, each conversation weighing once in the loss), then runs twice the mixed steps to bring the other tasks
-    # back (seed 1, from a 750-step mid: held-out MultipleChoice 45 %, SpellingBee 66 %, Arithmetic 100 %); the
-    # demo's minutes do not reach past the plateau
-    mc_first_steps = 300 if scale > 1 else 0
+    # cpu-small learns multiple choice first (nanopipe/tasks/mixtures.py: 1,800 steps of the answer letter alone,
+    # each conversation weighing once in the loss; ~0.25 s a step on 2 cores), then 1.5x the mixed steps, their
+    # learning rate decaying again from the start (--lr_restart), to bring the other tasks back; the demo's minutes
+    # do not reach past multiple choice's plateau
+    mc_first_steps = 1800 if scale > 1 else 0
     if mc_first_steps:
-        sft_steps *= 2
-    sft_extra = {"loss_per": "conversation", "mc_first": 32 * mc_first_steps} if mc_first_steps else {}
+        sft_steps = sft_steps * 3 // 2
+    sft_extra = {"loss_per": "conversation", "mc_first": 32 * mc_first_steps, "lr_restart": True} \
+        if mc_first_steps else {}
     # cpu-small's arithmetic curriculum: mid-training on the shorter word problems only (the format), SFT on the
     # usual half of harder ones; the demo's 100 SFT steps are too few for that (below)
     mid_extra = {"builtin_hard_share": 0.0} if scale > 1 else {}

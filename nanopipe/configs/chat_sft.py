@@ -26,6 +26,9 @@ class ChatSFTConfig(ChatTrainFlags):
     mc_first: int = Field(0, ge=0, description="--mixture=builtin: multiple-choice conversations that open the "
                                                "training data, before the shuffled mixture (a curriculum: the "
                                                "answer letter is learnt alone first; 0: none)")
+    lr_restart: bool = Field(False, description="with --mc_first: the mixture after the multiple-choice opening "
+                                                "starts the linear decay again from the full rate (each part of "
+                                                "the curriculum decays on its own)")
     init_lr_frac: float = Field(0.02, gt=0, le=10, description="starting learning rates as a fraction of the flags'")
     eval_every: Off[int] = Field(100, ge=1, description="validation loss every N steps and at the end "
                                                        "(-1: only at the end)")
@@ -41,6 +44,9 @@ class ChatSFTConfig(ChatTrainFlags):
         if self.mc_first and self.mixture != "builtin":
             raise ConfigError(f"--mc_first={self.mc_first} opens the builtin mixture; with --mixture={self.mixture} "
                               f"use --mc_first=0 or --mixture=builtin")
+        if self.lr_restart and not self.mc_first:
+            raise ConfigError("--lr_restart=true restarts the learning rate after the --mc_first opening; give "
+                              "--mc_first=N (N > 0) or drop --lr_restart")
         return self
 
     @model_validator(mode="after")

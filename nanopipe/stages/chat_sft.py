@@ -53,9 +53,21 @@ PROG = "python -m nanopipe.stages.chat_sft"
 SEED_MIXTURE_EXAMPLES = 2251 + 1119 + 7473 + 10_000 + 1000 + 300 + 300
 
 
-def lr_multiplier(step: int, num_iterations: int) -> float:
-    """Linear decay from 1 at the first step, by 1 / num_iterations a step (nanochat's schedule)."""
+def lr_multiplier(step: int, num_iterations: int, restart_at: int = 0) -> float:
+    """Linear decay from 1 at the first step, by 1 / num_iterations a step (nanochat's schedule). With
+    0 < restart_at < num_iterations, two such decays: the steps before restart_at over restart_at steps, then
+    from 1 again over the rest (--lr_restart: the mixture after the --mc_first opening)."""
+    if 0 < restart_at < num_iterations:
+        if step < restart_at:
+            return 1.0 - step / restart_at
+        step, num_iterations = step - restart_at, num_iterations - restart_at
     return 1.0 - step / num_iterations
+
+
+def lr_restart_step(cfg: ChatSFTConfig) -> int:
+    """The step at which --lr_restart starts the decay again: the first whose conversations are not all
+    the --mc_first opening's (0: no restart)."""
+    return cfg.mc_first // cfg.target_examples_per_step if cfg.lr_restart else 0
 
 
 def plan_iterations(cfg: ChatSFTConfig, num_examples: int) -> int:
@@ -139,6 +151,9 @@ class SFTTrainer(ChatTrainerBase):
                f"conversations: {mixtures.identity}")
         print0(f"Training {self.num_steps:,} steps of {cfg.target_examples_per_step} conversations "
                f"({self.grad_accum} micro-steps of {cfg.device_batch_size} per rank) from step {self.step}")
+        if 0 < lr_restart_step(cfg) < self.num_iterations:
+            print0(f"Learning rate: linear decay over the multiple-choice opening's {lr_restart_step(cfg):,} steps, "
+                   f"then again from {cfg.init_lr_frac:g} of the flags' rates over the mixture's")
 
     # --- the loop ------------------------------------------------------------
 
@@ -175,7 +190,7 @@ class SFTTrainer(ChatTrainerBase):
             loss_sum += loss.detach()
             tokens += (targets >= 0).sum()
             (loss / self.grad_accum).backward()
-        lrm = lr_multiplier(self.step, self.num_iterations)
+        lrm = lr_multiplier(self.step, self.num_iterations, lr_restart_step(self.cfg))
         self.step_optimizers(lrm)
         loss = mean_across_ranks(loss_sum / self.grad_accum, self.rt).item()
         total_tokens = int(sum_across_ranks([tokens.item()], self.rt.device)[0])
