@@ -113,24 +113,28 @@ def test_lr_restart_decays_each_part_of_the_curriculum_on_its_own():
     assert [chat_sft.lr_multiplier(s, 10) for s in (0, 5, 9)] == pytest.approx([1, 0.5, 0.1])  # nanochat's
     assert [chat_sft.lr_multiplier(s, 10, restart_at=4) for s in (0, 2, 3, 4, 7, 9)] == pytest.approx(
         [1, 0.5, 0.25, 1, 0.5, 1 / 6])
+    assert [chat_sft.lr_multiplier(s, 10, 4, restart_frac=0.5) for s in (3, 4, 7)] == pytest.approx([0.25, 0.5, 0.25])
     assert chat_sft.lr_multiplier(3, 10, restart_at=10) == pytest.approx(0.7)  # no restart inside the run: one decay
     cfg = build_config(ChatSFTConfig, {"mixture": "builtin", "mc_first": 100, "target_examples_per_step": 32})
-    assert chat_sft.lr_restart_step(cfg) == 0 and not cfg.lr_restart            # off unless asked
+    assert chat_sft.lr_restart_step(cfg) == 0 and cfg.lr_restart == 0            # off unless asked
     # the first step that is not all multiple choice: 3 x 32 = 96 of the 100 opening conversations
-    assert chat_sft.lr_restart_step(cfg.model_copy(update={"lr_restart": True})) == 3
-    for argv in (["--lr_restart=true"], ["--lr-restart", "true"]):
-        assert parse_config(ChatSFTConfig, ["--mixture=builtin", "--mc_first=64", *argv], prog="sft").lr_restart
-    with pytest.raises(ConfigError, match="--lr_restart=true restarts the learning rate after the --mc_first"):
-        build_config(ChatSFTConfig, {"mixture": "builtin", "lr_restart": True})
+    assert chat_sft.lr_restart_step(cfg.model_copy(update={"lr_restart": 0.5})) == 3
+    for argv in (["--lr_restart=0.5"], ["--lr-restart", "0.5"]):
+        assert parse_config(ChatSFTConfig, ["--mixture=builtin", "--mc_first=64", *argv], prog="sft").lr_restart == 0.5
+    with pytest.raises(ConfigError, match="--lr_restart=0.5 restarts the learning rate after the --mc_first"):
+        build_config(ChatSFTConfig, {"mixture": "builtin", "lr_restart": 0.5})
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="lr_restart"):
+            build_config(ChatSFTConfig, {"mixture": "builtin", "mc_first": 8, "lr_restart": bad})
 
 
 def test_a_run_with_lr_restart_logs_the_two_decays(inputs, tmp_path, home, capsys):
-    """8 opening conversations of 8 a step, 4 iterations: step 0 alone, then steps 1-2 from the full rate."""
-    chat_sft.main(flags(inputs, tmp_path / "out", mixture="builtin", mc_first=8, lr_restart=True, num_iterations=4,
+    """8 opening conversations of 8 a step, 4 iterations: step 0 alone, then steps 1-2 from half the rate."""
+    chat_sft.main(flags(inputs, tmp_path / "out", mixture="builtin", mc_first=8, lr_restart=0.5, num_iterations=4,
                         save_every=-1))
     log = capsys.readouterr().out
-    assert "linear decay over the multiple-choice opening's 1 steps, then again from 1 of the flags' rates" in log
-    assert [float(v) for v in re.findall(r"\| lrm: ([\d.]+) \|", log)] == [1.0, 1.0, pytest.approx(2 / 3, abs=1e-4)]
+    assert "linear decay over the multiple-choice opening's 1 steps, then again from 0.5 x 1 of the flags' rates" in log
+    assert [float(v) for v in re.findall(r"\| lrm: ([\d.]+) \|", log)] == [1.0, 0.5, pytest.approx(1 / 3, abs=1e-4)]
 
 
 def test_gpu_presets_average_the_loss_over_tokens():

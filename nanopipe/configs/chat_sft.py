@@ -26,9 +26,10 @@ class ChatSFTConfig(ChatTrainFlags):
     mc_first: int = Field(0, ge=0, description="--mixture=builtin: multiple-choice conversations that open the "
                                                "training data, before the shuffled mixture (a curriculum: the "
                                                "answer letter is learnt alone first; 0: none)")
-    lr_restart: bool = Field(False, description="with --mc_first: the mixture after the multiple-choice opening "
-                                                "starts the linear decay again from the full rate (each part of "
-                                                "the curriculum decays on its own)")
+    lr_restart: float = Field(0.0, ge=0, le=1, description="with --mc_first: the mixture after the multiple-choice "
+                                                           "opening starts the linear decay again, from this "
+                                                           "fraction of the run's starting rates (0: one decay "
+                                                           "over the whole run, nanochat's)")
     init_lr_frac: float = Field(0.02, gt=0, le=10, description="starting learning rates as a fraction of the flags'")
     eval_every: Off[int] = Field(100, ge=1, description="validation loss every N steps and at the end "
                                                        "(-1: only at the end)")
@@ -45,8 +46,8 @@ class ChatSFTConfig(ChatTrainFlags):
             raise ConfigError(f"--mc_first={self.mc_first} opens the builtin mixture; with --mixture={self.mixture} "
                               f"use --mc_first=0 or --mixture=builtin")
         if self.lr_restart and not self.mc_first:
-            raise ConfigError("--lr_restart=true restarts the learning rate after the --mc_first opening; give "
-                              "--mc_first=N (N > 0) or drop --lr_restart")
+            raise ConfigError(f"--lr_restart={self.lr_restart:g} restarts the learning rate after the --mc_first "
+                              f"opening; give --mc_first=N (N > 0) or --lr_restart=0")
         return self
 
     @model_validator(mode="after")

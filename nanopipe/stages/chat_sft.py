@@ -53,14 +53,14 @@ PROG = "python -m nanopipe.stages.chat_sft"
 SEED_MIXTURE_EXAMPLES = 2251 + 1119 + 7473 + 10_000 + 1000 + 300 + 300
 
 
-def lr_multiplier(step: int, num_iterations: int, restart_at: int = 0) -> float:
+def lr_multiplier(step: int, num_iterations: int, restart_at: int = 0, restart_frac: float = 1.0) -> float:
     """Linear decay from 1 at the first step, by 1 / num_iterations a step (nanochat's schedule). With
-    0 < restart_at < num_iterations, two such decays: the steps before restart_at over restart_at steps, then
-    from 1 again over the rest (--lr_restart: the mixture after the --mc_first opening)."""
+    0 < restart_at < num_iterations, two decays: the steps before restart_at from 1 over restart_at steps,
+    then from restart_frac over the rest (--lr_restart: the mixture after the --mc_first opening)."""
     if 0 < restart_at < num_iterations:
         if step < restart_at:
             return 1.0 - step / restart_at
-        step, num_iterations = step - restart_at, num_iterations - restart_at
+        return restart_frac * (1.0 - (step - restart_at) / (num_iterations - restart_at))
     return 1.0 - step / num_iterations
 
 
@@ -153,7 +153,7 @@ class SFTTrainer(ChatTrainerBase):
                f"({self.grad_accum} micro-steps of {cfg.device_batch_size} per rank) from step {self.step}")
         if 0 < lr_restart_step(cfg) < self.num_iterations:
             print0(f"Learning rate: linear decay over the multiple-choice opening's {lr_restart_step(cfg):,} steps, "
-                   f"then again from {cfg.init_lr_frac:g} of the flags' rates over the mixture's")
+                   f"then again from {cfg.lr_restart:g} x {cfg.init_lr_frac:g} of the flags' rates over the mixture's")
 
     # --- the loop ------------------------------------------------------------
 
@@ -190,7 +190,7 @@ class SFTTrainer(ChatTrainerBase):
             loss_sum += loss.detach()
             tokens += (targets >= 0).sum()
             (loss / self.grad_accum).backward()
-        lrm = lr_multiplier(self.step, self.num_iterations, lr_restart_step(self.cfg))
+        lrm = lr_multiplier(self.step, self.num_iterations, lr_restart_step(self.cfg), self.cfg.lr_restart)
         self.step_optimizers(lrm)
         loss = mean_across_ranks(loss_sum / self.grad_accum, self.rt).item()
         total_tokens = int(sum_across_ranks([tokens.item()], self.rt.device)[0])
