@@ -108,12 +108,12 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 60 if scale == 1 else 180
     # cpu-small learns multiple choice first (nanopipe/tasks/mixtures.py: 1,800 steps of the answer letter alone,
     # each conversation weighing once in the loss; ~0.25 s a step on 2 cores), then 1.5x the mixed steps, their
-    # learning rate decaying again from half the starting rate (--lr_restart), to bring the other tasks back; the
+    # learning rate decaying again from 0.75 of the starting rate (--lr_restart), to bring the other tasks back; the
     # demo's minutes do not reach past multiple choice's plateau
     mc_first_steps = 1800 if scale > 1 else 0
     if mc_first_steps:
         sft_steps = sft_steps * 3 // 2
-    sft_extra = {"loss_per": "conversation", "mc_first": 32 * mc_first_steps, "lr_restart": 0.5} \
+    sft_extra = {"loss_per": "conversation", "mc_first": 32 * mc_first_steps, "lr_restart": 0.75} \
         if mc_first_steps else {}
     # cpu-small's arithmetic curriculum: mid-training on the shorter word problems only (the format), SFT on the
     # usual half of harder ones; the demo's 100 SFT steps are too few for that (below)
