@@ -93,18 +93,26 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     "#### 1", the builtin words' most common count (65.6 % of held-out questions), so they are not RL's.
     cpu-small's arithmetic curriculum (mid_train's builtin_hard_share 0): mid-training on the shorter word problems
     only teaches the format (calculator call and `#### N` on 99 % of held-out problems) and solves ~54 % of them;
-    SFT's 600 mixed steps then teach the harder half (seed 1: 53.9 % -> 92.2 %). When mid-training saw the harder
-    ones too, it already solved 87-100 % and SFT added nothing; the demo keeps them in mid-training, as its 100 SFT
-    steps do not learn them (seeds 1-3 with the curriculum: SFT 59-71 %, and RL's gain fell to +3.5 to +10.9, z
-    1.1-3.6). cpu-small's SFT models start RL at 86 % sampled (of 1,024 questions), 89-92 % greedy. On seed 1 the
-    gain grows with the steps (the same SFT model, runs of 60, 120 and 180 steps: +4.7, +9.2 and +11.5 points;
-    SpellingBee and MultipleChoice within a point); on seeds 2 and 3, 180 steps gain +0.8 and +0.9. The gain is one
-    kind of problem: the workshop (word_problems._problem_team_output), whose number of machines is stated in the
-    first sentence and used in the last step. The SFT models guess it (any of 2-6) instead of reading it: right
-    13-26 % of the time, sampled. Seed 1's RL learnt to read it (26 % -> 94 %); seeds 2 and 3 stayed at 24 % and 23 %.
-    On seed 2, an experiment that trained RL on the harder problems only (twice as many workshops) left pass@1
-    within noise (+1.2), and so did it with nanochat's group-mean baseline (+0.9) or 3x the learning rate (+0.1);
-    twice the steps (360) gained +2.1, the workshops still at 22 %."""
+    SFT's mixed steps then teach the harder half. When mid-training saw the harder ones too, it already solved
+    87-100 % and SFT added nothing; the demo keeps them in mid-training, as its 100 SFT steps do not learn them
+    (seeds 1-3 with the curriculum: SFT 59-71 %, and RL's gain fell to +3.5 to +10.9, z 1.1-3.6).
+    cpu-small's multiple choice: 1,800 steps of it alone open SFT (nanopipe/tasks/mixtures.py: the letter binds to
+    its choice after a plateau of ~300 steps; seed 2, in a run of 2,400 such steps, on 512 held-out questions: 40 %
+    at 600 steps, 53 % at 1,200, 64 % at 1,800; 300 steps had left it at 38-46 %). They are cheap (one supervised
+    letter in ~80 tokens, ~0.24 s a step). The letter-only phase makes the model forget the other tasks (Arithmetic
+    and SpellingBee at 0 %); 450 mixed steps bring them back if their learning rate starts high again: with one
+    decay over the whole run they stayed at 0 % and 2 %. Where the decay restarts sets the balance (seed 2, held-out
+    MultipleChoice / Arithmetic / SpellingBee after SFT): at the full rate 59 / 89 / 52 % (multiple choice fell from
+    61 % to 51 % in the first 100 mixed steps), at 0.75 of it 59 / 86 / 36 %, at 0.5 62 / 65 / 27 %. The preset
+    restarts at 0.75. RL then starts from a model that solves fewer of the harder problems, and gains more: seeds
+    1-3, pass@1 on 1,024 questions 56.1 -> 73.6 % (+17.6, z 8.5), 74.7 -> 80.1 % (+5.4, z 2.9), 75.9 -> 82.9 %
+    (+7.0, z 3.9); after SFT MultipleChoice 69.9 / 59.4 / 73.0 %, Arithmetic 72.3 / 85.5 / 85.2 %, SpellingBee 38.3
+    / 35.9 / 39.1 % (256 held-out problems each).
+    With the earlier recipe (300 opening steps, 600 mixed ones, one decay), the SFT models solved 89-92 % greedy,
+    86 % sampled, and RL gained +11.2 on seed 1 but +0.8 and +0.9 on seeds 2 and 3: that gain was one kind of
+    problem, the workshop (word_problems._problem_team_output), whose number of machines is stated in the first
+    sentence and used in the last step, which the SFT models guessed (right 13-26 % of the time, sampled) and only
+    seed 1's RL learnt to read."""
     mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 60 if scale == 1 else 180
     # cpu-small learns multiple choice first (nanopipe/tasks/mixtures.py: 1,800 steps of the answer letter alone,
     # each conversation weighing once in the loss; ~0.25 s a step on 2 cores), then 1.5x the mixed steps, their

@@ -20,7 +20,8 @@ conversations (--identity_path; without one, a builtin offline set), SimpleSpell
 --eval_every steps: the assistant-only loss on SmolTalk test; every --eval_metrics_every steps:
 multiple-choice accuracy on MMLU and ARC-Easy (offline: the builtin MultipleChoice task). The loss averages
 over the supervised tokens (nanochat's); --loss_per=conversation weighs each conversation once instead, and
---mc_first=N opens the builtin mixture with N multiple-choice conversations (a curriculum for small CPU runs).
+--mc_first=N opens the builtin mixture with N multiple-choice conversations (a curriculum for small CPU runs);
+--lr_restart=F starts the learning rate's linear decay again after them, from F of the starting rates.
 
 Resume with --resume_from_step=latest (or a step). Checkpoints and metrics.json go to --out_dir (default
 NANOPIPE_HOME/chatsft_checkpoints/<source model tag>); the final checkpoint is written before the final

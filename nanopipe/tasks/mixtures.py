@@ -156,10 +156,11 @@ def mid_mixtures(cfg) -> ChatMixtures:
 # (n = 256; mid: 25 / 0 / 99 %): 200 + 300 steps 38 / 38 / 100 %; 300 + 300 steps 41 / 41 / 99 % (per token
 # instead of per conversation: 37 / 43 / 99 %; seed 1 from a 750-step mid: 41 / 33 / 99 %, and with 600 mixed
 # steps 45 / 66 / 100 %); at 0.4 instead of 0.2 still at chance after 300. What is learnt: even 93-100 %,
-# units 70-79 %, the rest near chance. Alone, 900 steps of multiple choice reach 46 % (shapes 44 %), so the
-# 60 % of issue 20 needs more than these minutes. Nor does a drill in finding a choice help: with half of the
-# 300 opening steps questions that name their answer ("Which choice is 47?"), seed 1 (cpu-small) was still at chance
-# after 900 steps (23 %, against 43 % without). The letter-only phase makes the model forget the other
+# units 70-79 %, the rest near chance. Alone, 900 steps of multiple choice reach 46 % (shapes 44 %) and 1,800
+# steps 61-64 % (largest 89 %, shapes 82 %): cpu-small's opening since, its mixture's learning rate restarted
+# (chat_sft --lr_restart; flows/presets.py has the figures). Nor does a drill in finding a choice help: with
+# half of the 300 opening steps questions that name their answer ("Which choice is 47?"), seed 1 (cpu-small) was
+# still at chance after 900 steps (23 %, against 43 % without). The letter-only phase makes the model forget the other
 # tasks for a while (Arithmetic and SpellingBee 0 % after it); the mixture's steps bring them back.
 BUILTIN_MID_WEIGHTS = {"identity": 0.5, "Arithmetic": 3.0, "MultipleChoice": 2.0, "SimpleSpelling": 8.0,
                        "SpellingBee": 0.0}
