@@ -126,8 +126,6 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     # cpu-small's arithmetic curriculum: mid-training on the shorter word problems only (the format), SFT on the
     # usual half of harder ones; the demo's 100 SFT steps are too few for that (below)
     mid_extra = {"builtin_hard_share": 0.0} if scale > 1 else {}
-    # cpu-small's RL: 3x the seed's rate
-    rl_extra = {"init_lr_frac": 0.15} if scale > 1 else {}
     sft_iterations = mc_first_steps + sft_steps
     return {
         "common": {"device_type": "cpu"},
@@ -154,7 +152,7 @@ def _cpu_run(scale: int) -> dict[str, Any]:
         "chat_rl": {"task": "builtin-arithmetic", "synthetic_size": 8 * rl_steps, "baseline": "zero", "replay": 8,
                     "examples_per_step": 8, "num_samples": 8, "device_batch_size": 32, "max_new_tokens": 200,
                     "eval_every": rl_steps, "eval_examples": 1024, "eval_samples": 1, "eval_batch_size": 128,
-                    "extended_calculator": True, "save_every": 20, **rl_extra},
+                    "extended_calculator": True, "save_every": 20},
         # held-out problems of the builtin tasks: 256 each, whole answers (the longest run to ~200 tokens)
         "chat_eval": {"task": ["Arithmetic", "MultipleChoice", "SpellingBee"],
                       "max_problems": 256, "max_new_tokens": 200, "batch_size": 32,

@@ -177,17 +177,13 @@ def _problem_two_discounts(rng: random.Random) -> tuple[str, str]:
     return question, answer
 
 
-# The workshop's answer opens by restating its first sentence: the count of machines, stated there and used only
-# in the last step, is otherwise guessed. Without that line, cpu-small's SFT models solved 7-20 % of these
-# problems (one sample at temperature 1.0) and RL did not learn them either; with it, seed 2's SFT solved 69 %.
 def _problem_team_output(rng: random.Random) -> tuple[str, str]:
     machine, things = rng.choice(MACHINES)
     per_hour, hours, days, machines = rng.randint(6, 45), rng.randint(3, 12), rng.randint(2, 9), rng.randint(2, 6)
     per_day, per_machine, total = per_hour * hours, per_hour * hours * days, per_hour * hours * days * machines
     question = (f"A workshop has {machines} machines. Each {machine} makes {per_hour} {things} an hour and runs "
                 f"{hours} hours a day. How many {things} do all the machines make in {days} days?")
-    answer = (f"The workshop has {machines} machines.\n"
-              f"One machine makes {per_hour} * {hours} = <<{per_hour}*{hours}={per_day}>>{per_day} {things} a day.\n"
+    answer = (f"One machine makes {per_hour} * {hours} = <<{per_hour}*{hours}={per_day}>>{per_day} {things} a day.\n"
               f"In {days} days it makes {per_day} * {days} = <<{per_day}*{days}={per_machine}>>{per_machine}.\n"
               f"All {machines} machines make {per_machine} * {machines} = "
               f"<<{per_machine}*{machines}={total}>>{total} {things}.\n#### {total}")
