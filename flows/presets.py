@@ -78,19 +78,19 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     74-87 % by step 250). The calculator is nanopipe's (`extended_calculator`): it writes 48/2 as '24', as the
     builtin problems do.
     RL: fresh builtin arithmetic questions every step (8 x 8 samples, each seen once, drawn apart from mid's and
-    SFT's) at the seed's 0.05, 60 steps in the demo, 180 in cpu-small; it evaluates itself on 1,024 held-out problems,
-    one sample each (pass@1 at the training temperature, 1.0). The room RL has is in sharpening: the demo's SFT
-    model (seed 1) answers 70 % of 128 held-out problems right sampled at temperature 1.0, 85 % at 0.7 and 89 % at
-    0.4, its sampled failures being tail tokens (a number copied from the wrong sentence). nanochat's group-mean
-    baseline prunes them slowly: +4.0 points over seeds 1-3 (z 0.7-2.3), and neither twice the rate, twice the
-    questions, 4 x 16 samples, twice the steps nor a faster output head did better. The reward itself as the
-    advantage (baseline "zero": every right answer reinforced, also where all 8 were right) gained +9.6 (5.5 to
+    SFT's), 60 steps at the seed's 0.05 in the demo, 180 at 0.15 in cpu-small; it evaluates itself on 1,024 held-out
+    problems, one sample each (pass@1 at the training temperature, 1.0). The room RL has is in sharpening: the
+    demo's SFT model (seed 1) answers 70 % of 128 held-out problems right sampled at temperature 1.0, 85 % at 0.7
+    and 89 % at 0.4, its sampled failures being tail tokens (a number copied from the wrong sentence). nanochat's
+    group-mean baseline prunes them slowly: +4.0 points over seeds 1-3 (z 0.7-2.3), and neither twice the rate,
+    twice the questions, 4 x 16 samples, twice the steps nor a faster output head did better. The reward itself as
+    the advantage (baseline "zero": every right answer reinforced, also where all 8 were right) gained +9.6 (5.5 to
     14.5, z 2.0-6.0), but greedy SpellingBee lost 11 points on average (z down to -6.4): RL on arithmetic alone
     overwrote the letter copying. Replaying 8 of SFT's builtin conversations a step keeps it: seeds 1-3, `python
     bench/bench_stage_gains.py --preset=demo-cpu --seeds=1,2,3`: pass@1 on 1,024 questions +9.2 (8.0 to 11.4, z
     4.3-6.3, 3/3 seeds; the default seed 42: +6.6, z 3.3), SpellingBee +2.1 (-3.1 to 7.8), MultipleChoice -1.7
-    (within noise). RL on SpellingBee questions learns to answer
-    "#### 1", the builtin words' most common count (65.6 % of held-out questions), so they are not RL's.
+    (within noise). RL on SpellingBee questions learns to answer "#### 1", the builtin words' most common count
+    (65.6 % of held-out questions), so they are not RL's.
     cpu-small's arithmetic curriculum (mid_train's builtin_hard_share 0): mid-training on the shorter word problems
     only teaches the format (calculator call and `#### N` on 99 % of held-out problems) and solves ~54 % of them;
     SFT's mixed steps then teach the harder half. When mid-training saw the harder ones too, it already solved
@@ -112,15 +112,20 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     86 % sampled, and RL gained +11.2 on seed 1 but +0.8 and +0.9 on seeds 2 and 3: that gain was one kind of
     problem, the workshop (word_problems._problem_team_output), whose number of machines is stated in the first
     sentence and used in the last step, which the SFT models guessed (right 13-26 % of the time, sampled) and only
-    seed 1's RL learnt to read. With this recipe the workshop still caps RL: sampled, the SFT models of seeds 1-3
-    solve 7 / 20 / 19 % of these problems, the RL models 11 / 22 / 15 % (the other kinds 86-100 %). An answer that
-    opens by restating the first sentence ("The workshop has 5 machines.") was measured and is not in the data:
-    with it and RL at 0.15, cpu-small's SFT solved 69 % of them (seed 2) and RL gained +22.4 / +11.1 / +14.6 on
-    seeds 1-3 (56.7 -> 79.1 %, 80.2 -> 91.3 %, 75.4 -> 89.9 %; z 11.2 / 7.3 / 8.9; whole pipeline 28.4 / 26.1 /
-    30.2 min), but the demo's mid-training sees these problems too, and there it cut RL's gain to +6.4 / +6.6 /
-    +6.7 (z 3.0 / 4.1 / 3.9) and slowed a fresh-clone `bash scripts/demo.sh` (seed 42, otherwise idle machine) to
-    649 s from 534 s (mid's evaluation 21 s instead of 11, SFT 76 s instead of 57, RL 249 s instead of 200, base
-    training unchanged). The line belongs in cpu-small's SFT and RL data only."""
+    seed 1's RL learnt to read. With this recipe it still capped RL at the seed's rate (+17.6 / +5.4 / +7.0 above):
+    sampled, the SFT models of seeds 1-3 solved 7 / 20 / 19 % of these problems, the RL models 11 / 22 / 15 % (the
+    other kinds 86-100 %). So cpu-small's workshop answers open by restating the count (`builtin_restate_counts`,
+    SFT's and RL's data; seed 2's SFT then solved 69 % of them) and its RL runs at 0.15, 3x the seed's rate (seed 2
+    with the line at 0.05: +8.3; at 0.15 without it: +10.4 on seed 2, +7.3 on seed 3, multiple choice losing 5-7
+    points). Seeds 1-3, `python bench/bench_stage_gains.py --preset=cpu-small --seeds=1,2,3` (measured when every
+    preset's builtin answers had the line; cpu-small's rows are the same): after SFT MultipleChoice 69.1 / 59.4 /
+    71.9 %, Arithmetic 73.4 / 92.6 / 87.9 %, SpellingBee 41.4 / 37.1 / 42.6 % (256 held-out problems each); RL's
+    pass@1 on 1,024 questions 56.7 -> 79.1 % (+22.4, z 11.2), 80.2 -> 91.3 % (+11.1, z 7.3), 75.4 -> 89.9 % (+14.6,
+    z 8.9), multiple choice falling 4-5 points (z -1.0 to -1.2); whole pipeline 28.4 / 26.1 / 30.2 min (load
+    1.8-2.1). The demo keeps the plain answers: its mid-training sees the harder problems, and with the line its RL
+    gained +6.4 / +6.6 / +6.7 (z 3.0 / 4.1 / 3.9) instead of +8.3 / +8.0 / +11.4, and a fresh-clone `bash
+    scripts/demo.sh` (seed 42, otherwise idle machine) took 649 s instead of 534 s (mid's evaluation 21 s instead of
+    11, SFT 76 s instead of 57, RL 249 s instead of 200, base training unchanged)."""
     mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 60 if scale == 1 else 180
     # cpu-small learns multiple choice first (nanopipe/tasks/mixtures.py: 1,800 steps of the answer letter alone,
     # each conversation weighing once in the loss; ~0.25 s a step on 2 cores), then 1.5x the mixed steps, their
@@ -131,6 +136,11 @@ def _cpu_run(scale: int) -> dict[str, Any]:
         sft_steps = sft_steps * 3 // 2
     sft_extra = {"loss_per": "conversation", "mc_first": 32 * mc_first_steps, "lr_restart": 0.75} \
         if mc_first_steps else {}
+    # cpu-small's workshop problems (SFT's and RL's; its mid-training has none) answer by restating their count of
+    # machines first, and its RL runs at 3x the seed's rate; the demo keeps both as they were (below)
+    if scale > 1:
+        sft_extra["builtin_restate_counts"] = True
+    rl_extra = {"builtin_restate_counts": True, "init_lr_frac": 0.15} if scale > 1 else {}
     # cpu-small's arithmetic curriculum: mid-training on the shorter word problems only (the format), SFT on the
     # usual half of harder ones; the demo's 100 SFT steps are too few for that (below)
     mid_extra = {"builtin_hard_share": 0.0} if scale > 1 else {}
@@ -160,7 +170,7 @@ def _cpu_run(scale: int) -> dict[str, Any]:
         "chat_rl": {"task": "builtin-arithmetic", "synthetic_size": 8 * rl_steps, "baseline": "zero", "replay": 8,
                     "examples_per_step": 8, "num_samples": 8, "device_batch_size": 32, "max_new_tokens": 200,
                     "eval_every": rl_steps, "eval_examples": 1024, "eval_samples": 1, "eval_batch_size": 128,
-                    "extended_calculator": True, "save_every": 20},
+                    "extended_calculator": True, "save_every": 20, **rl_extra},
         # held-out problems of the builtin tasks: 256 each, whole answers (the longest run to ~200 tokens)
         "chat_eval": {"task": ["Arithmetic", "MultipleChoice", "SpellingBee"],
                       "max_problems": 256, "max_new_tokens": 200, "batch_size": 32,
@@ -170,7 +180,7 @@ def _cpu_run(scale: int) -> dict[str, Any]:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo-cpu": _cpu_run(1),
-    # the same chain with 3x the mid-training and 9x the SFT (multiple choice first): under 30 minutes on 2 cores
+    # the same chain with 3x the mid-training, 9x the SFT (multiple choice first), 3x RL: ~30 minutes on 2 cores
     "cpu-small": _cpu_run(3),
     # depth 12: a small nanochat-style model on one 8-GPU node
     "d12": _gpu_run(12, base_shards=80),
@@ -188,7 +198,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # One line per preset: what it is for (shown by the run form's preset picker and `nanopipe presets`)
 PRESET_DESCRIPTIONS: dict[str, str] = {
     "demo-cpu": "the whole pipeline on a 2-core CPU in under 10 minutes, offline builtin data (run_rl=true adds RL)",
-    "cpu-small": "demo-cpu with 3x mid-training (short problems), multiple choice first in SFT, 3x RL: under 30 min",
+    "cpu-small": "demo-cpu with 3x mid-training (short problems), multiple choice first in SFT, 3x RL: ~30 min",
     "d12": "a quick GPU model: depth 12 on one 8-GPU node",
     "speedrun-d20": "nanochat's $100 speedrun: depth 20 on 8xH100, about 4 hours",
     "d26": "depth 26 on 8xH100, device batch 16 to fit 80 GB",
@@ -203,7 +213,7 @@ assert set(PRESET_DESCRIPTIONS) == set(PRESETS), "every preset needs a one-line 
 # The GPU cost is these hours x the run's GPUs x its cost_per_gpu_hour; other presets say "not measured".
 PRESET_TIMES: dict[str, tuple[float, str]] = {
     "demo-cpu": (9.5 / 60, "about 9.5 min on 2 CPU cores, install included (measured, README)"),
-    "cpu-small": (0.5, "under 30 min on 2 CPU cores (README)"),
+    "cpu-small": (0.5, "26-30 min on 2 CPU cores (measured, README)"),
     "speedrun-d20": (4.0, "about 4 h on 8xH100 (nanochat's speedrun)"),
     "d26": (12.0, "about 12 h on 8xH100 (nanochat's d26 tier)"),
 }

@@ -211,6 +211,41 @@ def test_builtin_hard_share_sets_the_harder_word_problems_of_the_builtin_mixture
         build_config(MidTrainConfig, {"builtin_hard_share": 1.5})
 
 
+def test_builtin_restate_counts_reaches_the_workshop_answers_of_sft_and_rl_and_only_cpu_small_sets_it():
+    """--builtin_restate_counts reaches chat_sft's builtin mixture (training and validation), chat_rl's builtin
+    training problems and its replayed conversations; cpu-small sets it, the demo and the defaults do not."""
+    from flows.presets import PRESETS
+    from nanopipe.configs.chat_rl import ChatRLConfig
+    from nanopipe.configs.chat_sft import ChatSFTConfig
+    from nanopipe.stages.chat_rl import builtin_train_task, replay_mixture
+    from nanopipe.tasks.mixtures import sft_mixtures
+
+    def restated(conversations) -> int:
+        answers = [c["messages"][-1]["content"] for c in conversations]
+        return sum((a if isinstance(a, str) else a[0].get("text", "")).startswith("The workshop has ") for a in answers)
+
+    def workshops(conversations) -> int:
+        return sum(c["messages"][0]["content"].startswith("A workshop has ") for c in conversations)
+
+    builtin = {"mixture": "builtin", "builtin_size": 200}
+    for flag in (False, True):
+        sft = sft_mixtures(build_config(ChatSFTConfig, {**builtin, "builtin_restate_counts": flag}))
+        rl_cfg = build_config(ChatRLConfig, {"task": "builtin-arithmetic", "synthetic_size": 400, "replay": 8,
+                                             "builtin_restate_counts": flag})
+        rl_train, replayed = builtin_train_task(rl_cfg), replay_mixture(rl_cfg, 40)
+        for conversations in ([sft.train[i] for i in range(len(sft.train))],
+                              [sft.val[i] for i in range(len(sft.val))],
+                              [rl_train.get_example(i) for i in range(len(rl_train))],
+                              [replayed[i] for i in range(len(replayed))]):
+            assert workshops(conversations) > 0
+            assert restated(conversations) == (workshops(conversations) if flag else 0)
+    assert not ChatSFTConfig().builtin_restate_counts and not ChatRLConfig().builtin_restate_counts
+    assert parse_cli(ChatSFTConfig, ["--builtin-restate-counts", "true"], prog="sft").builtin_restate_counts
+    small, demo = PRESETS["cpu-small"], PRESETS["demo-cpu"]
+    assert small["chat_sft"]["builtin_restate_counts"] and small["chat_rl"]["builtin_restate_counts"]
+    assert "builtin_restate_counts" not in demo["chat_sft"] and "builtin_restate_counts" not in demo["chat_rl"]
+
+
 def test_identity_conversations_from_a_jsonl_count_twice(tmp_path):
     path = tmp_path / "identity.jsonl"
     lines = [[{"role": "user", "content": f"who are you {i}?"}, {"role": "assistant", "content": "nanopipe"}]

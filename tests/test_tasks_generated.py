@@ -210,6 +210,26 @@ def test_arithmetic_problems_take_the_share_of_harder_ones_they_are_given():
         ArithmeticProblems(10, hard_share=1.5)
 
 
+def test_restate_counts_opens_only_the_workshop_answers_with_their_count_and_changes_nothing_else():
+    """restate_counts: the workshop problem's answer first restates the count of machines its question opens with;
+    every question, and every other answer, is the one the generator gives without it (the same draws)."""
+    plain = ArithmeticProblems(400, "train", 5, hard_share=1.0)
+    restated = ArithmeticProblems(400, "train", 5, hard_share=1.0, restate_counts=True)
+    workshops = 0
+    for i in range(400):
+        old, new = plain.get_row(i), restated.get_row(i)
+        assert new["question"] == old["question"]
+        if old["question"].startswith("A workshop has "):
+            workshops += 1
+            count = re.match(r"A workshop has (\d+) machines\.", old["question"]).group(1)
+            assert new["answer"] == f"The workshop has {count} machines.\n" + old["answer"]
+        else:
+            assert new["answer"] == old["answer"]
+    assert 50 < workshops < 150   # one of the four harder kinds
+    default = ArithmeticProblems(100, "test", 5)
+    assert all(not default.get_row(i)["answer"].startswith("The workshop has") for i in range(100))
+
+
 def test_multiple_choice_quiz_has_mmlu_format():
     task = MultipleChoiceQuiz(size=200, seed=5)
     answers = Counter()

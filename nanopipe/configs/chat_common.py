@@ -66,6 +66,9 @@ class ChatDataFlags(DownstreamConfig):
     builtin_hard_share: float = Field(  # the default: nanopipe.tasks.word_problems.HARD_SHARE
         0.5, ge=0, le=1, description="share of the harder word problems (three or four calculator steps, "
                                      "distracting sentences) in --mixture=builtin's Arithmetic")
+    builtin_restate_counts: bool = Field(
+        False, description="--mixture=builtin's workshop problems: the answer opens by restating the count of "
+                           "machines (for small models, which otherwise guess it)")
 
     NON_SEMANTIC = ("run", "out_dir")
 

@@ -44,6 +44,9 @@ class ChatRLConfig(ChatOptimFlags, CalculatorFlags, CpuMatmulFlags, DownstreamCo
         None, ge=1, description="conversations of the builtin chat mixture (SFT's offline data) per step whose "
                                 "supervised loss joins the policy gradient, so RL keeps what SFT taught "
                                 "(-1/none: no replay)")
+    builtin_restate_counts: bool = Field(
+        False, description="builtin workshop problems (builtin-arithmetic's and --replay's) answer by restating "
+                           "the count of machines first, as chat_sft's flag of the same name")
     # --- optimisation (the learning rates: ChatOptimFlags) -------------------
     init_lr_frac: float = Field(0.05, gt=0, le=1, description="learning rates start at this fraction of the "
                                                               "above, then decay linearly to 0")

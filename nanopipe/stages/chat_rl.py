@@ -66,14 +66,16 @@ PROMPT_TOKENS_ESTIMATE = 256   # a GSM8K question with its chat tokens is well u
 def builtin_train_task(cfg: ChatRLConfig) -> Task:
     """The builtin training questions: synthetic_size arithmetic problems drawn with their own seed (cfg.seed +
     RL_DATA_SEED_OFFSET), so RL does not revisit the problems mid-training and SFT drew."""
-    return ArithmeticProblems(size=cfg.synthetic_size, split="train", seed=cfg.seed + RL_DATA_SEED_OFFSET)
+    return ArithmeticProblems(size=cfg.synthetic_size, split="train", seed=cfg.seed + RL_DATA_SEED_OFFSET,
+                              restate_counts=cfg.builtin_restate_counts)
 
 
 def replay_mixture(cfg: ChatRLConfig, num_iterations: int) -> Task:
     """The conversations --replay draws from: the builtin chat mixture's training split (identity, arithmetic,
     multiple choice, spelling) with SFT's seed, as many as the run replays, so none comes twice."""
     tasks = len(builtin_chat_mixture("train", cfg.seed, 1).tasks)   # a task listed twice counts twice
-    return builtin_chat_mixture("train", cfg.seed + SFT_DATA_SEED_OFFSET, -(-cfg.replay * num_iterations // tasks))
+    return builtin_chat_mixture("train", cfg.seed + SFT_DATA_SEED_OFFSET, -(-cfg.replay * num_iterations // tasks),
+                                cfg.builtin_restate_counts)
 
 
 def load_tasks(cfg: ChatRLConfig):

@@ -169,20 +169,21 @@ class IdentityChat(_GeneratedTask):
 class ArithmeticProblems(_GeneratedTask):
     """Procedural multi-step word problems, GSM8K format and scoring (compare the '#### N' answers).
     `hard_share`: the share of the harder kinds (word_problems.HARD_PROBLEM_KINDS: larger numbers, three or four
-    calculator steps, distracting sentences); word_problems.HARD_SHARE by default, 0 for none."""
+    calculator steps, distracting sentences); word_problems.HARD_SHARE by default, 0 for none. `restate_counts`:
+    the workshop problem's answer opens by restating its count of machines (word_problems.arithmetic_problem)."""
 
     eval_type = "generative"
 
     def __init__(self, size: int = 1000, split: str = "train", seed: int = 42, hard_share: float = HARD_SHARE,
-                 **slicing: int | None):
+                 restate_counts: bool = False, **slicing: int | None):
         super().__init__(size, split, seed, **slicing)
         if not 0 <= hard_share <= 1:
             raise ValueError(f"{self.name} hard_share must be in [0, 1], got {hard_share}")
-        self.hard_share = hard_share
+        self.hard_share, self.restate_counts = hard_share, restate_counts
 
     def get_row(self, index: int) -> dict:
         """The raw GSM8K-format row of an example (the conversation is built from it)."""
-        return self._generate(index, lambda rng: arithmetic_problem(rng, self.hard_share),
+        return self._generate(index, lambda rng: arithmetic_problem(rng, self.hard_share, self.restate_counts),
                               lambda row: row["question"])
 
     def get_example(self, index: int) -> dict:
@@ -302,15 +303,18 @@ class MultipleChoiceQuiz(_GeneratedTask):
 # -----------------------------------------------------------------------------
 # The mixture
 
-def builtin_chat_tasks(split: str = "train", seed: int = 42, size: int | None = None) -> list[Task]:
+def builtin_chat_tasks(split: str = "train", seed: int = 42, size: int | None = None,
+                       restate_counts: bool = False) -> list[Task]:
     """The builtin tasks, `size` examples each (default 1000 for train, 100 for test/val); identity
-    conversations are listed twice so that they weigh double in a mixture."""
+    conversations are listed twice so that they weigh double in a mixture. `restate_counts`: ArithmeticProblems'."""
     size = size or (1000 if check_synthetic_split(split, "builtin_chat_tasks") == "train" else 100)
     identity = IdentityChat(size, split, seed)
-    return [identity, identity, ArithmeticProblems(size, split, seed), MultipleChoiceQuiz(size, split, seed),
+    return [identity, identity, ArithmeticProblems(size, split, seed, restate_counts=restate_counts),
+            MultipleChoiceQuiz(size, split, seed),
             SimpleSpelling(size, split, seed), SpellingBee(size, split, seed)]
 
 
-def builtin_chat_mixture(split: str = "train", seed: int = 42, size: int | None = None) -> TaskMixture:
+def builtin_chat_mixture(split: str = "train", seed: int = 42, size: int | None = None,
+                         restate_counts: bool = False) -> TaskMixture:
     """An offline chat mixture for the demo and CI, shuffled deterministically with `seed`."""
-    return TaskMixture(builtin_chat_tasks(split, seed, size), seed=seed)
+    return TaskMixture(builtin_chat_tasks(split, seed, size, restate_counts), seed=seed)

@@ -178,7 +178,8 @@ def _builtin_parts(cfg, split: str, size: int, seed: int, identity: Task | None,
     words = _words(cfg) if cfg.spelling_words != "builtin" else "builtin"
     makers = {
         "identity": lambda: identity if identity is not None else IdentityChat(count("identity"), split, seed),
-        "Arithmetic": lambda: ArithmeticProblems(count("Arithmetic"), split, seed, cfg.builtin_hard_share),
+        "Arithmetic": lambda: ArithmeticProblems(count("Arithmetic"), split, seed, cfg.builtin_hard_share,
+                                                   cfg.builtin_restate_counts),
         "MultipleChoice": lambda: MultipleChoiceQuiz(count("MultipleChoice"), split, seed),
         "SimpleSpelling": lambda: SimpleSpelling(count("SimpleSpelling"), split, seed, words=words),
         "SpellingBee": lambda: SpellingBee(count("SpellingBee"), split, seed, words=words),

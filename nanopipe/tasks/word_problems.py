@@ -177,13 +177,18 @@ def _problem_two_discounts(rng: random.Random) -> tuple[str, str]:
     return question, answer
 
 
-def _problem_team_output(rng: random.Random) -> tuple[str, str]:
+# The count of machines is stated in the first sentence and used only in the last step; small models guess it
+# (cpu-small's SFT models solved 7-20 % of these problems, sampled). `restate` opens the answer by restating it:
+# cpu-small's SFT then solved 69 % (seed 2). flows/presets.py gives the measurements.
+def _problem_team_output(rng: random.Random, restate: bool = False) -> tuple[str, str]:
     machine, things = rng.choice(MACHINES)
     per_hour, hours, days, machines = rng.randint(6, 45), rng.randint(3, 12), rng.randint(2, 9), rng.randint(2, 6)
     per_day, per_machine, total = per_hour * hours, per_hour * hours * days, per_hour * hours * days * machines
     question = (f"A workshop has {machines} machines. Each {machine} makes {per_hour} {things} an hour and runs "
                 f"{hours} hours a day. How many {things} do all the machines make in {days} days?")
-    answer = (f"One machine makes {per_hour} * {hours} = <<{per_hour}*{hours}={per_day}>>{per_day} {things} a day.\n"
+    restated = f"The workshop has {machines} machines.\n" if restate else ""
+    answer = (f"{restated}One machine makes {per_hour} * {hours} = "
+              f"<<{per_hour}*{hours}={per_day}>>{per_day} {things} a day.\n"
               f"In {days} days it makes {per_day} * {days} = <<{per_day}*{days}={per_machine}>>{per_machine}.\n"
               f"All {machines} machines make {per_machine} * {machines} = "
               f"<<{per_machine}*{machines}={total}>>{total} {things}.\n#### {total}")
@@ -225,15 +230,17 @@ DISTRACTOR_SHARE = 0.5
 HARD_SHARE = 0.5   # of the rows, a harder problem with one or two distracting sentences
 
 
-def arithmetic_problem(rng: random.Random, hard_share: float = HARD_SHARE) -> dict:
+def arithmetic_problem(rng: random.Random, hard_share: float = HARD_SHARE, restate_counts: bool = False) -> dict:
     """One GSM8K-format row {"question", "answer"}; DISTRACTOR_SHARE of them carry a distracting number.
     `hard_share` of the rows are then replaced by a harder problem; the draw comes last, so the other rows are
-    those the generator gave before the harder kinds existed (and those of any other share)."""
+    those the generator gave before the harder kinds existed (and those of any other share). `restate_counts`:
+    the workshop's answer opens by restating its count of machines (the same draws, one more line)."""
     question, answer = rng.choice(PROBLEM_KINDS)(rng)
     if rng.random() < DISTRACTOR_SHARE:
         question = _with_distractor(rng, question)
     if rng.random() < hard_share:
-        question, answer = rng.choice(HARD_PROBLEM_KINDS)(rng)
+        kind = rng.choice(HARD_PROBLEM_KINDS)
+        question, answer = kind(rng, restate=True) if restate_counts and kind is _problem_team_output else kind(rng)
         for _ in range(rng.randint(1, 2)):
             question = _with_distractor(rng, question)
     return {"question": question, "answer": answer}
