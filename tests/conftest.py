@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -12,7 +14,9 @@ import pytest
 # configured is never written to by them; a test that wants a server names its own.
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("PREFECT_PROFILE", None)
-os.environ["PREFECT_PROFILES_PATH"] = os.path.join(tempfile.mkdtemp(prefix="nanopipe-test-profiles-"), "profiles.toml")
+_PROFILES_DIR = tempfile.mkdtemp(prefix="nanopipe-test-profiles-")
+atexit.register(shutil.rmtree, _PROFILES_DIR, ignore_errors=True)
+os.environ["PREFECT_PROFILES_PATH"] = os.path.join(_PROFILES_DIR, "profiles.toml")
 
 # The workspace keeps real test data (tinyshakespeare, GSM8K, ...) in a `shared` folder next to the repo.
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"

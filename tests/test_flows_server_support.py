@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -81,6 +82,7 @@ class PrefectStack:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.processes.clear()
+        shutil.rmtree(self.root, ignore_errors=True)  # a failure has already quoted the logs it needs
 
 
 def _wait_healthy(stack: PrefectStack, timeout: float) -> None:
