@@ -27,6 +27,7 @@ from __future__ import annotations
 import ast
 import math
 import re
+import warnings
 
 CALC_MAX_CHARS = 1000       # longer "expressions" are rejected before parsing
 CALC_MAX_INT_BITS = 4096    # above any product 1000 characters can write without **; bounds ** in extended mode
@@ -123,7 +124,9 @@ def evaluate_expression(expr: str) -> int | float:
     if "'" not in expr and '"' not in expr:
         expr = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", expr)  # thousands separators: 1,200 -> 1200
     try:
-        tree = ast.parse(expr.strip(), mode="eval")
+        with warnings.catch_warnings():  # a model's '5or 1' would print Python's SyntaxWarning into the stage log
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(expr.strip(), mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as err:
         raise CalculatorError(f"cannot parse {expr!r}: {err}") from None
     try:

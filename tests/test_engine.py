@@ -1,6 +1,8 @@
 """The inference engine: KV-cache decoding equals cache-free decoding, sampling, stop rules, per-sample
 budgets, calculator tool use with forced (mask 0) output, and the calculator's whitelist."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -267,6 +269,16 @@ def test_calculator_rejects_everything_else(expr):
     assert use_calculator(expr) is None and use_calculator(expr, extended=True) is None
     with pytest.raises(CalculatorError):
         evaluate_expression(expr)
+
+
+@pytest.mark.parametrize("expr", ["5or 1", "1if 2 else 3", "12is 3"])
+def test_calculator_refuses_a_models_malformed_literal_without_a_warning(expr):
+    """Python's parser warns about '5or' (a number run into a keyword); a sampling model writes such things,
+    and each would print a SyntaxWarning into the stage's log."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert use_calculator(expr) is None and use_calculator(expr, extended=True) is None
+    assert [w.message for w in caught] == []
 
 
 def test_extended_calculator_formats_numbers_like_the_training_data():
