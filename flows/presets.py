@@ -122,7 +122,8 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     71.9 %, Arithmetic 73.4 / 92.6 / 87.9 %, SpellingBee 41.4 / 37.1 / 42.6 % (256 held-out problems each); RL's
     pass@1 on 1,024 questions 56.7 -> 79.1 % (+22.4, z 11.2), 80.2 -> 91.3 % (+11.1, z 7.3), 75.4 -> 89.9 % (+14.6,
     z 8.9), multiple choice falling 4-5 points (z -1.0 to -1.2); whole pipeline 28.4 / 26.1 / 30.2 min (load
-    1.8-2.1). The demo keeps the plain answers: its mid-training sees the harder problems, and with the line its RL
+    1.8-2.1). Seed 3 again on main: the same figures, in 34.0 min on a host ~30 % slower (base_train 33.6 s
+    instead of 27-28 s, mid-training 8.7 min instead of 6.6). The demo keeps the plain answers: its mid-training sees the harder problems, and with the line its RL
     gained +6.4 / +6.6 / +6.7 (z 3.0 / 4.1 / 3.9) instead of +8.3 / +8.0 / +11.4."""
     mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 60 if scale == 1 else 180
     # cpu-small learns multiple choice first (nanopipe/tasks/mixtures.py: 1,800 steps of the answer letter alone,
@@ -195,7 +196,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # One line per preset: what it is for (shown by the run form's preset picker and `nanopipe presets`)
 PRESET_DESCRIPTIONS: dict[str, str] = {
-    "demo-cpu": "the whole pipeline on a 2-core CPU in under 10 minutes, offline builtin data (run_rl=true adds RL)",
+    "demo-cpu": "the whole pipeline on a 2-core CPU in about 10 minutes, offline builtin data (run_rl=true adds RL)",
     "cpu-small": "demo-cpu with 3x mid-training (short problems), multiple choice first in SFT, 3x RL: ~30 min",
     "d12": "a quick GPU model: depth 12 on one 8-GPU node",
     "speedrun-d20": "nanochat's $100 speedrun: depth 20 on 8xH100, about 4 hours",
@@ -210,8 +211,9 @@ assert set(PRESET_DESCRIPTIONS) == set(PRESETS), "every preset needs a one-line 
 # Expected wall time of the whole chain where one is known: (hours, the figure as stated and where it comes from).
 # The GPU cost is these hours x the run's GPUs x its cost_per_gpu_hour; other presets say "not measured".
 PRESET_TIMES: dict[str, tuple[float, str]] = {
-    "demo-cpu": (9.5 / 60, "about 9.5 min on 2 CPU cores, install included (measured, README)"),
-    "cpu-small": (0.5, "26-30 min on 2 CPU cores (measured, README)"),
+    "demo-cpu": (9.5 / 60, "9.5 min on 2 CPU cores at full speed, 10.5-12 on a slower host, install included "
+                           "(measured, README)"),
+    "cpu-small": (0.5, "26-28 min on 2 CPU cores at full speed, 30-34 on a slower host (measured, README)"),
     "speedrun-d20": (4.0, "about 4 h on 8xH100 (nanochat's speedrun)"),
     "d26": (12.0, "about 12 h on 8xH100 (nanochat's d26 tier)"),
 }
