@@ -123,8 +123,9 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     pass@1 on 1,024 questions 56.7 -> 79.1 % (+22.4, z 11.2), 80.2 -> 91.3 % (+11.1, z 7.3), 75.4 -> 89.9 % (+14.6,
     z 8.9), multiple choice falling 4-5 points (z -1.0 to -1.2); whole pipeline 28.4 / 26.1 / 30.2 min (load
     1.8-2.1). Seed 3 again on main: the same figures, in 34.0 min on a host ~30 % slower (base_train 33.6 s
-    instead of 27-28 s, mid-training 8.7 min instead of 6.6). The demo keeps the plain answers: its mid-training sees the harder problems, and with the line its RL
-    gained +6.4 / +6.6 / +6.7 (z 3.0 / 4.1 / 3.9) instead of +8.3 / +8.0 / +11.4."""
+    instead of 27-28 s, mid-training 8.7 min instead of 6.6). The demo keeps the plain answers: its mid-training
+    sees the harder problems, and with the line its RL gained +6.4 / +6.6 / +6.7 (z 3.0 / 4.1 / 3.9) instead of
+    +8.3 / +8.0 / +11.4."""
     mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 60 if scale == 1 else 180
     # cpu-small learns multiple choice first (nanopipe/tasks/mixtures.py: 1,800 steps of the answer letter alone,
     # each conversation weighing once in the loss; ~0.25 s a step on 2 cores), then 1.5x the mixed steps, their
