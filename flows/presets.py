@@ -126,7 +126,7 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     instead of 27-28 s, mid-training 8.7 min instead of 6.6). The demo keeps the plain answers: its mid-training
     sees the harder problems, and with the line its RL gained +6.4 / +6.6 / +6.7 (z 3.0 / 4.1 / 3.9) instead of
     +8.3 / +8.0 / +11.4."""
-    mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 60 if scale == 1 else 180
+    mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 45 if scale == 1 else 180
     # cpu-small learns multiple choice first (nanopipe/tasks/mixtures.py: 1,800 steps of the answer letter alone,
     # each conversation weighing once in the loss; ~0.25 s a step on 2 cores), then 1.5x the mixed steps, their
     # learning rate decaying again from 0.75 of the starting rate (--lr_restart), to bring the other tasks back; the
@@ -140,7 +140,9 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     # machines first, and its RL runs at 3x the seed's rate; the demo keeps both as they were (below)
     if scale > 1:
         sft_extra["builtin_restate_counts"] = True
-    rl_extra = {"builtin_restate_counts": True, "init_lr_frac": 0.15} if scale > 1 else {}
+    # the demo's RL: 45 steps at 2x the seed's rate, replaying 16 SFT conversations a step (below)
+    rl_extra = {"builtin_restate_counts": True, "init_lr_frac": 0.15} if scale > 1 else \
+        {"init_lr_frac": 0.10, "replay": 16}
     # cpu-small's arithmetic curriculum: mid-training on the shorter word problems only (the format), SFT on the
     # usual half of harder ones; the demo's 100 SFT steps are too few for that (below)
     mid_extra = {"builtin_hard_share": 0.0} if scale > 1 else {}
