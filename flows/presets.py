@@ -78,8 +78,8 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     74-87 % by step 250). The calculator is nanopipe's (`extended_calculator`): it writes 48/2 as '24', as the
     builtin problems do.
     RL: fresh builtin arithmetic questions every step (8 x 8 samples, each seen once, drawn apart from mid's and
-    SFT's), 60 steps at the seed's 0.05 in the demo, 180 at 0.15 in cpu-small; it evaluates itself on 1,024 held-out
-    problems, one sample each (pass@1 at the training temperature, 1.0). The room RL has is in sharpening: the
+    SFT's), 45 steps at 0.10 in the demo (2x the seed's 0.05), 180 at 0.15 in cpu-small; it evaluates itself on
+    1,024 held-out problems, one sample each (pass@1 at the training temperature, 1.0). The room RL has is in sharpening: the
     demo's SFT model (seed 1) answers 70 % of 128 held-out problems right sampled at temperature 1.0, 85 % at 0.7
     and 89 % at 0.4, its sampled failures being tail tokens (a number copied from the wrong sentence). nanochat's
     group-mean baseline prunes them slowly: +4.0 points over seeds 1-3 (z 0.7-2.3), and neither twice the rate,
@@ -91,6 +91,10 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     4.3-6.3, 3/3 seeds; the default seed 42: +6.6, z 3.3), SpellingBee +2.1 (-3.1 to 7.8), MultipleChoice -1.7
     (within noise). RL on SpellingBee questions learns to answer "#### 1", the builtin words' most common count
     (65.6 % of held-out questions), so they are not RL's.
+    The demo's RL then went from 60 steps at 0.05 to 45 at 0.10, replaying 16 conversations a step instead of 8,
+    ~1 min less: the same command, pass@1 +10.3 / +8.9 / +12.6 (z 5.4 / 5.3 / 7.0; seed 42 +7.9, z 3.9),
+    SpellingBee -3.9 / +9.4 / -1.2 (seed 42 +3.9), MultipleChoice -4.7 to +2.7. At 0.10 or 0.15 with 8 replayed
+    conversations, seed 42's greedy SpellingBee fell from 32.8 % (SFT) to 20.7 %.
     cpu-small's arithmetic curriculum (mid_train's builtin_hard_share 0): mid-training on the shorter word problems
     only teaches the format (calculator call and `#### N` on 99 % of held-out problems) and solves ~54 % of them;
     SFT's mixed steps then teach the harder half. When mid-training saw the harder ones too, it already solved
@@ -182,7 +186,7 @@ def _cpu_run(scale: int) -> dict[str, Any]:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo-cpu": _cpu_run(1),
-    # the same chain with 3x the mid-training, 9x the SFT (multiple choice first), 3x RL: ~30 minutes on 2 cores
+    # the same chain with 3x the mid-training, 22.5x the SFT steps (multiple choice first), 4x RL: ~30 min on 2 cores
     "cpu-small": _cpu_run(3),
     # depth 12: a small nanochat-style model on one 8-GPU node
     "d12": _gpu_run(12, base_shards=80),
@@ -200,7 +204,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # One line per preset: what it is for (shown by the run form's preset picker and `nanopipe presets`)
 PRESET_DESCRIPTIONS: dict[str, str] = {
     "demo-cpu": "the whole pipeline on a 2-core CPU in about 10 minutes, offline builtin data (run_rl=true adds RL)",
-    "cpu-small": "demo-cpu with 3x mid-training (short problems), multiple choice first in SFT, 3x RL: ~30 min",
+    "cpu-small": "demo-cpu with 3x mid-training (short problems), multiple choice first in SFT, 4x RL: ~30 min",
     "d12": "a quick GPU model: depth 12 on one 8-GPU node",
     "speedrun-d20": "nanochat's $100 speedrun: depth 20 on 8xH100, about 4 hours",
     "d26": "depth 26 on 8xH100, device batch 16 to fit 80 GB",
@@ -214,8 +218,7 @@ assert set(PRESET_DESCRIPTIONS) == set(PRESETS), "every preset needs a one-line 
 # Expected wall time of the whole chain where one is known: (hours, the figure as stated and where it comes from).
 # The GPU cost is these hours x the run's GPUs x its cost_per_gpu_hour; other presets say "not measured".
 PRESET_TIMES: dict[str, tuple[float, str]] = {
-    "demo-cpu": (9.5 / 60, "9.5 min on 2 CPU cores at full speed, 10.5-12 on a slower host, install included "
-                           "(measured, README)"),
+    "demo-cpu": (9.75 / 60, "9.75 min on 2 CPU cores, install included; more on a slower host (measured, README)"),
     "cpu-small": (0.5, "26-28 min on 2 CPU cores at full speed, 30-34 on a slower host (measured, README)"),
     "speedrun-d20": (4.0, "about 4 h on 8xH100 (nanochat's speedrun)"),
     "d26": (12.0, "about 12 h on 8xH100 (nanochat's d26 tier)"),

@@ -64,7 +64,8 @@ def test_presets_resolve_to_their_documented_shape():
     assert shape("single-gpu") == (12, 32768, 20, 4, 4, 4, 4, 4, 1)
     assert shape("demo-cpu") == (4, 2048, 20, 8, 8, 8, 32, 32, 2)
     demo = PipelineConfig.model_validate({"preset": "demo-cpu"})
-    assert demo.data.data_source == "builtin" and demo.chat_rl.init_lr_frac == 0.05
+    assert demo.data.data_source == "builtin"
+    assert (demo.chat_rl.init_lr_frac, demo.chat_rl.replay, demo.chat_rl.synthetic_size) == (0.10, 16, 45 * 8)
 
 
 def test_prefect_yaml_tags_are_its_parameters():

@@ -10,9 +10,9 @@ Run alone (GSM8K from the hub, or a local copy; or the offline builtin arithmeti
 
     python -m nanopipe.stages.chat_rl                                    # from the last sft checkpoint
     python -m nanopipe.stages.chat_rl --gsm8k_path=<dir with train/test .jsonl> --source=mid
-    python -m nanopipe.stages.chat_rl --task=builtin-arithmetic --synthetic_size=480 --device_type=cpu \\
+    python -m nanopipe.stages.chat_rl --task=builtin-arithmetic --synthetic_size=360 --device_type=cpu \\
         --examples_per_step=8 --num_samples=8 --device_batch_size=32 --max_new_tokens=200 --baseline=zero \\
-        --replay=8 --eval_examples=512 --eval_samples=1                  # as the CPU presets run it
+        --init_lr_frac=0.10 --replay=16 --eval_examples=1024 --eval_samples=1   # as the demo preset runs it
     python -m nanopipe.stages.chat_rl --plan_only                        # parameters, steps, memory; no training
 
 Under torchrun (the questions of a step are split over the ranks):
