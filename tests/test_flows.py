@@ -23,6 +23,15 @@ CHAIN = ["tok_train", "tok_eval", "base_train", "base_eval", "mid_train", "chat_
          "chat_eval_sft"]
 
 
+def test_prefect_result_storage_is_this_test_process_own():
+    """The check below that a run persisted no result reads Prefect's local result storage; another pytest-xdist
+    worker's test that makes Prefect pickle an error there (tests/test_flows_failures.py) must not land in it."""
+    import tempfile
+    from prefect.settings import get_current_settings
+    storage = Path(get_current_settings().results.local_storage_path)
+    assert storage.parent == Path(tempfile.gettempdir()) and storage.name.startswith("nanopipe-test-results-")
+
+
 def test_end_to_end_then_everything_cached(home, data_dir):
     values = tiny(data_dir)
     records_before = result_records()
