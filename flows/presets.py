@@ -130,7 +130,7 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     instead of 27-28 s, mid-training 8.7 min instead of 6.6). The demo keeps the plain answers: its mid-training
     sees the harder problems, and with the line its RL gained +6.4 / +6.6 / +6.7 (z 3.0 / 4.1 / 3.9) instead of
     +8.3 / +8.0 / +11.4."""
-    mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 45 if scale == 1 else 180
+    mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 45 if scale == 1 else 120
     # cpu-small learns multiple choice first (nanopipe/tasks/mixtures.py: 1,800 steps of the answer letter alone,
     # each conversation weighing once in the loss; ~0.25 s a step on 2 cores), then 1.5x the mixed steps, their
     # learning rate decaying again from 0.75 of the starting rate (--lr_restart), to bring the other tasks back; the
@@ -141,12 +141,11 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     sft_extra = {"loss_per": "conversation", "mc_first": 32 * mc_first_steps, "lr_restart": 0.75} \
         if mc_first_steps else {}
     # cpu-small's workshop problems (SFT's and RL's; its mid-training has none) answer by restating their count of
-    # machines first, and its RL runs at 3x the seed's rate; the demo keeps both as they were (below)
+    # machines first; the demo keeps the plain answers (below). RL: the demo's 45 steps at 2x the seed's rate,
+    # cpu-small's 120 at 4x, both replaying 16 SFT conversations a step
     if scale > 1:
         sft_extra["builtin_restate_counts"] = True
-    # the demo's RL: 45 steps at 2x the seed's rate, replaying 16 SFT conversations a step (below)
-    rl_extra = {"builtin_restate_counts": True, "init_lr_frac": 0.15} if scale > 1 else \
-        {"init_lr_frac": 0.10, "replay": 16}
+    rl_extra = {"builtin_restate_counts": True, "init_lr_frac": 0.20} if scale > 1 else {"init_lr_frac": 0.10}
     # cpu-small's arithmetic curriculum: mid-training on the shorter word problems only (the format), SFT on the
     # usual half of harder ones; the demo's 100 SFT steps are too few for that (below)
     mid_extra = {"builtin_hard_share": 0.0} if scale > 1 else {}
@@ -173,7 +172,7 @@ def _cpu_run(scale: int) -> dict[str, Any]:
         # RL evaluates itself at step 0 (the SFT model) and at its end on the same 1,024 held-out questions: pass@1
         # of one sampled answer, the report card's RL row; 128 questions decode together (a CPU runs them ~15 % faster
         # than 32, the same scores)
-        "chat_rl": {"task": "builtin-arithmetic", "synthetic_size": 8 * rl_steps, "baseline": "zero", "replay": 8,
+        "chat_rl": {"task": "builtin-arithmetic", "synthetic_size": 8 * rl_steps, "baseline": "zero", "replay": 16,
                     "examples_per_step": 8, "num_samples": 8, "device_batch_size": 32, "max_new_tokens": 200,
                     "eval_every": rl_steps, "eval_examples": 1024, "eval_samples": 1, "eval_batch_size": 128,
                     "extended_calculator": True, "save_every": 20, **rl_extra},
