@@ -78,19 +78,19 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     74-87 % by step 250). The calculator is nanopipe's (`extended_calculator`): it writes 48/2 as '24', as the
     builtin problems do.
     RL: fresh builtin arithmetic questions every step (8 x 8 samples, each seen once, drawn apart from mid's and
-    SFT's), 45 steps at 0.10 in the demo (2x the seed's 0.05), 180 at 0.15 in cpu-small; it evaluates itself on
-    1,024 held-out problems, one sample each (pass@1 at the training temperature, 1.0). The room RL has is in sharpening: the
-    demo's SFT model (seed 1) answers 70 % of 128 held-out problems right sampled at temperature 1.0, 85 % at 0.7
-    and 89 % at 0.4, its sampled failures being tail tokens (a number copied from the wrong sentence). nanochat's
-    group-mean baseline prunes them slowly: +4.0 points over seeds 1-3 (z 0.7-2.3), and neither twice the rate,
-    twice the questions, 4 x 16 samples, twice the steps nor a faster output head did better. The reward itself as
-    the advantage (baseline "zero": every right answer reinforced, also where all 8 were right) gained +9.6 (5.5 to
-    14.5, z 2.0-6.0), but greedy SpellingBee lost 11 points on average (z down to -6.4): RL on arithmetic alone
-    overwrote the letter copying. Replaying 8 of SFT's builtin conversations a step keeps it: seeds 1-3, `python
-    bench/bench_stage_gains.py --preset=demo-cpu --seeds=1,2,3`: pass@1 on 1,024 questions +9.2 (8.0 to 11.4, z
-    4.3-6.3, 3/3 seeds; the default seed 42: +6.6, z 3.3), SpellingBee +2.1 (-3.1 to 7.8), MultipleChoice -1.7
-    (within noise). RL on SpellingBee questions learns to answer "#### 1", the builtin words' most common count
-    (65.6 % of held-out questions), so they are not RL's.
+    SFT's), 45 steps at 0.10 in the demo (2x the seed's 0.05), 120 at 0.20 in cpu-small; it evaluates itself on
+    1,024 held-out problems, one sample each (pass@1 at the training temperature, 1.0). The room RL has is in
+    sharpening: the demo's SFT model (seed 1) answers 70 % of 128 held-out problems right sampled at temperature
+    1.0, 85 % at 0.7 and 89 % at 0.4, its sampled failures being tail tokens (a number copied from the wrong
+    sentence). nanochat's group-mean baseline prunes them slowly: +4.0 points over seeds 1-3 (z 0.7-2.3), and
+    neither twice the rate, twice the questions, 4 x 16 samples, twice the steps nor a faster output head did
+    better. The reward itself as the advantage (baseline "zero": every right answer reinforced, also where all 8
+    were right) gained +9.6 (5.5 to 14.5, z 2.0-6.0), but greedy SpellingBee lost 11 points on average (z down to
+    -6.4): RL on arithmetic alone overwrote the letter copying. Replaying 8 of SFT's builtin conversations a step
+    keeps it: seeds 1-3, `python bench/bench_stage_gains.py --preset=demo-cpu --seeds=1,2,3`: pass@1 on 1,024
+    questions +9.2 (8.0 to 11.4, z 4.3-6.3, 3/3 seeds; the default seed 42: +6.6, z 3.3), SpellingBee +2.1 (-3.1 to
+    7.8), MultipleChoice -1.7 (within noise). RL on SpellingBee questions learns to answer "#### 1", the builtin
+    words' most common count (65.6 % of held-out questions), so they are not RL's.
     The demo's RL then went from 60 steps at 0.05 to 45 at 0.10, replaying 16 conversations a step instead of 8,
     ~1 min less: the same command, pass@1 +10.3 / +8.9 / +12.6 (z 5.4 / 5.3 / 7.0; seed 42 +7.9, z 3.9),
     SpellingBee -3.9 / +9.4 / -1.2 (seed 42 +3.9), MultipleChoice -4.7 to +2.7. At 0.10 or 0.15 with 8 replayed
@@ -129,7 +129,12 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     1.8-2.1). Seed 3 again on main: the same figures, in 34.0 min on a host ~30 % slower (base_train 33.6 s
     instead of 27-28 s, mid-training 8.7 min instead of 6.6). The demo keeps the plain answers: its mid-training
     sees the harder problems, and with the line its RL gained +6.4 / +6.6 / +6.7 (z 3.0 / 4.1 / 3.9) instead of
-    +8.3 / +8.0 / +11.4."""
+    +8.3 / +8.0 / +11.4.
+    cpu-small's RL then went, like the demo's, to a higher rate with 16 replayed conversations: 120 steps at 0.20
+    instead of 180 at 0.15 with 8. From the same SFT models, seeds 1-3: pass@1 on 1,024 questions 56.7 -> 81.1 %
+    (+24.3, z 12.3), 80.2 -> 91.2 % (+11.0, z 7.2), 75.4 -> 90.6 % (+15.2, z 9.4); after RL MultipleChoice 66.0 /
+    57.0 / 68.0 % (64.1 / 55.1 / 67.2 % before the change), SpellingBee 42.6 / 42.2 / 43.8 %. Seed 2's whole
+    pipeline from a fresh home: 24.9 min (RL 6.0 min instead of 8.2; base_train 26 s)."""
     mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 45 if scale == 1 else 120
     # cpu-small learns multiple choice first (nanopipe/tasks/mixtures.py: 1,800 steps of the answer letter alone,
     # each conversation weighing once in the loss; ~0.25 s a step on 2 cores), then 1.5x the mixed steps, their
@@ -185,7 +190,7 @@ def _cpu_run(scale: int) -> dict[str, Any]:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo-cpu": _cpu_run(1),
-    # the same chain with 3x the mid-training, 22.5x the SFT steps (multiple choice first), 4x RL: ~30 min on 2 cores
+    # the same chain with 3x the mid-training, 22.5x the SFT steps (multiple choice first), 2.7x RL: ~25-30 min
     "cpu-small": _cpu_run(3),
     # depth 12: a small nanochat-style model on one 8-GPU node
     "d12": _gpu_run(12, base_shards=80),
@@ -203,7 +208,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # One line per preset: what it is for (shown by the run form's preset picker and `nanopipe presets`)
 PRESET_DESCRIPTIONS: dict[str, str] = {
     "demo-cpu": "the whole pipeline on a 2-core CPU in about 10 minutes, offline builtin data (run_rl=true adds RL)",
-    "cpu-small": "demo-cpu with 3x mid-training (short problems), multiple choice first in SFT, 4x RL: ~30 min",
+    "cpu-small": "demo-cpu with 3x mid-training (short problems), multiple choice first in SFT, longer RL: ~25-30 min",
     "d12": "a quick GPU model: depth 12 on one 8-GPU node",
     "speedrun-d20": "nanochat's $100 speedrun: depth 20 on 8xH100, about 4 hours",
     "d26": "depth 26 on 8xH100, device batch 16 to fit 80 GB",
@@ -218,7 +223,7 @@ assert set(PRESET_DESCRIPTIONS) == set(PRESETS), "every preset needs a one-line 
 # The GPU cost is these hours x the run's GPUs x its cost_per_gpu_hour; other presets say "not measured".
 PRESET_TIMES: dict[str, tuple[float, str]] = {
     "demo-cpu": (9.75 / 60, "9.75 min on 2 CPU cores, install included; more on a slower host (measured, README)"),
-    "cpu-small": (0.5, "26-28 min on 2 CPU cores at full speed, 30-34 on a slower host (measured, README)"),
+    "cpu-small": (25 / 60, "25 min on 2 CPU cores at full speed (seed 2), more on a slower host (measured, README)"),
     "speedrun-d20": (4.0, "about 4 h on 8xH100 (nanochat's speedrun)"),
     "d26": (12.0, "about 12 h on 8xH100 (nanochat's d26 tier)"),
 }
