@@ -92,7 +92,7 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     7.8), MultipleChoice -1.7 (within noise). RL on SpellingBee questions learns to answer "#### 1", the builtin
     words' most common count (65.6 % of held-out questions), so they are not RL's.
     The demo's RL then went from 60 steps at 0.05 to 45 at 0.10, replaying 16 conversations a step instead of 8,
-    ~1 min less: the same command, pass@1 +10.3 / +8.9 / +12.6 (z 5.4 / 5.3 / 7.0; seed 42 +7.9, z 3.9),
+    ~1 min less: the bench command above, pass@1 +10.3 / +8.9 / +12.6 (z 5.4 / 5.3 / 7.0; seed 42 +7.9, z 3.9),
     SpellingBee -3.9 / +9.4 / -1.2 (seed 42 +3.9), MultipleChoice -4.7 to +2.7. At 0.10 or 0.15 with 8 replayed
     conversations, seed 42's greedy SpellingBee fell from 32.8 % (SFT) to 20.7 %.
     cpu-small's arithmetic curriculum (mid_train's builtin_hard_share 0): mid-training on the shorter word problems

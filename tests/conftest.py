@@ -14,15 +14,13 @@ import pytest
 # configured is never written to by them; a test that wants a server names its own.
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("PREFECT_PROFILE", None)
-_PROFILES_DIR = tempfile.mkdtemp(prefix="nanopipe-test-profiles-")
-atexit.register(shutil.rmtree, _PROFILES_DIR, ignore_errors=True)
-os.environ["PREFECT_PROFILES_PATH"] = os.path.join(_PROFILES_DIR, "profiles.toml")
-# Prefect's local result storage (where it pickles, e.g., the exception of a run whose parameters fail
-# validation) is this test process's own: tests that check a run persisted nothing there must not see another
+# Prefect's profiles and its local result storage (where it pickles, e.g., the exception of a run whose parameters
+# fail validation) are this test process's own: tests that check a run persisted nothing there must not see another
 # pytest-xdist worker's records, nor the user's ~/.prefect/storage
-_RESULTS_DIR = tempfile.mkdtemp(prefix="nanopipe-test-results-")
-atexit.register(shutil.rmtree, _RESULTS_DIR, ignore_errors=True)
-os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = _RESULTS_DIR
+_PREFECT_DIR = tempfile.mkdtemp(prefix="nanopipe-test-prefect-")
+atexit.register(shutil.rmtree, _PREFECT_DIR, ignore_errors=True)
+os.environ["PREFECT_PROFILES_PATH"] = os.path.join(_PREFECT_DIR, "profiles.toml")
+os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_DIR, "storage")
 
 # The workspace keeps real test data (tinyshakespeare, GSM8K, ...) in a `shared` folder next to the repo.
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"

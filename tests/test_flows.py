@@ -29,7 +29,8 @@ def test_prefect_result_storage_is_this_test_process_own():
     import tempfile
     from prefect.settings import get_current_settings
     storage = Path(get_current_settings().results.local_storage_path)
-    assert storage.parent == Path(tempfile.gettempdir()) and storage.name.startswith("nanopipe-test-results-")
+    assert storage.parent.parent == Path(tempfile.gettempdir())
+    assert storage.parent.name.startswith("nanopipe-test-prefect-") and storage.name == "storage"
 
 
 def test_end_to_end_then_everything_cached(home, data_dir):
