@@ -136,11 +136,11 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     57.0 / 68.0 % (64.1 / 55.1 / 67.2 % before the change), SpellingBee 42.6 / 42.2 / 43.8 %. Seed 2's whole
     pipeline from a fresh home: 24.9 min (RL 6.0 min instead of 8.2; base_train 26 s)."""
     mid_steps, sft_steps, rl_steps = 400 * scale, 100 * scale, 45 if scale == 1 else 120
-    # cpu-small learns multiple choice first (nanopipe/tasks/mixtures.py: 1,800 steps of the answer letter alone,
+    # cpu-small learns multiple choice first (nanopipe/tasks/mixtures.py: 2,100 steps of the answer letter alone,
     # each conversation weighing once in the loss; ~0.25 s a step on 2 cores), then 1.5x the mixed steps, their
     # learning rate decaying again from 0.75 of the starting rate (--lr_restart), to bring the other tasks back; the
     # demo's minutes do not reach past multiple choice's plateau
-    mc_first_steps = 1800 if scale > 1 else 0
+    mc_first_steps = 2100 if scale > 1 else 0
     if mc_first_steps:
         sft_steps = sft_steps * 3 // 2
     sft_extra = {"loss_per": "conversation", "mc_first": 32 * mc_first_steps, "lr_restart": 0.75} \
