@@ -106,9 +106,9 @@ def _cpu_run(scale: int) -> dict[str, Any]:
     supervised letter in ~80 tokens, ~0.24 s a step). The letter-only phase makes the model forget the other tasks
     (Arithmetic and SpellingBee at 0 %); 450 mixed steps bring them back if their learning rate starts high again: with
     one decay over the whole run they stayed at 0 % and 2 %. Where the decay restarts sets the balance (seed 2, held-out
-    MultipleChoice / Arithmetic / SpellingBee after SFT): at the full rate 59 / 89 / 52 % (multiple choice fell from 61
-    % to 51 % in the first 100 mixed steps), at 0.75 of it 59 / 86 / 36 %, at 0.5 62 / 65 / 27 %. The preset restarts at
-    0.75. RL then starts from a model that solves fewer of the harder problems, and gains more: seeds 1-3, pass@1 on
+    MultipleChoice / Arithmetic / SpellingBee after SFT): at the full rate 59 / 89 / 52 % (multiple choice fell from
+    61 % to 51 % in the first 100 mixed steps), at 0.75 of it 59 / 86 / 36 %, at 0.5 62 / 65 / 27 %. The preset restarts
+    at 0.75. RL then starts from a model that solves fewer of the harder problems, and gains more: seeds 1-3, pass@1 on
     1,024 questions 56.1 -> 73.6 % (+17.6, z 8.5), 74.7 -> 80.1 % (+5.4, z 2.9), 75.9 -> 82.9 % (+7.0, z 3.9); after SFT
     MultipleChoice 69.9 / 59.4 / 73.0 %, Arithmetic 72.3 / 85.5 / 85.2 %, SpellingBee 38.3 / 35.9 / 39.1 % (256 held-out
     problems each).
