@@ -230,7 +230,7 @@ assert set(PRESET_DESCRIPTIONS) == set(PRESETS), "every preset needs a one-line 
 PRESET_TIMES: dict[str, tuple[float, str]] = {
     "demo-cpu": (9.75 / 60, "9.75 min on 2 CPU cores, install included; more on a slower host (measured, README)"),
     "cpu-small": (25.5 / 60, "25.5 min on 2 CPU cores at full speed (seeds 1-3), more on a slower host "
-                                "(measured, README)"),
+                             "(measured, README)"),
     "speedrun-d20": (4.0, "about 4 h on 8xH100 (nanochat's speedrun)"),
     "d26": (12.0, "about 12 h on 8xH100 (nanochat's d26 tier)"),
 }
